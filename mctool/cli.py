@@ -1,0 +1,103 @@
+"""The `mctool` command line: parse options, resolve presets, call the library, render.
+
+No maths here. Results go to stdout (`--json` for scripts), progress and logs to stderr.
+Exit codes: 0 ok, 1 runtime failure, 2 usage error or bad input, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from mctool import __version__
+from mctool.errors import MctoolError
+from mctool.render import RichReporter, error_line, stdout
+
+app = typer.Typer(
+    help="mctool: distill an image dataset into a few synthetic images per class with MCT "
+    "(Matching Convexified Trajectory).\n\nPipeline: experts -> convexify -> distill -> evaluate; "
+    "`inspect` shows any artifact.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars or log lines on stderr.")
+DebugOpt = typer.Option(False, "--debug", help="Show the full traceback on errors.")
+JsonOpt = typer.Option(False, "--json", help="Print the result as one JSON document on stdout.")
+DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")
+DataDirOpt = typer.Option(None, "--data-dir", help="Where datasets live [default: $MCTOOL_DATA or ~/.cache/mctool/data].")
+
+
+def run(body: Callable[[RichReporter], Any], quiet: bool, debug: bool) -> Any:
+    """Run a command body; turn every expected failure into one line and an exit code."""
+    reporter = RichReporter(quiet=quiet)
+    code = EXIT_OK
+    try:
+        return body(reporter)
+    except MctoolError as exc:
+        reporter.close()
+        if debug:
+            raise
+        error_line(str(exc))
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        reporter.close()
+        error_line("interrupted (finished work is saved; run the same command again to resume)")
+        code = EXIT_INTERRUPTED
+    except OSError as exc:
+        reporter.close()
+        if debug:
+            raise
+        if exc.errno == errno.ENOSPC:
+            error_line(f"disk full while writing{' ' + exc.filename if exc.filename else ''}; "
+                       "free space and run the same command again (finished work is kept)")
+        else:
+            error_line(f"{exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}")
+        code = EXIT_FAILURE
+    finally:
+        reporter.close()
+    raise typer.Exit(code)
+
+
+def _finite(data: Any) -> Any:
+    if isinstance(data, float) and data != data or data in (float("inf"), float("-inf")):
+        return None  # strict JSON has no NaN/inf
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(v) for v in data]
+    return data
+
+
+def emit_json(data: Any) -> None:
+    """One JSON document on stdout, nothing else (NaN/inf become null)."""
+    sys.stdout.write(json.dumps(_finite(data), indent=2, default=str, allow_nan=False) + "\n")
+
+
+def _version(value: bool) -> None:
+    if value:
+        stdout.print(f"mctool {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """mctool: dataset distillation with MCT."""
+
+
+def main() -> None:
+    """Console-script entry point."""
+    import mctool.commands  # noqa: F401  (registers the subcommands)
+
+    app()

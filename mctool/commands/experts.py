@@ -1,0 +1,84 @@
+"""`mctool experts`: train expert networks and record their trajectories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from mctool.cli import DataDirOpt, DebugOpt, DeviceOpt, JsonOpt, QuietOpt, app, emit_json, run
+from mctool.render import stdout, table
+
+
+@app.command(
+    epilog="Examples:\n\n  mctool experts fashion-mnist --n 2 --epochs 10 --width 32\n\n"
+    "  mctool experts cifar10 --n 100 -o cifar10.h5\n\n"
+    "  mctool experts cifar10 --n 100 --convexify --interior 2   (waypoints + beta only)",
+)
+def experts(
+    dataset: str = typer.Argument(..., help="cifar10, cifar100, tinyimagenet, fashion-mnist, mnist or folder:PATH."),
+    n: int = typer.Option(1, "--n", min=1, help="Number of experts the buffer should hold (appends to an existing one)."),
+    epochs: int = typer.Option(50, "--epochs", min=1, help="Epochs per expert (K); K+1 snapshots are kept."),
+    lr: float = typer.Option(0.01, "--lr", help="SGD learning rate."),
+    momentum: float = typer.Option(0.0, "--momentum", help="SGD momentum."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="SGD weight decay."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Training batch size."),
+    width: int = typer.Option(128, "--width", min=1, help="ConvNet width (channels)."),
+    depth: Optional[int] = typer.Option(None, "--depth", min=1, help="ConvNet depth [default: 3 for 28/32 px, 4 for 64 px, 5 for 128 px]."),
+    zca: bool = typer.Option(True, "--zca/--no-zca", help="ZCA whitening (Table A) or mean/std normalisation."),
+    augment: str = typer.Option("color_crop_cutout_flip_scale_rotate", "--augment", help="DSA ops joined by '_', or 'none'."),
+    seed: int = typer.Option(0, "--seed", help="Run seed; expert i uses a seed spawned from (seed, i)."),
+    out: Path = typer.Option(Path("buffer.h5"), "-o", "--out", help="Buffer file to create or extend."),
+    resume: bool = typer.Option(False, "--resume", help="Require an existing buffer and continue it (re-running the same command resumes anyway)."),
+    convexify: bool = typer.Option(False, "--convexify", help="Stream: compute waypoints + beta while training and never store the full trajectory (positions must be known up front: --interior/--positions)."),
+    interior: int = typer.Option(2, "--interior", min=0, help="With --convexify: interior waypoints, uniformly placed."),
+    positions: Optional[str] = typer.Option(None, "--positions", help="With --convexify: explicit positions, e.g. 0,17,34,50."),
+    beta: str = typer.Option("mct", "--beta", help="With --convexify: mct, uniform, decreasing or projected."),
+    smooth: bool = typer.Option(False, "--smooth", help="With --convexify: the authors' code's waypoint smoothing."),
+    data_dir: Optional[Path] = DataDirOpt,
+    device: str = DeviceOpt,
+    json_out: bool = JsonOpt,
+    quiet: bool = QuietOpt,
+    debug: bool = DebugOpt,
+) -> None:
+    """Train N expert networks on the real training set and record their parameter trajectories."""
+
+    def body(reporter):
+        from mctool import distributed
+        from mctool.convex import ConvexifyConfig
+        from mctool.device import resolve_device
+        from mctool.errors import UsageError
+        from mctool.experts import ExpertsConfig, run as run_experts
+        from mctool.nets import default_depth
+        from mctool.prepared import prepare
+
+        if resume and not out.exists():
+            raise UsageError(f"--resume: {out} does not exist (drop --resume to start a new buffer)")
+        dev = resolve_device(device)
+        distributed.init_from_env(dev)
+        if not distributed.is_main():
+            reporter.quiet, reporter.bars = True, False
+        stream_positions = None
+        if convexify:
+            stream_positions = tuple(ConvexifyConfig(interior, positions, beta, smooth).resolve_positions(epochs))
+        prepared = prepare(dataset, data_dir, zca, 0.1, dev)
+        cfg = ExpertsConfig(
+            dataset=prepared.meta.name, num_experts=n, epochs=epochs, lr=lr, momentum=momentum,
+            weight_decay=weight_decay, batch_size=batch_size, width=width,
+            depth=depth or default_depth(prepared.meta.height), zca=zca, augment=augment, seed=seed,
+            stream_positions=stream_positions, stream_strategy=beta, stream_smooth=smooth,
+        )
+        result = run_experts(cfg, out, prepared, reporter)
+        distributed.shutdown()
+        if not distributed.is_main():
+            return
+        if json_out:
+            emit_json(result)
+        else:
+            rows = [[t["expert"], t["seed"], t["test_accuracy_first"], t["test_accuracy_last"], t["seconds"]]
+                    for t in result["trained"]]
+            stdout.print(table(f"{out}: {result['already_done'] + len(rows)}/{n} experts done",
+                               ["expert", "seed", "acc θ_0", "acc θ_K", "seconds"], rows))
+
+    run(body, quiet, debug)

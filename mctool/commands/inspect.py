@@ -1,0 +1,108 @@
+"""`mctool inspect`: what an artifact holds, at a glance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.tree import Tree
+
+from mctool.cli import DebugOpt, JsonOpt, QuietOpt, app, emit_json, run
+from mctool.render import stdout
+
+
+def _size(n: float | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _pct(v: float | None) -> str:
+    return "?" if v is None else f"{100 * v:.1f}%"
+
+
+def overview(s: dict[str, Any]) -> Tree:
+    """The Rich tree `inspect` prints."""
+    root = Tree(f"[bold]{s['file']}[/]  ({_size(s['size_bytes'])}, mctool format v{s['format_version']}, "
+                f"written by mctool {s['mctool_version']} on {s['created']})")
+    d = s["dataset"]
+    if d:
+        root.add(f"[bold]dataset[/] {d['name']}: {d['num_classes']} classes, {d['channels']}x{d['height']}x{d['width']}, "
+                 + (f"ZCA (eps {d['zca_eps']})" if d["zca"] else "mean/std normalisation"))
+    m = s["model"]
+    if m:
+        root.add(f"[bold]model[/] {m['arch']} depth {m['depth']} width {m['width']} {m['norm']} {m['pool']}: "
+                 f"{m['num_layers']} layers, P = {m['num_params']:,} parameters")
+    e = s["experts"]
+    if e:
+        node = root.add(f"[bold]experts[/] {e['done']}/{e['rows']} done, K = {e['epochs']} epochs, lr {e['lr']:g}, "
+                        f"seed {e['seed']}" + ("" if e["has_trajectories"] else ", no full trajectories stored"))
+        if e["done"]:
+            node.add(f"test accuracy θ_0 -> θ_K (mean): {_pct(e['test_accuracy_first'])} -> {_pct(e['test_accuracy_last'])}")
+            for x in e["per_expert"][:8]:
+                node.add(f"expert {x['index']} (seed {x['seed']}): {_pct(x['test_accuracy_first'])} -> "
+                         f"{_pct(x['test_accuracy_last'])}")
+            if len(e["per_expert"]) > 8:
+                node.add(f"... {len(e['per_expert']) - 8} more")
+    c = s["convex"]
+    if c:
+        if not c["complete"]:
+            root.add("[bold]convex[/] incomplete (interrupted) — run `mctool convexify` again")
+        else:
+            text = (f"[bold]convex[/] {c.get('experts', 0)} experts, waypoints at {c['positions']} "
+                    f"(I = {c['interior']}), beta '{c['strategy']}', smoothing {c['smoothing']}")
+            if "beta_min" in c:
+                text += f", beta range [{c['beta_min']:.3g}, {c['beta_max']:.3g}]"
+            root.add(text)
+    st = s["storage"]
+    if st:
+        text = f"[bold]storage[/] full trajectory {_size(st['full_bytes_per_expert'])}/expert"
+        if "convex_bytes_per_expert" in st:
+            text += f", convexified {_size(st['convex_bytes_per_expert'])}/expert, ratio {st['ratio']:.2f}x"
+        if st.get("file_bytes_per_expert"):
+            text += f"; this file {_size(st['file_bytes_per_expert'])}/expert"
+        root.add(text)
+    for y in s["synsets"]:
+        node = root.add(f"[bold]synset[/] '{y['name']}': ipc {y['ipc']}, images {y['images_shape']}, {y['labels']} labels, "
+                        f"learned lr {y['lr']:.4g}, {y['method']}, preset {y['preset'] or '-'}, "
+                        f"{y['iterations']}/{y['iterations_target']} iterations"
+                        + (" (checkpoint: resumable)" if y["has_checkpoint"] and y['iterations'] < y['iterations_target'] else ""))
+        for ev in y["evaluations"]:
+            node.add(f"evaluation {ev.get('model', '?')}: {_pct(ev.get('mean'))} ± {_pct(ev.get('std'))} "
+                     f"over {len(ev.get('accuracies', []))} runs, {ev.get('epochs', '?')} epochs"
+                     + (f" [{ev['kind']}]" if ev.get("kind") else ""))
+    return root
+
+
+@app.command(epilog="Examples:\n\n  mctool inspect buffer.h5\n\n  mctool inspect synset.h5 --json | python -m json.tool\n\n"
+             "  mctool inspect buffer.h5 --png overview.png")
+def inspect(
+    file: Path = typer.Argument(..., help="Any mctool artifact."),
+    png: Optional[Path] = typer.Option(None, "--png", help="Also write pictures: image grid, beta curves, accuracy along the trajectory."),
+    json_out: bool = JsonOpt,
+    quiet: bool = QuietOpt,
+    debug: bool = DebugOpt,
+) -> None:
+    """Show what an artifact holds: dataset, model, experts, convex waypoints, synsets, storage."""
+
+    def body(reporter):
+        from mctool.summary import summarize
+
+        s = summarize(file)
+        if png is not None:
+            from mctool.plots import write_overview
+
+            s["png"] = [str(p) for p in write_overview(file, png)]
+        if json_out:
+            emit_json(s)
+        else:
+            stdout.print(overview(s))
+            for p in s.get("png", []):
+                stdout.print(f"wrote {p}")
+
+    run(body, quiet, debug)

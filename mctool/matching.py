@@ -1,0 +1,302 @@
+r"""Trajectory-matching loss and its gradients w.r.t. the synthetic images and the step size.
+
+Setting (method.md §6.6, §7)
+----------------------------
+X are the synthetic images, Y their labels (hard int64 or soft probabilities), α the
+learnable scalar step size with current value ᾱ, θ_s / θ_T the flat start / target
+parameters. For the N inner steps, batch B_k indexes X and A_k is the (pre-sampled,
+deterministic, differentiable) augmentation of step k:
+
+    ℓ_k(w, X) = mean CE(f(A_k(X[B_k]); w), Y[B_k])
+    w_0 = θ_s,   g_k = ∇_w ℓ_k(w_k, X),   w_{k+1} = w_k − α g_k
+    D = ‖θ_s − θ_T‖²,   L = ‖w_N − θ_T‖² / D = ‖θ_s − α G − θ_T‖² / D,   G = Σ_k g_k.
+
+Every mode computes the same forward value L; they differ in the gradient.
+
+``unrolled`` (MTT, exact)
+    The N steps are built as one autograd graph (g_k with ``create_graph=True``, α a tensor)
+    and L is differentiated end to end. This includes the Hessian terms through every w_k
+    and the α-dependence of every step. Memory grows with N (all activations of all steps).
+
+``constant`` (MCT authors' two-pass form, truncated)
+    Treat G as a function of X only through each g_k's *own* batch, with every w_k and the α
+    inside it frozen at ᾱ. With r = θ_s − ᾱG − θ_T (the residual):
+
+        ∂L/∂α = −(2/D) Gᵀ r
+        ∂L/∂X = (2/D) Σ_k (∂g_k/∂X)ᵀ v,   v = −ᾱ r = ᾱ(θ_T − θ_s) + ᾱ² G.
+
+    Pass 1 runs the steps with plain gradients (no graph across steps) to get G, hence r and v.
+    Pass 2 re-walks w_k from θ_s, recomputing g_k with ``create_graph`` so that one double
+    backward of vᵀg_k gives the image term; w_k is advanced with the detached g_k. Neither pass
+    stores per-step tensors, so memory is flat in N (one step's activations + a few [P]
+    vectors). The dropped terms are those through w_k (k ≥ 1), so the gradient is exact only at
+    N = 1; this is the documented approximation of MCT, not a bug.
+
+``adjoint`` (exact, activation memory flat in N)
+    Reverse-mode through the SGD recursion by hand. Pass 1 as in ``constant`` but storing
+    w_0 … w_N (O(N·P) floats, no activations). With λ_k = ∂L/∂w_k:
+
+        λ_N = 2 (w_N − θ_T) / D
+        for k = N−1 … 0, with H_k = ∇²_w ℓ_k(w_k) (symmetric):
+            ∂L/∂X += −ᾱ (∂g_k/∂X)ᵀ λ_{k+1}
+            ∂L/∂α += −g_kᵀ λ_{k+1}
+            λ_k    = λ_{k+1} − ᾱ H_k λ_{k+1}
+
+    H_k λ_{k+1} and (∂g_k/∂X)ᵀ λ_{k+1} are both gradients of the scalar s = g_kᵀ λ_{k+1}
+    (g_k recomputed with ``create_graph``), so one double backward per step gives both, and s
+    itself is the α term. This equals ``unrolled`` up to rounding.
+
+Cost per step: ``unrolled`` one forward + backward(create_graph) and, at the end, the double
+backward of the whole graph; ``constant`` and ``adjoint`` one plain forward+backward (pass 1)
+plus one forward + backward(create_graph) + double backward (pass 2 / reverse).
+
+Gradients are taken with ``torch.autograd.grad`` w.r.t. private leaves, so nothing is
+accumulated into ``images.grad`` or into the module's parameters. In modes ``constant`` and
+``adjoint`` each step differentiates w.r.t. a leaf copy of its own batch X[B_k] and scatters the
+result with ``index_add_`` (duplicates within a batch add up), which avoids a full-size
+zero tensor per step. Note that a module with BatchNorm in train mode updates its running
+statistics on every forward, so the recomputing modes update them twice per step; the
+train-mode outputs (and so every result here) do not depend on those buffers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from mctool.functional import FlatNet
+
+MODES = ("constant", "adjoint", "unrolled")
+
+Augment = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+@dataclass
+class MatchResult:
+    """Outcome of one trajectory-matching evaluation."""
+
+    loss: float  # L = ‖w_N − θ_T‖² / D
+    grad_images: torch.Tensor  # dL/dX, shape of X (rows in no batch are 0)
+    grad_alpha: float  # dL/dα
+    start_distance: float  # D = ‖θ_s − θ_T‖², useful for logging
+
+
+def _step_loss(
+    net: FlatNet,
+    w: torch.Tensor,
+    x_batch: torch.Tensor,
+    y_batch: torch.Tensor,
+    augment: Augment | None,
+    k: int,
+) -> torch.Tensor:
+    """ℓ_k(w, ·): mean cross-entropy on the (augmented) batch of step k."""
+    if augment is not None:
+        x_batch = augment(x_batch, k)
+    # F.cross_entropy takes int64 class indices and float probability targets alike.
+    return F.cross_entropy(net(w, x_batch), y_batch)
+
+
+def _plain_grad(
+    net: FlatNet,
+    w: torch.Tensor,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    idx: torch.Tensor,
+    augment: Augment | None,
+    k: int,
+) -> torch.Tensor:
+    """g_k = ∇_w ℓ_k(w, X) as a plain value: no graph to X and none kept afterwards."""
+    w = w.detach().requires_grad_(True)
+    loss = _step_loss(net, w, images.detach()[idx], labels[idx], augment, k)
+    (g,) = torch.autograd.grad(loss, w)
+    return g
+
+
+def _forward_pass(
+    net: FlatNet,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    theta_start: torch.Tensor,
+    alpha: float,
+    batches: list[torch.Tensor],
+    augment: Augment | None,
+    keep_path: bool,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Pass 1 of ``constant``/``adjoint``: run the N steps with ᾱ, graph-free.
+
+    Returns G = Σ g_k and, if `keep_path`, the list [w_0, …, w_N] (else empty).
+    """
+    w = theta_start.detach()
+    grad_sum = torch.zeros_like(w)
+    path = [w] if keep_path else []
+    for k, idx in enumerate(batches):
+        g = _plain_grad(net, w, images, labels, idx, augment, k)
+        grad_sum.add_(g)
+        w = torch.add(w, g, alpha=-alpha)  # out of place: earlier w_k may be stored
+        if keep_path:
+            path.append(w)
+    return grad_sum, path
+
+
+def _match_unrolled(
+    net: FlatNet,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    theta_start: torch.Tensor,
+    theta_target: torch.Tensor,
+    alpha: float,
+    batches: list[torch.Tensor],
+    augment: Augment | None,
+    dist: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MTT's exact gradient: one autograd graph over all N steps."""
+    x = images.detach().requires_grad_(True)
+    a = torch.tensor(alpha, dtype=theta_start.dtype, device=theta_start.device, requires_grad=True)
+    w = theta_start.detach().requires_grad_(True)
+    for k, idx in enumerate(batches):
+        loss_k = _step_loss(net, w, x[idx], labels[idx], augment, k)
+        (g,) = torch.autograd.grad(loss_k, w, create_graph=True)
+        w = w - a * g
+    loss = (w - theta_target).pow(2).sum() / dist
+    grad_x, grad_a = torch.autograd.grad(loss, [x, a])
+    return loss.detach(), grad_x, grad_a
+
+
+def _match_constant(
+    net: FlatNet,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    theta_start: torch.Tensor,
+    theta_target: torch.Tensor,
+    alpha: float,
+    batches: list[torch.Tensor],
+    augment: Augment | None,
+    dist: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MCT's truncated two-pass gradient, memory flat in N (see module docstring)."""
+    grad_sum, _ = _forward_pass(net, images, labels, theta_start, alpha, batches, augment, False)
+    residual = theta_start - alpha * grad_sum - theta_target
+    loss = residual.pow(2).sum() / dist
+    grad_a = -2.0 * torch.dot(grad_sum, residual) / dist
+    v = residual * -alpha  # = ᾱ(θ_T − θ_s) + ᾱ² G
+    del grad_sum, residual
+
+    grad_x = torch.zeros_like(images)
+    scale = 2.0 / dist
+    w = theta_start.detach()
+    for k, idx in enumerate(batches):
+        w_leaf = w.requires_grad_(True)
+        x_leaf = images.detach()[idx].requires_grad_(True)
+        loss_k = _step_loss(net, w_leaf, x_leaf, labels[idx], augment, k)
+        (g,) = torch.autograd.grad(loss_k, w_leaf, create_graph=True)
+        (e,) = torch.autograd.grad(torch.dot(g, v), x_leaf)
+        grad_x.index_add_(0, idx, e)
+        # Same update as pass 1 (the detached g_k equals pass 1's), so w_k is reproduced
+        # without storing it.
+        w = torch.add(w_leaf.detach(), g.detach(), alpha=-alpha)
+        del g, e, loss_k
+    grad_x.mul_(scale)
+    return loss, grad_x, grad_a
+
+
+def _match_adjoint(
+    net: FlatNet,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    theta_start: torch.Tensor,
+    theta_target: torch.Tensor,
+    alpha: float,
+    batches: list[torch.Tensor],
+    augment: Augment | None,
+    dist: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact gradient by a hand-written reverse sweep over stored w_k (see module docstring)."""
+    _, path = _forward_pass(net, images, labels, theta_start, alpha, batches, augment, True)
+    w_last = path.pop()
+    loss = (w_last - theta_target).pow(2).sum() / dist
+    lam = (w_last - theta_target) * (2.0 / dist)  # λ_N = ∂L/∂w_N
+    del w_last
+
+    grad_x = torch.zeros_like(images)
+    grad_a = torch.zeros((), dtype=lam.dtype, device=lam.device)
+    for k in range(len(batches) - 1, -1, -1):
+        idx = batches[k]
+        w_leaf = path.pop().requires_grad_(True)  # w_k; popping frees it after this step
+        x_leaf = images.detach()[idx].requires_grad_(True)
+        loss_k = _step_loss(net, w_leaf, x_leaf, labels[idx], augment, k)
+        (g,) = torch.autograd.grad(loss_k, w_leaf, create_graph=True)
+        s = torch.dot(g, lam)  # g_kᵀ λ_{k+1}
+        h, e = torch.autograd.grad(s, [w_leaf, x_leaf])  # H_k λ_{k+1}, (∂g_k/∂X_k)ᵀ λ_{k+1}
+        grad_x.index_add_(0, idx, e, alpha=-alpha)
+        grad_a -= s.detach()
+        lam = torch.add(lam, h, alpha=-alpha)  # λ_k = λ_{k+1} − ᾱ H_k λ_{k+1}
+        del g, s, h, e, loss_k, w_leaf
+    return loss, grad_x, grad_a
+
+
+_IMPL = {"unrolled": _match_unrolled, "constant": _match_constant, "adjoint": _match_adjoint}
+
+
+def match(
+    net: FlatNet,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    theta_start: torch.Tensor,
+    theta_target: torch.Tensor,
+    alpha: float,
+    batches: list[torch.Tensor],
+    augment: Augment | None,
+    mode: str = "constant",
+) -> MatchResult:
+    """Trajectory-matching loss L and dL/dX, dL/dα for one (start, target) pair.
+
+    Args:
+        net: the student network as a function of a flat parameter vector.
+        images: synthetic images X [n, C, H, W]; not modified, its ``.grad`` is not touched.
+        labels: int64 [n] class indices or float [n, num_classes] probabilities.
+        theta_start, theta_target: flat [P] parameters θ_s, θ_T.
+        alpha: current value ᾱ of the learnable step size.
+        batches: one int64 index tensor into X per inner step (N = len(batches) ≥ 1).
+        augment: ``augment(x_batch, k)``, deterministic and differentiable for a fixed k
+            (called more than once per step by ``constant``/``adjoint``), or None.
+        mode: one of MODES; see the module docstring for the maths of each.
+
+    Raises:
+        ValueError: unknown mode, no steps, wrong parameter sizes, or θ_s == θ_T (D = 0).
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown matching mode {mode!r}; choose from {', '.join(MODES)}")
+    if len(batches) == 0:
+        raise ValueError("trajectory matching needs at least one inner step (batches is empty)")
+    p = net.num_params
+    if theta_start.shape != (p,) or theta_target.shape != (p,):
+        raise ValueError(
+            f"theta_start {tuple(theta_start.shape)} and theta_target {tuple(theta_target.shape)}"
+            f" must both be flat vectors of the network's {p} parameters"
+        )
+    alpha = float(alpha)
+    theta_start = theta_start.detach()
+    theta_target = theta_target.detach()
+    dist = (theta_start - theta_target).pow(2).sum()
+    dist_value = float(dist)  # one host sync, needed for the check anyway
+    if dist_value == 0.0:
+        raise ValueError(
+            "start and target parameters are identical (‖θ_start − θ_target‖² = 0): the "
+            "normalised matching loss is undefined; pick a target later than the start"
+        )
+    # Index tensors must live with X for indexing/index_add_ (a no-op when they already do).
+    batches = [b.to(device=images.device, dtype=torch.long) for b in batches]
+    labels = labels.to(images.device)
+    with torch.enable_grad():  # the caller may be in no_grad (e.g. an eval context)
+        loss, grad_x, grad_a = _IMPL[mode](
+            net, images, labels, theta_start, theta_target, alpha, batches, augment, dist
+        )
+    return MatchResult(
+        loss=float(loss),
+        grad_images=grad_x.detach(),
+        grad_alpha=float(grad_a),
+        start_distance=dist_value,
+    )

@@ -1,0 +1,86 @@
+"""Terminal rendering: Rich progress on stderr, one-line errors, tables for results."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from mctool.progress import Reporter
+
+stdout = Console(soft_wrap=True)
+stderr = Console(stderr=True, soft_wrap=True)
+
+
+def error_line(message: str) -> None:
+    """One line on stderr, never wrapped or styled (scripts grep it)."""
+    sys.stderr.write(f"mctool: error: {message}\n")
+    sys.stderr.flush()
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+class RichReporter(Reporter):
+    """Progress bars on stderr when it is a terminal; one-line logs unless quiet."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self.bars = (not quiet) and stderr.is_terminal
+        self.progress: Progress | None = None
+        self.tasks: dict[str, Any] = {}
+
+    def _progress(self) -> Progress:
+        if self.progress is None:
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                console=stderr, transient=True,
+            )
+            self.progress.start()
+        return self.progress
+
+    def task(self, key: str, description: str, total: int | None) -> None:
+        if self.bars:
+            p = self._progress()
+            if key in self.tasks:
+                p.remove_task(self.tasks[key])
+            self.tasks[key] = p.add_task(description, total=total, info="")
+
+    def update(self, key: str, advance: int = 0, **fields: Any) -> None:
+        if self.bars and key in self.tasks:
+            info = "  ".join(f"{k} {_fmt(v)}" for k, v in fields.items())
+            self._progress().update(self.tasks[key], advance=advance, info=info)
+
+    def done(self, key: str) -> None:
+        if self.bars and key in self.tasks and self.progress is not None:
+            self.progress.remove_task(self.tasks.pop(key))
+
+    def log(self, message: str) -> None:
+        if not self.quiet:
+            if self.progress is not None:
+                self.progress.console.print(message, markup=False, highlight=False)
+            else:
+                stderr.print(message, markup=False, highlight=False)
+
+    def close(self) -> None:
+        """Stop the live display."""
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
+    """A simple Rich table."""
+    t = Table(title=title, title_justify="left")
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*[_fmt(v) for v in r])
+    return t
