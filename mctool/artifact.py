@@ -175,6 +175,9 @@ def atomic_write(path: str | os.PathLike[str], copy_existing: bool = True) -> It
             yield f
         finally:
             f.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the product gets ordinary permissions
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)

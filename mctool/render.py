@@ -11,7 +11,8 @@ from rich.table import Table
 
 from mctool.progress import Reporter
 
-stdout = Console(soft_wrap=True)
+# Not a terminal (a pipe, a file, CI): never crop lines to 80 columns.
+stdout = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 250)
 stderr = Console(stderr=True, soft_wrap=True)
 
 

@@ -1,0 +1,115 @@
+"""The CLI contract: exit codes, one-line errors, --json, inspect."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import pytest
+
+from tests.conftest import cli
+
+
+def assert_one_line_error(result, code: int = 2, contains: str = "") -> None:
+    assert result.exit_code == code, (result.exit_code, result.output)
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1, result.stderr
+    assert err[0].startswith("mctool: error: ")
+    assert contains in err[0]
+    assert "Traceback" not in result.output
+
+
+def test_version_and_help() -> None:
+    r = cli("--version")
+    assert r.exit_code == 0 and "mctool" in r.stdout
+    for cmd in ("experts", "convexify", "distill", "evaluate", "inspect"):
+        r = cli(cmd, "--help")
+        assert r.exit_code == 0, r.output
+        assert "Examples" in r.stdout
+
+
+@pytest.mark.parametrize("kind", ["passwd", "truncated", "plain", "future", "missing", "directory"])
+def test_inspect_bad_files(tmp_path: Path, buffer: Path, kind: str) -> None:
+    p = tmp_path / "f.h5"
+    if kind == "passwd":
+        p = Path("/etc/passwd")
+    elif kind == "truncated":
+        data = buffer.read_bytes()
+        p.write_bytes(data[: len(data) // 3])
+    elif kind == "plain":
+        with h5py.File(p, "w") as f:
+            f["x"] = [1, 2, 3]
+    elif kind == "future":
+        p.write_bytes(buffer.read_bytes())
+        with h5py.File(p, "r+") as f:
+            f.attrs["format_version"] = 99
+    elif kind == "directory":
+        p = tmp_path
+    assert_one_line_error(cli("inspect", p), 2)
+
+
+def test_inspect_overview_and_json(buffer: Path) -> None:
+    r = cli("inspect", buffer)
+    assert r.exit_code == 0, r.output
+    assert "experts 2/2 done" in r.stdout and "mnist" in r.stdout
+    r = cli("inspect", buffer, "--json")
+    assert r.exit_code == 0
+    doc = json.loads(r.stdout)
+    for key in ("file", "size_bytes", "format_version", "dataset", "model", "experts", "convex", "synsets", "storage"):
+        assert key in doc
+    assert doc["experts"]["done"] == 2 and doc["experts"]["epochs"] == 4
+    assert doc["model"]["num_params"] == sum(
+        __import__("math").prod(layer["shape"]) for layer in doc["model"]["layers"])
+    assert len(doc["experts"]["test_accuracy_mean_curve"]) == 5
+
+
+def test_experts_records_config_and_accuracy_rises(buffer: Path) -> None:
+    with h5py.File(buffer) as f:
+        cfg = json.loads(f["experts"].attrs["config"])
+        assert cfg["epochs"] == 4 and cfg["width"] == 8 and cfg["seed"] == 1
+        assert "torch" in json.loads(f["experts"].attrs["versions"])
+        acc = f["experts/test_accuracy"][()]
+        assert (acc[:, -1] > acc[:, 0] + 0.2).all(), acc  # the tiny dataset is easy
+        traj = f["experts/trajectories"][()]
+        # Snapshots are real copies: consecutive snapshots differ (the reference's CPU aliasing bug).
+        assert all((abs(traj[e, k + 1] - traj[e, k]).max() > 0) for e in range(2) for k in range(4))
+
+
+def test_experts_unknown_dataset_and_missing_cifar(tmp_path: Path) -> None:
+    assert_one_line_error(cli("experts", "nope", "--data-dir", tmp_path, "-o", tmp_path / "b.h5"), 2, "nope")
+    r = cli("experts", "cifar10", "--n", "1", "--data-dir", tmp_path, "-o", tmp_path / "b.h5")
+    assert_one_line_error(r, 2, "cifar-10")
+    assert not (tmp_path / "b.h5").exists()
+
+
+def test_experts_refuses_other_settings(buffer: Path, data_dir: Path) -> None:
+    r = cli("experts", "mnist", "--data-dir", data_dir, "--n", "3", "--epochs", "5", "--width", "8",
+            "--batch-size", "32", "--lr", "0.05", "-o", buffer, "--seed", "1")
+    assert_one_line_error(r, 2, "epochs=4")
+
+
+def test_convexify_bad_input(tmp_path: Path, buffer: Path) -> None:
+    assert_one_line_error(cli("convexify", buffer, "--positions", "0,3,2,4", "-o", tmp_path / "x.h5"), 2)
+    assert_one_line_error(cli("convexify", buffer, "--positions", "0,2,5", "-o", tmp_path / "x.h5"), 2)
+    assert_one_line_error(cli("convexify", buffer, "--interior", "4", "-o", tmp_path / "x.h5"), 2)
+    assert_one_line_error(cli("convexify", buffer, "--beta", "nope", "-o", tmp_path / "x.h5"), 2)
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_convexify_file_without_experts(tmp_path: Path, buffer: Path) -> None:
+    p = tmp_path / "empty.h5"
+    p.write_bytes(buffer.read_bytes())
+    with h5py.File(p, "r+") as f:
+        del f["experts"]
+    assert_one_line_error(cli("convexify", p), 2, "no /experts group")
+
+
+def test_inspect_convex(convex_buffer: Path) -> None:
+    doc = json.loads(cli("inspect", convex_buffer, "--json").stdout)
+    assert doc["convex"]["positions"] == [0, 2, 4]
+    assert doc["convex"]["strategy"] == "mct" and doc["convex"]["smoothing"] == "none"
+    assert doc["experts"]["has_trajectories"] is False
+    st = doc["storage"]
+    assert st["ratio"] == pytest.approx(st["full_bytes_per_expert"] / st["convex_bytes_per_expert"])
+    assert doc["convex"]["beta_min"] == 0.0 and doc["convex"]["beta_max"] == 2.0

@@ -1,0 +1,214 @@
+"""Tests for mctool.plots: grids, PIL line plots and the `inspect --png` overview."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mctool import artifact
+from mctool.artifact import ConvexMeta, DatasetMeta
+from mctool.nets import ModelSpec, build_model, param_layout
+from mctool.plots import (
+    convexified_accuracy,
+    line_plot,
+    minmax_images,
+    nice_axis,
+    save_grid,
+    synset_grid,
+    write_overview,
+)
+from mctool.prepared import prepare
+from mctool.trajectory import ConvexTrajectory, convexify
+
+CPU = torch.device("cpu")
+SPEC = ModelSpec(depth=1, width=4, channels=1, num_classes=3, im_size=(8, 8))
+K = 6
+POSITIONS = [0, 3, 6]
+IPC = 2
+E = 2
+
+
+def _pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _meta(name: str = "folder:/nonexistent", fingerprint: str = "0" * 16) -> DatasetMeta:
+    return DatasetMeta(name=name, num_classes=3, channels=1, height=8, width=8, zca=False, zca_eps=0.0,
+                       mean=(0.5,), std=(0.25,), class_names=("a", "b", "c"), train_fingerprint=fingerprint)
+
+
+def _trajectory(seed: int) -> tuple[torch.Tensor, list[int]]:
+    """A smooth random walk from a real init, [K+1, P], and the layer sizes."""
+    model = build_model(SPEC, seed=seed)
+    layout = param_layout(model)
+    start = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    g = torch.Generator().manual_seed(seed)
+    steps = 0.05 * torch.randn(K, start.numel(), generator=g)
+    traj = torch.cat([start[None], start[None] + steps.cumsum(0)])
+    return traj, artifact.layer_sizes(layout)
+
+
+def _build(path: Path, meta: DatasetMeta, synsets: bool = True, convex: bool = True,
+           experts: bool = True) -> None:
+    """A tiny artifact written the way the real commands write one."""
+    layout = param_layout(build_model(SPEC))
+    with artifact.atomic_write(path, copy_existing=False) as f:
+        meta.write(f)
+        artifact.write_model(f, SPEC, layout)
+        if experts:
+            g = f.create_group("experts")
+            g.attrs["epochs"] = K
+            g.create_dataset("done", data=np.array([True] * E))
+            acc = np.linspace(0.3, 0.8, K + 1, dtype=np.float32)[None].repeat(E, 0)
+            acc[1, 2] = np.nan  # a missing value must not break the mean
+            g.create_dataset("test_accuracy", data=acc)
+        if convex:
+            c = f.create_group("convex")
+            artifact.write_convex_attrs(c, ConvexMeta(tuple(POSITIONS), "mct", False), artifact.provenance({}, 0))
+            rows = [convexify(*_trajectory(e), POSITIONS, "mct") for e in range(E)]
+            c.create_dataset("waypoints", data=torch.stack([w for w, _ in rows]).numpy())
+            c.create_dataset("beta", data=torch.stack([b for _, b in rows]).numpy())
+            c.create_dataset("done", data=np.array([True] * E))
+            c.attrs["complete"] = True
+        if synsets:
+            for name, ipc, created in (("old", 1, "2020-01-01T00:00:00+00:00"),
+                                       ("new", IPC, "2024-01-01T00:00:00+00:00")):
+                s = f.create_group(f"synsets/{name}")
+                s.create_dataset("images", data=torch.randn(3 * ipc, 1, 8, 8).numpy())
+                s.create_dataset("labels", data=np.repeat(np.arange(3), ipc))
+                s.attrs.update({"ipc": ipc, "created": created})
+
+
+# --------------------------------------------------------------------------- grids
+
+
+def test_save_grid_upscales_small_images_and_pads_white(tmp_path: Path) -> None:
+    out = save_grid(torch.zeros(6, 3, 8, 8), tmp_path / "sub" / "g.png", nrow=3)
+    px = _pixels(out)
+    # 8 px -> x8 = 64 px tiles, 2 px white padding around and between: 3 x 2 tiles.
+    assert px.shape == (2 + 2 * 66, 2 + 3 * 66, 3)
+    assert (px[0] == 255).all() and (px[2:66, 2:66] == 0).all()
+
+
+def test_save_grid_leaves_large_images_alone(tmp_path: Path) -> None:
+    px = _pixels(save_grid(torch.rand(2, 1, 64, 64), tmp_path / "g.png", nrow=2))
+    assert px.shape == (68, 134, 3)
+
+
+def test_synset_grid_shows_at_most_ten_per_class(tmp_path: Path) -> None:
+    images = torch.randn(3 * 12, 1, 32, 32)  # ipc 12, class-major
+    px = _pixels(synset_grid(images, None, 12, tmp_path / "s.png"))
+    assert px.shape == (2 + 3 * 66, 2 + 10 * 66, 3)  # 3 rows of 10, 32 px upscaled x2
+
+
+def test_minmax_handles_constant_images() -> None:
+    x = torch.cat([torch.full((1, 1, 4, 4), 7.0), torch.arange(16.0).view(1, 1, 4, 4)])
+    y = minmax_images(x)
+    assert torch.isfinite(y).all() and y.min() == 0 and y[1].max() == 1
+
+
+# --------------------------------------------------------------------------- line plots
+
+
+def test_nice_axis_ticks_and_constant_range() -> None:
+    lo, hi, ticks = nice_axis(0, 50)
+    assert (lo, hi) == (0, 50) and ticks == [0, 10, 20, 30, 40, 50]
+    lo, hi, ticks = nice_axis(0.5, 0.5)
+    assert lo < 0.5 < hi and 3 <= len(ticks) <= 7
+    lo, hi, ticks = nice_axis(math.nan, math.nan)
+    assert (lo, hi) == (0, 1)
+
+
+def test_line_plot_with_nan_and_constant_series(tmp_path: Path) -> None:
+    xs = list(range(11))
+    series = [
+        ("with gaps", xs, [0.1 * i if i % 4 else math.nan for i in xs]),
+        ("constant", xs, [0.5] * 11),
+        ("isolated point", [3.0], [0.2]),
+    ]
+    out = line_plot(series, tmp_path / "p.png", "a title", "epoch", "value", vlines=[0, 5, 10], size=(640, 400))
+    px = _pixels(out)
+    assert px.shape == (400, 640, 3)
+    assert (px[0, 0] == 255).all()  # white background
+    # Every series colour appears somewhere (curves and legend swatches).
+    for colour in [(31, 119, 180), (255, 127, 14), (44, 160, 44)]:
+        assert (px == colour).all(-1).any()
+
+
+def test_line_plot_all_nan_and_empty(tmp_path: Path) -> None:
+    px = _pixels(line_plot([("nothing", [0, 1], [math.nan, math.nan])], tmp_path / "a.png", "t", "x", "y"))
+    assert px.shape == (500, 800, 3)
+    assert _pixels(line_plot([], tmp_path / "b.png", "t", "x", "y")).shape == (500, 800, 3)
+
+
+# --------------------------------------------------------------------------- overview
+
+
+def test_overview_writes_three_pictures_without_the_dataset(tmp_path: Path) -> None:
+    file = tmp_path / "a.h5"
+    _build(file, _meta())
+    paths = write_overview(file, tmp_path / "out" / "overview.png", device=CPU)
+    assert [p.name for p in paths] == ["overview-synset.png", "overview-beta.png", "overview-accuracy.png"]
+    synset = _pixels(paths[0])
+    # The latest synset ("new", ipc 2): 3 class rows x 2 columns of 8 px upscaled x8.
+    assert synset.shape == (2 + 3 * 66, 2 + IPC * 66, 3)
+    for p in paths[1:]:
+        assert _pixels(p).shape == (500, 800, 3)
+
+
+def test_overview_skips_missing_parts(tmp_path: Path) -> None:
+    file = tmp_path / "a.h5"
+    _build(file, _meta(), synsets=False, convex=False)
+    assert [p.name for p in write_overview(file, tmp_path / "o.png", device=CPU)] == ["o-accuracy.png"]
+
+    bare = tmp_path / "b.h5"
+    _build(bare, _meta(), synsets=False, convex=False, experts=False)
+    assert write_overview(bare, tmp_path / "b.png", device=CPU) == []
+
+    # An interrupted /convex is no β picture (and no error).
+    with h5py.File(file, "r+") as f:
+        f.create_group("convex").attrs["complete"] = False
+    assert [p.name for p in write_overview(file, tmp_path / "o.png", device=CPU)] == ["o-accuracy.png"]
+
+
+def _folder_dataset(root: Path) -> Path:
+    """3 classes of 8x8 greyscale PNGs under train/ and test/."""
+    g = np.random.default_rng(0)
+    for split, n in (("train", 4), ("test", 3)):
+        for c in "abc":
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(g.integers(0, 256, (8, 8), dtype=np.uint8), "L").save(d / f"{i}.png")
+    return root
+
+
+def test_overview_with_the_dataset_evaluates_the_convexified_path(tmp_path: Path) -> None:
+    prepared = prepare(f"folder:{_folder_dataset(tmp_path / 'data')}", None, False, 0.0, CPU)
+    file = tmp_path / "a.h5"
+    _build(file, prepared.meta)
+    paths = write_overview(file, tmp_path / "overview.png", device=CPU)
+    assert len(paths) == 3 and all(p.exists() for p in paths)
+
+
+def test_convexified_accuracy_matches_the_waypoint_networks() -> None:
+    traj, sizes = _trajectory(0)
+    waypoints, beta = convexify(traj, sizes, POSITIONS, "mct")
+    path = ConvexTrajectory(waypoints, beta, POSITIONS, sizes)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(2500, 1, 8, 8, generator=g), torch.randint(0, 3, (2500,), generator=g)
+    acc = convexified_accuracy(SPEC, path, x, y)
+    assert len(acc) == K + 1
+    for i, p in enumerate(POSITIONS):  # at a waypoint, θ̂ is the waypoint itself
+        model = build_model(SPEC)
+        torch.nn.utils.vector_to_parameters(waypoints[i], model.parameters())
+        with torch.no_grad():
+            expected = (model(x).argmax(1) == y).float().mean().item()
+        assert acc[p] == pytest.approx(expected)
