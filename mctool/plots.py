@@ -36,6 +36,9 @@ MAX_CURVES = 8
 _MIN_SIDE = 64
 # Evaluation batch for the convexified path (bounded memory on any device).
 _EVAL_BATCH = 1000
+# On CPU, ConvNet-128 on 10 000 test images at each of K+1 = 51 epochs takes tens of minutes;
+# a strided subset of this many images keeps `inspect --png` to a minute or two (labelled).
+CPU_TEST_IMAGES = 1000
 
 # tab10: distinct, colour-blind friendlier than pure RGB.
 PALETTE = [
@@ -92,12 +95,19 @@ def synset_grid(images: torch.Tensor, prep: Preprocessing | None, ipc: int, path
 
 # --------------------------------------------------------------------------- line plots
 
+# Drawn at this multiple of the requested size, then downsampled: PIL lines are not antialiased.
+_SUPERSAMPLE = 2
+
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    """Pillow's built-in scalable font (Pillow >= 10.1), else its fixed bitmap font."""
+    """DejaVu Sans when installed, else Pillow's built-in scalable font, else its bitmap font."""
+    try:
+        return ImageFont.truetype("DejaVuSans.ttf", size)
+    except OSError:
+        pass
     try:
         return ImageFont.load_default(size=size)
-    except (TypeError, OSError, ImportError):  # old Pillow or no FreeType
+    except (TypeError, OSError, ImportError):  # Pillow < 10.1 or no FreeType
         return ImageFont.load_default()
 
 
@@ -106,25 +116,25 @@ def _text_size(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont) 
     return int(right - left), int(bottom - top)
 
 
-def _nice_step(span: float, target: int = 5) -> float:
-    """A step of 1, 2, 2.5 or 5 × 10^n giving about `target` intervals over `span`."""
-    raw = span / target
-    mag = 10 ** math.floor(math.log10(raw))
-    for m in (1, 2, 2.5, 5, 10):
-        if raw <= m * mag:
-            return m * mag
-    return 10 * mag
+def _nice_step(span: float, integer: bool, target: int = 5) -> float:
+    """The 1, 2, 2.5 or 5 × 10^n step giving closest to `target` intervals over `span`."""
+    mag = 10 ** math.floor(math.log10(span / target))
+    candidates = [m * mag for m in (1, 2, 2.5, 5, 10)]
+    if integer:  # epochs: whole-number ticks only
+        candidates = [c for c in candidates if c >= 1 and float(c).is_integer()] or [1.0]
+    # Ties go to the larger step (fewer, rounder labels).
+    return min(reversed(candidates), key=lambda c: abs(span / c - target))
 
 
-def nice_axis(lo: float, hi: float) -> tuple[float, float, list[float]]:
+def nice_axis(lo: float, hi: float, integer: bool = False) -> tuple[float, float, list[float]]:
     """Axis limits rounded out to a nice step, and the ~5 tick values between them."""
     if not (math.isfinite(lo) and math.isfinite(hi)):
         lo, hi = 0.0, 1.0
     if hi - lo <= 1e-12 * max(1.0, abs(lo), abs(hi)):
         # A constant series: widen around the value so the range is never zero.
-        pad = abs(lo) * 0.1 if lo != 0 else 1.0
+        pad = max(abs(lo) * 0.1, 1.0 if integer else 0.0) if lo != 0 else 1.0
         lo, hi = lo - pad, hi + pad
-    step = _nice_step(hi - lo)
+    step = _nice_step(hi - lo, integer)
     lo_n = math.floor(lo / step + 1e-9) * step
     hi_n = math.ceil(hi / step - 1e-9) * step
     n = int(round((hi_n - lo_n) / step))
@@ -133,14 +143,21 @@ def nice_axis(lo: float, hi: float) -> tuple[float, float, list[float]]:
 
 
 def _tick_label(v: float) -> str:
-    # Round away float noise (0.30000000000000004) and show -0 as 0.
+    # Round away float noise (0.6000000000000001) and show -0 as 0.
     r = round(v, 10)
     return f"{0.0 if r == 0 else r:g}"
 
 
-def _finite_range(values: list[float]) -> tuple[float, float]:
-    finite = [v for v in values if math.isfinite(v)]
-    return (min(finite), max(finite)) if finite else (math.nan, math.nan)
+def _finite(values: list[float]) -> list[float]:
+    return [v for v in values if math.isfinite(v)]
+
+
+def _axis(values: list[float]) -> tuple[float, float, list[float]]:
+    """Nice axis over the finite values; whole-number ticks when every value is a whole number."""
+    finite = _finite(values)
+    if not finite:
+        return nice_axis(math.nan, math.nan)
+    return nice_axis(min(finite), max(finite), integer=all(float(v).is_integer() for v in finite))
 
 
 def _runs(xs: Sequence[float], ys: Sequence[float]) -> list[list[tuple[float, float]]]:
@@ -155,21 +172,135 @@ def _runs(xs: Sequence[float], ys: Sequence[float]) -> list[list[tuple[float, fl
     return [r for r in runs if r]
 
 
-def _dashed_vline(draw: ImageDraw.ImageDraw, x: float, top: int, bottom: int, colour: tuple[int, int, int]) -> None:
-    y = top
-    while y < bottom:
-        draw.line([(x, y), (x, min(y + 6, bottom))], fill=colour, width=1)
-        y += 11
+@dataclass
+class _Frame:
+    """Pixel geometry of the plot area and the data range it shows."""
+
+    left: float
+    top: float
+    right: float
+    bottom: float
+    x0: float
+    x1: float
+    y0: float
+    y1: float
+
+    def px(self, x: float) -> float:
+        return self.left + (x - self.x0) / (self.x1 - self.x0) * (self.right - self.left)
+
+    def py(self, y: float) -> float:
+        return self.bottom - (y - self.y0) / (self.y1 - self.y0) * (self.bottom - self.top)
 
 
-def _vertical_text(img: Image.Image, text: str, font: ImageFont.ImageFont, x: int, cy: int) -> None:
-    """Paste `text` rotated 90° (reading bottom-up) with its left edge at x, centred on cy."""
-    probe = ImageDraw.Draw(img)
-    w, h = _text_size(probe, text, font)
-    tile = Image.new("RGB", (w + 4, h + 6), "white")
-    ImageDraw.Draw(tile).text((2, 0), text, fill="black", font=font)
-    tile = tile.rotate(90, expand=True)
-    img.paste(tile, (x, int(cy - tile.height / 2)))
+class _Canvas:
+    """A supersampled PIL image with fonts and lengths in output pixels × _SUPERSAMPLE."""
+
+    def __init__(self, size: tuple[int, int]) -> None:
+        self.s = _SUPERSAMPLE
+        self.size = (int(size[0]), int(size[1]))
+        self.img = Image.new("RGB", (self.size[0] * self.s, self.size[1] * self.s), "white")
+        self.draw = ImageDraw.Draw(self.img)
+        self.font, self.title_font = _font(13 * self.s), _font(16 * self.s)
+
+    def u(self, v: float) -> float:
+        """Output pixels -> canvas pixels."""
+        return v * self.s
+
+    def text_size(self, text: str, title: bool = False) -> tuple[int, int]:
+        return _text_size(self.draw, text, self.title_font if title else self.font)
+
+    def text(self, xy: tuple[float, float], text: str, title: bool = False) -> None:
+        self.draw.text(xy, text, fill="black", font=self.title_font if title else self.font)
+
+    def vertical_text(self, text: str, x: float, cy: float) -> None:
+        """`text` rotated 90° (reading bottom-up), left edge at x, centred on cy."""
+        w, h = self.text_size(text)
+        tile = Image.new("RGB", (w + int(self.u(4)), h + int(self.u(6))), "white")
+        ImageDraw.Draw(tile).text((self.u(2), 0), text, fill="black", font=self.font)
+        tile = tile.rotate(90, expand=True)
+        self.img.paste(tile, (int(x), int(cy - tile.height / 2)))
+
+    def dashed_vline(self, x: float, top: float, bottom: float) -> None:
+        y, dash, gap = top, self.u(6), self.u(5)
+        while y < bottom:
+            self.draw.line([(x, y), (x, min(y + dash, bottom))], fill=(150, 150, 150), width=int(self.u(1)))
+            y += dash + gap
+
+    def save(self, path: Path) -> Path:
+        self.img.resize(self.size, Image.LANCZOS).save(path)
+        return path
+
+
+def _fit_labels(cv: _Canvas, labels: list[str]) -> list[str]:
+    """Legend labels cut from the left (layer names keep their informative tail) to ≤ 1/3 of the width."""
+    room = cv.img.size[0] / 3 - cv.u(46)
+    fitted = []
+    for label in labels:
+        cut = label
+        while len(cut) > 4 and cv.text_size(cut)[0] > room:
+            label = label[1:]
+            cut = "..." + label
+        fitted.append(cut)
+    return fitted
+
+
+def _layout(cv: _Canvas, labels: list[str], yticks: list[float], title: str, limits: tuple[float, ...]) -> _Frame:
+    """Margins for the title, tick labels, axis labels and the legend column on the right."""
+    W, H = cv.img.size
+    legend_w = (max(cv.text_size(t)[0] for t in labels) + cv.u(46)) if labels else 0
+    ytick_w = max(cv.text_size(_tick_label(t))[0] for t in yticks)
+    line_h = cv.text_size("Hg0")[1]
+    left = cv.u(12) + line_h + cv.u(8) + ytick_w + cv.u(8)
+    right = W - cv.u(15) - legend_w
+    top = cv.u(16) + cv.text_size(title or "H", title=True)[1] + cv.u(14)
+    bottom = H - (line_h * 2 + cv.u(24))
+    return _Frame(left, top, right, bottom, *limits)
+
+
+def _draw_axes(cv: _Canvas, fr: _Frame, xticks: list[float], yticks: list[float], vlines: Sequence[float]) -> None:
+    d, tick = cv.draw, cv.u(4)
+    for t in yticks:
+        y = fr.py(t)
+        d.line([(fr.left, y), (fr.right, y)], fill=(235, 235, 235), width=int(cv.u(1)))
+        d.line([(fr.left - tick, y), (fr.left, y)], fill="black", width=int(cv.u(1)))
+        label = _tick_label(t)
+        tw, th = cv.text_size(label)
+        cv.text((fr.left - 2 * tick - tw, y - th / 2 - cv.u(2)), label)
+    for t in xticks:
+        x = fr.px(t)
+        d.line([(x, fr.top), (x, fr.bottom)], fill=(235, 235, 235), width=int(cv.u(1)))
+        d.line([(x, fr.bottom), (x, fr.bottom + tick)], fill="black", width=int(cv.u(1)))
+        label = _tick_label(t)
+        cv.text((x - cv.text_size(label)[0] / 2, fr.bottom + cv.u(7)), label)
+    for v in vlines:
+        if math.isfinite(v) and fr.x0 <= v <= fr.x1:
+            cv.dashed_vline(fr.px(v), fr.top, fr.bottom)
+    d.rectangle([fr.left, fr.top, fr.right, fr.bottom], outline="black", width=int(cv.u(1)))
+
+
+def _draw_series(cv: _Canvas, fr: _Frame, series: Sequence[Series]) -> None:
+    """Polylines between NaNs; an isolated point gets a dot so it does not vanish."""
+    for i, (_, xs, ys) in enumerate(series):
+        colour = PALETTE[i % len(PALETTE)]
+        for run in _runs(xs, ys):
+            points = [(fr.px(x), fr.py(y)) for x, y in run]
+            if len(points) == 1:
+                (cx, cy), r = points[0], cv.u(3)
+                cv.draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+            else:
+                cv.draw.line(points, fill=colour, width=int(cv.u(2)), joint="curve")
+
+
+def _draw_legend(cv: _Canvas, fr: _Frame, labels: list[str]) -> None:
+    line_h = cv.text_size("Hg0")[1]
+    lx, ly, row = fr.right + cv.u(12), fr.top, line_h + cv.u(8)
+    box_w = cv.img.size[0] - cv.u(4) - lx
+    cv.draw.rectangle([lx, ly, lx + box_w, ly + row * len(labels) + cv.u(8)], outline=(120, 120, 120),
+                      fill="white", width=int(cv.u(1)))
+    for i, label in enumerate(labels):
+        y = ly + cv.u(6) + i * row + row / 2 - cv.u(2)
+        cv.draw.line([(lx + cv.u(6), y), (lx + cv.u(28), y)], fill=PALETTE[i % len(PALETTE)], width=int(cv.u(3)))
+        cv.text((lx + cv.u(34), y - line_h / 2 - cv.u(2)), label)
 
 
 def line_plot(series: Sequence[Series], path: Path, title: str, xlabel: str, ylabel: str,
@@ -177,88 +308,22 @@ def line_plot(series: Sequence[Series], path: Path, title: str, xlabel: str, yla
     """Draw (label, xs, ys) series as coloured polylines with axes, ticks, legend and dashed vlines."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    width, height = int(size[0]), int(size[1])
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    font, title_font = _font(13), _font(16)
+    x0, x1, xticks = _axis([float(v) for _, xs, _ in series for v in xs] + [float(v) for v in vlines])
+    y0, y1, yticks = _axis([float(v) for _, _, ys in series for v in ys])
+    cv = _Canvas(size)
+    labels = _fit_labels(cv, [label for label, _, _ in series])
+    fr = _layout(cv, labels, yticks, title, (x0, x1, y0, y1))
 
-    all_x = [float(v) for _, xs, _ in series for v in xs] + [float(v) for v in vlines]
-    all_y = [float(v) for _, _, ys in series for v in ys]
-    x0, x1, xticks = nice_axis(*_finite_range(all_x))
-    y0, y1, yticks = nice_axis(*_finite_range(all_y))
-
-    # Legend outside the plot area on the right, so curves are never hidden behind it.
-    labels = [_shorten(label) for label, _, _ in series]
-    legend_w = max((_text_size(draw, t, font)[0] for t in labels), default=0) + 42 if labels else 0
-    legend_w = min(legend_w, width // 3)
-    ytick_w = max(_text_size(draw, _tick_label(t), font)[0] for t in yticks)
-    _, line_h = _text_size(draw, "Hg0", font)
-    left = 12 + line_h + 8 + ytick_w + 8
-    right = width - 15 - legend_w
-    top = 16 + _text_size(draw, title or "H", title_font)[1] + 14
-    bottom = height - (line_h * 2 + 24)
-
-    def px(x: float) -> float:
-        return left + (x - x0) / (x1 - x0) * (right - left)
-
-    def py(y: float) -> float:
-        return bottom - (y - y0) / (y1 - y0) * (bottom - top)
-
-    # Grid and ticks.
-    for t in yticks:
-        y = py(t)
-        draw.line([(left, y), (right, y)], fill=(235, 235, 235))
-        draw.line([(left - 4, y), (left, y)], fill="black")
-        label = _tick_label(t)
-        tw, th = _text_size(draw, label, font)
-        draw.text((left - 8 - tw, y - th / 2 - 2), label, fill="black", font=font)
-    for t in xticks:
-        x = px(t)
-        draw.line([(x, top), (x, bottom)], fill=(235, 235, 235))
-        draw.line([(x, bottom), (x, bottom + 4)], fill="black")
-        label = _tick_label(t)
-        tw, _ = _text_size(draw, label, font)
-        draw.text((x - tw / 2, bottom + 7), label, fill="black", font=font)
-    for v in vlines:
-        if math.isfinite(v) and x0 <= v <= x1:
-            _dashed_vline(draw, px(v), top, bottom, (150, 150, 150))
-    draw.rectangle([left, top, right, bottom], outline="black")
-
-    # Curves: line runs between NaNs; an isolated point gets a dot so it does not vanish.
-    for i, (_, xs, ys) in enumerate(series):
-        colour = PALETTE[i % len(PALETTE)]
-        for run in _runs(xs, ys):
-            points = [(px(x), py(y)) for x, y in run]
-            if len(points) == 1:
-                (cx, cy), r = points[0], 3
-                draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
-            else:
-                draw.line(points, fill=colour, width=2, joint="curve")
-
-    # Labels and title.
-    tw, _ = _text_size(draw, xlabel, font)
-    draw.text(((left + right) / 2 - tw / 2, bottom + line_h + 14), xlabel, fill="black", font=font)
+    _draw_axes(cv, fr, xticks, yticks, vlines)
+    _draw_series(cv, fr, series)
+    line_h = cv.text_size("Hg0")[1]
+    cv.text(((fr.left + fr.right) / 2 - cv.text_size(xlabel)[0] / 2, fr.bottom + line_h + cv.u(14)), xlabel)
     if ylabel:
-        _vertical_text(img, ylabel, font, 8, int((top + bottom) / 2))
-    tw, _ = _text_size(draw, title, title_font)
-    draw.text((max(4, width / 2 - tw / 2), 12), title, fill="black", font=title_font)
-
-    # Legend box.
+        cv.vertical_text(ylabel, cv.u(8), (fr.top + fr.bottom) / 2)
+    cv.text((max(cv.u(4), cv.img.size[0] / 2 - cv.text_size(title, title=True)[0] / 2), cv.u(12)), title, title=True)
     if labels:
-        lx, ly = right + 12, top
-        row = line_h + 8
-        draw.rectangle([lx, ly, lx + legend_w, ly + row * len(labels) + 8], outline=(120, 120, 120), fill="white")
-        for i, label in enumerate(labels):
-            y = ly + 6 + i * row + row / 2 - 2
-            draw.line([(lx + 6, y), (lx + 28, y)], fill=PALETTE[i % len(PALETTE)], width=3)
-            draw.text((lx + 34, y - line_h / 2 - 2), label, fill="black", font=font)
-    img.save(path)
-    return path
-
-
-def _shorten(label: str, limit: int = 32) -> str:
-    """Keep legend labels on one line (long layer names keep their informative tail)."""
-    return label if len(label) <= limit else "…" + label[-(limit - 1):]
+        _draw_legend(cv, fr, labels)
+    return cv.save(path)
 
 
 # --------------------------------------------------------------------------- what an artifact holds
@@ -360,24 +425,37 @@ class _LazyData:
 # --------------------------------------------------------------------------- the three pictures
 
 
-def _layer_picks(num_layers: int) -> list[int]:
-    """All layers, or MAX_CURVES evenly spaced ones (always including the first and last)."""
-    if num_layers <= MAX_CURVES:
-        return list(range(num_layers))
-    return sorted({int(round(v)) for v in np.linspace(0, num_layers - 1, MAX_CURVES)})
+def _evenly(items: list[int], n: int) -> list[int]:
+    """n evenly spaced entries of items, always including the first and the last."""
+    if len(items) <= n:
+        return items
+    return [items[i] for i in sorted({int(round(v)) for v in np.linspace(0, len(items) - 1, n)})]
+
+
+def layer_picks(names: list[str]) -> tuple[list[int], str]:
+    """The layers to draw (all when ≤ MAX_CURVES) and how they were chosen, for the title."""
+    if len(names) <= MAX_CURVES:
+        return list(range(len(names))), ""
+    # Weights move the network; biases mostly mirror them, so the weights are shown first.
+    weights = [j for j, n in enumerate(names) if n.endswith("weight")]
+    if 0 < len(weights) <= MAX_CURVES:
+        return weights, f"the {len(weights)} weight tensors of {len(names)} layers"
+    if len(weights) > MAX_CURVES:
+        return _evenly(weights, MAX_CURVES), f"{MAX_CURVES} of {len(weights)} weight tensors, evenly spaced"
+    picks = _evenly(list(range(len(names))), MAX_CURVES)
+    return picks, f"{len(picks)} of {len(names)} layers, evenly spaced"
 
 
 def beta_plot(cv: _Convex, path: Path) -> Path:
     """β (global position along the waypoints) of each layer against the epoch."""
     beta = cv.beta.double().numpy()
     epochs = list(range(beta.shape[0]))
-    picks = _layer_picks(beta.shape[1])
     names = [n for n, _ in cv.layout]
-    series = [(names[j] if j < len(names) else f"layer {j}", epochs, beta[:, j].tolist()) for j in picks]
-    title = f"β per layer, expert {cv.expert}"
-    if len(picks) < beta.shape[1]:
-        title += f" ({len(picks)} of {beta.shape[1]} layers, evenly spaced)"
-    return line_plot(series, path, title, "epoch", "β (waypoint index + segment fraction)",
+    names += [f"layer {j}" for j in range(len(names), beta.shape[1])]  # a layout shorter than β: still plot
+    picks, how = layer_picks(names[: beta.shape[1]])
+    series = [(names[j], epochs, beta[:, j].tolist()) for j in picks]
+    title = f"beta per layer, expert {cv.expert}" + (f" ({how})" if how else "")
+    return line_plot(series, path, title, "epoch", "beta (waypoint index + fraction of segment)",
                      vlines=[float(p) for p in cv.positions])
 
 
@@ -410,7 +488,19 @@ def _column_mean(rows: np.ndarray) -> list[float]:
     return [float(t / c) if c else math.nan for t, c in zip(total, count)]
 
 
-def accuracy_plot(c: _Contents, data: _LazyData, path: Path) -> Path:
+def _test_subset(x: torch.Tensor, y: torch.Tensor, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """At most `limit` test images (None: all on an accelerator, CPU_TEST_IMAGES on CPU).
+
+    Strided, not the first ones: folder datasets store their test split class by class."""
+    if limit is None:
+        limit = CPU_TEST_IMAGES if x.device.type == "cpu" else x.shape[0]
+    if limit <= 0 or x.shape[0] <= limit:
+        return x, y
+    stride = math.ceil(x.shape[0] / limit)
+    return x[::stride], y[::stride]
+
+
+def accuracy_plot(c: _Contents, data: _LazyData, path: Path, test_images: int | None = None) -> Path:
     """Stored mean expert accuracy per epoch, plus the first convexified expert raw vs convexified."""
     assert c.accuracy is not None and c.done is not None
     epochs = list(range(c.accuracy.shape[1]))
@@ -420,14 +510,18 @@ def accuracy_plot(c: _Contents, data: _LazyData, path: Path) -> Path:
     if cv is not None and cv.beta.shape[0] == len(epochs):
         vlines = [float(p) for p in cv.positions]
         rows = np.flatnonzero(c.done == cv.expert)
+        if rows.size and len(c.done) == 1:
+            series = []  # the "mean" of one expert is that expert's own curve: draw it once
         if rows.size:
             series.append((f"expert {cv.expert} trajectory", epochs, (100 * c.accuracy[rows[0]]).tolist()))
         prepared = data.get()
         if prepared is not None:
             traj = ConvexTrajectory(cv.waypoints, cv.beta, cv.positions, artifact.layer_sizes(cv.layout))
-            acc = _optional(convexified_accuracy, cv.spec, traj, prepared.test_x, prepared.test_y)
+            x, y = _test_subset(prepared.test_x, prepared.test_y, test_images)
+            acc = _optional(convexified_accuracy, cv.spec, traj, x, y)
             if acc is not None:
-                series.append((f"expert {cv.expert} convexified", epochs, [100 * v for v in acc]))
+                note = "" if x.shape[0] == prepared.test_x.shape[0] else f" ({x.shape[0]} test images)"
+                series.append((f"expert {cv.expert} convexified{note}", epochs, [100 * v for v in acc]))
     title = f"test accuracy along the trajectory (mean of {len(c.done)} experts)"
     return line_plot(series, path, title, "epoch", "test accuracy (%)", vlines=vlines)
 
@@ -439,8 +533,11 @@ def _suffixed(png: Path, what: str) -> Path:
 
 
 def write_overview(file: Path, png: Path, data_dir: Path | None = None,
-                   device: torch.device | None = None) -> list[Path]:
-    """Write the pictures the artifact supports (synset grid, β curves, accuracy); their paths."""
+                   device: torch.device | None = None, test_images: int | None = None) -> list[Path]:
+    """Write the pictures the artifact supports (synset grid, β curves, accuracy); their paths.
+
+    `test_images` caps the test images the convexified path is evaluated on (None: all on an
+    accelerator, CPU_TEST_IMAGES on CPU; 0: all)."""
     if device is None:
         from mctool.device import resolve_device
 
@@ -459,5 +556,5 @@ def write_overview(file: Path, png: Path, data_dir: Path | None = None,
     if c.convex is not None:
         written.append(beta_plot(c.convex, _suffixed(png, "beta")))
     if c.accuracy is not None:
-        written.append(accuracy_plot(c, data, _suffixed(png, "accuracy")))
+        written.append(accuracy_plot(c, data, _suffixed(png, "accuracy"), test_images))
     return written

@@ -15,8 +15,10 @@ from mctool import artifact
 from mctool.artifact import ConvexMeta, DatasetMeta
 from mctool.nets import ModelSpec, build_model, param_layout
 from mctool.plots import (
+    _test_subset,
     convexified_accuracy,
     line_plot,
+    layer_picks,
     minmax_images,
     nice_axis,
     save_grid,
@@ -27,6 +29,7 @@ from mctool.prepared import prepare
 from mctool.trajectory import ConvexTrajectory, convexify
 
 CPU = torch.device("cpu")
+BLUE, ORANGE, GREEN = (31, 119, 180), (255, 127, 14), (44, 160, 44)  # series 1, 2, 3
 SPEC = ModelSpec(depth=1, width=4, channels=1, num_classes=3, im_size=(8, 8))
 K = 6
 POSITIONS = [0, 3, 6]
@@ -37,6 +40,11 @@ E = 2
 def _pixels(path: Path) -> np.ndarray:
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"))
+
+
+def _has_colour(px: np.ndarray, colour: tuple[int, int, int]) -> bool:
+    """Whether a curve or legend swatch of `colour` is drawn (antialiasing shifts shades a little)."""
+    return int((np.abs(px.astype(int) - colour) <= 12).all(-1).sum()) > 20
 
 
 def _meta(name: str = "folder:/nonexistent", fingerprint: str = "0" * 16) -> DatasetMeta:
@@ -66,7 +74,7 @@ def _build(path: Path, meta: DatasetMeta, synsets: bool = True, convex: bool = T
             g = f.create_group("experts")
             g.attrs["epochs"] = K
             g.create_dataset("done", data=np.array([True] * E))
-            acc = np.linspace(0.3, 0.8, K + 1, dtype=np.float32)[None].repeat(E, 0)
+            acc = np.stack([np.linspace(0.3, 0.8, K + 1), np.linspace(0.1, 0.6, K + 1)]).astype(np.float32)
             acc[1, 2] = np.nan  # a missing value must not break the mean
             g.create_dataset("test_accuracy", data=acc)
         if convex:
@@ -137,9 +145,7 @@ def test_line_plot_with_nan_and_constant_series(tmp_path: Path) -> None:
     px = _pixels(out)
     assert px.shape == (400, 640, 3)
     assert (px[0, 0] == 255).all()  # white background
-    # Every series colour appears somewhere (curves and legend swatches).
-    for colour in [(31, 119, 180), (255, 127, 14), (44, 160, 44)]:
-        assert (px == colour).all(-1).any()
+    assert all(_has_colour(px, c) for c in (BLUE, ORANGE, GREEN))
 
 
 def test_line_plot_all_nan_and_empty(tmp_path: Path) -> None:
@@ -161,6 +167,9 @@ def test_overview_writes_three_pictures_without_the_dataset(tmp_path: Path) -> N
     assert synset.shape == (2 + 3 * 66, 2 + IPC * 66, 3)
     for p in paths[1:]:
         assert _pixels(p).shape == (500, 800, 3)
+    # Without the dataset: stored mean + expert 0's stored curve, no convexified curve.
+    accuracy = _pixels(paths[2])
+    assert _has_colour(accuracy, BLUE) and _has_colour(accuracy, ORANGE) and not _has_colour(accuracy, GREEN)
 
 
 def test_overview_skips_missing_parts(tmp_path: Path) -> None:
@@ -196,6 +205,7 @@ def test_overview_with_the_dataset_evaluates_the_convexified_path(tmp_path: Path
     _build(file, prepared.meta)
     paths = write_overview(file, tmp_path / "overview.png", device=CPU)
     assert len(paths) == 3 and all(p.exists() for p in paths)
+    assert _has_colour(_pixels(paths[2]), GREEN)  # the convexified curve was computed
 
 
 def test_convexified_accuracy_matches_the_waypoint_networks() -> None:
@@ -212,3 +222,19 @@ def test_convexified_accuracy_matches_the_waypoint_networks() -> None:
         with torch.no_grad():
             expected = (model(x).argmax(1) == y).float().mean().item()
         assert acc[p] == pytest.approx(expected)
+
+
+def test_test_subset_is_strided_and_capped_on_cpu() -> None:
+    x, y = torch.zeros(2500, 1, 2, 2), torch.arange(2500)
+    sx, sy = _test_subset(x, y, None)
+    assert sx.shape[0] <= 1000 and sy[1] - sy[0] == 3  # every 3rd image, all classes kept
+    assert _test_subset(x, y, 0)[0].shape[0] == 2500
+    assert _test_subset(x, y, 5000)[0].shape[0] == 2500
+
+
+def test_layer_picks_prefer_weights() -> None:
+    assert layer_picks(["a.weight", "a.bias"]) == ([0, 1], "")
+    picks, how = layer_picks(["w.weight", "w.bias"] * 7)  # ConvNet depth 3: 14 tensors
+    assert picks == [0, 2, 4, 6, 8, 10, 12] and "7 weight" in how
+    picks, how = layer_picks([f"t{i}" for i in range(20)])
+    assert len(picks) == 8 and picks[0] == 0 and picks[-1] == 19 and "evenly" in how

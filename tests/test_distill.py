@@ -1,0 +1,196 @@
+"""`mctool distill` end to end on tiny experts: output, resume, robustness, options."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from mctool import distill as distill_mod
+from mctool.distill import DistillConfig, Distiller, State
+from mctool.errors import TrainingDiverged
+from tests.conftest import cli
+from tests.test_cli import assert_one_line_error
+
+TINY = ["--ipc", "2", "--syn-steps", "3", "--expert-epochs", "1.5", "--max-start-epoch", "2", "--lr-img", "100",
+        "--lr-lr", "1e-5", "--lr-init", "0.01", "--quiet"]
+
+
+def run_distill(buffer: Path, out: Path, data_dir: Path, *extra: str, iterations: int = 4):
+    return cli("distill", "--buffer", buffer, "-o", out, "--data-dir", data_dir, "--iterations", str(iterations),
+               *TINY, *extra)
+
+
+def read_synset(path: Path, name: str | None = None) -> tuple[np.ndarray, dict]:
+    with h5py.File(path) as f:
+        g = f["synsets"][name or sorted(f["synsets"])[0]]
+        return g["images"][()], dict(g.attrs)
+
+
+def test_distill_writes_synset_with_provenance(tmp_path: Path, convex_buffer: Path, data_dir: Path) -> None:
+    out = tmp_path / "syn.h5"
+    r = run_distill(convex_buffer, out, data_dir, "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["iterations"] == 4 and doc["synset"] == "mct-ipc2"
+    assert Path(doc["png"]).exists()
+    images, attrs = read_synset(out)
+    assert images.shape == (20, 1, 28, 28)
+    cfg = json.loads(attrs["config"])
+    assert cfg["ipc"] == 2 and cfg["syn_steps"] == 3 and cfg["seed"] == 0
+    assert json.loads(attrs["source"])["artifact_id"]
+    assert attrs["lr"] > 0 and attrs["iterations"] == 4 and attrs["complete"]
+    with h5py.File(out) as f:
+        labels = f["synsets/mct-ipc2/labels"][()]
+        assert labels.tolist() == [c for c in range(10) for _ in range(2)]
+        assert "checkpoint" in f["synsets/mct-ipc2"]
+    # Same name again without --resume is refused rather than overwritten.
+    assert_one_line_error(run_distill(convex_buffer, out, data_dir), 2, "--resume")
+
+
+def test_resume_equals_uninterrupted(tmp_path: Path, convex_buffer: Path, data_dir: Path) -> None:
+    full, part = tmp_path / "full.h5", tmp_path / "part.h5"
+    assert run_distill(convex_buffer, full, data_dir, iterations=6).exit_code == 0
+    assert run_distill(convex_buffer, part, data_dir, iterations=3).exit_code == 0
+    r = run_distill(convex_buffer, part, data_dir, "--resume", iterations=6)
+    assert r.exit_code == 0, r.output
+    a, attrs_a = read_synset(full)
+    b, attrs_b = read_synset(part)
+    assert np.array_equal(a, b)
+    assert attrs_a["lr"] == attrs_b["lr"]
+
+
+def test_interrupt_saves_checkpoint_and_resumes_exactly(tmp_path: Path, convex_buffer: Path, data_dir: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    full, part = tmp_path / "full.h5", tmp_path / "part.h5"
+    assert run_distill(convex_buffer, full, data_dir, iterations=5).exit_code == 0
+    original = Distiller.step
+    calls = {"n": 0}
+
+    def interrupted_step(self: Distiller):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(Distiller, "step", interrupted_step)
+    r = run_distill(convex_buffer, part, data_dir, iterations=5)
+    assert r.exit_code == 130
+    assert "Traceback" not in r.output
+    _, attrs = read_synset(part)
+    assert attrs["iterations"] == 2 and not attrs["complete"]
+    monkeypatch.setattr(Distiller, "step", original)
+    assert run_distill(convex_buffer, part, data_dir, "--resume", iterations=5).exit_code == 0
+    assert np.array_equal(read_synset(full)[0], read_synset(part)[0])
+
+
+def test_non_finite_iterations_are_skipped_then_stop(tmp_path: Path, convex_buffer: Path, data_dir: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    original = Distiller.step
+    calls = {"n": 0}
+
+    def sometimes_nan(self: Distiller):
+        calls["n"] += 1
+        loss, gi, ga = original(self)
+        if calls["n"] == 2:
+            return float("nan"), gi, ga
+        if calls["n"] == 3:
+            return loss, gi * float("inf"), ga
+        return loss, gi, ga
+
+    monkeypatch.setattr(Distiller, "step", sometimes_nan)
+    out = tmp_path / "nan.h5"
+    r = run_distill(convex_buffer, out, data_dir, iterations=5)
+    assert r.exit_code == 0, r.output
+    images, attrs = read_synset(out)
+    assert attrs["skipped_iterations"] == 2
+    assert np.isfinite(images).all()
+
+    def always_nan(self: Distiller):
+        loss, gi, ga = original(self)
+        return float("nan"), gi, ga
+
+    monkeypatch.setattr(Distiller, "step", always_nan)
+    out2 = tmp_path / "nan2.h5"
+    r = run_distill(convex_buffer, out2, data_dir, iterations=30)
+    assert_one_line_error(r, 1, "non-finite")
+    images, attrs = read_synset(out2)  # the last good state was saved
+    assert np.isfinite(images).all() and not attrs["complete"]
+
+
+def test_alpha_is_kept_positive() -> None:
+    cfg = DistillConfig(lr_lr=1.0, momentum_lr=0.5)
+    d = Distiller.__new__(Distiller)
+    d.cfg = cfg
+    d.state = State(images=torch.zeros(2), labels=torch.zeros(2), alpha=0.01, images_velocity=torch.zeros(2),
+                    alpha_velocity=0.0, iteration=0, generators=[], queues=[])
+    d.apply_update(torch.zeros(2), 1e3)  # would make alpha hugely negative
+    assert d.state.alpha == pytest.approx(0.005) and d.state.alpha_velocity == 0.0
+    d.apply_update(torch.zeros(2), float("nan"))
+    assert d.state.alpha == pytest.approx(0.0025)
+    d.apply_update(torch.zeros(2), -0.001)  # a normal step increases it
+    assert d.state.alpha == pytest.approx(0.0025 + 0.001)
+
+
+@pytest.mark.parametrize("mode", ["adjoint", "unrolled"])
+def test_gradient_modes_and_soft_labels(tmp_path: Path, convex_buffer: Path, data_dir: Path, mode: str) -> None:
+    out = tmp_path / f"{mode}.h5"
+    r = run_distill(convex_buffer, out, data_dir, "--grad", mode, "--soft-labels", iterations=2)
+    assert r.exit_code == 0, r.output
+    with h5py.File(out) as f:
+        labels = f["synsets/mct-ipc2/labels"][()]
+    assert labels.shape == (20, 10) and np.allclose(labels.sum(1), 1, atol=1e-5)
+    r = cli("evaluate", out, "--runs", "1", "--epochs", "2", "--data-dir", data_dir, "--quiet", "--json")
+    assert r.exit_code == 0, r.output
+    assert 0 <= json.loads(r.stdout)["results"][0]["mean"] <= 1
+
+
+def test_mtt_baseline_needs_trajectories(tmp_path: Path, buffer: Path, convex_buffer: Path, data_dir: Path) -> None:
+    r = run_distill(buffer, tmp_path / "mtt.h5", data_dir, "--method", "mtt", "--expert-epochs", "1", iterations=2)
+    assert r.exit_code == 0, r.output
+    _, attrs = read_synset(tmp_path / "mtt.h5")
+    assert attrs["method"] == "mtt"
+    assert_one_line_error(run_distill(convex_buffer, tmp_path / "x.h5", data_dir, "--method", "mtt",
+                                      "--expert-epochs", "1"), 2, "trajectories")
+
+
+def test_bad_inputs(tmp_path: Path, convex_buffer: Path, buffer: Path, data_dir: Path) -> None:
+    assert_one_line_error(cli("distill", "--preset", "cifar10-ipc1", "--buffer", convex_buffer, "-o", tmp_path / "o.h5",
+                              "--data-dir", data_dir), 2, "cifar10")
+    assert_one_line_error(cli("distill", "--buffer", tmp_path / "none.h5"), 2, "mctool experts")
+    assert_one_line_error(run_distill(buffer, tmp_path / "o.h5", data_dir), 2, "mctool convexify")
+    assert_one_line_error(run_distill(convex_buffer, tmp_path / "o.h5", data_dir, "--max-start-epoch", "4"), 2, "K = 4")
+    assert_one_line_error(run_distill(convex_buffer, tmp_path / "o.h5", data_dir, "--grad", "magic"), 2, "--grad")
+
+
+def test_evaluate_bad_inputs(tmp_path: Path, buffer: Path, convex_buffer: Path, data_dir: Path) -> None:
+    assert_one_line_error(cli("evaluate", buffer, "--data-dir", data_dir), 2, "no synthetic sets")
+    out = tmp_path / "s.h5"
+    assert run_distill(convex_buffer, out, data_dir, iterations=1).exit_code == 0
+    assert_one_line_error(cli("evaluate", out, "--models", "ConvNet,Nope", "--data-dir", data_dir), 2, "Nope")
+    assert_one_line_error(cli("evaluate", out, "--baseline", "magic", "--data-dir", data_dir), 2, "baseline")
+
+
+def test_evaluate_stores_results_and_baseline(tmp_path: Path, convex_buffer: Path, data_dir: Path) -> None:
+    out = tmp_path / "s.h5"
+    assert run_distill(convex_buffer, out, data_dir, iterations=1).exit_code == 0
+    r = cli("evaluate", out, "--runs", "2", "--epochs", "3", "--baseline", "random", "--models", "ConvNet,MLP",
+            "--data-dir", data_dir, "--quiet", "--json", "--seed", "3")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    kinds = [(x["kind"], x["model"]) for x in doc["results"]]
+    assert kinds == [("synset", "ConvNet"), ("synset", "MLP"), ("random-real", "ConvNet"), ("random-real", "MLP")]
+    assert doc["experts_reference"]["experts"] == 2
+    for x in doc["results"]:
+        assert len(x["accuracies"]) == 2 and x["std"] == pytest.approx(np.std(x["accuracies"]))
+    r2 = cli("evaluate", out, "--runs", "2", "--epochs", "3", "--baseline", "random", "--models", "ConvNet,MLP",
+             "--data-dir", data_dir, "--quiet", "--json", "--seed", "3", "--no-save")
+    assert [x["accuracies"] for x in json.loads(r2.stdout)["results"]] == [x["accuracies"] for x in doc["results"]]
+    _, attrs = read_synset(out)
+    assert len(json.loads(attrs["evaluations"])) == 4
+    assert "evaluation" in cli("inspect", out).stdout
