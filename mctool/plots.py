@@ -22,6 +22,7 @@ from torchvision.utils import make_grid, save_image
 
 from mctool import artifact
 from mctool.data import Preprocessing
+from mctool.device import resolve_device
 from mctool.errors import ArtifactError, UsageError
 from mctool.functional import FlatNet
 from mctool.nets import ModelSpec, build_model
@@ -387,7 +388,7 @@ def _optional(read: Callable[..., T], *args: Any) -> T | None:
     """`read(*args)`, or None when the part is missing or damaged (a picture to skip)."""
     try:
         return read(*args)
-    except (ArtifactError, KeyError, ValueError):
+    except (ArtifactError, KeyError, IndexError, ValueError):
         return None
 
 
@@ -522,7 +523,8 @@ def accuracy_plot(c: _Contents, data: _LazyData, path: Path, test_images: int | 
             if acc is not None:
                 note = "" if x.shape[0] == prepared.test_x.shape[0] else f" ({x.shape[0]} test images)"
                 series.append((f"expert {cv.expert} convexified{note}", epochs, [100 * v for v in acc]))
-    title = f"test accuracy along the trajectory (mean of {len(c.done)} experts)"
+    n = len(c.done)
+    title = f"test accuracy along the trajectory ({'1 expert' if n == 1 else f'mean of {n} experts'})"
     return line_plot(series, path, title, "epoch", "test accuracy (%)", vlines=vlines)
 
 
@@ -539,8 +541,6 @@ def write_overview(file: Path, png: Path, data_dir: Path | None = None,
     `test_images` caps the test images the convexified path is evaluated on (None: all on an
     accelerator, CPU_TEST_IMAGES on CPU; 0: all)."""
     if device is None:
-        from mctool.device import resolve_device
-
         device = resolve_device("auto")
     c = _read_contents(Path(file))
     data = _LazyData(c.meta, data_dir, device)

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import typer
 from rich.tree import Tree
 
-from mctool.cli import DebugOpt, JsonOpt, QuietOpt, app, emit_json, run
+from mctool.cli import DataDirOpt, DebugOpt, DeviceOpt, JsonOpt, QuietOpt, app, emit_json, run
 from mctool.render import stdout
 
 
@@ -84,6 +84,8 @@ def overview(s: dict[str, Any]) -> Tree:
 def inspect(
     file: Path = typer.Argument(..., help="Any mctool artifact."),
     png: Optional[Path] = typer.Option(None, "--png", help="Also write pictures: image grid, beta curves, accuracy along the trajectory."),
+    data_dir: Optional[Path] = DataDirOpt,
+    device: str = DeviceOpt,
     json_out: bool = JsonOpt,
     quiet: bool = QuietOpt,
     debug: bool = DebugOpt,
@@ -95,9 +97,10 @@ def inspect(
 
         s = summarize(file)
         if png is not None:
+            from mctool.device import resolve_device
             from mctool.plots import write_overview
 
-            s["png"] = [str(p) for p in write_overview(file, png)]
+            s["png"] = [str(p) for p in write_overview(file, png, data_dir, resolve_device(device))]
         if json_out:
             emit_json(s)
         else:

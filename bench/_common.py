@@ -1,0 +1,161 @@
+"""Shared helpers of the bench/ scripts: options, machine info, timing, tables, JSON output.
+
+Not part of the library. Each script in bench/ imports this module by path (the script's own
+directory is first on sys.path when it is run as `python bench/NAME.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """--device, --quick, --threads, --out: the options every script has."""
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    parser.add_argument("--quick", action="store_true", help="small sizes, about 30 s to a few minutes")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: torch's own choice)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON output path (default: bench/results/<name>.json)")
+
+
+def setup(args: argparse.Namespace) -> torch.device:
+    """Apply --threads and resolve --device (same rules as the CLI's --device)."""
+    from mctool.device import resolve_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return resolve_device(args.device)
+
+
+def loadavg() -> list[float] | None:
+    """1/5/15-minute load averages (None where the OS has none)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """What the numbers were measured on; goes into every JSON file."""
+    info: dict[str, Any] = {
+        "date": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "device": str(device),
+        "cpu_count": os.cpu_count(),
+        "torch_num_threads": torch.get_num_threads(),
+        "loadavg_at_start": loadavg(),
+        "argv": sys.argv,
+    }
+    try:
+        import mctool
+
+        info["mctool"] = mctool.__version__
+    except Exception:  # pragma: no cover - the bench still runs against an odd install
+        pass
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["cuda_device"] = props.name
+        info["cuda_memory_bytes"] = props.total_memory
+        info["cuda_version"] = torch.version.cuda
+    return info
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued kernels, so wall-clock times cover the work (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """(seconds, result) of one call, synchronised on CUDA before and after."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t0, out
+
+
+def repeat(fn: Callable[[], Any], device: torch.device, reps: int) -> dict[str, float]:
+    """min/median/max seconds over `reps` calls. On a shared CPU the min is the least disturbed."""
+    ts = [timed(fn, device)[0] for _ in range(max(1, reps))]
+    return {"min": min(ts), "median": statistics.median(ts), "max": max(ts), "reps": len(ts)}
+
+
+def reset_peak(device: torch.device) -> None:
+    """Start a fresh CUDA peak-memory window (CPU peak comes from ru_maxrss, see rss_peak_bytes)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def cuda_peak_bytes(device: torch.device) -> int | None:
+    """torch.cuda.max_memory_allocated since the last reset_peak (None on CPU)."""
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+
+
+def rss_peak_bytes() -> int:
+    """Peak resident set size of this process so far (ru_maxrss; KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def fmt_bytes(n: float | None) -> str:
+    """Human-readable byte count (binary units)."""
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None) -> None:
+    """A plain fixed-width table on stdout (no Rich: output must survive pipes and logs)."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    if title:
+        print(f"\n{title}")
+    line = "  ".join("-" * w for w in widths)
+    print("  ".join(h.rjust(w) for h, w in zip(cells[0], widths)))
+    print(line)
+    for r in cells[1:]:
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+    sys.stdout.flush()
+
+
+def write_json(name: str, payload: dict[str, Any], out: Path | None = None) -> Path:
+    """Write bench/results/<name>.json (or `out`); returns the path."""
+    path = out or RESULTS_DIR / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = dict(payload)
+    payload.setdefault("machine", {})["loadavg_at_end"] = loadavg()
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    return path
+
+
+def note_load(info: dict[str, Any]) -> None:
+    """Print the load average so readers of the table know how shared the CPU was."""
+    la = info.get("loadavg_at_start")
+    print(f"device {info['device']}, torch {info['torch']}, {info['cpu_count']} CPUs, "
+          f"{info['torch_num_threads']} torch threads, load average at start {la}")
+    if la and info["device"] == "cpu" and la[0] > (info["cpu_count"] or 1) * 0.5:
+        print("note: the CPU is shared with other processes; timings are noisy (see min vs median)")

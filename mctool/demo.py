@@ -1,0 +1,116 @@
+"""`mctool demo`: the whole pipeline at small scale on real Fashion-MNIST, with the same
+library calls the real commands make (experts -> convexify -> distill -> evaluate)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mctool import artifact
+from mctool.convex import ConvexifyConfig, convexify_file
+from mctool.distill import DistillConfig, run as run_distill
+from mctool.evaluate import EvaluateConfig, evaluate_set, random_real
+from mctool.experts import ExpertsConfig, run as run_experts
+from mctool.plots import synset_grid
+from mctool.prepared import prepare, prepare_like
+from mctool.presets import load_preset
+from mctool.progress import SILENT, Reporter
+
+DEMO_PRESET = "fashion-mnist-ipc10"
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Sizes of each stage; `fast()` is the ~3-minute version."""
+
+    experts: int = 4
+    epochs: int = 8
+    width: int = 32
+    interior: int = 2
+    iterations: int = 300
+    eval_runs: int = 3
+    eval_epochs: int = 300
+    seed: int = 0
+
+    @classmethod
+    def fast(cls, seed: int = 0) -> "DemoConfig":
+        """Smaller everything: about 3 minutes on 2 CPU cores."""
+        return cls(experts=2, epochs=4, width=16, iterations=100, eval_runs=2, eval_epochs=100, seed=seed)
+
+
+def distill_config(demo: DemoConfig) -> DistillConfig:
+    """The demo preset, with the iteration count of this demo size."""
+    values = {k: v for k, v in load_preset(DEMO_PRESET).values.items() if k not in ("source", "description")}
+    values.update(iterations=demo.iterations, seed=demo.seed, preset=DEMO_PRESET)
+    fields = {f.name for f in dataclasses.fields(DistillConfig)}
+    return DistillConfig(**{k: v for k, v in values.items() if k in fields})
+
+
+def run(demo: DemoConfig, out_dir: Path, data_dir: Path | None, device: torch.device,
+        reporter: Reporter = SILENT) -> dict[str, Any]:
+    """Run every stage into `out_dir`; returns the final table's numbers."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    buffer, small, synset = out_dir / "buffer.h5", out_dir / "convex.h5", out_dir / "synset.h5"
+    times: dict[str, float] = {}
+    dcfg = distill_config(demo)
+
+    t = time.perf_counter()
+    reporter.log(f"[1/4] experts: {demo.experts} ConvNets (width {demo.width}) x {demo.epochs} epochs on Fashion-MNIST")
+    prepared = prepare("fashion-mnist", data_dir, True, 0.1, device)
+    ecfg = ExpertsConfig(dataset="fashion-mnist", num_experts=demo.experts, epochs=demo.epochs, width=demo.width,
+                         depth=3, seed=demo.seed)
+    run_experts(ecfg, buffer, prepared, reporter)
+    times["experts"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    reporter.log(f"[2/4] convexify: {demo.interior} interior waypoints -> {small.name}")
+    conv = convexify_file(buffer, ConvexifyConfig(interior=demo.interior), small, reporter)
+    times["convexify"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    reporter.log(f"[3/4] distill: preset {DEMO_PRESET}, {demo.iterations} iterations")
+    if synset.exists():
+        synset.unlink()  # the demo starts over; real runs use --resume instead
+    prepared = prepare_like(_meta(small), data_dir, device)
+    dres = run_distill(dcfg, small, synset, prepared, reporter=reporter)
+    with artifact.open_artifact(synset) as f:
+        g = artifact.pick_synset(synset, f, dres["synset"])
+        images, labels = torch.from_numpy(g["images"][()]), torch.from_numpy(g["labels"][()])
+        spec, _ = artifact.read_model(synset, f)
+    png = synset_grid(images, prepared.prep, dcfg.ipc, out_dir / "synset.png")
+    times["distill"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    reporter.log(f"[4/4] evaluate: {demo.eval_runs} runs x {demo.eval_epochs} epochs, distilled vs random real")
+    ev = EvaluateConfig(runs=demo.eval_runs, epochs=demo.eval_epochs, seed=demo.seed)
+    results = evaluate_set(images, labels, dres["alpha"], prepared, spec, ev, "synset", reporter)
+    rx, ry = random_real(prepared, dcfg.ipc, demo.seed)
+    results += evaluate_set(rx, ry, dres["alpha"], prepared, spec, ev, "random-real", reporter)
+    with artifact.atomic_write(synset) as f:
+        f["synsets"][dres["synset"]].attrs["evaluations"] = __import__("json").dumps(results)
+    times["evaluate"] = time.perf_counter() - t
+
+    with artifact.open_artifact(buffer) as f:
+        acc = f["experts/test_accuracy"][()]
+    return {
+        "out": str(out_dir), "config": dataclasses.asdict(demo), "preset": DEMO_PRESET, "ipc": dcfg.ipc,
+        "distilled": results[0], "random_real": results[1],
+        "experts_accuracy": float(acc[:, -1].mean()),
+        "storage": {"full_bytes_per_expert": conv["bytes_per_expert_full"],
+                    "convex_bytes_per_expert": conv["bytes_per_expert_convex"], "ratio": conv["ratio"],
+                    "buffer_file_bytes": buffer.stat().st_size, "convex_file_bytes": small.stat().st_size},
+        "distill": {"loss_first": dres["loss_first"], "loss_last_mean": dres["loss_last_mean"],
+                    "alpha": dres["alpha"]},
+        "seconds": times, "png": str(png),
+        "files": {"buffer": str(buffer), "convex": str(small), "synset": str(synset)},
+    }
+
+
+def _meta(path: Path) -> artifact.DatasetMeta:
+    with artifact.open_artifact(path) as f:
+        return artifact.DatasetMeta.read(path, f)
