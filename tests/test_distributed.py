@@ -1,0 +1,72 @@
+"""torchrun (gloo, 2 CPU processes): experts equal a single-process run; distill writes a synset."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from mctool import artifact
+
+TINY_EXPERTS = ["experts", "mnist", "--num-experts", "3", "--epochs", "2", "--width", "8", "--batch-size", "32",
+                "--lr", "0.05", "--seed", "4", "--quiet"]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    # torchrun gives each worker one thread; the single-process reference must use the same
+    # number, since a different thread count changes float round-off in the convolutions.
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def torchrun(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "mctool", *map(str, args)]
+    return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
+
+
+def single(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "mctool", *map(str, args)]
+    return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def dist_buffer(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    out = tmp_path_factory.mktemp("dist") / "dist.h5"
+    r = torchrun(*TINY_EXPERTS, "--data-dir", data_dir, "-o", out, cwd=out.parent)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def test_torchrun_experts_equal_single_process(dist_buffer: Path, data_dir: Path, tmp_path: Path) -> None:
+    ref = tmp_path / "single.h5"
+    r = single(*TINY_EXPERTS, "--data-dir", data_dir, "-o", ref, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with h5py.File(dist_buffer) as a, h5py.File(ref) as b:
+        assert a["experts/done"][()].all() and a["experts/done"].shape == (3,)
+        for name in ("trajectories", "seeds", "test_accuracy"):
+            assert np.array_equal(a["experts"][name][()], b["experts"][name][()]), name
+
+
+def test_torchrun_distill_writes_valid_synset(dist_buffer: Path, data_dir: Path, tmp_path: Path) -> None:
+    r = single("convexify", dist_buffer, "-o", tmp_path / "c.h5", "--interior", "0", "--quiet", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "syn.h5"
+    args = ["distill", "--buffer", tmp_path / "c.h5", "-o", out, "--data-dir", data_dir, "--ipc", "2",
+            "--syn-steps", "2", "--expert-epochs", "1", "--max-start-epoch", "1", "--iterations", "3", "--quiet"]
+    r = torchrun(*args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with artifact.open_artifact(out) as f:
+        g = artifact.pick_synset(out, f, None)
+        assert g["images"].shape == (20, 1, 28, 28) and np.isfinite(g["images"][()]).all()
+        assert int(g.attrs["iterations"]) == 3
+        assert g["checkpoint/generators"].shape[0] == 2  # one RNG state per rank, for --resume
+    # Resuming with a different number of processes is refused with one line.
+    r = single(*args[:-3], "--iterations", "4", "--resume", "--quiet", cwd=tmp_path)
+    assert r.returncode == 2 and "same number" in r.stderr and "Traceback" not in r.stderr
