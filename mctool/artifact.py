@@ -55,6 +55,8 @@ def versions() -> dict[str, str]:
         "h5py": h5py.__version__,
         "numpy": np.__version__,
         "python": platform.python_version(),
+        # CPU float round-off depends on the thread count, so bit-exact reruns need the same one.
+        "torch_threads": str(torch.get_num_threads()),
     }
 
 

@@ -43,6 +43,12 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def barrier() -> None:
+    """Wait for every rank (no-op without torchrun)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def broadcast(obj: Any) -> Any:
     """Rank 0's `obj` on every rank."""
     if not dist.is_initialized():

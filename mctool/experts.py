@@ -105,7 +105,8 @@ def train_expert(cfg: ExpertsConfig, spec: ModelSpec, prepared: Prepared, index:
     test_acc = [accuracy(model, prepared.test_x, prepared.test_y)]
     record()
     n_train = prepared.train_x.shape[0]
-    reporter.task("expert", f"expert {index}", total=cfg.epochs)
+    batches_per_epoch = -(-n_train // cfg.batch_size)
+    reporter.task("expert", f"expert {index}", total=cfg.epochs * batches_per_epoch)
     started = time.perf_counter()
     last = [started]
 
@@ -113,12 +114,14 @@ def train_expert(cfg: ExpertsConfig, spec: ModelSpec, prepared: Prepared, index:
         record()
         test_acc.append(accuracy(model, prepared.test_x, prepared.test_y))
         now = time.perf_counter()
-        reporter.update("expert", advance=1, loss=loss, acc=test_acc[-1], ips=n_train / (now - last[0]))
+        reporter.update("expert", epoch=f"{epoch}/{cfg.epochs}", loss=loss, acc=test_acc[-1],
+                        img_s=round(n_train / (now - last[0])))
         last[0] = now
 
     schedule = Schedule(epochs=cfg.epochs, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                         batch_size=cfg.batch_size)
-    losses = train(model, prepared.train_x, prepared.train_y, schedule, dsa, generator, on_epoch)
+    losses = train(model, prepared.train_x, prepared.train_y, schedule, dsa, generator, on_epoch,
+                   on_batch=lambda: reporter.update("expert", advance=1))
     reporter.done("expert")
     result = ExpertResult(index=index, seed=seed, test_accuracy=test_acc, train_loss=[float("nan"), *losses],
                           seconds=time.perf_counter() - started)
@@ -168,6 +171,19 @@ def check_compatible(out: Path, f: Any, cfg: ExpertsConfig) -> None:
                          "use the same options or another -o FILE")
 
 
+def _holds_no_experts_with_other_settings(out: Path, cfg: ExpertsConfig) -> bool:
+    """A buffer whose run failed before finishing any expert may be replaced by a new setting
+    (e.g. the smaller --lr a divergence message suggests)."""
+    with artifact.open_artifact(out) as f:
+        if "experts" not in f or "done" not in f["experts"] or f["experts/done"][()].any():
+            return False
+        try:
+            check_compatible(out, f, cfg)
+        except UsageError:
+            return True
+    return False
+
+
 def open_rows(f: Any, cfg: ExpertsConfig, num_experts: int) -> artifact.ExpertRows:
     """The row writer of an existing buffer, grown to `num_experts` rows."""
     spec, layout = artifact.read_model(f.filename, f)
@@ -194,7 +210,11 @@ def run(cfg: ExpertsConfig, out: Path, prepared: Prepared, reporter: Reporter = 
 
     spec = model_spec(cfg, prepared)
     done_before: list[int] = []
+    convex_stale = False
     if dist.is_main():
+        if out.exists() and _holds_no_experts_with_other_settings(out, cfg):
+            reporter.log(f"{out} holds no finished expert and other settings: starting it afresh")
+            out.unlink()
         if not out.exists():
             create_buffer(out, cfg, prepared, spec)
         with artifact.open_artifact(out, "r+") as f:
@@ -202,6 +222,7 @@ def run(cfg: ExpertsConfig, out: Path, prepared: Prepared, reporter: Reporter = 
             check_compatible(out, f, cfg)
             rows = open_rows(f, cfg, cfg.num_experts)
             done_before = [int(e) for e in np.flatnonzero(rows.done())]
+            convex_stale = cfg.stream_positions is None and "convex" in f
     done_before = dist.broadcast(done_before)
     todo = [e for e in range(cfg.num_experts) if e not in set(done_before)]
     if done_before and todo:
@@ -225,5 +246,7 @@ def run(cfg: ExpertsConfig, out: Path, prepared: Prepared, reporter: Reporter = 
                                 "test_accuracy_last": res.test_accuracy[-1]})
                 reporter.log(f"expert {res.index}: test accuracy {res.test_accuracy[0]:.3f} -> "
                              f"{res.test_accuracy[-1]:.3f} in {res.seconds:.1f} s")
+    if dist.is_main() and trained and convex_stale:
+        reporter.log(f"{out}: /convex does not cover the new experts — run `mctool convexify {out}` again")
     return {"file": str(out), "trained": trained, "already_done": len(done_before),
             "experts": cfg.num_experts}

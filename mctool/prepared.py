@@ -29,9 +29,11 @@ def _cache_dir(data_dir: Path | None) -> Path:
     return (data_dir or default_data_dir()) / "cache"
 
 
-def prepare(name: str, data_dir: Path | None, zca: bool, zca_eps: float, device: torch.device) -> Prepared:
-    """Load dataset `name`, fit its preprocessing (ZCA cached on disk) and move it to `device`."""
-    ds = load_dataset(name, data_dir)
+def prepare(name: str, data_dir: Path | None, zca: bool, zca_eps: float, device: torch.device,
+            download: bool = False) -> Prepared:
+    """Load dataset `name` (downloading it first if asked and missing), fit its preprocessing
+    (ZCA cached on disk) and move it to `device`."""
+    ds = load_dataset(name, data_dir, download=download)
     prep = fit_preprocessing(ds, zca=zca, eps=zca_eps, device=device, cache_dir=_cache_dir(data_dir))
     meta = DatasetMeta(
         name=ds.name, num_classes=ds.num_classes, channels=ds.channels, height=ds.height, width=ds.width,

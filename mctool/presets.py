@@ -68,8 +68,11 @@ def load_preset(name_or_path: str | Path) -> Preset:
     """A preset by shipped name (e.g. 'cifar10-ipc10') or by path to a .toml file."""
     text = str(name_or_path)
     path = Path(text)
-    if not (text.endswith(".toml") or path.exists()):
-        path = presets_dir() / f"{text}.toml"
+    shipped = presets_dir() / f"{text}.toml"
+    if "/" not in text and not text.endswith(".toml") and shipped.exists():
+        path = shipped  # a shipped name wins over a stray local file of the same name
+    elif not (text.endswith(".toml") or path.exists()):
+        path = shipped
         if not path.exists():
             names = ", ".join(p.stem for p in sorted(presets_dir().glob("*.toml")))
             raise UsageError(f"unknown preset '{text}'; shipped presets: {names}")

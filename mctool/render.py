@@ -56,8 +56,11 @@ class RichReporter(Reporter):
 
     def update(self, key: str, advance: int = 0, **fields: Any) -> None:
         if self.bars and key in self.tasks:
-            info = "  ".join(f"{k} {_fmt(v)}" for k, v in fields.items())
-            self._progress().update(self.tasks[key], advance=advance, info=info)
+            if fields:
+                info = "  ".join(f"{k} {_fmt(v)}" for k, v in fields.items())
+                self._progress().update(self.tasks[key], advance=advance, info=info)
+            else:  # keep the figures shown until new ones arrive
+                self._progress().update(self.tasks[key], advance=advance)
 
     def done(self, key: str) -> None:
         if self.bars and key in self.tasks and self.progress is not None:

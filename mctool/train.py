@@ -52,13 +52,16 @@ def train(
     augment: DSA | None,
     generator: torch.Generator,
     on_epoch: Callable[[int, float], None] | None = None,
+    on_batch: Callable[[], None] | None = None,
 ) -> list[float]:
     """Train `model` in place; returns the mean training loss of each epoch.
 
     Batches are index gathers into the on-device `images` (hard int64 or soft float
     labels); the shuffle order and augmentation draws come from the CPU `generator`, so a
-    seeded run is repeatable and identical on any device. `on_epoch(epoch, loss)` runs
-    after every epoch (1-based), e.g. to take a snapshot.
+    seeded run draws the same batches and augmentations on any device, and repeats bit for
+    bit on the same device with the same number of CPU threads. `on_epoch(epoch, loss)` runs
+    after every epoch (1-based), e.g. to take a snapshot; `on_batch()` after every step
+    (for progress bars: it gets no values, so it forces no device sync).
     """
     model.train()
     lr = schedule.lr
@@ -78,6 +81,8 @@ def train(
             loss.backward()
             opt.step()
             total += loss.detach() * idx.numel()
+            if on_batch is not None:
+                on_batch()
         mean_loss = float(total) / n  # one device sync per epoch, not per batch
         if not math.isfinite(mean_loss):
             raise TrainingDiverged(f"training loss became {mean_loss} in epoch {epoch} (lr {lr:g}); "

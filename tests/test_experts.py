@@ -25,12 +25,12 @@ from tests.conftest import cli
 from tests.test_cli import assert_one_line_error
 
 # Tiny settings shared by the in-process runs (2 experts, K = 3).
-TINY = ("--n", "2", "--epochs", "3", "--width", "8", "--batch-size", "100", "--lr", "0.05", "--quiet")
+TINY = ("--epochs", "3", "--width", "8", "--batch-size", "100", "--lr", "0.05", "--quiet")
 ROWS = ("seeds", "test_accuracy", "train_loss", "done")
 
 
-def experts(data_dir: Path, out: Path, *args: str, seed: int = 0):
-    return cli("experts", "mnist", "--data-dir", data_dir, "-o", out, "--seed", str(seed), *TINY, *args)
+def experts(data_dir: Path, out: Path, *args: str, seed: int = 0, n: int = 2):
+    return cli("experts", "mnist", "--data-dir", data_dir, "-o", out, "--seed", str(seed), "--n", str(n), *TINY, *args)
 
 
 def read(path: Path, *names: str) -> dict[str, np.ndarray]:
@@ -245,7 +245,7 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path: Path, data_dir: Path) -> None:
 def test_append_trains_only_the_new_expert(tmp_path: Path, data_dir: Path, seed0: Path) -> None:
     out = tmp_path / "b.h5"
     shutil.copyfile(seed0, out)
-    r = experts(data_dir, out, "--n", "3", "--json")  # the later --n wins
+    r = experts(data_dir, out, "--json", n=3)
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert doc["already_done"] == 2 and doc["experts"] == 3
@@ -300,3 +300,10 @@ def test_nan_loss_exits_1_and_marks_nothing_done(tmp_path: Path, data_dir: Path)
     if out.exists():
         with artifact.open_artifact(out) as f:
             assert not f["experts/done"][()].any()
+    # The suggested fix (a smaller --lr) is accepted: no finished expert, so the file starts afresh.
+    r = cli("experts", "mnist", "--data-dir", data_dir, "-o", out, "--n", "1", "--epochs", "1", "--width", "8",
+            "--batch-size", "100", "--lr", "0.01")
+    assert r.exit_code == 0, r.output
+    assert "starting it afresh" in r.stderr
+    with artifact.open_artifact(out) as f:
+        assert f["experts/done"][()].tolist() == [True]

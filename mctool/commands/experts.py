@@ -36,6 +36,7 @@ def experts(
     positions: Optional[str] = typer.Option(None, "--positions", help="With --convexify: explicit positions, e.g. 0,17,34,50."),
     beta: str = typer.Option("mct", "--beta", help="With --convexify: mct, uniform, decreasing or projected."),
     smooth: bool = typer.Option(False, "--smooth", help="With --convexify: the authors' code's waypoint smoothing."),
+    download: bool = typer.Option(True, "--download/--no-download", help="Download CIFAR/Tiny ImageNet/MNIST into --data-dir when missing (offline: one line saying where to put the files)."),
     data_dir: Optional[Path] = DataDirOpt,
     device: str = DeviceOpt,
     json_out: bool = JsonOpt,
@@ -62,7 +63,14 @@ def experts(
         stream_positions = None
         if convexify:
             stream_positions = tuple(ConvexifyConfig(interior, positions, beta, smooth).resolve_positions(epochs))
-        prepared = prepare(dataset, data_dir, zca, 0.1, dev)
+        if download and distributed.world_size() > 1:
+            # Rank 0 downloads (if needed) while the others wait, instead of all racing for the files.
+            if distributed.is_main():
+                from mctool.data import load_dataset
+
+                load_dataset(dataset, data_dir, download=True)
+            distributed.barrier()
+        prepared = prepare(dataset, data_dir, zca, 0.1, dev, download=download and distributed.world_size() == 1)
         cfg = ExpertsConfig(
             dataset=prepared.meta.name, num_experts=n, epochs=epochs, lr=lr, momentum=momentum,
             weight_decay=weight_decay, batch_size=batch_size, width=width,

@@ -1,0 +1,322 @@
+"""Seconds per distillation iteration and peak memory of `mctool.matching.match`, by gradient mode.
+
+Setting: CIFAR-10 shape at ipc 10 — 100 synthetic images 3x32x32, ConvNet-3 width 128
+(P = 320,010), batch_syn = 100 (every image in every inner step: batches = [randperm(100)] * N),
+DSA on (one op per inner step, drawn in advance and replayed as mctool/distill.py's
+Distiller.augmentation does), α = 0.01, random θ_start and θ_target = θ_start + noise.
+
+For each mode (constant, adjoint, unrolled) and syn_steps N one `match` call (= one
+distillation iteration minus the image/α update, which is negligible) is timed in a FRESH
+subprocess, so that its peak memory can be read: on CPU ru_maxrss of the child after the run
+(the child's baseline ru_maxrss before the run is reported too, and the difference); on CUDA
+torch.cuda.max_memory_allocated. The baseline is read after the problem is built and before a
+one-step plain warm-up (thread pools, allocator) and the timed call; the warm-up's footprint is
+one step's, which no mode stays below, so it does not raise the peak.
+
+The reference point "plain" is N ordinary training steps of an nn.Module on the same
+100-image batch with the same DSA draws (forward + backward + SGD update). Reported goals:
+constant/plain time ratio ≤ 3.5 and constant memory at the largest N / at the smallest N
+≤ 1.10 (memory flat in N).
+
+A second table ("per-op") times, for each DSA op alone and without augmentation, one
+plain gradient step (pass 1 of constant/adjoint) and one second-order step (pass 2: forward,
+backward with create_graph, double backward to the images) — to locate augmentation hot spots.
+
+Default: constant at N = 10,20,40,80; adjoint and unrolled at N ≤ 20 (--max-exact-steps).
+--full runs every mode at every N (unrolled at 80 holds all 80 steps' graphs: several GB and
+a long run on a 2-core CPU). An unrolled run whose memory, extrapolated linearly from a
+smaller N, would exceed 60 % of the available RAM is skipped.
+
+    python bench/distill.py                 # default (CPU here: ~10 min, longer under load)
+    python bench/distill.py --quick         # N = 10,20, all modes, no per-op table
+    python bench/distill.py --full
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+from mctool.augment import DSA, AugParams  # noqa: E402
+from mctool.functional import FlatNet  # noqa: E402
+from mctool.matching import MODES, match  # noqa: E402
+from mctool.nets import ModelSpec, build_model  # noqa: E402
+
+MARK = "BENCH-RESULT "
+
+
+def make_problem(ipc: int, classes: int, width: int, steps: int, device: torch.device, seed: int,
+                 augment: bool) -> dict[str, Any]:
+    """Images, labels, θ_s, θ_T, batches and the replayable augmentation of one iteration."""
+    gen = torch.Generator().manual_seed(seed)
+    spec = ModelSpec(width=width, num_classes=classes)
+    module = build_model(spec, seed=seed).to(device)
+    net = FlatNet(module)
+    n = ipc * classes
+    images = torch.randn(n, 3, 32, 32, generator=gen).to(device)
+    labels = torch.arange(classes).repeat_interleave(ipc).to(device)
+    theta_s = net.flatten().to(device)
+    theta_t = theta_s + 0.01 * torch.randn(theta_s.shape, generator=gen).to(device)
+    batches = [torch.randperm(n, generator=gen).to(device)] * steps
+    params: list[AugParams] = []
+    dsa = DSA() if augment else None
+    if dsa is not None:
+        params = [dsa.sample(n, 32, 32, gen).to(device) for _ in batches]
+    aug = (lambda x, k: dsa.apply(x, params[k])) if dsa is not None else None
+    return {"module": module, "net": net, "images": images, "labels": labels, "theta_s": theta_s,
+            "theta_t": theta_t, "batches": batches, "augment": aug, "ops": [p.op for p in params]}
+
+
+def plain_steps(pb: dict[str, Any], steps: int) -> float:
+    """N ordinary SGD steps of the nn.Module on the batch (the cost match is compared against)."""
+    module = pb["module"]
+    opt = torch.optim.SGD(module.parameters(), lr=0.01)
+    loss = torch.zeros(())
+    for k in range(steps):
+        idx = pb["batches"][k]
+        x = pb["images"][idx]
+        if pb["augment"] is not None:
+            x = pb["augment"](x, k)
+        loss = F.cross_entropy(module(x), pb["labels"][idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return float(loss)
+
+
+def child(spec: dict[str, Any]) -> dict[str, Any]:
+    """One configuration, run in its own process: time one call and read the peak memory."""
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    pb = make_problem(spec["ipc"], spec["classes"], spec["width"], spec["steps"], device, spec["seed"],
+                      spec["augment"])
+    mode = spec["mode"]
+    _common.sync(device)
+    # Baseline: interpreter, libraries, model, images, θ vectors — everything but the run itself.
+    rss_before = _common.rss_peak_bytes()
+    cuda_before = int(torch.cuda.memory_allocated(device)) if device.type == "cuda" else None
+    # Warm-up: one plain step (thread pools, allocator); its footprint is one step's, which no
+    # mode stays below, so it does not raise the peak read after the run.
+    if mode == "plain":
+        plain_steps(pb, 1)
+    else:
+        w = pb["theta_s"].clone().requires_grad_(True)
+        x = pb["images"] if pb["augment"] is None else pb["augment"](pb["images"], 0)
+        torch.autograd.grad(F.cross_entropy(pb["net"](w, x), pb["labels"]), w)
+        del w, x
+    _common.sync(device)
+    _common.reset_peak(device)
+    if mode == "plain":
+        seconds, loss = _common.timed(lambda: plain_steps(pb, spec["steps"]), device)
+        extra: dict[str, Any] = {"loss": loss}
+    else:
+        seconds, r = _common.timed(lambda: match(pb["net"], pb["images"], pb["labels"], pb["theta_s"], pb["theta_t"],
+                                                 0.01, pb["batches"], pb["augment"], mode), device)
+        extra = {"loss": r.loss, "grad_alpha": r.grad_alpha, "grad_images_norm": float(r.grad_images.norm())}
+    return {**spec, **extra, "seconds": seconds, "seconds_per_step": seconds / spec["steps"],
+            "rss_baseline_bytes": rss_before, "rss_peak_bytes": _common.rss_peak_bytes(),
+            "rss_delta_bytes": _common.rss_peak_bytes() - rss_before,
+            "cuda_baseline_bytes": cuda_before, "cuda_peak_bytes": _common.cuda_peak_bytes(device),
+            "ops": pb["ops"], "torch_num_threads": torch.get_num_threads()}
+
+
+def run_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run `child(spec)` in a fresh interpreter; parse its result line."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith(MARK):
+            return json.loads(line[len(MARK):])
+    err = proc.stderr.strip().splitlines()[-3:]
+    return {**spec, "error": f"exit {proc.returncode}: {' | '.join(err)}"}
+
+
+def mem_available() -> int | None:
+    """MemAvailable from /proc/meminfo (bytes), None elsewhere."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def per_op_table(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """Plain-gradient step and second-order step of match's inner loop, per DSA op (min over reps)."""
+    pb = make_problem(args.ipc, args.classes, args.width, 1, device, args.seed, False)
+    net, images, labels = pb["net"], pb["images"], pb["labels"]
+    dsa = DSA()
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    draws: dict[str, AugParams | None] = {"none": None}
+    while len(draws) < len(dsa.ops) + 1:
+        p = dsa.sample(images.shape[0], 32, 32, gen)
+        draws.setdefault(p.op, p.to(device))
+    v = torch.randn(pb["theta_s"].shape, generator=gen).to(device) * 1e-3
+
+    def first(p: AugParams | None) -> None:
+        w = pb["theta_s"].clone().requires_grad_(True)
+        x = images if p is None else dsa.apply(images, p)
+        torch.autograd.grad(F.cross_entropy(net(w, x), labels), w)
+
+    def second(p: AugParams | None) -> None:
+        w = pb["theta_s"].clone().requires_grad_(True)
+        xl = images.clone().requires_grad_(True)
+        x = xl if p is None else dsa.apply(xl, p)
+        (g,) = torch.autograd.grad(F.cross_entropy(net(w, x), labels), w, create_graph=True)
+        torch.autograd.grad(torch.dot(g, v), xl)
+
+    def apply_only(p: AugParams | None) -> None:
+        if p is not None:
+            dsa.apply(images, p)
+
+    first(None)  # warm-up
+    out = []
+    # Interleave ops within each repetition so a burst of outside load hits all of them alike.
+    times: dict[str, dict[str, list[float]]] = {k: {"apply": [], "first": [], "second": []} for k in draws}
+    for _ in range(args.op_reps):
+        for op, p in draws.items():
+            times[op]["apply"].append(_common.timed(lambda: apply_only(p), device)[0])
+            times[op]["first"].append(_common.timed(lambda: first(p), device)[0])
+            times[op]["second"].append(_common.timed(lambda: second(p), device)[0])
+    for op, t in times.items():
+        x = images if draws[op] is None else dsa.apply(images, draws[op])
+        out.append({"op": op, "apply_s": min(t["apply"]), "first_s": min(t["first"]), "second_s": min(t["second"]),
+                    "first_s_all": t["first"], "second_s_all": t["second"],
+                    "output_channels_last": bool(not x.is_contiguous()
+                                                 and x.is_contiguous(memory_format=torch.channels_last))})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--one":  # hidden: child process
+        print(MARK + json.dumps(child(json.loads(sys.argv[2]))), flush=True)
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common.add_common_args(parser)
+    parser.add_argument("--steps", default="10,20,40,80", help="comma-separated syn_steps N")
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated gradient modes")
+    parser.add_argument("--max-exact-steps", type=int, default=20,
+                        help="largest N for adjoint and unrolled unless --full (default 20)")
+    parser.add_argument("--full", action="store_true", help="every mode at every N (slow on CPU)")
+    parser.add_argument("--ipc", type=int, default=10)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--no-augment", action="store_true", help="DSA off")
+    parser.add_argument("--no-ops", action="store_true", help="skip the per-DSA-op table")
+    parser.add_argument("--op-reps", type=int, default=3, help="repetitions of each per-op timing (min shown)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    device = _common.setup(args)
+    if args.quick:
+        args.steps = "10,20"
+        args.no_ops = True
+    steps = sorted({int(s) for s in args.steps.split(",") if s.strip()})
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    info = _common.machine_info(device)
+    _common.note_load(info)
+
+    base = {"device": str(device), "threads": args.threads, "ipc": args.ipc, "classes": args.classes,
+            "width": args.width, "seed": args.seed, "augment": not args.no_augment}
+    results: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    for n in steps:
+        for mode in ["plain", *modes]:
+            if mode in ("adjoint", "unrolled") and not args.full and n > args.max_exact_steps:
+                skipped.append({"mode": mode, "steps": n, "why": f"N > --max-exact-steps {args.max_exact_steps} "
+                                                                 "(use --full)"})
+                continue
+            if mode == "unrolled" and device.type == "cpu":
+                done = [r for r in results if r["mode"] == "unrolled" and "error" not in r]
+                avail = mem_available()
+                if done and avail:
+                    est = done[-1]["rss_delta_bytes"] * n / done[-1]["steps"]
+                    if est > 0.6 * avail:
+                        skipped.append({"mode": mode, "steps": n, "why": f"estimated {_common.fmt_bytes(est)} > 60% "
+                                                                         f"of available {_common.fmt_bytes(avail)}"})
+                        continue
+            r = run_child({**base, "mode": mode, "steps": n})
+            results.append(r)
+            if "error" in r:
+                print(f"  {mode:8s} N={n:3d}: FAILED {r['error']}", flush=True)
+            else:
+                mem = (_common.fmt_bytes(r["cuda_peak_bytes"]) if device.type == "cuda"
+                       else f"rss peak {_common.fmt_bytes(r['rss_peak_bytes'])} (+{_common.fmt_bytes(r['rss_delta_bytes'])})")
+                print(f"  {mode:8s} N={n:3d}: {r['seconds']:7.1f} s ({r['seconds_per_step']:.2f} s/step), {mem}",
+                      flush=True)
+
+    ok = [r for r in results if "error" not in r]
+    plain = {r["steps"]: r for r in ok if r["mode"] == "plain"}
+    rows = []
+    for r in ok:
+        p = plain.get(r["steps"])
+        ratio = r["seconds"] / p["seconds"] if p else None
+        r["time_ratio_vs_plain"] = ratio
+        rows.append([r["mode"], r["steps"], f"{r['seconds']:.1f}", f"{r['seconds_per_step']:.2f}",
+                     f"{ratio:.2f}" if ratio else "-",
+                     _common.fmt_bytes(r["rss_baseline_bytes"]), _common.fmt_bytes(r["rss_peak_bytes"]),
+                     _common.fmt_bytes(r["rss_delta_bytes"]),
+                     _common.fmt_bytes(r["cuda_peak_bytes"]) if device.type == "cuda" else "-"])
+    _common.print_table(
+        ["mode", "N", "s/iter", "s/step", "time / plain", "rss before", "rss peak", "peak - before", "cuda peak"],
+        rows, title=f"One matching iteration on {device}: {args.ipc * args.classes} images 3x32x32, ConvNet-3 "
+                    f"width {args.width}, batch_syn = all, DSA {'off' if args.no_augment else 'on'}")
+    for s in skipped:
+        print(f"  skipped {s['mode']} N={s['steps']}: {s['why']}")
+
+    summary: dict[str, Any] = {}
+    const = {r["steps"]: r for r in ok if r["mode"] == "constant"}
+    if const:
+        ratios = {n: const[n]["time_ratio_vs_plain"] for n in const if const[n].get("time_ratio_vs_plain")}
+        summary["constant_time_over_plain"] = ratios
+        lo, hi = min(const), max(const)
+        if hi > lo:
+            mem_key = "cuda_peak_bytes" if device.type == "cuda" else "rss_peak_bytes"
+            summary["constant_memory_ratio"] = {
+                "steps": [lo, hi],
+                "peak_ratio": const[hi][mem_key] / const[lo][mem_key],
+            }
+            if device.type == "cpu":
+                summary["constant_memory_ratio"]["delta_ratio"] = (const[hi]["rss_delta_bytes"]
+                                                                   / max(1, const[lo]["rss_delta_bytes"]))
+        print("\nGoals (measured, not asserted):")
+        for n, q in ratios.items():
+            print(f"  constant / plain time at N={n}: {q:.2f}  (goal <= 3.5)")
+        if "constant_memory_ratio" in summary:
+            m = summary["constant_memory_ratio"]
+            extra = f", peak-minus-baseline ratio {m['delta_ratio']:.2f}" if "delta_ratio" in m else ""
+            print(f"  constant memory N={hi} / N={lo}: peak ratio {m['peak_ratio']:.3f}{extra}  (goal <= 1.10)")
+
+    ops: list[dict[str, Any]] = []
+    if not args.no_ops:
+        ops = per_op_table(args, device)
+        none = next(o for o in ops if o["op"] == "none")
+        _common.print_table(
+            ["DSA op", "apply ms", "plain grad step s", "vs no aug", "2nd-order step s", "vs no aug",
+             "output channels_last"],
+            [[o["op"], f"{o['apply_s'] * 1e3:.1f}", f"{o['first_s']:.3f}", f"{o['first_s'] / none['first_s']:.2f}x",
+              f"{o['second_s']:.3f}", f"{o['second_s'] / none['second_s']:.2f}x",
+              "yes" if o["output_channels_last"] else "no"] for o in ops],
+            title=f"Per inner step of match, by DSA op (min of {args.op_reps}; first = pass 1, "
+                  "2nd-order = pass 2 / reverse step)")
+
+    path = _common.write_json("distill", {"machine": info, "args": vars(args), "results": results,
+                                          "skipped": skipped, "summary": summary, "per_op": ops}, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

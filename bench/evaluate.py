@@ -1,0 +1,140 @@
+"""Seconds per evaluation run of a synthetic set (`mctool.evaluate.evaluate_set`).
+
+Protocol of `mctool evaluate` (method.md §8): a fresh ConvNet-3 width 128 trained on the
+synthetic set with SGD momentum 0.9, weight decay 5e-4, lr × 0.1 at the midpoint, DSA, batch
+256, then tested on the real test split. Here the synthetic set is random CIFAR-shaped images
+(ipc 1, 10, 50 → 10, 100, 500 images) and the Prepared data set is built directly from
+synthetic tensors ('normalize' preprocessing with mean 0 and std 1).
+
+The real protocol trains 1,000 epochs; this script trains a reduced number (default 20) and
+EXTRAPOLATES linearly to 1,000 epochs (per-epoch cost × 1000 + one test pass). The test pass
+(accuracy on a 10,000-image random test set, batches of 1,000) is timed separately, so the
+evaluate_set call itself is given a tiny 10-image test split. `mctool evaluate` runs 5 such
+runs per model by default; the table shows that total too.
+
+    python bench/evaluate.py               # ipc 1,10,50, 20 epochs
+    python bench/evaluate.py --quick       # ipc 1,10, 5 epochs
+    python bench/evaluate.py --epochs 1000 --ipc 10    # a real, unextrapolated run
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+from mctool.artifact import DatasetMeta  # noqa: E402
+from mctool.data import Dataset, Preprocessing  # noqa: E402
+from mctool.evaluate import EvaluateConfig, evaluate_set  # noqa: E402
+from mctool.nets import ModelSpec, build_model  # noqa: E402
+from mctool.prepared import Prepared  # noqa: E402
+from mctool.train import accuracy  # noqa: E402
+
+CLASSES = 10
+
+
+def synthetic_prepared(test_images: int, device: torch.device, seed: int = 0) -> Prepared:
+    """A CIFAR-10-shaped Prepared made of random tensors (valid Dataset, Preprocessing, DatasetMeta)."""
+    gen = torch.Generator().manual_seed(seed)
+    n_train = 100
+    ds = Dataset(
+        name="cifar10-shaped-random",
+        train_images=torch.randint(0, 256, (n_train, 3, 32, 32), generator=gen, dtype=torch.uint8),
+        train_labels=torch.arange(n_train) % CLASSES,
+        test_images=torch.randint(0, 256, (test_images, 3, 32, 32), generator=gen, dtype=torch.uint8),
+        test_labels=torch.arange(test_images) % CLASSES,
+        class_names=[f"class{i}" for i in range(CLASSES)],
+        mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), flip=True,
+    )
+    prep = Preprocessing(kind="normalize", mean=torch.zeros(3), std=torch.ones(3))
+    meta = DatasetMeta(name=ds.name, num_classes=CLASSES, channels=3, height=32, width=32, zca=False, zca_eps=0.0,
+                       mean=ds.mean, std=ds.std, class_names=tuple(ds.class_names),
+                       train_fingerprint=ds.fingerprint(), flip=True)
+    return Prepared(dataset=ds, prep=prep, meta=meta,
+                    train_x=prep.apply(ds.train_images, device=device), train_y=ds.train_labels.to(device),
+                    test_x=prep.apply(ds.test_images, device=device), test_y=ds.test_labels.to(device))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common.add_common_args(parser)
+    parser.add_argument("--ipc", default="1,10,50", help="comma-separated images per class")
+    parser.add_argument("--epochs", type=int, default=20, help="epochs actually trained (extrapolated to --target)")
+    parser.add_argument("--target-epochs", type=int, default=1000, help="the protocol's epochs (extrapolation)")
+    parser.add_argument("--runs", type=int, default=1, help="timed runs per ipc (min and median shown)")
+    parser.add_argument("--protocol-runs", type=int, default=5, help="runs `mctool evaluate` does per model")
+    parser.add_argument("--test-images", type=int, default=10000)
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--test-reps", type=int, default=2, help="repetitions of the test-set pass (min shown)")
+    args = parser.parse_args(argv)
+    device = _common.setup(args)
+    if args.quick:
+        args.ipc, args.epochs, args.test_reps = "1,10", 5, 1
+        args.test_images = min(args.test_images, 2000)
+    ipcs = [int(x) for x in args.ipc.split(",") if x.strip()]
+    info = _common.machine_info(device)
+    _common.note_load(info)
+
+    spec = ModelSpec(width=args.width)
+    prepared = synthetic_prepared(10, device)  # evaluate_set's own test pass: negligible
+    test = synthetic_prepared(args.test_images, device)
+    gen = torch.Generator().manual_seed(1)
+
+    # Test-set pass of a trained network: accuracy() in eval mode, batches of 1,000.
+    model = build_model(spec, seed=0).to(device)
+    accuracy(model, test.test_x[:1000], test.test_y[:1000])  # warm-up
+    test_t = _common.repeat(lambda: accuracy(model, test.test_x, test.test_y), device, args.test_reps)
+    print(f"test pass on {args.test_images:,} images: {test_t['min']:.1f} s (min of {test_t['reps']})", flush=True)
+
+    # Warm-up of the training path (thread pools, allocator).
+    warm = EvaluateConfig(runs=1, epochs=1)
+    evaluate_set(torch.randn(10, 3, 32, 32, generator=gen), torch.arange(10), 0.01, prepared, spec, warm)
+
+    results: list[dict[str, Any]] = []
+    rows = []
+    for ipc in ipcs:
+        n = ipc * CLASSES
+        images = torch.randn(n, 3, 32, 32, generator=gen)
+        labels = torch.arange(CLASSES).repeat_interleave(ipc)
+        cfg = EvaluateConfig(runs=1, epochs=args.epochs)
+        secs = []
+        for _ in range(max(1, args.runs)):
+            _common.reset_peak(device)
+            s, _ = _common.timed(lambda: evaluate_set(images, labels, 0.01, prepared, spec, cfg), device)
+            secs.append(s)
+        per_epoch = min(secs) / args.epochs
+        per_epoch_med = statistics.median(secs) / args.epochs
+        batches = -(-n // 256)
+        run_target = per_epoch * args.target_epochs + test_t["min"]
+        r = {"ipc": ipc, "images": n, "batches_per_epoch": batches, "epochs_trained": args.epochs,
+             "seconds": secs, "seconds_per_epoch": per_epoch, "seconds_per_epoch_median": per_epoch_med,
+             "images_per_s": n / per_epoch, "test_pass_seconds": test_t["min"],
+             "extrapolated_run_seconds": run_target,
+             "extrapolated_protocol_seconds": run_target * args.protocol_runs,
+             "cuda_peak_bytes": _common.cuda_peak_bytes(device)}
+        results.append(r)
+        rows.append([ipc, n, batches, f"{min(secs):.1f}", f"{per_epoch * 1e3:.0f}", f"{n / per_epoch:.0f}",
+                     f"{run_target / 60:.1f}", f"{run_target * args.protocol_runs / 60:.1f}"])
+        print(f"  ipc {ipc}: {per_epoch * 1e3:.0f} ms/epoch", flush=True)
+
+    _common.print_table(
+        ["ipc", "images", "batches/epoch", f"{args.epochs} epochs s", "ms/epoch", "images/s",
+         f"1 run @{args.target_epochs} ep (min, extrapolated)", f"{args.protocol_runs} runs (min)"],
+        rows, title=f"Evaluation on {device}: ConvNet-3 width {args.width}, SGD mom 0.9 wd 5e-4, DSA, batch 256; "
+                    f"{args.epochs} epochs measured, {args.target_epochs} EXTRAPOLATED "
+                    f"(+ {test_t['min']:.1f} s test pass on {args.test_images:,} images)")
+    path = _common.write_json("evaluate", {"machine": info, "args": vars(args), "test_pass": test_t,
+                                           "results": results}, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
