@@ -51,6 +51,22 @@ def loadavg() -> list[float] | None:
         return None
 
 
+def contention_probe() -> dict[str, float]:
+    """Median and min time (µs) of a small multi-threaded CPU op (256×256 matmul + log_softmax).
+
+    On an idle machine this is tens of µs; when other processes hold the cores, torch's
+    OpenMP threads wait for each other and it grows by orders of magnitude. Recorded at the
+    start and end of every run so a reader can tell a slow machine from a busy one.
+    """
+    a = torch.randn(256, 256)
+    ts = []
+    for _ in range(60):
+        t0 = time.perf_counter()
+        torch.log_softmax(a @ a, dim=1)
+        ts.append((time.perf_counter() - t0) * 1e6)
+    return {"median_us": round(statistics.median(ts), 1), "min_us": round(min(ts), 1)}
+
+
 def machine_info(device: torch.device) -> dict[str, Any]:
     """What the numbers were measured on; goes into every JSON file."""
     info: dict[str, Any] = {
@@ -63,6 +79,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_num_threads": torch.get_num_threads(),
         "loadavg_at_start": loadavg(),
+        "contention_probe_at_start": contention_probe(),
         "argv": sys.argv,
     }
     try:
@@ -147,7 +164,9 @@ def write_json(name: str, payload: dict[str, Any], out: Path | None = None) -> P
     path = out or RESULTS_DIR / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = dict(payload)
-    payload.setdefault("machine", {})["loadavg_at_end"] = loadavg()
+    machine = payload.setdefault("machine", {})
+    machine["loadavg_at_end"] = loadavg()
+    machine["contention_probe_at_end"] = contention_probe()
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return path
 
@@ -155,7 +174,12 @@ def write_json(name: str, payload: dict[str, Any], out: Path | None = None) -> P
 def note_load(info: dict[str, Any]) -> None:
     """Print the load average so readers of the table know how shared the CPU was."""
     la = info.get("loadavg_at_start")
+    probe = info.get("contention_probe_at_start", {})
     print(f"device {info['device']}, torch {info['torch']}, {info['cpu_count']} CPUs, "
-          f"{info['torch_num_threads']} torch threads, load average at start {la}")
-    if la and info["device"] == "cpu" and la[0] > (info["cpu_count"] or 1) * 0.5:
-        print("note: the CPU is shared with other processes; timings are noisy (see min vs median)")
+          f"{info['torch_num_threads']} torch threads, load average at start {la}, "
+          f"contention probe {probe.get('median_us')} µs (idle: well under 1000)")
+    # The load average lags (it still counts finished processes), so the probe decides.
+    busy = probe.get("median_us", 0) > 1000
+    if busy and info["device"] == "cpu":
+        print("note: the CPU is shared with other processes; timings are noisy and can be many times slower "
+              "(try --threads 1 on a busy machine)")

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _common.print_table(
         ["ipc", "images", "batches/epoch", f"{args.epochs} epochs s", "ms/epoch", "images/s",
-         f"1 run @{args.target_epochs} ep (min, extrapolated)", f"{args.protocol_runs} runs (min)"],
+         f"1 run @{args.target_epochs} ep, minutes (extrapolated)", f"{args.protocol_runs} runs, minutes"],
         rows, title=f"Evaluation on {device}: ConvNet-3 width {args.width}, SGD mom 0.9 wd 5e-4, DSA, batch 256; "
                     f"{args.epochs} epochs measured, {args.target_epochs} EXTRAPOLATED "
                     f"(+ {test_t['min']:.1f} s test pass on {args.test_images:,} images)")

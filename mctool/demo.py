@@ -13,12 +13,11 @@ import torch
 
 from mctool import artifact
 from mctool.convex import ConvexifyConfig, convexify_file
-from mctool.distill import DistillConfig, run as run_distill
+from mctool.distill import DistillConfig, config_from_preset, run as run_distill
 from mctool.evaluate import EvaluateConfig, evaluate_set, random_real
 from mctool.experts import ExpertsConfig, run as run_experts
 from mctool.plots import synset_grid
 from mctool.prepared import prepare, prepare_like
-from mctool.presets import load_preset
 from mctool.progress import SILENT, Reporter
 
 DEMO_PRESET = "fashion-mnist-ipc10"
@@ -45,10 +44,7 @@ class DemoConfig:
 
 def distill_config(demo: DemoConfig) -> DistillConfig:
     """The demo preset, with the iteration count of this demo size."""
-    values = {k: v for k, v in load_preset(DEMO_PRESET).values.items() if k not in ("source", "description")}
-    values.update(iterations=demo.iterations, seed=demo.seed, preset=DEMO_PRESET)
-    fields = {f.name for f in dataclasses.fields(DistillConfig)}
-    return DistillConfig(**{k: v for k, v in values.items() if k in fields})
+    return config_from_preset(DEMO_PRESET, {"iterations": demo.iterations, "seed": demo.seed})
 
 
 def run(demo: DemoConfig, out_dir: Path, data_dir: Path | None, device: torch.device,

@@ -93,6 +93,20 @@ class DistillConfig:
                 raise UsageError(message)
 
 
+def config_from_preset(preset: str | None, overrides: dict[str, Any]) -> DistillConfig:
+    """DistillConfig from its defaults <- the preset's values <- `overrides` that are not None."""
+    from mctool.presets import load_preset
+
+    values: dict[str, Any] = {}
+    if preset:
+        p = load_preset(preset)
+        values.update({k: v for k, v in p.values.items() if k not in ("source", "description")})
+        values["preset"] = p.name
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    fields = {f.name for f in dataclasses.fields(DistillConfig)}
+    return DistillConfig(**{k: v for k, v in values.items() if k in fields})
+
+
 @dataclass
 class Expert:
     """One expert's path: convexified (MCT) or raw snapshots read on demand (MTT)."""

@@ -14,17 +14,9 @@ from mctool.render import stdout, table
 
 def resolve_config(preset: str | None, overrides: dict[str, Any]) -> Any:
     """DistillConfig from defaults <- preset <- command-line options (those given)."""
-    from mctool.distill import DistillConfig
-    from mctool.presets import load_preset
+    from mctool.distill import config_from_preset
 
-    values: dict[str, Any] = {}
-    if preset:
-        p = load_preset(preset)
-        values.update({k: v for k, v in p.values.items() if k not in ("source", "description")})
-        values["preset"] = p.name
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    fields = {f.name for f in dataclasses.fields(DistillConfig)}
-    return DistillConfig(**{k: v for k, v in values.items() if k in fields})
+    return config_from_preset(preset, overrides)
 
 
 def print_presets(json_out: bool) -> None:
