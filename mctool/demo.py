@@ -27,11 +27,11 @@ DEMO_PRESET = "fashion-mnist-ipc10"
 class DemoConfig:
     """Sizes of each stage; `fast()` is the ~3-minute version."""
 
-    experts: int = 4
-    epochs: int = 8
-    width: int = 32
+    experts: int = 3
+    epochs: int = 6
+    width: int = 16
     interior: int = 2
-    iterations: int = 300
+    iterations: int = 200
     eval_runs: int = 3
     eval_epochs: int = 300
     seed: int = 0
@@ -39,7 +39,7 @@ class DemoConfig:
     @classmethod
     def fast(cls, seed: int = 0) -> "DemoConfig":
         """Smaller everything: about 3 minutes on 2 CPU cores."""
-        return cls(experts=2, epochs=4, width=16, iterations=100, eval_runs=2, eval_epochs=100, seed=seed)
+        return cls(experts=1, epochs=4, width=16, iterations=60, eval_runs=2, eval_epochs=150, seed=seed)
 
 
 def distill_config(demo: DemoConfig) -> DistillConfig:
