@@ -37,10 +37,14 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
 def setup(args: argparse.Namespace) -> torch.device:
     """Apply --threads and resolve --device (same rules as the CLI's --device)."""
     from mctool.device import resolve_device
+    from mctool.errors import UsageError
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return resolve_device(args.device)
+    try:
+        return resolve_device(args.device)
+    except UsageError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 def loadavg() -> list[float] | None:

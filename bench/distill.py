@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -220,8 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     device = _common.setup(args)
-    if args.quick:
-        args.steps = "10,20"
+    if args.quick:  # shrink what the user did not set explicitly
+        if args.steps == parser.get_default("steps"):
+            args.steps = "10,20"
         args.no_ops = True
     steps = sorted({int(s) for s in args.steps.split(",") if s.strip()})
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -253,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {mode:8s} N={n:3d}: FAILED {r['error']}", flush=True)
             else:
                 mem = (_common.fmt_bytes(r["cuda_peak_bytes"]) if device.type == "cuda"
-                       else f"rss peak {_common.fmt_bytes(r['rss_peak_bytes'])} (+{_common.fmt_bytes(r['rss_delta_bytes'])})")
+                       else f"rss peak {_common.fmt_bytes(r['rss_peak_bytes'])} "
+                            f"(+{_common.fmt_bytes(r['rss_delta_bytes'])})")
                 print(f"  {mode:8s} N={n:3d}: {r['seconds']:7.1f} s ({r['seconds_per_step']:.2f} s/step), {mem}",
                       flush=True)
 

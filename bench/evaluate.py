@@ -75,8 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-reps", type=int, default=2, help="repetitions of the test-set pass (min shown)")
     args = parser.parse_args(argv)
     device = _common.setup(args)
-    if args.quick:
-        args.ipc, args.epochs, args.test_reps = "1,10", 5, 1
+    if args.quick:  # shrink what the user did not set explicitly
+        if args.ipc == parser.get_default("ipc"):
+            args.ipc = "1,10"
+        args.epochs = min(args.epochs, 5)
+        args.test_reps = 1
         args.test_images = min(args.test_images, 2000)
     ipcs = [int(x) for x in args.ipc.split(",") if x.strip()]
     info = _common.machine_info(device)

@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     _common.add_common_args(parser)
     parser.add_argument("--widths", default="32,128", help="comma-separated ConvNet widths")
     parser.add_argument("--cifar-images", type=int, default=2560, help="random CIFAR-shaped training images")
-    parser.add_argument("--fmnist-images", type=int, default=5120, help="first N Fashion-MNIST training images (0: skip)")
+    parser.add_argument("--fmnist-images", type=int, default=5120,
+                        help="first N Fashion-MNIST training images (0: skip)")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--reps", type=int, default=2, help="timed epochs-runs per config (best and median shown)")
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.fmnist_images:
         from mctool.prepared import prepare
 
-        t, prepared = _common.timed(lambda: prepare("fashion-mnist", None, zca=True, zca_eps=0.1, device=device), device)
+        t, prepared = _common.timed(
+            lambda: prepare("fashion-mnist", None, zca=True, zca_eps=0.1, device=device), device)
         print(f"prepared fashion-mnist (load + ZCA, cached after the first run) in {t:.1f} s")
         m = prepared.meta
         n = min(args.fmnist_images, prepared.train_x.shape[0])
@@ -107,10 +109,11 @@ def main(argv: list[str] | None = None) -> int:
                           "params": sum(p.numel() for p in build_model(spec, seed=0).parameters())})
                 results.append(r)
                 rows.append([name, width, "DSA" if aug else "none", f"{r['params']:,}", r["images"],
-                             f"{min(r['seconds']):.1f}", f"{r['images_per_s_best']:.0f}", f"{r['images_per_s_median']:.0f}",
+                             f"{min(r['seconds']):.1f}", f"{r['images_per_s_best']:.0f}",
+                             f"{r['images_per_s_median']:.0f}",
                              _common.fmt_bytes(r["cuda_peak_bytes"]) if device.type == "cuda" else "-"])
-                print(f"  {name} width {width} {'DSA' if aug else 'no aug'}: {r['images_per_s_best']:.0f} images/s (best of {r['reps']})",
-                      flush=True)
+                print(f"  {name} width {width} {'DSA' if aug else 'no aug'}: "
+                      f"{r['images_per_s_best']:.0f} images/s (best of {r['reps']})", flush=True)
 
     _common.print_table(["data", "width", "augment", "params", "images", "best s", "images/s best", "images/s median",
                          "cuda peak"], rows,

@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -81,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None, help="where to write the buffers (default: a temp dir)")
     args = parser.parse_args(argv)
     device = _common.setup(args)  # storage is device-independent; recorded for completeness
-    if args.quick:
+    if args.quick and args.interior == parser.get_default("interior"):
         args.interior = "2"
     experts = max(2, args.experts)
     interiors = [int(x) for x in args.interior.split(",") if x.strip()]
