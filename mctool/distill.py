@@ -258,7 +258,7 @@ class Distiller:
             return F.softmax(self.net(theta, self.state.images), dim=1)
 
     def step(self) -> tuple[float, torch.Tensor, float] | None:
-        """One iteration's loss and gradients on this rank (None when non-finite)."""
+        """One iteration's loss and gradients on this rank (None for a degenerate draw)."""
         expert = self.source.load(self.next_expert())
         start, target = self.sample_positions()
         theta_s, theta_t = expert.at(start), expert.at(target)
@@ -267,13 +267,10 @@ class Distiller:
             self.state.labels = labels
         batches = self.batches()
         augment = self.augmentation(batches)
-        try:
-            r = match(self.net, self.state.images, labels, theta_s, theta_t, self.state.alpha, batches, augment,
-                      self.mode)
-        except ValueError as exc:  # start == target: nothing to match on this draw
-            if "identical" in str(exc):
-                return None
-            raise
+        if torch.equal(theta_s, theta_t):  # an expert that did not move: nothing to match
+            return None
+        r = match(self.net, self.state.images, labels, theta_s, theta_t, self.state.alpha, batches, augment,
+                  self.mode)
         return r.loss, r.grad_images, r.grad_alpha
 
     def apply_update(self, grad_images: torch.Tensor, grad_alpha: float) -> None:

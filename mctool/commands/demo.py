@@ -42,7 +42,7 @@ def demo(
              f"{d['runs']} runs x {d['epochs']} epochs"],
             [f"random real (ipc {r['ipc']})", f"{100 * b['mean']:.2f} ± {100 * b['std']:.2f}", "same protocol"],
             ["experts (whole dataset)", f"{100 * r['experts_accuracy']:.2f}",
-             f"{cfg.experts} experts x {cfg.epochs} epochs"],
+             f"{cfg.experts} expert(s) x {cfg.epochs} epochs, width {cfg.width}"],
             ["storage per expert", f"{st['full_bytes_per_expert'] / 1e6:.2f} MB -> {st['convex_bytes_per_expert'] / 1e6:.2f} MB",
              f"full vs convexified: {st['ratio']:.2f}x smaller"],
             ["time per stage", f"{sum(s.values()):.0f} s",
