@@ -153,3 +153,21 @@ def test_preset_without_buffer_says_what_to_run(tmp_path: Path, monkeypatch: pyt
     assert_one_line_error(r, 2, "mctool experts")
     assert "tinyimagenet" in r.stderr and "buffer.h5" in r.stderr
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_wheel_ships_every_preset(tmp_path: Path) -> None:
+    """A wheel built from the repo carries presets/*.toml inside the package."""
+    import subprocess
+    import sys
+    import zipfile
+
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                        "-w", str(tmp_path), str(repo)], capture_output=True, text=True, timeout=300)
+    if r.returncode != 0 and "No module named setuptools" in r.stderr:
+        pytest.skip("setuptools is not installed in this environment")
+    assert r.returncode == 0, r.stderr[-2000:]
+    (wheel,) = tmp_path.glob("mctool-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for preset in (repo / "presets").glob("*.toml"):
+        assert f"mctool/presets/{preset.name}" in names
