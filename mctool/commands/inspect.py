@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich.markup import escape
 from rich.tree import Tree
 
 from mctool.cli import DataDirOpt, DebugOpt, DeviceOpt, JsonOpt, QuietOpt, app, emit_json, run
@@ -28,11 +29,11 @@ def _pct(v: float | None) -> str:
 
 def overview(s: dict[str, Any]) -> Tree:
     """The Rich tree `inspect` prints."""
-    root = Tree(f"[bold]{s['file']}[/]  ({_size(s['size_bytes'])}, mctool format v{s['format_version']}, "
+    root = Tree(f"[bold]{escape(s['file'])}[/]  ({_size(s['size_bytes'])}, mctool format v{s['format_version']}, "
                 f"written by mctool {s['mctool_version']} on {s['created']})")
     d = s["dataset"]
     if d:
-        root.add(f"[bold]dataset[/] {d['name']}: {d['num_classes']} classes, {d['channels']}x{d['height']}x{d['width']}, "
+        root.add(f"[bold]dataset[/] {escape(d['name'])}: {d['num_classes']} classes, {d['channels']}x{d['height']}x{d['width']}, "
                  + (f"ZCA (eps {d['zca_eps']})" if d["zca"] else "mean/std normalisation"))
     m = s["model"]
     if m:
@@ -68,14 +69,14 @@ def overview(s: dict[str, Any]) -> Tree:
             text += f"; this file {_size(st['file_bytes_per_expert'])}/expert"
         root.add(text)
     for y in s["synsets"]:
-        node = root.add(f"[bold]synset[/] '{y['name']}': ipc {y['ipc']}, images {y['images_shape']}, {y['labels']} labels, "
+        node = root.add(f"[bold]synset[/] '{escape(y['name'])}': ipc {y['ipc']}, images {y['images_shape']}, {y['labels']} labels, "
                         f"learned lr {y['lr']:.4g}, {y['method']}, preset {y['preset'] or '-'}, "
                         f"{y['iterations']}/{y['iterations_target']} iterations"
                         + (" (checkpoint: resumable)" if y["has_checkpoint"] and y['iterations'] < y['iterations_target'] else ""))
         for ev in y["evaluations"]:
             node.add(f"evaluation {ev.get('model', '?')}: {_pct(ev.get('mean'))} ± {_pct(ev.get('std'))} "
                      f"over {len(ev.get('accuracies', []))} runs, {ev.get('epochs', '?')} epochs"
-                     + (f" [{ev['kind']}]" if ev.get("kind") else ""))
+                     + (f" ({ev['kind']})" if ev.get("kind") else ""))
     return root
 
 
