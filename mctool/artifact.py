@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from mctool import __version__
-from mctool.errors import ArtifactError
+from mctool.errors import ArtifactError, DiskFull
 from mctool.nets import ModelSpec, layout_from_json, layout_json
 
 FORMAT = "mctool"
@@ -86,6 +86,19 @@ def str_attr(obj: h5py.HLObject, key: str, default: str = "") -> str:
     """Read a string attribute (h5py may hand back bytes)."""
     value = obj.attrs.get(key, default)
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def ensure_free_space(path: str | os.PathLike[str], needed: int, what: str) -> None:
+    """Refuse to start a write that cannot fit: HDF5 fails badly (even crashes) on a full disk,
+    so writers check first and stop with one line while every file is still intact."""
+    folder = Path(path).resolve().parent
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    want = int(needed * 1.05) + (1 << 20)  # HDF5 metadata and chunk slack
+    if free < want:
+        raise DiskFull(f"disk full: {what} needs about {want / 1e6:.1f} MB in {folder} but only "
+                       f"{free / 1e6:.1f} MB are free; free space and run the same command again "
+                       "(finished work is kept)")
 
 
 # --------------------------------------------------------------------------- opening
@@ -161,6 +174,8 @@ def atomic_write(path: str | os.PathLike[str], copy_existing: bool = True) -> It
     `os.replace` it into place. An exception leaves the old file untouched."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    if copy_existing and target.exists():
+        ensure_free_space(target, target.stat().st_size, f"rewriting {target.name}")
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)

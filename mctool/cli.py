@@ -35,10 +35,10 @@ QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars or log li
 DebugOpt = typer.Option(False, "--debug", help="Show the full traceback on errors.")
 JsonOpt = typer.Option(False, "--json", help="Print the result as one JSON document on stdout.")
 DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")
-DataDirOpt = typer.Option(None, "--data-dir", help="Where datasets live [default: $MCTOOL_DATA or ~/.cache/mctool/data].")
+DataDirOpt = typer.Option(None, "--data-dir", help="Where datasets live (default: $MCTOOL_DATA or ~/.cache/mctool/data).")
 
 
-def run(body: Callable[[RichReporter], Any], quiet: bool, debug: bool) -> Any:
+def run(body: Callable[[RichReporter], Any], quiet: bool, debug: bool, interrupt_hint: str = "") -> Any:
     """Run a command body; turn every expected failure into one line and an exit code."""
     reporter = RichReporter(quiet=quiet)
     code = EXIT_OK
@@ -52,7 +52,7 @@ def run(body: Callable[[RichReporter], Any], quiet: bool, debug: bool) -> Any:
         code = exc.exit_code
     except KeyboardInterrupt:
         reporter.close()
-        error_line("interrupted (finished work is saved; run the same command again to resume)")
+        error_line(f"interrupted{'; ' + interrupt_hint if interrupt_hint else ''}")
         code = EXIT_INTERRUPTED
     except OSError as exc:
         reporter.close()
@@ -63,6 +63,13 @@ def run(body: Callable[[RichReporter], Any], quiet: bool, debug: bool) -> Any:
                        "free space and run the same command again (finished work is kept)")
         else:
             error_line(f"{exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}")
+        code = EXIT_FAILURE
+    except Exception as exc:  # a bug: still one line, the traceback only with --debug
+        reporter.close()
+        if debug:
+            raise
+        error_line(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback "
+                   "and please report it)")
         code = EXIT_FAILURE
     finally:
         reporter.close()
@@ -97,7 +104,17 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: usage errors (unknown option, bad value) become one line too."""
     import mctool.commands  # noqa: F401  (registers the subcommands)
+    from typer.exceptions import TyperException
 
-    app()
+    if len(sys.argv) <= 1:
+        app()  # no arguments: show the help
+        return
+    try:
+        code = app(standalone_mode=False)
+    except TyperException as exc:
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        error_line(f"{message} (see `mctool --help`)")
+        sys.exit(getattr(exc, "exit_code", EXIT_USAGE))
+    sys.exit(code if isinstance(code, int) else EXIT_OK)

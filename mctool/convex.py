@@ -59,8 +59,8 @@ def convexify_file(buffer: Path, cfg: ConvexifyConfig, out: Path | None = None,
     with artifact.open_artifact(buffer, "r") as f:
         experts_g = artifact.require_group(buffer, f, "experts")
         if "trajectories" not in experts_g:
-            raise UsageError(f"{buffer}: holds no full trajectories (it was convexified while training); "
-                             "nothing to convexify")
+            raise UsageError(f"{buffer}: holds no full trajectories (a convexified-only file); "
+                             "convexify the buffer written by `mctool experts` instead")
         experts = artifact.done_experts(buffer, f)
         _, layout = artifact.read_model(buffer, f)
         epochs = int(experts_g["trajectories"].shape[1]) - 1
@@ -71,6 +71,8 @@ def convexify_file(buffer: Path, cfg: ConvexifyConfig, out: Path | None = None,
             None, artifact.fingerprint(buffer, f))
     sizes = artifact.layer_sizes(layout)
     meta = artifact.ConvexMeta(tuple(positions), cfg.strategy, cfg.smooth)
+    needed = rows * (len(positions) * sum(sizes) + (epochs + 1) * len(sizes) + 1) * 4
+    artifact.ensure_free_space(out or buffer, needed, "the convexified experts")
     shapes = ((len(positions), sum(sizes)), (epochs + 1, len(sizes)))
     if out is None or out.resolve() == buffer.resolve():
         target = buffer

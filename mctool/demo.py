@@ -56,7 +56,7 @@ def run(demo: DemoConfig, out_dir: Path, data_dir: Path | None, device: torch.de
     dcfg = distill_config(demo)
 
     t = time.perf_counter()
-    reporter.log(f"[1/4] experts: {demo.experts} ConvNets (width {demo.width}) x {demo.epochs} epochs on Fashion-MNIST")
+    reporter.log(f"[1/4] experts: {demo.experts} ConvNet(s) (width {demo.width}) x {demo.epochs} epochs on Fashion-MNIST")
     prepared = prepare("fashion-mnist", data_dir, True, 0.1, device)
     ecfg = ExpertsConfig(dataset="fashion-mnist", num_experts=demo.experts, epochs=demo.epochs, width=demo.width,
                          depth=3, seed=demo.seed)

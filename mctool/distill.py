@@ -327,6 +327,7 @@ def synset_name(cfg: DistillConfig) -> str:
 def save(out: Path, name: str, cfg: DistillConfig, state: State, source_info: dict[str, Any],
          buffer: Path, final: bool) -> None:
     """Write the synset and its checkpoint atomically (the previous file survives any failure)."""
+    artifact.ensure_free_space(out, 3 * state.images.numel() * 4 + 8 * len(state.losses), f"saving {name}")
     with artifact.atomic_write(out, copy_existing=out.exists()) as f:
         with artifact.open_artifact(buffer) as src:
             for g in ("dataset", "model"):

@@ -23,3 +23,7 @@ class DatasetNotFound(UsageError):
 
 class TrainingDiverged(MctoolError):
     """Training produced a non-finite value and could not continue."""
+
+
+class DiskFull(MctoolError):
+    """Not enough free space for a write; checked before writing, so nothing is damaged (exit 1)."""

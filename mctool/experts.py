@@ -200,6 +200,12 @@ def store(rows: artifact.ExpertRows, result: ExpertResult) -> None:
     rows.finish(result.index, result.seed, result.test_accuracy, result.train_loss, result.waypoints, result.beta)
 
 
+def _row_bytes(result: ExpertResult) -> int:
+    """Bytes one expert's row adds to the buffer."""
+    tensors = [t for t in (result.trajectory, result.waypoints, result.beta) if t is not None]
+    return sum(t.numel() * 4 for t in tensors) + 8 * len(result.test_accuracy) + 64
+
+
 def run(cfg: ExpertsConfig, out: Path, prepared: Prepared, reporter: Reporter = SILENT) -> dict[str, Any]:
     """Train experts 0..n-1 that `out` does not yet hold; resume or append when settings match.
 
@@ -216,6 +222,7 @@ def run(cfg: ExpertsConfig, out: Path, prepared: Prepared, reporter: Reporter = 
             reporter.log(f"{out} holds no finished expert and other settings: starting it afresh")
             out.unlink()
         if not out.exists():
+            artifact.ensure_free_space(out, 0, f"creating {out.name}")
             create_buffer(out, cfg, prepared, spec)
         with artifact.open_artifact(out, "r+") as f:
             artifact.require_group(out, f, "experts")
@@ -235,6 +242,8 @@ def run(cfg: ExpertsConfig, out: Path, prepared: Prepared, reporter: Reporter = 
         results = dist.gather(result)
         if results is None:
             continue
+        row_bytes = sum(_row_bytes(r) for r in results if r is not None)
+        artifact.ensure_free_space(out, row_bytes, f"storing {len(results)} expert row(s)")
         with artifact.open_artifact(out, "r+") as f:
             rows = open_rows(f, cfg, cfg.num_experts)
             for res in results:

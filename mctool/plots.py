@@ -40,6 +40,9 @@ _EVAL_BATCH = 1000
 # On CPU, ConvNet-128 on 10 000 test images at each of K+1 = 51 epochs takes tens of minutes;
 # a strided subset of this many images keeps `inspect --png` to a minute or two (labelled).
 CPU_TEST_IMAGES = 1000
+# Models this small are scored on the whole test split even on CPU (seconds), so the
+# convexified curve is comparable point by point with the stored whole-split accuracy.
+SMALL_MODEL_PARAMS = 200_000
 
 # tab10: distinct, colour-blind friendlier than pure RGB.
 PALETTE = [
@@ -518,10 +521,13 @@ def accuracy_plot(c: _Contents, data: _LazyData, path: Path, test_images: int | 
         prepared = data.get()
         if prepared is not None:
             traj = ConvexTrajectory(cv.waypoints, cv.beta, cv.positions, artifact.layer_sizes(cv.layout))
+            if test_images is None and sum(artifact.layer_sizes(cv.layout)) <= SMALL_MODEL_PARAMS:
+                test_images = 0  # all of them
             x, y = _test_subset(prepared.test_x, prepared.test_y, test_images)
             acc = _optional(convexified_accuracy, cv.spec, traj, x, y)
             if acc is not None:
-                note = "" if x.shape[0] == prepared.test_x.shape[0] else f" ({x.shape[0]} test images)"
+                note = ("" if x.shape[0] == prepared.test_x.shape[0]
+                        else f" ({x.shape[0]} test images; stored curves use all)")
                 series.append((f"expert {cv.expert} convexified{note}", epochs, [100 * v for v in acc]))
     n = len(c.done)
     title = f"test accuracy along the trajectory ({'1 expert' if n == 1 else f'mean of {n} experts'})"

@@ -113,3 +113,28 @@ def test_inspect_convex(convex_buffer: Path) -> None:
     st = doc["storage"]
     assert st["ratio"] == pytest.approx(st["full_bytes_per_expert"] / st["convex_bytes_per_expert"])
     assert doc["convex"]["beta_min"] == 0.0 and doc["convex"]["beta_max"] == 2.0
+
+
+def test_unknown_option_is_one_line_via_console_script() -> None:
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "mctool", "inspect", "x.h5", "--bogus"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mctool: error: ") and "--bogus" in lines[0]
+
+
+def test_disk_full_is_checked_before_writing(tmp_path: Path, buffer: Path, monkeypatch) -> None:
+    import shutil
+    from collections import namedtuple
+
+    copy = tmp_path / "b.h5"
+    copy.write_bytes(buffer.read_bytes())
+    before = copy.read_bytes()
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    assert_one_line_error(cli("convexify", copy), 1, "disk full")
+    assert_one_line_error(cli("convexify", copy, "-o", tmp_path / "c.h5"), 1, "disk full")
+    assert copy.read_bytes() == before and not (tmp_path / "c.h5").exists()

@@ -194,3 +194,12 @@ def test_evaluate_stores_results_and_baseline(tmp_path: Path, convex_buffer: Pat
     _, attrs = read_synset(out)
     assert len(json.loads(attrs["evaluations"])) == 4
     assert "evaluation" in cli("inspect", out).stdout
+
+
+def test_resume_after_evaluate(tmp_path: Path, convex_buffer: Path, data_dir: Path) -> None:
+    out = tmp_path / "s.h5"
+    assert run_distill(convex_buffer, out, data_dir, iterations=2).exit_code == 0
+    assert cli("evaluate", out, "--runs", "1", "--epochs", "1", "--data-dir", data_dir, "--quiet").exit_code == 0
+    r = run_distill(convex_buffer, out, data_dir, "--resume", iterations=3)
+    assert r.exit_code == 0, r.output
+    assert "at iteration 2" in r.stdout  # the stored evaluation says which images it measured

@@ -43,4 +43,4 @@ def convexify(
               "authors' code" if result["smooth"] else "none", result["bytes_per_expert_full"],
               result["bytes_per_expert_convex"], f"{result['ratio']:.2f}x"]]))
 
-    run(body, quiet, debug)
+    run(body, quiet, debug, interrupt_hint="the buffer's /convex is marked incomplete: run the command again")

@@ -14,8 +14,8 @@ from mctool.render import stdout, table
 @app.command(epilog="Examples:\n\n  mctool demo\n\n  mctool demo --fast --out /tmp/demo\n\n"
              "Needs Fashion-MNIST: `apt-get install dataset-fashion-mnist`, or the IDX files in DATA_DIR/fashion-mnist/.")
 def demo(
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the demo's artifacts and pictures [default: mctool-demo, or mctool-demo-fast with --fast]."),
-    fast: bool = typer.Option(False, "--fast", help="A smaller run: about 3 minutes on 2 CPU cores (default: about 15)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the demo's artifacts and pictures (default: mctool-demo, or mctool-demo-fast with --fast)."),
+    fast: bool = typer.Option(False, "--fast", help="A smaller run: about 1.5 minutes on 2 CPU cores (the full demo takes about 7)."),
     seed: int = typer.Option(0, "--seed", help="Seed of every stage."),
     data_dir: Optional[Path] = DataDirOpt,
     device: str = DeviceOpt,
@@ -53,4 +53,4 @@ def demo(
         stdout.print(f"The distilled set {verdict} random real images on the same protocol. "
                      f"Images: {r['png']}; artifacts in {r['out']}/ (try `mctool inspect {r['files']['convex']}`).")
 
-    run(body, quiet, debug)
+    run(body, quiet, debug, interrupt_hint="finished experts are kept; run the demo again to continue")

@@ -52,7 +52,7 @@ def distill(
     list_presets: bool = typer.Option(False, "--list-presets", help="Show the shipped presets and exit."),
     buffer: Path = typer.Option(Path("buffer.h5"), "--buffer", help="Buffer with /convex (MCT) or trajectories (MTT)."),
     out: Path = typer.Option(Path("synset.h5"), "-o", "--out", help="Output file for the synthetic set (a PNG grid is written beside it)."),
-    name: Optional[str] = typer.Option(None, "--name", help="Synset name inside the file [default: the preset's name or METHOD-ipcN]."),
+    name: Optional[str] = typer.Option(None, "--name", help="Synset name inside the file (default: the preset's name or METHOD-ipcN)."),
     ipc: Optional[int] = typer.Option(None, "--ipc", help="Images per class."),
     syn_steps: Optional[int] = typer.Option(None, "--syn-steps", help="Inner SGD steps on the synthetic set (N)."),
     expert_epochs: Optional[float] = typer.Option(None, "--expert-epochs", help="Target = start + expert_epochs (M), clamped to K."),
@@ -70,11 +70,11 @@ def distill(
     pix_init: Optional[str] = typer.Option(None, "--init", help="Initial images: real (random real images per class) or noise."),
     soft_labels: Optional[bool] = typer.Option(None, "--soft-labels/--hard-labels", help="Labels from the expert's predictions."),
     augment: Optional[str] = typer.Option(None, "--augment", help="DSA ops joined by '_', or none."),
-    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Save a resumable checkpoint every N iterations [100]."),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Save a resumable checkpoint every N iterations (default 100)."),
     eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Evaluate every N iterations and at the end (0 = never)."),
-    eval_runs: Optional[int] = typer.Option(None, "--eval-runs", help="Networks per periodic evaluation [1]."),
-    eval_epochs: Optional[int] = typer.Option(None, "--eval-epochs", help="Epochs per periodic evaluation [300]."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Run seed [0]."),
+    eval_runs: Optional[int] = typer.Option(None, "--eval-runs", help="Networks per periodic evaluation (default 1)."),
+    eval_epochs: Optional[int] = typer.Option(None, "--eval-epochs", help="Epochs per periodic evaluation (default 300)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Run seed (default 0)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the synset's checkpoint in -o FILE."),
     data_dir: Optional[Path] = DataDirOpt,
     device: str = DeviceOpt,
@@ -148,7 +148,8 @@ def distill(
         stdout.print(table(f"{out}: distilled", ["synset", "iterations", "loss (first)", "loss (last 20)",
                                                   "learned lr", "skipped", "seconds"], rows))
         for ev in result["evaluations"]:
-            stdout.print(f"evaluation at iteration {ev['iteration']}: {ev['model']} {100 * ev['mean']:.2f}%")
+            stdout.print(f"evaluation ({ev.get('kind', 'synset')}) at iteration {ev.get('iteration', '?')}: "
+                         f"{ev['model']} {100 * ev['mean']:.2f}%")
         stdout.print(f"images: {result['png']}")
 
-    run(body, quiet, debug)
+    run(body, quiet, debug, interrupt_hint="checkpoint saved: add --resume to the same command to continue")

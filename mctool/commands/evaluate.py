@@ -18,12 +18,12 @@ from mctool.render import stdout, table
 )
 def evaluate(
     file: Path = typer.Argument(Path("synset.h5"), help="File with a synthetic set (from `mctool distill`)."),
-    name: Optional[str] = typer.Option(None, "--name", help="Synset to evaluate [default: the only or latest one]."),
+    name: Optional[str] = typer.Option(None, "--name", help="Synset to evaluate (default: the only or latest one)."),
     runs: int = typer.Option(5, "--runs", min=1, help="Fresh networks per model."),
     epochs: int = typer.Option(1000, "--epochs", min=1, help="Training epochs per network (lr x 0.1 at the midpoint)."),
     models: str = typer.Option("ConvNet", "--models", help="Comma-separated: ConvNet, ConvNetBN, ResNet18, ResNet18BN, VGG11, VGG11BN, AlexNet, LeNet, MLP, ..."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="'random': also evaluate ipc random real images per class on the same protocol."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Training lr [default: the synset's learned step size]."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Training lr (default: the synset's learned step size)."),
     seed: int = typer.Option(0, "--seed", help="Seed for network inits, shuffles, augmentation, baseline images."),
     save: bool = typer.Option(True, "--save/--no-save", help="Store the results with the synset."),
     data_dir: Optional[Path] = DataDirOpt,
@@ -56,6 +56,7 @@ def evaluate(
             learned = float(g.attrs.get("lr", 0.01))
             ipc = int(g.attrs.get("ipc", 1))
             reference = artifact.json_attr(g, "experts_reference", None)
+            iteration = int(g.attrs.get("iterations", 0))
         model_list = tuple(m.strip() for m in models.split(",") if m.strip())
         for m in model_list:
             spec_for(m, spec)  # unknown names fail here, before any training
@@ -67,6 +68,8 @@ def evaluate(
         if baseline == "random":
             bx, by = random_real(prepared, ipc, seed)
             results += evaluate_set(bx, by, use_lr, prepared, spec, cfg, "random-real", reporter)
+        for r in results:
+            r["iteration"] = iteration  # the synset's state these numbers describe
         if save:
             with artifact.atomic_write(file) as f:
                 g = f["synsets"][synset]
@@ -85,4 +88,4 @@ def evaluate(
         stdout.print(table(f"{file}: synset '{synset}' (ipc {ipc}, lr {use_lr:.4g})",
                            ["set", "model", "test accuracy %", "runs", "epochs", "s/run"], rows))
 
-    run(body, quiet, debug)
+    run(body, quiet, debug, interrupt_hint="nothing was stored; run the command again")

@@ -25,7 +25,7 @@ def experts(
     weight_decay: float = typer.Option(0.0, "--weight-decay", help="SGD weight decay."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Training batch size."),
     width: int = typer.Option(128, "--width", min=1, help="ConvNet width (channels)."),
-    depth: Optional[int] = typer.Option(None, "--depth", min=1, help="ConvNet depth [default: 3 for 28/32 px, 4 for 64 px, 5 for 128 px]."),
+    depth: Optional[int] = typer.Option(None, "--depth", min=1, help="ConvNet depth (default: 3 for 28/32 px, 4 for 64 px, 5 for 128 px)."),
     zca: bool = typer.Option(True, "--zca/--no-zca", help="ZCA whitening (Table A) or mean/std normalisation."),
     augment: str = typer.Option("color_crop_cutout_flip_scale_rotate", "--augment", help="DSA ops joined by '_', or 'none'."),
     seed: int = typer.Option(0, "--seed", help="Run seed; expert i uses a seed spawned from (seed, i)."),
@@ -86,7 +86,10 @@ def experts(
         else:
             rows = [[t["expert"], t["seed"], t["test_accuracy_first"], t["test_accuracy_last"], t["seconds"]]
                     for t in result["trained"]]
+            if not rows:
+                stdout.print(f"{out}: already holds {n} finished expert(s) — nothing to do (raise --n to add more)")
+                return
             stdout.print(table(f"{out}: {result['already_done'] + len(rows)}/{n} experts done",
                                ["expert", "seed", "acc θ_0", "acc θ_K", "seconds"], rows))
 
-    run(body, quiet, debug)
+    run(body, quiet, debug, interrupt_hint="finished experts are kept: run the same command again to resume")

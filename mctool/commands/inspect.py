@@ -74,8 +74,10 @@ def overview(s: dict[str, Any]) -> Tree:
                         f"{y['iterations']}/{y['iterations_target']} iterations"
                         + (" (checkpoint: resumable)" if y["has_checkpoint"] and y['iterations'] < y['iterations_target'] else ""))
         for ev in y["evaluations"]:
+            runs = len(ev.get("accuracies", []))
             node.add(f"evaluation {ev.get('model', '?')}: {_pct(ev.get('mean'))} ± {_pct(ev.get('std'))} "
-                     f"over {len(ev.get('accuracies', []))} runs, {ev.get('epochs', '?')} epochs"
+                     f"over {runs} run{'s' if runs != 1 else ''}, {ev.get('epochs', '?')} epochs"
+                     + (f", images of iteration {ev['iteration']}" if "iteration" in ev else "")
                      + (f" ({ev['kind']})" if ev.get("kind") else ""))
     return root
 
