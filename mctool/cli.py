@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +39,14 @@ DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when present), cpu
 DataDirOpt = typer.Option(None, "--data-dir", help="Where datasets live (default: $MCTOOL_DATA or ~/.cache/mctool/data).")
 
 
+def _ignore_further_interrupts() -> None:
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def run(body: Callable[[RichReporter], Any], quiet: bool, debug: bool, interrupt_hint: str = "") -> Any:
     """Run a command body; turn every expected failure into one line and an exit code."""
     reporter = RichReporter(quiet=quiet)
@@ -51,6 +60,7 @@ def run(body: Callable[[RichReporter], Any], quiet: bool, debug: bool, interrupt
         error_line(str(exc))
         code = exc.exit_code
     except KeyboardInterrupt:
+        _ignore_further_interrupts()  # a second Ctrl-C must not break the orderly exit
         reporter.close()
         error_line(f"interrupted{'; ' + interrupt_hint if interrupt_hint else ''}")
         code = EXIT_INTERRUPTED
@@ -117,4 +127,13 @@ def main() -> None:
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         error_line(f"{message} (see `mctool --help`)")
         sys.exit(getattr(exc, "exit_code", EXIT_USAGE))
+    except KeyboardInterrupt:  # outside a command body (e.g. while importing)
+        error_line("interrupted")
+        code = EXIT_INTERRUPTED
+    if code == EXIT_INTERRUPTED:
+        # Every file is closed by now; leave without interpreter teardown, where a late
+        # interrupt would turn the documented exit code 130 into death by SIGINT.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
     sys.exit(code if isinstance(code, int) else EXIT_OK)
