@@ -39,18 +39,21 @@ DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when present), cpu
 DataDirOpt = typer.Option(None, "--data-dir", help="Where datasets live (default: $MCTOOL_DATA or ~/.cache/mctool/data).")
 
 
-def _ignore_further_interrupts() -> None:
+def _ignore_further_interrupts() -> Any:
+    """Ignore Ctrl-C while an interrupted command exits; returns the handler to restore."""
     import signal
     import threading
 
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return None
 
 
 def run(body: Callable[[RichReporter], Any], quiet: bool, debug: bool, interrupt_hint: str = "") -> Any:
     """Run a command body; turn every expected failure into one line and an exit code."""
     reporter = RichReporter(quiet=quiet)
     code = EXIT_OK
+    previous_handler = None
     try:
         return body(reporter)
     except MctoolError as exc:
@@ -60,7 +63,7 @@ def run(body: Callable[[RichReporter], Any], quiet: bool, debug: bool, interrupt
         error_line(str(exc))
         code = exc.exit_code
     except KeyboardInterrupt:
-        _ignore_further_interrupts()  # a second Ctrl-C must not break the orderly exit
+        previous_handler = _ignore_further_interrupts()  # a second Ctrl-C must not break the exit
         reporter.close()
         error_line(f"interrupted{'; ' + interrupt_hint if interrupt_hint else ''}")
         code = EXIT_INTERRUPTED
@@ -83,6 +86,12 @@ def run(body: Callable[[RichReporter], Any], quiet: bool, debug: bool, interrupt
         code = EXIT_FAILURE
     finally:
         reporter.close()
+        if previous_handler is not None:
+            # Restore, or in-process callers (and child processes, which inherit an ignored
+            # SIGINT) could never be interrupted again.
+            import signal
+
+            signal.signal(signal.SIGINT, previous_handler)
     raise typer.Exit(code)
 
 
