@@ -421,6 +421,9 @@ def run(cfg: DistillConfig, buffer: Path, out: Path, prepared: Prepared, name: s
             if len(state.generators) != world:
                 raise UsageError(f"{out}: the checkpoint was written by {len(state.generators)} process(es); "
                                  f"resume with the same number (now {world})")
+            if state.iteration >= cfg.iterations:
+                raise UsageError(f"{out}: synset '{name}' is already at iteration {state.iteration}; "
+                                 f"raise --iterations above {state.iteration} to continue it")
             generator = torch.Generator().manual_seed(0)
             generator.set_state(state.generators[me])
         else:

@@ -203,3 +203,10 @@ def test_resume_after_evaluate(tmp_path: Path, convex_buffer: Path, data_dir: Pa
     r = run_distill(convex_buffer, out, data_dir, "--resume", iterations=3)
     assert r.exit_code == 0, r.output
     assert "at iteration 2" in r.stdout  # the stored evaluation says which images it measured
+
+
+def test_resume_with_nothing_left_says_so(tmp_path: Path, convex_buffer: Path, data_dir: Path) -> None:
+    out = tmp_path / "s.h5"
+    assert run_distill(convex_buffer, out, data_dir, iterations=2).exit_code == 0
+    assert_one_line_error(run_distill(convex_buffer, out, data_dir, "--resume", iterations=2), 2,
+                          "already at iteration 2")
