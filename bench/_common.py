@@ -32,13 +32,18 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                         help="torch.set_num_threads (default: torch's own choice)")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON output path (default: bench/results/<name>.json)")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="keep glibc's default malloc (the CLI tunes it: mctool/allocator.py)")
 
 
 def setup(args: argparse.Namespace) -> torch.device:
-    """Apply --threads and resolve --device (same rules as the CLI's --device)."""
+    """Apply --threads and --system-malloc, resolve --device (same rules as the CLI's)."""
+    from mctool.allocator import tune_malloc
     from mctool.device import resolve_device
     from mctool.errors import UsageError
 
+    if not args.system_malloc:
+        tune_malloc()  # as the CLI does, so the numbers are the ones users get
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -71,6 +76,12 @@ def contention_probe() -> dict[str, float]:
     return {"median_us": round(statistics.median(ts), 1), "min_us": round(min(ts), 1)}
 
 
+def _malloc_tuned() -> bool:
+    from mctool.allocator import malloc_tuned
+
+    return malloc_tuned()
+
+
 def machine_info(device: torch.device) -> dict[str, Any]:
     """What the numbers were measured on; goes into every JSON file."""
     info: dict[str, Any] = {
@@ -82,6 +93,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "device": str(device),
         "cpu_count": os.cpu_count(),
         "torch_num_threads": torch.get_num_threads(),
+        "malloc_tuned": _malloc_tuned(),
         "loadavg_at_start": loadavg(),
         "contention_probe_at_start": contention_probe(),
         "argv": sys.argv,

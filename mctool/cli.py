@@ -125,7 +125,10 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
 def main() -> None:
     """Console-script entry point: usage errors (unknown option, bad value) become one line too."""
     import mctool.commands  # noqa: F401  (registers the subcommands)
+    from mctool.allocator import tune_malloc
     from typer.exceptions import TyperException
+
+    tune_malloc()  # before any tensor exists (see mctool/allocator.py)
 
     if len(sys.argv) <= 1:
         app()  # no arguments: show the help
