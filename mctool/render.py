@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+import time
+from dataclasses import dataclass
 from typing import Any
 
 from rich.console import Console
@@ -29,13 +31,19 @@ def _fmt(value: Any) -> str:
 
 
 class RichReporter(Reporter):
-    """Progress bars on stderr when it is a terminal; one-line logs unless quiet."""
+    """Progress bars on stderr when it is a terminal; one-line logs unless quiet.
 
-    def __init__(self, quiet: bool = False) -> None:
+    Without a terminal (a pipe, a log file, CI) the bars become a progress line per task at
+    most every `line_every` seconds, so a long run is never silent for long.
+    """
+
+    def __init__(self, quiet: bool = False, line_every: float = 30.0) -> None:
         self.quiet = quiet
         self.bars = (not quiet) and stderr.is_terminal
         self.progress: Progress | None = None
         self.tasks: dict[str, Any] = {}
+        self.line_every = line_every
+        self.lines: dict[str, _LineTask] = {}
 
     def _progress(self) -> Progress:
         if self.progress is None:
@@ -48,6 +56,7 @@ class RichReporter(Reporter):
         return self.progress
 
     def task(self, key: str, description: str, total: int | None) -> None:
+        self.lines[key] = _LineTask(description, total, time.monotonic())
         if self.bars:
             p = self._progress()
             if key in self.tasks:
@@ -55,6 +64,13 @@ class RichReporter(Reporter):
             self.tasks[key] = p.add_task(description, total=total, info="")
 
     def update(self, key: str, advance: int = 0, **fields: Any) -> None:
+        line = self.lines.get(key)
+        if line is not None:
+            line.completed += advance
+            if fields and not self.bars and not self.quiet and line.due(self.line_every):
+                total = f"/{line.total}" if line.total else ""
+                info = ", ".join(f"{k} {_fmt(v)}" for k, v in fields.items())
+                self.log(f"{line.description}: {line.completed}{total}, {info}")
         if self.bars and key in self.tasks:
             if fields:
                 info = "  ".join(f"{k} {_fmt(v)}" for k, v in fields.items())
@@ -63,6 +79,7 @@ class RichReporter(Reporter):
                 self._progress().update(self.tasks[key], advance=advance)
 
     def done(self, key: str) -> None:
+        self.lines.pop(key, None)
         if self.bars and key in self.tasks and self.progress is not None:
             self.progress.remove_task(self.tasks.pop(key))
 
@@ -78,6 +95,24 @@ class RichReporter(Reporter):
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+@dataclass
+class _LineTask:
+    """A task's progress for the plain-text lines (no terminal)."""
+
+    description: str
+    total: int | None
+    last: float  # time.monotonic() of the start or of the last line
+    completed: int = 0
+
+    def due(self, every: float) -> bool:
+        """True (and restart the clock) when `every` seconds passed since the last line."""
+        now = time.monotonic()
+        if now - self.last < every:
+            return False
+        self.last = now
+        return True
 
 
 def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:

@@ -87,28 +87,37 @@ def parse_positions(text: str, K: int) -> list[int]:
     try:
         positions = [int(t) for t in items]
     except ValueError:
+        example = ",".join(map(str, uniform_positions(K, min(2, K - 1)))) if K >= 1 else "0,1"
         raise UsageError(
-            f"waypoint positions must be comma-separated integers like '0,17,34,{K}', "
-            f"got {text!r}"
+            f"waypoint positions must be comma-separated integers like '{example}', got {text!r}"
         ) from None
     check_positions(positions, K)
     return positions
 
 
 def check_positions(positions: list[int], K: int) -> None:
-    """Raise UsageError unless positions are ints 0 = p_0 < ... < p_last = K with K >= 1."""
+    """Raise UsageError unless positions are ints 0 = p_0 < ... < p_last = K with K >= 1.
+
+    The message names every problem at once (start, order, end), so one fix is enough.
+    """
     if K < 1:
         raise UsageError(f"a trajectory needs at least 1 epoch, got K={K}")
-    if len(positions) < 2:
-        raise UsageError(f"need at least 2 waypoint positions (0 and {K}), got {positions}")
     if any(isinstance(p, bool) or not isinstance(p, int) for p in positions):
         raise UsageError(f"waypoint positions must be integers, got {positions}")
+    shown = ",".join(map(str, positions))
+    if len(positions) < 2:
+        raise UsageError(f"need at least 2 waypoint positions (0 and K={K}), got '{shown}'")
+    problems = []
     if positions[0] != 0:
-        raise UsageError(f"waypoint positions must start at 0, got {positions}")
+        problems.append(f"it starts at {positions[0]}, not 0")
+    problems += [f"{a} is followed by {b}" for a, b in zip(positions, positions[1:]) if b <= a]
     if positions[-1] != K:
-        raise UsageError(f"waypoint positions must end at K={K}, got {positions}")
-    if any(b <= a for a, b in zip(positions, positions[1:])):
-        raise UsageError(f"waypoint positions must be strictly increasing, got {positions}")
+        problems.append(f"it ends at {positions[-1]}, not K={K}")
+    if problems:
+        raise UsageError(
+            f"waypoint positions must increase strictly from 0 to K={K}; in '{shown}': "
+            + "; ".join(problems)
+        )
 
 
 def _check_strategy(strategy: str) -> None:

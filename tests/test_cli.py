@@ -138,3 +138,21 @@ def test_disk_full_is_checked_before_writing(tmp_path: Path, buffer: Path, monke
     assert_one_line_error(cli("convexify", copy), 1, "disk full")
     assert_one_line_error(cli("convexify", copy, "-o", tmp_path / "c.h5"), 1, "disk full")
     assert copy.read_bytes() == before and not (tmp_path / "c.h5").exists()
+
+
+def test_progress_lines_without_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
+    """No terminal (pytest captures stderr): progress becomes throttled plain lines."""
+    from mctool.render import RichReporter
+
+    every = RichReporter(line_every=0.0)
+    assert not every.bars
+    every.task("expert", "expert 0", total=10)
+    every.update("expert", advance=3)  # no figures: nothing to say
+    every.update("expert", advance=2, epoch="1/2", acc=0.5)
+    every.done("expert")
+    assert capsys.readouterr().err.splitlines() == ["expert 0: 5/10, epoch 1/2, acc 0.5"]
+
+    for reporter in (RichReporter(line_every=3600.0), RichReporter(quiet=True, line_every=0.0)):
+        reporter.task("distill", "distill", total=None)
+        reporter.update("distill", advance=1, loss=1.0)
+    assert capsys.readouterr().err == ""

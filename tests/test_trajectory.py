@@ -363,6 +363,17 @@ def test_parse_positions_errors(text: str) -> None:
     assert "\n" not in str(err.value)
 
 
+def test_parse_positions_names_every_problem() -> None:
+    with pytest.raises(UsageError) as err:
+        parse_positions("1,9,3", 10)
+    message = str(err.value)
+    for part in ("starts at 1", "9 is followed by 3", "ends at 3, not K=10"):
+        assert part in message
+    with pytest.raises(UsageError) as err:
+        parse_positions("a,b", 6)
+    assert "'0,2,4,6'" in str(err.value)  # the example fits the trajectory's K
+
+
 def test_convexify_rejects_bad_positions() -> None:
     with pytest.raises(UsageError):
         convexify(TINY, SIZES, [0, 2, 5])
