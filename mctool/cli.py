@@ -39,21 +39,38 @@ DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when present), cpu
 DataDirOpt = typer.Option(None, "--data-dir", help="Where datasets live (default: $MCTOOL_DATA or ~/.cache/mctool/data).")
 
 
-def _ignore_further_interrupts() -> Any:
-    """Ignore Ctrl-C while an interrupted command exits; returns the handler to restore."""
+def _set_sigint(handler: Any) -> Any:
+    """Install a SIGINT handler from the main thread; returns the previous one (None elsewhere)."""
     import signal
     import threading
 
     if threading.current_thread() is threading.main_thread():
-        return signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return signal.signal(signal.SIGINT, handler)
     return None
+
+
+def _remembering_interrupts(reporter: RichReporter) -> Callable[[int, Any], None]:
+    """A SIGINT handler that raises KeyboardInterrupt as usual and also tells the reporter.
+
+    Python drops an exception raised while a ``__del__`` or a callback runs ("Exception
+    ignored in …"), and a signal handler may run just then: the Ctrl-C would be lost and the
+    command go on. The reporter raises it again at the loop's next progress update.
+    """
+
+    def handler(signum: int, frame: Any) -> None:
+        reporter.interrupted = True
+        raise KeyboardInterrupt
+
+    return handler
 
 
 def run(body: Callable[[RichReporter], Any], quiet: bool, debug: bool, interrupt_hint: str = "") -> Any:
     """Run a command body; turn every expected failure into one line and an exit code."""
+    import signal
+
     reporter = RichReporter(quiet=quiet)
     code = EXIT_OK
-    previous_handler = None
+    original_handler = _set_sigint(_remembering_interrupts(reporter))
     try:
         return body(reporter)
     except MctoolError as exc:
@@ -63,7 +80,7 @@ def run(body: Callable[[RichReporter], Any], quiet: bool, debug: bool, interrupt
         error_line(str(exc))
         code = exc.exit_code
     except KeyboardInterrupt:
-        previous_handler = _ignore_further_interrupts()  # a second Ctrl-C must not break the exit
+        _set_sigint(signal.SIG_IGN)  # a second Ctrl-C must not break the exit
         reporter.close()
         error_line(f"interrupted{'; ' + interrupt_hint if interrupt_hint else ''}")
         code = EXIT_INTERRUPTED
@@ -86,12 +103,10 @@ def run(body: Callable[[RichReporter], Any], quiet: bool, debug: bool, interrupt
         code = EXIT_FAILURE
     finally:
         reporter.close()
-        if previous_handler is not None:
+        if original_handler is not None:
             # Restore, or in-process callers (and child processes, which inherit an ignored
             # SIGINT) could never be interrupted again.
-            import signal
-
-            signal.signal(signal.SIGINT, previous_handler)
+            _set_sigint(original_handler)
     raise typer.Exit(code)
 
 

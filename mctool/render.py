@@ -44,6 +44,7 @@ class RichReporter(Reporter):
         self.tasks: dict[str, Any] = {}
         self.line_every = line_every
         self.lines: dict[str, _LineTask] = {}
+        self.interrupted = False  # set by the CLI's SIGINT handler (see cli.run)
 
     def _progress(self) -> Progress:
         if self.progress is None:
@@ -64,6 +65,8 @@ class RichReporter(Reporter):
             self.tasks[key] = p.add_task(description, total=total, info="")
 
     def update(self, key: str, advance: int = 0, **fields: Any) -> None:
+        if self.interrupted:  # a Ctrl-C whose KeyboardInterrupt Python dropped: raise it here
+            raise KeyboardInterrupt
         line = self.lines.get(key)
         if line is not None:
             line.completed += advance

@@ -156,3 +156,35 @@ def test_progress_lines_without_a_terminal(capsys: pytest.CaptureFixture[str]) -
         reporter.task("distill", "distill", total=None)
         reporter.update("distill", advance=1, loss=1.0)
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_ctrl_c_dropped_by_python_still_stops_the_command() -> None:
+    """A KeyboardInterrupt raised while a __del__ runs is dropped by Python ("Exception ignored");
+    the CLI remembers the Ctrl-C and the loop's next progress update raises it again."""
+    import signal
+
+    import typer
+
+    from mctool.cli import run
+
+    class RaisesInDestructor:
+        def __del__(self) -> None:
+            signal.raise_signal(signal.SIGINT)  # the handler runs here: its exception is dropped
+
+    steps: list[int] = []
+
+    def body(reporter) -> str:
+        reporter.task("loop", "loop", total=None)
+        for i in range(5):
+            RaisesInDestructor()  # freed at once
+            steps.append(i)
+            reporter.update("loop", advance=1)
+        return "finished"
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(typer.Exit) as exc:
+        run(body, quiet=True, debug=False)
+    assert exc.value.exit_code == 130
+    assert steps == [0]  # it went on after the dropped interrupt, but only up to the update
+    assert signal.getsignal(signal.SIGINT) is before  # restored for in-process callers
