@@ -15,7 +15,7 @@ from mctool.render import stdout, table
              "Needs Fashion-MNIST: `apt-get install dataset-fashion-mnist`, or the IDX files in DATA_DIR/fashion-mnist/.")
 def demo(
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for the demo's artifacts and pictures (default: mctool-demo, or mctool-demo-fast with --fast)."),
-    fast: bool = typer.Option(False, "--fast", help="A smaller run: about 1.5 minutes on 2 CPU cores (the full demo takes about 7)."),
+    fast: bool = typer.Option(False, "--fast", help="A smaller run: about 70 s on 2 CPU cores (the full demo takes about 4 min)."),
     seed: int = typer.Option(0, "--seed", help="Seed of every stage."),
     data_dir: Optional[Path] = DataDirOpt,
     device: str = DeviceOpt,
