@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from mctool import __version__
+from mctool.allocator import malloc_tuned
 from mctool.errors import ArtifactError, DiskFull
 from mctool.nets import ModelSpec, layout_from_json, layout_json
 
@@ -57,6 +58,7 @@ def versions() -> dict[str, str]:
         "python": platform.python_version(),
         # CPU float round-off depends on the thread count, so bit-exact reruns need the same one.
         "torch_threads": str(torch.get_num_threads()),
+        "malloc": "tuned" if malloc_tuned() else "default",  # speed only, never the numbers
     }
 
 

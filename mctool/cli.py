@@ -39,14 +39,21 @@ DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when present), cpu
 DataDirOpt = typer.Option(None, "--data-dir", help="Where datasets live (default: $MCTOOL_DATA or ~/.cache/mctool/data).")
 
 
-def _set_sigint(handler: Any) -> Any:
-    """Install a SIGINT handler from the main thread; returns the previous one (None elsewhere)."""
+def _take_sigint(handler: Any) -> Any:
+    """Install `handler` for SIGINT and return the previous one, or None to leave SIGINT alone.
+
+    Only Python's own default is replaced, from the main thread: an ignored SIGINT (a job
+    started in the background by a script) stays ignored, and a handler installed by a caller
+    or a C library stays in charge.
+    """
     import signal
     import threading
 
-    if threading.current_thread() is threading.main_thread():
-        return signal.signal(signal.SIGINT, handler)
-    return None
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return None
+    return signal.signal(signal.SIGINT, handler)
 
 
 def _remembering_interrupts(reporter: RichReporter) -> Callable[[int, Any], None]:
@@ -70,7 +77,7 @@ def run(body: Callable[[RichReporter], Any], quiet: bool, debug: bool, interrupt
 
     reporter = RichReporter(quiet=quiet)
     code = EXIT_OK
-    original_handler = _set_sigint(_remembering_interrupts(reporter))
+    original_handler = _take_sigint(_remembering_interrupts(reporter))
     try:
         return body(reporter)
     except MctoolError as exc:
@@ -80,7 +87,8 @@ def run(body: Callable[[RichReporter], Any], quiet: bool, debug: bool, interrupt
         error_line(str(exc))
         code = exc.exit_code
     except KeyboardInterrupt:
-        _set_sigint(signal.SIG_IGN)  # a second Ctrl-C must not break the exit
+        if original_handler is not None:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the exit
         reporter.close()
         error_line(f"interrupted{'; ' + interrupt_hint if interrupt_hint else ''}")
         code = EXIT_INTERRUPTED
@@ -106,7 +114,7 @@ def run(body: Callable[[RichReporter], Any], quiet: bool, debug: bool, interrupt
         if original_handler is not None:
             # Restore, or in-process callers (and child processes, which inherit an ignored
             # SIGINT) could never be interrupted again.
-            _set_sigint(original_handler)
+            signal.signal(signal.SIGINT, original_handler)
     raise typer.Exit(code)
 
 
@@ -143,7 +151,7 @@ def main() -> None:
     from mctool.allocator import tune_malloc
     from typer.exceptions import TyperException
 
-    tune_malloc()  # before any tensor exists (see mctool/allocator.py)
+    tune_malloc()  # before the command allocates its tensors (see mctool/allocator.py)
 
     if len(sys.argv) <= 1:
         app()  # no arguments: show the help

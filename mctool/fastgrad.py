@@ -9,12 +9,12 @@ The matching modes ``constant`` and ``adjoint`` need, per inner step, quantities
 with ℓ the mean cross-entropy of the network on the batch X. Autograd gets e by a double
 backward through the backward graph; GroupNorm's double backward is a composite of dozens of
 elementwise kernels on full-size activations, and on CPU a whole ``constant`` iteration then
-costs ~4.5× plain training steps (bench/distill.py, "constant-autograd"). Here the same
+costs ~4.3× plain training steps (bench/distill.py, "constant-autograd"). Here the same
 numbers come from one forward-over-reverse sweep written out by hand: a forward pass carrying
 the tangent ẋ = Dx[v] of every activation, and a reverse pass carrying the adjoint
 δ = ∂ℓ/∂x and its tangent δ̇. By symmetry of mixed partials, e = D_v(∇_X ℓ) = δ̇ at the input
-and h = D_v(∇_w ℓ). It costs 7 convolutions per block (a plain step: 3) and few passes over
-the activations; a ``constant`` iteration comes to ~3.0× plain steps.
+and h = D_v(∇_w ℓ). It costs 7 convolutions per block (9 with h; a plain step: 3) and few
+passes over the activations; a ``constant`` iteration comes to ~3.0× plain steps.
 
 Per block, with J the Jacobian of standardisation x̂ = (a − μ)/σ over each (sample, channel)'s
 H×W values, J u = (u − mean u − x̂ mean(u x̂))/σ (symmetric):
@@ -67,10 +67,13 @@ class Plan:
 def plan_for(net: FlatNet) -> Plan | None:
     """The sweep plan for `net`, or None when its module is not a ConvNet this file handles."""
     module = net.module
-    if not isinstance(module, ConvNet) or not isinstance(module.classifier, nn.Linear):
+    # Exactly ConvNet: a subclass may override forward().
+    if type(module) is not ConvNet or not isinstance(module.classifier, nn.Linear):
+        return None
+    if module.classifier.bias is None:
         return None
     layers = list(module.features.named_children())
-    if len(layers) % 4:
+    if not layers or len(layers) % 4:
         return None
     blocks = []
     for i in range(0, len(layers), 4):
@@ -271,6 +274,8 @@ def _head(
     f, fd = h.flatten(1), hd.flatten(1)
     z = torch.addmm(params[f"{name}.bias"], f, A.t())
     zd = torch.addmm(tang[f"{name}.bias"], fd, A.t()).addmm_(f, VA.t())
+    # The loss is mctool.matching._step_loss's plain F.cross_entropy (mean over the batch, no
+    # label smoothing, no class weights); change both together.
     p = torch.softmax(z, dim=1)
     pd = p * (zd - (p * zd).sum(1, keepdim=True))  # ṗ
     batch = z.shape[0]
@@ -334,7 +339,7 @@ def _reverse_block(
     grads[f"{blk.conv}.weight"] = gw
     grads[f"{blk.conv}.bias"] = da.sum((0, 2, 3))
     want_hvp = hvps is not None
-    if first:  # the image term Wᵀ*δ̇a + Vᵀ*δa, through few input channels
+    if first and da.device.type == "cpu":  # the image term Wᵀ*δ̇a + Vᵀ*δa (see _input_grad_pair)
         dhd_in = _input_grad_pair(dad, da, s.h, wt, vt, blk.padding)
         gwd = _conv_backward(dad, s.h, wt, blk.padding, False, True)[1] if want_hvp else None
     else:

@@ -53,8 +53,9 @@ plus one second-order step (pass 2 / reverse) that yields g_k, the image term an
 pooling) that step is mctool.fastgrad's hand-written forward-over-reverse sweep; for any other
 network it is autograd: forward, backward with ``create_graph`` and one double backward.
 
-Gradients are taken with ``torch.autograd.grad`` w.r.t. private leaves, so nothing is
-accumulated into ``images.grad`` or into the module's parameters. In modes ``constant`` and
+Gradients are taken with ``torch.autograd.grad`` w.r.t. private leaves (or by mctool.fastgrad
+under ``no_grad``), so nothing is accumulated into ``images.grad`` or into the module's
+parameters. In modes ``constant`` and
 ``adjoint`` each step differentiates w.r.t. a leaf copy of its own batch X[B_k] and scatters the
 result with ``index_add_`` (duplicates within a batch add up), which avoids a full-size
 zero tensor per step. Note that a module with BatchNorm in train mode updates its running
@@ -100,6 +101,7 @@ def _step_loss(
     if augment is not None:
         x_batch = augment(x_batch, k)
     # F.cross_entropy takes int64 class indices and float probability targets alike.
+    # mctool.fastgrad writes this loss out by hand (_head): change both together.
     return F.cross_entropy(net(w, x_batch), y_batch)
 
 

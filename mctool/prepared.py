@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from mctool.allocator import release_free_memory
 from mctool.artifact import DatasetMeta
 from mctool.data import Dataset, Preprocessing, default_data_dir, fit_preprocessing, load_dataset
 from mctool.errors import UsageError
@@ -40,11 +41,13 @@ def prepare(name: str, data_dir: Path | None, zca: bool, zca_eps: float, device:
         zca=zca, zca_eps=zca_eps, mean=tuple(ds.mean), std=tuple(ds.std), class_names=tuple(ds.class_names),
         train_fingerprint=ds.fingerprint(), flip=ds.flip,
     )
-    return Prepared(
+    prepared = Prepared(
         dataset=ds, prep=prep, meta=meta,
         train_x=prep.apply(ds.train_images, device=device), train_y=ds.train_labels.to(device),
         test_x=prep.apply(ds.test_images, device=device), test_y=ds.test_labels.to(device),
     )
+    release_free_memory()  # decoding and ZCA temporaries are not needed again
+    return prepared
 
 
 def prepare_like(meta: DatasetMeta, data_dir: Path | None, device: torch.device) -> Prepared:
