@@ -69,6 +69,10 @@ def convexify_file(buffer: Path, cfg: ConvexifyConfig, out: Path | None = None,
         prov = artifact.provenance(
             {"interior": len(positions) - 2, "positions": positions, "strategy": cfg.strategy, "smooth": cfg.smooth},
             None, artifact.fingerprint(buffer, f))
+    if len(positions) == epochs + 1:
+        reporter.log(f"note: with K = {epochs} epochs and {len(positions) - 2} interior waypoints every "
+                     "epoch is a waypoint, so the convexified experts are no smaller; use fewer "
+                     "--interior waypoints or experts with more epochs")
     sizes = artifact.layer_sizes(layout)
     meta = artifact.ConvexMeta(tuple(positions), cfg.strategy, cfg.smooth)
     needed = rows * (len(positions) * sum(sizes) + (epochs + 1) * len(sizes) + 1) * 4

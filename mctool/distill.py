@@ -209,7 +209,11 @@ class Distiller:
         self.queue: list[int] = []
         self.mode = "unrolled" if cfg.method == "mtt" else cfg.grad
         if cfg.max_start_epoch >= source.K:
-            raise UsageError(f"--max-start-epoch {cfg.max_start_epoch:g} must be below the experts' K = {source.K}")
+            raise UsageError(
+                f"--max-start-epoch {cfg.max_start_epoch:g} must be below the experts' K = {source.K}: pass "
+                f"--max-start-epoch {max(source.K - 1, 0)} or less, or train experts with --epochs "
+                f"{int(cfg.max_start_epoch) + 1} or more"
+            )
         if cfg.method == "mtt" and (cfg.expert_epochs != int(cfg.expert_epochs)):
             raise UsageError("--method mtt matches integer epochs: --expert-epochs must be a whole number")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import sys
 from dataclasses import dataclass
 from importlib import resources
@@ -74,8 +75,10 @@ def load_preset(name_or_path: str | Path) -> Preset:
     elif not (text.endswith(".toml") or path.exists()):
         path = shipped
         if not path.exists():
-            names = ", ".join(p.stem for p in sorted(presets_dir().glob("*.toml")))
-            raise UsageError(f"unknown preset '{text}'; shipped presets: {names}")
+            stems = [p.stem for p in sorted(presets_dir().glob("*.toml"))]
+            close = difflib.get_close_matches(text, stems, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise UsageError(f"unknown preset '{text}'; {hint}shipped presets: {', '.join(stems)}")
     if not path.is_file():
         raise UsageError(f"{path}: preset file not found")
     try:

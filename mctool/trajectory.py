@@ -98,7 +98,7 @@ def parse_positions(text: str, K: int) -> list[int]:
 def check_positions(positions: list[int], K: int) -> None:
     """Raise UsageError unless positions are ints 0 = p_0 < ... < p_last = K with K >= 1.
 
-    The message names every problem at once (start, order, end), so one fix is enough.
+    The message names every problem at once (start, order, range, end), so one fix is enough.
     """
     if K < 1:
         raise UsageError(f"a trajectory needs at least 1 epoch, got K={K}")
@@ -111,6 +111,9 @@ def check_positions(positions: list[int], K: int) -> None:
     if positions[0] != 0:
         problems.append(f"it starts at {positions[0]}, not 0")
     problems += [f"{a} is followed by {b}" for a, b in zip(positions, positions[1:]) if b <= a]
+    outside = [p for p in positions if p < 0 or p > K]
+    if outside:
+        problems.append(f"{', '.join(map(str, outside))} {'is' if len(outside) == 1 else 'are'} outside 0..K={K}")
     if positions[-1] != K:
         problems.append(f"it ends at {positions[-1]}, not K={K}")
     if problems:

@@ -97,6 +97,14 @@ def test_convexify_bad_input(tmp_path: Path, buffer: Path) -> None:
     assert not (tmp_path / "x.h5").exists()
 
 
+def test_convexify_says_when_nothing_is_saved(tmp_path: Path, buffer: Path) -> None:
+    r = cli("convexify", buffer, "--interior", "3", "-o", tmp_path / "x.h5")  # K = 4: every epoch
+    assert r.exit_code == 0, r.output
+    assert "no smaller" in r.stderr
+    r = cli("convexify", buffer, "--interior", "1", "-o", tmp_path / "y.h5")
+    assert r.exit_code == 0 and "no smaller" not in r.stderr
+
+
 def test_convexify_file_without_experts(tmp_path: Path, buffer: Path) -> None:
     p = tmp_path / "empty.h5"
     p.write_bytes(buffer.read_bytes())

@@ -162,9 +162,14 @@ def test_mtt_baseline_needs_trajectories(tmp_path: Path, buffer: Path, convex_bu
 def test_bad_inputs(tmp_path: Path, convex_buffer: Path, buffer: Path, data_dir: Path) -> None:
     assert_one_line_error(cli("distill", "--preset", "cifar10-ipc1", "--buffer", convex_buffer, "-o", tmp_path / "o.h5",
                               "--data-dir", data_dir), 2, "cifar10")
-    assert_one_line_error(cli("distill", "--buffer", tmp_path / "none.h5"), 2, "mctool experts")
+    r = cli("distill", "--buffer", tmp_path / "none.h5")
+    assert_one_line_error(r, 2, "mctool experts")
+    assert "--buffer FILE" not in r.stderr  # it was passed already
     assert_one_line_error(run_distill(buffer, tmp_path / "o.h5", data_dir), 2, "mctool convexify")
-    assert_one_line_error(run_distill(convex_buffer, tmp_path / "o.h5", data_dir, "--max-start-epoch", "4"), 2, "K = 4")
+    r = run_distill(convex_buffer, tmp_path / "o.h5", data_dir, "--max-start-epoch", "4")
+    assert_one_line_error(r, 2, "K = 4")
+    assert "--max-start-epoch 3 or less" in r.stderr and "--epochs 5 or more" in r.stderr
+    assert_one_line_error(cli("distill", "--preset", "cifar10-ipc100"), 2, "did you mean 'cifar10-ipc10'")
     assert_one_line_error(run_distill(convex_buffer, tmp_path / "o.h5", data_dir, "--grad", "magic"), 2, "--grad")
 
 

@@ -370,6 +370,9 @@ def test_parse_positions_names_every_problem() -> None:
     for part in ("starts at 1", "9 is followed by 3", "ends at 3, not K=10"):
         assert part in message
     with pytest.raises(UsageError) as err:
+        parse_positions("0,5,2", 3)
+    assert "5 is outside 0..K=3" in str(err.value)
+    with pytest.raises(UsageError) as err:
         parse_positions("a,b", 6)
     assert "'0,2,4,6'" in str(err.value)  # the example fits the trajectory's K
 

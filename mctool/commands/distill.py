@@ -33,11 +33,15 @@ def print_presets(json_out: bool) -> None:
                        [[p.name] + [p.values.get(c, "") for c in cols[1:]] for p in presets]))
 
 
+DEFAULT_BUFFER = Path("buffer.h5")
+
+
 def missing_buffer_hint(buffer: Path, dataset: str | None) -> str:
     """What to run first when there is no buffer."""
     ds = dataset or "DATASET"
+    other = " (or pass --buffer FILE)" if buffer == DEFAULT_BUFFER else ""
     return (f"{buffer}: no such file — make experts first: `mctool experts {ds} --n 100 -o {buffer}` "
-            f"then `mctool convexify {buffer}` (or pass --buffer FILE)")
+            f"then `mctool convexify {buffer}`{other}")
 
 
 @app.command(
@@ -50,7 +54,7 @@ def missing_buffer_hint(buffer: Path, dataset: str | None) -> str:
 def distill(
     preset: Optional[str] = typer.Option(None, "--preset", help="Shipped preset name (see --list-presets) or a .toml path."),
     list_presets: bool = typer.Option(False, "--list-presets", help="Show the shipped presets and exit."),
-    buffer: Path = typer.Option(Path("buffer.h5"), "--buffer", help="Buffer with /convex (MCT) or trajectories (MTT)."),
+    buffer: Path = typer.Option(DEFAULT_BUFFER, "--buffer", help="Buffer with /convex (MCT) or trajectories (MTT)."),
     out: Path = typer.Option(Path("synset.h5"), "-o", "--out", help="Output file for the synthetic set (a PNG grid is written beside it)."),
     name: Optional[str] = typer.Option(None, "--name", help="Synset name inside the file (default: the preset's name or METHOD-ipcN)."),
     ipc: Optional[int] = typer.Option(None, "--ipc", help="Images per class."),

@@ -86,6 +86,6 @@ def evaluate(
         if reference is not None:
             rows.append(["experts (whole dataset)", spec.arch, f"{100 * reference['mean']:.2f}", "", reference.get("epochs", ""), ""])
         stdout.print(table(f"{file}: synset '{synset}' (ipc {ipc}, lr {use_lr:.4g})",
-                           ["set", "model", "test accuracy %", "runs", "epochs", "s/run"], rows))
+                           ["set", "model", "test accuracy %", "per run %", "epochs", "s/run"], rows))
 
     run(body, quiet, debug, interrupt_hint="nothing was stored; run the command again")
