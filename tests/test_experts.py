@@ -255,6 +255,10 @@ def test_append_trains_only_the_new_expert(tmp_path: Path, data_dir: Path, seed0
         assert int(f["experts/seeds"][2]) == expert_seed(0, 2)
         assert f["experts/trajectories"].shape[0] == 3
     assert_rows_equal(seed0, out, rows=slice(0, 2))  # the old rows are untouched
+    shutil.copyfile(seed0, out)
+    r = experts(data_dir, out, n=3)  # the table says the earlier experts are not listed
+    assert r.exit_code == 0, r.output
+    assert "3/3 experts done (2 done before this run, not listed)" in r.stdout
 
 
 def test_resume_missing_file(tmp_path: Path, data_dir: Path) -> None:

@@ -89,7 +89,9 @@ def experts(
             if not rows:
                 stdout.print(f"{out}: already holds {n} finished expert(s) — nothing to do (raise --n to add more)")
                 return
-            stdout.print(table(f"{out}: {result['already_done'] + len(rows)}/{n} experts done",
+            before = result["already_done"]
+            earlier = f" ({before} done before this run, not listed)" if before else ""
+            stdout.print(table(f"{out}: {before + len(rows)}/{n} experts done{earlier}",
                                ["expert", "seed", "acc θ_0", "acc θ_K", "seconds"], rows))
 
     run(body, quiet, debug, interrupt_hint="finished experts are kept: run the same command again to resume")
