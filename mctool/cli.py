@@ -71,6 +71,18 @@ def _remembering_interrupts(reporter: RichReporter) -> Callable[[int, Any], None
     return handler
 
 
+def _silence_dropped_interrupts(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+    """An unraisable hook that keeps quiet about a dropped KeyboardInterrupt (see above): the
+    command reports the interrupt in its one line; anything else goes to `previous`."""
+
+    def hook(unraisable: Any) -> None:
+        if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+            return
+        previous(unraisable)
+
+    return hook
+
+
 def run(body: Callable[[RichReporter], Any], quiet: bool, debug: bool, interrupt_hint: str = "") -> Any:
     """Run a command body; turn every expected failure into one line and an exit code."""
     import signal
@@ -78,6 +90,8 @@ def run(body: Callable[[RichReporter], Any], quiet: bool, debug: bool, interrupt
     reporter = RichReporter(quiet=quiet)
     code = EXIT_OK
     original_handler = _take_sigint(_remembering_interrupts(reporter))
+    original_hook = sys.unraisablehook
+    sys.unraisablehook = _silence_dropped_interrupts(original_hook)
     try:
         return body(reporter)
     except MctoolError as exc:
@@ -111,6 +125,7 @@ def run(body: Callable[[RichReporter], Any], quiet: bool, debug: bool, interrupt
         code = EXIT_FAILURE
     finally:
         reporter.close()
+        sys.unraisablehook = original_hook
         if original_handler is not None:
             # Restore, or in-process callers (and child processes, which inherit an ignored
             # SIGINT) could never be interrupted again.

@@ -166,8 +166,8 @@ def test_progress_lines_without_a_terminal(capsys: pytest.CaptureFixture[str]) -
     assert capsys.readouterr().err == ""
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_ctrl_c_dropped_by_python_still_stops_the_command() -> None:
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # must not reach pytest
+def test_ctrl_c_dropped_by_python_still_stops_the_command(capsys: pytest.CaptureFixture[str]) -> None:
     """A KeyboardInterrupt raised while a __del__ runs is dropped by Python ("Exception ignored");
     the CLI remembers the Ctrl-C and the loop's next progress update raises it again."""
     import signal
@@ -196,3 +196,6 @@ def test_ctrl_c_dropped_by_python_still_stops_the_command() -> None:
     assert exc.value.exit_code == 130
     assert steps == [0]  # it went on after the dropped interrupt, but only up to the update
     assert signal.getsignal(signal.SIGINT) is before  # restored for in-process callers
+    err = capsys.readouterr().err
+    assert "Exception ignored" not in err and "Traceback" not in err  # just the one line
+    assert err.strip().splitlines() == ["mctool: error: interrupted"]
