@@ -76,14 +76,10 @@ def contention_probe() -> dict[str, float]:
     return {"median_us": round(statistics.median(ts), 1), "min_us": round(min(ts), 1)}
 
 
-def _malloc_tuned() -> bool:
-    from mctool.allocator import malloc_tuned
-
-    return malloc_tuned()
-
-
 def machine_info(device: torch.device) -> dict[str, Any]:
     """What the numbers were measured on; goes into every JSON file."""
+    from mctool.allocator import malloc_tuned
+
     info: dict[str, Any] = {
         "date": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         "torch": torch.__version__,
@@ -93,7 +89,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "device": str(device),
         "cpu_count": os.cpu_count(),
         "torch_num_threads": torch.get_num_threads(),
-        "malloc_tuned": _malloc_tuned(),
+        "malloc_tuned": malloc_tuned(),
         "loadavg_at_start": loadavg(),
         "contention_probe_at_start": contention_probe(),
         "argv": sys.argv,
