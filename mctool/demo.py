@@ -4,6 +4,7 @@ library calls the real commands make (experts -> convexify -> distill -> evaluat
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from mctool.convex import ConvexifyConfig, convexify_file
 from mctool.distill import DistillConfig, config_from_preset, run as run_distill
 from mctool.evaluate import EvaluateConfig, evaluate_set, random_real
 from mctool.experts import ExpertsConfig, run as run_experts
-from mctool.plots import synset_grid
+from mctool.plots import synset_grid, synset_png_path
 from mctool.prepared import prepare, prepare_like
 from mctool.progress import SILENT, Reporter
 
@@ -78,7 +79,7 @@ def run(demo: DemoConfig, out_dir: Path, data_dir: Path | None, device: torch.de
         g = artifact.pick_synset(synset, f, dres["synset"])
         images, labels = torch.from_numpy(g["images"][()]), torch.from_numpy(g["labels"][()])
         spec, _ = artifact.read_model(synset, f)
-    png = synset_grid(images, prepared.prep, dcfg.ipc, out_dir / "synset.png")
+    png = synset_grid(images, prepared.prep, dcfg.ipc, synset_png_path(synset, dres["synset"]))
     times["distill"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -88,7 +89,7 @@ def run(demo: DemoConfig, out_dir: Path, data_dir: Path | None, device: torch.de
     rx, ry = random_real(prepared, dcfg.ipc, demo.seed)
     results += evaluate_set(rx, ry, dres["alpha"], prepared, spec, ev, "random-real", reporter)
     with artifact.atomic_write(synset) as f:
-        f["synsets"][dres["synset"]].attrs["evaluations"] = __import__("json").dumps(results)
+        f["synsets"][dres["synset"]].attrs["evaluations"] = json.dumps(results)
     times["evaluate"] = time.perf_counter() - t
 
     with artifact.open_artifact(buffer) as f:

@@ -83,6 +83,11 @@ def minmax_images(images: torch.Tensor) -> torch.Tensor:
     return ((flat - lo) / span).view_as(x)
 
 
+def synset_png_path(out: Path, name: str) -> Path:
+    """Where the picture of synset `name` in `out` goes: `synset.h5` -> `synset-NAME.png`."""
+    return out.with_name(f"{out.stem}-{name}.png")
+
+
 def synset_grid(images: torch.Tensor, prep: Preprocessing | None, ipc: int, path: Path) -> Path:
     """De-whitened synset grid, one row per class (images are class-major), ≤ 10 per class.
 

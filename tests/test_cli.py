@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import h5py
@@ -60,7 +61,7 @@ def test_inspect_overview_and_json(buffer: Path) -> None:
         assert key in doc
     assert doc["experts"]["done"] == 2 and doc["experts"]["epochs"] == 4
     assert doc["model"]["num_params"] == sum(
-        __import__("math").prod(layer["shape"]) for layer in doc["model"]["layers"])
+        math.prod(layer["shape"]) for layer in doc["model"]["layers"])
     assert len(doc["experts"]["test_accuracy_mean_curve"]) == 5
 
 

@@ -101,7 +101,7 @@ def distill(
         from mctool.distill import check_buffer_matches, run as run_distill, synset_name
         from mctool.errors import UsageError
         from mctool.evaluate import EvaluateConfig, evaluate_set
-        from mctool.plots import synset_grid
+        from mctool.plots import synset_grid, synset_png_path
         from mctool.prepared import prepare_like
 
         cfg = resolve_config(preset, overrides)
@@ -141,7 +141,7 @@ def distill(
             import torch
 
             images = torch.from_numpy(g["images"][()])
-        png = out.with_name(f"{out.stem}-{result['synset']}.png")
+        png = synset_png_path(out, result["synset"])
         result["png"] = str(synset_grid(images, prepared.prep, cfg.ipc, png))
         result["config"] = dataclasses.asdict(cfg)
         if json_out:
