@@ -10,15 +10,30 @@ from mctool.errors import UsageError
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` means cuda (cuda:LOCAL_RANK under torchrun) when present, else cpu."""
+    """`auto` means CUDA when present, else the CPU. A CUDA device always gets its index:
+    `cuda` is the current GPU, and under torchrun every process takes `cuda:LOCAL_RANK`."""
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-        return torch.device("cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
         raise UsageError(f"unknown device '{name}' (use auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
         raise UsageError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
-    return device
+    count = torch.cuda.device_count()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # One GPU per process: a shared GPU would make NCCL fail ("Duplicate GPU") or hang.
+        if device.index is not None:
+            raise UsageError(f"--device {name}: under torchrun every process takes cuda:LOCAL_RANK; "
+                             "use --device cuda or auto")
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if local_rank >= count:
+            raise UsageError(f"torchrun started more processes on this machine than it has GPUs ({count}): "
+                             f"use --nproc-per-node {count} or fewer")
+        return torch.device("cuda", local_rank)
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index >= count:
+        raise UsageError(f"--device {name}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
+    return torch.device("cuda", index)

@@ -174,6 +174,11 @@ class State:
     skipped: int = 0
     evaluations: list[dict[str, Any]] = field(default_factory=list)
 
+    def to(self, device: torch.device) -> "State":
+        """The same state with its tensors on `device` (generator states stay on the CPU)."""
+        return dataclasses.replace(self, images=self.images.to(device), labels=self.labels.to(device),
+                                   images_velocity=self.images_velocity.to(device))
+
 
 def _rank_seed(seed: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, 0x5EED, rank]).generate_state(1, np.uint32)[0])
@@ -358,8 +363,8 @@ def save(out: Path, name: str, cfg: DistillConfig, state: State, source_info: di
         c.attrs["world_size"] = len(state.generators)
 
 
-def load_checkpoint(out: Path, name: str, cfg: DistillConfig, device: torch.device) -> State:
-    """The state saved in `out` for synset `name`; refuses when the settings differ."""
+def load_checkpoint(out: Path, name: str, cfg: DistillConfig) -> State:
+    """The state saved in `out` for synset `name`, on the CPU; refuses when the settings differ."""
     with artifact.open_artifact(out) as f:
         g = artifact.pick_synset(out, f, name)
         if "checkpoint" not in g:
@@ -372,10 +377,9 @@ def load_checkpoint(out: Path, name: str, cfg: DistillConfig, device: torch.devi
             raise UsageError(f"{out}: cannot resume '{name}' with different settings: "
                              + ", ".join(f"{k}={stored.get(k)!r} (now {mine[k]!r})" for k in diff[:4]))
         c = g["checkpoint"]
-        images = torch.from_numpy(g["images"][()]).to(device)
         return State(
-            images=images, labels=torch.from_numpy(g["labels"][()]).to(device), alpha=float(g.attrs["lr"]),
-            images_velocity=torch.from_numpy(c["images_velocity"][()]).to(device),
+            images=torch.from_numpy(g["images"][()]), labels=torch.from_numpy(g["labels"][()]),
+            alpha=float(g.attrs["lr"]), images_velocity=torch.from_numpy(c["images_velocity"][()]),
             alpha_velocity=float(c.attrs["alpha_velocity"]), iteration=int(g.attrs["iterations"]),
             generators=[torch.from_numpy(s) for s in c["generators"][()]],
             queues=json.loads(artifact.str_attr(c, "queues")),
@@ -420,8 +424,9 @@ def run(cfg: DistillConfig, buffer: Path, out: Path, prepared: Prepared, name: s
     world, me = dist.world_size(), dist.rank()
     try:
         if resume:
-            state = load_checkpoint(out, name, cfg, device) if dist.is_main() else None
-            state = dist.broadcast(state)
+            # Broadcast from the CPU: a pickled CUDA tensor unpickles onto rank 0's GPU on every rank.
+            state = load_checkpoint(out, name, cfg) if dist.is_main() else None
+            state = dist.broadcast(state).to(device)
             if len(state.generators) != world:
                 raise UsageError(f"{out}: the checkpoint was written by {len(state.generators)} process(es); "
                                  f"resume with the same number (now {world})")

@@ -6,10 +6,14 @@ Without torchrun (WORLD_SIZE unset or 1) every helper is a cheap single-process 
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+
+COLLECTIVE_TIMEOUT = timedelta(hours=2)
 
 
 def world_size() -> int:
@@ -34,7 +38,9 @@ def init_from_env(device: torch.device) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend)
+    # While rank 0 alone evaluates or writes, the others wait in a collective; NCCL's default
+    # 10-minute limit would kill a run during a long periodic evaluation.
+    dist.init_process_group(backend=backend, timeout=COLLECTIVE_TIMEOUT)
 
 
 def shutdown() -> None:

@@ -215,3 +215,15 @@ def test_resume_with_nothing_left_says_so(tmp_path: Path, convex_buffer: Path, d
     assert run_distill(convex_buffer, out, data_dir, iterations=2).exit_code == 0
     assert_one_line_error(run_distill(convex_buffer, out, data_dir, "--resume", iterations=2), 2,
                           "already at iteration 2")
+
+
+def test_state_to_moves_every_tensor_field() -> None:
+    # Resume broadcasts the checkpoint from the CPU and then moves it: a tensor field left
+    # behind would mix devices on a GPU rank.
+    state = State(images=torch.zeros(2, 1, 2, 2), labels=torch.tensor([0, 1]), alpha=0.01,
+                  images_velocity=torch.zeros(2, 1, 2, 2), alpha_velocity=0.0, iteration=3,
+                  generators=[torch.Generator().get_state()], queues=[[0, 1]])
+    moved = state.to(torch.device("meta"))
+    tensors = [f.name for f in dataclasses.fields(State) if isinstance(getattr(state, f.name), torch.Tensor)]
+    assert tensors and all(getattr(moved, name).device.type == "meta" for name in tensors)
+    assert moved.generators[0].device.type == "cpu" and moved.iteration == 3 and moved.queues == [[0, 1]]
