@@ -59,12 +59,16 @@ class AugParams:
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> AugParams:
         """A copy on `device`; floating-point values also cast to `dtype` when given."""
+        device = torch.device(device)
         moved = {}
         for k, v in self.values.items():
             if dtype is not None and v.is_floating_point():
-                moved[k] = v.to(device=device, dtype=dtype)
-            else:
-                moved[k] = v.to(device=device)
+                v = v.to(dtype)  # cast where the draw lies, so the copy below stays a plain copy
+            if device.type == "cuda" and v.device.type == "cpu":
+                # Draws are made on the CPU for every batch; a copy from pageable memory would wait
+                # for all queued GPU work each time, a pinned non-blocking one does not.
+                v = v.pin_memory().to(device, non_blocking=True)
+            moved[k] = v.to(device)
         return AugParams(self.op, moved)
 
     @property

@@ -823,8 +823,17 @@ def _fit_zca(ds: Dataset, eps: float, device: torch.device | str | None) -> Prep
     dev = torch.device(device) if device is not None else torch.device("cpu")
     n, d = ds.train_images.shape[0], ds.channels * ds.height * ds.width
     use_f64 = n * d * 8 <= _ZCA_F64_MAX_BYTES and dev.type != "mps"  # MPS has no float64
-    x = ds.train_images.to(dev, torch.float64 if use_f64 else torch.float32).div_(255)  # ToTensor only
-    zca = ZCAWhitening(eps=float(eps), compute_inv=True).fit(x)
+    dtype = torch.float64 if use_f64 else torch.float32
+    try:
+        x = ds.train_images.to(dev, dtype).div_(255)  # ToTensor only
+        zca = ZCAWhitening(eps=float(eps), compute_inv=True).fit(x)
+    except torch.OutOfMemoryError:
+        # Tiny ImageNet's images, their centred copy and the D×D decomposition need over 11 GB:
+        # more than many GPUs have. The CPU is slower but the fit is cached on disk.
+        x = None
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        zca = ZCAWhitening(eps=float(eps), compute_inv=True).fit(ds.train_images.to("cpu", dtype).div_(255))
     del x
     return Preprocessing(
         kind="zca",

@@ -568,3 +568,20 @@ def test_state_round_trip_including_numpy_and_bytes() -> None:
         Preprocessing.from_state({"kind": "zca", "mean": torch.zeros(16)})
     with pytest.raises(ArtifactError):
         Preprocessing.from_state({"kind": "pca"})
+
+
+def test_zca_fit_falls_back_to_the_cpu_when_the_device_runs_out_of_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kornia.enhance import ZCAWhitening
+
+    ds = _toy_dataset()
+    expected = data._fit_zca(ds, 0.1, "cpu")
+    real_fit = ZCAWhitening.fit
+
+    def fit(self: ZCAWhitening, x: torch.Tensor) -> ZCAWhitening:
+        if x.device.type != "cpu":  # stands in for a GPU too small for the whole split
+            raise torch.OutOfMemoryError("out of memory")
+        return real_fit(self, x)
+
+    monkeypatch.setattr(ZCAWhitening, "fit", fit)
+    got = data._fit_zca(ds, 0.1, "meta")
+    assert torch.equal(got.transform, expected.transform) and torch.equal(got.mean, expected.mean)
