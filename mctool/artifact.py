@@ -147,10 +147,19 @@ def open_artifact(path: str | os.PathLike[str], mode: str = "r") -> Iterator[h5p
 def require_group(path: str | os.PathLike[str], f: h5py.File, name: str) -> h5py.Group:
     """The group `name`, or an ArtifactError saying which command creates it."""
     if name not in f or not isinstance(f[name], h5py.Group):
+        if name.split("/")[0] != "synsets" and "synsets" in f and "experts" not in f and "convex" not in f:
+            raise ArtifactError(f"{path}: a synset file (holds synthetic sets), not a buffer of experts")
         hint = _PRODUCERS.get(name.split("/")[0], "")
         hint = f" — run `{hint}` first" if hint else ""
         raise ArtifactError(f"{path}: no /{name} group{hint}")
     return f[name]
+
+
+def contents(f: h5py.File) -> str:
+    """What an artifact holds, in words, for messages."""
+    held = [words for key, words in (("experts/trajectories", "expert trajectories"),
+                                     ("convex", "convexified experts"), ("synsets", "synthetic sets")) if key in f]
+    return " and ".join(held) or "nothing yet"
 
 
 def new_file(f: h5py.File) -> None:

@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 
 from mctool import artifact
-from mctool.errors import UsageError
+from mctool.errors import ArtifactError, UsageError
 from mctool.progress import SILENT, Reporter
 from mctool.trajectory import STRATEGIES, convexify, parse_positions, uniform_positions
 
@@ -53,14 +53,31 @@ def _fill(src_path: Path, src: h5py.File, g: h5py.Group, experts: np.ndarray, si
     reporter.done("convexify")
 
 
+def _check_replaceable(out: Path) -> None:
+    """`-o` may replace an earlier compact file of this command, never anything else."""
+    if not out.exists():
+        return
+    try:
+        with artifact.open_artifact(out) as f:
+            held = artifact.contents(f)
+    except ArtifactError:
+        held = "something that is not an mctool artifact"
+    if held != "convexified experts":
+        raise UsageError(f"{out}: already exists and holds {held}; choose another -o (only an earlier "
+                         "compact file of `mctool convexify -o` is replaced)")
+
+
 def convexify_file(buffer: Path, cfg: ConvexifyConfig, out: Path | None = None,
                    reporter: Reporter = SILENT) -> dict[str, Any]:
     """Add /convex to `buffer` (in place) or write a compact artifact `out` without trajectories."""
+    if out is not None and out.resolve() != buffer.resolve():
+        _check_replaceable(out)
     with artifact.open_artifact(buffer, "r") as f:
         experts_g = artifact.require_group(buffer, f, "experts")
         if "trajectories" not in experts_g:
-            raise UsageError(f"{buffer}: holds no full trajectories (a convexified-only file); "
-                             "convexify the buffer written by `mctool experts` instead")
+            raise UsageError(f"{buffer}: already convexified, with no full trajectories to convexify again "
+                             "(made by `mctool experts --convexify` or `convexify -o`); other waypoints need "
+                             "the full buffer of `mctool experts`")
         experts = artifact.done_experts(buffer, f)
         _, layout = artifact.read_model(buffer, f)
         epochs = int(experts_g["trajectories"].shape[1]) - 1

@@ -61,7 +61,7 @@ def run(demo: DemoConfig, out_dir: Path, data_dir: Path | None, device: torch.de
     prepared = prepare("fashion-mnist", data_dir, True, 0.1, device)
     ecfg = ExpertsConfig(dataset="fashion-mnist", num_experts=demo.experts, epochs=demo.epochs, width=demo.width,
                          depth=3, seed=demo.seed)
-    run_experts(ecfg, buffer, prepared, reporter)
+    reused = run_experts(ecfg, buffer, prepared, reporter)["already_done"]
     times["experts"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -97,7 +97,7 @@ def run(demo: DemoConfig, out_dir: Path, data_dir: Path | None, device: torch.de
     return {
         "out": str(out_dir), "config": dataclasses.asdict(demo), "preset": DEMO_PRESET, "ipc": dcfg.ipc,
         "distilled": results[0], "random_real": results[1],
-        "experts_accuracy": float(acc[:, -1].mean()),
+        "experts_accuracy": float(acc[:, -1].mean()), "experts_reused": reused,
         "storage": {"full_bytes_per_expert": conv["bytes_per_expert_full"],
                     "convex_bytes_per_expert": conv["bytes_per_expert_convex"], "ratio": conv["ratio"],
                     "buffer_file_bytes": buffer.stat().st_size, "convex_file_bytes": small.stat().st_size},

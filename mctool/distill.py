@@ -73,24 +73,50 @@ class DistillConfig:
     seed: int = 0
     preset: str = ""
 
+    def problem(self) -> tuple[str, str] | None:
+        """The first setting that cannot run, as (key, "must be …, got …"); NaN fails every check."""
+        finite = math.isfinite
+        checks = [
+            ("ipc", self.ipc >= 1, ">= 1"),
+            ("syn_steps", self.syn_steps >= 1, ">= 1"),
+            ("expert_epochs", finite(self.expert_epochs) and self.expert_epochs > 0, "> 0"),
+            ("max_start_epoch", finite(self.max_start_epoch) and self.max_start_epoch >= 0, ">= 0"),
+            ("lr_img", finite(self.lr_img) and self.lr_img > 0, "a number > 0"),
+            ("lr_lr", finite(self.lr_lr) and self.lr_lr >= 0, "a number >= 0"),
+            ("lr_init", finite(self.lr_init) and self.lr_init > 0, "a number > 0 (the initial step size)"),
+            ("momentum_img", 0 <= self.momentum_img < 1, "in [0, 1)"),
+            ("momentum_lr", 0 <= self.momentum_lr < 1, "in [0, 1)"),
+            ("iterations", self.iterations >= 0, ">= 0"),
+            ("batch_syn", self.batch_syn >= 0, ">= 0 (0 = all images)"),
+            ("method", self.method in ("mct", "mtt"), "mct or mtt"),
+            ("grad", self.grad in MODES, f"one of {', '.join(MODES)}"),
+            ("pix_init", self.pix_init in ("real", "noise"), "real or noise"),
+            ("checkpoint_every", self.checkpoint_every >= 1, ">= 1"),
+            ("eval_every", self.eval_every >= 0, ">= 0 (0 = never)"),
+            ("eval_runs", self.eval_runs >= 1, ">= 1"),
+            ("eval_epochs", self.eval_epochs >= 1, ">= 1"),
+        ]
+        for key, ok, requirement in checks:
+            if not ok:
+                return key, f"must be {requirement}, got {getattr(self, key)!r}"
+        return None
+
     def validate(self) -> None:
         """Reject settings that cannot run, with one line naming the option."""
-        checks = [
-            (self.ipc >= 1, "--ipc must be >= 1"),
-            (self.syn_steps >= 1, "--syn-steps must be >= 1"),
-            (self.expert_epochs > 0, "--expert-epochs must be > 0"),
-            (self.max_start_epoch >= 0, "--max-start-epoch must be >= 0"),
-            (self.lr_init > 0, "--lr-init (initial step size) must be > 0"),
-            (self.iterations >= 0, "--iterations must be >= 0"),
-            (self.batch_syn >= 0, "--batch-syn must be >= 0"),
-            (self.method in ("mct", "mtt"), "--method must be mct or mtt"),
-            (self.grad in MODES, f"--grad must be one of {', '.join(MODES)}"),
-            (self.pix_init in ("real", "noise"), "--init must be real or noise"),
-            (self.checkpoint_every >= 1, "--checkpoint-every must be >= 1"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UsageError(message)
+        found = self.problem()
+        if found is not None:
+            key, why = found
+            raise UsageError(f"--{OPTION_NAMES.get(key, key.replace('_', '-'))} {why}")
+
+
+# Settings whose option is not the key in kebab case.
+OPTION_NAMES = {"pix_init": "init"}
+
+
+def check_synset_name(name: str) -> None:
+    """A synset name becomes an HDF5 group name under /synsets: no paths, no empty names."""
+    if not name or "/" in name or name in (".", ".."):
+        raise UsageError(f"--name {name!r}: a synset name may not be empty, '.' or '..', or contain '/'")
 
 
 def config_from_preset(preset: str | None, overrides: dict[str, Any]) -> DistillConfig:
@@ -104,7 +130,11 @@ def config_from_preset(preset: str | None, overrides: dict[str, Any]) -> Distill
         values["preset"] = p.name
     values.update({k: v for k, v in overrides.items() if v is not None})
     fields = {f.name for f in dataclasses.fields(DistillConfig)}
-    return DistillConfig(**{k: v for k, v in values.items() if k in fields})
+    cfg = DistillConfig(**{k: v for k, v in values.items() if k in fields})
+    found = cfg.problem()
+    if preset and found is not None and overrides.get(found[0]) is None and found[0] in p.values:
+        raise UsageError(f"{p.path}: {found[0]} {found[1]}")  # the preset's value, not an option's
+    return cfg
 
 
 @dataclass
@@ -415,12 +445,17 @@ def run(cfg: DistillConfig, buffer: Path, out: Path, prepared: Prepared, name: s
     """Distill (or resume) synset `name` into `out`; returns a summary. Saves on Ctrl-C."""
     cfg.validate()
     name = name or synset_name(cfg)
+    check_synset_name(name)
     device = prepared.train_x.device
     with artifact.open_artifact(buffer) as f:
         spec, _ = artifact.read_model(buffer, f)
         source_info = artifact.fingerprint(buffer, f)
         source_info["experts_reference"] = experts_reference(f)
     source = ExpertSource(buffer, cfg.method, device)
+    if cfg.method == "mct" and len(source.positions) - 2 != cfg.interior:
+        reporter.log(f"note: the settings expect {cfg.interior} interior waypoint(s) but {buffer} has "
+                     f"{len(source.positions) - 2} (positions {','.join(map(str, source.positions))}); "
+                     "using the buffer's")
     world, me = dist.world_size(), dist.rank()
     try:
         if resume:

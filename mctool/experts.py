@@ -46,6 +46,14 @@ class ExpertsConfig:
     stream_strategy: str = "mct"
     stream_smooth: bool = False
 
+    def validate(self, prepared: Prepared) -> None:
+        """Refuse settings that cannot train before any file is touched (one line, exit 2)."""
+        Schedule(epochs=self.epochs, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
+                 batch_size=self.batch_size)
+        if self.augment != "none":
+            DSA(self.augment)
+        build_model(model_spec(self, prepared))
+
     def compat(self) -> dict[str, Any]:
         """Everything that must agree between runs appending to the same buffer."""
         d = dataclasses.asdict(self)
@@ -214,12 +222,13 @@ def run(cfg: ExpertsConfig, out: Path, prepared: Prepared, reporter: Reporter = 
     """
     from mctool import distributed as dist
 
+    cfg.validate(prepared)
     spec = model_spec(cfg, prepared)
     done_before: list[int] = []
     convex_stale = False
     if dist.is_main():
         if out.exists() and _holds_no_experts_with_other_settings(out, cfg):
-            reporter.log(f"{out} holds no finished expert and other settings: starting it afresh")
+            reporter.log(f"{out} holds no finished expert and was made with other settings: starting it afresh")
             out.unlink()
         if not out.exists():
             artifact.ensure_free_space(out, 0, f"creating {out.name}")

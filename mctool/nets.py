@@ -101,6 +101,9 @@ class ConvNet(nn.Module):
             first_padding = 3
         else:
             first_padding = 1
+        if spec.pool != "none" and min(h, w) >> spec.depth < 1:
+            raise UsageError(f"--depth {spec.depth} is too deep for {spec.im_size[0]}×{spec.im_size[1]} images: "
+                             f"every block halves them, so at most {min(h, w).bit_length() - 1}")
         for d in range(spec.depth):
             layers.append(nn.Conv2d(channels, spec.width, 3, padding=first_padding if d == 0 else 1))
             channels = spec.width

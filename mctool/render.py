@@ -72,11 +72,11 @@ class RichReporter(Reporter):
             line.completed += advance
             if fields and not self.bars and not self.quiet and line.due(self.line_every):
                 total = f"/{line.total}" if line.total else ""
-                info = ", ".join(f"{k} {_fmt(v)}" for k, v in fields.items())
+                info = ", ".join(f"{_label(k)} {_fmt(v)}" for k, v in fields.items())
                 self.log(f"{line.description}: {line.completed}{total}, {info}")
         if self.bars and key in self.tasks:
             if fields:
-                info = "  ".join(f"{k} {_fmt(v)}" for k, v in fields.items())
+                info = "  ".join(f"{_label(k)} {_fmt(v)}" for k, v in fields.items())
                 self._progress().update(self.tasks[key], advance=advance, info=info)
             else:  # keep the figures shown until new ones arrive
                 self._progress().update(self.tasks[key], advance=advance)
@@ -99,6 +99,11 @@ class RichReporter(Reporter):
             self.progress.stop()
             self.progress = None
 
+
+
+def _label(field: str) -> str:
+    """How a progress field is shown: rates passed as `img_s=` read `img/s`."""
+    return field[:-2] + "/s" if field.endswith("_s") else field
 
 @dataclass
 class _LineTask:

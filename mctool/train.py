@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mctool.augment import DSA
-from mctool.errors import TrainingDiverged
+from mctool.errors import TrainingDiverged, UsageError
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,16 @@ class Schedule:
     weight_decay: float = 0.0
     batch_size: int = 256
     decay_epoch: int | None = None
+
+    def __post_init__(self) -> None:
+        # torch.optim would refuse these too, but as an "internal error"; NaN fails every check.
+        checks = [("--epochs", self.epochs >= 0, ">= 0"), ("--lr", math.isfinite(self.lr) and self.lr > 0, "> 0"),
+                  ("--momentum", 0 <= self.momentum < 1, "in [0, 1)"),
+                  ("--weight-decay", math.isfinite(self.weight_decay) and self.weight_decay >= 0, ">= 0"),
+                  ("--batch-size", self.batch_size >= 1, ">= 1")]
+        for option, ok, requirement in checks:
+            if not ok:
+                raise UsageError(f"{option} must be {requirement}, got {getattr(self, option[2:].replace('-', '_'))}")
 
 
 @torch.no_grad()

@@ -200,3 +200,55 @@ def test_ctrl_c_dropped_by_python_still_stops_the_command(capsys: pytest.Capture
     err = capsys.readouterr().err
     assert "Exception ignored" not in err and "Traceback" not in err  # just the one line
     assert err.strip().splitlines() == ["mctool: error: interrupted"]
+
+
+def test_convexify_out_replaces_only_its_own_earlier_output(tmp_path: Path, buffer: Path, convex_buffer: Path) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("keep me")
+    assert_one_line_error(cli("convexify", buffer, "-o", text), 2, "not an mctool artifact")
+    assert text.read_text() == "keep me"
+    full = tmp_path / "full.h5"
+    full.write_bytes(buffer.read_bytes())
+    assert_one_line_error(cli("convexify", buffer, "-o", full), 2, "holds expert trajectories")
+    assert full.read_bytes() == buffer.read_bytes()
+    earlier = tmp_path / "earlier.h5"
+    earlier.write_bytes(convex_buffer.read_bytes())  # a compact file of `convexify -o`: replaced
+    r = cli("convexify", buffer, "-o", earlier, "--interior", "2", "--quiet")
+    assert r.exit_code == 0, r.output
+    with h5py.File(earlier) as f:
+        assert len(f["convex"].attrs["positions"]) == 4
+
+
+def test_convexify_an_already_convexified_file_says_so(convex_buffer: Path) -> None:
+    assert_one_line_error(cli("convexify", convex_buffer), 2, "already convexified")
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--lr", "-1"], "--lr must be > 0"), (["--lr", "nan"], "--lr must be > 0"),
+    (["--momentum", "1"], "--momentum must be in [0, 1)"), (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
+    (["--depth", "9"], "at most 5"), (["--augment", "foo"], "foo"),
+    (["--positions", "0,2,4"], "only apply with --convexify"), (["--interior", "1"], "only apply with --convexify"),
+])
+def test_experts_bad_settings_are_refused_before_any_file_is_written(tmp_path: Path, data_dir: Path,
+                                                                      bad: list[str], message: str) -> None:
+    out = tmp_path / "b.h5"
+    r = cli("experts", "mnist", "--data-dir", data_dir, "--epochs", "1", "--width", "4", "-o", out, *bad)
+    assert_one_line_error(r, 2, message)
+    assert not out.exists()
+
+
+def test_experts_with_nothing_to_do_counts_what_the_buffer_holds(tmp_path: Path, buffer: Path, data_dir: Path) -> None:
+    r = cli("experts", "mnist", "--data-dir", data_dir, "--n", "1", "--epochs", "4", "--width", "8",
+            "--batch-size", "32", "--lr", "0.05", "-o", buffer, "--seed", "1")
+    assert r.exit_code == 0, r.output
+    assert "already holds 2 finished expert(s)" in r.stdout
+
+
+def test_a_synset_file_is_not_taken_for_a_buffer(tmp_path: Path, data_dir: Path, convex_buffer: Path) -> None:
+    out = tmp_path / "s.h5"
+    r = cli("distill", "--buffer", convex_buffer, "-o", out, "--data-dir", data_dir, "--iterations", "1", "--ipc", "1",
+            "--syn-steps", "1", "--expert-epochs", "1", "--max-start-epoch", "1", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert_one_line_error(cli("convexify", out), 2, "a synset file")
+    assert_one_line_error(cli("experts", "mnist", "--data-dir", data_dir, "--epochs", "1", "--width", "4", "-o", out),
+                          2, "a synset file")

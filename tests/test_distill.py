@@ -171,6 +171,19 @@ def test_bad_inputs(tmp_path: Path, convex_buffer: Path, buffer: Path, data_dir:
     assert "--max-start-epoch 3 or less" in r.stderr and "--epochs 5 or more" in r.stderr
     assert_one_line_error(cli("distill", "--preset", "cifar10-ipc100"), 2, "did you mean 'cifar10-ipc10'")
     assert_one_line_error(run_distill(convex_buffer, tmp_path / "o.h5", data_dir, "--grad", "magic"), 2, "--grad")
+    for bad, message in ((["--lr-img", "nan"], "--lr-img must be a number > 0"),
+                         (["--lr-img", "-100"], "--lr-img must be a number > 0"),
+                         (["--init", "zeros"], "--init must be real or noise"),
+                         (["--name", "a/b"], "may not"), (["--name", ".."], "may not")):
+        assert_one_line_error(run_distill(convex_buffer, tmp_path / "o.h5", data_dir, *bad), 2, message)
+    assert not (tmp_path / "o.h5").exists()
+    preset = tmp_path / "p.toml"
+    preset.write_text((Path(__file__).parents[1] / "mctool/presets/fashion-mnist-ipc1.toml").read_text()
+                      .replace("iterations = ", "iterations = -5 #"))
+    r = cli("distill", "--preset", preset, "--buffer", convex_buffer, "-o", tmp_path / "o.h5", "--data-dir", data_dir)
+    assert_one_line_error(r, 2, "p.toml: iterations must be >= 0, got -5")
+    r = cli("distill", "--preset", preset, "--iterations", "-1", "--buffer", convex_buffer, "-o", tmp_path / "o.h5")
+    assert_one_line_error(r, 2, "--iterations must be >= 0, got -1")
 
 
 def test_evaluate_bad_inputs(tmp_path: Path, buffer: Path, convex_buffer: Path, data_dir: Path) -> None:

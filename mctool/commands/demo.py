@@ -46,7 +46,8 @@ def demo(
             ["storage per expert", f"{st['full_bytes_per_expert'] / 1e6:.2f} MB -> {st['convex_bytes_per_expert'] / 1e6:.2f} MB",
              f"full vs convexified: {st['ratio']:.2f}x smaller"],
             ["time per stage", f"{sum(s.values()):.0f} s",
-             ", ".join(f"{k} {v:.0f} s" for k, v in s.items())],
+             ", ".join(f"{k} {v:.0f} s" for k, v in s.items())
+             + (f" ({r['experts_reused']} expert(s) reused from an earlier run)" if r["experts_reused"] else "")],
         ]
         stdout.print(table("mctool demo: Fashion-MNIST", ["", "test accuracy % / value", "notes"], rows))
         verdict = "beats" if d["mean"] > b["mean"] else "does NOT beat"

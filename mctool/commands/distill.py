@@ -67,7 +67,7 @@ def distill(
     iterations: Optional[int] = typer.Option(None, "--iterations", help="Distillation iterations."),
     batch_syn: Optional[int] = typer.Option(None, "--batch-syn", help="Synthetic mini-batch per inner step (0 = all)."),
     zca: Optional[bool] = typer.Option(None, "--zca/--no-zca", help="Expected preprocessing of the buffer (checked)."),
-    interior: Optional[int] = typer.Option(None, "--interior", help="Interior waypoints the preset expects (informational)."),
+    interior: Optional[int] = typer.Option(None, "--interior", help="Interior waypoints the settings expect; a buffer with another count is used as it is, with a note."),
     method: Optional[str] = typer.Option(None, "--method", help="mct (convexified, default) or mtt (raw trajectories, unrolled)."),
     grad: Optional[str] = typer.Option(None, "--grad", help="constant (MCT's two-pass, default), adjoint (exact, flat memory) or unrolled (exact)."),
     discrete: Optional[bool] = typer.Option(None, "--discrete/--continuous", help="Integer start epochs (ablation) instead of continuous."),

@@ -32,7 +32,7 @@ def experts(
     out: Path = typer.Option(Path("buffer.h5"), "-o", "--out", help="Buffer file to create or extend."),
     resume: bool = typer.Option(False, "--resume", help="Require an existing buffer and continue it (re-running the same command resumes anyway)."),
     convexify: bool = typer.Option(False, "--convexify", help="Stream: compute waypoints + beta while training and never store the full trajectory (positions must be known up front: --interior/--positions)."),
-    interior: int = typer.Option(2, "--interior", min=0, help="With --convexify: interior waypoints, uniformly placed."),
+    interior: Optional[int] = typer.Option(None, "--interior", min=0, help="With --convexify: interior waypoints, uniformly placed (default 2)."),
     positions: Optional[str] = typer.Option(None, "--positions", help="With --convexify: explicit positions, e.g. 0,17,34,50."),
     beta: str = typer.Option("mct", "--beta", help="With --convexify: mct, uniform, decreasing or projected."),
     smooth: bool = typer.Option(False, "--smooth", help="With --convexify: the authors' code's waypoint smoothing."),
@@ -54,6 +54,9 @@ def experts(
         from mctool.nets import default_depth
         from mctool.prepared import prepare
 
+        if not convexify and (interior is not None or positions is not None or beta != "mct" or smooth):
+            raise UsageError("--interior, --positions, --beta and --smooth only apply with --convexify "
+                             "(or run `mctool convexify` on the buffer afterwards)")
         if resume and not out.exists():
             raise UsageError(f"--resume: {out} does not exist (drop --resume to start a new buffer)")
         dev = resolve_device(device)
@@ -62,7 +65,7 @@ def experts(
             reporter.quiet, reporter.bars = True, False
         stream_positions = None
         if convexify:
-            stream_positions = tuple(ConvexifyConfig(interior, positions, beta, smooth).resolve_positions(epochs))
+            stream_positions = tuple(ConvexifyConfig(interior if interior is not None else ConvexifyConfig.interior, positions, beta, smooth).resolve_positions(epochs))
         if download and distributed.world_size() > 1:
             # Rank 0 downloads (if needed) while the others wait, instead of all racing for the files.
             if distributed.is_main():
@@ -84,10 +87,11 @@ def experts(
         if json_out:
             emit_json(result)
         else:
-            rows = [[t["expert"], t["seed"], t["test_accuracy_first"], t["test_accuracy_last"], t["seconds"]]
+            rows = [[t["expert"], t["seed"], t["test_accuracy_first"], t["test_accuracy_last"], f"{t['seconds']:.1f}"]
                     for t in result["trained"]]
             if not rows:
-                stdout.print(f"{out}: already holds {n} finished expert(s) — nothing to do (raise --n to add more)")
+                stdout.print(f"{out}: already holds {result['already_done']} finished expert(s) — nothing to do "
+                             "(raise --n to add more)")
                 return
             before = result["already_done"]
             earlier = f" ({before} done before this run, not listed)" if before else ""

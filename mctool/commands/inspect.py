@@ -77,9 +77,15 @@ def overview(s: dict[str, Any]) -> Tree:
             runs = len(ev.get("accuracies", []))
             node.add(f"evaluation {ev.get('model', '?')}: {_pct(ev.get('mean'))} ± {_pct(ev.get('std'))} "
                      f"over {runs} run{'s' if runs != 1 else ''}, {ev.get('epochs', '?')} epochs"
-                     + (f", images of iteration {ev['iteration']}" if "iteration" in ev else "")
-                     + (f" ({ev['kind']})" if ev.get("kind") else ""))
+                     + _evaluated_what(ev))
     return root
+
+
+def _evaluated_what(ev: dict) -> str:
+    """Which images an evaluation trained on: the synset at some iteration, or the baseline."""
+    if ev.get("kind") == "random-real":
+        return ", random real images (baseline)"
+    return f", images of iteration {ev['iteration']}" if "iteration" in ev else ""
 
 
 @app.command(epilog="Examples:\n\n  mctool inspect buffer.h5\n\n  mctool inspect synset.h5 --json | python -m json.tool\n\n"
