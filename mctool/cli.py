@@ -20,6 +20,22 @@ from mctool import __version__
 from mctool.errors import MctoolError
 from mctool.render import RichReporter, error_line, stdout
 
+def _hide_flag_types() -> None:
+    """Typer 0.29's help shows `<bool>` after on/off flags as if they took a value (and
+    `--json true` then fails); show nothing there. Left alone if Typer's internals change."""
+    option = getattr(getattr(typer, "core", None), "TyperOption", None)
+    shown = getattr(option, "display_type_rich", None)
+    if shown is None:
+        return
+
+    def display_type_rich(self: Any, ctx: Any) -> Any:
+        return None if getattr(self, "is_flag", False) and not getattr(self, "count", False) else shown(self, ctx)
+
+    option.display_type_rich = display_type_rich
+
+
+_hide_flag_types()
+
 app = typer.Typer(
     help="mctool: distill an image dataset into a few synthetic images per class with MCT "
     "(Matching Convexified Trajectory).\n\nPipeline: experts -> convexify -> distill -> evaluate; "

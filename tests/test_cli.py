@@ -24,10 +24,12 @@ def assert_one_line_error(result, code: int = 2, contains: str = "") -> None:
 def test_version_and_help() -> None:
     r = cli("--version")
     assert r.exit_code == 0 and "mctool" in r.stdout
-    for cmd in ("experts", "convexify", "distill", "evaluate", "inspect"):
+    for cmd in ("experts", "convexify", "distill", "evaluate", "inspect", "demo"):
         r = cli(cmd, "--help")
         assert r.exit_code == 0, r.output
         assert "Examples" in r.stdout
+        assert "<bool>" not in r.stdout and "--json" in r.stdout  # flags take no value: no type shown
+        assert "<int>" in r.stdout or "<path>" in r.stdout  # options that take one still show it
 
 
 @pytest.mark.parametrize("kind", ["passwd", "truncated", "plain", "future", "missing", "directory"])

@@ -17,7 +17,7 @@ from mctool.render import stdout, table
     "  mctool convexify buffer.h5 --positions 0,17,34,50 --beta uniform",
 )
 def convexify(
-    buffer: Path = typer.Argument(Path("buffer.h5"), help="Buffer written by `mctool experts`."),
+    buffer: Path = typer.Argument(Path("buffer.h5"), metavar="BUFFER", help="Buffer written by `mctool experts`."),
     interior: int = typer.Option(2, "--interior", min=0, help="Interior waypoints I, placed at round(i*K/(I+1))."),
     positions: Optional[str] = typer.Option(None, "--positions", help="Explicit waypoint positions, e.g. 0,17,34,50 (overrides --interior)."),
     beta: str = typer.Option("mct", "--beta", help="Step-size strategy: mct (Algorithm A), uniform, decreasing, projected."),

@@ -29,8 +29,13 @@ def print_presets(json_out: bool) -> None:
         return
     cols = ["name", "source", "ipc", "syn_steps", "expert_epochs", "max_start_epoch", "lr_img", "lr_lr", "lr_init",
             "iterations", "zca"]
-    stdout.print(table("presets (source 'paper' = MCT supplement Table A; 'ours' = mctool's own)", cols,
-                       [[p.name] + [p.values.get(c, "") for c in cols[1:]] for p in presets]))
+    from mctool.distill import DistillConfig
+
+    builtin = dataclasses.asdict(DistillConfig())
+    rows = [[p.name] + [p.values.get(c, "") for c in cols[1:]] for p in presets]
+    rows.append(["(no preset)", "defaults"] + [builtin[c] for c in cols[2:]])
+    stdout.print(table("presets (source 'paper' = MCT supplement Table A; 'ours' = mctool's own; options "
+                       "override any of them)", cols, rows))
 
 
 DEFAULT_BUFFER = Path("buffer.h5")
@@ -52,7 +57,7 @@ def missing_buffer_hint(buffer: Path, dataset: str | None) -> str:
     "  mctool distill --preset cifar10-ipc10 --method mtt    (MTT baseline on raw trajectories)",
 )
 def distill(
-    preset: Optional[str] = typer.Option(None, "--preset", help="Shipped preset name (see --list-presets) or a .toml path."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Shipped preset name or a .toml path; settings neither it nor an option gives take the built-in defaults (both listed by --list-presets)."),
     list_presets: bool = typer.Option(False, "--list-presets", help="Show the shipped presets and exit."),
     buffer: Path = typer.Option(DEFAULT_BUFFER, "--buffer", help="Buffer with /convex (MCT) or trajectories (MTT)."),
     out: Path = typer.Option(Path("synset.h5"), "-o", "--out", help="Output file for the synthetic set (a PNG grid is written beside it)."),

@@ -17,7 +17,7 @@ from mctool.render import stdout, table
     "  mctool evaluate synset.h5 --models ConvNet,ResNet18,VGG11,AlexNet,LeNet,MLP --json",
 )
 def evaluate(
-    file: Path = typer.Argument(Path("synset.h5"), help="File with a synthetic set (from `mctool distill`)."),
+    file: Path = typer.Argument(Path("synset.h5"), metavar="FILE", help="File with a synthetic set (from `mctool distill`)."),
     name: Optional[str] = typer.Option(None, "--name", help="Synset to evaluate (default: the only or latest one)."),
     runs: int = typer.Option(5, "--runs", min=1, help="Fresh networks per model."),
     epochs: int = typer.Option(1000, "--epochs", min=1, help="Training epochs per network (lr x 0.1 at the midpoint)."),

@@ -17,7 +17,7 @@ from mctool.render import stdout, table
     "  mctool experts cifar10 --n 100 --convexify --interior 2   (waypoints + beta only)",
 )
 def experts(
-    dataset: str = typer.Argument(..., help="cifar10, cifar100, tinyimagenet, fashion-mnist, mnist or folder:PATH."),
+    dataset: str = typer.Argument(..., metavar="DATASET", help="cifar10, cifar100, tinyimagenet, fashion-mnist, mnist or folder:PATH."),
     n: int = typer.Option(1, "--n", "-n", "--num-experts", min=1, help="Number of experts the buffer should hold (appends to an existing one). Under torchrun write --num-experts (torchrun takes --n for itself)."),
     epochs: int = typer.Option(50, "--epochs", min=1, help="Epochs per expert (K); K+1 snapshots are kept."),
     lr: float = typer.Option(0.01, "--lr", help="SGD learning rate."),

@@ -91,7 +91,7 @@ def _evaluated_what(ev: dict) -> str:
 @app.command(epilog="Examples:\n\n  mctool inspect buffer.h5\n\n  mctool inspect synset.h5 --json | python -m json.tool\n\n"
              "  mctool inspect buffer.h5 --png overview.png")
 def inspect(
-    file: Path = typer.Argument(..., help="Any mctool artifact."),
+    file: Path = typer.Argument(..., metavar="FILE", help="Any mctool artifact."),
     png: Optional[Path] = typer.Option(None, "--png", help="Also write pictures: image grid, beta curves, accuracy along the trajectory."),
     data_dir: Optional[Path] = DataDirOpt,
     device: str = DeviceOpt,
