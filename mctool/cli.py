@@ -20,6 +20,7 @@ from mctool import __version__
 from mctool.errors import MctoolError
 from mctool.render import RichReporter, error_line, stdout
 
+
 def _hide_flag_types() -> None:
     """Typer 0.29's help shows `<bool>` after on/off flags as if they took a value (and
     `--json true` then fails); show nothing there. Left alone if Typer's internals change."""

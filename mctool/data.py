@@ -824,17 +824,21 @@ def _fit_zca(ds: Dataset, eps: float, device: torch.device | str | None) -> Prep
     n, d = ds.train_images.shape[0], ds.channels * ds.height * ds.width
     use_f64 = n * d * 8 <= _ZCA_F64_MAX_BYTES and dev.type != "mps"  # MPS has no float64
     dtype = torch.float64 if use_f64 else torch.float32
+
+    def fit(on: torch.device) -> ZCAWhitening:
+        x = ds.train_images.to(on, dtype).div_(255)  # ToTensor only
+        return ZCAWhitening(eps=float(eps), compute_inv=True).fit(x)
+
     try:
-        x = ds.train_images.to(dev, dtype).div_(255)  # ToTensor only
-        zca = ZCAWhitening(eps=float(eps), compute_inv=True).fit(x)
+        zca: ZCAWhitening | None = fit(dev)
     except torch.OutOfMemoryError:
         # Tiny ImageNet's images, their centred copy and the D×D decomposition need over 11 GB:
-        # more than many GPUs have. The CPU is slower but the fit is cached on disk.
-        x = None
+        # more than many GPUs have. The CPU is slower, but the fit is cached on disk.
+        zca = None
+    if zca is None:  # outside the except block, whose traceback still holds the failed attempt's tensors
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-        zca = ZCAWhitening(eps=float(eps), compute_inv=True).fit(ds.train_images.to("cpu", dtype).div_(255))
-    del x
+        zca = fit(torch.device("cpu"))
     return Preprocessing(
         kind="zca",
         mean=zca.mean_vector.reshape(-1).float().cpu(),

@@ -100,10 +100,10 @@ class RichReporter(Reporter):
             self.progress = None
 
 
-
 def _label(field: str) -> str:
     """How a progress field is shown: rates passed as `img_s=` read `img/s`."""
     return field[:-2] + "/s" if field.endswith("_s") else field
+
 
 @dataclass
 class _LineTask:

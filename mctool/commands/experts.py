@@ -65,7 +65,8 @@ def experts(
             reporter.quiet, reporter.bars = True, False
         stream_positions = None
         if convexify:
-            stream_positions = tuple(ConvexifyConfig(interior if interior is not None else ConvexifyConfig.interior, positions, beta, smooth).resolve_positions(epochs))
+            stream = ConvexifyConfig(ConvexifyConfig.interior if interior is None else interior, positions, beta, smooth)
+            stream_positions = tuple(stream.resolve_positions(epochs))
         if download and distributed.world_size() > 1:
             # Rank 0 downloads (if needed) while the others wait, instead of all racing for the files.
             if distributed.is_main():
