@@ -54,15 +54,18 @@ def _fill(src_path: Path, src: h5py.File, g: h5py.Group, experts: np.ndarray, si
 
 
 def _check_replaceable(out: Path) -> None:
-    """`-o` may replace an earlier compact file of this command, never anything else."""
+    """`-o` may replace an earlier compact file of this command (derived data, marked by
+    `trajectories_in`), never anything else: not even a streamed buffer of `experts --convexify`,
+    which looks the same but holds the only copy of its experts."""
     if not out.exists():
         return
     try:
         with artifact.open_artifact(out) as f:
+            ours = "experts" in f and "trajectories_in" in f["experts"].attrs and "synsets" not in f
             held = artifact.contents(f)
-    except ArtifactError:
-        held = "something that is not an mctool artifact"
-    if held != "convexified experts":
+    except ArtifactError as exc:
+        ours, held = False, f"no artifact this command wrote ({exc})"
+    if not ours:
         raise UsageError(f"{out}: already exists and holds {held}; choose another -o (only an earlier "
                          "compact file of `mctool convexify -o` is replaced)")
 

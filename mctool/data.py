@@ -831,7 +831,7 @@ def _fit_zca(ds: Dataset, eps: float, device: torch.device | str | None) -> Prep
 
     try:
         zca: ZCAWhitening | None = fit(dev)
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError only from torch 2.5
         # Tiny ImageNet's images, their centred copy and the D×D decomposition need over 11 GB:
         # more than many GPUs have. The CPU is slower, but the fit is cached on disk.
         zca = None

@@ -23,16 +23,17 @@ def resolve_device(name: str = "auto") -> torch.device:
     if not torch.cuda.is_available():
         raise UsageError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
     count = torch.cuda.device_count()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # One GPU per process: a shared GPU would make NCCL fail ("Duplicate GPU") or hang.
-        if device.index is not None:
-            raise UsageError(f"--device {name}: under torchrun every process takes cuda:LOCAL_RANK; "
-                             "use --device cuda or auto")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and device.index is None:  # torchrun: process r of a machine takes cuda:r
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if local_rank >= count:
             raise UsageError(f"torchrun started more processes on this machine than it has GPUs ({count}): "
                              f"use --nproc-per-node {count} or fewer")
         return torch.device("cuda", local_rank)
+    if device.index is not None and int(os.environ.get("LOCAL_WORLD_SIZE", str(world))) > 1:
+        # Every process of this machine on one GPU: NCCL fails ("Duplicate GPU") or hangs.
+        raise UsageError(f"--device {name}: under torchrun every process takes cuda:LOCAL_RANK; "
+                         "use --device cuda or auto")
     index = torch.cuda.current_device() if device.index is None else device.index
     if index >= count:
         raise UsageError(f"--device {name}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")

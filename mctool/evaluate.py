@@ -33,6 +33,11 @@ class EvaluateConfig:
     augment: str = DEFAULT_STRATEGY
     seed: int = 0
 
+    def schedule(self, lr: float) -> Schedule:
+        """One run's SGD schedule (building it checks the values: one usage line if bad)."""
+        return Schedule(epochs=self.epochs, lr=lr, momentum=self.momentum, weight_decay=self.weight_decay,
+                        batch_size=self.batch_size, decay_epoch=self.epochs // 2)
+
 
 def run_seed(seed: int, model_index: int, run: int) -> int:
     """Seed of one evaluation run (network init, shuffles, augmentation)."""
@@ -45,8 +50,7 @@ def evaluate_set(images: torch.Tensor, labels: torch.Tensor, lr: float, prepared
     device = prepared.train_x.device
     images, labels = images.to(device), labels.to(device)
     dsa = DSA(cfg.augment, flip=prepared.meta.flip) if cfg.augment != "none" else None
-    schedule = Schedule(epochs=cfg.epochs, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                        batch_size=cfg.batch_size, decay_epoch=cfg.epochs // 2)
+    schedule = cfg.schedule(lr)
     results = []
     for mi, name in enumerate(cfg.models):
         spec = spec_for(name, base)

@@ -46,13 +46,13 @@ class ExpertsConfig:
     stream_strategy: str = "mct"
     stream_smooth: bool = False
 
-    def validate(self, prepared: Prepared) -> None:
-        """Refuse settings that cannot train before any file is touched (one line, exit 2)."""
+    def validate(self) -> None:
+        """Refuse settings that cannot train (one line, exit 2); needs no data, so callers check
+        before any download or file. The depth is checked when the model is built."""
         Schedule(epochs=self.epochs, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
                  batch_size=self.batch_size)
         if self.augment != "none":
             DSA(self.augment)
-        build_model(model_spec(self, prepared))
 
     def compat(self) -> dict[str, Any]:
         """Everything that must agree between runs appending to the same buffer."""
@@ -222,8 +222,9 @@ def run(cfg: ExpertsConfig, out: Path, prepared: Prepared, reporter: Reporter = 
     """
     from mctool import distributed as dist
 
-    cfg.validate(prepared)
+    cfg.validate()
     spec = model_spec(cfg, prepared)
+    build_model(spec)  # a depth too large for the images fails here, before the file exists
     done_before: list[int] = []
     convex_stale = False
     if dist.is_main():

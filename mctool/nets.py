@@ -102,8 +102,8 @@ class ConvNet(nn.Module):
         else:
             first_padding = 1
         if spec.pool != "none" and min(h, w) >> spec.depth < 1:
-            raise UsageError(f"--depth {spec.depth} is too deep for {spec.im_size[0]}×{spec.im_size[1]} images: "
-                             f"every block halves them, so at most {min(h, w).bit_length() - 1}")
+            raise UsageError(f"a ConvNet of depth {spec.depth} is too deep for {spec.im_size[0]}×{spec.im_size[1]} "
+                             f"images: every block halves them, so depth {min(h, w).bit_length() - 1} at most")
         for d in range(spec.depth):
             layers.append(nn.Conv2d(channels, spec.width, 3, padding=first_padding if d == 0 else 1))
             channels = spec.width

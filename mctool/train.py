@@ -27,9 +27,11 @@ class Schedule:
 
     def __post_init__(self) -> None:
         # torch.optim would refuse these too, but as an "internal error"; NaN fails every check.
-        checks = [("--epochs", self.epochs >= 0, ">= 0"), ("--lr", math.isfinite(self.lr) and self.lr > 0, "> 0"),
+        checks = [("--epochs", self.epochs >= 0, ">= 0"),
+                  ("--lr", math.isfinite(self.lr) and self.lr > 0, "a finite number > 0"),
                   ("--momentum", 0 <= self.momentum < 1, "in [0, 1)"),
-                  ("--weight-decay", math.isfinite(self.weight_decay) and self.weight_decay >= 0, ">= 0"),
+                  ("--weight-decay", math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+                   "a finite number >= 0"),
                   ("--batch-size", self.batch_size >= 1, ">= 1")]
         for option, ok, requirement in checks:
             if not ok:

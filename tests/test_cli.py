@@ -207,12 +207,17 @@ def test_ctrl_c_dropped_by_python_still_stops_the_command(capsys: pytest.Capture
 def test_convexify_out_replaces_only_its_own_earlier_output(tmp_path: Path, buffer: Path, convex_buffer: Path) -> None:
     text = tmp_path / "notes.txt"
     text.write_text("keep me")
-    assert_one_line_error(cli("convexify", buffer, "-o", text), 2, "not an mctool artifact")
+    assert_one_line_error(cli("convexify", buffer, "-o", text), 2, "not an HDF5 file")
     assert text.read_text() == "keep me"
     full = tmp_path / "full.h5"
     full.write_bytes(buffer.read_bytes())
     assert_one_line_error(cli("convexify", buffer, "-o", full), 2, "holds expert trajectories")
     assert full.read_bytes() == buffer.read_bytes()
+    streamed = tmp_path / "streamed.h5"  # experts --convexify: same groups, but the only copy of its experts
+    streamed.write_bytes(convex_buffer.read_bytes())
+    with h5py.File(streamed, "r+") as f:
+        del f["experts"].attrs["trajectories_in"]
+    assert_one_line_error(cli("convexify", buffer, "-o", streamed), 2, "holds convexified experts")
     earlier = tmp_path / "earlier.h5"
     earlier.write_bytes(convex_buffer.read_bytes())  # a compact file of `convexify -o`: replaced
     r = cli("convexify", buffer, "-o", earlier, "--interior", "2", "--quiet")
@@ -226,9 +231,9 @@ def test_convexify_an_already_convexified_file_says_so(convex_buffer: Path) -> N
 
 
 @pytest.mark.parametrize("bad, message", [
-    (["--lr", "-1"], "--lr must be > 0"), (["--lr", "nan"], "--lr must be > 0"),
-    (["--momentum", "1"], "--momentum must be in [0, 1)"), (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
-    (["--depth", "9"], "at most 5"), (["--augment", "foo"], "foo"),
+    (["--lr", "-1"], "--lr must be a finite number > 0"), (["--lr", "nan"], "--lr must be a finite number > 0"),
+    (["--momentum", "1"], "--momentum must be in [0, 1)"), (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0"),
+    (["--depth", "9"], "depth 5 at most"), (["--augment", "foo"], "foo"), (["--beta", "mct"], "only apply"),
     (["--positions", "0,2,4"], "only apply with --convexify"), (["--interior", "1"], "only apply with --convexify"),
 ])
 def test_experts_bad_settings_are_refused_before_any_file_is_written(tmp_path: Path, data_dir: Path,

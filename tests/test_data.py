@@ -579,7 +579,7 @@ def test_zca_fit_falls_back_to_the_cpu_when_the_device_runs_out_of_memory(monkey
 
     def fit(self: ZCAWhitening, x: torch.Tensor) -> ZCAWhitening:
         if x.device.type != "cpu":  # stands in for a GPU too small for the whole split
-            raise torch.OutOfMemoryError("out of memory")
+            raise torch.cuda.OutOfMemoryError("out of memory")
         return real_fit(self, x)
 
     monkeypatch.setattr(ZCAWhitening, "fit", fit)

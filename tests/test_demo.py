@@ -51,4 +51,4 @@ def test_demo_run_again_reuses_finished_experts(tmp_path: Path, fashion_dir: Pat
     with h5py.File(out / "buffer.h5", "r") as f:
         assert f["experts/test_accuracy"].shape[0] == 1
         assert (f["experts/test_accuracy"][()] == first).all()
-    assert again["experts_reused"] == 1 and again["seconds"]["experts"] < 5.0
+    assert again["experts_reused"] == 1

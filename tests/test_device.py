@@ -16,11 +16,13 @@ def two_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
 
 
-def torchrun_env(monkeypatch: pytest.MonkeyPatch, world: int, local_rank: int) -> None:
+def torchrun_env(monkeypatch: pytest.MonkeyPatch, world: int, local_rank: int, local_world: int | None = None) -> None:
     monkeypatch.setenv("WORLD_SIZE", str(world))
     monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(world if local_world is None else local_world))
 
 
 def test_cpu_only_machine(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -59,3 +61,10 @@ def test_torchrun_refuses_a_shared_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(UsageError, match="--nproc-per-node 2"):
         resolve_device("auto")
     assert resolve_device("cpu") == torch.device("cpu")  # gloo on the CPU is still fine
+
+
+@pytest.mark.usefixtures("two_gpus")
+def test_one_process_per_machine_may_name_its_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    torchrun_env(monkeypatch, world=4, local_rank=0, local_world=1)  # 4 machines, 1 process each
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device("cuda") == torch.device("cuda", 0)

@@ -240,3 +240,13 @@ def test_state_to_moves_every_tensor_field() -> None:
     tensors = [f.name for f in dataclasses.fields(State) if isinstance(getattr(state, f.name), torch.Tensor)]
     assert tensors and all(getattr(moved, name).device.type == "meta" for name in tensors)
     assert moved.generators[0].device.type == "cpu" and moved.iteration == 3 and moved.queues == [[0, 1]]
+
+
+def test_interior_note_only_when_the_settings_expect_another_count(tmp_path: Path, convex_buffer: Path,
+                                                                   data_dir: Path) -> None:
+    args = [a for a in TINY if a != "--quiet"]
+    base = ["distill", "--buffer", convex_buffer, "--data-dir", data_dir, "--iterations", "1", *args]
+    r = cli(*base, "-o", tmp_path / "a.h5")  # no preset, no --interior: the buffer's count (1) is expected
+    assert r.exit_code == 0 and "interior waypoint" not in r.stderr, r.stderr
+    r = cli(*base, "-o", tmp_path / "b.h5", "--interior", "2")
+    assert r.exit_code == 0 and "expect 2 interior waypoint(s)" in r.stderr and "has 1" in r.stderr

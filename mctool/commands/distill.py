@@ -33,6 +33,7 @@ def print_presets(json_out: bool) -> None:
 
     builtin = dataclasses.asdict(DistillConfig())
     rows = [[p.name] + [p.values.get(c, "") for c in cols[1:]] for p in presets]
+    builtin["zca"] = "buffer's"  # without a preset, the buffer's preprocessing is expected
     rows.append(["(no preset)", "defaults"] + [builtin[c] for c in cols[2:]])
     stdout.print(table("presets (source 'paper' = MCT supplement Table A; 'ours' = mctool's own; options "
                        "override any of them)", cols, rows))
@@ -57,7 +58,7 @@ def missing_buffer_hint(buffer: Path, dataset: str | None) -> str:
     "  mctool distill --preset cifar10-ipc10 --method mtt    (MTT baseline on raw trajectories)",
 )
 def distill(
-    preset: Optional[str] = typer.Option(None, "--preset", help="Shipped preset name or a .toml path; settings neither it nor an option gives take the built-in defaults (both listed by --list-presets)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Shipped preset name or a .toml path; settings neither it nor an option gives take the built-in defaults (the last row of --list-presets)."),
     list_presets: bool = typer.Option(False, "--list-presets", help="Show the shipped presets and exit."),
     buffer: Path = typer.Option(DEFAULT_BUFFER, "--buffer", help="Buffer with /convex (MCT) or trajectories (MTT)."),
     out: Path = typer.Option(Path("synset.h5"), "-o", "--out", help="Output file for the synthetic set (a PNG grid is written beside it)."),
@@ -72,7 +73,7 @@ def distill(
     iterations: Optional[int] = typer.Option(None, "--iterations", help="Distillation iterations."),
     batch_syn: Optional[int] = typer.Option(None, "--batch-syn", help="Synthetic mini-batch per inner step (0 = all)."),
     zca: Optional[bool] = typer.Option(None, "--zca/--no-zca", help="Expected preprocessing of the buffer (checked)."),
-    interior: Optional[int] = typer.Option(None, "--interior", help="Interior waypoints the settings expect; a buffer with another count is used as it is, with a note."),
+    interior: Optional[int] = typer.Option(None, "--interior", help="Interior waypoints expected in the buffer (default: the preset's, else the buffer's); a buffer with another count is used as it is, with a note."),
     method: Optional[str] = typer.Option(None, "--method", help="mct (convexified, default) or mtt (raw trajectories, unrolled)."),
     grad: Optional[str] = typer.Option(None, "--grad", help="constant (MCT's two-pass, default), adjoint (exact, flat memory) or unrolled (exact)."),
     discrete: Optional[bool] = typer.Option(None, "--discrete/--continuous", help="Integer start epochs (ablation) instead of continuous."),
@@ -103,7 +104,7 @@ def distill(
             return
         from mctool import artifact, distributed
         from mctool.device import resolve_device
-        from mctool.distill import check_buffer_matches, run as run_distill, synset_name
+        from mctool.distill import check_buffer_matches, check_synset_name, run as run_distill, synset_name
         from mctool.errors import UsageError
         from mctool.evaluate import EvaluateConfig, evaluate_set
         from mctool.plots import synset_grid, synset_png_path
@@ -111,17 +112,20 @@ def distill(
 
         cfg = resolve_config(preset, overrides)
         cfg.validate()
+        if name is not None:
+            check_synset_name(name)
         if not buffer.exists():
             raise UsageError(missing_buffer_hint(buffer, cfg.dataset))
         with artifact.open_artifact(buffer) as f:
             meta = artifact.DatasetMeta.read(buffer, f)
             spec, _ = artifact.read_model(buffer, f)
-            if cfg.method == "mct":
-                artifact.read_convex(buffer, f)
+            convex = artifact.read_convex(buffer, f) if cfg.method == "mct" else None
         if cfg.dataset is None:
             cfg = dataclasses.replace(cfg, dataset=meta.name)
         if zca is None and not preset:
             cfg = dataclasses.replace(cfg, zca=meta.zca)
+        if interior is None and not preset and convex is not None:
+            cfg = dataclasses.replace(cfg, interior=len(convex.positions) - 2)
         check_buffer_matches(cfg, meta, buffer)
         dev = resolve_device(device)
         distributed.init_from_env(dev)

@@ -41,7 +41,7 @@ def evaluate(
         from mctool.device import resolve_device
         from mctool.errors import UsageError
         from mctool.evaluate import EvaluateConfig, evaluate_set, random_real
-        from mctool.nets import spec_for
+        from mctool.nets import build_model, spec_for
         from mctool.prepared import prepare_like
 
         if baseline not in (None, "random"):
@@ -59,11 +59,12 @@ def evaluate(
             iteration = int(g.attrs.get("iterations", 0))
         model_list = tuple(m.strip() for m in models.split(",") if m.strip())
         for m in model_list:
-            spec_for(m, spec)  # unknown names fail here, before any training
-        dev = resolve_device(device)
-        prepared = prepare_like(meta, data_dir, dev)
+            build_model(spec_for(m, spec))  # unknown or impossible models fail here, before any training
         cfg = EvaluateConfig(models=model_list, runs=runs, epochs=epochs, lr=lr, seed=seed)
         use_lr = lr if lr is not None else learned
+        cfg.schedule(use_lr)  # bad settings fail before the data is prepared
+        dev = resolve_device(device)
+        prepared = prepare_like(meta, data_dir, dev)
         results = evaluate_set(images, labels, use_lr, prepared, spec, cfg, "synset", reporter)
         if baseline == "random":
             bx, by = random_real(prepared, ipc, seed)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 from typing import Optional
 
@@ -34,7 +36,7 @@ def experts(
     convexify: bool = typer.Option(False, "--convexify", help="Stream: compute waypoints + beta while training and never store the full trajectory (positions must be known up front: --interior/--positions)."),
     interior: Optional[int] = typer.Option(None, "--interior", min=0, help="With --convexify: interior waypoints, uniformly placed (default 2)."),
     positions: Optional[str] = typer.Option(None, "--positions", help="With --convexify: explicit positions, e.g. 0,17,34,50."),
-    beta: str = typer.Option("mct", "--beta", help="With --convexify: mct, uniform, decreasing or projected."),
+    beta: Optional[str] = typer.Option(None, "--beta", help="With --convexify: mct (default), uniform, decreasing or projected."),
     smooth: bool = typer.Option(False, "--smooth", help="With --convexify: the authors' code's waypoint smoothing."),
     download: bool = typer.Option(True, "--download/--no-download", help="Download CIFAR/Tiny ImageNet/MNIST into --data-dir when missing (offline: one line saying where to put the files)."),
     data_dir: Optional[Path] = DataDirOpt,
@@ -54,7 +56,7 @@ def experts(
         from mctool.nets import default_depth
         from mctool.prepared import prepare
 
-        if not convexify and (interior is not None or positions is not None or beta != "mct" or smooth):
+        if not convexify and (interior is not None or positions is not None or beta is not None or smooth):
             raise UsageError("--interior, --positions, --beta and --smooth only apply with --convexify "
                              "(or run `mctool convexify` on the buffer afterwards)")
         if resume and not out.exists():
@@ -65,7 +67,8 @@ def experts(
             reporter.quiet, reporter.bars = True, False
         stream_positions = None
         if convexify:
-            stream = ConvexifyConfig(ConvexifyConfig.interior if interior is None else interior, positions, beta, smooth)
+            stream = ConvexifyConfig(ConvexifyConfig.interior if interior is None else interior, positions,
+                                     beta or ConvexifyConfig.strategy, smooth)
             stream_positions = tuple(stream.resolve_positions(epochs))
         if download and distributed.world_size() > 1:
             # Rank 0 downloads (if needed) while the others wait, instead of all racing for the files.
@@ -74,13 +77,16 @@ def experts(
 
                 load_dataset(dataset, data_dir, download=True)
             distributed.barrier()
-        prepared = prepare(dataset, data_dir, zca, 0.1, dev, download=download and distributed.world_size() == 1)
         cfg = ExpertsConfig(
-            dataset=prepared.meta.name, num_experts=n, epochs=epochs, lr=lr, momentum=momentum,
-            weight_decay=weight_decay, batch_size=batch_size, width=width,
-            depth=depth or default_depth(prepared.meta.height), zca=zca, augment=augment, seed=seed,
-            stream_positions=stream_positions, stream_strategy=beta, stream_smooth=smooth,
+            dataset=dataset, num_experts=n, epochs=epochs, lr=lr, momentum=momentum,
+            weight_decay=weight_decay, batch_size=batch_size, width=width, depth=depth or 0, zca=zca,
+            augment=augment, seed=seed, stream_positions=stream_positions,
+            stream_strategy=beta or ConvexifyConfig.strategy, stream_smooth=smooth,
         )
+        cfg.validate()  # before any download, cache or file
+        prepared = prepare(dataset, data_dir, zca, 0.1, dev, download=download and distributed.world_size() == 1)
+        cfg = dataclasses.replace(cfg, dataset=prepared.meta.name,
+                                  depth=depth or default_depth(prepared.meta.height))
         result = run_experts(cfg, out, prepared, reporter)
         distributed.shutdown()
         if not distributed.is_main():
