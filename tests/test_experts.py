@@ -219,8 +219,11 @@ def test_sigkill_loses_only_the_expert_in_progress(tmp_path: Path, data_dir: Pat
 @pytest.mark.slow
 def test_ctrl_c_exits_130_with_one_line(tmp_path: Path, data_dir: Path) -> None:
     out = tmp_path / "b.h5"
+    # preexec_fn: as started from a terminal, even when the suite runs as a background job
+    # (`pytest &`), whose children inherit an ignored SIGINT that mctool rightly leaves alone.
     proc = subprocess.Popen(subprocess_cmd(data_dir, out, 1, 100000), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=SUBPROCESS_ENV)
+                            stderr=subprocess.PIPE, text=True, env=SUBPROCESS_ENV,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         wait_for(proc, lambda: peek_done(out) is not None, "the buffer was created")
         time.sleep(0.3)  # now inside the training loop
