@@ -46,8 +46,9 @@ def init_from_env(device: torch.device) -> None:
 def shutdown() -> None:
     """Leave the process group cleanly, all ranks together: a rank that tears down its gloo
     context while a peer still finishes the last collective can make that peer abort
-    ("terminate called without an active exception", seen once in ~20 runs of the tests).
-    Only for the success path: a rank that failed never gets here, so the barrier cannot hang."""
+    ("terminate called without an active exception", seen twice in the tests). Called on the
+    success path only; if another rank failed meanwhile, torchrun stops this one (one machine),
+    else the barrier ends when the failed rank's connections close or at COLLECTIVE_TIMEOUT."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
