@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from tests.devices import DEVICE_NAME, available
+
 # Tests must never read the user's data cache or the network.
 os.environ.setdefault("MCTOOL_DATA", str(Path(__file__).parent / ".no-data-here"))
 
@@ -36,6 +38,16 @@ def make_tiny_mnist(root: Path, per_class_train: int = 30, per_class_test: int =
         write_idx(folder / f"{split}-images-idx3-ubyte", images[order])
         write_idx(folder / f"{split}-labels-idx1-ubyte", labels[order])
     return root
+
+
+@pytest.fixture(scope="session")
+def device() -> "object":
+    """The torch device named by MCTOOL_TEST_DEVICE (default cpu); skips when it is absent."""
+    import torch
+
+    if not available(DEVICE_NAME):
+        pytest.skip(f"MCTOOL_TEST_DEVICE={DEVICE_NAME}: no such device on this machine")
+    return torch.device(DEVICE_NAME)
 
 
 @pytest.fixture(scope="session")
