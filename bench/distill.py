@@ -59,7 +59,7 @@ from mctool.functional import FlatNet  # noqa: E402
 from mctool.allocator import tune_malloc  # noqa: E402
 from mctool.fastgrad import plan_for  # noqa: E402
 from mctool.matching import _second_order_step, match  # noqa: E402
-from mctool.nets import ModelSpec, build_model  # noqa: E402
+from mctool.models import ModelSpec, build_model  # noqa: E402
 
 MARK = "BENCH-RESULT "
 

@@ -33,7 +33,7 @@ import _common  # noqa: E402
 from mctool.artifact import DatasetMeta  # noqa: E402
 from mctool.data import Dataset, Preprocessing  # noqa: E402
 from mctool.evaluate import EvaluateConfig, evaluate_set  # noqa: E402
-from mctool.nets import ModelSpec, build_model  # noqa: E402
+from mctool.models import ModelSpec, build_model  # noqa: E402
 from mctool.prepared import Prepared  # noqa: E402
 from mctool.train import accuracy  # noqa: E402
 

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 from mctool.augment import DSA  # noqa: E402
-from mctool.nets import ModelSpec, build_model  # noqa: E402
+from mctool.models import ModelSpec, build_model  # noqa: E402
 from mctool.train import Schedule, train  # noqa: E402
 
 

@@ -33,7 +33,7 @@ import _common  # noqa: E402
 
 from mctool import artifact  # noqa: E402
 from mctool.convex import ConvexifyConfig, convexify_file  # noqa: E402
-from mctool.nets import ModelSpec, build_model, param_layout  # noqa: E402
+from mctool.models import ModelSpec, build_model, param_layout  # noqa: E402
 
 AUTHORS_PICKLE_RATIO = 12.3  # the MCT authors' reported full/convex ratio (pickled tensors)
 

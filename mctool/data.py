@@ -138,6 +138,28 @@ def default_data_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "mctool" / "data"
 
 
+# Image shape (C, H, W) of each named dataset, known before anything is loaded.
+SHAPES: dict[str, tuple[int, int, int]] = {
+    "cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "tinyimagenet": (3, 64, 64),
+    "fashion-mnist": (1, 28, 28), "mnist": (1, 28, 28),
+}
+
+
+def canonical_name(name: str) -> str:
+    """The name a dataset is stored under (aliases resolved, folder paths made absolute), checked
+    without loading anything: an unknown name is one line before any work starts."""
+    key = name.strip()
+    if key.lower().startswith("folder:"):
+        spec = key[len("folder:"):].strip()
+        if not spec:
+            raise UsageError("folder: needs a path, e.g. folder:/data/mypets")
+        return f"folder:{Path(spec).expanduser().resolve()}"
+    canon = _ALIASES.get(key.lower(), key.lower())
+    if canon not in DATASETS:
+        raise UsageError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}, folder:PATH")
+    return canon
+
+
 def load_dataset(name: str, data_dir: Path | str | None = None, download: bool = False) -> Dataset:
     """Load a dataset by name ("cifar10", ..., or "folder:PATH") from `data_dir`."""
     root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()

@@ -7,6 +7,19 @@ ConvNet on DSA-augmented synthetic mini-batches with the learnable step size α,
 the images and α from the matching loss (gradient mode: mctool.matching). `--method mtt`
 matches raw trajectories at integer epochs with the exact unrolled gradient (MTT).
 
+Step units: the released MCT code applies half the image gradient its formula states (a
+tuple multiplied by 2, method.md §6.6), and Table A's `lr_img` was tuned with that. With
+`step_units = "released"` (the default) every `--grad` mode of `--method mct` takes image
+steps in those units — `constant` then applies exactly the released code's update — so
+switching `--grad` changes the direction and exactness of the gradient, never the meaning of
+`--lr-img`. `"exact"` applies the gradients as the formulas state them (what mctool 0.1 did);
+`--method mtt` always uses MTT's exact gradient, which its released code applies as is.
+
+With `--eval-every N`, the images are evaluated every N iterations and at the end, scored on
+a validation split held out of the training set (never the test split, unless
+`--select-on test` reproduces the authors' protocol), and the best ones are kept beside the
+final ones.
+
 All randomness comes from CPU torch.Generators whose states are checkpointed, so a resumed
 run continues exactly where an uninterrupted one would be.
 """
@@ -22,56 +35,90 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mctool import artifact
 from mctool import distributed as dist
+from mctool import store
 from mctool.augment import DEFAULT_STRATEGY, DSA, AugParams
-from mctool.errors import MctoolError, TrainingDiverged, UsageError
+from mctool.errors import Interrupted, TrainingDiverged, UsageError
 from mctool.functional import FlatNet
-from mctool.matching import MODES, match
-from mctool.nets import ModelSpec, build_model
-from mctool.prepared import Prepared, sample_per_class
-from mctool.progress import SILENT, Reporter
+from mctool.matching import MODES, MatchResult, match
+from mctool.models import ModelSpec, build_model
+from mctool.prepared import Prepared, auto_val_size, sample_per_class, split_validation
+from mctool.progress import SIGNAL_NAMES, SILENT, Muted, Reporter
+from mctool.settings import legacy_values, option_name, resume_safe, setting
 from mctool.trajectory import ConvexTrajectory
 
-# Consecutive non-finite iterations after which the run stops (the last good state is saved).
-MAX_BAD_ITERATIONS = 10
+# Divergence (docs/method.md, "Robustness"): an update whose loss, gradient, images or α is
+# non-finite or beyond these bounds is not applied; too many such iterations end the run.
+MAX_BAD_IN_A_ROW = 10
+MAX_BAD_FRACTION = 0.25
+IMAGE_BOUND = 1e3  # |pixel| in the whitened/normalised space; real images stay within ~±10
+ALPHA_BOUND = 1e3  # α may grow to this multiple of lr_init
+
+_RESUME_HINT = "add --resume to the same command to continue"
 
 
 @dataclass(frozen=True)
 class DistillConfig:
     """Every setting of a distillation run (presets fill it, options override, the artifact stores it)."""
 
-    dataset: str | None = None
-    ipc: int = 10
-    syn_steps: int = 20
-    expert_epochs: float = 3.0
-    max_start_epoch: float = 25.0
-    lr_img: float = 1000.0
-    lr_lr: float = 1e-5
-    lr_init: float = 0.01
-    iterations: int = 5000
-    batch_syn: int = 0  # 0: all images in every inner step
-    zca: bool = True
-    interior: int = 2
-    method: str = "mct"
-    grad: str = "constant"
-    discrete: bool = False
-    pix_init: str = "real"
-    soft_labels: bool = False
-    augment: str = DEFAULT_STRATEGY
+    dataset: str | None = setting(None, "The dataset the preset is for.", option=False, preset=True, required=True)
+    ipc: int = setting(10, "Images per class.", preset=True, column=True, required=True)
+    syn_steps: int = setting(20, "Inner SGD steps on the synthetic set (N).", preset=True, column=True,
+                             required=True)
+    expert_epochs: float = setting(3.0, "Target = start + expert_epochs (M), clamped to K.", preset=True,
+                                   column=True, required=True)
+    max_start_epoch: float = setting(25.0, "Start ~ U(0, max_start_epoch).", preset=True, column=True,
+                                     required=True)
+    lr_img: float = setting(1000.0, "Image learning rate (SGD, momentum 0.5), in the units of --step-units "
+                            "(default: the released code's, as Table A's values were tuned).", preset=True,
+                            column=True, required=True)
+    lr_lr: float = setting(1e-5, "Learning rate of the learnable step size alpha.", preset=True, column=True,
+                           required=True)
+    lr_init: float = setting(0.01, "Initial value of alpha.", preset=True, column=True, required=True)
+    iterations: int = setting(5000, "Distillation iterations.", preset=True, column=True, resume_safe=True)
+    batch_syn: int = setting(0, "Synthetic mini-batch per inner step (0 = all).", preset=True)
+    zca: bool = setting(True, "Expected preprocessing of the buffer (checked).", flags=("--zca/--no-zca",),
+                        preset=True, column=True)
+    interior: int = setting(2, "Interior waypoints expected in the buffer (default: the preset's, else the "
+                            "buffer's); a buffer with another count is used as it is, with a note.", preset=True)
+    method: str = setting("mct", "mct (convexified, default) or mtt (raw trajectories, unrolled).")
+    grad: str = setting("constant", "constant (MCT's two-pass, default), adjoint (exact, flat memory) or "
+                        "unrolled (exact).")
+    step_units: str = setting("released", "Image-step units: released (the authors' released code: half the "
+                              "two-pass formula's gradient for --method mct; Table A's lr_img) or exact (the "
+                              "formulas as stated).", legacy="exact")
+    discrete: bool = setting(False, "Integer start epochs (ablation) instead of continuous.",
+                             flags=("--discrete/--continuous",))
+    pix_init: str = setting("real", "Initial images: real (random real images per class) or noise.",
+                            flags=("--init",))
+    soft_labels: bool = setting(False, "Labels from the expert's predictions.",
+                                flags=("--soft-labels/--hard-labels",))
+    augment: str = setting(DEFAULT_STRATEGY, "DSA ops joined by '_', or none.")
     momentum_img: float = 0.5
     momentum_lr: float = 0.5
-    checkpoint_every: int = 100
-    eval_every: int = 0
-    eval_runs: int = 1
-    eval_epochs: int = 300
-    seed: int = 0
+    checkpoint_every: int = setting(100, "Save a resumable checkpoint every N iterations.", resume_safe=True)
+    checkpoint_minutes: float = setting(0.0, "Also save one every M minutes (0 = only every N iterations).",
+                                        resume_safe=True, legacy=0.0)
+    eval_every: int = setting(0, "Evaluate every N iterations and at the end, keeping the best images (0 = "
+                              "never).", resume_safe=True)
+    eval_runs: int = setting(1, "Networks per periodic evaluation.", resume_safe=True)
+    eval_epochs: int = setting(300, "Epochs per periodic evaluation.", resume_safe=True)
+    select_on: str = setting("validation", "Where periodic evaluations score the images: validation (held out "
+                             "of the training set) or test (the authors' protocol; every output says so).",
+                             legacy="validation")
+    val_size: int = setting(0, "Training images held out for --select-on validation, the same share of every "
+                            "class (0 = 10 % of the training split, at most 5000).", legacy=0)
+    seed: int = setting(0, "Run seed (0 … 2**63-1).")
     preset: str = ""
+
+    @property
+    def image_grad_scale(self) -> float:
+        """The factor between the gradient `match` returns and the image step's gradient."""
+        return 0.5 if self.method == "mct" and self.step_units == "released" else 1.0
 
     def problem(self) -> tuple[str, str] | None:
         """The first setting that cannot run, as (key, "must be …, got …"); NaN fails every check."""
@@ -88,13 +135,20 @@ class DistillConfig:
             ("momentum_lr", 0 <= self.momentum_lr < 1, "in [0, 1)"),
             ("iterations", self.iterations >= 0, ">= 0"),
             ("batch_syn", self.batch_syn >= 0, ">= 0 (0 = all images)"),
+            ("interior", self.interior >= 0, ">= 0"),
             ("method", self.method in ("mct", "mtt"), "mct or mtt"),
             ("grad", self.grad in MODES, f"one of {', '.join(MODES)}"),
+            ("step_units", self.step_units in ("released", "exact"), "released or exact"),
             ("pix_init", self.pix_init in ("real", "noise"), "real or noise"),
             ("checkpoint_every", self.checkpoint_every >= 1, ">= 1"),
+            ("checkpoint_minutes", finite(self.checkpoint_minutes) and self.checkpoint_minutes >= 0,
+             ">= 0 (0 = off)"),
             ("eval_every", self.eval_every >= 0, ">= 0 (0 = never)"),
             ("eval_runs", self.eval_runs >= 1, ">= 1"),
             ("eval_epochs", self.eval_epochs >= 1, ">= 1"),
+            ("select_on", self.select_on in ("validation", "test"), "validation or test"),
+            ("val_size", self.val_size >= 0, ">= 0 (0 = automatic)"),
+            ("seed", 0 <= self.seed <= 2**63 - 1, "in 0 … 2**63-1"),
         ]
         for key, ok, requirement in checks:
             if not ok:
@@ -106,35 +160,99 @@ class DistillConfig:
         found = self.problem()
         if found is not None:
             key, why = found
-            raise UsageError(f"--{OPTION_NAMES.get(key, key.replace('_', '-'))} {why}")
-
-
-# Settings whose option is not the key in kebab case.
-OPTION_NAMES = {"pix_init": "init"}
+            raise UsageError(f"{option_name(DistillConfig, key)} {why}")
 
 
 def check_synset_name(name: str) -> None:
     """A synset name becomes an HDF5 group name under /synsets: no paths, no empty names."""
-    if not name or "/" in name or name in (".", ".."):
-        raise UsageError(f"--name {name!r}: a synset name may not be empty, '.' or '..', or contain '/'")
+    if not name or "/" in name or name in (".", "..") or store.clean_text(name) != name:
+        raise UsageError(f"--name {store.clean_text(repr(name))}: a synset name may not be empty, '.' or '..', "
+                         "or contain '/' or control characters")
 
 
-def config_from_preset(preset: str | None, overrides: dict[str, Any]) -> DistillConfig:
-    """DistillConfig from its defaults <- the preset's values <- `overrides` that are not None."""
+def synset_name(cfg: DistillConfig) -> str:
+    """Default synset name: the preset's name, else method-ipcN."""
+    return cfg.preset or f"{cfg.method}-ipc{cfg.ipc}"
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def _fields() -> set[str]:
+    return {f.name for f in dataclasses.fields(DistillConfig)}
+
+
+def resolve_config(preset: str | None, overrides: dict[str, Any], buffer: store.Buffer | None = None,
+                   stored: dict[str, Any] | None = None) -> DistillConfig:
+    """The run's settings.
+
+    A new run: built-in defaults <- what the buffer implies (dataset, preprocessing, waypoint
+    count, when no preset says otherwise) <- the preset's values <- `overrides` that are not None.
+    A resumed run (`stored`: the synset's config): the stored settings (with the values older
+    releases implied for keys they did not store) <- `overrides`, which may differ only in the
+    settings a resume may change."""
     from mctool.presets import load_preset
 
     values: dict[str, Any] = {}
-    if preset:
-        p = load_preset(preset)
-        values.update({k: v for k, v in p.values.items() if k not in ("source", "description")})
-        values["preset"] = p.name
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    fields = {f.name for f in dataclasses.fields(DistillConfig)}
-    cfg = DistillConfig(**{k: v for k, v in values.items() if k in fields})
+    p = load_preset(preset) if preset else None
+    if stored is not None:
+        values.update({k: v for k, v in stored.items() if k in _fields()})
+        for key, legacy in legacy_values(DistillConfig).items():
+            values.setdefault(key, legacy)
+    else:
+        if buffer is not None:
+            values.update(buffer_defaults(buffer, preset_given=p is not None))
+        if p is not None:
+            values.update({k: v for k, v in p.values.items() if k in _fields()})
+            values["preset"] = p.name
+    given = {k: v for k, v in overrides.items() if v is not None and k in _fields()}
+    if stored is not None:
+        _check_resume_changes(values, given, p)
+    values.update(given)
+    cfg = DistillConfig(**values)
     found = cfg.problem()
-    if preset and found is not None and overrides.get(found[0]) is None and found[0] in p.values:
+    if p is not None and stored is None and found is not None and found[0] not in given and found[0] in p.values:
         raise UsageError(f"{p.path}: {found[0]} {found[1]}")  # the preset's value, not an option's
+    cfg.validate()
     return cfg
+
+
+def _check_resume_changes(stored: dict[str, Any], given: dict[str, Any], preset: Any) -> None:
+    safe = resume_safe(DistillConfig)
+    asked = dict(given)
+    if preset is not None:
+        asked = {**{k: v for k, v in preset.values.items() if k in _fields()}, **asked}
+    diff = [k for k, v in asked.items() if k not in safe and json.loads(json.dumps(v)) != stored.get(k)]
+    if diff:
+        raise UsageError("cannot resume with different settings: "
+                         + ", ".join(f"{k}={stored.get(k)!r} (now {asked[k]!r})" for k in diff[:4])
+                         + " — drop them (a resume keeps the run's settings) or start another --name")
+
+
+def buffer_defaults(buffer: store.Buffer, preset_given: bool) -> dict[str, Any]:
+    """Settings implied by the buffer: its dataset, and — when no preset says otherwise — its
+    preprocessing and waypoint count."""
+    values: dict[str, Any] = {"dataset": buffer.data.name}
+    if not preset_given:
+        values["zca"] = buffer.data.zca
+        if buffer.convex_state == "complete":
+            values["interior"] = len(buffer.convex.meta.positions) - 2
+    return values
+
+
+def check_buffer_matches(cfg: DistillConfig, buffer: store.Buffer) -> None:
+    """A preset for another dataset, or another preprocessing, cannot use this buffer."""
+    meta = buffer.data
+    if cfg.dataset and cfg.dataset != meta.name:
+        raise UsageError(f"{store.shown(buffer.path)}: holds experts for '{meta.name}' but the preset is for "
+                         f"'{cfg.dataset}'; drop --preset to use settings derived from the buffer, pass --preset "
+                         "with a preset file whose dataset is this one, or tune your own with `mctool distill --tune`")
+    if cfg.zca != meta.zca:
+        raise UsageError(f"{store.shown(buffer.path)}: experts were trained {'with' if meta.zca else 'without'} ZCA "
+                         f"but the settings ask {'for' if cfg.zca else 'against'} it (--zca/--no-zca)")
+
+
+# --------------------------------------------------------------------------- experts
 
 
 @dataclass
@@ -155,37 +273,32 @@ class Expert:
 
 
 class ExpertSource:
-    """Reads experts from a buffer: waypoints + β (/convex) or raw trajectories (/experts)."""
+    """Reads experts from an open buffer: waypoints + β (/convex) or raw trajectories (/experts)."""
 
-    def __init__(self, path: Path, method: str, device: torch.device) -> None:
-        self.path, self.method, self.device = path, method, device
-        self.file = h5py.File(path, "r")  # validated by the caller via open_artifact
-        _, layout = artifact.read_model(path, self.file)
-        self.layer_sizes = artifact.layer_sizes(layout)
+    def __init__(self, buffer: store.Buffer, method: str, device: torch.device) -> None:
+        self.buffer, self.method, self.device = buffer, method, device
         if method == "mct":
-            meta = artifact.read_convex(path, self.file)
-            self.positions = list(meta.positions)
-            self.indices = artifact.convex_experts(path, self.file)
+            self.positions = list(buffer.convex.meta.positions)
+            self.indices = buffer.convex_experts()
             self.K = self.positions[-1]
         else:
-            self.indices = artifact.done_experts(path, self.file)
-            if "trajectories" not in self.file["experts"]:
-                raise UsageError(f"{path}: --method mtt needs full trajectories; this buffer holds only "
-                                 "convexified ones")
-            self.K = int(self.file["experts/trajectories"].shape[1]) - 1
+            info = buffer.require_experts()
+            if not info.has_trajectories:
+                raise UsageError(f"{store.shown(buffer.path)}: --method mtt needs full trajectories; this buffer "
+                                 "holds only convexified ones")
+            self.indices = buffer.done_experts()
+            self.K = info.epochs
 
     def load(self, e: int) -> Expert:
         """Expert `e` (an index into the buffer's rows), on the device."""
         if self.method == "mct":
-            w, b = artifact.read_convex_expert(self.file, e)
-            traj = ConvexTrajectory(w, b, self.positions, self.layer_sizes).to(self.device)
+            w, b = self.buffer.convex_expert(e)
+            traj = ConvexTrajectory(w, b, self.positions, self.buffer.layer_sizes).to(self.device)
             return Expert(e, self.K, convex=traj)
-        rows = self.file["experts/trajectories"]
-        return Expert(e, self.K, raw=lambda k: torch.from_numpy(rows[e, k]).to(self.device))
+        return Expert(e, self.K, raw=lambda k: self.buffer.snapshot(e, k).to(self.device))
 
-    def close(self) -> None:
-        """Close the buffer file."""
-        self.file.close()
+
+# --------------------------------------------------------------------------- state
 
 
 @dataclass
@@ -203,28 +316,37 @@ class State:
     losses: list[float] = field(default_factory=list)
     skipped: int = 0
     evaluations: list[dict[str, Any]] = field(default_factory=list)
+    best: store.BestImages | None = None
 
     def to(self, device: torch.device) -> "State":
         """The same state with its tensors on `device` (generator states stay on the CPU)."""
+        best = self.best
+        if best is not None:
+            best = dataclasses.replace(best, images=best.images.to(device), labels=best.labels.to(device))
         return dataclasses.replace(self, images=self.images.to(device), labels=self.labels.to(device),
-                                   images_velocity=self.images_velocity.to(device))
+                                   images_velocity=self.images_velocity.to(device), best=best)
 
 
 def _rank_seed(seed: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, 0x5EED, rank]).generate_state(1, np.uint32)[0])
 
 
-def initial_state(cfg: DistillConfig, prepared: Prepared, generator: torch.Generator) -> State:
-    """Images from random real images of each class (or noise), hard class-major labels, α = lr_init."""
+def initial_state(cfg: DistillConfig, prepared: Prepared, generator: torch.Generator,
+                  pool: torch.Tensor | None = None) -> State:
+    """Images from random real images of each class drawn from the training indices `pool`
+    (default: all) or noise, hard class-major labels, α = lr_init."""
     m = prepared.meta
     n = cfg.ipc * m.num_classes
     labels = torch.arange(m.num_classes).repeat_interleave(cfg.ipc)
+    device = prepared.train_x.device
     if cfg.pix_init == "noise":
         images = torch.randn(n, m.channels, m.height, m.width, generator=generator)
     else:
-        picks = sample_per_class(prepared.train_y, m.num_classes, cfg.ipc, generator)
-        images = prepared.train_x[picks.to(prepared.train_x.device)]
-    device = prepared.train_x.device
+        y = prepared.train_y if pool is None else prepared.train_y[pool.to(device)]
+        picks = sample_per_class(y, m.num_classes, cfg.ipc, generator)
+        if pool is not None:
+            picks = pool.cpu()[picks]
+        images = prepared.train_x[picks.to(device)]
     images = images.to(device)
     return State(images=images, labels=labels.to(device), alpha=cfg.lr_init,
                  images_velocity=torch.zeros_like(images), alpha_velocity=0.0, iteration=0,
@@ -296,7 +418,7 @@ class Distiller:
             theta = expert.at(min(self.cfg.max_start_epoch, float(expert.K)))
             return F.softmax(self.net(theta, self.state.images), dim=1)
 
-    def step(self) -> tuple[float, torch.Tensor, float] | None:
+    def step(self) -> MatchResult | None:
         """One iteration's loss and gradients on this rank (None for a degenerate draw)."""
         expert = self.source.load(self.next_expert())
         start, target = self.sample_positions()
@@ -308,254 +430,318 @@ class Distiller:
         augment = self.augmentation(batches)
         if torch.equal(theta_s, theta_t):  # an expert that did not move: nothing to match
             return None
-        r = match(self.net, self.state.images, labels, theta_s, theta_t, self.state.alpha, batches, augment,
-                  self.mode)
-        return r.loss, r.grad_images, r.grad_alpha
+        return match(self.net, self.state.images, labels, theta_s, theta_t, self.state.alpha, batches, augment,
+                     self.mode)
 
-    def apply_update(self, grad_images: torch.Tensor, grad_alpha: float) -> None:
-        """SGD with momentum on the images and on α; α is kept positive (never below half its value)."""
+    def apply_update(self, grad_images: torch.Tensor, grad_alpha: float) -> bool:
+        """SGD with momentum on the images (in the configured step units) and on α; α is kept
+        positive (never below half its value). Returns False — and changes nothing — when the
+        step would leave the bounds (non-finite, images beyond ±IMAGE_BOUND, α beyond
+        ALPHA_BOUND × lr_init)."""
         s, cfg = self.state, self.cfg
-        s.images_velocity.mul_(cfg.momentum_img).add_(grad_images)
-        s.images.sub_(cfg.lr_img * s.images_velocity)
-        s.alpha_velocity = cfg.momentum_lr * s.alpha_velocity + grad_alpha
-        proposed = s.alpha - cfg.lr_lr * s.alpha_velocity
-        if not proposed > 0.5 * s.alpha:  # also catches NaN
+        velocity = s.images_velocity * cfg.momentum_img + grad_images * cfg.image_grad_scale
+        images = s.images - cfg.lr_img * velocity
+        alpha_velocity = cfg.momentum_lr * s.alpha_velocity + grad_alpha
+        alpha = s.alpha - cfg.lr_lr * alpha_velocity
+        if not alpha > 0.5 * s.alpha:  # also catches NaN
             # A step that would halve α or flip its sign overshoots: damp it and reset momentum.
-            proposed, s.alpha_velocity = 0.5 * s.alpha, 0.0
-        s.alpha = proposed
-
-
-class StopFlag:
-    """Ctrl-C sets a flag checked between iterations, so a checkpoint is never half an update.
-
-    A second Ctrl-C interrupts at once. Outside the main thread this does nothing.
-    """
-
-    def __init__(self) -> None:
-        self.raised = False
-        self._old: Any = None
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        if self.raised:
-            raise KeyboardInterrupt
-        self.raised = True
-
-    def __enter__(self) -> "StopFlag":
-        import signal
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        import signal
-
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+            alpha, alpha_velocity = 0.5 * s.alpha, 0.0
+        bound = float(images.abs().max()) if images.numel() else 0.0
+        if not (math.isfinite(bound) and bound <= IMAGE_BOUND and alpha <= ALPHA_BOUND * cfg.lr_init):
+            return False
+        s.images, s.images_velocity, s.alpha, s.alpha_velocity = images, velocity, alpha, alpha_velocity
+        return True
 
 
 # --------------------------------------------------------------------------- checkpoints & output
 
 
-def synset_name(cfg: DistillConfig) -> str:
-    """Default synset name: the preset's name, else method-ipcN."""
-    return cfg.preset or f"{cfg.method}-ipc{cfg.ipc}"
+def _synset(name: str, cfg: DistillConfig, state: State, final: bool, source: dict[str, Any],
+            reference: dict[str, Any] | None) -> store.Synset:
+    checkpoint = store.Checkpoint(images_velocity=state.images_velocity, alpha_velocity=state.alpha_velocity,
+                                  generators=state.generators, queues=state.queues)
+    return store.Synset(name=name, images=state.images, labels=state.labels, lr=state.alpha, ipc=cfg.ipc,
+                        method=cfg.method, grad=cfg.grad, preset=cfg.preset, iterations=state.iteration,
+                        complete=final, skipped=state.skipped, config=dataclasses.asdict(cfg),
+                        evaluations=state.evaluations, experts_reference=reference, loss=state.losses,
+                        source=source, checkpoint=checkpoint, best=state.best)
 
 
-def save(out: Path, name: str, cfg: DistillConfig, state: State, source_info: dict[str, Any],
-         buffer: Path, final: bool) -> None:
-    """Write the synset and its checkpoint atomically (the previous file survives any failure)."""
-    artifact.ensure_free_space(out, 3 * state.images.numel() * 4 + 8 * len(state.losses), f"saving {name}")
-    with artifact.atomic_write(out, copy_existing=out.exists()) as f:
-        with artifact.open_artifact(buffer) as src:
-            for g in ("dataset", "model"):
-                if g not in f:
-                    src.copy(src[g], f, name=g)
-        root = f.require_group("synsets")
-        if name in root:
-            del root[name]
-        g = root.create_group(name)
-        artifact.write_tensor(g, "images", state.images.float())
-        artifact.write_tensor(g, "labels", state.labels)
-        artifact.write_tensor(g, "loss", torch.tensor(state.losses, dtype=torch.float32))
-        g.attrs.update(artifact.provenance(dataclasses.asdict(cfg), cfg.seed, source_info))
-        g.attrs.update({"lr": state.alpha, "ipc": cfg.ipc, "method": cfg.method, "preset": cfg.preset,
-                        "iterations": state.iteration, "skipped_iterations": state.skipped,
-                        "complete": final, "grad": cfg.grad})
-        g.attrs["evaluations"] = json.dumps(state.evaluations)
-        g.attrs["experts_reference"] = json.dumps(source_info.get("experts_reference"))
-        c = g.create_group("checkpoint")
-        artifact.write_tensor(c, "images_velocity", state.images_velocity)
-        artifact.write_tensor(c, "generators", torch.stack(state.generators))
-        c.attrs["alpha_velocity"] = state.alpha_velocity
-        c.attrs["queues"] = json.dumps(state.queues)
-        c.attrs["world_size"] = len(state.generators)
+def _state_from(syn: store.Synset) -> State:
+    assert syn.checkpoint is not None
+    c = syn.checkpoint
+    return State(images=syn.images, labels=syn.labels, alpha=syn.lr, images_velocity=c.images_velocity,
+                 alpha_velocity=c.alpha_velocity, iteration=syn.iterations, generators=c.generators, queues=c.queues,
+                 losses=list(syn.loss), skipped=syn.skipped, evaluations=list(syn.evaluations), best=syn.best)
 
 
-def load_checkpoint(out: Path, name: str, cfg: DistillConfig) -> State:
-    """The state saved in `out` for synset `name`, on the CPU; refuses when the settings differ."""
-    with artifact.open_artifact(out) as f:
-        g = artifact.pick_synset(out, f, name)
-        if "checkpoint" not in g:
-            raise UsageError(f"{out}: synset '{name}' has no checkpoint to resume from")
-        stored = artifact.json_attr(g, "config", {})
-        mine = json.loads(json.dumps(dataclasses.asdict(cfg)))
-        ignore = {"iterations", "checkpoint_every", "eval_every", "eval_runs", "eval_epochs"}
-        diff = [k for k in mine if k not in ignore and stored.get(k) != mine[k]]
-        if diff:
-            raise UsageError(f"{out}: cannot resume '{name}' with different settings: "
-                             + ", ".join(f"{k}={stored.get(k)!r} (now {mine[k]!r})" for k in diff[:4]))
-        c = g["checkpoint"]
-        return State(
-            images=torch.from_numpy(g["images"][()]), labels=torch.from_numpy(g["labels"][()]),
-            alpha=float(g.attrs["lr"]), images_velocity=torch.from_numpy(c["images_velocity"][()]),
-            alpha_velocity=float(c.attrs["alpha_velocity"]), iteration=int(g.attrs["iterations"]),
-            generators=[torch.from_numpy(s) for s in c["generators"][()]],
-            queues=json.loads(artifact.str_attr(c, "queues")),
-            losses=[float(v) for v in g["loss"][()]], skipped=int(g.attrs.get("skipped_iterations", 0)),
-            evaluations=artifact.json_attr(g, "evaluations", []),
-        )
+@dataclass
+class DistillResult:
+    """What `mctool distill` did."""
+
+    file: str
+    synset: str
+    iterations: int
+    alpha: float
+    loss_first: float | None
+    loss_last_mean: float | None
+    skipped_iterations: int
+    evaluations: list[dict[str, Any]]
+    seconds: float
+    config: dict[str, Any]
+    png: str | None = None
+    best: dict[str, Any] | None = None  # iteration, lr, selected_on, score of the best images
+    png_best: str | None = None
+    notes: list[str] = field(default_factory=list)
 
 
-def experts_reference(f: h5py.File) -> dict[str, Any] | None:
-    """The experts' own final test accuracy: the whole-dataset reference for evaluations."""
-    if "experts/test_accuracy" not in f or "experts/done" not in f:
-        return None
-    idx = np.flatnonzero(f["experts/done"][()])
-    if idx.size == 0:
-        return None
-    acc = f["experts/test_accuracy"][()][idx, -1]
-    return {"mean": float(acc.mean()), "std": float(acc.std()), "experts": int(idx.size),
-            "epochs": int(f["experts/test_accuracy"].shape[1]) - 1}
+class _Run:
+    """One distillation's loop, checkpoints and periodic evaluations (rank-aware)."""
+
+    def __init__(self, distiller: Distiller, cfg: DistillConfig, buffer: store.Buffer, out: Path, name: str,
+                 reporter: Reporter, selection: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        self.d, self.cfg, self.buffer, self.out, self.name = distiller, cfg, buffer, out, name
+        self.reporter, self.selection = reporter, selection
+        self.source = buffer.source()
+        ref = buffer.reference()
+        self.reference = dataclasses.asdict(ref) if ref is not None else None
+
+    def checkpoint(self, final: bool) -> None:
+        state = self.d.state
+        gens = dist.gather(self.d.generator.get_state())
+        queues = dist.gather(list(self.d.queue))
+        if gens is not None and queues is not None:
+            state.generators, state.queues = gens, queues
+        if dist.is_main():
+            syn = _synset(self.name, self.cfg, state, final, self.source, self.reference)
+            prov = store.provenance(dataclasses.asdict(self.cfg), self.cfg.seed, self.source)
+            size = 3 * state.images.numel() * 4 + 8 * len(state.losses)
+            store.ensure_free_space(self.out, size, f"saving {self.name}")
+            store.save_synset(self.out, syn, self.buffer.data, self.buffer.spec, self.buffer.layout, prov, size)
+
+    def evaluate(self) -> None:
+        """Score the current images on the selection split; keep them if they are the best so far."""
+        from mctool.evaluate import EvaluateConfig, evaluate_set
+
+        state, cfg = self.d.state, self.cfg
+        assert self.selection is not None
+        ecfg = EvaluateConfig(runs=cfg.eval_runs, epochs=cfg.eval_epochs, seed=cfg.seed, augment=cfg.augment)
+        ev = evaluate_set(state.images, state.labels, state.alpha, self.d.prepared, self.buffer.spec, ecfg,
+                          "synset", self.reporter, score_on=self.selection, split=cfg.select_on,
+                          stop_hint=f"checkpoint saved at iteration {state.iteration}; {_RESUME_HINT}")[0]
+        ev.iteration = state.iteration
+        state.evaluations.append(ev.to_dict())
+        best = state.best
+        better = best is None or ev.mean > float(best.score.get("mean", -1.0))
+        self.reporter.log(f"iteration {state.iteration}: {ev.model} {cfg.select_on} accuracy {ev.mean:.4f}"
+                          + (" (best so far)" if better else ""))
+        if better:
+            state.best = store.BestImages(images=state.images.clone(), labels=state.labels.clone(), lr=state.alpha,
+                                          iteration=state.iteration, selected_on=cfg.select_on, score=ev.to_dict())
+
+    def loop(self) -> float:
+        """Run the remaining iterations; returns the seconds taken."""
+        d, cfg, reporter = self.d, self.cfg, self.reporter
+        state, device = d.state, d.device
+        reporter.task("distill", f"distill {self.name}", total=cfg.iterations)
+        reporter.update("distill", advance=state.iteration)
+        started = last_save = time.perf_counter()
+        first_iteration, bad_in_a_row, bad_here = state.iteration, 0, 0
+        evaluating = cfg.eval_every > 0 and dist.is_main()
+        try:
+            while state.iteration < cfg.iterations:
+                signum = reporter.should_stop()
+                if dist.any_flag(bool(signum), device):
+                    raise Interrupted(f"interrupted ({SIGNAL_NAMES.get(signum, 'by another process')}); checkpoint "
+                                      f"saved at iteration {state.iteration}; {_RESUME_HINT}", signum or 15)
+                if evaluating and state.iteration > first_iteration and state.iteration % cfg.eval_every == 0:
+                    self.evaluate()
+                if not self._iteration():
+                    state.skipped += 1
+                    bad_in_a_row, bad_here = bad_in_a_row + 1, bad_here + 1
+                    if bad_in_a_row >= MAX_BAD_IN_A_ROW:
+                        self._diverged(f"{MAX_BAD_IN_A_ROW} iterations in a row")
+                else:
+                    bad_in_a_row = 0
+                state.iteration += 1
+                due_time = cfg.checkpoint_minutes > 0 and time.perf_counter() - last_save >= 60 * cfg.checkpoint_minutes
+                if state.iteration < cfg.iterations and (state.iteration % cfg.checkpoint_every == 0 or
+                                                         dist.any_flag(due_time, device)):
+                    self.checkpoint(final=False)
+                    last_save = time.perf_counter()
+        except (KeyboardInterrupt, Interrupted):
+            reporter.done("distill")
+            self.checkpoint(final=False)  # the state is whole: updates are applied all at once
+            raise
+        reporter.done("distill")
+        ran = state.iteration - first_iteration
+        if bad_here >= 2 and bad_here > MAX_BAD_FRACTION * ran:
+            self._diverged(f"{bad_here} of {ran} iterations")
+        if evaluating and ran > 0:
+            self.evaluate()
+        self.checkpoint(final=True)
+        return time.perf_counter() - started
+
+    def _iteration(self) -> bool:
+        """One update; False when it was not applied (non-finite or out of bounds)."""
+        d, state, device = self.d, self.d.state, self.d.device
+        result = d.step()
+        ok = result is not None and math.isfinite(result.loss) and math.isfinite(result.grad_alpha) \
+            and bool(torch.isfinite(result.grad_images).all())
+        if dist.any_flag(not ok, device):
+            return False  # skipped on every rank: the images and α keep their last good values
+        assert result is not None
+        grad_images = dist.all_mean_(result.grad_images)
+        ga = dist.all_mean_(torch.tensor([result.grad_alpha, result.loss], dtype=torch.float64, device=device))
+        applied = d.apply_update(grad_images, float(ga[0]))
+        if not applied:
+            return False
+        state.losses.append(float(ga[1]))
+        recent = state.losses[-20:]
+        self.reporter.update("distill", advance=1, loss=sum(recent) / len(recent), alpha=state.alpha)
+        return True
+
+    def _diverged(self, how: str) -> None:
+        state = self.d.state
+        self.checkpoint(final=False)
+        raise TrainingDiverged(
+            f"the distillation diverged: {how} gave a non-finite loss or gradient, or images beyond "
+            f"±{IMAGE_BOUND:g} / a step size beyond {ALPHA_BOUND:g}× lr_init (last good state saved in "
+            f"{store.shown(self.out)} at iteration {state.iteration}); try a smaller --lr-img or --lr-lr")
 
 
-def check_buffer_matches(cfg: DistillConfig, meta: artifact.DatasetMeta, buffer: Path) -> None:
-    """A preset for another dataset, or another preprocessing, cannot use this buffer."""
-    if cfg.dataset and cfg.dataset != meta.name:
-        raise UsageError(f"{buffer}: holds experts for '{meta.name}' but the preset is for '{cfg.dataset}'")
-    if cfg.zca != meta.zca:
-        raise UsageError(f"{buffer}: experts were trained {'with' if meta.zca else 'without'} ZCA but the "
-                         f"settings ask {'for' if cfg.zca else 'against'} it (--zca/--no-zca)")
+def _selection(cfg: DistillConfig, prepared: Prepared) -> tuple[tuple[torch.Tensor, torch.Tensor] | None,
+                                                                 torch.Tensor | None]:
+    """(the split periodic evaluations score on, the training indices distillation may use)."""
+    if cfg.eval_every == 0:
+        return None, None
+    if cfg.select_on == "test":
+        return (prepared.test_x, prepared.test_y), None
+    size = cfg.val_size or auto_val_size(prepared.train_y.numel())
+    keep, held = split_validation(prepared.train_y, prepared.meta.num_classes, size, cfg.seed)
+    if held.numel() == 0:
+        raise UsageError("--select-on validation needs a validation split, but the training split is too small; "
+                         "use --val-size or --select-on test")
+    held = held.to(prepared.train_x.device)
+    return (prepared.train_x[held], prepared.train_y[held]), keep
 
 
-def run(cfg: DistillConfig, buffer: Path, out: Path, prepared: Prepared, name: str | None = None,
-        resume: bool = False, reporter: Reporter = SILENT,
-        evaluate: Callable[[State], dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Distill (or resume) synset `name` into `out`; returns a summary. Saves on Ctrl-C."""
+def run_prepared(cfg: DistillConfig, buffer: store.Buffer, out: Path, prepared: Prepared, name: str | None = None,
+                 resume: bool = False, reporter: Reporter = SILENT) -> DistillResult:
+    """Distill (or resume) synset `name` of `out` from an open buffer and prepared data."""
     cfg.validate()
+    check_buffer_matches(cfg, buffer)
     name = name or synset_name(cfg)
     check_synset_name(name)
     device = prepared.train_x.device
-    with artifact.open_artifact(buffer) as f:
-        spec, _ = artifact.read_model(buffer, f)
-        source_info = artifact.fingerprint(buffer, f)
-        source_info["experts_reference"] = experts_reference(f)
+    notes: list[str] = []
     source = ExpertSource(buffer, cfg.method, device)
     if cfg.method == "mct" and len(source.positions) - 2 != cfg.interior:
-        reporter.log(f"note: the settings expect {cfg.interior} interior waypoint(s) but {buffer} has "
-                     f"{len(source.positions) - 2} (positions {','.join(map(str, source.positions))}); "
-                     "using the buffer's")
+        notes.append(f"note: the settings expect {cfg.interior} interior waypoint(s) but {store.shown(buffer.path)} "
+                     f"has {len(source.positions) - 2} (positions {','.join(map(str, source.positions))}); using the "
+                     "buffer's")
+        reporter.log(notes[-1])
+    selection, pool = _selection(cfg, prepared)
+    if cfg.select_on != "test":
+        prepared = dataclasses.replace(prepared, test_x=prepared.test_x[:0], test_y=prepared.test_y[:0])
     world, me = dist.world_size(), dist.rank()
-    try:
-        if resume:
-            # Broadcast from the CPU: a pickled CUDA tensor unpickles onto rank 0's GPU on every rank.
-            state = load_checkpoint(out, name, cfg) if dist.is_main() else None
-            state = dist.broadcast(state).to(device)
-            if len(state.generators) != world:
-                raise UsageError(f"{out}: the checkpoint was written by {len(state.generators)} process(es); "
-                                 f"resume with the same number (now {world})")
-            if state.iteration >= cfg.iterations:
-                raise UsageError(f"{out}: synset '{name}' is already at iteration {state.iteration}; "
-                                 f"raise --iterations above {state.iteration} to continue it")
-            generator = torch.Generator().manual_seed(0)
-            generator.set_state(state.generators[me])
-        else:
-            if out.exists() and dist.is_main():
-                with artifact.open_artifact(out) as f:
-                    if name in artifact.synset_names(f):
-                        raise UsageError(f"{out}: already holds synset '{name}'; use --resume to continue it, "
-                                         "--name for another, or another -o FILE")
-            init_gen = torch.Generator().manual_seed(cfg.seed)
-            state = initial_state(cfg, prepared, init_gen)
-            generator = torch.Generator().manual_seed(_rank_seed(cfg.seed, me))
-            state.queues = [[] for _ in range(world)]
-        distiller = Distiller(cfg, spec, source, prepared, state, generator)
-        distiller.queue = list(state.queues[me]) if state.queues else []
-        return _loop(distiller, cfg, buffer, out, name, source_info, reporter, evaluate)
-    finally:
-        source.close()
+    if resume:
+        # Broadcast from the CPU: a pickled CUDA tensor unpickles onto rank 0's GPU on every rank.
+        state = _load_state(out, name) if dist.is_main() else None
+        state = dist.broadcast(state).to(device)
+        if len(state.generators) != world:
+            raise UsageError(f"{store.shown(out)}: the checkpoint was written by {len(state.generators)} process(es); "
+                             f"resume with the same number (now {world})")
+        if state.iteration >= cfg.iterations:
+            raise UsageError(f"{store.shown(out)}: synset '{name}' is already at iteration {state.iteration}; "
+                             f"raise --iterations above {state.iteration} to continue it")
+        generator = torch.Generator().manual_seed(0)
+        generator.set_state(state.generators[me])
+    else:
+        if out.exists() and dist.is_main():
+            with store.open_synsets(out) as sf:
+                if name in sf.names:
+                    raise UsageError(f"{store.shown(out)}: already holds synset '{name}'; use --resume to continue "
+                                     "it, --name for another, or another -o FILE")
+        state = initial_state(cfg, prepared, torch.Generator().manual_seed(cfg.seed), pool)
+        generator = torch.Generator().manual_seed(_rank_seed(cfg.seed, me))
+        state.queues = [[] for _ in range(world)]
+    distiller = Distiller(cfg, buffer.spec, source, prepared, state, generator)
+    distiller.queue = list(state.queues[me]) if state.queues else []
+    run = _Run(distiller, cfg, buffer, out, name, reporter, selection)
+    seconds = run.loop()
+    best = None
+    if state.best is not None:
+        best = {"iteration": state.best.iteration, "lr": state.best.lr, "selected_on": state.best.selected_on,
+                "score": state.best.score}
+    recent = state.losses[-20:]
+    return DistillResult(file=str(out), synset=name, iterations=state.iteration, alpha=state.alpha,
+                         loss_first=state.losses[0] if state.losses else None,
+                         loss_last_mean=sum(recent) / len(recent) if recent else None,
+                         skipped_iterations=state.skipped, evaluations=state.evaluations, seconds=seconds,
+                         config=dataclasses.asdict(cfg), best=best, notes=notes)
 
 
-def _collect(distiller: Distiller) -> None:
-    """Gather every rank's generator state and expert queue into the (rank 0) state."""
-    gens = dist.gather(distiller.generator.get_state())
-    queues = dist.gather(list(distiller.queue))
-    if gens is not None and queues is not None:
-        distiller.state.generators, distiller.state.queues = gens, queues
+def _load_state(out: Path, name: str) -> State:
+    with store.open_synsets(out) as sf:
+        return _state_from(sf.read(sf.pick(name), checkpoint=True))
 
 
-def _loop(distiller: Distiller, cfg: DistillConfig, buffer: Path, out: Path, name: str,
-          source_info: dict[str, Any], reporter: Reporter,
-          evaluate: Callable[[State], dict[str, Any]] | None) -> dict[str, Any]:
-    state = distiller.state
-    device = distiller.device
-    reporter.task("distill", f"distill {name}", total=cfg.iterations)
-    reporter.update("distill", advance=state.iteration)
-    started, first_iteration = time.perf_counter(), state.iteration
-    bad_in_a_row = 0
-    interrupted = False
-    stop = StopFlag()
+def stored_config(out: Path, name: str) -> dict[str, Any]:
+    """The settings synset `name` of `out` was started with (for --resume)."""
+    if not out.exists():
+        raise UsageError(f"--resume: {store.shown(out)} does not exist (drop --resume to start a new run)")
+    with store.open_synsets(out) as sf:
+        return sf.read(sf.pick(name), values=False).config
 
-    def checkpoint(final: bool) -> None:
-        _collect(distiller)
-        if dist.is_main():
-            save(out, name, cfg, state, source_info, buffer, final)
 
-    try:
-        with stop:
-            while state.iteration < cfg.iterations and not dist.any_flag(stop.raised, device):
-                if cfg.eval_every and evaluate is not None and state.iteration % cfg.eval_every == 0 \
-                        and state.iteration > 0 and dist.is_main():
-                    state.evaluations.append(evaluate(state))
-                result = distiller.step()
-                ok = result is not None and math.isfinite(result[0]) and math.isfinite(result[2]) \
-                    and bool(torch.isfinite(result[1]).all())
-                if dist.any_flag(not ok, device):
-                    # Skip this update on every rank: the images and α stay at their last good values.
-                    state.skipped += 1
-                    bad_in_a_row += 1
-                    if bad_in_a_row >= MAX_BAD_ITERATIONS:
-                        checkpoint(final=False)
-                        raise TrainingDiverged(
-                            f"{MAX_BAD_ITERATIONS} iterations in a row gave a non-finite loss or gradient "
-                            f"(last good state saved in {out} at iteration {state.iteration}); try a smaller --lr-img")
-                    state.iteration += 1
-                    continue
-                bad_in_a_row = 0
-                assert result is not None
-                loss, grad_images, grad_alpha = result
-                grad_images = dist.all_mean_(grad_images)
-                ga = dist.all_mean_(torch.tensor([grad_alpha, loss], dtype=torch.float64, device=device))
-                distiller.apply_update(grad_images, float(ga[0]))
-                state.losses.append(float(ga[1]))
-                state.iteration += 1
-                recent = state.losses[-20:]
-                rate = (state.iteration - first_iteration) / max(1e-9, time.perf_counter() - started)
-                reporter.update("distill", advance=1, loss=sum(recent) / len(recent), alpha=state.alpha, it_s=rate)
-                if state.iteration % cfg.checkpoint_every == 0 and state.iteration < cfg.iterations:
-                    checkpoint(final=False)
-    except KeyboardInterrupt:
-        interrupted = True
-    interrupted = interrupted or stop.raised
-    reporter.done("distill")
-    if evaluate is not None and cfg.eval_every and dist.is_main() and not interrupted:
-        state.evaluations.append(evaluate(state))
-    checkpoint(final=not interrupted)
-    if interrupted:
-        raise KeyboardInterrupt
-    return {"file": str(out), "synset": name, "iterations": state.iteration, "alpha": state.alpha,
-            "loss_first": state.losses[0] if state.losses else None,
-            "loss_last_mean": (sum(state.losses[-20:]) / len(state.losses[-20:])) if state.losses else None,
-            "skipped_iterations": state.skipped, "evaluations": state.evaluations,
-            "seconds": time.perf_counter() - started}
+def missing_buffer_hint(buffer: Path, dataset: str | None, default_buffer: bool) -> str:
+    """What to run first when there is no buffer, sized for this machine (CPU: a small buffer)."""
+    ds = dataset or "DATASET"
+    other = " (or pass --buffer FILE)" if default_buffer else ""
+    size = "--n 100" if torch.cuda.is_available() else "--n 2 --epochs 10 --width 32"
+    where = "" if torch.cuda.is_available() else " (sized for a CPU; the paper's buffers are --n 100 on GPUs)"
+    return (f"{store.shown(buffer)}: no such file — make experts first: `mctool experts {ds} {size} -o "
+            f"{store.shown(buffer)}`{where} then `mctool convexify {store.shown(buffer)}`{other}")
+
+
+def run(preset: str | None, overrides: dict[str, Any], buffer: Path, out: Path, name: str | None = None,
+        resume: bool = False, data_dir: Path | None = None, device: str = "auto", default_buffer: bool = False,
+        reporter: Reporter = SILENT) -> DistillResult | None:
+    """`mctool distill`: settings from the preset, the buffer and the options; the data; the
+    loop (under torchrun, one trajectory per process per iteration); the pictures. Under
+    torchrun only rank 0 returns the result (the others None)."""
+    from mctool.device import resolve_device
+    from mctool.plots import synset_grid, synset_png_path
+    from mctool.prepared import prepare_like
+
+    if name is not None:
+        check_synset_name(name)
+    probe = resolve_config(preset, overrides)  # bad settings fail before any file is opened
+    stored = stored_config(out, name or synset_name(probe)) if resume else None
+    if not buffer.exists():
+        raise UsageError(missing_buffer_hint(buffer, probe.dataset, default_buffer))
+    store.check_writable(out)
+    with store.open_buffer(buffer) as buf:
+        cfg = resolve_config(preset, overrides, buf, stored)
+        check_buffer_matches(cfg, buf)
+        if cfg.method == "mct":
+            buf.convex_experts()  # a buffer without /convex fails here, before the data is prepared
+        dev = resolve_device(device)
+        dist.init_from_env(dev)
+        if not dist.is_main():
+            reporter = Muted(reporter)
+        prepared = prepare_like(buf.data, data_dir, dev)
+        result = run_prepared(cfg, buf, out, prepared, name=name or synset_name(cfg), resume=resume,
+                              reporter=reporter)
+        main = dist.is_main()
+        dist.shutdown()
+    if main:
+        with store.open_synsets(out) as sf:
+            syn = sf.read(result.synset)
+        png = synset_png_path(out, result.synset)
+        result.png = str(synset_grid(syn.images, prepared.prep, cfg.ipc, png))
+        if syn.best is not None:
+            result.png_best = str(synset_grid(syn.best.images, prepared.prep, cfg.ipc,
+                                              png.with_name(f"{png.stem}-best.png")))
+    return result if main else None

@@ -27,3 +27,18 @@ class TrainingDiverged(MctoolError):
 
 class DiskFull(MctoolError):
     """Not enough free space for a write; checked before writing, so nothing is damaged (exit 1)."""
+
+
+class FileBusy(MctoolError):
+    """A file another process is writing (HDF5's lock or mctool's writer lock); retry later (exit 1)."""
+
+
+class Interrupted(MctoolError):
+    """Stopped by a signal at a safe point (Ctrl-C, SIGTERM, SIGHUP); finished work is saved.
+
+    The exit code follows the shell convention 128 + signal number: 130, 143, 129."""
+
+    def __init__(self, message: str, signum: int = 2) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum

@@ -1,42 +1,125 @@
-"""Evaluate a synthetic set: train fresh networks on it, test on the real test split (method.md §8)."""
+"""Evaluate a synthetic set: train fresh networks on it, test on the real test split (method.md §8).
+
+Besides mean ± std, `mctool evaluate` reports the two numbers the field compares distilled
+sets by (docs/method.md, "Scores"): the gain over random real images of the same ipc under the
+same protocol, and DD-Ranking's hard-label recovery HLR = whole-data accuracy − synthetic accuracy.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from mctool.artifact import now_iso
+from mctool import store
 from mctool.augment import DEFAULT_STRATEGY, DSA
-from mctool.nets import ModelSpec, build_model, spec_for
+from mctool.errors import UsageError
+from mctool.models import ModelSpec, build_model, layout_of, spec_for
 from mctool.prepared import Prepared, sample_per_class
-from mctool.progress import SILENT, Reporter
+from mctool.progress import SILENT, Reporter, stop_if_asked
+from mctool.settings import setting
 from mctool.train import Schedule, accuracy, train
+
+_NOTHING_STORED = "nothing was stored; run the command again"
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
     """The evaluation protocol: SGD(lr, momentum 0.9, wd 5e-4), lr × 0.1 at the midpoint, DSA."""
 
-    models: tuple[str, ...] = ("ConvNet",)
-    runs: int = 5
-    epochs: int = 1000
-    lr: float | None = None  # None: the synset's learned step size
+    models: tuple[str, ...] = setting(("ConvNet",), "Comma-separated: ConvNet, ConvNetBN, ResNet18, ResNet18BN, "
+                                      "VGG11, VGG11BN, AlexNet, LeNet, MLP, ...")
+    runs: int = setting(5, "Fresh networks per model.")
+    epochs: int = setting(1000, "Training epochs per network (lr x 0.1 at the midpoint).")
+    lr: float | None = setting(None, "Training lr (default: the synset's learned step size).")
     momentum: float = 0.9
     weight_decay: float = 5e-4
     batch_size: int = 256
     augment: str = DEFAULT_STRATEGY
-    seed: int = 0
+    seed: int = setting(0, "Seed for network inits, shuffles, augmentation, baseline images (0 … 2**63-1).")
 
     def schedule(self, lr: float) -> Schedule:
         """One run's SGD schedule (building it checks the values: one usage line if bad)."""
         return Schedule(epochs=self.epochs, lr=lr, momentum=self.momentum, weight_decay=self.weight_decay,
                         batch_size=self.batch_size, decay_epoch=self.epochs // 2)
+
+    def validate(self) -> None:
+        """Refuse settings that cannot run, before any data is prepared."""
+        from mctool.experts import check_seed
+
+        if self.runs < 1:
+            raise UsageError(f"--runs must be >= 1, got {self.runs}")
+        check_seed(self.seed)
+        self.schedule(self.lr if self.lr is not None else 0.01)
+        if not self.models:
+            raise UsageError("--models names no model")
+
+
+@dataclass
+class Evaluation:
+    """Accuracies of networks trained on one image set (stored with the synset as JSON)."""
+
+    kind: str  # "synset" or "random-real"
+    model: str
+    accuracies: list[float]
+    mean: float
+    std: float  # population std (ddof 0), as the reference reports
+    runs: int
+    epochs: int
+    lr: float
+    seeds: list[int]
+    seed: int
+    images: int
+    date: str
+    seconds_per_run: float
+    config: dict[str, Any]
+    split: str = "test"  # where the accuracies were measured: test, or validation (selection during distill)
+    target: str = "final"  # which images of the synset: final or best
+    iteration: int | None = None  # the synset's iteration these images are from
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stored/JSON form (no `iteration` key when unknown, as earlier releases wrote)."""
+        d = dataclasses.asdict(self)
+        if d["iteration"] is None:
+            del d["iteration"]
+        return d
+
+
+@dataclass(frozen=True)
+class Score:
+    """One row of the scores table: a synset's accuracy with the field's comparisons."""
+
+    target: str  # final or best
+    model: str
+    mean: float
+    std: float
+    runs: int
+    random_real: float | None  # mean accuracy of random real images, same ipc and protocol
+    gain: float | None  # mean − random_real
+    whole_data: float | None  # accuracy of the same architecture trained on the whole training set
+    hlr: float | None  # whole_data − mean (DD-Ranking's hard-label recovery)
+
+
+@dataclass
+class EvaluateResult:
+    """What `mctool evaluate` measured."""
+
+    file: str
+    synset: str
+    ipc: int
+    lr: float
+    results: list[Evaluation]
+    scores: list[Score]
+    experts_reference: dict[str, Any] | None = None
+    whole_data_source: str | None = None
+    selected_on: str | None = None  # how the best images were chosen, when they were evaluated
+    extras: dict[str, Any] = field(default_factory=dict)
 
 
 def run_seed(seed: int, model_index: int, run: int) -> int:
@@ -45,10 +128,15 @@ def run_seed(seed: int, model_index: int, run: int) -> int:
 
 
 def evaluate_set(images: torch.Tensor, labels: torch.Tensor, lr: float, prepared: Prepared, base: ModelSpec,
-                 cfg: EvaluateConfig, kind: str = "synset", reporter: Reporter = SILENT) -> list[dict[str, Any]]:
-    """Train cfg.runs fresh networks of every model on (images, labels); one result dict per model."""
+                 cfg: EvaluateConfig, kind: str = "synset", reporter: Reporter = SILENT,
+                 score_on: tuple[torch.Tensor, torch.Tensor] | None = None, split: str = "test",
+                 stop_hint: str = _NOTHING_STORED) -> list[Evaluation]:
+    """Train cfg.runs fresh networks of every model on (images, labels); one Evaluation per model.
+
+    Accuracy is measured on `score_on` (default: the test split), named `split` in the result."""
     device = prepared.train_x.device
     images, labels = images.to(device), labels.to(device)
+    test_x, test_y = score_on if score_on is not None else (prepared.test_x, prepared.test_y)
     dsa = DSA(cfg.augment, flip=prepared.meta.flip) if cfg.augment != "none" else None
     schedule = cfg.schedule(lr)
     results = []
@@ -62,24 +150,108 @@ def evaluate_set(images: torch.Tensor, labels: torch.Tensor, lr: float, prepared
             gen = torch.Generator().manual_seed(seed)
             key = f"eval-{name}-{r}"
             reporter.task(key, f"evaluate {kind} {name} run {r + 1}/{cfg.runs}", total=cfg.epochs)
-            train(model, images, labels, schedule, dsa, gen,
-                  on_epoch=lambda e, loss, key=key: reporter.update(key, advance=1, loss=loss))
+
+            def on_epoch(epoch: int, loss: float, key: str = key) -> None:
+                reporter.update(key, advance=1, loss=loss)
+                stop_if_asked(reporter, stop_hint)
+
+            train(model, images, labels, schedule, dsa, gen, on_epoch=on_epoch)
             reporter.done(key)
-            accs.append(accuracy(model, prepared.test_x, prepared.test_y))
+            accs.append(accuracy(model, test_x, test_y))
             seeds.append(seed)
-            reporter.log(f"{kind} {name} run {r + 1}/{cfg.runs}: test accuracy {accs[-1]:.4f}")
-        results.append({
-            "kind": kind, "model": name, "accuracies": accs, "mean": statistics.fmean(accs),
-            "std": statistics.pstdev(accs), "runs": cfg.runs, "epochs": cfg.epochs, "lr": lr, "seeds": seeds,
-            "seed": cfg.seed, "images": int(images.shape[0]), "date": now_iso(),
-            "seconds_per_run": (time.perf_counter() - started) / max(1, cfg.runs),
-            "config": dataclasses.asdict(cfg),
-        })
+            reporter.log(f"{kind} {name} run {r + 1}/{cfg.runs}: {split} accuracy {accs[-1]:.4f}")
+        results.append(Evaluation(
+            kind=kind, model=name, accuracies=accs, mean=statistics.fmean(accs), std=statistics.pstdev(accs),
+            runs=cfg.runs, epochs=cfg.epochs, lr=lr, seeds=seeds, seed=cfg.seed, images=int(images.shape[0]),
+            date=store.now_iso(), seconds_per_run=(time.perf_counter() - started) / max(1, cfg.runs),
+            config=dataclasses.asdict(cfg), split=split,
+        ))
     return results
 
 
-def random_real(prepared: Prepared, ipc: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`ipc` random real training images per class (the baseline every paper compares against)."""
+def random_real(prepared: Prepared, ipc: int, seed: int,
+                pool: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ipc` random real training images per class (the baseline every paper compares against),
+    drawn from the training indices `pool` (default: all)."""
     gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 0xBA5E]).generate_state(1)[0]))
-    sel = sample_per_class(prepared.train_y, prepared.meta.num_classes, ipc, gen).to(prepared.train_x.device)
+    y = prepared.train_y if pool is None else prepared.train_y[pool.to(prepared.train_y.device)]
+    sel = sample_per_class(y, prepared.meta.num_classes, ipc, gen)
+    if pool is not None:
+        sel = pool.cpu()[sel]
+    sel = sel.to(prepared.train_x.device)
     return prepared.train_x[sel], prepared.train_y[sel]
+
+
+def scores(results: list[Evaluation], whole_data: float | None) -> list[Score]:
+    """Per (target, model): mean, the gain over random real of the same model, and HLR."""
+    baseline = {r.model: r.mean for r in results if r.kind == "random-real"}
+    out = []
+    for r in results:
+        if r.kind != "synset":
+            continue
+        base = baseline.get(r.model)
+        out.append(Score(target=r.target, model=r.model, mean=r.mean, std=r.std, runs=r.runs, random_real=base,
+                         gain=None if base is None else r.mean - base, whole_data=whole_data,
+                         hlr=None if whole_data is None or r.model != "ConvNet" else whole_data - r.mean))
+    return out
+
+
+def evaluate_file(file: Path, cfg: EvaluateConfig, name: str | None = None, baseline: str | None = None,
+                  images: str = "auto", save: bool = True, whole_data: float | None = None,
+                  data_dir: Path | None = None, device: str = "auto", reporter: Reporter = SILENT) -> EvaluateResult:
+    """`mctool evaluate`: train fresh networks on a synset's final (and best) images, optionally on
+    random real images too, report and store the results."""
+    from mctool.device import resolve_device
+    from mctool.prepared import prepare_like
+
+    if baseline not in (None, "random"):
+        raise UsageError(f"unknown --baseline '{baseline}' (use: random)")
+    if images not in ("auto", "final", "best", "both"):
+        raise UsageError(f"--images must be final, best, both or auto, got '{images}'")
+    if whole_data is not None and not 0 < whole_data <= 1:
+        raise UsageError(f"--whole-data must be an accuracy in (0, 1], got {whole_data}")
+    cfg.validate()
+    if save:
+        store.check_writable(file)
+    with store.open_synsets(file) as sf:
+        synset = sf.pick(name)
+        syn = sf.read(synset)
+        data, spec = sf.data, sf.spec
+    for m in cfg.models:
+        layout_of(spec_for(m, spec))  # unknown or impossible models fail here, before any training
+    targets = _targets(images, syn, file)
+    dev = resolve_device(device)
+    prepared = prepare_like(data, data_dir, dev)
+    results: list[Evaluation] = []
+    for target in targets:
+        x, y, lr_learned, iteration = ((syn.images, syn.labels, syn.lr, syn.iterations) if target == "final" else
+                                       (syn.best.images, syn.best.labels, syn.best.lr, syn.best.iteration))  # type: ignore[union-attr]
+        lr = cfg.lr if cfg.lr is not None else lr_learned
+        for ev in evaluate_set(x, y, lr, prepared, spec, cfg, "synset", reporter):
+            ev.target, ev.iteration = target, iteration
+            results.append(ev)
+    if baseline == "random":
+        bx, by = random_real(prepared, syn.ipc, cfg.seed)
+        lr = cfg.lr if cfg.lr is not None else syn.lr
+        results += evaluate_set(bx, by, lr, prepared, spec, cfg, "random-real", reporter)
+    reference = syn.experts_reference
+    source = None
+    if whole_data is not None:
+        source = "--whole-data"
+    elif reference and isinstance(reference.get("mean"), (int, float)):
+        whole_data, source = float(reference["mean"]), "the experts' final test accuracy"
+    if save:
+        store.add_evaluations(file, synset, [r.to_dict() for r in results])
+    return EvaluateResult(file=str(file), synset=synset, ipc=syn.ipc, lr=cfg.lr if cfg.lr is not None else syn.lr,
+                          results=results, scores=scores(results, whole_data), experts_reference=reference,
+                          whole_data_source=source,
+                          selected_on=syn.best.selected_on if syn.best is not None and "best" in targets else None)
+
+
+def _targets(images: str, syn: store.Synset, file: Path) -> list[str]:
+    if images == "auto":
+        return ["final", "best"] if syn.best is not None else ["final"]
+    if images in ("best", "both") and syn.best is None:
+        raise UsageError(f"{store.shown(file)}: synset '{syn.name}' keeps no best images (distill with --eval-every "
+                         "to select them)")
+    return ["final", "best"] if images == "both" else [images]

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mctool.functional import FlatNet
-from mctool.nets import ConvNet
+from mctool.models import ConvNet
 
 
 @dataclass(frozen=True)

@@ -7,26 +7,26 @@ with PIL.ImageDraw. Everything here is silent and best effort: a part the artifa
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
 
-import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import make_grid, save_image
 
-from mctool import artifact
+from mctool import store
 from mctool.data import Preprocessing
 from mctool.device import resolve_device
 from mctool.errors import ArtifactError, UsageError
 from mctool.functional import FlatNet
-from mctool.nets import ModelSpec, build_model
+from mctool.models import ModelSpec, build_model, layer_sizes
 from mctool.prepared import Prepared, prepare_like
+from mctool.progress import SILENT, Reporter
 from mctool.trajectory import ConvexTrajectory
 
 # At most this many images per class in a synset grid (ipc 50 would be unreadably wide).
@@ -51,7 +51,6 @@ PALETTE = [
 ]
 
 Series = tuple[str, Sequence[float], Sequence[float]]
-T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------- image grids
@@ -354,68 +353,41 @@ class _Convex:
 class _Contents:
     """Everything the pictures need, read once so the file is closed before any heavy work."""
 
-    meta: artifact.DatasetMeta | None = None
-    synset: tuple[torch.Tensor, int] | None = None  # images, ipc
+    meta: store.DatasetMeta | None = None
+    synsets: list[tuple[str, torch.Tensor, int]] = dataclasses.field(default_factory=list)  # suffix, images, ipc
     convex: _Convex | None = None
     accuracy: np.ndarray | None = None  # [E_done, K+1] stored test accuracy of done experts
     done: np.ndarray | None = None  # indices of the done experts (rows of `accuracy`)
 
 
-def _read_synset(path: Path, f: h5py.File) -> tuple[torch.Tensor, int] | None:
-    if not artifact.synset_names(f):
-        return None
-    g = artifact.pick_synset(path, f, None)
-    if "images" not in g:
-        return None
-    images = torch.from_numpy(g["images"][()])
-    if images.dim() != 4 or images.shape[0] == 0:
-        return None
-    return images, int(g.attrs.get("ipc", images.shape[0]))
-
-
-def _read_convex(path: Path, f: h5py.File) -> _Convex | None:
-    if "convex" not in f:
-        return None
-    meta = artifact.read_convex(path, f)  # ArtifactError when incomplete or inconsistent
-    e = int(artifact.convex_experts(path, f)[0])
-    waypoints, beta = artifact.read_convex_expert(f, e)
-    spec, layout = artifact.read_model(path, f)
-    return _Convex(e, list(meta.positions), waypoints, beta, spec, layout)
-
-
-def _read_accuracy(f: h5py.File) -> tuple[np.ndarray, np.ndarray] | None:
-    if "experts/done" not in f or "experts/test_accuracy" not in f:
-        return None
-    done = np.flatnonzero(f["experts/done"][()])
-    if done.size == 0:
-        return None
-    return f["experts/test_accuracy"][()][done].astype(np.float64), done
-
-
-def _optional(read: Callable[..., T], *args: Any) -> T | None:
-    """`read(*args)`, or None when the part is missing or damaged (a picture to skip)."""
-    try:
-        return read(*args)
-    except (ArtifactError, KeyError, IndexError, ValueError):
-        return None
-
-
 def _read_contents(path: Path) -> _Contents:
+    """The parts of the artifact the pictures show (each read through the store's checks)."""
     c = _Contents()
-    with artifact.open_artifact(path) as f:
-        c.meta = _optional(artifact.DatasetMeta.read, path, f)
-        c.synset = _optional(_read_synset, path, f)
-        c.convex = _optional(_read_convex, path, f)
-        acc = _optional(_read_accuracy, f)
-        if acc is not None:
-            c.accuracy, c.done = acc
+    with store.open_artifact(path) as f:
+        has_synsets, has_buffer = bool(store.synset_names(f)), "experts" in f or "convex" in f
+    if has_synsets:
+        with store.open_synsets(path) as sf:
+            c.meta = sf.data
+            syn = sf.read(sf.pick(None))
+            c.synsets.append(("synset", syn.images, syn.ipc))
+            if syn.best is not None:
+                c.synsets.append(("synset-best", syn.best.images, syn.ipc))
+    if has_buffer:
+        with store.open_buffer(path) as buf:
+            c.meta = buf.data
+            if buf.experts is not None and buf.experts.done.any():
+                c.accuracy, c.done = buf.accuracy(), buf.experts.done_indices
+            if buf.convex_state == "complete" and buf.convex.done.any():
+                e = int(buf.convex_experts()[0])
+                waypoints, beta = buf.convex_expert(e)
+                c.convex = _Convex(e, list(buf.convex.meta.positions), waypoints, beta, buf.spec, buf.layout)
     return c
 
 
 class _LazyData:
     """The artifact's dataset, loaded at most once and only if a picture needs it."""
 
-    def __init__(self, meta: artifact.DatasetMeta | None, data_dir: Path | None, device: torch.device) -> None:
+    def __init__(self, meta: store.DatasetMeta | None, data_dir: Path | None, device: torch.device) -> None:
         self.meta, self.data_dir, self.device = meta, data_dir, device
         self._tried = False
         self._prepared: Prepared | None = None
@@ -509,8 +481,10 @@ def _test_subset(x: torch.Tensor, y: torch.Tensor, limit: int | None) -> tuple[t
     return x[::stride], y[::stride]
 
 
-def accuracy_plot(c: _Contents, data: _LazyData, path: Path, test_images: int | None = None) -> Path:
-    """Stored mean expert accuracy per epoch, plus the first convexified expert raw vs convexified."""
+def accuracy_plot(c: _Contents, data: _LazyData | None, path: Path, test_images: int | None = None,
+                  reporter: Reporter = SILENT) -> Path:
+    """Stored mean expert accuracy per epoch, plus the first convexified expert raw vs convexified
+    (the latter evaluated on the test split; `data` None skips it)."""
     assert c.accuracy is not None and c.done is not None
     epochs = list(range(c.accuracy.shape[1]))
     series: list[Series] = [("expert (stored)", epochs, [100 * v for v in _column_mean(c.accuracy)])]
@@ -523,17 +497,18 @@ def accuracy_plot(c: _Contents, data: _LazyData, path: Path, test_images: int | 
             series = []  # the "mean" of one expert is that expert's own curve: draw it once
         if rows.size:
             series.append((f"expert {cv.expert} trajectory", epochs, (100 * c.accuracy[rows[0]]).tolist()))
-        prepared = data.get()
+        prepared = data.get() if data is not None else None
         if prepared is not None:
-            traj = ConvexTrajectory(cv.waypoints, cv.beta, cv.positions, artifact.layer_sizes(cv.layout))
-            if test_images is None and sum(artifact.layer_sizes(cv.layout)) <= SMALL_MODEL_PARAMS:
+            traj = ConvexTrajectory(cv.waypoints, cv.beta, cv.positions, layer_sizes(cv.layout))
+            if test_images is None and sum(layer_sizes(cv.layout)) <= SMALL_MODEL_PARAMS:
                 test_images = 0  # all of them
             x, y = _test_subset(prepared.test_x, prepared.test_y, test_images)
-            acc = _optional(convexified_accuracy, cv.spec, traj, x, y)
-            if acc is not None:
-                note = ("" if x.shape[0] == prepared.test_x.shape[0]
-                        else f" ({x.shape[0]} test images; stored curves use all)")
-                series.append((f"expert {cv.expert} convexified{note}", epochs, [100 * v for v in acc]))
+            reporter.log(f"evaluating expert {cv.expert}'s convexified path at {len(epochs)} epochs on "
+                         f"{x.shape[0]} test images for the accuracy plot (--no-evaluate skips it)")
+            acc = convexified_accuracy(cv.spec, traj, x, y)
+            note = ("" if x.shape[0] == prepared.test_x.shape[0]
+                    else f" ({x.shape[0]} test images; stored curves use all)")
+            series.append((f"expert {cv.expert} convexified{note}", epochs, [100 * v for v in acc]))
     n = len(c.done)
     title = f"test accuracy along the trajectory ({'1 expert' if n == 1 else f'mean of {n} experts'})"
     return line_plot(series, path, title, "epoch", "test accuracy (%)", vlines=vlines)
@@ -545,27 +520,26 @@ def _suffixed(png: Path, what: str) -> Path:
     return png.with_name(f"{png.stem}-{what}.png")
 
 
-def write_overview(file: Path, png: Path, data_dir: Path | None = None,
-                   device: torch.device | None = None, test_images: int | None = None) -> list[Path]:
-    """Write the pictures the artifact supports (synset grid, β curves, accuracy); their paths.
+def write_overview(file: Path, png: Path, data_dir: Path | None = None, device: torch.device | None = None,
+                   test_images: int | None = None, evaluate: bool = True, reporter: Reporter = SILENT) -> list[Path]:
+    """Write the pictures the artifact supports (synset grids, β curves, accuracy); their paths.
 
     `test_images` caps the test images the convexified path is evaluated on (None: all on an
-    accelerator, CPU_TEST_IMAGES on CPU; 0: all)."""
+    accelerator, CPU_TEST_IMAGES on CPU; 0: all); `evaluate=False` draws only stored curves."""
     if device is None:
         device = resolve_device("auto")
     c = _read_contents(Path(file))
     data = _LazyData(c.meta, data_dir, device)
     written: list[Path] = []
-    if c.synset is not None:
-        images, ipc = c.synset
+    for suffix, images, ipc in c.synsets:
         prepared = data.get()
         prep = prepared.prep if prepared is not None else None
         try:
-            written.append(synset_grid(images, prep, ipc, _suffixed(png, "synset")))
+            written.append(synset_grid(images, prep, ipc, _suffixed(png, suffix)))
         except ValueError:  # images do not fit the dataset's preprocessing: show them min-max scaled
-            written.append(synset_grid(images, None, ipc, _suffixed(png, "synset")))
+            written.append(synset_grid(images, None, ipc, _suffixed(png, suffix)))
     if c.convex is not None:
         written.append(beta_plot(c.convex, _suffixed(png, "beta")))
     if c.accuracy is not None:
-        written.append(accuracy_plot(c, data, _suffixed(png, "accuracy"), test_images))
+        written.append(accuracy_plot(c, data if evaluate else None, _suffixed(png, "accuracy"), test_images, reporter))
     return written

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from mctool.allocator import release_free_memory
-from mctool.artifact import DatasetMeta
+from mctool.store import DatasetMeta
 from mctool.data import Dataset, Preprocessing, default_data_dir, fit_preprocessing, load_dataset
 from mctool.errors import UsageError
 
@@ -71,3 +71,24 @@ def sample_per_class(labels: torch.Tensor, num_classes: int, per_class: int, gen
             raise UsageError(f"class {c} has only {idx.numel()} training images, fewer than the {per_class} asked for")
         picks.append(idx[torch.randperm(idx.numel(), generator=generator)[:per_class]])
     return torch.cat(picks)
+
+
+def auto_val_size(num_train: int) -> int:
+    """The default validation split: 10 % of the training split, at most 5000 images."""
+    return min(5000, num_train // 10)
+
+
+def split_validation(labels: torch.Tensor, num_classes: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hold out about `size` training images, the same share of every class, chosen by `seed`:
+    (indices kept for training, validation indices), both sorted, CPU int64."""
+    y = labels.cpu()
+    gen = torch.Generator().manual_seed(int(seed) ^ 0x5A1D)
+    keep, held = [], []
+    total = max(1, y.numel())
+    for c in range(num_classes):
+        idx = torch.nonzero(y == c).flatten()
+        take = min(idx.numel() - 1, round(size * idx.numel() / total)) if idx.numel() > 1 else 0
+        order = idx[torch.randperm(idx.numel(), generator=gen)]
+        held.append(order[:take])
+        keep.append(order[take:])
+    return torch.cat(keep).sort().values, torch.cat(held).sort().values

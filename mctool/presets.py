@@ -1,4 +1,9 @@
-"""Distillation presets: presets/*.toml (Table A of the MCT supplement, plus our own)."""
+"""Distillation presets: presets/*.toml (Table A of the MCT supplement, plus our own).
+
+The keys a preset may hold are the DistillConfig settings marked `preset=True`, plus
+`source` and `description`; the keys it must hold are those marked `required=True`.
+A `folder:PATH` dataset in a preset file is resolved against the preset file's folder.
+"""
 
 from __future__ import annotations
 
@@ -16,25 +21,23 @@ else:  # pragma: no cover - Python 3.10
 
 from mctool.errors import UsageError
 
-# Every key a preset may hold, with its type. Numbers written as ints where floats are
-# expected are accepted (TOML `1e3` is a float, `5` an int).
-PRESET_KEYS: dict[str, type] = {
-    "source": str,
-    "description": str,
-    "dataset": str,
-    "ipc": int,
-    "syn_steps": int,
-    "expert_epochs": float,
-    "max_start_epoch": float,
-    "lr_img": float,
-    "lr_lr": float,
-    "lr_init": float,
-    "zca": bool,
-    "iterations": int,
-    "batch_syn": int,
-    "interior": int,
-}
-REQUIRED = ("dataset", "ipc", "syn_steps", "expert_epochs", "max_start_epoch", "lr_img", "lr_lr", "lr_init")
+_TEXT_KEYS = {"source": str, "description": str}
+
+
+def preset_keys() -> dict[str, Any]:
+    """Every key a preset may hold, with its type."""
+    from mctool.distill import DistillConfig
+    from mctool.settings import preset_keys as keys
+
+    return {**_TEXT_KEYS, **keys(DistillConfig)}
+
+
+def required_keys() -> list[str]:
+    """The keys every preset must hold."""
+    from mctool.distill import DistillConfig
+    from mctool.settings import required_keys as keys
+
+    return keys(DistillConfig)
 
 
 @dataclass(frozen=True)
@@ -56,8 +59,8 @@ def list_presets() -> list[Preset]:
     return [load_preset(p) for p in sorted(presets_dir().glob("*.toml"))]
 
 
-def _coerce(key: str, value: Any, path: str) -> Any:
-    want = PRESET_KEYS[key]
+def _coerce(key: str, want: Any, value: Any, path: str) -> Any:
+    # Numbers written as ints where floats are expected are accepted (TOML `1e3` is a float, `5` an int).
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if want is int and isinstance(value, bool) or not isinstance(value, want):
@@ -65,32 +68,63 @@ def _coerce(key: str, value: Any, path: str) -> Any:
     return value
 
 
-def load_preset(name_or_path: str | Path) -> Preset:
-    """A preset by shipped name (e.g. 'cifar10-ipc10') or by path to a .toml file."""
-    text = str(name_or_path)
+def _find(text: str) -> Path:
     path = Path(text)
     shipped = presets_dir() / f"{text}.toml"
     if "/" not in text and not text.endswith(".toml") and shipped.exists():
-        path = shipped  # a shipped name wins over a stray local file of the same name
-    elif not (text.endswith(".toml") or path.exists()):
-        path = shipped
-        if not path.exists():
-            stems = [p.stem for p in sorted(presets_dir().glob("*.toml"))]
-            close = difflib.get_close_matches(text, stems, n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            raise UsageError(f"unknown preset '{text}'; {hint}shipped presets: {', '.join(stems)}")
+        return shipped  # a shipped name wins over a stray local file of the same name
+    if text.endswith(".toml") or path.exists():
+        return path
+    stems = [p.stem for p in sorted(presets_dir().glob("*.toml"))]
+    close = difflib.get_close_matches(text, stems, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise UsageError(f"unknown preset '{text}'; {hint}shipped presets: {', '.join(stems)}")
+
+
+def load_preset(name_or_path: str | Path) -> Preset:
+    """A preset by shipped name (e.g. 'cifar10-ipc10') or by path to a .toml file."""
+    path = _find(str(name_or_path))
     if not path.is_file():
         raise UsageError(f"{path}: preset file not found")
     try:
         raw = tomllib.loads(path.read_text())
+    except PermissionError:
+        raise UsageError(f"{path}: permission denied (cannot read the preset file)") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read the preset file ({exc.strerror or exc})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}: not valid TOML ({exc})") from None
+    keys = preset_keys()
     values: dict[str, Any] = {}
     for key, value in raw.items():
-        if key not in PRESET_KEYS:
-            raise UsageError(f"{path}: unknown key '{key}' (allowed: {', '.join(PRESET_KEYS)})")
-        values[key] = _coerce(key, value, str(path))
-    missing = [k for k in REQUIRED if k not in values]
+        if key not in keys:
+            raise UsageError(f"{path}: unknown key '{key}' (allowed: {', '.join(keys)})")
+        values[key] = _coerce(key, keys[key], value, str(path))
+    missing = [k for k in required_keys() if k not in values]
     if missing:
         raise UsageError(f"{path}: missing key(s) {', '.join(missing)}")
+    dataset = values.get("dataset", "")
+    if dataset.lower().startswith("folder:"):
+        folder = Path(dataset[len("folder:"):]).expanduser()
+        values["dataset"] = f"folder:{(path.parent / folder).resolve()}"
     return Preset(name=path.stem, path=str(path), values=values)
+
+
+def write_preset(path: Path, values: dict[str, Any], comment: str) -> Path:
+    """Write a preset file (`values`: preset keys) that `load_preset` reads back; `comment`
+    becomes its header, one `#` line per line."""
+    keys = preset_keys()
+    lines = [f"# {line}" for line in comment.splitlines()]
+    for key, value in values.items():
+        if key not in keys:
+            raise ValueError(f"not a preset key: {key}")
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, str):
+            text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        else:
+            text = repr(float(value)) if keys[key] is float else str(int(value))
+        lines.append(f"{key} = {text}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path

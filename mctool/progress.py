@@ -1,8 +1,14 @@
-"""How the library reports progress without printing: a small protocol the CLI renders."""
+"""How the library reports progress and learns that it should stop, without printing or
+touching signals: a small protocol the CLI implements (rendering, and its signal handlers)."""
 
 from __future__ import annotations
 
+import signal
 from typing import Any
+
+from mctool.errors import Interrupted
+
+SIGNAL_NAMES = {int(signal.SIGINT): "Ctrl-C", int(signal.SIGTERM): "SIGTERM", int(getattr(signal, "SIGHUP", 1)): "SIGHUP"}
 
 
 class Reporter:
@@ -19,6 +25,28 @@ class Reporter:
 
     def log(self, message: str) -> None:
         """A one-line message for the user (stderr in the CLI)."""
+
+    def should_stop(self) -> int:
+        """0, or the number of the signal (Ctrl-C, SIGTERM, SIGHUP) that asked the run to stop at
+        its next safe point. Long loops poll it between units of work."""
+        return 0
+
+
+def stop_if_asked(reporter: Reporter, saved: str) -> None:
+    """Raise Interrupted when the run was asked to stop; `saved` says what was kept and how to go on."""
+    signum = reporter.should_stop()
+    if signum:
+        raise Interrupted(f"interrupted ({SIGNAL_NAMES.get(signum, f'signal {signum}')}); {saved}", signum)
+
+
+class Muted(Reporter):
+    """Shows nothing but still passes on stop requests (for torchrun ranks other than 0)."""
+
+    def __init__(self, inner: Reporter) -> None:
+        self.inner = inner
+
+    def should_stop(self) -> int:
+        return self.inner.should_stop()
 
 
 SILENT = Reporter()

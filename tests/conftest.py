@@ -59,7 +59,6 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def cli(*args: str) -> "object":
     """Run the mctool CLI in-process; returns click's Result (exit_code, stdout, stderr)."""
     from mctool.cli import app
-    import mctool.commands  # noqa: F401
 
     return CliRunner().invoke(app, [str(a) for a in args])
 

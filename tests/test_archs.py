@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mctool import archs, nets
+from mctool.models import zoo as archs
+import mctool.models as nets
 from mctool.errors import UsageError
 
 SHAPES = [(1, 28, 10), (3, 32, 10), (3, 64, 7)]  # channels, pixels, classes

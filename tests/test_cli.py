@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 from pathlib import Path
 
 import h5py
@@ -12,12 +13,16 @@ import pytest
 from tests.conftest import cli
 
 
-def assert_one_line_error(result, code: int = 2, contains: str = "") -> None:
+def assert_one_line_error(result, code: int = 2, contains: str = "", after_progress: bool = False) -> None:
+    """Exit `code` and one `mctool: error:` line holding `contains`, no traceback. Bad input is
+    refused before any work, so stderr holds nothing else; a failure met while working
+    (`after_progress`) may follow the progress lines, and must be the last line."""
     assert result.exit_code == code, (result.exit_code, result.output)
     err = result.stderr.strip().splitlines()
-    assert len(err) == 1, result.stderr
-    assert err[0].startswith("mctool: error: ")
-    assert contains in err[0]
+    errors = [line for line in err if line.startswith("mctool: error: ")]
+    assert len(errors) == 1 and err[-1] == errors[0], result.stderr
+    assert after_progress or len(err) == 1, result.stderr
+    assert contains in errors[0]
     assert "Traceback" not in result.output
 
 
@@ -82,7 +87,7 @@ def test_experts_records_config_and_accuracy_rises(buffer: Path) -> None:
 def test_experts_unknown_dataset_and_missing_cifar(tmp_path: Path) -> None:
     assert_one_line_error(cli("experts", "nope", "--data-dir", tmp_path, "-o", tmp_path / "b.h5"), 2, "nope")
     r = cli("experts", "cifar10", "--n", "1", "--data-dir", tmp_path, "-o", tmp_path / "b.h5")
-    assert_one_line_error(r, 2, "cifar-10")
+    assert_one_line_error(r, 2, "cifar-10", after_progress=True)
     assert not (tmp_path / "b.h5").exists()
 
 
@@ -153,7 +158,7 @@ def test_disk_full_is_checked_before_writing(tmp_path: Path, buffer: Path, monke
 
 def test_progress_lines_without_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
     """No terminal (pytest captures stderr): progress becomes throttled plain lines."""
-    from mctool.render import RichReporter
+    from mctool.cli.render import RichReporter
 
     every = RichReporter(line_every=0.0)
     assert not every.bars
@@ -163,30 +168,53 @@ def test_progress_lines_without_a_terminal(capsys: pytest.CaptureFixture[str]) -
     every.done("expert")
     assert capsys.readouterr().err.splitlines() == ["expert 0: 5/10, epoch 1/2, acc 0.5"]
 
-    for reporter in (RichReporter(line_every=3600.0), RichReporter(quiet=True, line_every=0.0)):
-        reporter.task("distill", "distill", total=None)
-        reporter.update("distill", advance=1, loss=1.0)
+    # A slow clock: the first figures at once, then only at epoch ends.
+    slow = RichReporter(line_every=3600.0)
+    slow.task("distill", "distill", total=None)
+    slow.update("distill", advance=1, loss=1.0)
+    slow.update("distill", advance=1, loss=0.9)
+    slow.task("expert", "expert 1", total=4)
+    slow.update("expert", advance=1, loss=2.0)
+    slow.update("expert", advance=1, loss=1.5)
+    slow.update("expert", advance=0, epoch="1/2", acc=0.3)
+    assert capsys.readouterr().err.splitlines() == ["distill: 1, loss 1", "expert 1: 1/4, loss 2",
+                                                    "expert 1: 2/4, epoch 1/2, acc 0.3"]
+    quiet = RichReporter(quiet=True, line_every=0.0)
+    quiet.task("distill", "distill", total=None)
+    quiet.update("distill", advance=1, loss=1.0)
     assert capsys.readouterr().err == ""
 
 
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # must not reach pytest
-def test_ctrl_c_dropped_by_python_still_stops_the_command(capsys: pytest.CaptureFixture[str]) -> None:
-    """A KeyboardInterrupt raised while a __del__ runs is dropped by Python ("Exception ignored");
-    the CLI remembers the Ctrl-C and the loop's next progress update raises it again."""
-    import signal
-
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_first_signal_asks_the_library_to_stop_second_stops_at_once(capsys: pytest.CaptureFixture[str],
+                                                                     signum: int) -> None:
+    """The CLI owns the signals: the first one sets the flag the library polls (which stops at
+    its next safe point with Interrupted); a second one raises KeyboardInterrupt at once, even
+    when Python drops it inside a __del__ — the next progress update raises it again."""
     import typer
 
-    from mctool.cli import run
-
-    class RaisesInDestructor:
-        def __del__(self) -> None:
-            signal.raise_signal(signal.SIGINT)  # the handler runs here: its exception is dropped
+    from mctool.cli.common import run
+    from mctool.progress import stop_if_asked
 
     steps: list[int] = []
 
-    def body(reporter) -> str:
+    def polite(reporter) -> str:
         reporter.task("loop", "loop", total=None)
+        for i in range(5):
+            if i == 2:
+                signal.raise_signal(signum)
+            stop_if_asked(reporter, "saved up to step " + str(i))
+            steps.append(i)
+        return "finished"
+
+    class RaisesInDestructor:
+        def __del__(self) -> None:
+            signal.raise_signal(signum)  # the second signal: its KeyboardInterrupt is dropped here
+
+    def stubborn(reporter) -> str:
+        reporter.task("loop", "loop", total=None)
+        signal.raise_signal(signum)  # first: only a request
         for i in range(5):
             RaisesInDestructor()  # freed at once
             steps.append(i)
@@ -195,18 +223,27 @@ def test_ctrl_c_dropped_by_python_still_stops_the_command(capsys: pytest.Capture
 
     # As in a terminal, whatever this process inherited: a background job (`pytest &`) starts
     # with SIGINT ignored, which mctool rightly leaves alone.
-    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    inherited = {s: signal.signal(s, signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL)
+                 for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
-        with pytest.raises(typer.Exit) as exc:
-            run(body, quiet=True, debug=False)
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored for in-process callers
+        for body, stopped_after in ((polite, [0, 1]), (stubborn, [0])):
+            steps.clear()
+            with pytest.raises(typer.Exit) as exc:
+                run(body, quiet=True, debug=False)
+            assert exc.value.exit_code == 128 + signum
+            assert steps == stopped_after
+            err = capsys.readouterr().err
+            assert "Exception ignored" not in err and "Traceback" not in err  # just the one line
+            (line,) = err.strip().splitlines()
+            assert line.startswith("mctool: error: interrupted (")
+            if body is polite:
+                assert line.endswith("saved up to step 2")
+        # restored for in-process callers
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     finally:
-        signal.signal(signal.SIGINT, inherited)
-    assert exc.value.exit_code == 130
-    assert steps == [0]  # it went on after the dropped interrupt, but only up to the update
-    err = capsys.readouterr().err
-    assert "Exception ignored" not in err and "Traceback" not in err  # just the one line
-    assert err.strip().splitlines() == ["mctool: error: interrupted"]
+        for s, handler in inherited.items():
+            signal.signal(s, handler)
 
 
 def test_convexify_out_replaces_only_its_own_earlier_output(tmp_path: Path, buffer: Path, convex_buffer: Path) -> None:

@@ -96,29 +96,28 @@ def test_non_finite_iterations_are_skipped_then_stop(tmp_path: Path, convex_buff
 
     def sometimes_nan(self: Distiller):
         calls["n"] += 1
-        loss, gi, ga = original(self)
+        r = original(self)
         if calls["n"] == 2:
-            return float("nan"), gi, ga
+            return dataclasses.replace(r, loss=float("nan"))
         if calls["n"] == 3:
-            return loss, gi * float("inf"), ga
-        return loss, gi, ga
+            return dataclasses.replace(r, grad_images=r.grad_images * float("inf"))
+        return r
 
     monkeypatch.setattr(Distiller, "step", sometimes_nan)
     out = tmp_path / "nan.h5"
-    r = run_distill(convex_buffer, out, data_dir, iterations=5)
-    assert r.exit_code == 0, r.output
+    r = run_distill(convex_buffer, out, data_dir, iterations=10)
+    assert r.exit_code == 0, r.output  # 2 of 10 skipped: not a divergence
     images, attrs = read_synset(out)
     assert attrs["skipped_iterations"] == 2
     assert np.isfinite(images).all()
 
     def always_nan(self: Distiller):
-        loss, gi, ga = original(self)
-        return float("nan"), gi, ga
+        return dataclasses.replace(original(self), loss=float("nan"))
 
     monkeypatch.setattr(Distiller, "step", always_nan)
     out2 = tmp_path / "nan2.h5"
     r = run_distill(convex_buffer, out2, data_dir, iterations=30)
-    assert_one_line_error(r, 1, "non-finite")
+    assert_one_line_error(r, 1, "diverged")
     images, attrs = read_synset(out2)  # the last good state was saved
     assert np.isfinite(images).all() and not attrs["complete"]
 

@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
-from mctool import artifact
+from mctool import store
 
 TINY_EXPERTS = ["experts", "mnist", "--num-experts", "3", "--epochs", "2", "--width", "8", "--batch-size", "32",
                 "--lr", "0.05", "--seed", "4", "--quiet"]
@@ -62,8 +62,8 @@ def test_torchrun_distill_writes_valid_synset(dist_buffer: Path, data_dir: Path,
             "--syn-steps", "2", "--expert-epochs", "1", "--max-start-epoch", "1", "--iterations", "3", "--quiet"]
     r = torchrun(*args, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    with artifact.open_artifact(out) as f:
-        g = artifact.pick_synset(out, f, None)
+    with store.open_artifact(out) as f:
+        g = f["synsets"][sorted(f["synsets"])[0]]
         assert g["images"].shape == (20, 1, 28, 28) and np.isfinite(g["images"][()]).all()
         assert int(g.attrs["iterations"]) == 3
         assert g["checkpoint/generators"].shape[0] == 2  # one RNG state per rank, for --resume

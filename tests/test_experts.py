@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from mctool import artifact
+from mctool import store
 from mctool.experts import ExpertsConfig, expert_seed, model_spec, train_expert
 from mctool.functional import FlatNet
-from mctool.nets import build_model
+from mctool.models import build_model
 from mctool.train import accuracy
 from tests.conftest import cli
 from tests.test_cli import assert_one_line_error
@@ -34,7 +34,7 @@ def experts(data_dir: Path, out: Path, *args: str, seed: int = 0, n: int = 2):
 
 
 def read(path: Path, *names: str) -> dict[str, np.ndarray]:
-    with artifact.open_artifact(path) as f:
+    with store.open_artifact(path) as f:
         return {n: f[n][()] for n in names}
 
 
@@ -114,8 +114,8 @@ def load(spec, flat: torch.Tensor) -> torch.nn.Module:
 @pytest.mark.parametrize("which", ["seed0", "buffer"])
 def test_snapshot_0_is_the_initial_weights(request: pytest.FixtureRequest, which: str, prepared) -> None:
     path = request.getfixturevalue(which)
-    with artifact.open_artifact(path) as f:
-        spec, _ = artifact.read_model(path, f)
+    with store.open_artifact(path) as f:
+        spec, _ = store.read_model(path, f)
         seed = int(f["experts"].attrs["seed"])
         traj = f["experts/trajectories"][()]
         acc = f["experts/test_accuracy"][()]
@@ -139,7 +139,7 @@ def test_snapshot_k_is_the_final_weights(seed0: Path, prepared) -> None:
     assert res.trajectory is not None and res.trajectory.shape[0] == cfg.epochs + 1
     assert res.seed == expert_seed(cfg.seed, 1)
     # In-process training reproduces the CLI's row bit for bit (same thread count).
-    with artifact.open_artifact(seed0) as f:
+    with store.open_artifact(seed0) as f:
         np.testing.assert_array_equal(res.trajectory.numpy(), f["experts/trajectories"][1])
         np.testing.assert_array_equal(np.float32(res.test_accuracy), f["experts/test_accuracy"][1])
         assert int(f["experts/seeds"][1]) == res.seed
@@ -196,9 +196,10 @@ def test_sigkill_loses_only_the_expert_in_progress(tmp_path: Path, data_dir: Pat
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    with artifact.open_artifact(out) as f:
+    with store.open_artifact(out) as f:
         assert f["experts/done"][()].tolist() == [True, False]
-        assert artifact.done_experts(out, f).tolist() == [0]
+    with store.open_buffer(out) as buf:
+        assert buf.done_experts().tolist() == [0]
     assert not list(tmp_path.glob(".killed.h5.*")), "temporary file left behind"
 
     # The same command again finishes expert 1 only.
@@ -207,7 +208,7 @@ def test_sigkill_loses_only_the_expert_in_progress(tmp_path: Path, data_dir: Pat
     assert r.exit_code == 0, r.output
     assert "resuming" in r.stderr and "1 to train" in r.stderr, r.stderr
     assert "expert 0:" not in r.stderr and "expert 1:" in r.stderr
-    with artifact.open_artifact(out) as f:
+    with store.open_artifact(out) as f:
         assert f["experts/done"][()].tolist() == [True, True]
 
     # Both rows equal those of an uninterrupted run with the same seed.
@@ -236,9 +237,10 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path: Path, data_dir: Path) -> None:
             proc.wait()
     assert proc.returncode == 130, (proc.returncode, stderr)
     lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("mctool: error: "), stderr
-    assert "interrupted" in lines[0] and "Traceback" not in stderr + stdout
-    with artifact.open_artifact(out) as f:
+    assert lines[-1].startswith("mctool: error: interrupted (Ctrl-C)"), stderr
+    assert sum(line.startswith("mctool: error:") for line in lines) == 1
+    assert "Traceback" not in stderr + stdout
+    with store.open_artifact(out) as f:
         assert f["experts/done"][()].tolist() == [False]
 
 
@@ -253,7 +255,7 @@ def test_append_trains_only_the_new_expert(tmp_path: Path, data_dir: Path, seed0
     doc = json.loads(r.stdout)
     assert doc["already_done"] == 2 and doc["experts"] == 3
     assert [t["expert"] for t in doc["trained"]] == [2]
-    with artifact.open_artifact(out) as f:
+    with store.open_artifact(out) as f:
         assert f["experts/done"][()].tolist() == [True, True, True]
         assert int(f["experts/seeds"][2]) == expert_seed(0, 2)
         assert f["experts/trajectories"].shape[0] == 3
@@ -286,11 +288,11 @@ def test_streaming_convexify_equals_convexify_afterwards(tmp_path: Path, data_di
     np.testing.assert_allclose(s["convex/waypoints"], a["convex/waypoints"], rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(s["convex/beta"], a["convex/beta"], rtol=1e-6, atol=1e-7)
     assert s["convex/done"].tolist() == a["convex/done"].tolist() == [True, True]
-    with artifact.open_artifact(streamed) as f:
+    with store.open_artifact(streamed) as f:
         assert "trajectories" not in f["experts"]
-        meta = artifact.read_convex(streamed, f)
-    with artifact.open_artifact(after) as f:
-        assert artifact.read_convex(after, f) == meta
+        meta = store.read_convex_meta(streamed, f)
+    with store.open_artifact(after) as f:
+        assert store.read_convex_meta(after, f) == meta
     assert meta.positions == (0, 2, 3) or meta.positions == (0, 1, 3)  # round(3/2) either way
     assert_rows_equal(seed0, streamed, trajectories=False)  # same training, only storage differs
 
@@ -302,15 +304,14 @@ def test_nan_loss_exits_1_and_marks_nothing_done(tmp_path: Path, data_dir: Path)
     out = tmp_path / "nan.h5"
     r = cli("experts", "mnist", "--data-dir", data_dir, "-o", out, "--n", "2", "--epochs", "2", "--width", "8",
             "--batch-size", "100", "--lr", "1e6")
-    assert_one_line_error(r, 1, "loss")
-    assert "Traceback" not in r.output
+    assert_one_line_error(r, 1, "loss", after_progress=True)
     if out.exists():
-        with artifact.open_artifact(out) as f:
+        with store.open_artifact(out) as f:
             assert not f["experts/done"][()].any()
     # The suggested fix (a smaller --lr) is accepted: no finished expert, so the file starts afresh.
     r = cli("experts", "mnist", "--data-dir", data_dir, "-o", out, "--n", "1", "--epochs", "1", "--width", "8",
             "--batch-size", "100", "--lr", "0.01")
     assert r.exit_code == 0, r.output
     assert "starting it afresh" in r.stderr
-    with artifact.open_artifact(out) as f:
+    with store.open_artifact(out) as f:
         assert f["experts/done"][()].tolist() == [True]

@@ -20,7 +20,7 @@ from mctool.augment import DSA
 from mctool.fastgrad import _unpool_masked, plan_for, second_order
 from mctool.functional import FlatNet
 from mctool.matching import match
-from mctool.nets import ModelSpec, build_model, spec_for
+from mctool.models import ModelSpec, build_model, spec_for
 
 
 def autograd_reference(net: FlatNet, w: torch.Tensor, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
@@ -163,7 +163,7 @@ def test_tune_malloc_applies_unless_the_user_opts_out(env: dict[str, str], expec
     clean = {k: v for k, v in os.environ.items()
              if not k.startswith(("MALLOC_", "GLIBC_TUNABLES", "MCTOOL_SYSTEM_MALLOC", "LD_PRELOAD"))}
     code = ("from mctool.allocator import tune_malloc, malloc_tuned, release_free_memory; "
-            "from mctool.artifact import versions; a = tune_malloc(); "
+            "from mctool.store import versions; a = tune_malloc(); "
             "assert tune_malloc() == a == malloc_tuned(); release_free_memory(); "
             "assert versions()['malloc'] == ('tuned' if a else 'default'); print(a)")
     out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,

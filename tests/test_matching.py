@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from mctool.functional import FlatNet
 from mctool.matching import MODES, MatchResult, match
-from mctool.nets import ModelSpec, build_model
+from mctool.models import ModelSpec, build_model
 
 NUM_CLASSES = 3
 

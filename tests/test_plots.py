@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mctool import artifact
-from mctool.artifact import ConvexMeta, DatasetMeta
-from mctool.nets import ModelSpec, build_model, param_layout
+from mctool import store
+from mctool.models import ModelSpec, build_model, layer_sizes, param_layout
+from mctool.store import ConvexMeta, DatasetMeta
 from mctool.plots import (
     _test_subset,
     convexified_accuracy,
@@ -60,38 +60,39 @@ def _trajectory(seed: int) -> tuple[torch.Tensor, list[int]]:
     g = torch.Generator().manual_seed(seed)
     steps = 0.05 * torch.randn(K, start.numel(), generator=g)
     traj = torch.cat([start[None], start[None] + steps.cumsum(0)])
-    return traj, artifact.layer_sizes(layout)
+    return traj, layer_sizes(layout)
 
 
 def _build(path: Path, meta: DatasetMeta, synsets: bool = True, convex: bool = True,
            experts: bool = True) -> None:
-    """A tiny artifact written the way the real commands write one."""
+    """A tiny artifact written through the store's writers (a buffer that also holds synsets,
+    so that one file makes every picture)."""
     layout = param_layout(build_model(SPEC))
-    with artifact.atomic_write(path, copy_existing=False) as f:
-        meta.write(f)
-        artifact.write_model(f, SPEC, layout)
+    sizes = layer_sizes(layout)
+    with store.create(path) as f:
+        store.write_dataset(f, meta)
+        store.write_model(f, SPEC, layout)
         if experts:
-            g = f.create_group("experts")
-            g.attrs["epochs"] = K
-            g.create_dataset("done", data=np.array([True] * E))
-            acc = np.stack([np.linspace(0.3, 0.8, K + 1), np.linspace(0.1, 0.6, K + 1)]).astype(np.float32)
-            acc[1, 2] = np.nan  # a missing value must not break the mean
-            g.create_dataset("test_accuracy", data=acc)
+            store.experts.create_rows(f, E, store.RowLayout(K, sum(sizes), len(sizes), False, None))
+            f["experts"].attrs["epochs"] = K
         if convex:
-            c = f.create_group("convex")
-            artifact.write_convex_attrs(c, ConvexMeta(tuple(POSITIONS), "mct", False), artifact.provenance({}, 0))
-            rows = [convexify(*_trajectory(e), POSITIONS, "mct") for e in range(E)]
-            c.create_dataset("waypoints", data=torch.stack([w for w, _ in rows]).numpy())
-            c.create_dataset("beta", data=torch.stack([b for _, b in rows]).numpy())
-            c.create_dataset("done", data=np.array([True] * E))
-            c.attrs["complete"] = True
+            c = store.create_convex(f, E, ConvexMeta(tuple(POSITIONS), "mct", False), layout, store.provenance({}, 0))
+            for e in range(E):
+                store.write_convex_row(c, e, *convexify(*_trajectory(e), POSITIONS, "mct"))
+            store.complete(c)
         if synsets:
             for name, ipc, created in (("old", 1, "2020-01-01T00:00:00+00:00"),
                                        ("new", IPC, "2024-01-01T00:00:00+00:00")):
-                s = f.create_group(f"synsets/{name}")
-                s.create_dataset("images", data=torch.randn(3 * ipc, 1, 8, 8).numpy())
-                s.create_dataset("labels", data=np.repeat(np.arange(3), ipc))
-                s.attrs.update({"ipc": ipc, "created": created})
+                syn = store.Synset(name=name, images=torch.randn(3 * ipc, 1, 8, 8),
+                                   labels=torch.arange(3).repeat_interleave(ipc), lr=0.01, ipc=ipc)
+                store.synsets.write_synset(f, syn, {**store.provenance({}, 0), "created": created})
+    if experts:
+        acc = np.stack([np.linspace(0.3, 0.8, K + 1), np.linspace(0.1, 0.6, K + 1)]).astype(np.float32)
+        acc[1, 2] = np.nan  # a missing value must not break the mean
+        with store.append(path) as f:
+            rows = store.ExpertRows(f)
+            for e in range(E):
+                rows.finish(e, seed=e, test_accuracy=list(acc[e]), train_loss=[float("nan")] * (K + 1))
 
 
 # --------------------------------------------------------------------------- grids
@@ -183,7 +184,8 @@ def test_overview_skips_missing_parts(tmp_path: Path) -> None:
 
     # An interrupted /convex is no β picture (and no error).
     with h5py.File(file, "r+") as f:
-        f.create_group("convex").attrs["complete"] = False
+        c = f.create_group("convex")
+        c.attrs.update({"complete": False, "positions": np.array(POSITIONS), "strategy": "mct", "smoothing": "none"})
     assert [p.name for p in write_overview(file, tmp_path / "o.png", device=CPU)] == ["o-accuracy.png"]
 
 

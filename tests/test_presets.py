@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mctool.commands.distill import resolve_config
+from mctool.distill import resolve_config
 from mctool.presets import load_preset, presets_dir
 from tests.conftest import cli
 from tests.test_cli import assert_one_line_error

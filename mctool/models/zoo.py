@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from mctool.errors import UsageError
-from mctool.nets import ModelSpec
+from mctool.models.spec import ModelSpec
 
 
 def _out(size: int, kernel: int, padding: int = 0, stride: int = 1) -> int:

@@ -9,8 +9,11 @@ import typer
 from rich.markup import escape
 from rich.tree import Tree
 
-from mctool.cli import DataDirOpt, DebugOpt, DeviceOpt, JsonOpt, QuietOpt, app, emit_json, run
-from mctool.render import stdout
+from mctool.cli.common import DataDirOpt, DebugOpt, DeviceOpt, JsonOpt, QuietOpt, emit_json, run
+from mctool.cli.render import stdout
+
+EPILOG = ("Examples:\n\n  mctool inspect buffer.h5\n\n  mctool inspect synset.h5 --json | python -m json.tool\n\n"
+          "  mctool inspect buffer.h5 --png overview.png")
 
 
 def _size(n: float | None) -> str:
@@ -27,17 +30,24 @@ def _pct(v: float | None) -> str:
     return "?" if v is None else f"{100 * v:.1f}%"
 
 
+def _spread(ev: dict[str, Any]) -> str:
+    runs = len(ev.get("accuracies", []))
+    if runs <= 1:
+        return f"{_pct(ev.get('mean'))} (n = 1)"
+    return f"{_pct(ev.get('mean'))} ± {_pct(ev.get('std'))} over {runs} runs"
+
+
 def overview(s: dict[str, Any]) -> Tree:
-    """The Rich tree `inspect` prints."""
+    """The Rich tree `inspect` prints (every string from the file escaped: no markup, no control codes)."""
     root = Tree(f"[bold]{escape(s['file'])}[/]  ({_size(s['size_bytes'])}, mctool format v{s['format_version']}, "
-                f"written by mctool {s['mctool_version']} on {s['created']})")
+                f"written by mctool {escape(s['mctool_version'])} on {escape(s['created'])})")
     d = s["dataset"]
     if d:
         root.add(f"[bold]dataset[/] {escape(d['name'])}: {d['num_classes']} classes, {d['channels']}x{d['height']}x{d['width']}, "
                  + (f"ZCA (eps {d['zca_eps']})" if d["zca"] else "mean/std normalisation"))
     m = s["model"]
     if m:
-        root.add(f"[bold]model[/] {m['arch']} depth {m['depth']} width {m['width']} {m['norm']} {m['pool']}: "
+        root.add(f"[bold]model[/] {escape(m['arch'])} depth {m['depth']} width {m['width']} {m['norm']} {m['pool']}: "
                  f"{m['num_layers']} layers, P = {m['num_params']:,} parameters")
     e = s["experts"]
     if e:
@@ -66,33 +76,40 @@ def overview(s: dict[str, Any]) -> Tree:
         if "convex_bytes_per_expert" in st:
             text += f", convexified {_size(st['convex_bytes_per_expert'])}/expert, ratio {st['ratio']:.2f}x"
         if st.get("file_bytes_per_expert"):
-            text += f"; this file {_size(st['file_bytes_per_expert'])}/expert"
+            text += f"; this file {_size(st['file_bytes_per_expert'])}/expert on disk"
         root.add(text)
     for y in s["synsets"]:
         node = root.add(f"[bold]synset[/] '{escape(y['name'])}': ipc {y['ipc']}, images {y['images_shape']}, {y['labels']} labels, "
-                        f"learned lr {y['lr']:.4g}, {y['method']}, preset {y['preset'] or '-'}, "
-                        f"{y['iterations']}/{y['iterations_target']} iterations"
+                        f"learned lr {y['lr']:.4g}, {escape(y['method'])} ({escape(y['grad'])}, {escape(y['image_grad_units'])} "
+                        f"step units), preset {escape(y['preset']) or '-'}, {y['iterations']}/{y['iterations_target']} iterations"
                         + (" (checkpoint: resumable)" if y["has_checkpoint"] and y['iterations'] < y['iterations_target'] else ""))
+        best = y.get("best")
+        if best:
+            how = "selected on the TEST split (the authors' protocol)" if best["selected_on"] == "test" else \
+                "selected on a validation split"
+            node.add(f"best images: iteration {best['iteration']}, {_pct(best['score'].get('mean'))} on "
+                     f"{best['selected_on']}, {how}")
         for ev in y["evaluations"]:
-            runs = len(ev.get("accuracies", []))
-            node.add(f"evaluation {ev.get('model', '?')}: {_pct(ev.get('mean'))} ± {_pct(ev.get('std'))} "
-                     f"over {runs} run{'s' if runs != 1 else ''}, {ev.get('epochs', '?')} epochs"
+            node.add(f"evaluation {escape(str(ev.get('model', '?')))}: {_spread(ev)}, {ev.get('epochs', '?')} epochs"
                      + _evaluated_what(ev))
     return root
 
 
 def _evaluated_what(ev: dict) -> str:
-    """Which images an evaluation trained on: the synset at some iteration, or the baseline."""
+    """Which images an evaluation trained on, and where it was scored."""
     if ev.get("kind") == "random-real":
         return ", random real images (baseline)"
-    return f", images of iteration {ev['iteration']}" if "iteration" in ev else ""
+    what = f", {ev.get('target', 'final')} images" if ev.get("target") == "best" else ""
+    what += f" of iteration {ev['iteration']}" if "iteration" in ev else ""
+    if ev.get("split", "test") != "test":
+        what += f", on the {escape(str(ev['split']))} split"
+    return what
 
 
-@app.command(epilog="Examples:\n\n  mctool inspect buffer.h5\n\n  mctool inspect synset.h5 --json | python -m json.tool\n\n"
-             "  mctool inspect buffer.h5 --png overview.png")
 def inspect(
     file: Path = typer.Argument(..., metavar="FILE", help="Any mctool artifact."),
-    png: Optional[Path] = typer.Option(None, "--png", help="Also write pictures: image grid, beta curves, accuracy along the trajectory."),
+    png: Optional[Path] = typer.Option(None, "--png", help="Also write pictures: image grid(s), beta curves, accuracy along the trajectory."),
+    evaluate: bool = typer.Option(True, "--evaluate/--no-evaluate", help="With --png: evaluate the first expert's convexified path on the test split for the accuracy plot (seconds to minutes; the stored curves need none)."),
     data_dir: Optional[Path] = DataDirOpt,
     device: str = DeviceOpt,
     json_out: bool = JsonOpt,
@@ -102,19 +119,20 @@ def inspect(
     """Show what an artifact holds: dataset, model, experts, convex waypoints, synsets, storage."""
 
     def body(reporter):
-        from mctool.summary import summarize
+        from mctool.store import summarize
 
         s = summarize(file)
         if png is not None:
             from mctool.device import resolve_device
             from mctool.plots import write_overview
 
-            s["png"] = [str(p) for p in write_overview(file, png, data_dir, resolve_device(device))]
+            s["png"] = [str(p) for p in write_overview(file, png, data_dir, resolve_device(device),
+                                                       evaluate=evaluate, reporter=reporter)]
         if json_out:
             emit_json(s)
         else:
             stdout.print(overview(s))
             for p in s.get("png", []):
-                stdout.print(f"wrote {p}")
+                stdout.print(f"wrote {escape(p)}")
 
     run(body, quiet, debug)

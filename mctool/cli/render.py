@@ -10,8 +10,10 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from mctool.progress import Reporter
+from mctool.store import clean_text
 
 # Not a terminal (a pipe, a file, CI): never crop lines to 80 columns.
 stdout = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 250)
@@ -19,22 +21,23 @@ stderr = Console(stderr=True, soft_wrap=True)
 
 
 def error_line(message: str) -> None:
-    """One line on stderr, never wrapped or styled (scripts grep it)."""
-    sys.stderr.write(f"mctool: error: {message}\n")
+    """One line on stderr, never wrapped or styled (scripts grep it); control characters from a
+    file or an option never reach the terminal."""
+    sys.stderr.write(f"mctool: error: {clean_text(message)}\n")
     sys.stderr.flush()
 
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
-    return str(value)
+    return clean_text(str(value))
 
 
 class RichReporter(Reporter):
     """Progress bars on stderr when it is a terminal; one-line logs unless quiet.
 
-    Without a terminal (a pipe, a log file, CI) the bars become a progress line per task at
-    most every `line_every` seconds, so a long run is never silent for long.
+    Without a terminal (a pipe, a log file, CI) the bars become progress lines: the first
+    figures of a task at once, then one per epoch or every `line_every` seconds.
     """
 
     def __init__(self, quiet: bool = False, line_every: float = 30.0) -> None:
@@ -44,7 +47,11 @@ class RichReporter(Reporter):
         self.tasks: dict[str, Any] = {}
         self.line_every = line_every
         self.lines: dict[str, _LineTask] = {}
-        self.interrupted = False  # set by the CLI's SIGINT handler (see cli.run)
+        self.stop_signal = 0  # set by the CLI's signal handler (cli/common.py): stop at the next safe point
+        self.hard_stop = 0  # a second signal: the command was stopped at once
+
+    def should_stop(self) -> int:
+        return self.stop_signal
 
     def _progress(self) -> Progress:
         if self.progress is None:
@@ -65,12 +72,16 @@ class RichReporter(Reporter):
             self.tasks[key] = p.add_task(description, total=total, info="")
 
     def update(self, key: str, advance: int = 0, **fields: Any) -> None:
-        if self.interrupted:  # a Ctrl-C whose KeyboardInterrupt Python dropped: raise it here
+        if self.hard_stop:  # a second signal whose KeyboardInterrupt Python dropped: raise it here
             raise KeyboardInterrupt
         line = self.lines.get(key)
         if line is not None:
             line.completed += advance
-            if fields and not self.bars and not self.quiet and line.due(self.line_every):
+            # Without a terminal: the first figures at once, then at every epoch's end or every
+            # `line_every` seconds, whichever comes first — a long run is never silent for long.
+            milestone = "epoch" in fields or not line.shown
+            if fields and not self.bars and not self.quiet and (line.due(self.line_every) or milestone):
+                line.shown = True
                 total = f"/{line.total}" if line.total else ""
                 info = ", ".join(f"{_label(k)} {_fmt(v)}" for k, v in fields.items())
                 self.log(f"{line.description}: {line.completed}{total}, {info}")
@@ -87,6 +98,7 @@ class RichReporter(Reporter):
             self.progress.remove_task(self.tasks.pop(key))
 
     def log(self, message: str) -> None:
+        message = clean_text(message)
         if not self.quiet:
             if self.progress is not None:
                 self.progress.console.print(message, markup=False, highlight=False)
@@ -113,6 +125,7 @@ class _LineTask:
     total: int | None
     last: float  # time.monotonic() of the start or of the last line
     completed: int = 0
+    shown: bool = False  # a line was printed for this task
 
     def due(self, every: float) -> bool:
         """True (and restart the clock) when `every` seconds passed since the last line."""
@@ -125,9 +138,21 @@ class _LineTask:
 
 def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
     """A simple Rich table."""
-    t = Table(title=title, title_justify="left")
+    t = Table(title=Text(clean_text(title)), title_justify="left")
     for c in columns:
         t.add_column(c)
     for r in rows:
-        t.add_row(*[_fmt(v) for v in r])
+        t.add_row(*[Text(_fmt(v)) for v in r])  # Text: brackets in names are not markup
     return t
+
+
+def pct(value: float | None, digits: int = 2) -> str:
+    """An accuracy in [0, 1] as a percentage ('?' when unknown)."""
+    return "?" if value is None or value != value else f"{100 * value:.{digits}f}"
+
+
+def mean_std(mean: float | None, std: float | None, runs: int) -> str:
+    """'77.40 ± 0.03' over several runs; one run has no spread: '77.40 (n = 1)'."""
+    if runs <= 1:
+        return f"{pct(mean)} (n = 1)"
+    return f"{pct(mean)} ± {pct(std)}"

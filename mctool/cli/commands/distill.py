@@ -1,0 +1,87 @@
+"""`mctool distill`: learn a synthetic set by matching convexified trajectories."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from mctool.cli.common import DataDirOpt, DebugOpt, DeviceOpt, JsonOpt, QuietOpt, emit_json, run, settings_from, with_settings
+from mctool.cli.render import pct, stdout, table
+from mctool.distill import DistillConfig
+
+EPILOG = ("Examples:\n\n  mctool distill --list-presets\n\n"
+          "  mctool distill --preset cifar10-ipc10                 (reads buffer.h5, writes synset.h5)\n\n"
+          "  mctool distill --preset fashion-mnist-ipc10 --iterations 50 --buffer buffer.h5 -o synset.h5\n\n"
+          "  mctool distill --preset cifar10-ipc10 --resume        (continue after Ctrl-C or SIGTERM)\n\n"
+          "  mctool distill --preset cifar10-ipc10 --eval-every 100   (keep the best images, chosen on a validation split)\n\n"
+          "  mctool distill --preset cifar10-ipc10 --method mtt    (MTT baseline on raw trajectories)")
+
+DEFAULT_BUFFER = Path("buffer.h5")
+
+
+def print_presets(json_out: bool) -> None:
+    """The shipped presets as a table (or JSON)."""
+    from mctool.presets import list_presets
+    from mctool.settings import columns
+
+    presets = list_presets()
+    if json_out:
+        emit_json([{"name": p.name, **p.values} for p in presets])
+        return
+    cols = ["name", "source", *columns(DistillConfig)]
+    builtin = dataclasses.asdict(DistillConfig())
+    rows = [[p.name] + [p.values.get(c, "") for c in cols[1:]] for p in presets]
+    builtin["zca"] = "buffer's"  # without a preset, the buffer's preprocessing is expected
+    rows.append(["(no preset)", "defaults"] + [builtin[c] for c in cols[2:]])
+    stdout.print(table("presets (source 'paper' = MCT supplement Table A; 'ours' = mctool's own; options "
+                       "override any of them)", cols, rows))
+
+
+@with_settings(DistillConfig, optional=True)
+def distill(
+    preset: Optional[str] = typer.Option(None, "--preset", help="Shipped preset name or a .toml path; settings neither it nor an option gives come from the buffer or the built-in defaults (the last row of --list-presets)."),
+    list_presets: bool = typer.Option(False, "--list-presets", help="Show the shipped presets and exit."),
+    buffer: Path = typer.Option(DEFAULT_BUFFER, "--buffer", help="Buffer with /convex (MCT) or trajectories (MTT)."),
+    out: Path = typer.Option(Path("synset.h5"), "-o", "--out", help="Output file for the synthetic set (a PNG grid is written beside it)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Synset name inside the file (default: the preset's name or METHOD-ipcN)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the synset's checkpoint in -o FILE with its stored settings."),
+    data_dir: Optional[Path] = DataDirOpt,
+    device: str = DeviceOpt,
+    json_out: bool = JsonOpt,
+    quiet: bool = QuietOpt,
+    debug: bool = DebugOpt,
+    **settings: Any,
+) -> None:
+    """Learn synthetic images by matching convexified expert trajectories (MCT)."""
+
+    def body(reporter):
+        if list_presets:
+            print_presets(json_out)
+            return
+        from mctool.distill import run as run_distill
+
+        result = run_distill(preset, settings_from(DistillConfig, settings), buffer, out, name, resume, data_dir,
+                             device, default_buffer=buffer == DEFAULT_BUFFER, reporter=reporter)
+        if result is None:
+            return
+        if json_out:
+            emit_json(result)
+            return
+        rows = [[result.synset, result.iterations, result.loss_first, result.loss_last_mean, result.alpha,
+                 result.skipped_iterations, f"{result.seconds:.1f}"]]
+        stdout.print(table(f"{out}: distilled", ["synset", "iterations", "loss (first)", "loss (last 20)",
+                                                  "learned lr", "skipped", "seconds"], rows))
+        for ev in result.evaluations:
+            stdout.print(f"evaluation ({ev.get('kind', 'synset')}) at iteration {ev.get('iteration', '?')}: "
+                         f"{ev['model']} {pct(ev.get('mean'))}% on the {ev.get('split', 'test')} split")
+        if result.best is not None:
+            b = result.best
+            stdout.print(f"best images: iteration {b['iteration']} ({pct(b['score'].get('mean'))}% on the "
+                         f"{b['selected_on']} split{' — selected on test, as the authors do' if b['selected_on'] == 'test' else ''}); "
+                         f"{result.png_best}")
+        stdout.print(f"images: {result.png}")
+
+    run(body, quiet, debug, interrupt_hint="checkpoint saved: add --resume to the same command to continue")

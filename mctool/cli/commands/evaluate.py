@@ -1,0 +1,68 @@
+"""`mctool evaluate`: how good is a synthetic set?"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from mctool.cli.common import DataDirOpt, DebugOpt, DeviceOpt, JsonOpt, QuietOpt, emit_json, run, settings_from, with_settings
+from mctool.cli.render import mean_std, pct, stdout, table
+from mctool.evaluate import EvaluateConfig
+
+EPILOG = ("Examples:\n\n  mctool evaluate synset.h5\n\n  mctool evaluate synset.h5 --runs 3 --epochs 300 --baseline random\n\n"
+          "  mctool evaluate synset.h5 --models ConvNet,ResNet18,VGG11,AlexNet,LeNet,MLP --json")
+
+
+def _signed(v: float | None) -> str:
+    return "" if v is None else f"{100 * v:+.2f}"
+
+
+@with_settings(EvaluateConfig, optional=False)
+def evaluate(
+    file: Path = typer.Argument(Path("synset.h5"), metavar="FILE", help="File with a synthetic set (from `mctool distill`)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Synset to evaluate (default: the only or latest one)."),
+    images: str = typer.Option("auto", "--images", help="final, best (kept by distill --eval-every), both, or auto: both when the synset keeps best images."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="'random': also evaluate ipc random real images per class on the same protocol (gives the gain)."),
+    whole_data: Optional[float] = typer.Option(None, "--whole-data", help="Test accuracy of the architecture trained on the whole training set, for HLR (default: the experts' final accuracy stored with the synset)."),
+    save: bool = typer.Option(True, "--save/--no-save", help="Store the results with the synset."),
+    data_dir: Optional[Path] = DataDirOpt,
+    device: str = DeviceOpt,
+    json_out: bool = JsonOpt,
+    quiet: bool = QuietOpt,
+    debug: bool = DebugOpt,
+    **settings: Any,
+) -> None:
+    """Train fresh networks on the synthetic set and report real test accuracy (mean ± std), the gain over
+    random real images and the hard-label recovery (HLR)."""
+
+    def body(reporter):
+        from mctool.evaluate import evaluate_file
+
+        cfg = EvaluateConfig(**settings_from(EvaluateConfig, settings))
+        result = evaluate_file(file, cfg, name, baseline, images, save, whole_data, data_dir, device, reporter)
+        if json_out:
+            emit_json(result)
+            return
+        rows = []
+        for r in result.results:
+            what = r.kind if r.kind != "synset" else f"synset ({r.target}, iteration {r.iteration})"
+            rows.append([what, r.model, mean_std(r.mean, r.std, r.runs), " ".join(pct(a) for a in r.accuracies),
+                         r.epochs, f"{r.seconds_per_run:.1f}"])
+        ref = result.experts_reference
+        if ref is not None:
+            rows.append(["experts (whole dataset)", "ConvNet", pct(ref.get("mean")), "", ref.get("epochs", ""), ""])
+        stdout.print(table(f"{file}: synset '{result.synset}' (ipc {result.ipc}, lr {result.lr:.4g})",
+                           ["set", "model", "test accuracy %", "per run %", "epochs", "s/run"], rows))
+        scores = [[s.target + (f" (selected on {result.selected_on})" if s.target == "best" else ""), s.model,
+                   mean_std(s.mean, s.std, s.runs), pct(s.random_real) if s.random_real is not None else "",
+                   _signed(s.gain), pct(s.whole_data) if s.whole_data is not None else "",
+                   pct(s.hlr) if s.hlr is not None else ""] for s in result.scores]
+        if any(s.gain is not None or s.hlr is not None for s in result.scores):
+            stdout.print(table("scores (gain = synthetic − random real, same protocol; HLR = whole data − "
+                               f"synthetic{', whole data from ' + result.whole_data_source if result.whole_data_source else ''})",
+                               ["images", "model", "accuracy %", "random real %", "gain", "whole data %", "HLR"],
+                               scores))
+
+    run(body, quiet, debug, interrupt_hint="nothing was stored; run the command again")

@@ -1,0 +1,283 @@
+"""/experts: expert rows (trajectories, done flags, seeds, accuracy) and /convex rows when streaming.
+
+Row storage is allocated when a buffer is created, for the number of experts asked for:
+writing a finished expert then changes no HDF5 structure (see store/files.py), and a row
+counts only once its `done` flag is set, after the row itself is flushed. Buffers written
+before that layout (rows grown one by one) and requests for more experts than the rows hold
+are first rewritten, as a whole and atomically, into the preallocated layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from mctool.models import Layout, ModelSpec, layer_sizes
+from mctool.store.fields import Fields
+from mctool.store.files import create, open_artifact, require_group, shown
+from mctool.store.meta import DatasetMeta
+
+MAX_EXPERTS = 1_000_000
+MAX_EPOCHS = 100_000
+_ROW_SETS = ("done", "seeds", "test_accuracy", "train_loss", "trajectories")
+_CONVEX_ROW_SETS = ("waypoints", "beta", "done")
+
+
+@dataclass(frozen=True)
+class ExpertsReference:
+    """The experts' own final test accuracy: the whole-dataset reference evaluations compare with."""
+
+    mean: float
+    std: float
+    experts: int
+    epochs: int
+
+
+@dataclass
+class ExpertsInfo:
+    """/experts, checked: K, rows, which are done, and the settings they were trained with."""
+
+    epochs: int
+    rows: int
+    done: np.ndarray  # bool [rows]
+    has_trajectories: bool
+    seeds: np.ndarray  # int64 [rows]
+    config: dict[str, Any]
+    lr: float
+    batch_size: int
+    seed: int
+    trajectories_in: str | None = None
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def done_indices(self) -> np.ndarray:
+        """Indices of the finished experts."""
+        return np.flatnonzero(self.done)
+
+
+def read_experts(path: str | os.PathLike[str], f: h5py.File, layout: Layout) -> ExpertsInfo:
+    """Read and check /experts against the model's layout (row shapes, dtypes, agreement)."""
+    r = Fields(path, require_group(path, f, "experts"))
+    epochs = r.int("epochs", 1, MAX_EPOCHS)
+    done_ds = r.dataset("done", "b", [None])
+    rows = done_ds.shape[0]
+    if rows > MAX_EXPERTS:
+        raise r.problem("done", f"declares {rows} experts; refusing", attribute=False)
+    done = r.array("done", "b", [rows]).astype(bool)
+    seeds = r.array("seeds", "iu", [rows])
+    r.dataset("test_accuracy", "f", [rows, epochs + 1])
+    if r.has("train_loss"):
+        r.dataset("train_loss", "f", [rows, epochs + 1])
+    has_traj = r.has("trajectories")
+    if has_traj:
+        r.dataset("trajectories", "f", [rows, epochs + 1, sum(layer_sizes(layout))])
+    return ExpertsInfo(
+        epochs=epochs, rows=rows, done=done, has_trajectories=has_traj, seeds=seeds.astype(np.int64),
+        config=r.json("config", dict, {}), lr=r.float("lr", positive=True, default=float("nan")),
+        batch_size=r.int("batch_size", 1, default=0), seed=r.int("seed", default=-1),
+        trajectories_in=r.str("trajectories_in", default=None),
+        attrs={k: r.str(k) if isinstance(f["experts"].attrs[k], (str, bytes)) else f["experts"].attrs[k]
+               for k in ("augmentation", "momentum", "weight_decay") if k in f["experts"].attrs},
+    )
+
+
+def experts_accuracy(path: str | os.PathLike[str], f: h5py.File, info: ExpertsInfo) -> np.ndarray:
+    """Test accuracy [done, K+1] of the finished experts (rows in done order)."""
+    r = Fields(path, f["experts"])
+    acc = r.array("test_accuracy", "f", [info.rows, info.epochs + 1], rows=info.done_indices).astype(np.float64)
+    bad = np.isfinite(acc) & ((acc < 0) | (acc > 1))
+    if bad.any():
+        raise r.problem("test_accuracy", "holds values outside [0, 1]", attribute=False)
+    return acc
+
+
+def final_accuracy(accuracy: np.ndarray, epochs: int) -> ExpertsReference | None:
+    """The one definition of the experts' final accuracy: mean (and population std) over the
+    finished experts of the test accuracy at θ_K; None when no expert is finished."""
+    last = accuracy[:, -1] if accuracy.size else np.zeros(0)
+    last = last[np.isfinite(last)]
+    if last.size == 0:
+        return None
+    return ExpertsReference(mean=float(last.mean()), std=float(last.std()), experts=int(last.size), epochs=epochs)
+
+
+def read_trajectory(path: str | os.PathLike[str], f: h5py.File, info: ExpertsInfo, e: int) -> torch.Tensor:
+    """The full trajectory [K+1, P] of finished expert e (finite values checked)."""
+    if not info.has_trajectories:
+        raise require_trajectories_error(path)
+    r = Fields(path, f["experts"])
+    ds = f["experts/trajectories"]
+    return torch.from_numpy(r.array("trajectories", "f", [info.rows, info.epochs + 1, ds.shape[2]], finite=True,
+                                    rows=int(e)).astype(np.float32, copy=False))
+
+
+def require_trajectories_error(path: str | os.PathLike[str]) -> Exception:
+    """The error for a buffer without full trajectories."""
+    from mctool.errors import ArtifactError
+
+    return ArtifactError(f"{shown(path)}: holds no full trajectories (convexified only); this needs a buffer "
+                         "written by `mctool experts` without --convexify")
+
+
+# --------------------------------------------------------------------------- writing rows
+
+
+def _preallocated(parent: h5py.Group, name: str, row_shape: tuple[int, ...], dtype: Any, rows: int,
+                  zero: bool) -> h5py.Dataset:
+    """A contiguous dataset of `rows` rows allocated now, so that writing rows later touches no
+    HDF5 metadata. `zero` fills it at allocation (small flag/accuracy arrays); big row data is
+    left unwritten (a sparse file) — only rows marked done are ever read."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_ALLOC if zero else h5py.h5d.FILL_TIME_NEVER)
+    return parent.create_dataset(name, shape=(rows, *row_shape), dtype=dtype, dcpl=dcpl)
+
+
+def _is_preallocated(ds: h5py.Dataset) -> bool:
+    return ds.chunks is None and ds.id.get_create_plist().get_alloc_time() == h5py.h5d.ALLOC_TIME_EARLY
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """The shapes of one expert's row: what `create_rows` allocates."""
+
+    epochs: int
+    num_params: int
+    num_layers: int
+    trajectories: bool
+    num_waypoints: int | None  # streaming /convex rows, else None
+
+    def row_bytes(self) -> int:
+        """Bytes one expert's row takes."""
+        k1 = self.epochs + 1
+        total = 1 + 8 + 2 * 4 * k1
+        if self.trajectories:
+            total += k1 * self.num_params * 4
+        if self.num_waypoints is not None:
+            total += 1 + self.num_waypoints * self.num_params * 4 + k1 * self.num_layers * 4
+        return total
+
+
+def create_rows(f: h5py.File, rows: int, layout: RowLayout) -> None:
+    """Allocate /experts rows (and streaming /convex rows) in a file being created."""
+    g = f.require_group("experts")
+    k1 = layout.epochs + 1
+    _preallocated(g, "done", (), np.bool_, rows, zero=True)
+    _preallocated(g, "seeds", (), np.int64, rows, zero=True)
+    _preallocated(g, "test_accuracy", (k1,), np.float32, rows, zero=True)
+    _preallocated(g, "train_loss", (k1,), np.float32, rows, zero=True)
+    if layout.trajectories:
+        _preallocated(g, "trajectories", (k1, layout.num_params), np.float32, rows, zero=False)
+    if layout.num_waypoints is not None:
+        c = f.require_group("convex")
+        _preallocated(c, "waypoints", (layout.num_waypoints, layout.num_params), np.float32, rows, zero=False)
+        _preallocated(c, "beta", (k1, layout.num_layers), np.float32, rows, zero=False)
+        _preallocated(c, "done", (), np.bool_, rows, zero=True)
+        c.attrs["complete"] = True  # rows count only where /convex/done is set
+
+
+def is_streaming(f: h5py.File) -> bool:
+    """Whether the buffer was written by `experts --convexify` (its /convex rows grow with /experts)."""
+    if "convex" not in f or "trajectories" in f["experts"]:
+        return False
+    try:
+        return bool(json.loads(f["convex"].attrs.get("config", "{}")).get("streaming", False))
+    except (TypeError, ValueError, AttributeError):
+        return False
+
+
+def rows_ready(f: h5py.File, rows: int) -> bool:
+    """Whether every row dataset is preallocated with at least `rows` rows."""
+    sets = [f["experts"][n] for n in _ROW_SETS if n in f["experts"]]
+    if is_streaming(f):
+        sets += [f["convex"][n] for n in _CONVEX_ROW_SETS if n in f["convex"]]
+    return all(_is_preallocated(ds) and ds.shape[0] >= rows for ds in sets)
+
+
+def regrow(path: str | os.PathLike[str], rows: int) -> None:
+    """Rewrite `path` as a whole (atomically) with every row dataset preallocated for `rows`
+    experts, keeping all rows, attributes and the artifact's identity."""
+    path = Path(path)
+    with open_artifact(path) as src, create(path) as dst:
+        for key, value in src.attrs.items():
+            dst.attrs[key] = value
+        streaming = is_streaming(src)
+        for name in src:
+            if name == "experts" or (name == "convex" and streaming):
+                group = dst.create_group(name)
+                for key, value in src[name].attrs.items():
+                    group.attrs[key] = value
+                for ds_name, ds in src[name].items():
+                    _copy_rows(ds, group, ds_name, max(rows, ds.shape[0]))
+            else:
+                src.copy(src[name], dst, name=name)
+
+
+def _copy_rows(ds: h5py.Dataset, group: h5py.Group, name: str, rows: int) -> None:
+    big = ds.ndim >= 2 and ds.shape[1] * max(1, int(np.prod(ds.shape[2:]))) > 4096
+    new = _preallocated(group, name, ds.shape[1:], ds.dtype, rows, zero=not big)
+    for key, value in ds.attrs.items():
+        new.attrs[key] = value
+    if not big:
+        new[: ds.shape[0]] = ds[()]
+        return
+    for i in range(ds.shape[0]):  # one row at a time: memory bounded by a trajectory
+        new[i] = ds[i]
+
+
+class ExpertRows:
+    """Writes finished experts into a buffer opened with `store.append` (rows preallocated)."""
+
+    def __init__(self, f: h5py.File) -> None:
+        self.f = f
+        self.streaming = is_streaming(f)
+
+    def done(self) -> np.ndarray:
+        """Boolean mask of finished experts."""
+        return self.f["experts/done"][()].astype(bool)
+
+    def finish(self, e: int, seed: int, test_accuracy: list[float], train_loss: list[float],
+               trajectory: torch.Tensor | None = None, waypoints: torch.Tensor | None = None,
+               beta: torch.Tensor | None = None) -> None:
+        """Write expert e's row, flush, then mark it done and flush again."""
+        g = self.f["experts"]
+        if trajectory is not None:
+            g["trajectories"][e] = trajectory.detach().to("cpu", torch.float32).numpy()
+        g["seeds"][e] = seed
+        g["test_accuracy"][e] = np.asarray(test_accuracy, dtype=np.float32)
+        g["train_loss"][e] = np.asarray(train_loss, dtype=np.float32)
+        if self.streaming:
+            assert waypoints is not None and beta is not None
+            self.f["convex/waypoints"][e] = waypoints.to("cpu", torch.float32).numpy()
+            self.f["convex/beta"][e] = beta.to("cpu", torch.float32).numpy()
+        self.f.flush()
+        g["done"][e] = True
+        if self.streaming:
+            self.f["convex/done"][e] = True
+        self.f.flush()
+
+
+def create_buffer(out: str | os.PathLike[str], data: DatasetMeta, spec: ModelSpec, layout: Layout, rows: int,
+                  row_layout: RowLayout, attrs: dict[str, Any], streaming: tuple[Any, dict[str, Any]] | None) -> None:
+    """Write a new buffer atomically: metadata, and rows allocated for `rows` experts.
+
+    `streaming` is (ConvexMeta, provenance) for `experts --convexify` buffers (rows of /convex
+    instead of full trajectories)."""
+    from mctool.store.convex import write_convex_attrs
+    from mctool.store.meta import write_dataset, write_model
+
+    with create(out) as f:
+        write_dataset(f, data)
+        write_model(f, spec, layout)
+        f.require_group("experts").attrs.update(attrs)
+        create_rows(f, rows, row_layout)
+        if streaming is not None:
+            meta, prov = streaming
+            write_convex_attrs(f["convex"], meta, prov, complete=True)

@@ -1,0 +1,411 @@
+"""Artifact files: open with every check, create, rewrite atomically, append rows in place.
+
+Three ways to write, each safe against a crash at any instant (SIGKILL included):
+
+* ``create(path)`` writes a new file under a temporary name and moves it into place
+  (``os.replace``): a reader sees no file, or the whole new one.
+* ``rewrite(path)`` copies the existing file to a temporary name, lets the caller change the
+  copy, then moves it into place: a reader sees the old file or the new one, never a mix.
+  HDF5 has no journal, so changing a file's structure in place (adding or deleting groups)
+  can leave a damaged B-tree when the process dies mid-flush; a copy costs one write of the
+  file and keeps the old one intact until the new one is complete. Mode and owner survive.
+* ``append(path)`` opens a file for writing raw values into storage that was allocated when
+  the file was created (expert rows): such writes change no HDF5 metadata, and a row counts
+  only once its ``done`` flag — one byte, written after the row is flushed — is set.
+
+Every open first refuses what an artifact must never contain: links to other files or
+elsewhere (external and soft links), external raw storage, virtual datasets, filters that
+HDF5 would load from a plugin, huge attributes, and more objects than an artifact could hold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import errno
+import fcntl
+import json
+import os
+import platform
+import shutil
+import struct
+import sys
+import tempfile
+import unicodedata
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from mctool import __version__
+from mctool.allocator import malloc_tuned
+from mctool.errors import ArtifactError, DiskFull, FileBusy
+
+FORMAT = "mctool"
+FORMAT_VERSION = 1
+
+# Sane limits: far above any real artifact, far below what would exhaust a machine.
+MAX_OBJECTS = 10_000
+MAX_ATTRIBUTE_BYTES = 16 << 20
+# HDF5's built-in filters (deflate, shuffle, fletcher32, szip, nbit, scale-offset) and h5py's
+# LZF. Any other filter id makes HDF5 search its plugin path for a shared library to load.
+SAFE_FILTERS = frozenset({1, 2, 3, 4, 5, 6, 32000})
+
+# Group -> the command that creates it, for "run X first" hints.
+PRODUCERS = {
+    "dataset": "mctool experts DATASET",
+    "model": "mctool experts DATASET",
+    "experts": "mctool experts DATASET",
+    "convex": "mctool convexify FILE",
+    "synsets": "mctool distill --buffer FILE",
+}
+
+
+def now_iso() -> str:
+    """Current UTC time, ISO-8601, seconds precision."""
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def versions() -> dict[str, str]:
+    """Versions recorded in every product (provenance)."""
+    return {
+        "mctool": __version__,
+        "torch": torch.__version__,
+        "h5py": h5py.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        # CPU float round-off depends on the thread count, so bit-exact reruns need the same one.
+        "torch_threads": str(torch.get_num_threads()),
+        "malloc": "tuned" if malloc_tuned() else "default",  # speed only, never the numbers
+    }
+
+
+def provenance(config: dict[str, Any], seed: int | None, source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The attributes every product group carries: config, argv, seed, versions, source, date."""
+    return {
+        "config": json.dumps(config, sort_keys=True),
+        "argv": json.dumps(sys.argv),
+        "seed": -1 if seed is None else int(seed),
+        "versions": json.dumps(versions()),
+        "source": json.dumps(source or {}),
+        "created": now_iso(),
+    }
+
+
+def clean_text(text: str) -> str:
+    """`text` without control characters (escape sequences, bells, OSC): every string read
+    from a file passes here before it reaches a terminal, a message or a picture."""
+    return "".join("?" if unicodedata.category(ch) in ("Cc", "Cf") and ch != "\t" else ch for ch in text)
+
+
+def shown(path: str | os.PathLike[str]) -> str:
+    """A path as messages show it (cleaned: a file name can hold escape sequences too)."""
+    return clean_text(str(path))
+
+
+def ensure_free_space(path: str | os.PathLike[str], needed: int, what: str) -> None:
+    """Refuse to start a write that cannot fit: HDF5 fails badly (even crashes) on a full disk,
+    so writers check first and stop with one line while every file is still intact."""
+    folder = Path(path).resolve().parent
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    want = int(needed * 1.05) + (1 << 20)  # HDF5 metadata and slack
+    if free < want:
+        raise DiskFull(f"disk full: {what} needs about {want / 1e6:.1f} MB in {shown(folder)} but only "
+                       f"{free / 1e6:.1f} MB are free; free space and run the same command again "
+                       "(finished work is kept)")
+
+
+# --------------------------------------------------------------------------- opening
+
+
+def _os_problem(path: Path, exc: OSError) -> ArtifactError | FileBusy:
+    """One line for an OSError raised while opening `path`: permission, lock or damage."""
+    text = str(exc)
+    if exc.errno == errno.EACCES or "Permission denied" in text:
+        return ArtifactError(f"{shown(path)}: permission denied")
+    if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK) or "unable to lock file" in text:
+        return FileBusy(f"{shown(path)}: in use by another process (another mctool still writing it?); "
+                        "wait for it to finish and run the command again")
+    return ArtifactError(f"{shown(path)}: unreadable HDF5 file (truncated or damaged?): {clean_text(text)}")
+
+
+def _check_root(path: Path, f: h5py.File) -> None:
+    fmt = f.attrs.get("format")
+    if isinstance(fmt, bytes):
+        fmt = fmt.decode(errors="replace")
+    if fmt != FORMAT:
+        raise ArtifactError(f"{shown(path)}: an HDF5 file, but not an mctool artifact (no format='mctool' stamp)")
+    version = f.attrs.get("format_version")
+    if isinstance(version, (bool, np.bool_)) or not isinstance(version, (int, np.integer)):
+        raise ArtifactError(f"{shown(path)}: / attribute 'format_version' must be an integer, "
+                            f"got {clean_text(repr(version))[:40]}")
+    if version > FORMAT_VERSION:
+        raise ArtifactError(f"{shown(path)}: format_version {version} is newer than this mctool understands "
+                            f"({FORMAT_VERSION}); upgrade mctool")
+    if version < 1:
+        raise ArtifactError(f"{shown(path)}: invalid format_version {version}")
+
+
+def _check_attributes(path: Path, obj: h5py.HLObject, where: str) -> None:
+    for name in obj.attrs:
+        size = h5py.h5a.open(obj.id, name.encode() if isinstance(name, str) else name).get_storage_size()
+        if size > MAX_ATTRIBUTE_BYTES:
+            raise ArtifactError(f"{shown(path)}: {clean_text(where)} attribute '{clean_text(name)}' takes "
+                                f"{size / 1e6:.0f} MB; refusing to read it (an artifact's attributes are small)")
+
+
+def _check_dataset(path: Path, ds: h5py.Dataset, where: str) -> None:
+    if ds.external:
+        raise ArtifactError(f"{shown(path)}: {clean_text(where)} keeps its data in other files (HDF5 external "
+                            "storage); an artifact must hold its own data — refusing to read or write it")
+    if ds.is_virtual:
+        raise ArtifactError(f"{shown(path)}: {clean_text(where)} is a virtual dataset that maps other files; "
+                            "refusing it")
+    plist = ds.id.get_create_plist()
+    for i in range(plist.get_nfilters()):
+        code = plist.get_filter(i)[0]
+        if code not in SAFE_FILTERS:
+            raise ArtifactError(f"{shown(path)}: {clean_text(where)} needs HDF5 filter {code}, which HDF5 would "
+                                "load from a plugin library; refusing it")
+
+
+def check_contents(path: Path, f: h5py.File) -> None:
+    """Refuse links out of the file, external/virtual storage, plugin filters, huge attributes."""
+    count = 0
+    _check_attributes(path, f, "/")
+    pending: list[tuple[str, h5py.Group]] = [("", f)]
+    while pending:
+        prefix, group = pending.pop()
+        for name in group:
+            count += 1
+            if count > MAX_OBJECTS:
+                raise ArtifactError(f"{shown(path)}: holds more than {MAX_OBJECTS} objects; not an artifact "
+                                    "mctool wrote")
+            where = f"{prefix}/{name}"
+            link = group.get(name, getlink=True)
+            if isinstance(link, h5py.ExternalLink):
+                raise ArtifactError(f"{shown(path)}: {clean_text(where)} is a link to another file "
+                                    f"({clean_text(link.filename)}); an artifact must be self-contained — refusing it")
+            if not isinstance(link, h5py.HardLink):
+                raise ArtifactError(f"{shown(path)}: {clean_text(where)} is a {type(link).__name__}; artifacts "
+                                    "hold only plain groups and datasets — refusing it")
+            obj = group[name]
+            _check_attributes(path, obj, where)
+            if isinstance(obj, h5py.Group):
+                pending.append((where, obj))
+            elif isinstance(obj, h5py.Dataset):
+                _check_dataset(path, obj, where)
+
+
+def _open_h5(path: Path, mode: str) -> h5py.File:
+    try:
+        return h5py.File(path, mode)
+    except OSError as exc:
+        raise _os_problem(path, exc) from None
+
+
+@contextlib.contextmanager
+def open_artifact(path: str | os.PathLike[str], mode: str = "r") -> Iterator[h5py.File]:
+    """Open an existing artifact read-only (or 'r+' for `append`) after checking that it is an
+    mctool artifact, readable, and holds nothing that points outside it."""
+    p = Path(path)
+    if not p.exists():
+        raise ArtifactError(f"{shown(p)}: no such file")
+    if p.is_dir():
+        raise ArtifactError(f"{shown(p)}: is a directory, not an artifact file")
+    if not os.access(p, os.R_OK):
+        raise ArtifactError(f"{shown(p)}: permission denied (cannot read it)")
+    try:
+        ok = h5py.is_hdf5(p)
+    except OSError as exc:
+        raise _os_problem(p, exc) from None
+    if not ok:
+        raise ArtifactError(f"{shown(p)}: not an HDF5 file")
+    f = _open_h5(p, mode)
+    try:
+        _check_root(p, f)
+        check_contents(p, f)
+        yield f
+    finally:
+        f.close()
+
+
+def require_group(path: str | os.PathLike[str], f: h5py.File, name: str) -> h5py.Group:
+    """The group `name`, or an ArtifactError saying which command creates it."""
+    if name not in f or not isinstance(f[name], h5py.Group):
+        if name.split("/")[0] != "synsets" and "synsets" in f and "experts" not in f and "convex" not in f:
+            raise ArtifactError(f"{shown(path)}: a synset file (holds synthetic sets), not a buffer of experts")
+        hint = PRODUCERS.get(name.split("/")[0], "")
+        hint = f" — run `{hint}` first" if hint else ""
+        raise ArtifactError(f"{shown(path)}: no /{name} group{hint}")
+    return f[name]
+
+
+def contents(f: h5py.File) -> str:
+    """What an artifact holds, in words, for messages."""
+    held = [words for key, words in (("experts/trajectories", "expert trajectories"),
+                                     ("convex", "convexified experts"), ("synsets", "synthetic sets")) if key in f]
+    return " and ".join(held) or "nothing yet"
+
+
+def stamp(f: h5py.File) -> None:
+    """Stamp the root of a freshly created artifact."""
+    f.attrs["format"] = FORMAT
+    f.attrs["format_version"] = FORMAT_VERSION
+    f.attrs["mctool_version"] = __version__
+    f.attrs["created"] = now_iso()
+    f.attrs["artifact_id"] = uuid.uuid4().hex
+
+
+def fingerprint(path: str | os.PathLike[str], f: h5py.File) -> dict[str, Any]:
+    """How a product names its source: file path, the source's artifact id and what it held."""
+    ident = f.attrs.get("artifact_id", "")
+    info: dict[str, Any] = {"file": str(Path(path).resolve()),
+                            "artifact_id": clean_text(ident.decode() if isinstance(ident, bytes) else str(ident))}
+    if "experts/done" in f and isinstance(f["experts/done"], h5py.Dataset) and f["experts/done"].ndim == 1:
+        info["experts_done"] = int(np.count_nonzero(f["experts/done"][()]))
+    return info
+
+
+# --------------------------------------------------------------------------- writing
+
+
+# A byte far beyond any real file: the writers' lock covers it alone, so it never meets HDF5's
+# own locks (flock on the whole file) nor a reader.
+_LOCK_OFFSET = 1 << 62
+
+
+@contextlib.contextmanager
+def _writer_lock(target: Path) -> Iterator[None]:
+    """Hold an exclusive open-file-description lock on `target` while writing it: a second mctool
+    writing the same file at once is refused instead of one of the two changes being lost.
+
+    OFD locks (Linux) belong to this descriptor only, so opening and closing the file elsewhere
+    in the process (copying it, h5py) does not drop the lock as it would a classic POSIX lock.
+    Where they do not exist the write goes on unlocked."""
+    ofd_setlk = getattr(fcntl, "F_OFD_SETLK", None)
+    if ofd_setlk is None or not target.exists():
+        yield
+        return
+    try:
+        fd = os.open(target, os.O_RDWR)
+    except OSError as exc:
+        raise _os_problem(target, exc) from None
+    try:
+        request = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, _LOCK_OFFSET, 1, 0)
+        try:
+            fcntl.fcntl(fd, ofd_setlk, request)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise FileBusy(f"{shown(target)}: in use by another process (another mctool writing it?); wait "
+                               "for it to finish and run the command again") from None
+            raise
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def check_writable(path: str | os.PathLike[str]) -> None:
+    """Refuse, before any work, a target that cannot be written (the file or its folder)."""
+    p = Path(path)
+    folder = p.resolve().parent
+    if p.exists() and not os.access(p, os.W_OK):
+        raise ArtifactError(f"{shown(p)}: permission denied (the file is read-only for you); nothing was changed")
+    probe = folder
+    while not probe.exists():  # missing folders are created: the first existing one must be writable
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ArtifactError(f"{shown(p)}: permission denied (cannot write in {shown(probe)}); nothing was changed")
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _finish(tmp: Path, target: Path) -> None:
+    """Make `tmp` durable, give it the target's mode (and owner where allowed), move it into place."""
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    if target.exists():
+        st = target.stat()
+        os.chmod(tmp, st.st_mode & 0o7777)
+        with contextlib.suppress(OSError):  # only root may give a file to someone else
+            os.chown(tmp, st.st_uid, st.st_gid)
+    else:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a new product gets ordinary permissions
+    os.replace(tmp, target)
+    _fsync_dir(target.parent)
+
+
+def _temporary(target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    return Path(name)
+
+
+@contextlib.contextmanager
+def create(path: str | os.PathLike[str]) -> Iterator[h5py.File]:
+    """Write a new artifact at `path` (replacing what is there: callers decide whether they may)."""
+    target = Path(path)
+    check_writable(target)
+    tmp = _temporary(target)
+    try:
+        with _writer_lock(target):
+            f = h5py.File(tmp, "w")
+            try:
+                stamp(f)
+                yield f
+            finally:
+                f.close()
+            _finish(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def rewrite(path: str | os.PathLike[str], extra_bytes: int = 0) -> Iterator[h5py.File]:
+    """Change an existing artifact as a whole: a copy is changed, then moved into place.
+
+    `extra_bytes` is what the change adds (checked against the free space with the copy)."""
+    target = Path(path)
+    check_writable(target)
+    with open_artifact(target):  # ours, readable and harmless before anything is copied
+        pass
+    ensure_free_space(target, target.stat().st_size + extra_bytes, f"rewriting {target.name}")
+    tmp = _temporary(target)
+    try:
+        with _writer_lock(target):
+            shutil.copyfile(target, tmp)
+            f = _open_h5(tmp, "r+")
+            try:
+                yield f
+            finally:
+                f.close()
+            _finish(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def append(path: str | os.PathLike[str]) -> Iterator[h5py.File]:
+    """Open an artifact to write raw values into storage allocated at creation (see the module
+    docstring); callers never add or remove HDF5 objects through it."""
+    target = Path(path)
+    check_writable(target)
+    with _writer_lock(target), open_artifact(target, "r+") as f:
+        yield f

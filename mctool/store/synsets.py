@@ -1,0 +1,261 @@
+"""/synsets/<name>: synthetic images and labels, their learned step size, evaluations, the
+checkpoint a run resumes from, and the best images a periodic evaluation selected."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import h5py
+import numpy as np
+import torch
+
+from mctool.errors import ArtifactError
+from mctool.store.fields import Fields
+from mctool.store.files import clean_text, require_group, shown
+from mctool.store.meta import DatasetMeta
+
+if TYPE_CHECKING:
+    from mctool.models import Layout, ModelSpec
+
+MAX_IMAGES = 10_000_000
+SELECTED_ON = ("validation", "test")
+
+
+@dataclass
+class Checkpoint:
+    """What a distillation needs besides the images to continue bit for bit."""
+
+    images_velocity: torch.Tensor
+    alpha_velocity: float
+    generators: list[torch.Tensor]  # one CPU generator state (uint8) per rank
+    queues: list[list[int]]  # per rank: experts left in the current shuffled pass
+
+
+@dataclass
+class BestImages:
+    """The images that scored best at a periodic evaluation, with how they were chosen."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    lr: float
+    iteration: int
+    selected_on: str  # "validation" (default) or "test" (the authors' protocol)
+    score: dict[str, Any]  # the evaluation that selected them (mean, std, accuracies, runs, epochs, ...)
+
+
+@dataclass
+class Synset:
+    """One synthetic set as stored; `images`/`labels` are the final state of the run."""
+
+    name: str
+    images: torch.Tensor
+    labels: torch.Tensor
+    lr: float
+    ipc: int
+    method: str = "mct"
+    grad: str = "constant"
+    preset: str = ""
+    iterations: int = 0
+    complete: bool = True
+    skipped: int = 0
+    config: dict[str, Any] = field(default_factory=dict)
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+    experts_reference: dict[str, Any] | None = None
+    loss: list[float] = field(default_factory=list)
+    source: dict[str, Any] = field(default_factory=dict)
+    created: str = ""
+    checkpoint: Checkpoint | None = None
+    best: BestImages | None = None
+
+    @property
+    def soft_labels(self) -> bool:
+        """Whether the labels are probabilities [N, classes] rather than class indices [N]."""
+        return self.labels.dim() == 2
+
+
+def synset_names(f: h5py.File) -> list[str]:
+    """Names of the synthetic sets in the file."""
+    if "synsets" not in f or not isinstance(f["synsets"], h5py.Group):
+        return []
+    return sorted(name for name in f["synsets"] if isinstance(f["synsets"][name], h5py.Group))
+
+
+def pick_name(path: str | os.PathLike[str], f: h5py.File, name: str | None) -> str:
+    """The synset `name`, or the only/latest one when `name` is None."""
+    names = synset_names(f)
+    if not names:
+        if "synsets" not in f and ("experts" in f or "convex" in f):
+            raise ArtifactError(f"{shown(path)}: no synthetic sets in this file (a buffer of experts) — run "
+                                f"`mctool distill --buffer {shown(path)}` to make one")
+        raise ArtifactError(f"{shown(path)}: no synthetic sets in this file — run `mctool distill` first")
+    if name is None:
+        if len(names) == 1:
+            return names[0]
+        created = {n: Fields(path, f["synsets"][n]).str("created", default="") for n in names}
+        return max(names, key=lambda n: created[n])
+    if name not in names:
+        raise ArtifactError(f"{shown(path)}: no synset named '{clean_text(name)}' (has: "
+                            f"{', '.join(clean_text(n) for n in names)})")
+    return name
+
+
+def _images_and_labels(r: Fields, data: DatasetMeta, ipc: int, values: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    c, h, w = data.image_shape
+    n = ipc * data.num_classes
+    if n > MAX_IMAGES:
+        raise r.problem("ipc", f"{ipc} images per class is implausible")
+    shape = [n, c, h, w]
+    labels_ds = r.dataset("labels", "iuf", [n] if r.group["labels"].ndim == 1 else [n, data.num_classes])
+    if not values:
+        r.dataset("images", "f", shape)
+        return torch.empty(0), torch.empty(0)
+    images = torch.from_numpy(r.array("images", "f", shape, finite=True).astype(np.float32, copy=False))
+    if labels_ds.ndim == 1:
+        if labels_ds.dtype.kind not in "iu":
+            raise r.problem("labels", "hard labels must be integers", attribute=False)
+        labels = r.array("labels", "iu", [n]).astype(np.int64)
+        if labels.size and (labels.min() < 0 or labels.max() >= data.num_classes):
+            raise r.problem("labels", f"hold class {int(labels.max()) if labels.max() >= data.num_classes else int(labels.min())}"
+                                      f" outside 0..{data.num_classes - 1}", attribute=False)
+    else:
+        labels = r.array("labels", "f", [n, data.num_classes], finite=True).astype(np.float32)
+        if labels.size and (labels.min() < 0 or np.abs(labels.sum(1) - 1).max() > 1e-3):
+            raise r.problem("labels", "soft labels must be probabilities (non-negative, rows summing to 1)",
+                            attribute=False)
+    return images, torch.from_numpy(labels)
+
+
+def read_synset(path: str | os.PathLike[str], f: h5py.File, name: str, data: DatasetMeta,
+                values: bool = True, checkpoint: bool = False) -> Synset:
+    """Read and check synset `name` against /dataset (image shape, label range, finite values).
+
+    `values=False` checks shapes and attributes only (images and labels left empty);
+    `checkpoint` also reads the resumable state."""
+    g = require_group(path, f, f"synsets/{name}")
+    r = Fields(path, g)
+    ipc = r.int("ipc", 1, MAX_IMAGES)
+    images, labels = _images_and_labels(r, data, ipc, values)
+    iterations = r.int("iterations", 0)
+    loss = r.array("loss", "f", [None]) if r.has("loss") else np.zeros(0, np.float32)
+    syn = Synset(
+        name=name, images=images, labels=labels, lr=r.float("lr", positive=True), ipc=ipc,
+        method=r.str("method", default="mct"), grad=r.str("grad", default="constant"),
+        preset=r.str("preset", default=""), iterations=iterations, complete=r.bool("complete", True),
+        skipped=r.int("skipped_iterations", 0, default=0), config=r.json("config", dict, {}),
+        evaluations=_evaluations(r), experts_reference=r.json("experts_reference", dict, None),
+        loss=[float(v) for v in loss], source=r.json("source", dict, {}), created=r.str("created", default=""),
+    )
+    if r.has("best"):
+        syn.best = _read_best(path, g["best"], data, ipc, values)
+    if checkpoint:
+        syn.checkpoint = _read_checkpoint(path, g, syn)
+    return syn
+
+
+def _evaluations(r: Fields) -> list[dict[str, Any]]:
+    evaluations = r.json("evaluations", list, [])
+    for ev in evaluations:
+        mean = ev.get("mean") if isinstance(ev, dict) else None
+        if not isinstance(ev, dict) or not (mean is None or isinstance(mean, (int, float))):
+            raise r.problem("evaluations", "must be a list of evaluation objects")
+    return evaluations
+
+
+def _read_best(path: str | os.PathLike[str], g: h5py.Group, data: DatasetMeta, ipc: int, values: bool) -> BestImages:
+    r = Fields(path, g)
+    images, labels = _images_and_labels(r, data, ipc, values)
+    return BestImages(images=images, labels=labels, lr=r.float("lr", positive=True), iteration=r.int("iteration", 0),
+                      selected_on=r.str("selected_on", choices=SELECTED_ON), score=r.json("score", dict, {}))
+
+
+def _read_checkpoint(path: str | os.PathLike[str], g: h5py.Group, syn: Synset) -> Checkpoint:
+    if "checkpoint" not in g:
+        raise ArtifactError(f"{shown(path)}: synset '{clean_text(syn.name)}' has no checkpoint to resume from")
+    r = Fields(path, g["checkpoint"])
+    velocity = r.array("images_velocity", "f", list(syn.images.shape), finite=True)
+    gens = r.array("generators", "u", [None, None])
+    if gens.shape[0] < 1 or gens.dtype != np.uint8:
+        raise r.problem("generators", "must hold one uint8 generator state per process", attribute=False)
+    queues = r.json("queues", list)
+    if len(queues) != gens.shape[0] or not all(isinstance(q, list) and all(isinstance(e, int) and e >= 0 for e in q)
+                                              for q in queues):
+        raise r.problem("queues", f"must be {gens.shape[0]} list(s) of expert indices")
+    return Checkpoint(images_velocity=torch.from_numpy(velocity.astype(np.float32, copy=False)),
+                      alpha_velocity=r.float("alpha_velocity"),
+                      generators=[torch.from_numpy(s.copy()) for s in gens], queues=queues)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _tensor(g: h5py.Group, name: str, t: torch.Tensor | np.ndarray) -> None:
+    if name in g:
+        del g[name]
+    arr = t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+    g.create_dataset(name, data=arr)
+
+
+def write_synset(f: h5py.File, syn: Synset, prov: dict[str, Any]) -> None:
+    """(Re)write synset `syn.name` in a file being created or rewritten."""
+    root = f.require_group("synsets")
+    if syn.name in root:
+        del root[syn.name]
+    g = root.create_group(syn.name)
+    _tensor(g, "images", syn.images.float())
+    _tensor(g, "labels", syn.labels)
+    _tensor(g, "loss", torch.tensor(syn.loss, dtype=torch.float32))
+    g.attrs.update(prov)
+    g.attrs.update({"lr": float(syn.lr), "ipc": int(syn.ipc), "method": syn.method, "preset": syn.preset,
+                    "iterations": int(syn.iterations), "skipped_iterations": int(syn.skipped),
+                    "complete": bool(syn.complete), "grad": syn.grad})
+    g.attrs["evaluations"] = json.dumps(syn.evaluations)
+    g.attrs["experts_reference"] = json.dumps(syn.experts_reference)
+    if syn.best is not None:
+        b = g.create_group("best")
+        _tensor(b, "images", syn.best.images.float())
+        _tensor(b, "labels", syn.best.labels)
+        b.attrs.update({"lr": float(syn.best.lr), "iteration": int(syn.best.iteration),
+                        "selected_on": syn.best.selected_on, "score": json.dumps(syn.best.score)})
+    if syn.checkpoint is not None:
+        c = g.create_group("checkpoint")
+        _tensor(c, "images_velocity", syn.checkpoint.images_velocity)
+        _tensor(c, "generators", torch.stack(syn.checkpoint.generators))
+        c.attrs["alpha_velocity"] = float(syn.checkpoint.alpha_velocity)
+        c.attrs["queues"] = json.dumps(syn.checkpoint.queues)
+        c.attrs["world_size"] = len(syn.checkpoint.generators)
+
+
+def set_evaluations(f: h5py.File, name: str, evaluations: list[dict[str, Any]]) -> None:
+    """Replace the stored evaluations of synset `name` (in a file being rewritten)."""
+    f["synsets"][name].attrs["evaluations"] = json.dumps(evaluations)
+
+
+def save_synset(out: str | os.PathLike[str], syn: Synset, data: DatasetMeta, spec: ModelSpec, layout: Layout,
+                prov: dict[str, Any], extra_bytes: int = 0) -> None:
+    """Write `syn` into `out` atomically: a new file, or a rewrite of an existing synset file
+    (its other synsets kept). /dataset and /model go with it."""
+    from pathlib import Path
+
+    from mctool.store.files import create, rewrite
+    from mctool.store.meta import write_dataset, write_model
+
+    target = Path(out)
+    opener = rewrite(target, extra_bytes) if target.exists() else create(target)
+    with opener as f:
+        if "dataset" not in f:
+            write_dataset(f, data)
+        if "model" not in f:
+            write_model(f, spec, layout)
+        write_synset(f, syn, prov)
+
+
+def add_evaluations(path: str | os.PathLike[str], name: str, evaluations: list[dict[str, Any]]) -> None:
+    """Append evaluations to synset `name` (the file is rewritten atomically)."""
+    from mctool.store.files import rewrite
+
+    with rewrite(path) as f:
+        stored = Fields(path, f["synsets"][name]).json("evaluations", list, [])
+        set_evaluations(f, name, stored + evaluations)
