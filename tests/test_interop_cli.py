@@ -1,0 +1,86 @@
+"""The draft `mctool import` / `mctool export` commands, registered on a fresh app (not yet on mctool's)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from mctool.commands.import_export import register
+from tests.conftest import cli
+from tests.interop_fixtures import flat, make_experts, tiny_spec, write_authors_pair, write_replay_buffer
+from tests.test_cli import assert_one_line_error
+
+
+def drafted(*args: str):
+    app = typer.Typer()
+    register(app)
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_not_registered_on_mctool_yet() -> None:
+    assert cli("import", "--help").exit_code != 0
+
+
+def test_import_command(tmp_path: Path, data_dir: Path) -> None:
+    experts = make_experts(tiny_spec(), 3, 3, seed=9)
+    folder = tmp_path / "MNIST" / "ConvNet"  # the scripts' naming: dataset and model from the folder
+    write_replay_buffer(folder, 0, experts[:2])
+    write_replay_buffer(folder, 2, experts[2:])
+    out = tmp_path / "b.h5"
+    # MNIST folders carry no _NO_ZCA suffix in the scripts, so ZCA must be stated.
+    assert_one_line_error(drafted("import", folder, "-o", out, "--data-dir", data_dir), 2, "--zca or --no-zca")
+    r = drafted("import", folder, "-o", out, "--no-zca", "--data-dir", data_dir, "--json", "--quiet",
+                "--accuracy", "first")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["experts"] == 3 and doc["gaps"] == [1] and doc["model"]["width"] == 8
+    assert any("folder name" in n for n in doc["notes"])
+    with h5py.File(out) as f:
+        assert np.array_equal(f["experts/trajectories"][2], flat(experts[2]).numpy())
+        acc = f["experts/test_accuracy"][()][:, -1]
+        assert not np.isnan(acc[0]) and np.isnan(acc[1:]).all()  # --accuracy first
+    r = drafted("import", folder, "-o", out, "--no-zca", "--data-dir", data_dir, "--quiet", "--depth", "4")
+    assert_one_line_error(r, 2, "depth 3, not the depth 4")
+    torch.save({"weights": torch.zeros(2)}, folder / "replay_buffer_3.pt")
+    assert_one_line_error(drafted("import", folder, "-o", tmp_path / "c.h5", "--no-zca", "--data-dir", data_dir),
+                          2, "replay_buffer_3.pt: holds a dict")
+    assert_one_line_error(drafted("import", tmp_path / "nowhere", "--dataset", "mnist", "--no-zca"), 2,
+                          "no such folder")
+
+
+def test_import_compressed_and_kind(tmp_path: Path, data_dir: Path) -> None:
+    experts = make_experts(tiny_spec(), 2, 4, seed=10)
+    folder = tmp_path / "c"
+    write_authors_pair(folder, 0, experts, 3)
+    r = drafted("import", folder, "-o", tmp_path / "c.h5", "--dataset", "mnist", "--zca", "--data-dir", data_dir,
+                "--json", "--quiet", "--accuracy", "none")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["positions"] == [0, 2, 4]
+    write_replay_buffer(folder, 0, experts)
+    assert_one_line_error(drafted("import", folder, "--dataset", "mnist", "--zca", "--data-dir", data_dir), 2,
+                          "--kind")
+
+
+@pytest.mark.parametrize("fmt", ["mtt", "ddranking", "png"])
+def test_export_command(tmp_path: Path, convex_buffer: Path, data_dir: Path, fmt: str) -> None:
+    syn = tmp_path / "syn.h5"
+    r = cli("distill", "--buffer", convex_buffer, "-o", syn, "--data-dir", data_dir, "--ipc", "1", "--syn-steps", "2",
+            "--expert-epochs", "1", "--max-start-epoch", "2", "--iterations", "1", "--quiet")
+    assert r.exit_code == 0, r.output
+    r = drafted("export", syn, "--format", fmt, "--data-dir", data_dir, "--json", "--quiet")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    target = Path(doc["folder"])
+    assert target == tmp_path / f"syn-{fmt}" and "mctool_export.json" in doc["files"]
+    if fmt == "mtt":
+        assert {"images_best.pt", "labels_best.pt", "lr_best.pt", "images_zca_best.pt"} <= set(doc["files"])
+    if fmt == "png":
+        assert sum(f.endswith(".png") for f in doc["files"]) == 10
+    assert_one_line_error(drafted("export", syn, "--format", "tfrecord"), 2, "unknown --format")
