@@ -84,3 +84,17 @@ def test_export_command(tmp_path: Path, convex_buffer: Path, data_dir: Path, fmt
     if fmt == "png":
         assert sum(f.endswith(".png") for f in doc["files"]) == 10
     assert_one_line_error(drafted("export", syn, "--format", "tfrecord"), 2, "unknown --format")
+
+
+def test_score_rows_for_evaluate() -> None:
+    from mctool.commands.import_export import score_rows
+
+    results = [{"kind": "synset", "model": "ConvNet", "accuracies": [0.5, 0.6], "mean": 0.55, "std": 0.05},
+               {"kind": "random-real", "model": "ConvNet", "accuracies": [0.2, 0.4], "mean": 0.3, "std": 0.1}]
+    header, rows = score_rows(results, {"mean": 0.75}, soft_labels=False, whole_override=None)
+    assert header[3] == "gain (pp)" and rows[0][3] == "+25.00 ± 5.00"
+    assert rows[0][4] == "75.00 (experts)" and rows[0][5] == "+20.00 ± 5.00"
+    _, rows = score_rows(results, None, soft_labels=False, whole_override=None)
+    assert rows[0][5].startswith("— whole-data accuracy unknown")
+    _, rows = score_rows(results, None, soft_labels=False, whole_override=80.0)
+    assert rows[0][4] == "80.00 (option)"

@@ -257,6 +257,10 @@ def import_replay(plan: ReplayPlan, out: Path, cfg: ImportConfig, prepared: Prep
     if scan.gaps:
         reporter.log(f"note: replay_buffer numbering has gaps (missing {describe_numbers(scan.gaps)}): importing the "
                      f"{len(scan.files)} files present in numeric order (the scripts' readers stop at the first gap)")
+    if set(scan.dtypes) != {"torch.float32"}:
+        exact = set(scan.dtypes) <= {"torch.float32", "torch.float16", "torch.bfloat16"}
+        reporter.log(f"note: the snapshots are stored as {', '.join(scan.dtypes)}: converted to float32"
+                     + ("" if exact else " (float64 values are rounded)"))
     for f in scan.files:
         if not f.streaming:
             reporter.log(f"note: {f.path.name} is in the legacy (pre-1.6) torch format: read whole "
