@@ -120,8 +120,9 @@ def folder_hints(folder: Path) -> FolderHints:
 # --------------------------------------------------------------------------- structure and shapes
 
 
-def _where(path: Path, expert: int, snapshot: int | None = None, tensor: int | None = None,
-           names: Sequence[str] | None = None) -> str:
+def location(path: Path, expert: int, snapshot: int | None = None, tensor: int | None = None,
+             names: Sequence[str] | None = None) -> str:
+    """'FILE: expert e, snapshot k, tensor i (name)' for messages."""
     text = f"{path}: expert {expert}"
     if snapshot is not None:
         text += f", snapshot {snapshot}"
@@ -130,7 +131,8 @@ def _where(path: Path, expert: int, snapshot: int | None = None, tensor: int | N
     return text
 
 
-def _as_list(node: Any, what: str, where: str) -> list[Any]:
+def as_list(node: Any, what: str, where: str) -> list[Any]:
+    """`node` as a list, or one line saying a list of `what` was expected at `where`."""
     if not isinstance(node, (list, tuple)):
         raise BufferLayoutError(f"{where}: expected a list of {what}, found a tensor")
     return list(node)
@@ -139,29 +141,29 @@ def _as_list(node: Any, what: str, where: str) -> list[Any]:
 def check_snapshot(snapshot: Any, reference: Sequence[Shape], path: Path, expert: int, k: int,
                    names: Sequence[str] | None = None) -> list[Leaf]:
     """The snapshot's tensors, after checking count, shapes and dtype against `reference`."""
-    leaves = _as_list(snapshot, "parameter tensors", _where(path, expert, k))
+    leaves = as_list(snapshot, "parameter tensors", location(path, expert, k))
     if len(leaves) != len(reference):
-        raise BufferLayoutError(f"{_where(path, expert, k)}: {len(leaves)} parameter tensors, expected "
+        raise BufferLayoutError(f"{location(path, expert, k)}: {len(leaves)} parameter tensors, expected "
                                 f"{len(reference)}")
     for i, (leaf, shape) in enumerate(zip(leaves, reference)):
         if isinstance(leaf, (list, tuple)):
-            raise BufferLayoutError(f"{_where(path, expert, k, i, names)}: a list where a tensor belongs")
+            raise BufferLayoutError(f"{location(path, expert, k, i, names)}: a list where a tensor belongs")
         if tuple(leaf.shape) != tuple(shape):
-            raise BufferLayoutError(f"{_where(path, expert, k, i, names)}: shape {list(leaf.shape)}, expected "
+            raise BufferLayoutError(f"{location(path, expert, k, i, names)}: shape {list(leaf.shape)}, expected "
                                     f"{list(shape)}")
         if not leaf.dtype.is_floating_point:
-            raise BufferLayoutError(f"{_where(path, expert, k, i, names)}: dtype {leaf.dtype}, expected floats")
+            raise BufferLayoutError(f"{location(path, expert, k, i, names)}: dtype {leaf.dtype}, expected floats")
     return leaves
 
 
 def check_expert(expert: Any, reference: Sequence[Shape], snapshots: int | None, path: Path, e: int,
                  names: Sequence[str] | None = None) -> list[list[Leaf]]:
     """An expert's snapshots (lists of leaves), checked; `snapshots` = K+1 when known."""
-    items = _as_list(expert, "snapshots", _where(path, e))
+    items = as_list(expert, "snapshots", location(path, e))
     if snapshots is not None and len(items) != snapshots:
-        raise BufferLayoutError(f"{_where(path, e)}: {len(items)} snapshots, the other experts have {snapshots}")
+        raise BufferLayoutError(f"{location(path, e)}: {len(items)} snapshots, the other experts have {snapshots}")
     if len(items) < 2:
-        raise BufferLayoutError(f"{_where(path, e)}: {len(items)} snapshot(s); a trajectory needs at least 2")
+        raise BufferLayoutError(f"{location(path, e)}: {len(items)} snapshot(s); a trajectory needs at least 2")
     checked = [check_snapshot(s, reference, path, e, k, names) for k, s in enumerate(items)]
     owner: dict[str, tuple[int, int]] = {}
     for k, leaves in enumerate(checked):
@@ -169,7 +171,7 @@ def check_expert(expert: Any, reference: Sequence[Shape], snapshots: int | None,
             first = owner.setdefault(leaf.storage_id, (k, i))
             if first != (k, i):
                 raise BufferLayoutError(
-                    f"{_where(path, e, k, i, names)}: shares its memory with snapshot {first[0]}, tensor {first[1]} "
+                    f"{location(path, e, k, i, names)}: shares its memory with snapshot {first[0]}, tensor {first[1]} "
                     "— the snapshots alias the live weights (buffer.py run on a CPU, method.md §4), so every "
                     "snapshot is the final network and the trajectory is lost")
     return checked
@@ -177,7 +179,7 @@ def check_expert(expert: Any, reference: Sequence[Shape], snapshots: int | None,
 
 def experts_of(tf: TorchFile) -> list[Any]:
     """The top-level list of experts of an open buffer file."""
-    return _as_list(tf.root, "experts", str(tf.path))
+    return as_list(tf.root, "experts", str(tf.path))
 
 
 def first_snapshot_shapes(path: Path) -> list[Shape]:
@@ -186,13 +188,13 @@ def first_snapshot_shapes(path: Path) -> list[Shape]:
         experts = experts_of(tf)
         if not experts:
             raise BufferLayoutError(f"{path}: holds no experts")
-        snaps = _as_list(experts[0], "snapshots", _where(path, 0))
+        snaps = as_list(experts[0], "snapshots", location(path, 0))
         if not snaps:
-            raise BufferLayoutError(f"{_where(path, 0)}: holds no snapshots")
-        leaves = _as_list(snaps[0], "parameter tensors", _where(path, 0, 0))
+            raise BufferLayoutError(f"{location(path, 0)}: holds no snapshots")
+        leaves = as_list(snaps[0], "parameter tensors", location(path, 0, 0))
         for i, leaf in enumerate(leaves):
             if isinstance(leaf, (list, tuple)):
-                raise BufferLayoutError(f"{_where(path, 0, 0, i)}: a list where a tensor belongs")
+                raise BufferLayoutError(f"{location(path, 0, 0, i)}: a list where a tensor belongs")
         return [tuple(leaf.shape) for leaf in leaves]
 
 
@@ -273,7 +275,7 @@ def flat_snapshot(tf: TorchFile, leaves: Sequence[Leaf], expert: int, k: int,
             parts.append(tf.read(leaf).reshape(-1).to(torch.float32))
         except TorchFileError as exc:
             detail = str(exc).split(": ", 1)[-1]
-            raise TorchFileError(f"{_where(tf.path, expert, k, i, names)}: {detail}") from None
+            raise TorchFileError(f"{location(tf.path, expert, k, i, names)}: {detail}") from None
     return torch.cat(parts)
 
 
@@ -380,8 +382,8 @@ def infer_convnet(shapes: Sequence[Shape], channels: int, im_size: tuple[int, in
 def check_layout(shapes: Sequence[Shape], layout: Layout, path: Path) -> None:
     """The model's layout must be exactly the files' shapes (first snapshot of `path`)."""
     if len(shapes) != len(layout):
-        raise BufferLayoutError(f"{_where(path, 0, 0)}: {len(shapes)} parameter tensors, the model has {len(layout)}")
+        raise BufferLayoutError(f"{location(path, 0, 0)}: {len(shapes)} parameter tensors, the model has {len(layout)}")
     for i, (shape, (name, expected)) in enumerate(zip(shapes, layout)):
         if tuple(shape) != tuple(expected):
-            raise BufferLayoutError(f"{_where(path, 0, 0, i, [n for n, _ in layout])}: shape {list(shape)}, "
+            raise BufferLayoutError(f"{location(path, 0, 0, i, [n for n, _ in layout])}: shape {list(shape)}, "
                                     f"the model expects {list(expected)}")

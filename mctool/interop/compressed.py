@@ -30,8 +30,7 @@ import torch
 
 from mctool.errors import UsageError
 from mctool.interop.buffers import (
-    BufferLayoutError, Layout, Shape, _as_list, _where, check_snapshot, describe_numbers, flat_snapshot,
-    numbered_files, require_folder,
+    BufferLayoutError, Layout, Shape, as_list, location, check_snapshot, flat_snapshot, require_folder,
 )
 from mctool.interop.torchfile import Leaf, TorchFile, TorchFileError, open_torch_file
 
@@ -156,21 +155,21 @@ def _scalar(leaf: Any, where: str) -> Leaf:
 
 def _segments(steps: Any, num_layers: int, path: Path, e: int) -> list[list[list[Leaf]]]:
     """An expert's step entries as segments → points → L scalars (ip 2 files: one segment)."""
-    top = _as_list(steps, "segments or points", _where(path, e))
+    top = as_list(steps, "segments or points", location(path, e))
     if not top:
-        raise BufferLayoutError(f"{_where(path, e)}: no step values")
-    first = _as_list(top[0], "points or step values", f"{_where(path, e)}, entry 0")
+        raise BufferLayoutError(f"{location(path, e)}: no step values")
+    first = as_list(top[0], "points or step values", f"{location(path, e)}, entry 0")
     segmented = bool(first) and isinstance(first[0], (list, tuple))
     raw_segments = top if segmented else [top]
     out = []
     for j, seg in enumerate(raw_segments):
-        points = _as_list(seg, "points", f"{_where(path, e)}, segment {j}")
+        points = as_list(seg, "points", f"{location(path, e)}, segment {j}")
         if len(points) < 2:
-            raise BufferLayoutError(f"{_where(path, e)}, segment {j}: {len(points)} point(s), need at least 2")
+            raise BufferLayoutError(f"{location(path, e)}, segment {j}: {len(points)} point(s), need at least 2")
         rows = []
         for k, point in enumerate(points):
-            where = f"{_where(path, e)}, segment {j}, point {k}"
-            values = _as_list(point, "step values", where)
+            where = f"{location(path, e)}, segment {j}, point {k}"
+            values = as_list(point, "step values", where)
             if len(values) != num_layers:
                 raise BufferLayoutError(f"{where}: {len(values)} step values, expected one per layer ({num_layers})")
             rows.append([_scalar(v, f"{where}, tensor {i}") for i, v in enumerate(values)])
@@ -195,24 +194,24 @@ def scan_compressed(folder: Path, variant: str | None = None, layout: Layout | N
     checked: list[CompressedPair] = []
     for number, wpath, spath in pairs:
         with open_torch_file(wpath) as wtf, open_torch_file(spath) as stf:
-            wexperts = _as_list(wtf.root, "experts", str(wpath))
-            sexperts = _as_list(stf.root, "experts", str(spath))
+            wexperts = as_list(wtf.root, "experts", str(wpath))
+            sexperts = as_list(stf.root, "experts", str(spath))
             if len(wexperts) != len(sexperts):
                 raise BufferLayoutError(f"{wpath}: {len(wexperts)} experts, but {spath.name} has {len(sexperts)}")
             for e, (wexp, sexp) in enumerate(zip(wexperts, sexperts)):
-                wps = _as_list(wexp, "waypoints", _where(wpath, e))
+                wps = as_list(wexp, "waypoints", location(wpath, e))
                 if reference is None:
-                    first = _as_list(wps[0], "parameter tensors", _where(wpath, e, 0)) if wps else []
+                    first = as_list(wps[0], "parameter tensors", location(wpath, e, 0)) if wps else []
                     reference = [tuple(leaf.shape) for leaf in first if not isinstance(leaf, (list, tuple))]
                 for k, w in enumerate(wps):
                     check_snapshot(w, reference, wpath, e, k, names)
                 segs = _segments(sexp, len(reference), spath, e)
                 mine = positions_of(segs)
                 if len(wps) != len(mine):
-                    raise BufferLayoutError(f"{_where(wpath, e)}: {len(wps)} waypoints, but its step entries make "
+                    raise BufferLayoutError(f"{location(wpath, e)}: {len(wps)} waypoints, but its step entries make "
                                             f"{len(mine) - 1} segment(s) (positions {mine})")
                 if positions is not None and mine != positions:
-                    raise BufferLayoutError(f"{_where(spath, e)}: waypoint positions {mine}, the other experts have "
+                    raise BufferLayoutError(f"{location(spath, e)}: waypoint positions {mine}, the other experts have "
                                             f"{positions}")
                 positions = mine
             checked.append(CompressedPair(number, wpath, spath, len(wexperts),
@@ -232,16 +231,11 @@ def scan_compressed(folder: Path, variant: str | None = None, layout: Layout | N
                           tuple(names) if names else None, tuple(notes))
 
 
-def describe_gaps(scan: CompressedScan) -> str:
-    """'3, 5-7' for the missing pair numbers."""
-    return describe_numbers(scan.gaps)
-
-
 def read_expert(wtf: TorchFile, stf: TorchFile, e: int, scan: CompressedScan) -> tuple[torch.Tensor, torch.Tensor]:
     """Waypoints [J, P] and β [K+1, L] (float32, mctool's convention) of expert `e` of a pair."""
-    wps = _as_list(wtf.root, "experts", str(wtf.path))[e]
+    wps = as_list(wtf.root, "experts", str(wtf.path))[e]
     rows = [flat_snapshot(wtf, w, e, k, scan.names) for k, w in enumerate(wps)]
-    segs = _segments(_as_list(stf.root, "experts", str(stf.path))[e], len(scan.shapes), stf.path, e)
+    segs = _segments(as_list(stf.root, "experts", str(stf.path))[e], len(scan.shapes), stf.path, e)
     return torch.stack(rows), beta_from_segments(segs, stf, e)
 
 
@@ -257,6 +251,6 @@ def beta_from_segments(segments: Sequence[Sequence[Sequence[Leaf]]], stf: TorchF
                 values = torch.stack([stf.read(v).to(torch.float64).reshape(()) for v in point])
             except TorchFileError as exc:
                 detail = str(exc).split(": ", 1)[-1]
-                raise TorchFileError(f"{_where(stf.path, e)}, segment {j}, point {k}: {detail}") from None
+                raise TorchFileError(f"{location(stf.path, e)}, segment {j}, point {k}: {detail}") from None
             beta[a + k] = j + values  # float64 sum, one rounding to float32 below (as convexify)
     return beta.to(torch.float32)

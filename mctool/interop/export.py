@@ -110,7 +110,9 @@ def to_pixels(prep: Preprocessing, images: torch.Tensor, clamp: bool) -> torch.T
     x = images.detach().to("cpu", torch.float32)
     if prep.kind == "zca":
         assert prep.transform_inv is not None
-        pixels = (x.reshape(x.shape[0], -1) @ prep.transform_inv.float() + prep.mean.float().reshape(1, -1)).view(x.shape)
+        # kornia's inverse_transform, as MTT applies it to write images_zca_*: y @ T_inv + mean.
+        flat = x.reshape(x.shape[0], -1) @ prep.transform_inv.float() + prep.mean.float().reshape(1, -1)
+        pixels = flat.view(x.shape)
     else:
         assert prep.std is not None
         pixels = x * prep.std.float().view(1, -1, 1, 1) + prep.mean.float().view(1, -1, 1, 1)
