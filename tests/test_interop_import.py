@@ -240,6 +240,7 @@ def test_what_the_files_do_not_say_must_be_stated(tmp_path: Path) -> None:
     assert folder_hints(tmp_path / "Tiny" / "ConvNet").zca is None  # MTT never appends _NO_ZCA for Tiny
     assert folder_hints(tmp_path / "Tiny_NO_ZCA" / "ConvNet").zca is False
     assert folder_hints(tmp_path / "somewhere") == folder_hints(tmp_path / "else")
+    assert folder_hints(tmp_path / "CIFAR10" / "ConvNet_run2") == folder_hints(tmp_path / "else")
     with pytest.raises(UsageError, match="pass that folder"):
         scan_replay_folder(tmp_path / "buffers")
 
@@ -329,3 +330,27 @@ def test_compressed_pairs_must_be_complete_and_one_kind(tmp_path: Path) -> None:
     cfg = ImportConfig(dataset="mnist", zca=True, variant="ip3")
     with pytest.raises(UsageError, match="no partner step_buffer_ip3_0.pt"):
         plan_compressed(folder, cfg, resolve_source(folder, cfg), None)  # type: ignore[arg-type]
+
+
+def test_import_reads_one_snapshot_at_a_time(tmp_path: Path, prepared_plain, monkeypatch) -> None:
+    """Streaming: each step reads one snapshot's bytes from the file, never the whole file."""
+    from mctool.interop import importer
+
+    experts = make_experts(tiny_spec(width=16), 3, 4, seed=12)
+    folder = tmp_path / "stream"
+    path = write_replay_buffer(folder, 0, experts)
+    per_step: list[int] = []
+    real = importer.flat_snapshot
+
+    def spy(tf, leaves, e, k, names=None):
+        before = tf.bytes_read
+        out = real(tf, leaves, e, k, names)
+        per_step.append(tf.bytes_read - before)
+        return out
+
+    monkeypatch.setattr(importer, "flat_snapshot", spy)
+    run_import(folder, tmp_path / "o.h5", prepared_plain, accuracy="none")
+    snapshot_bytes = flat(experts[0]).shape[1] * 4
+    assert len(per_step) == 3 * 5
+    # One snapshot's tensors plus their zip member headers (14 members, < 256 bytes each).
+    assert max(per_step) <= snapshot_bytes + 14 * 256 < path.stat().st_size / 10

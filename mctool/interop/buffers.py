@@ -107,7 +107,7 @@ def folder_hints(folder: Path) -> FolderHints:
     means ZCA; Tiny's suffix exists only in MCT's buffer.py, so a bare ``Tiny`` says nothing.
     """
     folder = folder.resolve()
-    model = folder.name if folder.name.startswith("ConvNet") else None
+    model = folder.name if folder.name in CONVNET_VARIANTS else None
     parent = folder.parent.name if model else folder.name
     no_zca = parent.endswith("_NO_ZCA")
     dataset = _SCRIPT_DATASETS.get(parent[: -len("_NO_ZCA")] if no_zca else parent)

@@ -101,7 +101,7 @@ def resolve_source(folder: Path, cfg: ImportConfig) -> Source:
     dataset, zca, model = cfg.dataset, cfg.zca, cfg.model
     if dataset is None and hints.dataset is not None:
         dataset = hints.dataset
-        notes.append(f"dataset '{dataset}' from the folder name {folder.resolve().parent.name}/")
+        notes.append(f"dataset '{dataset}' from the scripts' folder naming")
     if zca is None and hints.zca is not None:
         zca = hints.zca
         notes.append(f"{'ZCA' if zca else 'no ZCA'} from the folder name (the scripts append _NO_ZCA without --zca)")
