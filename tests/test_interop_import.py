@@ -354,3 +354,30 @@ def test_import_reads_one_snapshot_at_a_time(tmp_path: Path, prepared_plain, mon
     assert len(per_step) == 3 * 5
     # One snapshot's tensors plus their zip member headers (14 members, < 256 bytes each).
     assert max(per_step) <= snapshot_bytes + 14 * 256 < path.stat().st_size / 10
+
+
+@pytest.mark.parametrize("variant,strategy", [("uni", "uniform"), ("dec", "decreasing")])
+def test_ablation_pairs_keep_the_authors_fractions(tmp_path: Path, prepared_plain, variant: str,
+                                                   strategy: str) -> None:
+    """method.md §5.4: uniform β(k) = k/K; decreasing β(k) = Σ_{j≤k} (K+1−j)/S with its β(0) ≠ 0 kept."""
+    experts = make_experts(tiny_spec(), 2, 3, seed=13)
+    K, L = 3, len(experts[0][0])
+    S = sum(range(1, K + 2))
+    if variant == "uni":
+        fractions = [k / K for k in range(K + 1)]
+    else:
+        fractions = [sum(K + 1 - j for j in range(k + 1)) / S for k in range(K + 1)]
+    folder = tmp_path / variant
+    folder.mkdir()
+    torch.save([[e[0], e[K]] for e in experts], folder / f"waypoint_buffer_{variant}_0.pt")
+    torch.save([[[torch.tensor(f, dtype=torch.float32)] * L for f in fractions] for _ in experts],
+               folder / f"step_buffer_{variant}_0.pt")
+    cfg = ImportConfig(dataset="mnist", zca=False, accuracy="none")
+    plan = plan_compressed(folder, cfg, resolve_source(folder, cfg), prepared_plain.meta)
+    import_compressed(plan, tmp_path / "a.h5", cfg, prepared_plain)
+    with h5py.File(tmp_path / "a.h5") as f:
+        meta = artifact.read_convex(tmp_path / "a.h5", f)
+        assert meta.strategy == strategy and not meta.smooth and list(meta.positions) == [0, K]
+        beta = f["convex/beta"][1]
+        assert np.array_equal(beta, np.tile(np.float32(fractions)[:, None], (1, L)))
+        assert np.array_equal(f["convex/waypoints"][1], torch.stack([flat(experts[1])[0], flat(experts[1])[K]]).numpy())
