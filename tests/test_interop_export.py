@@ -120,12 +120,14 @@ def test_png_folders_per_class(tmp_path: Path, stored: SynsetData, prep) -> None
 def test_soft_labels_and_normalised_space(tmp_path: Path, stored: SynsetData) -> None:
     meta = dataclasses.replace(stored.meta, zca=False, mean=(0.5,), std=(0.25,))
     soft = torch.softmax(torch.randn(20, 10, generator=torch.Generator().manual_seed(0)), dim=1)
-    syn = dataclasses.replace(stored, meta=meta, labels=soft)
+    syn = dataclasses.replace(stored, meta=meta, labels=soft,
+                              experts_reference={"mean": float("nan"), "experts": 2})  # imported, not measured
     out = tmp_path / "soft"
     doc = export_tensors(syn, out, "ddranking", None)
     back = load_export(out)
     assert torch.equal(back.labels, soft) and doc["labels"]["kind"] == "soft" and not doc["labels"]["class_major"]
     assert doc["space"]["kind"] == "normalize" and doc["space"]["zca_eps"] is None
+    assert json.loads((out / META_NAME).read_text())["experts_reference"] == {"mean": None, "experts": 2}
     prep = preprocessing_without_data(meta)
     assert prep is not None and preprocessing_without_data(stored.meta) is None
     pngs = export_pngs(syn, tmp_path / "soft-png", prep)
