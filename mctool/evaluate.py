@@ -93,7 +93,7 @@ class Evaluation:
 
 @dataclass(frozen=True)
 class Score:
-    """One row of the scores table: a synset's accuracy with the field's comparisons."""
+    """One row of the scores table: a synset's accuracy with the field's comparisons (mctool/scores.py)."""
 
     target: str  # final or best
     model: str
@@ -101,9 +101,12 @@ class Score:
     std: float
     runs: int
     random_real: float | None  # mean accuracy of random real images, same ipc and protocol
-    gain: float | None  # mean − random_real
-    whole_data: float | None  # accuracy of the same architecture trained on the whole training set
-    hlr: float | None  # whole_data − mean (DD-Ranking's hard-label recovery)
+    gain: float | None  # mean of the per-run differences synthetic − random real (same seeds)
+    gain_std: float | None
+    whole_data: float | None  # accuracy of the architecture trained on the whole training set
+    hlr: float | None  # whole_data − synthetic (DD-Ranking's hard-label recovery), hard labels only
+    hlr_std: float | None
+    note: str = ""
 
 
 @dataclass
@@ -182,17 +185,31 @@ def random_real(prepared: Prepared, ipc: int, seed: int,
     return prepared.train_x[sel], prepared.train_y[sel]
 
 
-def scores(results: list[Evaluation], whole_data: float | None) -> list[Score]:
+def scores(results: list[Evaluation], whole_data: float | None, soft_labels: bool = False) -> list[Score]:
     """Per (target, model): mean, the gain over random real of the same model, and HLR."""
-    baseline = {r.model: r.mean for r in results if r.kind == "random-real"}
+    from mctool.scores import hard_label_recovery, paired_gain
+
+    baseline = {r.model: r for r in results if r.kind == "random-real"}
     out = []
     for r in results:
         if r.kind != "synset":
             continue
+        gain = gain_std = hlr = hlr_std = None
         base = baseline.get(r.model)
-        out.append(Score(target=r.target, model=r.model, mean=r.mean, std=r.std, runs=r.runs, random_real=base,
-                         gain=None if base is None else r.mean - base, whole_data=whole_data,
-                         hlr=None if whole_data is None or r.model != "ConvNet" else whole_data - r.mean))
+        if base is not None:
+            gain, gain_std, _ = paired_gain(r.accuracies, base.accuracies)
+        note = ""
+        if soft_labels:
+            note = "soft labels: HLR is defined for training with hard labels"
+        elif whole_data is None:
+            note = "whole-data accuracy unknown (--whole-data)"
+        elif r.model != "ConvNet":
+            note = "the whole-data reference is the experts' ConvNet"
+        else:
+            hlr, hlr_std = hard_label_recovery(whole_data, r.accuracies)
+        out.append(Score(target=r.target, model=r.model, mean=r.mean, std=r.std, runs=r.runs,
+                         random_real=None if base is None else base.mean, gain=gain, gain_std=gain_std,
+                         whole_data=whole_data, hlr=hlr, hlr_std=hlr_std, note=note))
     return out
 
 
@@ -203,13 +220,12 @@ def evaluate_file(file: Path, cfg: EvaluateConfig, name: str | None = None, base
     random real images too, report and store the results."""
     from mctool.device import resolve_device
     from mctool.prepared import prepare_like
+    from mctool.scores import whole_data_accuracy
 
     if baseline not in (None, "random"):
         raise UsageError(f"unknown --baseline '{baseline}' (use: random)")
     if images not in ("auto", "final", "best", "both"):
         raise UsageError(f"--images must be final, best, both or auto, got '{images}'")
-    if whole_data is not None and not 0 < whole_data <= 1:
-        raise UsageError(f"--whole-data must be an accuracy in (0, 1], got {whole_data}")
     cfg.validate()
     if save:
         store.check_writable(file)
@@ -217,6 +233,9 @@ def evaluate_file(file: Path, cfg: EvaluateConfig, name: str | None = None, base
         synset = sf.pick(name)
         syn = sf.read(synset)
         data, spec = sf.data, sf.spec
+    reference = syn.experts_reference
+    whole, origin = whole_data_accuracy(reference, whole_data)  # a bad --whole-data fails before any work
+    source = {"option": "--whole-data", "experts": "the experts' final test accuracy"}.get(origin)
     for m in cfg.models:
         layout_of(spec_for(m, spec))  # unknown or impossible models fail here, before any training
     targets = _targets(images, syn, file)
@@ -234,16 +253,10 @@ def evaluate_file(file: Path, cfg: EvaluateConfig, name: str | None = None, base
         bx, by = random_real(prepared, syn.ipc, cfg.seed)
         lr = cfg.lr if cfg.lr is not None else syn.lr
         results += evaluate_set(bx, by, lr, prepared, spec, cfg, "random-real", reporter)
-    reference = syn.experts_reference
-    source = None
-    if whole_data is not None:
-        source = "--whole-data"
-    elif reference and isinstance(reference.get("mean"), (int, float)):
-        whole_data, source = float(reference["mean"]), "the experts' final test accuracy"
     if save:
         store.add_evaluations(file, synset, [r.to_dict() for r in results])
     return EvaluateResult(file=str(file), synset=synset, ipc=syn.ipc, lr=cfg.lr if cfg.lr is not None else syn.lr,
-                          results=results, scores=scores(results, whole_data), experts_reference=reference,
+                          results=results, scores=scores(results, whole, syn.soft_labels), experts_reference=reference,
                           whole_data_source=source,
                           selected_on=syn.best.selected_on if syn.best is not None and "best" in targets else None)
 

@@ -13,7 +13,7 @@ from typing import Any
 import typer
 
 from mctool import __version__
-from mctool.cli.commands import convexify, demo, distill, evaluate, experts, inspect
+from mctool.cli.commands import convexify, demo, distill, evaluate, experts, export, import_, inspect
 from mctool.cli.common import EXIT_OK, EXIT_USAGE
 from mctool.cli.render import error_line, stdout
 
@@ -44,9 +44,9 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-for module in (experts, convexify, distill, evaluate, inspect, demo):
-    command = getattr(module, module.__name__.rsplit(".", 1)[1])
-    app.command(epilog=module.EPILOG)(command)
+for module in (experts, import_, convexify, distill, evaluate, export, inspect, demo):
+    name = module.__name__.rsplit(".", 1)[1]
+    app.command(name.rstrip("_"), epilog=module.EPILOG)(getattr(module, name))
 
 
 def _version(value: bool) -> None:

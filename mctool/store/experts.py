@@ -54,6 +54,8 @@ class ExpertsInfo:
     batch_size: int
     seed: int
     trajectories_in: str | None = None
+    imported_from: str | None = None  # set by `mctool import`: the source format
+    source: dict[str, Any] = field(default_factory=dict)
     attrs: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -82,7 +84,8 @@ def read_experts(path: str | os.PathLike[str], f: h5py.File, layout: Layout) -> 
         epochs=epochs, rows=rows, done=done, has_trajectories=has_traj, seeds=seeds.astype(np.int64),
         config=r.json("config", dict, {}), lr=r.float("lr", positive=True, default=float("nan")),
         batch_size=r.int("batch_size", 1, default=0), seed=r.int("seed", default=-1),
-        trajectories_in=r.str("trajectories_in", default=None),
+        trajectories_in=r.str("trajectories_in", default=None), imported_from=r.str("imported_from", default=None),
+        source=r.json("source", dict, {}),
         attrs={k: r.str(k) if isinstance(f["experts"].attrs[k], (str, bytes)) else f["experts"].attrs[k]
                for k in ("augmentation", "momentum", "weight_decay") if k in f["experts"].attrs},
     )
@@ -242,6 +245,10 @@ class ExpertRows:
     def done(self) -> np.ndarray:
         """Boolean mask of finished experts."""
         return self.f["experts/done"][()].astype(bool)
+
+    def write_snapshot(self, e: int, k: int, flat: torch.Tensor) -> None:
+        """Store snapshot k of expert e (not yet done: `finish` marks the row)."""
+        self.f["experts/trajectories"][e, k] = flat.detach().to("cpu", torch.float32).numpy()
 
     def finish(self, e: int, seed: int, test_accuracy: list[float], train_loss: list[float],
                trajectory: torch.Tensor | None = None, waypoints: torch.Tensor | None = None,

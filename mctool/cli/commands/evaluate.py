@@ -15,8 +15,10 @@ EPILOG = ("Examples:\n\n  mctool evaluate synset.h5\n\n  mctool evaluate synset.
           "  mctool evaluate synset.h5 --models ConvNet,ResNet18,VGG11,AlexNet,LeNet,MLP --json")
 
 
-def _signed(v: float | None) -> str:
-    return "" if v is None else f"{100 * v:+.2f}"
+def _signed(v: float | None, std: float | None = None) -> str:
+    if v is None:
+        return ""
+    return f"{100 * v:+.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
 
 
 @with_settings(EvaluateConfig, optional=False)
@@ -25,7 +27,7 @@ def evaluate(
     name: Optional[str] = typer.Option(None, "--name", help="Synset to evaluate (default: the only or latest one)."),
     images: str = typer.Option("auto", "--images", help="final, best (kept by distill --eval-every), both, or auto: both when the synset keeps best images."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="'random': also evaluate ipc random real images per class on the same protocol (gives the gain)."),
-    whole_data: Optional[float] = typer.Option(None, "--whole-data", help="Test accuracy of the architecture trained on the whole training set, for HLR (default: the experts' final accuracy stored with the synset)."),
+    whole_data: Optional[float] = typer.Option(None, "--whole-data", help="Test accuracy of the architecture trained on the whole training set (fraction or %), for HLR (default: the experts' final accuracy stored with the synset)."),
     save: bool = typer.Option(True, "--save/--no-save", help="Store the results with the synset."),
     data_dir: Optional[Path] = DataDirOpt,
     device: str = DeviceOpt,
@@ -57,8 +59,8 @@ def evaluate(
                            ["set", "model", "test accuracy %", "per run %", "epochs", "s/run"], rows))
         scores = [[s.target + (f" (selected on {result.selected_on})" if s.target == "best" else ""), s.model,
                    mean_std(s.mean, s.std, s.runs), pct(s.random_real) if s.random_real is not None else "",
-                   _signed(s.gain), pct(s.whole_data) if s.whole_data is not None else "",
-                   pct(s.hlr) if s.hlr is not None else ""] for s in result.scores]
+                   _signed(s.gain, s.gain_std), pct(s.whole_data) if s.whole_data is not None else "",
+                   _signed(s.hlr, s.hlr_std) if s.hlr is not None else s.note] for s in result.scores]
         if any(s.gain is not None or s.hlr is not None for s in result.scores):
             stdout.print(table("scores (gain = synthetic − random real, same protocol; HLR = whole data − "
                                f"synthetic{', whole data from ' + result.whole_data_source if result.whole_data_source else ''})",

@@ -1,0 +1,537 @@
+"""A restricted, streaming reader of ``torch.save`` files holding tensors in (nested) lists.
+
+``torch.save`` (torch >= 1.6) writes a zip archive: ``<name>/data.pkl`` is a pickle of the
+object in which every tensor is a call of ``torch._utils._rebuild_tensor_v2`` on a *persistent
+reference* ``('storage', <dtype class>, key, location, numel)``; the bytes of storage ``key``
+are the stored member ``<name>/data/<key>``.
+
+This module never executes anything a file asks for. The pickle is read by an Unpickler whose
+``find_class`` resolves only the handful of names tensors-in-lists need, each to a function
+of ours that builds an inert description (``TensorRef``) instead of a tensor:
+
+* ``torch._utils._rebuild_tensor_v2`` / ``_rebuild_tensor`` / ``_rebuild_parameter``,
+* the typed storage classes (``torch.FloatStorage`` ...), which only name a dtype,
+* ``collections.OrderedDict`` (the empty backward-hooks argument of every tensor).
+
+Any other global (``os.system``, ``builtins.exec``, a user class ...) is refused with one line
+naming the file, before anything is called. Storage bytes are read on demand, one storage at a
+time, from the zip member (CRC-checked), so memory is bounded by what the caller holds, not by
+the file. Sizes, dtypes and offsets are checked against the member sizes when the file is opened,
+so a damaged or truncated file is one line naming it.
+
+Legacy (non-zip, torch < 1.6) files are not streamable: their storages follow the pickle
+back to back with no index. They are read whole with ``torch.load(weights_only=True)`` —
+torch's own restricted unpickler, which also refuses code — so the memory bound for them is one
+file (the bound the import promises), and a note says so. Refusing them outright would strand
+users whose only copy is such a file; re-saving it would need the same memory anyway.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import re
+import warnings
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+from mctool.errors import UsageError
+
+# A data.pkl larger than this is not a list of tensors (10 CIFAR experts need ~0.6 MB).
+_MAX_PICKLE_BYTES = 1 << 30
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTO = 0x80
+
+
+class TorchFileError(UsageError):
+    """A torch file that cannot be read: damaged, truncated, foreign or unsafe (one line, exit 2)."""
+
+
+class UnsafeTorchFile(TorchFileError):
+    """A torch file whose pickle asks for anything but tensors in lists; nothing was executed."""
+
+
+# --------------------------------------------------------------------------- inert descriptions
+
+
+_STORAGE_DTYPES: dict[str, torch.dtype] = {
+    "DoubleStorage": torch.float64,
+    "FloatStorage": torch.float32,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class _StorageType:
+    """What ``torch.FloatStorage`` & co. resolve to: only a dtype."""
+
+    dtype: torch.dtype
+
+    def __call__(self, *args: Any) -> Any:  # a pickle that calls a storage class gets nothing
+        raise pickle.UnpicklingError("a storage class was called")
+
+    def __setstate__(self, state: Any) -> None:
+        raise pickle.UnpicklingError("BUILD on a storage type")
+
+
+@dataclass(frozen=True)
+class StorageRef:
+    """One storage of the file: member ``data/<key>`` holding ``numel`` elements of ``dtype``."""
+
+    key: str
+    dtype: torch.dtype
+    numel: int
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the storage in bytes."""
+        return self.numel * _itemsize(self.dtype)
+
+    def __setstate__(self, state: Any) -> None:
+        raise pickle.UnpicklingError("BUILD on a storage")
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A tensor of the file, not yet read: a strided view of one storage."""
+
+    storage: StorageRef
+    offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Element type."""
+        return self.storage.dtype
+
+    @property
+    def storage_id(self) -> str:
+        """Identity of the memory it views (two tensors with the same id alias each other)."""
+        return self.storage.key
+
+    def numel(self) -> int:
+        """Number of elements."""
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    def extent(self) -> int:
+        """One past the largest storage index the view touches (0 for an empty tensor)."""
+        if any(s == 0 for s in self.shape):
+            return 0
+        return self.offset + sum((s - 1) * st for s, st in zip(self.shape, self.stride)) + 1
+
+    def __setstate__(self, state: Any) -> None:
+        raise pickle.UnpicklingError("BUILD on a tensor")
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedTensor:
+    """A tensor already in memory (legacy files), with the same description as TensorRef."""
+
+    tensor: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape."""
+        return tuple(self.tensor.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Element type."""
+        return self.tensor.dtype
+
+    @property
+    def storage_id(self) -> str:
+        """Identity of the memory it views."""
+        return f"ptr:{self.tensor.untyped_storage().data_ptr()}"
+
+    def numel(self) -> int:
+        """Number of elements."""
+        return self.tensor.numel()
+
+
+Leaf = TensorRef | LoadedTensor
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+# --------------------------------------------------------------------------- the restricted unpickler
+
+
+class _Refused(Exception):
+    """A global the file asked for that we do not resolve."""
+
+
+def _ints(value: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(value, tuple) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                               for v in value):
+        raise pickle.UnpicklingError(f"tensor {what} must be a tuple of non-negative ints, got {value!r}")
+    return value
+
+
+def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False,
+                    hooks: Any = None, metadata: Any = None) -> TensorRef:
+    """Stand-in for torch._utils._rebuild_tensor_v2: checks the arguments, reads nothing."""
+    if not isinstance(storage, StorageRef):
+        raise pickle.UnpicklingError("a tensor without a storage reference")
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise pickle.UnpicklingError(f"bad storage offset {offset!r}")
+    shape, strides = _ints(size, "size"), _ints(stride, "stride")
+    if len(shape) != len(strides):
+        raise pickle.UnpicklingError(f"size {shape} and stride {strides} differ in length")
+    if hooks not in (None, {}) or metadata not in (None, {}):
+        raise pickle.UnpicklingError("a tensor with backward hooks or Python attributes")
+    if not isinstance(requires_grad, bool):
+        raise pickle.UnpicklingError("bad requires_grad flag")
+    return TensorRef(storage, offset, shape, strides)
+
+
+def _rebuild_parameter(data: Any, requires_grad: Any = False, hooks: Any = None) -> TensorRef:
+    """Stand-in for torch._utils._rebuild_parameter: an nn.Parameter is read as its tensor."""
+    if not isinstance(data, TensorRef):
+        raise pickle.UnpicklingError("a parameter without a tensor")
+    if hooks not in (None, {}):
+        raise pickle.UnpicklingError("a parameter with backward hooks")
+    return data
+
+
+def _empty_hooks() -> dict[Any, Any]:
+    """Stand-in for collections.OrderedDict(): only the empty hooks dict is ever built."""
+    return {}
+
+
+_ALLOWED: dict[tuple[str, str], Any] = {
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("collections", "OrderedDict"): _empty_hooks,
+    **{("torch", name): _StorageType(dtype) for name, dtype in _STORAGE_DTYPES.items()},
+}
+
+
+class _Unpickler(pickle.Unpickler):
+    """Resolves only the names in _ALLOWED; storages become StorageRefs (persistent ids)."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        super().__init__(file)
+        self.storages: dict[str, StorageRef] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        target = _ALLOWED.get((module, name))
+        if target is None:
+            raise _Refused(f"{module}.{name}")
+        return target
+
+    def persistent_load(self, pid: Any) -> StorageRef:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise pickle.UnpicklingError(f"unexpected persistent reference {pid!r:.80}")
+        _, kind, key, location, numel = pid
+        if not isinstance(kind, _StorageType) or not isinstance(key, str) or not isinstance(location, str):
+            raise pickle.UnpicklingError(f"malformed storage reference {pid!r:.80}")
+        if not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
+            raise pickle.UnpicklingError(f"storage {key} has a bad size {numel!r}")
+        ref = StorageRef(key, kind.dtype, numel)
+        seen = self.storages.setdefault(key, ref)
+        if seen != ref:
+            raise pickle.UnpicklingError(f"storage {key} is described twice, differently")
+        return ref
+
+
+def _unpickle(data: bytes, path: Path) -> tuple[Any, dict[str, StorageRef]]:
+    """The pickled object with TensorRefs for tensors, and every storage it references."""
+    unpickler = _Unpickler(io.BytesIO(data))
+    try:
+        root = unpickler.load()
+    except _Refused as exc:
+        raise UnsafeTorchFile(
+            f"{path}: refused: the file asks to load '{exc}', which is not part of tensors in lists "
+            "(nothing from the file was run; mctool reads only lists of tensors)") from None
+    except RecursionError:
+        raise TorchFileError(f"{path}: not a list of tensors (nesting too deep)") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged pickle can raise almost anything
+        raise TorchFileError(f"{path}: damaged or not a torch file of tensors ({_one_line(exc)})") from None
+    return root, unpickler.storages
+
+
+def _one_line(exc: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # torch colours some messages
+    return " ".join(text.split())[:200] or type(exc).__name__
+
+
+def check_tensors_in_lists(root: Any, path: Path) -> None:
+    """Refuse anything but lists (or tuples) nested around tensors; one line naming the file."""
+    stack: list[tuple[Any, str]] = [(root, "the file")]
+    while stack:
+        node, where = stack.pop()
+        if isinstance(node, (TensorRef, LoadedTensor)):
+            continue
+        if isinstance(node, (list, tuple)):
+            stack.extend((child, f"{where}[{i}]") for i, child in enumerate(node))
+            continue
+        raise UnsafeTorchFile(f"{path}: holds a {type(node).__name__} at {where}; mctool reads only tensors in lists")
+
+
+# --------------------------------------------------------------------------- files
+
+
+class _CountingFile(io.RawIOBase):
+    """A read-only file that counts the bytes read through it (to prove reads are bounded)."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        super().__init__()
+        self._raw = raw
+        self.bytes_read = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._raw.read(size)
+        self.bytes_read += len(data)
+        return data
+
+    def readinto(self, b: Any) -> int:
+        n = self._raw.readinto(b)
+        self.bytes_read += n or 0
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+class TorchFile:
+    """An open torch file: ``root`` (tensors as Leaf descriptions) and ``read(leaf)``."""
+
+    path: Path
+    root: Any
+    streaming: bool
+
+    def read(self, leaf: Leaf) -> torch.Tensor:
+        """The tensor `leaf` describes, as a contiguous CPU tensor that owns its memory."""
+        raise NotImplementedError
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes read from disk so far."""
+        return 0
+
+    def drop_cache(self) -> None:
+        """Forget any storage kept for the next read."""
+
+    def close(self) -> None:
+        """Release the file."""
+
+    def __enter__(self) -> "TorchFile":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class _ZipTorchFile(TorchFile):
+    """The torch >= 1.6 zip format, read lazily: one storage at a time."""
+
+    streaming = True
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._raw = _CountingFile(open(path, "rb"))
+        try:
+            try:
+                self._zip = zipfile.ZipFile(self._raw)
+            except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+                raise TorchFileError(f"{path}: damaged or truncated (not a complete zip archive: "
+                                     f"{_one_line(exc)})") from None
+            self._prefix = self._find_prefix()
+            info = self._zip.getinfo(self._prefix + "data.pkl")
+            if info.file_size > _MAX_PICKLE_BYTES:
+                raise TorchFileError(f"{path}: its data.pkl is {info.file_size} bytes: not a list of tensors")
+            self.root, self._storages = _unpickle(self._member(info.filename), path)
+            self._big_endian = self._byteorder() == "big"
+            self._check_storages()
+            self._cache: tuple[str, torch.Tensor] | None = None
+        except BaseException:
+            self.close()
+            raise
+
+    def _find_prefix(self) -> str:
+        pickles = [n for n in self._zip.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+        if len(pickles) != 1:
+            raise TorchFileError(f"{self.path}: a zip archive but not a torch.save file (no single */data.pkl)")
+        return pickles[0][: -len("data.pkl")]
+
+    def _member(self, name: str) -> bytes:
+        try:
+            return self._zip.read(name)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError) as exc:
+            raise TorchFileError(f"{self.path}: damaged: cannot read {name} ({_one_line(exc)})") from None
+        except Exception as exc:  # noqa: BLE001 - zlib errors for a deflated member
+            raise TorchFileError(f"{self.path}: damaged: cannot read {name} ({_one_line(exc)})") from None
+
+    def _byteorder(self) -> str:
+        name = self._prefix + "byteorder"
+        if name not in self._zip.NameToInfo:
+            return "little"  # written since torch 2.1; older files are little-endian
+        order = self._member(name).decode("ascii", "replace").strip()
+        if order not in ("little", "big"):
+            raise TorchFileError(f"{self.path}: unknown byte order {order!r}")
+        return order
+
+    def _check_storages(self) -> None:
+        for ref in self._storages.values():
+            name = f"{self._prefix}data/{ref.key}"
+            info = self._zip.NameToInfo.get(name)
+            if info is None:
+                raise TorchFileError(f"{self.path}: damaged: storage {ref.key} is referenced but missing")
+            if info.file_size != ref.nbytes:
+                raise TorchFileError(f"{self.path}: damaged: storage {ref.key} holds {info.file_size} bytes, "
+                                     f"its description says {ref.nbytes}")
+        for leaf in _leaves(self.root):
+            if isinstance(leaf, TensorRef) and leaf.extent() > leaf.storage.numel:
+                raise TorchFileError(f"{self.path}: damaged: a tensor of shape {list(leaf.shape)} reaches element "
+                                     f"{leaf.extent()} of storage {leaf.storage.key}, which has {leaf.storage.numel}")
+
+    def _storage(self, ref: StorageRef) -> torch.Tensor:
+        if self._cache is not None and self._cache[0] == ref.key:
+            return self._cache[1]
+        data = self._member(f"{self._prefix}data/{ref.key}")  # the CRC is checked on the way
+        if not data:
+            flat = torch.empty(0, dtype=ref.dtype)
+        else:
+            with warnings.catch_warnings():  # a read-only buffer: we only ever copy out of it
+                warnings.simplefilter("ignore", UserWarning)
+                raw = torch.frombuffer(data, dtype=torch.uint8)
+            if self._big_endian and _itemsize(ref.dtype) > 1:
+                raw = raw.view(-1, _itemsize(ref.dtype)).flip(1).reshape(-1)
+            flat = raw.view(ref.dtype)
+        self._cache = (ref.key, flat)
+        return flat
+
+    def read(self, leaf: Leaf) -> torch.Tensor:
+        """The tensor `leaf` describes (one storage read, CRC-checked), as an owned copy."""
+        if isinstance(leaf, LoadedTensor):
+            return leaf.tensor.contiguous().clone()
+        flat = self._storage(leaf.storage)
+        if leaf.numel() == 0:
+            return torch.empty(leaf.shape, dtype=leaf.dtype)
+        return flat.as_strided(leaf.shape, leaf.stride, leaf.offset).clone(memory_format=torch.contiguous_format)
+
+    def drop_cache(self) -> None:
+        """Forget the last storage read (memory back to the caller's)."""
+        self._cache = None
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes read from disk so far (pickle, directory and every storage read)."""
+        return self._raw.bytes_read
+
+    def close(self) -> None:
+        """Close the archive."""
+        self._cache = None
+        if getattr(self, "_zip", None) is not None:
+            self._zip.close()
+        self._raw.close()
+
+
+class _LegacyTorchFile(TorchFile):
+    """The pre-1.6 format, read whole by torch.load(weights_only=True) (torch's restricted unpickler)."""
+
+    streaming = False
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._size = path.stat().st_size
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+            asked = f"asks to load '{found.group(1)}', which is not part of tensors in lists" if found else \
+                f"is refused by torch's weights-only loader ({_one_line(exc)})"
+            raise UnsafeTorchFile(f"{path}: refused: the file {asked} (nothing from the file was run; "
+                                  "mctool reads only lists of tensors)") from None
+        except Exception as exc:  # noqa: BLE001 - truncated legacy files raise EOFError, RuntimeError, ...
+            raise TorchFileError(f"{path}: damaged or not a torch file ({_one_line(exc)})") from None
+        self.root = _wrap(obj, path)
+
+    def read(self, leaf: Leaf) -> torch.Tensor:
+        """The tensor, copied out of the loaded file."""
+        if not isinstance(leaf, LoadedTensor):
+            raise TypeError("not a leaf of this file")
+        return leaf.tensor.contiguous().clone()
+
+    @property
+    def bytes_read(self) -> int:
+        """The whole file (it was loaded at once)."""
+        return self._size
+
+
+def _wrap(obj: Any, path: Path) -> Any:
+    """torch.load's result with tensors wrapped as LoadedTensor; anything else refused."""
+    if isinstance(obj, torch.Tensor):
+        return LoadedTensor(obj)
+    if isinstance(obj, (list, tuple)):
+        return [_wrap(o, path) for o in obj]
+    raise UnsafeTorchFile(f"{path}: holds a {type(obj).__name__}; mctool reads only tensors in lists")
+
+
+def _leaves(root: Any) -> Iterator[Leaf]:
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (TensorRef, LoadedTensor)):
+            yield node
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+
+
+def open_torch_file(path: str | Path) -> TorchFile:
+    """Open a torch.save file for reading tensors in lists; TorchFileError (one line) if it cannot be."""
+    p = Path(path)
+    if not p.is_file():
+        raise TorchFileError(f"{p}: no such file")
+    try:
+        with open(p, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise TorchFileError(f"{p}: cannot read ({exc.strerror or exc})") from None
+    if head == _ZIP_MAGIC:
+        tf: TorchFile = _ZipTorchFile(p)
+    elif head[:1] == bytes([_PICKLE_PROTO]):
+        tf = _LegacyTorchFile(p)
+    elif not head:
+        raise TorchFileError(f"{p}: empty file")
+    else:
+        raise TorchFileError(f"{p}: not a torch.save file")
+    try:
+        check_tensors_in_lists(tf.root, p)
+    except BaseException:
+        tf.close()
+        raise
+    return tf
