@@ -85,6 +85,8 @@ class DistillConfig:
                         preset=True, column=True)
     interior: int = setting(2, "Interior waypoints expected in the buffer (default: the preset's, else the "
                             "buffer's); a buffer with another count is used as it is, with a note.", preset=True)
+    depth: int = setting(0, "ConvNet depth the settings were made for (0 = any); a buffer whose experts have "
+                         "another depth is used as it is, with a note.", preset=True, resume_safe=True)
     method: str = setting("mct", "mct (convexified, default) or mtt (raw trajectories, unrolled).")
     grad: str = setting("constant", "constant (MCT's two-pass, default), adjoint (exact, flat memory) or "
                         "unrolled (exact).")
@@ -136,6 +138,7 @@ class DistillConfig:
             ("iterations", self.iterations >= 0, ">= 0"),
             ("batch_syn", self.batch_syn >= 0, ">= 0 (0 = all images)"),
             ("interior", self.interior >= 0, ">= 0"),
+            ("depth", self.depth >= 0, ">= 0 (0 = any)"),
             ("method", self.method in ("mct", "mtt"), "mct or mtt"),
             ("grad", self.grad in MODES, f"one of {', '.join(MODES)}"),
             ("step_units", self.step_units in ("released", "exact"), "released or exact"),
@@ -640,6 +643,10 @@ def run_prepared(cfg: DistillConfig, buffer: store.Buffer, out: Path, prepared: 
         notes.append(f"note: the settings expect {cfg.interior} interior waypoint(s) but {store.shown(buffer.path)} "
                      f"has {len(source.positions) - 2} (positions {','.join(map(str, source.positions))}); using the "
                      "buffer's")
+        reporter.log(notes[-1])
+    if cfg.depth and buffer.spec.depth != cfg.depth:
+        notes.append(f"note: the settings were made for depth-{cfg.depth} experts but {store.shown(buffer.path)} holds "
+                     f"depth-{buffer.spec.depth} ones; using them as they are")
         reporter.log(notes[-1])
     selection, pool = _selection(cfg, prepared)
     if cfg.select_on != "test":
