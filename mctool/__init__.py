@@ -1,3 +1,3 @@
 """mctool: dataset distillation by Matching Convexified Trajectory (MCT)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
