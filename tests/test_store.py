@@ -481,3 +481,13 @@ def test_summarize_reads_what_the_writers_stored(tmp_path: Path) -> None:
     assert s["experts"]["test_accuracy_last"] == pytest.approx(accuracies(1)[-1])
     assert s["model"]["num_params"] == P and s["dataset"]["name"] == "tiny" and s["convex"] is None
     assert s["storage"]["full_bytes_per_expert"] == (K + 1) * P * 4 and s["synsets"] == []
+
+
+def test_summarize_names_the_step_units_a_synset_was_made_with(tmp_path: Path) -> None:
+    p = tmp_path / "s.h5"
+    released = dataclasses.replace(synset("new", best=False), config={"ipc": 2, "step_units": "released"})
+    store.save_synset(p, released, DATA, SPEC, LAYOUT, prov(released))
+    old = synset("old", best=False)  # configs written before step_units existed: 0.1.0's exact units
+    store.save_synset(p, old, DATA, SPEC, LAYOUT, prov(old))
+    units = {s["name"]: s["image_grad_units"] for s in store.summarize(p)["synsets"]}
+    assert units == {"new": "released", "old": "exact"}
