@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
 import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -385,25 +384,23 @@ def test_a_failed_rewrite_or_create_keeps_the_old_file_and_leaves_no_temporary(t
         assert f["experts"].attrs["note"] == "changed"
 
 
-_HOLD_WRITE = textwrap.dedent("""
-    import sys
-    from mctool import store
-    with store.rewrite(sys.argv[1]) as f:
+def _hold_write(path: str, writing: Any, release: Any) -> None:
+    """In another process: rewrite `path`, and wait inside the write until told to finish."""
+    with store.rewrite(path) as f:
         f["experts"].attrs["held"] = True
-        print("writing", flush=True)
-        sys.stdin.readline()
-""")
+        writing.set()
+        release.wait(60)
 
 
 def test_a_second_writer_is_refused_while_readers_go_on(tmp_path: Path) -> None:
     p = new_buffer(tmp_path / "b.h5", rows=2, finished=(0,))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen([sys.executable, "-c", _HOLD_WRITE, str(p)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # fork: the child has mctool imported already (a fresh interpreter would spend seconds on it)
+    ctx = multiprocessing.get_context("fork")
+    writing, release = ctx.Event(), ctx.Event()
+    child = ctx.Process(target=_hold_write, args=(str(p), writing, release))
+    child.start()
     try:
-        assert proc.stdout is not None and proc.stdin is not None
-        line = proc.stdout.readline()
-        assert line == "writing\n", proc.stderr.read() if proc.stderr else line
+        assert writing.wait(60), "the other writer never started"
         with pytest.raises(FileBusy, match="in use by another process"):
             with store.rewrite(p):
                 pass
@@ -412,15 +409,16 @@ def test_a_second_writer_is_refused_while_readers_go_on(tmp_path: Path) -> None:
                 pass
         with store.open_buffer(p) as buf:  # a reader sees the old file meanwhile
             assert buf.done_experts().tolist() == [0] and "held" not in buf.file["experts"].attrs
-        proc.stdin.write("\n")
-        proc.stdin.flush()
-        assert proc.wait(timeout=60) == 0, proc.stderr.read() if proc.stderr else ""
+        release.set()
+        child.join(60)
+        assert child.exitcode == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        if child.is_alive():
+            child.kill()
+            child.join()
     with store.rewrite(p) as f:  # free again; the other writer's change is in place
         assert f["experts"].attrs["held"]
+    assert temporaries(tmp_path) == []
 
 
 # --------------------------------------------------------------------------- opening
