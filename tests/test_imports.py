@@ -153,9 +153,12 @@ def layer(module: str) -> str:
 
 
 def violations(edges: list[Edge], allowed: tuple[str, ...], where: str) -> list[str]:
-    """The edges out of `where` into mctool modules not under `allowed`."""
-    return [str(e) for e in edges if under(e.source, where) and under(e.target, "mctool")
-            and not any(e.target == a or e.target.startswith(a + ".") for a in allowed)]
+    """The edges out of `where` into mctool modules not under `allowed` (the root package
+    "mctool" allows itself only — its __version__ — not everything inside it)."""
+    def ok(target: str) -> bool:
+        return any(target == a or (a != "mctool" and under(target, a)) for a in allowed)
+
+    return [str(e) for e in edges if under(e.source, where) and under(e.target, "mctool") and not ok(e.target)]
 
 
 # --------------------------------------------------------------------------- third-party rules
@@ -261,6 +264,19 @@ def test_import_resolution(tmp_path: Path) -> None:
     edges = [(e.target, e.lazy) for e in imports_of("mctool.store.mod", src, modules) if e.target != "typing"]
     assert edges == [("mctool.store.convex", False), ("mctool.store.files", False), ("h5py", False),
                      ("mctool.models", True), ("mctool.distill", True)]
+
+
+def test_direction_rules_catch_an_upward_import() -> None:
+    """The whitelist helpers themselves: the store importing the library or the CLI is caught,
+    the root package's __version__ and the store's own modules are not."""
+    def e(a: str, b: str) -> Edge:
+        return Edge(a, b, "x.py", 1, True)
+
+    edges = [e("mctool.store.files", "mctool"), e("mctool.store.files", "mctool.store.fields"),
+             e("mctool.store.meta", "mctool.models.convnet"), e("mctool.store.files", "mctool.experts"),
+             e("mctool.store.summary", "mctool.cli.render")]
+    assert violations(edges, STORE_MAY_IMPORT, "mctool.store") == [
+        "x.py:1: mctool.store.files -> mctool.experts (lazy)", "x.py:1: mctool.store.summary -> mctool.cli.render (lazy)"]
 
 
 def test_no_module_level_import_cycle(edges: list[Edge]) -> None:
