@@ -6,8 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import h5py
-
 from mctool import store
 from mctool.errors import ArtifactError, UsageError
 from mctool.progress import SILENT, Reporter, stop_if_asked
@@ -71,7 +69,7 @@ def _check_replaceable(out: Path) -> None:
                          "compact file of `mctool convexify -o` is replaced)")
 
 
-def _fill(buf: store.Buffer, g: h5py.Group, experts: Any, positions: list[int], cfg: ConvexifyConfig,
+def _fill(buf: store.Buffer, g: Any, experts: Any, positions: list[int], cfg: ConvexifyConfig,
           reporter: Reporter) -> None:
     reporter.task("convexify", "convexify", total=len(experts))
     for e in experts:

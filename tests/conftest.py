@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
-
 from tests.devices import DEVICE_NAME, available
+from tests.helpers import cli
 
 # Tests must never read the user's data cache or the network.
 os.environ.setdefault("MCTOOL_DATA", str(Path(__file__).parent / ".no-data-here"))
@@ -54,13 +53,6 @@ def device() -> "object":
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Data directory holding the tiny MNIST-format dataset."""
     return make_tiny_mnist(tmp_path_factory.mktemp("data"))
-
-
-def cli(*args: str) -> "object":
-    """Run the mctool CLI in-process; returns click's Result (exit_code, stdout, stderr)."""
-    from mctool.cli import app
-
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,13 @@
-"""The CLI contract: exit codes, one-line errors, --json, inspect."""
+"""The CLI contract end to end: exit codes, one-line errors, --json, inspect, signals.
+
+The commands' own work (options -> config, tables, --json keys) is checked with the library
+patched out in test_commands.py. One end-to-end run per command, through the real library:
+experts and convexify — the `buffer` and `convex_buffer` fixtures (conftest.py) and
+test_experts.py; distill — test_distill.py; evaluate — test_distill.py
+(test_evaluate_stores_results_and_baseline); inspect — test_inspect_overview_and_json below;
+demo — test_demo.py (test_demo_command_reuses_finished_experts). Files of the previous
+release go through every command in test_release_files.py.
+"""
 
 from __future__ import annotations
 
@@ -10,20 +19,7 @@ from pathlib import Path
 import h5py
 import pytest
 
-from tests.conftest import cli
-
-
-def assert_one_line_error(result, code: int = 2, contains: str = "", after_progress: bool = False) -> None:
-    """Exit `code` and one `mctool: error:` line holding `contains`, no traceback. Bad input is
-    refused before any work, so stderr holds nothing else; a failure met while working
-    (`after_progress`) may follow the progress lines, and must be the last line."""
-    assert result.exit_code == code, (result.exit_code, result.output)
-    err = result.stderr.strip().splitlines()
-    errors = [line for line in err if line.startswith("mctool: error: ")]
-    assert len(errors) == 1 and err[-1] == errors[0], result.stderr
-    assert after_progress or len(err) == 1, result.stderr
-    assert contains in errors[0]
-    assert "Traceback" not in result.output
+from tests.helpers import assert_one_line_error, cli
 
 
 def test_version_and_help() -> None:
@@ -97,28 +93,12 @@ def test_experts_refuses_other_settings(buffer: Path, data_dir: Path) -> None:
     assert_one_line_error(r, 2, "epochs=4")
 
 
-def test_convexify_bad_input(tmp_path: Path, buffer: Path) -> None:
-    assert_one_line_error(cli("convexify", buffer, "--positions", "0,3,2,4", "-o", tmp_path / "x.h5"), 2)
+def test_convexify_refuses_bad_positions_with_one_line(tmp_path: Path, buffer: Path) -> None:
+    """The library's refusals (tested in test_convex.py) reach the user as one line, exit 2."""
+    assert_one_line_error(cli("convexify", buffer, "--positions", "0,3,2,4", "-o", tmp_path / "x.h5"), 2,
+                          "3 is followed by 2")
     assert_one_line_error(cli("convexify", buffer, "--positions", "0,2,5", "-o", tmp_path / "x.h5"), 2)
-    assert_one_line_error(cli("convexify", buffer, "--interior", "4", "-o", tmp_path / "x.h5"), 2)
-    assert_one_line_error(cli("convexify", buffer, "--beta", "nope", "-o", tmp_path / "x.h5"), 2)
     assert not (tmp_path / "x.h5").exists()
-
-
-def test_convexify_says_when_nothing_is_saved(tmp_path: Path, buffer: Path) -> None:
-    r = cli("convexify", buffer, "--interior", "3", "-o", tmp_path / "x.h5")  # K = 4: every epoch
-    assert r.exit_code == 0, r.output
-    assert "no smaller" in r.stderr
-    r = cli("convexify", buffer, "--interior", "1", "-o", tmp_path / "y.h5")
-    assert r.exit_code == 0 and "no smaller" not in r.stderr
-
-
-def test_convexify_file_without_experts(tmp_path: Path, buffer: Path) -> None:
-    p = tmp_path / "empty.h5"
-    p.write_bytes(buffer.read_bytes())
-    with h5py.File(p, "r+") as f:
-        del f["experts"]
-    assert_one_line_error(cli("convexify", p), 2, "no /experts group")
 
 
 def test_inspect_convex(convex_buffer: Path) -> None:
@@ -131,14 +111,21 @@ def test_inspect_convex(convex_buffer: Path) -> None:
     assert doc["convex"]["beta_min"] == 0.0 and doc["convex"]["beta_max"] == 2.0
 
 
-def test_unknown_option_is_one_line_via_console_script() -> None:
-    import subprocess
+def test_unknown_option_is_one_line_via_the_console_script_entry(monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """`mctool` and `python -m mctool` call cli.main(); run it in-process (a fresh interpreter
+    costs seconds) without tuning this process's malloc."""
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "mctool", "inspect", "x.h5", "--bogus"], capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 2
-    lines = r.stderr.strip().splitlines()
+    import mctool.allocator
+    from mctool.cli import main
+
+    monkeypatch.setattr(mctool.allocator, "tune_malloc", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["mctool", "inspect", "x.h5", "--bogus"])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("mctool: error: ") and "--bogus" in lines[0]
 
 
@@ -244,32 +231,6 @@ def test_first_signal_asks_the_library_to_stop_second_stops_at_once(capsys: pyte
     finally:
         for s, handler in inherited.items():
             signal.signal(s, handler)
-
-
-def test_convexify_out_replaces_only_its_own_earlier_output(tmp_path: Path, buffer: Path, convex_buffer: Path) -> None:
-    text = tmp_path / "notes.txt"
-    text.write_text("keep me")
-    assert_one_line_error(cli("convexify", buffer, "-o", text), 2, "not an HDF5 file")
-    assert text.read_text() == "keep me"
-    full = tmp_path / "full.h5"
-    full.write_bytes(buffer.read_bytes())
-    assert_one_line_error(cli("convexify", buffer, "-o", full), 2, "holds expert trajectories")
-    assert full.read_bytes() == buffer.read_bytes()
-    streamed = tmp_path / "streamed.h5"  # experts --convexify: same groups, but the only copy of its experts
-    streamed.write_bytes(convex_buffer.read_bytes())
-    with h5py.File(streamed, "r+") as f:
-        del f["experts"].attrs["trajectories_in"]
-    assert_one_line_error(cli("convexify", buffer, "-o", streamed), 2, "holds convexified experts")
-    earlier = tmp_path / "earlier.h5"
-    earlier.write_bytes(convex_buffer.read_bytes())  # a compact file of `convexify -o`: replaced
-    r = cli("convexify", buffer, "-o", earlier, "--interior", "2", "--quiet")
-    assert r.exit_code == 0, r.output
-    with h5py.File(earlier) as f:
-        assert len(f["convex"].attrs["positions"]) == 4
-
-
-def test_convexify_an_already_convexified_file_says_so(convex_buffer: Path) -> None:
-    assert_one_line_error(cli("convexify", convex_buffer), 2, "already convexified")
 
 
 @pytest.mark.parametrize("bad, message", [

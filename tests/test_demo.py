@@ -9,8 +9,10 @@ from pathlib import Path
 import h5py
 import pytest
 
-from mctool.demo import DemoConfig, run
+import mctool.demo
+from mctool.demo import DemoConfig, DemoResult, run
 from tests.conftest import make_tiny_mnist
+from tests.helpers import cli
 
 TINY = DemoConfig(experts=1, epochs=4, width=8, interior=1, iterations=2, eval_runs=1, eval_epochs=2, seed=3)
 
@@ -22,10 +24,15 @@ def fashion_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def test_demo_runs_every_stage_and_keeps_its_artifacts(tmp_path: Path, fashion_dir: Path) -> None:
-    out = tmp_path / "demo"
-    r = run(TINY, out, fashion_dir, "cpu")
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory: pytest.TempPathFactory, fashion_dir: Path) -> tuple[Path, DemoResult]:
+    """One demo run through the library, shared by the tests below."""
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    return out, run(TINY, out, fashion_dir, "cpu")
 
+
+def test_demo_runs_every_stage_and_keeps_its_artifacts(first_run: tuple[Path, DemoResult]) -> None:
+    out, r = first_run
     assert set(r.seconds) == {"experts", "convexify", "distill", "evaluate"}
     for key in ("buffer", "convex", "synset"):
         assert Path(r.files[key]).exists()
@@ -39,15 +46,24 @@ def test_demo_runs_every_stage_and_keeps_its_artifacts(tmp_path: Path, fashion_d
     assert r.distilled.mean == evaluations[0]["mean"] and r.random_real.mean == evaluations[1]["mean"]
     assert 0.0 <= r.distilled.mean <= 1.0 and r.distilled.runs == 1
     assert r.storage["ratio"] > 1.0  # K = 4 with one interior waypoint keeps 3 of 5 snapshots
+    assert r.experts_reused == 0
 
 
-def test_demo_run_again_reuses_finished_experts(tmp_path: Path, fashion_dir: Path) -> None:
-    out = tmp_path / "demo"
-    run(TINY, out, fashion_dir, "cpu")
+def test_demo_command_reuses_finished_experts(first_run: tuple[Path, DemoResult], fashion_dir: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The end-to-end `mctool demo`, at toy size (DemoConfig.fast patched to TINY), in the
+    folder of the first run: its expert is reused, and the same seed gives the same numbers."""
+    out, first = first_run
     with h5py.File(out / "buffer.h5", "r") as f:
-        first = f["experts/test_accuracy"][()]
-    again = run(TINY, out, fashion_dir, "cpu")
+        accuracy = f["experts/test_accuracy"][()]
+    monkeypatch.setattr(mctool.demo.DemoConfig, "fast", classmethod(lambda cls, seed=0: TINY))
+    r = cli("demo", "--fast", "--seed", "3", "--out", out, "--data-dir", fashion_dir, "--device", "cpu", "--quiet",
+            "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["experts_reused"] == 1 and doc["config"] == json.loads(json.dumps(first.config))
+    assert doc["distilled"]["accuracies"] == first.distilled.accuracies
+    assert doc["random_real"]["accuracies"] == first.random_real.accuracies
     with h5py.File(out / "buffer.h5", "r") as f:
         assert f["experts/test_accuracy"].shape[0] == 1
-        assert (f["experts/test_accuracy"][()] == first).all()
-    assert again.experts_reused == 1
+        assert (f["experts/test_accuracy"][()] == accuracy).all()

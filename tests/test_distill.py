@@ -14,8 +14,7 @@ import torch
 from mctool import distill as distill_mod
 from mctool.distill import DistillConfig, Distiller, State
 from mctool.errors import TrainingDiverged
-from tests.conftest import cli
-from tests.test_cli import assert_one_line_error
+from tests.helpers import assert_one_line_error, cli
 
 TINY = ["--ipc", "2", "--syn-steps", "3", "--expert-epochs", "1.5", "--max-start-epoch", "2", "--lr-img", "100",
         "--lr-lr", "1e-5", "--lr-init", "0.01", "--quiet"]

@@ -21,8 +21,7 @@ from mctool.experts import ExpertsConfig, expert_seed, model_spec, train_expert
 from mctool.functional import FlatNet
 from mctool.models import build_model
 from mctool.train import accuracy
-from tests.conftest import cli
-from tests.test_cli import assert_one_line_error
+from tests.helpers import assert_one_line_error, cli
 
 # Tiny settings shared by the in-process runs (2 experts, K = 3).
 TINY = ("--epochs", "3", "--width", "8", "--batch-size", "100", "--lr", "0.05", "--quiet")

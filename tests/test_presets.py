@@ -10,8 +10,7 @@ import pytest
 
 from mctool.distill import resolve_config
 from mctool.presets import load_preset, presets_dir
-from tests.conftest import cli
-from tests.test_cli import assert_one_line_error
+from tests.helpers import assert_one_line_error, cli
 
 REPO = Path(__file__).resolve().parent.parent
 TABLE_A = Path(__file__).parent / "data" / "table_a.md"

@@ -98,7 +98,7 @@ def _synset_facts(path: Path, f: h5py.File, data: DatasetMeta | None) -> list[di
             "evaluations": syn.evaluations,
             "has_checkpoint": "checkpoint" in g,
             "grad": syn.grad,
-            "image_grad_units": syn.config.get("image_grad_units", "exact"),
+            "image_grad_units": syn.config.get("step_units", "exact"),  # configs before step_units: exact
         }
         if syn.best is not None:
             entry["best"] = {"iteration": syn.best.iteration, "lr": syn.best.lr, "selected_on": syn.best.selected_on,
