@@ -46,9 +46,10 @@ from mctool.errors import Interrupted, TrainingDiverged, UsageError
 from mctool.functional import FlatNet
 from mctool.matching import MODES, MatchResult, match
 from mctool.models import ModelSpec, build_model
+from mctool import presets
 from mctool.prepared import Prepared, auto_val_size, sample_per_class, split_validation
 from mctool.progress import SIGNAL_NAMES, SILENT, Muted, Reporter
-from mctool.settings import legacy_values, option_name, resume_safe, setting
+from mctool.settings import legacy_values, option_name, preset_keys, required_keys, resume_safe, setting
 from mctool.trajectory import ConvexTrajectory
 
 # Divergence (docs/method.md, "Robustness"): an update whose loss, gradient, images or α is
@@ -181,6 +182,21 @@ def synset_name(cfg: DistillConfig) -> str:
 # --------------------------------------------------------------------------- settings
 
 
+def preset_schema() -> presets.Schema:
+    """What a distillation preset may and must hold: the settings marked so."""
+    return presets.Schema(preset_keys(DistillConfig), tuple(required_keys(DistillConfig)))
+
+
+def load_preset(name_or_path: str | Path) -> presets.Preset:
+    """A distillation preset by shipped name or .toml path."""
+    return presets.load_preset(name_or_path, preset_schema())
+
+
+def list_presets() -> list[presets.Preset]:
+    """Every shipped distillation preset."""
+    return presets.list_presets(preset_schema())
+
+
 def _fields() -> set[str]:
     return {f.name for f in dataclasses.fields(DistillConfig)}
 
@@ -194,8 +210,6 @@ def resolve_config(preset: str | None, overrides: dict[str, Any], buffer: store.
     A resumed run (`stored`: the synset's config): the stored settings (with the values older
     releases implied for keys they did not store) <- `overrides`, which may differ only in the
     settings a resume may change."""
-    from mctool.presets import load_preset
-
     values: dict[str, Any] = {}
     p = load_preset(preset) if preset else None
     if stored is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +122,6 @@ class EvaluateResult:
     experts_reference: dict[str, Any] | None = None
     whole_data_source: str | None = None
     selected_on: str | None = None  # how the best images were chosen, when they were evaluated
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 def run_seed(seed: int, model_index: int, run: int) -> int:

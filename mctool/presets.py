@@ -1,8 +1,8 @@
 """Distillation presets: presets/*.toml (Table A of the MCT supplement, plus our own).
 
-The keys a preset may hold are the DistillConfig settings marked `preset=True`, plus
-`source` and `description`; the keys it must hold are those marked `required=True`.
-A `folder:PATH` dataset in a preset file is resolved against the preset file's folder.
+Which keys a preset may and must hold is a `Schema` its user passes (mctool.distill derives it
+from DistillConfig's settings); `source` and `description` are always allowed. A `folder:PATH`
+dataset in a preset file is resolved against the preset file's folder.
 """
 
 from __future__ import annotations
@@ -24,20 +24,16 @@ from mctool.errors import UsageError
 _TEXT_KEYS = {"source": str, "description": str}
 
 
-def preset_keys() -> dict[str, Any]:
-    """Every key a preset may hold, with its type."""
-    from mctool.distill import DistillConfig
-    from mctool.settings import preset_keys as keys
+@dataclass(frozen=True)
+class Schema:
+    """The keys a preset may hold (with their types) and those it must hold."""
 
-    return {**_TEXT_KEYS, **keys(DistillConfig)}
+    keys: dict[str, Any]
+    required: tuple[str, ...] = ()
 
-
-def required_keys() -> list[str]:
-    """The keys every preset must hold."""
-    from mctool.distill import DistillConfig
-    from mctool.settings import required_keys as keys
-
-    return keys(DistillConfig)
+    def all_keys(self) -> dict[str, Any]:
+        """Every allowed key, `source` and `description` included."""
+        return {**_TEXT_KEYS, **self.keys}
 
 
 @dataclass(frozen=True)
@@ -54,9 +50,9 @@ def presets_dir() -> Path:
     return Path(str(resources.files("mctool") / "presets"))
 
 
-def list_presets() -> list[Preset]:
+def list_presets(schema: Schema) -> list[Preset]:
     """Every shipped preset, sorted by name."""
-    return [load_preset(p) for p in sorted(presets_dir().glob("*.toml"))]
+    return [load_preset(p, schema) for p in sorted(presets_dir().glob("*.toml"))]
 
 
 def _coerce(key: str, want: Any, value: Any, path: str) -> Any:
@@ -81,7 +77,7 @@ def _find(text: str) -> Path:
     raise UsageError(f"unknown preset '{text}'; {hint}shipped presets: {', '.join(stems)}")
 
 
-def load_preset(name_or_path: str | Path) -> Preset:
+def load_preset(name_or_path: str | Path, schema: Schema) -> Preset:
     """A preset by shipped name (e.g. 'cifar10-ipc10') or by path to a .toml file."""
     path = _find(str(name_or_path))
     if not path.is_file():
@@ -94,13 +90,13 @@ def load_preset(name_or_path: str | Path) -> Preset:
         raise UsageError(f"{path}: cannot read the preset file ({exc.strerror or exc})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}: not valid TOML ({exc})") from None
-    keys = preset_keys()
+    keys = schema.all_keys()
     values: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in keys:
             raise UsageError(f"{path}: unknown key '{key}' (allowed: {', '.join(keys)})")
         values[key] = _coerce(key, keys[key], value, str(path))
-    missing = [k for k in required_keys() if k not in values]
+    missing = [k for k in schema.required if k not in values]
     if missing:
         raise UsageError(f"{path}: missing key(s) {', '.join(missing)}")
     dataset = values.get("dataset", "")
@@ -110,10 +106,10 @@ def load_preset(name_or_path: str | Path) -> Preset:
     return Preset(name=path.stem, path=str(path), values=values)
 
 
-def write_preset(path: Path, values: dict[str, Any], comment: str) -> Path:
+def write_preset(path: Path, values: dict[str, Any], comment: str, schema: Schema) -> Path:
     """Write a preset file (`values`: preset keys) that `load_preset` reads back; `comment`
     becomes its header, one `#` line per line."""
-    keys = preset_keys()
+    keys = schema.all_keys()
     lines = [f"# {line}" for line in comment.splitlines()]
     for key, value in values.items():
         if key not in keys:

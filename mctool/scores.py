@@ -63,7 +63,7 @@ def whole_data_accuracy(reference: dict[str, Any] | None, override: float | None
             # Accept percentages too: 71.3 means 0.713.
             if 1.0 < override <= 100.0:
                 return override / 100.0, "option"
-            raise UsageError(f"whole-data accuracy must be a fraction or a percentage, got {override}")
+            raise UsageError(f"--whole-data must be an accuracy: a fraction (0.91) or a percentage (91), got {override}")
         return float(override), "option"
     if reference is not None:
         mean = reference.get("mean")

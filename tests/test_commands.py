@@ -210,8 +210,9 @@ def evaluate_result(one_run: bool = False) -> EvaluateResult:
     final = evaluation("synset", [0.6] if one_run else [0.55, 0.65])
     best = evaluation("synset", [0.7, 0.7], "best", 3)
     base = evaluation("random-real", [0.4, 0.4], iteration=None)
-    rows = [Score("final", "ConvNet", final.mean, final.std, final.runs, 0.4, final.mean - 0.4, 0.9, 0.9 - final.mean),
-            Score("best", "ConvNet", 0.7, 0.0, 2, 0.4, 0.3, 0.9, 0.2)]
+    rows = [Score("final", "ConvNet", final.mean, final.std, final.runs, 0.4, final.mean - 0.4, None, 0.9,
+                  0.9 - final.mean, None),
+            Score("best", "ConvNet", 0.7, 0.0, 2, 0.4, 0.3, 0.0, 0.9, 0.2, 0.0)]
     return EvaluateResult(file="s.h5", synset="mct-ipc2", ipc=2, lr=0.01, results=[final, best, base], scores=rows,
                           experts_reference={"mean": 0.9, "std": 0.01, "experts": 2, "epochs": 4},
                           whole_data_source="the experts' final test accuracy", selected_on="validation")
@@ -250,13 +251,13 @@ def test_evaluate_json(monkeypatch: pytest.MonkeyPatch) -> None:
     patch(monkeypatch, mctool.evaluate, "evaluate_file", evaluate_result())
     doc = json.loads(ok(cli("evaluate", "s.h5", "--json")).stdout)
     assert set(doc) == {"file", "synset", "ipc", "lr", "results", "scores", "experts_reference", "whole_data_source",
-                        "selected_on", "extras"}
+                        "selected_on"}
     # Each result carries what docs/format.md lists for a stored evaluation.
     for key in ("kind", "model", "accuracies", "mean", "std", "runs", "epochs", "lr", "seeds", "seed", "images", "date",
                 "seconds_per_run", "config", "split", "target", "iteration"):
         assert key in doc["results"][0], key
-    assert set(doc["scores"][0]) == {"target", "model", "mean", "std", "runs", "random_real", "gain", "whole_data",
-                                     "hlr"}
+    assert set(doc["scores"][0]) == {"target", "model", "mean", "std", "runs", "random_real", "gain", "gain_std",
+                                     "whole_data", "hlr", "hlr_std", "note"}
     assert doc["scores"][1]["hlr"] == pytest.approx(0.2) and doc["results"][2]["iteration"] is None
 
 

@@ -11,9 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from mctool import distill as distill_mod
 from mctool.distill import DistillConfig, Distiller, State
-from mctool.errors import TrainingDiverged
 from tests.helpers import assert_one_line_error, cli
 
 TINY = ["--ipc", "2", "--syn-steps", "3", "--expert-epochs", "1.5", "--max-start-epoch", "2", "--lr-img", "100",

@@ -187,7 +187,7 @@ def test_evaluate_file_choices(synset_file, data_dir: Path) -> None:
     assert [(r.target, r.lr) for r in best.results] == [("best", 0.5)] and best.lr == 0.5
     assert path.read_bytes() == before  # --no-save stores nothing
     for kwargs, message in (({"baseline": "magic"}, "unknown --baseline"), ({"images": "all"}, "--images must be"),
-                            ({"whole_data": 1.5}, "--whole-data must be an accuracy"),
+                            ({"whole_data": 150.0}, "--whole-data must be an accuracy"),
                             ({"name": "nope"}, "no synset named 'nope'")):
         with pytest.raises(UsageError, match=message):
             evaluate_file(path, cfg, data_dir=data_dir, device="cpu", **kwargs)  # type: ignore[arg-type]

@@ -18,18 +18,7 @@ Cycles are judged on two graphs:
   ever (a module-level cycle makes import order matter and breaks partially initialised
   modules);
 * every import, lazy ones included — a cycle here is allowed only where every edge stays
-  inside one layer and is named in LAZY_CYCLES with the reason it is harmless. Two exist,
-  each closed by an import that runs at call time, when both modules are fully initialised:
-
-  - distill ↔ presets (library): a preset's keys are DistillConfig's settings marked
-    `preset=True`, so presets.py asks mctool.distill for them inside its functions, while
-    distill's `resolve_config` loads the preset inside its own;
-  - store.convex ↔ store.experts (store): /convex reads the row limits MAX_EXPERTS and
-    MAX_EPOCHS of store.experts, while `create_buffer` of a streaming buffer writes the
-    /convex attributes with store.convex's writer, imported inside the function.
-
-  Either could go (presets taking the config class as an argument; the row limits moving to
-  a module of their own); until then they are listed, and any new cycle fails.
+  inside one layer and is named in LAZY_CYCLES with the reason it is harmless (none today).
 """
 
 from __future__ import annotations
@@ -45,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "mctool"
 
 # Each cycle is written as the sorted tuple of the modules on it.
-LAZY_CYCLES = {("mctool.distill", "mctool.presets"), ("mctool.store.convex", "mctool.store.experts")}
+LAZY_CYCLES: set[tuple[str, str]] = set()
 
 STORE_MAY_IMPORT = ("mctool", "mctool.errors", "mctool.allocator", "mctool.models", "mctool.trajectory",
                     "mctool.store")

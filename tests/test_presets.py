@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from mctool.distill import resolve_config
-from mctool.presets import load_preset, presets_dir
+from mctool.distill import load_preset
+from mctool.presets import presets_dir
 from tests.helpers import assert_one_line_error, cli
 
 REPO = Path(__file__).resolve().parent.parent

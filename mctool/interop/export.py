@@ -46,8 +46,8 @@ from mctool import __version__
 from mctool.store import DatasetMeta, now_iso
 from mctool.data import Preprocessing
 from mctool.errors import UsageError
+from mctool.interop.h5out import SynsetData, keeps_best, read_synset
 from mctool.interop.torchfile import LoadedTensor, TensorRef, TorchFileError, open_torch_file
-from mctool.models import ModelSpec
 
 FORMATS = ("mtt", "ddranking", "png")
 META_NAME = "mctool_export.json"
@@ -68,22 +68,6 @@ _RECEIVER_NAMES = {
     "mnist": ("MNIST", None),
     "fashion-mnist": ("FashionMNIST", None),
 }
-
-
-@dataclass(frozen=True)
-class SynsetData:
-    """A synthetic set and what describes its space (read by the store adapter)."""
-
-    name: str
-    images: torch.Tensor  # [N, C, H, W] float32, preprocessed space
-    labels: torch.Tensor  # int64 [N] or float32 [N, classes]
-    lr: float
-    ipc: int
-    iterations: int
-    meta: DatasetMeta
-    spec: ModelSpec | None
-    source: dict[str, Any]
-    experts_reference: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -387,7 +371,6 @@ def export_file(file: Path, fmt: str, out: Path | None = None, name: str | None 
                 zca_matrix: bool = False, data_dir: Path | None = None, reporter: Any = None) -> ExportResult:
     """`mctool export`: write the final or best images of a synset in a receiving layout."""
     from mctool.errors import DatasetNotFound
-    from mctool.interop import h5out
     from mctool.prepared import prepare_like
     from mctool.progress import SILENT
 
@@ -397,8 +380,8 @@ def export_file(file: Path, fmt: str, out: Path | None = None, name: str | None 
     if images not in ("auto", "final", "best"):
         raise UsageError(f"--images must be final, best or auto, got '{images}'")
     if images == "auto":
-        images = "best" if h5out.keeps_best(file, name) else "final"
-    syn = h5out.read_synset(file, name, images)
+        images = "best" if keeps_best(file, name) else "final"
+    syn = read_synset(file, name, images)
     target = out or file.with_name(f"{file.stem}-{fmt}")
     prep = preprocessing_without_data(syn.meta)
     if prep is None and (fmt in ("png", "mtt") or zca_matrix):

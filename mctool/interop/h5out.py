@@ -16,8 +16,24 @@ import torch
 
 from mctool import store
 from mctool.errors import ArtifactError
-from mctool.interop.export import SynsetData
 from mctool.models import Layout, ModelSpec, layer_sizes
+from mctool.store import DatasetMeta
+
+@dataclass(frozen=True)
+class SynsetData:
+    """A synthetic set and what describes its space (read by the store adapter)."""
+
+    name: str
+    images: torch.Tensor  # [N, C, H, W] float32, preprocessed space
+    labels: torch.Tensor  # int64 [N] or float32 [N, classes]
+    lr: float
+    ipc: int
+    iterations: int
+    meta: DatasetMeta
+    spec: ModelSpec | None
+    source: dict[str, Any]
+    experts_reference: dict[str, Any] | None = None
+
 
 # Marks /experts of a buffer written by an import (value: the source format).
 IMPORTED_ATTR = "imported_from"

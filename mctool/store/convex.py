@@ -12,8 +12,7 @@ import torch
 
 from mctool.errors import ArtifactError
 from mctool.models import Layout, layer_sizes
-from mctool.store.experts import MAX_EPOCHS, MAX_EXPERTS
-from mctool.store.fields import Fields
+from mctool.store.fields import MAX_EPOCHS, MAX_EXPERTS, Fields
 from mctool.store.files import require_group, shown
 from mctool.trajectory import STRATEGIES
 

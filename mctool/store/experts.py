@@ -20,12 +20,11 @@ import numpy as np
 import torch
 
 from mctool.models import Layout, ModelSpec, layer_sizes
-from mctool.store.fields import Fields
+from mctool.store.convex import write_convex_attrs
+from mctool.store.fields import MAX_EPOCHS, MAX_EXPERTS, Fields
 from mctool.store.files import create, open_artifact, require_group, shown
 from mctool.store.meta import DatasetMeta
 
-MAX_EXPERTS = 1_000_000
-MAX_EPOCHS = 100_000
 _ROW_SETS = ("done", "seeds", "test_accuracy", "train_loss", "trajectories")
 _CONVEX_ROW_SETS = ("waypoints", "beta", "done")
 
@@ -277,7 +276,6 @@ def create_buffer(out: str | os.PathLike[str], data: DatasetMeta, spec: ModelSpe
 
     `streaming` is (ConvexMeta, provenance) for `experts --convexify` buffers (rows of /convex
     instead of full trajectories)."""
-    from mctool.store.convex import write_convex_attrs
     from mctool.store.meta import write_dataset, write_model
 
     with create(out) as f:

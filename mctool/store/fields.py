@@ -21,6 +21,10 @@ from mctool.store.files import clean_text, shown
 
 _MISSING: Any = object()
 
+# Sane limits: far above any real artifact, far below what would exhaust a machine.
+MAX_EXPERTS = 1_000_000
+MAX_EPOCHS = 100_000
+
 # A single read never allocates more than this (values are read row by row where they are large).
 MAX_READ_BYTES = 2 << 30
 

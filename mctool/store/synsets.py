@@ -207,7 +207,11 @@ def write_synset(f: h5py.File, syn: Synset, prov: dict[str, Any]) -> None:
     _tensor(g, "images", syn.images.float())
     _tensor(g, "labels", syn.labels)
     _tensor(g, "loss", torch.tensor(syn.loss, dtype=torch.float32))
-    g.attrs.update(prov)
+    g.attrs.update(prov)  # argv, seed, versions, created (and config/source unless the synset has them)
+    if syn.config:
+        g.attrs["config"] = json.dumps(syn.config, sort_keys=True)
+    if syn.source:
+        g.attrs["source"] = json.dumps(syn.source)
     g.attrs.update({"lr": float(syn.lr), "ipc": int(syn.ipc), "method": syn.method, "preset": syn.preset,
                     "iterations": int(syn.iterations), "skipped_iterations": int(syn.skipped),
                     "complete": bool(syn.complete), "grad": syn.grad})

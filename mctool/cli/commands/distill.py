@@ -24,7 +24,7 @@ DEFAULT_BUFFER = Path("buffer.h5")
 
 def print_presets(json_out: bool) -> None:
     """The shipped presets as a table (or JSON)."""
-    from mctool.presets import list_presets
+    from mctool.distill import list_presets
     from mctool.settings import columns
 
     presets = list_presets()
