@@ -91,6 +91,7 @@ class SubprocessRunner:
     def __init__(self, python: str, env: dict[str, str]) -> None:
         self.python, self.env = python, env
         self.child: subprocess.Popen[str] | None = None
+        self.stopping = False  # an interrupt came: a child started afterwards is stopped at once
         self._help: dict[str, str] = {}
 
     def run(self, argv: list[str], cwd: Path) -> Completed:
@@ -98,6 +99,8 @@ class SubprocessRunner:
         self.child = subprocess.Popen([self.python, "-m", "mctool", *argv], cwd=cwd, env=self.env, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
                                       preexec_fn=_set_parent_death_signal)
+        if self.stopping:  # the signal came between the fork and the assignment above
+            self.interrupt()
         try:
             out, err = self.child.communicate()
             return Completed(self.child.returncode, out, err)
@@ -115,6 +118,7 @@ class SubprocessRunner:
 
     def interrupt(self) -> None:
         """Ask the running child to stop (SIGINT: mctool saves its state first)."""
+        self.stopping = True
         if self.child is not None and self.child.poll() is None:
             self.child.send_signal(signal.SIGINT)
 

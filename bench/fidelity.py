@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _stages import (INTERRUPTED_EXIT, Lock, Manifest, Pipeline, Runner, Stage, SubprocessRunner,  # noqa: E402
+from _stages import (INTERRUPTED_EXIT, Lock, Pipeline, Runner, Stage, SubprocessRunner,  # noqa: E402
                      WorkBusy, loadavg, now, write_json)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,17 +61,17 @@ class Size:
 
 
 SIZES: dict[str, Size] = {
-    # Checks the benchmark itself, not the method: every stage and row runs, at toy scale.
-    "quick": Size("quick", width=16, experts=2, epochs=4, iterations={1: 60, 10: 60, 50: 20},
-                  eval_runs=2, eval_epochs=300, abl_iterations=30, abl_eval_runs=2, abl_eval_epochs=150,
-                  abl_eval_every=15,
-                  why="<= 20 min on an idle 2-core CPU: width-16 experts x 4 epochs, a few dozen iterations"),
-    # The largest size that fits 2.5 h on an idle 2-core CPU (bench/README.md, "Sizes"):
-    # experts ~30 min, distillation ~60 min, evaluation 5 x 1000 epochs ~45 min.
-    "default": Size("default", width=32, experts=8, epochs=12, iterations={1: 1000, 10: 600, 50: 150},
-                    eval_runs=5, eval_epochs=1000, abl_iterations=300, abl_eval_runs=3, abl_eval_epochs=300,
-                    abl_eval_every=50,
-                    why="<= 2.5 h on an idle 2-core CPU (sizes measured in bench/README.md)"),
+    # Checks the benchmark itself, not the method: every stage and row runs, at toy scale
+    # (~15 min on an idle 2-core CPU, estimated from the costs in bench/README.md, "Sizes").
+    "quick": Size("quick", width=16, experts=2, epochs=4, iterations={1: 50, 10: 50, 50: 10},
+                  eval_runs=2, eval_epochs=300, abl_iterations=20, abl_eval_runs=2, abl_eval_epochs=100,
+                  abl_eval_every=10, why="checks the benchmark: <= 20 min on an idle 2-core CPU"),
+    # The largest size whose main pipeline fits 2.5 h on an idle 2-core CPU (bench/README.md, "Sizes"):
+    # experts ~30 min, distillation ~60 min (idle estimates 0.2 / 2 / 15 s per iteration at
+    # ipc 1 / 10 / 50), evaluation 5 x 1000 epochs ~32 min; each ablation row <= 10 min of distillation.
+    "default": Size("default", width=32, experts=8, epochs=12, iterations={1: 1000, 10: 800, 50: 120},
+                    eval_runs=5, eval_epochs=1000, abl_iterations=250, abl_eval_runs=5, abl_eval_epochs=500,
+                    abl_eval_every=50, why="largest main pipeline within 2.5 h on an idle 2-core CPU"),
     # The paper's scale: experts of width 128 x 50 epochs, 5000 iterations (Table A's MTT/MCT default).
     "gpu": Size("gpu", width=128, experts=100, epochs=50, iterations={1: 5000, 10: 5000, 50: 5000},
                 eval_runs=5, eval_epochs=1000, abl_iterations=1000, abl_eval_runs=5, abl_eval_epochs=1000,
@@ -189,6 +189,10 @@ def build_plan(size: Size) -> Plan:
     for factor, value in ROWS:
         setting = dict(REFERENCE, **{factor: value})
         key = slug(setting)
+        if setting["interior"] + 1 > size.epochs:  # I interior waypoints need K >= I + 1 epochs
+            plan.rows.append({"factor": factor, "value": value, "key": key, "distill": None, "evaluate": None,
+                              "reason": f"needs experts of >= {setting['interior'] + 1} epochs (K = {size.epochs})"})
+            continue
         d_args, d_req, e_args, e_req = setting_args(setting, size)
         cstage = convexified(setting["interior"], setting["beta"])
         dname, ename = f"abl-distill-{key}", f"abl-evaluate-{key}"
@@ -262,11 +266,12 @@ def summarize(plan: Plan, pipeline: Pipeline, experts_info: dict[str, Any] | Non
     ref_random = _pct(_kind(ref_eval, "random-real"))
     ablation = []
     for row in plan.rows:
-        ev = _result(work, pipeline.by_name[row["evaluate"]].product) if pipeline.is_current(row["evaluate"]) else None
+        current = row["evaluate"] is not None and pipeline.is_current(row["evaluate"])
+        ev = _result(work, pipeline.by_name[row["evaluate"]].product) if current else None
         syn = _pct(_kind(ev, "synset"))
         ablation.append({"factor": row["factor"], "value": row["value"], "stage": row["key"], "result": syn,
                          "gain_over_random": round(syn["mean"] - ref_random["mean"], 2) if syn and ref_random else None,
-                         "status": status(row["evaluate"])})
+                         "status": row.get("reason") or status(row["evaluate"])})
     times = {s.name: stages.get(s.name, {}).get("wall_s") for s in pipeline.stages}
     groups = {"experts": ["experts"], "convexify": [s.name for s in pipeline.stages if s.command == "convexify"]}
     for ipc in IPCS:
@@ -500,15 +505,15 @@ def main(argv: list[str] | None = None, runner: Runner | None = None,
     env = child_env(REPO)
     runner = runner or SubprocessRunner(sys.executable, env)
     work.mkdir(parents=True, exist_ok=True)
+    if args.list:  # read-only: works while another run holds the folder
+        print_plan(Pipeline(work, plan.stages, runner, extra=exec_args(args)))
+        return 0
     try:
         with Lock(work):
             pipeline = Pipeline(work, plan.stages, runner, extra=exec_args(args))
             m = pipeline.manifest.data
             if m.get("size_name", size.name) != size.name:
                 p.error(f"{work} holds the '{m['size_name']}' benchmark; use --size {m['size_name']} or another --work")
-            if args.list:
-                print_plan(pipeline)
-                return 0
             return run(pipeline, plan, runner, args, size, env, out, argv)
     except WorkBusy as exc:
         print(f"fidelity: error: {exc}", file=sys.stderr)
@@ -516,11 +521,17 @@ def main(argv: list[str] | None = None, runner: Runner | None = None,
 
 
 def print_plan(pipeline: Pipeline) -> None:
-    """Each stage: its state and its command."""
+    """Each stage: its state (with today's settings), wall seconds so far and its command."""
     for s in pipeline.stages:
         e = pipeline.manifest.data["stages"].get(s.name, {})
-        state = "done" if pipeline.is_current(s.name) else e.get("status", "to run")
-        print(f"{s.name:32s} {state:12s} mctool {' '.join(pipeline.argv(s))}")
+        if pipeline.is_current(s.name):
+            state = "done"
+        elif e.get("fingerprint") not in (None, pipeline.fingerprint(s.name)):
+            state = "changed"  # made with other settings: will rerun
+        else:
+            state = e.get("status", "to run")
+        wall = f"{e['wall_s']:.0f} s" if e.get("wall_s") is not None else ""
+        print(f"{s.name:32s} {state:12s} {wall:>8s}  mctool {' '.join(pipeline.argv(s))}")
 
 
 def run(pipeline: Pipeline, plan: Plan, runner: Runner, args: argparse.Namespace, size: Size,
