@@ -15,7 +15,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
 import fidelity  # noqa: E402
-from _stages import Completed, Lock, Pipeline, Stage, SubprocessRunner, WorkBusy, has_option  # noqa: E402
+from _stages import Completed, Lock, SubprocessRunner, has_option  # noqa: E402
 
 # Options the fake mctool knows; the pending ones (step units, validation selection, best images) are absent.
 KNOWN = "--grad --discrete --continuous --interior --eval-every --iterations --resume --beta --runs --epochs"
