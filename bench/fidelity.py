@@ -258,10 +258,12 @@ def summarize(plan: Plan, pipeline: Pipeline, experts_info: dict[str, Any] | Non
         ev = _result(work, pipeline.by_name[ename].product) if pipeline.is_current(ename) else None
         syn, rnd = _pct(_kind(ev, "synset")), _pct(_kind(ev, "random-real"))
         dres = stages.get(dname, {}).get("result") or {}
+        # Whatever else a newer `mctool evaluate --json` reports (e.g. gain, HLR) is kept as it is.
+        more = {k: v for k, v in (ev or {}).items() if k not in ("file", "synset", "ipc", "lr", "results")}
         main.append({"ipc": ipc, "distilled": syn, "random_real": rnd,
                      "gain": round(syn["mean"] - rnd["mean"], 2) if syn and rnd else None,
                      "iterations": size.iterations[ipc], "learned_lr": dres.get("alpha"),
-                     "status": status(ename)})
+                     "status": status(ename), "evaluate_reports": more})
     ref_eval = _result(work, "abl-ref.json") if pipeline.is_current("abl-evaluate-ref") else None
     ref_random = _pct(_kind(ref_eval, "random-real"))
     ablation = []
