@@ -225,8 +225,7 @@ class Pipeline:
         for s in self.stages:
             for d in s.deps:
                 assert d in self.by_name, f"{s.name}: unknown dependency {d}"
-        self.work.mkdir(parents=True, exist_ok=True)
-        self.manifest = Manifest(self.work)
+        self.manifest = Manifest(self.work)  # the folder is made by whoever runs stages (not by --list)
         self._fps: dict[str, str] = {}
 
     def fingerprint(self, name: str) -> str:
@@ -282,6 +281,7 @@ class Pipeline:
 
     def run(self, only: list[str] | None = None, stop_after: str | None = None) -> list[Outcome]:
         """Run the selected stages (default: all) in order; stop after `stop_after` or on a stop request."""
+        self.work.mkdir(parents=True, exist_ok=True)
         names = self.closure(only) if only else [s.name for s in self.stages]
         if stop_after is not None:
             names = names[: names.index(stop_after) + 1] if stop_after in names else names

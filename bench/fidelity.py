@@ -506,10 +506,10 @@ def main(argv: list[str] | None = None, runner: Runner | None = None,
             p.error(f"unknown stage {n!r} (stages: {', '.join(names)})")
     env = child_env(REPO)
     runner = runner or SubprocessRunner(sys.executable, env)
-    work.mkdir(parents=True, exist_ok=True)
     if args.list:  # read-only: works while another run holds the folder
         print_plan(Pipeline(work, plan.stages, runner, extra=exec_args(args)))
         return 0
+    work.mkdir(parents=True, exist_ok=True)
     try:
         with Lock(work):
             pipeline = Pipeline(work, plan.stages, runner, extra=exec_args(args))
