@@ -62,7 +62,7 @@ class Size:
 
 SIZES: dict[str, Size] = {
     # Checks the benchmark itself, not the method: every stage and row runs, at toy scale
-    # (~15 min on an idle 2-core CPU, estimated from the costs in bench/README.md, "Sizes").
+    # (58 min measured under load 5-12 with OMP_NUM_THREADS=1; ~12-15 min idle, bench/README.md).
     "quick": Size("quick", width=16, experts=2, epochs=4, iterations={1: 50, 10: 50, 50: 10},
                   eval_runs=2, eval_epochs=300, abl_iterations=20, abl_eval_runs=2, abl_eval_epochs=100,
                   abl_eval_every=10, why="checks the benchmark: <= 20 min on an idle 2-core CPU"),
@@ -75,7 +75,7 @@ SIZES: dict[str, Size] = {
     # The paper's scale: experts of width 128 x 50 epochs, 5000 iterations (Table A's MTT/MCT default).
     "gpu": Size("gpu", width=128, experts=100, epochs=50, iterations={1: 5000, 10: 5000, 50: 5000},
                 eval_runs=5, eval_epochs=1000, abl_iterations=1000, abl_eval_runs=5, abl_eval_epochs=1000,
-                abl_eval_every=100, why="the paper's scale; estimated 4-6 h on one recent GPU (not measured)"),
+                abl_eval_every=100, why="the paper's scale; estimated 3-5 h on one H100-class GPU (not measured)"),
 }
 
 # Options of features being built while this benchmark was written; their names are not fixed yet.
