@@ -13,10 +13,11 @@ import torch
 
 from mctool.artifact import now_iso
 from mctool.augment import DEFAULT_STRATEGY, DSA
+from mctool.ensemble import train_many
 from mctool.nets import ModelSpec, build_model, spec_for
 from mctool.prepared import Prepared, sample_per_class
 from mctool.progress import SILENT, Reporter
-from mctool.train import Schedule, accuracy, train
+from mctool.train import Schedule, accuracy
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,13 @@ def run_seed(seed: int, model_index: int, run: int) -> int:
 
 
 def evaluate_set(images: torch.Tensor, labels: torch.Tensor, lr: float, prepared: Prepared, base: ModelSpec,
-                 cfg: EvaluateConfig, kind: str = "synset", reporter: Reporter = SILENT) -> list[dict[str, Any]]:
-    """Train cfg.runs fresh networks of every model on (images, labels); one result dict per model."""
+                 cfg: EvaluateConfig, kind: str = "synset", reporter: Reporter = SILENT,
+                 together: bool | None = None) -> list[dict[str, Any]]:
+    """Train cfg.runs fresh networks of every model on (images, labels); one result dict per model.
+
+    The runs of a model train together where `mctool.ensemble.train_many` decides so
+    (`together`: None = on GPUs), with the same results as one after another.
+    """
     device = prepared.train_x.device
     images, labels = images.to(device), labels.to(device)
     dsa = DSA(cfg.augment, flip=prepared.meta.flip) if cfg.augment != "none" else None
@@ -54,20 +60,21 @@ def evaluate_set(images: torch.Tensor, labels: torch.Tensor, lr: float, prepared
     results = []
     for mi, name in enumerate(cfg.models):
         spec = spec_for(name, base)
-        accs, seeds = [], []
         started = time.perf_counter()
-        for r in range(cfg.runs):
-            seed = run_seed(cfg.seed, mi, r)
-            model = build_model(spec, seed=seed).to(device)
-            gen = torch.Generator().manual_seed(seed)
-            key = f"eval-{name}-{r}"
+        seeds = [run_seed(cfg.seed, mi, r) for r in range(cfg.runs)]
+        models = [build_model(spec, seed=seed).to(device) for seed in seeds]
+        gens = [torch.Generator().manual_seed(seed) for seed in seeds]
+        keys = [f"eval-{name}-{r}" for r in range(cfg.runs)]
+        for r, key in enumerate(keys):
             reporter.task(key, f"evaluate {kind} {name} run {r + 1}/{cfg.runs}", total=cfg.epochs)
-            train(model, images, labels, schedule, dsa, gen,
-                  on_epoch=lambda e, loss, key=key: reporter.update(key, advance=1, loss=loss))
-            reporter.done(key)
+        train_many(models, images, labels, schedule, dsa, gens, together=together,
+                   on_epoch=lambda r, e, loss: reporter.update(keys[r], advance=1, loss=loss))
+        accs = []
+        for r, model in enumerate(models):
+            reporter.done(keys[r])
             accs.append(accuracy(model, prepared.test_x, prepared.test_y))
-            seeds.append(seed)
             reporter.log(f"{kind} {name} run {r + 1}/{cfg.runs}: test accuracy {accs[-1]:.4f}")
+        del models  # before the next model's networks are built
         results.append({
             "kind": kind, "model": name, "accuracies": accs, "mean": statistics.fmean(accs),
             "std": statistics.pstdev(accs), "runs": cfg.runs, "epochs": cfg.epochs, "lr": lr, "seeds": seeds,
