@@ -23,9 +23,9 @@ def fashion_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def test_demo_runs_every_stage_and_keeps_its_artifacts(tmp_path: Path, fashion_dir: Path) -> None:
+def test_demo_runs_every_stage_and_keeps_its_artifacts(tmp_path: Path, fashion_dir: Path, device: torch.device) -> None:
     out = tmp_path / "demo"
-    r = run(TINY, out, fashion_dir, torch.device("cpu"))
+    r = run(TINY, out, fashion_dir, device)
 
     assert set(r["seconds"]) == {"experts", "convexify", "distill", "evaluate"}
     for key in ("buffer", "convex", "synset"):
