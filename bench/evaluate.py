@@ -24,6 +24,12 @@ no flip) with width 32. At ipc ≥ 50 it trains a fifth of --epochs (at least 2)
 per-epoch cost is extrapolated to --target-epochs; the accuracies of both are compared too.
 
     python bench/evaluate.py --together 5 --ipc 1,10,50 --epochs 10 --reps 2
+
+--kernels R times one SGD step of R ConvNets three ways, interleaved: R modules one after
+another; torch.func.vmap over functional_call with stacked parameters; mctool.ensemble's
+StackedNet (grouped convolutions). Batches 10, 100, 256 per network; widths 128 and 32.
+
+    python bench/evaluate.py --kernels 5 --reps 3
 """
 
 from __future__ import annotations
@@ -88,6 +94,7 @@ def compare_together(args: argparse.Namespace, device: torch.device, ipcs: list[
     rows = []
     gen = torch.Generator().manual_seed(1)
     for name, channels, size, flip, width in TOGETHER_SHAPES:
+        width = args.together_width or width
         prepared = shaped_prepared(channels, size, flip, device)
         spec = ModelSpec(width=width, channels=channels, im_size=(size, size), num_classes=CLASSES)
         warm = EvaluateConfig(runs=2, epochs=1)
@@ -135,6 +142,73 @@ def compare_together(args: argparse.Namespace, device: torch.device, ipcs: list[
     return 0
 
 
+def compare_kernels(args: argparse.Namespace, device: torch.device, info: dict[str, Any]) -> int:
+    """One SGD step of R networks: one after another, vmap(functional_call), grouped (StackedNet)."""
+    import copy
+
+    import torch.nn.functional as F
+    from torch.func import functional_call, stack_module_state, vmap
+
+    from mctool.ensemble import StackedNet
+
+    R = args.kernels
+    results, rows = [], []
+    for name, channels, size, _, width in TOGETHER_SHAPES:
+        width = args.together_width or width
+        spec = ModelSpec(width=width, channels=channels, im_size=(size, size), num_classes=CLASSES)
+        for batch in (10, 100, 256):
+            gen = torch.Generator().manual_seed(0)
+            x = torch.randn(batch, R, channels, size, size, generator=gen).to(device)
+            y = torch.randint(0, CLASSES, (R, batch), generator=gen).to(device)
+            single = [build_model(spec, seed=r).to(device) for r in range(R)]
+            opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in single]
+            params, _ = stack_module_state([build_model(spec, seed=r).to(device) for r in range(R)])
+            leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+            template = copy.deepcopy(single[0]).to("meta")
+            vmapped = vmap(lambda p, xx: functional_call(template, p, (xx,)), in_dims=(0, 1))
+            opt_v = torch.optim.SGD(leaves.values(), lr=0.01, momentum=0.9)
+            stacked = StackedNet([build_model(spec, seed=r).to(device) for r in range(R)])
+            opt_g = torch.optim.SGD(stacked.params, lr=0.01, momentum=0.9)
+
+            def joint_step(logits: torch.Tensor, opt: torch.optim.Optimizer) -> None:
+                loss = F.cross_entropy(logits.reshape(-1, CLASSES), y.reshape(-1), reduction="none")
+                opt.zero_grad(set_to_none=True)
+                loss.view(R, -1).mean(1).sum().backward()
+                opt.step()
+
+            def one_after_another() -> None:
+                for r, (m, opt) in enumerate(zip(single, opts)):
+                    loss = F.cross_entropy(m(x[:, r]), y[r])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+
+            ways = {"one after another": one_after_another,
+                    "vmap": lambda: joint_step(vmapped(leaves, x), opt_v),
+                    "grouped": lambda: joint_step(stacked(x), opt_g)}
+            times: dict[str, list[float]] = {k: [] for k in ways}
+            for fn in ways.values():
+                fn()  # warm-up
+            for _ in range(max(1, args.reps)):
+                for k, fn in ways.items():
+                    times[k].append(_common.timed(fn, device)[0])
+            best = {k: min(v) for k, v in times.items()}
+            base = best["one after another"]
+            results.append({"data": name, "width": width, "batch": batch, "networks": R, "seconds": times,
+                            "speedup": {k: base / v for k, v in best.items()}})
+            rows.append([name, width, batch, *(f"{best[k] * 1e3:.1f}" for k in ways),
+                         *(f"{base / best[k]:.2f}x" for k in ("vmap", "grouped"))])
+            print(f"  {name} width {width} batch {batch}: " +
+                  ", ".join(f"{k} {best[k] * 1e3:.1f} ms" for k in ways), flush=True)
+    _common.print_table(["data", "width", "batch/network", "one after another ms", "vmap ms", "grouped ms",
+                         "vmap speed-up", "grouped speed-up"], rows,
+                        title=f"One SGD step of {R} ConvNets on {device} (min of {args.reps} interleaved)")
+    path = _common.write_json("evaluate-kernels", {"machine": info, "args": vars(args), "results": results},
+                              args.out)
+    print(f"wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common.add_common_args(parser)
@@ -148,7 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-reps", type=int, default=2, help="repetitions of the test-set pass (min shown)")
     parser.add_argument("--together", type=int, default=0, metavar="R",
                         help="compare R runs trained together with R runs one after another instead")
-    parser.add_argument("--reps", type=int, default=2, help="--together: interleaved repetitions (min shown)")
+    parser.add_argument("--kernels", type=int, default=0, metavar="R",
+                        help="time one step of R networks: one after another, vmap, grouped (StackedNet)")
+    parser.add_argument("--reps", type=int, default=2,
+                        help="--together/--kernels: interleaved repetitions (min shown)")
+    parser.add_argument("--together-width", type=int, default=None,
+                        help="--together: one width for both shapes (default 128 for CIFAR-10, 32 for Fashion-MNIST)")
     args = parser.parse_args(argv)
     device = _common.setup(args)
     if args.quick:  # shrink what the user did not set explicitly
@@ -160,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     ipcs = [int(x) for x in args.ipc.split(",") if x.strip()]
     info = _common.machine_info(device)
     _common.note_load(info)
+    if args.kernels:
+        return compare_kernels(args, device, info)
     if args.together:
         return compare_together(args, device, ipcs, info)
 
