@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
           f"Device **{device}**, torch {machine.get('torch')}, CUDA {machine.get('cuda_version')}, {date}, "
           f"commit {args.commit}; {args.seconds} s of a {args.budget} s budget.", "",
           "## Steps", "",
-          table(["step", "status", "seconds", "note"], [[s["step"], s["status"], s["seconds"], s["why"]] for s in steps])]
+          table(["step", "status", "seconds", "note"],
+                [[s["step"], s["status"], s["seconds"], s["why"]] for s in steps])]
     for key, title, render in SECTIONS:
         if key in bench:
             md += ["", f"## {title}", "", render(bench[key])]
