@@ -27,7 +27,8 @@ per-epoch cost is extrapolated to --target-epochs; the accuracies of both are co
 
 --kernels R times one SGD step of R ConvNets three ways, interleaved: R modules one after
 another; torch.func.vmap over functional_call with stacked parameters; mctool.ensemble's
-StackedNet (grouped convolutions). Batches 10, 100, 256 per network; widths 128 and 32.
+StackedNet (grouped convolutions). Batches 10 and 100 per network (--kernel-batches); widths
+128 and 32.
 
     python bench/evaluate.py --kernels 5 --reps 3
 """
@@ -47,6 +48,7 @@ import _common  # noqa: E402
 
 from mctool.artifact import DatasetMeta  # noqa: E402
 from mctool.data import Dataset, Preprocessing  # noqa: E402
+from mctool.ensemble import plan_groups  # noqa: E402
 from mctool.evaluate import EvaluateConfig, evaluate_set  # noqa: E402
 from mctool.nets import ModelSpec, build_model  # noqa: E402
 from mctool.prepared import Prepared  # noqa: E402
@@ -107,6 +109,8 @@ def compare_together(args: argparse.Namespace, device: torch.device, ipcs: list[
             images = torch.randn(n, channels, size, size, generator=gen)
             labels = torch.arange(CLASSES).repeat_interleave(ipc)
             cfg = EvaluateConfig(runs=runs, epochs=epochs)
+            # How train_many splits the runs on this device (its memory guard may split them).
+            groups = plan_groups([build_model(spec)] * runs, images.to(device), cfg.schedule(0.01), True)
             secs: dict[bool, list[float]] = {False: [], True: []}
             accs: dict[bool, list[float]] = {}
             for _ in range(max(1, args.reps)):
@@ -117,21 +121,23 @@ def compare_together(args: argparse.Namespace, device: torch.device, ipcs: list[
                     secs[together].append(s)
                     accs[together] = res[0]["accuracies"]
             seq, tog = min(secs[False]), min(secs[True])
-            r = {"data": name, "width": width, "ipc": ipc, "images": n, "runs": runs, "epochs_trained": epochs,
+            r = {"data": name, "width": width, "ipc": ipc, "images": n, "runs": runs, "groups": groups,
+                 "epochs_trained": epochs,
                  "seconds_sequential": secs[False], "seconds_together": secs[True],
                  "speedup": seq / tog, "extrapolated_sequential_seconds": seq / epochs * args.target_epochs,
                  "extrapolated_together_seconds": tog / epochs * args.target_epochs,
                  "accuracies_sequential": accs[False], "accuracies_together": accs[True],
                  "cuda_peak_bytes_last_together": _common.cuda_peak_bytes(device)}
             results.append(r)
-            rows.append([name, width, ipc, n, epochs, f"{seq / epochs * 1e3:.0f}", f"{tog / epochs * 1e3:.0f}",
+            rows.append([name, width, ipc, n, epochs, "+".join(map(str, groups)), f"{seq / epochs * 1e3:.0f}",
+                         f"{tog / epochs * 1e3:.0f}",
                          f"{seq / tog:.2f}x", f"{seq / epochs * args.target_epochs / 60:.1f}",
                          f"{tog / epochs * args.target_epochs / 60:.1f}",
                          "yes" if accs[False] == accs[True] else "NO"])
             print(f"  {name} ipc {ipc}: {runs} runs one after another {seq / epochs * 1e3:.0f} ms/epoch, "
                   f"together {tog / epochs * 1e3:.0f} ms/epoch ({seq / tog:.2f}x)", flush=True)
     _common.print_table(
-        ["data", "width", "ipc", "images", "epochs", f"{runs} seq ms/epoch", f"{runs} together ms/epoch",
+        ["data", "width", "ipc", "images", "epochs", "groups", f"{runs} seq ms/epoch", f"{runs} together ms/epoch",
          "speed-up", f"seq min @{args.target_epochs} ep", f"together min @{args.target_epochs} ep",
          "same accuracies"],
         rows, title=f"{runs} evaluation runs together vs one after another on {device} (min of {args.reps} "
@@ -156,7 +162,7 @@ def compare_kernels(args: argparse.Namespace, device: torch.device, info: dict[s
     for name, channels, size, _, width in TOGETHER_SHAPES:
         width = args.together_width or width
         spec = ModelSpec(width=width, channels=channels, im_size=(size, size), num_classes=CLASSES)
-        for batch in (10, 100, 256):
+        for batch in (int(b) for b in args.kernel_batches.split(",") if b.strip()):
             gen = torch.Generator().manual_seed(0)
             x = torch.randn(batch, R, channels, size, size, generator=gen).to(device)
             y = torch.randint(0, CLASSES, (R, batch), generator=gen).to(device)
@@ -224,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="compare R runs trained together with R runs one after another instead")
     parser.add_argument("--kernels", type=int, default=0, metavar="R",
                         help="time one step of R networks: one after another, vmap, grouped (StackedNet)")
+    parser.add_argument("--kernel-batches", default="10,100",
+                        help="--kernels: comma-separated images per network and step (256 needs ~10 GB at R=5)")
     parser.add_argument("--reps", type=int, default=2,
                         help="--together/--kernels: interleaved repetitions (min shown)")
     parser.add_argument("--together-width", type=int, default=None,

@@ -68,14 +68,14 @@ def evaluate_rows(d: dict[str, Any]) -> str:
 
 
 def together_rows(d: dict[str, Any]) -> str:
-    rows = [[r["data"], r["width"], r["ipc"], r["images"], r["epochs_trained"],
+    rows = [[r["data"], r["width"], r["ipc"], r["images"], r["epochs_trained"], "+".join(map(str, r["groups"])),
              f"{min(r['seconds_sequential']) / r['epochs_trained'] * 1e3:.1f}",
              f"{min(r['seconds_together']) / r['epochs_trained'] * 1e3:.1f}", f"**{r['speedup']:.2f}×**",
              "yes" if r["accuracies_sequential"] == r["accuracies_together"] else "no",
              fmt_bytes(r["cuda_peak_bytes_last_together"])]
             for r in d["results"]]
     runs = d["args"]["together"]
-    return table(["data", "width", "ipc", "images", "epochs timed", f"{runs} one after another, ms/epoch",
+    return table(["data", "width", "ipc", "images", "epochs timed", "groups", f"{runs} one after another, ms/epoch",
                   f"{runs} together, ms/epoch", "speed-up", "same accuracies", "cuda peak (together)"], rows)
 
 

@@ -15,6 +15,7 @@ from mctool.ensemble import (
     StackedNet,
     _augment,
     group_sizes,
+    plan_groups,
     stackable,
     train_many,
     train_stacked,
@@ -258,7 +259,16 @@ def test_group_sizes_and_memory_estimate() -> None:
     one, two = training_bytes(model, (3, 32, 32), 10), training_bytes(model, (3, 32, 32), 20)
     weights = 4 * sum(p.numel() for p in model.parameters()) * 4
     # Linear in the batch: activations (first conv alone: 16×32×32 per image) plus a fixed part.
-    assert two - one == one - weights > 3 * 10 * 16 * 32 * 32 * 4
+    assert two - one == one - weights > 2 * 10 * 16 * 32 * 32 * 4
+
+
+def test_plan_groups() -> None:
+    conv = [build_model(ModelSpec(width=4, channels=1, im_size=(8, 8)), seed=s) for s in range(5)]
+    x = torch.zeros(20, 1, 8, 8)
+    assert plan_groups(conv, x, SCHEDULE) == [1] * 5  # CPU default: one after another
+    assert plan_groups(conv, x, SCHEDULE, together=True) == [5]
+    assert plan_groups(conv, x, SCHEDULE, together=True, max_together=4) == [3, 2]
+    assert plan_groups([Odd() for _ in range(3)], torch.zeros(20, 3, 16, 16), SCHEDULE, together=True) == [1] * 3
 
 
 # --------------------------------------------------------------------------- evaluate_set
