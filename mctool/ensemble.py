@@ -253,10 +253,10 @@ def train_stacked(
             if on_batch is not None:
                 on_batch()
         means = (total / n).tolist()  # one device sync per epoch, not per batch
-        for r, mean_loss in enumerate(means):
-            if not math.isfinite(mean_loss):
-                raise TrainingDiverged(f"training loss became {mean_loss} in epoch {epoch} (lr {lr:g}); "
-                                       "try a smaller --lr")
+        diverged = [m for m in means if not math.isfinite(m)]
+        if diverged:  # as train() says it, for the first network that diverged
+            raise TrainingDiverged(f"training loss became {diverged[0]} in epoch {epoch} (lr {lr:g}); "
+                                   "try a smaller --lr")
         for r, mean_loss in enumerate(means):
             losses[r].append(mean_loss)
         if schedule.decay_epoch is not None and epoch == schedule.decay_epoch:
