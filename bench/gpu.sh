@@ -25,7 +25,7 @@ while [ $# -gt 0 ]; do
     --cpu-smoke) mode=smoke ;;
     --budget) budget="$2"; shift ;;
     --out) out="$2"; shift ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "bench/gpu.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -137,19 +137,20 @@ export -f install
 step install 30 install
 export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"  # bench scripts import the installed copy
 
+in_repo() { (cd "$repo" && "$@"); }  # tests import `tests.devices` from the repository root
+run_py() { in_repo "$py" "$@"; }
+export -f in_repo run_py
+
 # ---------------------------------------------------------------- 2. device test subset
 if [ "$mode" = gpu ]; then
-  step cuda-tests 150 env MCTOOL_TEST_DEVICE=cuda "$py" -m pytest --device-only -q -x -p no:cacheprovider \
-    --rootdir "$repo" "$repo/tests"
+  step cuda-tests 150 in_repo env MCTOOL_TEST_DEVICE=cuda "$py" -m pytest --device-only -q -x -p no:cacheprovider tests
 else
-  step cpu-tests 20 env MCTOOL_TEST_DEVICE=cpu "$py" -m pytest --device-only -q -x -p no:cacheprovider \
-    --rootdir "$repo" "$repo/tests/test_ensemble.py" -k "float32_differs or group_sizes"
+  step cpu-tests 20 in_repo env MCTOOL_TEST_DEVICE=cpu "$py" -m pytest --device-only -q -x -p no:cacheprovider \
+    tests/test_ensemble.py -k "float32_differs or group_sizes"
 fi
 
 # ---------------------------------------------------------------- 3. timings
 b="$repo/bench"
-run_py() { (cd "$repo" && "$py" "$@"); }
-export -f run_py
 if [ "$mode" = gpu ]; then
   # One distillation iteration per --grad mode at N = 10…80, CIFAR-10 ipc 10; constant vs
   # constant-autograd is the second-order step through fastgrad vs autograd's double backward.

@@ -20,14 +20,15 @@ def test_gpu_script_cpu_smoke(tmp_path: Path) -> None:
     env.pop("MCTOOL_TEST_DEVICE", None)
     leftovers = ["build", "mctool.egg-info"]
     before = {name: (REPO / name).exists() for name in leftovers}
-    # A generous budget: on a loaded shared CPU the smoke run can take minutes, and a skipped
+    # Started from another folder, as on the GPU machine it may be. A generous budget: on a loaded shared CPU the smoke run can take minutes, and a skipped
     # step would hide a broken one.
     proc = subprocess.run(["bash", str(REPO / "bench" / "gpu.sh"), "--cpu-smoke", "--budget", "900",
-                           "--out", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True,
+                           "--out", str(tmp_path / "out")], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu.json", "log.txt", "summary.md"]
-    result = json.loads((tmp_path / "gpu.json").read_text())
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["gpu.json", "log.txt", "summary.md"]
+    result = json.loads((out / "gpu.json").read_text())
     status = {s["step"]: s["status"] for s in result["steps"]}
     assert status == {"install": "ok", "cpu-tests": "ok", "distill-cifar10-ipc10": "ok", "evaluate": "ok",
                       "evaluate-together": "ok", "experts": "ok", "experts-parallel": "ok",
@@ -37,11 +38,11 @@ def test_gpu_script_cpu_smoke(tmp_path: Path) -> None:
                                     "experts-parallel"}
     together = result["bench"]["evaluate-together"]["results"]
     assert all(r["accuracies_sequential"] == r["accuracies_together"] for r in together)
-    summary = (tmp_path / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
     for title in ("## Steps", "## Expert training", "## One distillation iteration, CIFAR-10 ipc 10",
                   "## One evaluation run per ipc", "## Evaluation: runs together", "## Experts together"):
         assert title in summary
-    log = (tmp_path / "log.txt").read_text()
+    log = (out / "log.txt").read_text()
     assert "installed mctool" in log and "1 passed" in log
     # The install builds from a copy: the working tree gets no build/ or egg-info from it.
     assert {name: (REPO / name).exists() for name in leftovers} == before
