@@ -14,6 +14,12 @@ allocator), so the reported images/s excludes it. Test accuracy is not part of t
     python bench/experts.py
     python bench/experts.py --quick
     python bench/experts.py --widths 128 --cifar-images 5120 --epochs 2
+
+--parallel E compares instead E experts trained together (`mctool.ensemble.train_many`,
+stacked parameters and grouped convolutions; what `mctool experts --parallel E` would do)
+with the same E experts one after another, measured interleaved in one process, same seeds.
+
+    python bench/experts.py --parallel 4 --widths 32,128
 """
 
 from __future__ import annotations
@@ -57,6 +63,38 @@ def measure(spec: ModelSpec, x: torch.Tensor, y: torch.Tensor, flip: bool, epoch
             "cuda_peak_bytes": _common.cuda_peak_bytes(device)}
 
 
+def measure_parallel(spec: ModelSpec, x: torch.Tensor, y: torch.Tensor, flip: bool, epochs: int, batch: int,
+                     device: torch.device, augment: bool, reps: int, experts: int) -> dict[str, Any]:
+    """`experts` networks trained together vs one after another (interleaved); images/s of each."""
+    from mctool.ensemble import train_many
+
+    dsa = DSA(flip=flip) if augment else None
+    schedule = Schedule(epochs=epochs, lr=0.01, momentum=0.0, weight_decay=0.0, batch_size=batch)
+
+    def run(together: bool, images: torch.Tensor, labels: torch.Tensor, sched: Schedule) -> list[list[float]]:
+        models = [build_model(spec, seed=e).to(device) for e in range(experts)]
+        gens = [torch.Generator().manual_seed(e) for e in range(experts)]
+        return train_many(models, images, labels, sched, dsa, gens, together=together)
+
+    warm = Schedule(epochs=1, lr=0.01, batch_size=batch)
+    for together in (False, True):  # warm-up batch of both paths
+        run(together, x[:batch], y[:batch], warm)
+    n = x.shape[0] * epochs * experts
+    secs: dict[bool, list[float]] = {False: [], True: []}
+    losses: dict[bool, list[float]] = {}
+    for _ in range(max(1, reps)):
+        for together in (False, True):
+            _common.reset_peak(device)
+            s, out = _common.timed(lambda: run(together, x, y, schedule), device)
+            secs[together].append(s)
+            losses[together] = [run_losses[-1] for run_losses in out]
+    return {"experts": experts, "images": n, "seconds_sequential": secs[False], "seconds_together": secs[True],
+            "images_per_s_sequential": n / min(secs[False]), "images_per_s_together": n / min(secs[True]),
+            "speedup": min(secs[False]) / min(secs[True]),
+            "final_loss_sequential": losses[False], "final_loss_together": losses[True],
+            "cuda_peak_bytes_last_together": _common.cuda_peak_bytes(device)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common.add_common_args(parser)
@@ -70,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-augment", action="store_true", help="measure without DSA instead of with it")
     parser.add_argument("--compare-augment", action="store_true",
                         help="measure each config with and without DSA (doubles the time)")
+    parser.add_argument("--parallel", type=int, default=0, metavar="E",
+                        help="compare E experts trained together with E one after another instead")
     args = parser.parse_args(argv)
     device = _common.setup(args)
     if args.quick:
@@ -99,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         datasets.append(("fashion-mnist (real, ZCA)", prepared.train_x[:n].contiguous(),
                          prepared.train_y[:n].contiguous(), spec, m.flip))
 
+    if args.parallel:
+        return parallel_table(args, device, datasets, widths, aug_settings, info)
+
     results, rows = [], []
     for name, x, y, base, flip in datasets:
         for width in widths:
@@ -120,6 +163,35 @@ def main(argv: list[str] | None = None) -> int:
                         title=f"Expert training on {device} (SGD lr 0.01, batch {args.batch}, {args.epochs} epoch(s), "
                               "warm-up batch excluded)")
     path = _common.write_json("experts", {"machine": info, "args": vars(args), "results": results}, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+def parallel_table(args: argparse.Namespace, device: torch.device, datasets: list[Any], widths: list[int],
+                   aug_settings: list[bool], info: dict[str, Any]) -> int:
+    """The --parallel comparison over every data set, width and augmentation setting."""
+    results, rows = [], []
+    for name, x, y, base, flip in datasets:
+        for width in widths:
+            spec = dataclasses.replace(base, width=width)
+            for aug in aug_settings:
+                r = measure_parallel(spec, x, y, flip, args.epochs, args.batch, device, aug, args.reps,
+                                     args.parallel)
+                r.update({"data": name, "width": width, "augment": aug, "shape": list(x.shape[1:])})
+                results.append(r)
+                rows.append([name, width, "DSA" if aug else "none", r["experts"], r["images"],
+                             f"{r['images_per_s_sequential']:.0f}", f"{r['images_per_s_together']:.0f}",
+                             f"{r['speedup']:.2f}x",
+                             _common.fmt_bytes(r["cuda_peak_bytes_last_together"]) if device.type == "cuda" else "-"])
+                print(f"  {name} width {width}: {args.parallel} experts one after another "
+                      f"{r['images_per_s_sequential']:.0f} images/s, together {r['images_per_s_together']:.0f} "
+                      f"({r['speedup']:.2f}x)", flush=True)
+    _common.print_table(["data", "width", "augment", "experts", "images", "seq images/s", "together images/s",
+                         "speed-up", "cuda peak"], rows,
+                        title=f"{args.parallel} experts together vs one after another on {device} (SGD lr 0.01, "
+                              f"batch {args.batch}, {args.epochs} epoch(s), best of {args.reps} interleaved)")
+    path = _common.write_json("experts-parallel", {"machine": info, "args": vars(args), "results": results},
+                              args.out)
     print(f"wrote {path}")
     return 0
 

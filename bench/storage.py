@@ -31,35 +31,33 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
-from mctool import artifact  # noqa: E402
+from mctool import store  # noqa: E402
 from mctool.convex import ConvexifyConfig, convexify_file  # noqa: E402
-from mctool.models import ModelSpec, build_model, param_layout  # noqa: E402
+from mctool.models import ModelSpec, build_model, layer_sizes, param_layout  # noqa: E402
 
 AUTHORS_PICKLE_RATIO = 12.3  # the MCT authors' reported full/convex ratio (pickled tensors)
 
 
 def build_buffer(path: Path, experts: int, epochs: int, spec: ModelSpec, seed: int = 0) -> tuple[int, int]:
-    """Write a buffer of `experts` random-walk trajectories; returns (P, L)."""
+    """Write a buffer of `experts` random-walk trajectories through the store, as `mctool experts`
+    does (rows allocated at creation, written and marked done one by one); returns (P, L)."""
     layout = param_layout(build_model(spec, seed=0))
-    p_total = sum(artifact.layer_sizes(layout))
-    meta = artifact.DatasetMeta(
+    p_total = sum(layer_sizes(layout))
+    meta = store.DatasetMeta(
         name="cifar10-shaped-random", num_classes=spec.num_classes, channels=spec.channels,
         height=spec.im_size[0], width=spec.im_size[1], zca=True, zca_eps=0.1,
         mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010),
         class_names=tuple(f"class{i}" for i in range(spec.num_classes)), train_fingerprint="0" * 16,
     )
     cfg = {"dataset": "cifar10-shaped-random", "epochs": epochs, "lr": 0.01, "batch_size": 256}
-    with artifact.atomic_write(path, copy_existing=False) as f:
-        meta.write(f)
-        artifact.write_model(f, spec, layout)
-        g = f.require_group("experts")
-        g.attrs.update({"epochs": epochs, "lr": 0.01, "momentum": 0.0, "weight_decay": 0.0,
-                        "batch_size": 256, "augmentation": "color_crop_cutout_flip_scale_rotate", "seed": seed})
-        g.attrs.update(artifact.provenance(cfg, seed, {"dataset_fingerprint": meta.train_fingerprint}))
-        artifact.ExpertRows(f, 0, epochs, p_total, len(layout), trajectories=True, num_waypoints=None)
+    attrs = {"epochs": epochs, "lr": 0.01, "momentum": 0.0, "weight_decay": 0.0, "batch_size": 256,
+             "augmentation": "color_crop_cutout_flip_scale_rotate", "seed": seed,
+             **store.provenance(cfg, seed, {"dataset_fingerprint": meta.train_fingerprint})}
+    rows_layout = store.RowLayout(epochs, p_total, len(layout), trajectories=True, num_waypoints=None)
+    store.create_buffer(path, meta, spec, layout, experts, rows_layout, attrs, None)
     gen = torch.Generator().manual_seed(seed)
-    with artifact.open_artifact(path, "r+") as f:
-        rows = artifact.ExpertRows(f, experts, epochs, p_total, len(layout), trajectories=True, num_waypoints=None)
+    with store.append(path) as f:
+        rows = store.ExpertRows(f)
         for e in range(experts):
             theta = torch.randn(p_total, generator=gen) * 0.05
             rows.write_snapshot(e, 0, theta)
@@ -132,12 +130,12 @@ def main(argv: list[str] | None = None) -> int:
             fixed = csizes[1] - marginal
             over_e = csizes[experts] / experts
             entry = {
-                "interior": interior, "positions": report["positions"],
+                "interior": interior, "positions": report.positions,
                 "file_bytes": {str(n): s for n, s in csizes.items()},
                 "bytes_per_expert_file_over_E": over_e,
                 "bytes_per_expert_marginal": marginal,
                 "bytes_per_expert_theory": theory,
-                "library_reported_bytes_per_expert": report["bytes_per_expert_convex"],
+                "library_reported_bytes_per_expert": report.bytes_per_expert_convex,
                 "overhead_marginal_vs_theory": marginal / theory,
                 "fixed_file_bytes": fixed,
                 "ratio_full_over_convex_theory": full_theory / theory,
@@ -148,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             result["convex"].append(entry)
             rows.append([
-                interior, ",".join(map(str, report["positions"])), f"{over_e:,.0f}", f"{marginal:,.0f}",
+                interior, ",".join(map(str, report.positions)), f"{over_e:,.0f}", f"{marginal:,.0f}",
                 f"{theory:,}", f"{marginal / theory:.4f}", f"{fixed:,.0f}",
                 f"{full_per_expert / marginal:.2f}x", f"{sizes[experts] / csizes[experts]:.2f}x",
                 f"{k1 / (interior + 2):.2f}x", f"{secs[experts]:.1f}",

@@ -19,12 +19,13 @@ import torch
 
 from mctool import store
 from mctool.augment import DEFAULT_STRATEGY, DSA
+from mctool.ensemble import train_many
 from mctool.errors import UsageError
 from mctool.models import ModelSpec, build_model, layout_of, spec_for
 from mctool.prepared import Prepared, sample_per_class
 from mctool.progress import SILENT, Reporter, stop_if_asked
 from mctool.settings import setting
-from mctool.train import Schedule, accuracy, train
+from mctool.train import Schedule, accuracy
 
 _NOTHING_STORED = "nothing was stored; run the command again"
 
@@ -42,6 +43,9 @@ class EvaluateConfig:
     weight_decay: float = 5e-4
     batch_size: int = 256
     augment: str = DEFAULT_STRATEGY
+    together: bool | None = setting(None, "Train a model's runs together (stacked networks; the same results as one "
+                                    "after another up to float rounding). Default: on GPUs only, where it is faster.",
+                                    flags=("--together/--no-together",))
     seed: int = setting(0, "Seed for network inits, shuffles, augmentation, baseline images (0 … 2**63-1).")
 
     def schedule(self, lr: float) -> Schedule:
@@ -135,7 +139,10 @@ def evaluate_set(images: torch.Tensor, labels: torch.Tensor, lr: float, prepared
                  stop_hint: str = _NOTHING_STORED) -> list[Evaluation]:
     """Train cfg.runs fresh networks of every model on (images, labels); one Evaluation per model.
 
-    Accuracy is measured on `score_on` (default: the test split), named `split` in the result."""
+    Accuracy is measured on `score_on` (default: the test split), named `split` in the result.
+    The runs of a model train together where `mctool.ensemble.train_many` decides so
+    (`cfg.together`: None = on GPUs, where it is faster), with the same results as one after
+    another up to float rounding."""
     device = prepared.train_x.device
     images, labels = images.to(device), labels.to(device)
     test_x, test_y = score_on if score_on is not None else (prepared.test_x, prepared.test_y)
@@ -144,24 +151,25 @@ def evaluate_set(images: torch.Tensor, labels: torch.Tensor, lr: float, prepared
     results = []
     for mi, name in enumerate(cfg.models):
         spec = spec_for(name, base)
-        accs, seeds = [], []
         started = time.perf_counter()
-        for r in range(cfg.runs):
-            seed = run_seed(cfg.seed, mi, r)
-            model = build_model(spec, seed=seed).to(device)
-            gen = torch.Generator().manual_seed(seed)
-            key = f"eval-{name}-{r}"
+        seeds = [run_seed(cfg.seed, mi, r) for r in range(cfg.runs)]
+        models = [build_model(spec, seed=seed).to(device) for seed in seeds]
+        gens = [torch.Generator().manual_seed(seed) for seed in seeds]
+        keys = [f"eval-{name}-{r}" for r in range(cfg.runs)]
+        for r, key in enumerate(keys):
             reporter.task(key, f"evaluate {kind} {name} run {r + 1}/{cfg.runs}", total=cfg.epochs)
 
-            def on_epoch(epoch: int, loss: float, key: str = key) -> None:
-                reporter.update(key, advance=1, loss=loss)
-                stop_if_asked(reporter, stop_hint)
+        def on_epoch(r: int, epoch: int, loss: float) -> None:
+            reporter.update(keys[r], advance=1, loss=loss)
+            stop_if_asked(reporter, stop_hint)
 
-            train(model, images, labels, schedule, dsa, gen, on_epoch=on_epoch)
-            reporter.done(key)
+        train_many(models, images, labels, schedule, dsa, gens, together=cfg.together, on_epoch=on_epoch)
+        accs = []
+        for r, model in enumerate(models):
+            reporter.done(keys[r])
             accs.append(accuracy(model, test_x, test_y))
-            seeds.append(seed)
             reporter.log(f"{kind} {name} run {r + 1}/{cfg.runs}: {split} accuracy {accs[-1]:.4f}")
+        del models  # before the next model's networks are built
         results.append(Evaluation(
             kind=kind, model=name, accuracies=accs, mean=statistics.fmean(accs), std=statistics.pstdev(accs),
             runs=cfg.runs, epochs=cfg.epochs, lr=lr, seeds=seeds, seed=cfg.seed, images=int(images.shape[0]),

@@ -39,6 +39,19 @@ def make_tiny_mnist(root: Path, per_class_train: int = 30, per_class_test: int =
     return root
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--device-only", action="store_true",
+                     help="run only the tests that take the `device` fixture (the GPU subset of bench/gpu.sh)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.getoption("--device-only"):
+        return
+    keep = [item for item in items if "device" in getattr(item, "fixturenames", ())]
+    config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+    items[:] = keep
+
+
 @pytest.fixture(scope="session")
 def device() -> "object":
     """The torch device named by MCTOOL_TEST_DEVICE (default cpu); skips when it is absent."""

@@ -152,12 +152,13 @@ def test_params_are_small_cpu_tensors() -> None:
 # ---------------------------------------------------------------- exact op definitions
 
 
-def test_color_matches_formulas() -> None:
-    x = rand_images(2, 3, 5, 7, dtype=torch.float64)
+def test_color_matches_formulas(device: torch.device) -> None:
+    x = rand_images(2, 3, 5, 7, dtype=torch.float64).to(device)
     rb = torch.tensor([0.1, 0.9], dtype=torch.float64)
     rs = torch.tensor([0.3, 0.75], dtype=torch.float64)
     rc = torch.tensor([0.0, 0.6], dtype=torch.float64)
-    out = DSA().apply(x, AugParams("color", {"brightness": rb, "saturation": rs, "contrast": rc}))
+    out = DSA().apply(x, AugParams("color", {"brightness": rb, "saturation": rs, "contrast": rc})).cpu()
+    x = x.cpu()
     for i in range(2):
         y = x[i] + (rb[i] - 0.5) * 1.0
         m = y.mean(dim=0, keepdim=True)
@@ -167,8 +168,8 @@ def test_color_matches_formulas() -> None:
         torch.testing.assert_close(out[i], y, rtol=0, atol=1e-12)
 
 
-def test_saturation_on_one_channel_is_identity() -> None:
-    x = rand_images(2, 1, 6, 6, dtype=torch.float64)
+def test_saturation_on_one_channel_is_identity(device: torch.device) -> None:
+    x = rand_images(2, 1, 6, 6, dtype=torch.float64).to(device)
     half = torch.full((2,), 0.5, dtype=torch.float64)  # brightness 0, contrast ×1
     sat = torch.tensor([0.0, 0.9], dtype=torch.float64)
     p = AugParams("color", {"brightness": half, "saturation": sat, "contrast": half})
@@ -186,23 +187,23 @@ def manual_shift(img: torch.Tensor, tx: int, ty: int) -> torch.Tensor:
     return out
 
 
-def test_crop_is_exact_shift_with_zero_fill() -> None:
+def test_crop_is_exact_shift_with_zero_fill(device: torch.device) -> None:
     x = rand_images(4, 3, 6, 9) + 10.0  # nonzero everywhere, so fill zeros are visible
     tx = torch.tensor([0, 1, -2, 6])  # 6 = H: everything shifted out
     ty = torch.tensor([0, -3, 2, 0])
-    out = DSA().apply(x, AugParams("crop", {"tx": tx, "ty": ty}))
+    out = DSA().apply(x.to(device), AugParams("crop", {"tx": tx, "ty": ty})).cpu()
     for i in range(4):
         assert torch.equal(out[i], manual_shift(x[i], int(tx[i]), int(ty[i])))
     assert torch.equal(out[0], x[0])
     assert torch.equal(out[3], torch.zeros_like(x[3]))
 
 
-def test_cutout_zeroes_the_right_square() -> None:
+def test_cutout_zeroes_the_right_square(device: torch.device) -> None:
     h, w = 8, 10  # sizes 4 and 5
     x = rand_images(3, 2, h, w) + 10.0
     ox = torch.tensor([4, 0, 8])
     oy = torch.tensor([5, 9, 0])
-    out = DSA().apply(x, AugParams("cutout", {"ox": ox, "oy": oy}))
+    out = DSA().apply(x.to(device), AugParams("cutout", {"ox": ox, "oy": oy})).cpu()
     ch, cw = cutout_size(h), cutout_size(w)
     for i in range(3):
         r0, c0 = int(ox[i]) - ch // 2, int(oy[i]) - cw // 2
@@ -216,42 +217,42 @@ def test_cutout_zeroes_the_right_square() -> None:
     assert (out[1] == 0).sum() == 2 * 2 * 3
 
 
-def test_flip_matches_torch_flip() -> None:
+def test_flip_matches_torch_flip(device: torch.device) -> None:
     x = rand_images(4, 3, 5, 7)
     flags = torch.tensor([True, False, True, False])
-    out = DSA().apply(x, AugParams("flip", {"flip": flags}))
+    out = DSA().apply(x.to(device), AugParams("flip", {"flip": flags})).cpu()
     for i in range(4):
         assert torch.equal(out[i], torch.flip(x[i], dims=[2]) if flags[i] else x[i])
 
 
-def test_unit_scale_and_zero_rotation_are_identity() -> None:
-    x = rand_images(2, 3, 8, 12, dtype=torch.float64)
+def test_unit_scale_and_zero_rotation_are_identity(device: torch.device) -> None:
+    x = rand_images(2, 3, 8, 12, dtype=torch.float64).to(device)
     one = torch.ones(2, dtype=torch.float64)
     dsa = DSA()
     torch.testing.assert_close(dsa.apply(x, AugParams("scale", {"sx": one, "sy": one})), x)
     torch.testing.assert_close(dsa.apply(x, AugParams("rotate", {"angle": one * 0})), x)
 
 
-def test_scale_matches_affine_grid_definition() -> None:
+def test_scale_matches_affine_grid_definition(device: torch.device) -> None:
     # sx scales the sampling grid: output column j reads input at normalised sx·u
     h, w = 5, 9
     x = torch.arange(w, dtype=torch.float64).repeat(1, 1, h, 1)  # value = column index
     p = AugParams("scale", {"sx": torch.tensor([0.5]), "sy": torch.tensor([1.0])})
-    out = DSA().apply(x, p)
+    out = DSA().apply(x.to(device), p).cpu()
     u = torch.linspace(-1, 1, w, dtype=torch.float64)
     expect = (0.5 * u + 1) / 2 * (w - 1)  # linear ramp sampled at the scaled positions
     torch.testing.assert_close(out[0, 0, 2], expect)
 
 
-def test_rotate_by_90_degrees_is_rot90() -> None:
+def test_rotate_by_90_degrees_is_rot90(device: torch.device) -> None:
     x = rand_images(1, 2, 7, 7, dtype=torch.float64)
     quarter = torch.tensor([math.pi / 2], dtype=torch.float64)
-    out = DSA().apply(x, AugParams("rotate", {"angle": quarter}))
+    out = DSA().apply(x.to(device), AugParams("rotate", {"angle": quarter})).cpu()
     hits = [k for k in (1, 3) if torch.allclose(out, torch.rot90(x, k, dims=(2, 3)), atol=1e-9)]
     assert len(hits) == 1
 
 
-def test_rotation_is_rigid_on_non_square_images() -> None:
+def test_rotation_is_rigid_on_non_square_images(device: torch.device) -> None:
     # A pattern around the centre pixel rotates by 90° to the same place on a 9×9 and a
     # 9×13 image: the aspect correction keeps the rotation rigid in pixel space.
     def centred(h: int, w: int) -> torch.Tensor:
@@ -262,8 +263,8 @@ def test_rotation_is_rigid_on_non_square_images() -> None:
         return x
 
     p = AugParams("rotate", {"angle": torch.tensor([math.pi / 2], dtype=torch.float64)})
-    sq = DSA().apply(centred(9, 9), p)[0, 0, 2:7, 2:7]
-    rect = DSA().apply(centred(9, 13), p)[0, 0, 2:7, 4:9]
+    sq = DSA().apply(centred(9, 9).to(device), p)[0, 0, 2:7, 2:7].cpu()
+    rect = DSA().apply(centred(9, 13).to(device), p)[0, 0, 2:7, 4:9].cpu()
     torch.testing.assert_close(rect, sq, atol=1e-9, rtol=0)
     assert sorted(rect.flatten().tolist())[-2:] == pytest.approx([1.0, 2.0])
 
@@ -280,9 +281,9 @@ def test_sample_repeatable_with_same_seed() -> None:
         assert all(torch.equal(pa.values[k], pb.values[k]) for k in pa.values)
 
 
-def test_call_repeatable_and_apply_replays() -> None:
+def test_call_repeatable_and_apply_replays(device: torch.device) -> None:
     dsa = DSA()
-    x = rand_images(4, 3, 16, 16)
+    x = rand_images(4, 3, 16, 16).to(device)
     seen = set()
     g = gen(9)
     for seed in range(40):
@@ -297,9 +298,9 @@ def test_call_repeatable_and_apply_replays() -> None:
     assert seen == set(OPS)
 
 
-def test_replay_with_graph_after_no_grad_pass() -> None:
+def test_replay_with_graph_after_no_grad_pass(device: torch.device) -> None:
     dsa = DSA()
-    x = rand_images(3, 3, 8, 8).requires_grad_()
+    x = rand_images(3, 3, 8, 8).to(device).requires_grad_()
     g = gen(11)
     for _ in range(20):
         p = dsa.sample(3, 8, 8, g)
@@ -313,8 +314,8 @@ def test_replay_with_graph_after_no_grad_pass() -> None:
 
 
 @pytest.mark.parametrize("op", OPS)
-def test_float32_and_float64_agree(op: str) -> None:
-    x32 = rand_images(3, 3, 12, 10)
+def test_float32_and_float64_agree(op: str, device: torch.device) -> None:
+    x32 = rand_images(3, 3, 12, 10).to(device)
     p = sample_op(op, 3, 12, 10, seed=4)
     out32 = DSA().apply(x32, p)
     out64 = DSA().apply(x32.to(torch.float64), p)
@@ -358,20 +359,20 @@ def fixed_params() -> dict[str, AugParams]:
 
 
 @pytest.mark.parametrize("op", OPS)
-def test_gradcheck(op: str) -> None:
+def test_gradcheck(op: str, device: torch.device) -> None:
     # With the parameters fixed every op is affine in x (grid_sample's bilinear weights
     # depend only on the grid, not on x), so finite differences are exact up to rounding
     # and gradcheck's default tolerances apply without any kinks to avoid.
-    x = rand_images(2, 3, 8, 8, dtype=torch.float64).requires_grad_()
+    x = rand_images(2, 3, 8, 8, dtype=torch.float64).to(device).requires_grad_()
     p = fixed_params()[op]
     dsa = DSA()
     assert torch.autograd.gradcheck(lambda t: dsa.apply(t, p), (x,))
 
 
 @pytest.mark.parametrize("op", ["color", "rotate"])
-def test_gradgradcheck(op: str) -> None:
+def test_gradgradcheck(op: str, device: torch.device) -> None:
     # MCT's second pass differentiates a gradient that flows back through the DSA op.
-    x = rand_images(1, 2, 6, 6, dtype=torch.float64).requires_grad_()
+    x = rand_images(1, 2, 6, 6, dtype=torch.float64).to(device).requires_grad_()
     p = fixed_params()[op]
     p = AugParams(p.op, {k: v[:1] for k, v in p.values.items()})
     assert torch.autograd.gradgradcheck(lambda t: DSA().apply(t, p) ** 2, (x,))

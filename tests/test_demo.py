@@ -25,10 +25,10 @@ def fashion_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def first_run(tmp_path_factory: pytest.TempPathFactory, fashion_dir: Path) -> tuple[Path, DemoResult]:
-    """One demo run through the library, shared by the tests below."""
+def first_run(tmp_path_factory: pytest.TempPathFactory, fashion_dir: Path, device) -> tuple[Path, DemoResult]:
+    """One demo run through the library (on the test device), shared by the tests below."""
     out = tmp_path_factory.mktemp("demo") / "demo"
-    return out, run(TINY, out, fashion_dir, "cpu")
+    return out, run(TINY, out, fashion_dir, str(device))
 
 
 def test_demo_runs_every_stage_and_keeps_its_artifacts(first_run: tuple[Path, DemoResult]) -> None:

@@ -114,42 +114,45 @@ def reference_points(traj: torch.Tensor, sizes: list[int], positions: list[int])
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_hand_computed_beta(strategy: str) -> None:
-    waypoints, beta = convexify(TINY, SIZES, TINY_POS, strategy)
+def test_hand_computed_beta(strategy: str, device: torch.device) -> None:
+    waypoints, beta = convexify(TINY.to(device), SIZES, TINY_POS, strategy)
+    assert beta.device == waypoints.device == TINY.to(device).device
+    waypoints, beta = waypoints.cpu(), beta.cpu()
     assert beta.dtype == torch.float32 and waypoints.dtype == torch.float32
     assert beta.shape == (5, 2) and waypoints.shape == (3, 3)
     torch.testing.assert_close(beta, torch.tensor(HAND_BETA[strategy]), rtol=0, atol=1e-7)
     assert torch.equal(waypoints, TINY[TINY_POS])
 
 
-def test_segment_beta_hand() -> None:
+def test_segment_beta_hand(device: torch.device) -> None:
+    tiny = TINY.to(device)
     # Segment 1 of TINY alone, mct: layer0 0, 5/18, 1; layer1 degenerate 0, 1/2, 1.
-    s = segment_beta(TINY[2:5], SIZES, "mct")
+    s = segment_beta(tiny[2:5], SIZES, "mct").cpu()
     assert s.dtype == torch.float64
     torch.testing.assert_close(s, torch.tensor([[0, 0], [5 / 18, 0.5], [1, 1]], dtype=torch.float64))
     # decreasing, n = 4: increments 4,3,2,1 over 10 -> 0, .4, .7, .9, 1
-    s = segment_beta(TINY, SIZES, "decreasing")
+    s = segment_beta(tiny, SIZES, "decreasing").cpu()
     torch.testing.assert_close(s[:, 0], torch.tensor([0, 0.4, 0.7, 0.9, 1], dtype=torch.float64))
     # n = 1: every strategy gives exactly [0, 1]
     for strategy in STRATEGIES:
-        assert segment_beta(TINY[:2], SIZES, strategy).tolist() == [[0.0, 0.0], [1.0, 1.0]]
+        assert segment_beta(tiny[:2], SIZES, strategy).tolist() == [[0.0, 0.0], [1.0, 1.0]]
 
 
-def test_projected_clamps_and_degenerate() -> None:
+def test_projected_clamps_and_degenerate(device: torch.device) -> None:
     # Overshoot: v = (2,0,0), |v|² = 4; θ_1 - θ_0 = (4,0,0) -> 8/4 = 2 -> clamped to 1.
-    over = torch.tensor([[0.0, 0, 0], [4, 0, 0], [2, 0, 0]])
+    over = torch.tensor([[0.0, 0, 0], [4, 0, 0], [2, 0, 0]], device=device)
     assert segment_beta(over, SIZES, "projected")[:, 0].tolist() == [0.0, 1.0, 1.0]
     # Going backwards: θ_1 - θ_0 = (-2,0,0) -> -4/4 = -1 -> clamped to 0.
-    back = torch.tensor([[0.0, 0, 0], [-2, 0, 0], [2, 0, 0]])
+    back = torch.tensor([[0.0, 0, 0], [-2, 0, 0], [2, 0, 0]], device=device)
     assert segment_beta(back, SIZES, "projected")[:, 0].tolist() == [0.0, 0.0, 1.0]
     # θ_b == θ_a: no direction -> k/n = 0, 1/2, 1 (not 0/0).
-    loop = torch.tensor([[1.0, 2, 3], [5, 5, 5], [1, 2, 3]])
+    loop = torch.tensor([[1.0, 2, 3], [5, 5, 5], [1, 2, 3]], device=device)
     assert segment_beta(loop, SIZES, "projected")[:, 1].tolist() == [0.0, 0.5, 1.0]
 
 
-def test_mct_degenerate_layer_is_uniform() -> None:
-    still = torch.zeros(4, 3)
-    s = segment_beta(still, SIZES, "mct")
+def test_mct_degenerate_layer_is_uniform(device: torch.device) -> None:
+    still = torch.zeros(4, 3, device=device)
+    s = segment_beta(still, SIZES, "mct").cpu()
     assert not torch.isnan(s).any()
     torch.testing.assert_close(s[:, 0], torch.tensor([0, 1 / 3, 2 / 3, 1], dtype=torch.float64))
 
@@ -167,8 +170,8 @@ def test_unknown_strategy() -> None:
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("positions", [RAND_POS, [0, 10], [0, 1, 2, 9, 10]])
-def test_beta_properties(strategy: str, positions: list[int]) -> None:
-    traj = random_trajectory()
+def test_beta_properties(strategy: str, positions: list[int], device: torch.device) -> None:
+    traj = random_trajectory().to(device)
     _, beta = convexify(traj, RAND_SIZES, positions, strategy)
     for i, p in enumerate(positions):
         assert (beta[p] == i).all(), "β must be exactly i at p_i"
@@ -180,8 +183,8 @@ def test_beta_properties(strategy: str, positions: list[int]) -> None:
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_at_waypoints_exact(strategy: str) -> None:
-    traj = random_trajectory()
+def test_at_waypoints_exact(strategy: str, device: torch.device) -> None:
+    traj = random_trajectory().to(device)
     w, beta = convexify(traj, RAND_SIZES, RAND_POS, strategy)
     ct = ConvexTrajectory(w, beta, RAND_POS, RAND_SIZES)
     assert ct.K == 10 and ct.num_waypoints == 4
@@ -191,8 +194,8 @@ def test_at_waypoints_exact(strategy: str) -> None:
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_at_continuous_and_linear(strategy: str) -> None:
-    traj = random_trajectory()
+def test_at_continuous_and_linear(strategy: str, device: torch.device) -> None:
+    traj = random_trajectory().to(device)
     w, beta = convexify(traj, RAND_SIZES, RAND_POS, strategy, smooth=True)
     ct = ConvexTrajectory(w, beta, RAND_POS, RAND_SIZES)
     for i, p in enumerate(RAND_POS):
@@ -206,20 +209,22 @@ def test_at_continuous_and_linear(strategy: str) -> None:
             torch.testing.assert_close(ct.at(k + t).double(), expected, rtol=0, atol=1e-5)
 
 
-def test_at_matches_reference_algorithm_a() -> None:
+def test_at_matches_reference_algorithm_a(device: torch.device) -> None:
     traj = random_trajectory(seed=3)
-    w, beta = convexify(traj, RAND_SIZES, RAND_POS, "mct")
+    w, beta = convexify(traj.to(device), RAND_SIZES, RAND_POS, "mct")
     ct = ConvexTrajectory(w, beta, RAND_POS, RAND_SIZES)
     ref = reference_points(traj, RAND_SIZES, RAND_POS)
     for k in range(ct.K + 1):
         torch.testing.assert_close(
-            ct.at(k).double(), torch.tensor(ref[k], dtype=torch.float64), rtol=1e-5, atol=1e-5
+            ct.at(k).double().cpu(), torch.tensor(ref[k], dtype=torch.float64), rtol=1e-5, atol=1e-5
         )
 
 
-def test_at_hand_values() -> None:
+def test_at_hand_values(device: torch.device) -> None:
     w, beta = convexify(TINY, SIZES, TINY_POS, "mct")
-    ct = ConvexTrajectory(w, beta, TINY_POS, SIZES)
+    ct = ConvexTrajectory(w, beta, TINY_POS, SIZES).to(device)
+    assert ct.at(1).device == ct.waypoints.device == beta.to(device).device
+    ct = ct.to("cpu")
     # c = 1: segment 0 (W_0 = 0, W_1 = θ_2 = (3,4,3)); b = (1, 1/3) -> (3, 4, 1)
     torch.testing.assert_close(ct.at(1), torch.tensor([3.0, 4.0, 1.0]))
     # c = 3.5: segment 1 (W_1 = (3,4,3), W_2 = (11,20,3)), layer0 b = lerp(5/18, 1, .5) = 23/36
@@ -256,13 +261,13 @@ def test_convex_trajectory_validation_and_to() -> None:
 # Smoothing (authors' §5.3)
 
 
-def test_smoothing_hand_example() -> None:
+def test_smoothing_hand_example(device: torch.device) -> None:
     # positions [0, 2, 3, 4]: 2 and 3 are consecutive interior waypoints, 3 = K-1.
     # smoothed θ_2 = (θ_1 + θ_3)/2            = ((3+6)/2, (4+8)/2, (1+3)/2)     = (4.5, 6, 2)
     # smoothed θ_3 = (smoothed θ_2 + θ_4)/2   = ((4.5+11)/2, (6+20)/2, (2+3)/2) = (7.75, 13, 2.5)
     # final    θ_4 = (smoothed θ_3 + θ_4)/2   = ((7.75+11)/2, (13+20)/2, (2.5+3)/2)
     #                                          = (9.375, 16.5, 2.75)
-    w, beta = convexify(TINY, SIZES, [0, 2, 3, 4], "mct", smooth=True)
+    w, beta = (t.cpu() for t in convexify(TINY.to(device), SIZES, [0, 2, 3, 4], "mct", smooth=True))
     expected = torch.tensor(
         [[0.0, 0.0, 0.0], [4.5, 6.0, 2.0], [7.75, 13.0, 2.5], [9.375, 16.5, 2.75]]
     )
@@ -286,7 +291,7 @@ def test_smoothing_hand_example() -> None:
 
 def stream(traj: torch.Tensor, sizes: list[int], positions: list[int], strategy: str, smooth: bool):
     sc = StreamingConvexifier(sizes, positions, strategy, smooth)
-    buf = torch.empty(traj.shape[1])
+    buf = torch.empty(traj.shape[1], device=traj.device)
     for row in traj:
         buf.copy_(row)  # the caller reuses its buffer: the streamer must copy
         sc.push(buf)
@@ -296,10 +301,11 @@ def stream(traj: torch.Tensor, sizes: list[int], positions: list[int], strategy:
 @pytest.mark.parametrize("smooth", [False, True])
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("positions", [RAND_POS, [0, 10], [0, 1, 2, 9, 10], [0, 9, 10]])
-def test_streaming_equals_batch(strategy: str, smooth: bool, positions: list[int]) -> None:
-    traj = random_trajectory(seed=7)
+def test_streaming_equals_batch(strategy: str, smooth: bool, positions: list[int], device: torch.device) -> None:
+    traj = random_trajectory(seed=7).to(device)
     w_b, beta_b = convexify(traj, RAND_SIZES, positions, strategy, smooth)
     w_s, beta_s = stream(traj, RAND_SIZES, positions, strategy, smooth)
+    assert w_s.device == w_b.device == traj.device
     torch.testing.assert_close(w_s, w_b, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(beta_s, beta_b, rtol=1e-6, atol=1e-6)
 
