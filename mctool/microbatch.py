@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 
+import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
@@ -56,3 +57,15 @@ def accepts_rows(augment: Callable[..., object]) -> bool:
     except ValueError:  # no signature (some builtins): assume the documented protocol
         return True
     return True
+
+
+def chunked_forward(net: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], w: torch.Tensor, x: torch.Tensor,
+                    micro_batch: int | None) -> torch.Tensor:
+    """``net(w, x)`` computed `micro_batch` rows at a time and concatenated (e.g. soft labels of every image).
+
+    Only for per-sample networks (the caller checks ``couples_samples``); None/0: one call.
+    """
+    parts = chunks(x.shape[0], micro_batch)
+    if len(parts) == 1:
+        return net(w, x)
+    return torch.cat([net(w, x[rows]) for rows in parts])

@@ -16,7 +16,7 @@ from mctool.augment import DSA, AugParams, StepAugment
 from mctool.fastgrad import plan_for, second_order
 from mctool.functional import FlatNet
 from mctool.matching import MODES, match
-from mctool.microbatch import accepts_rows, chunks, couples_samples, sample_coupling
+from mctool.microbatch import accepts_rows, chunked_forward, chunks, couples_samples, sample_coupling
 from mctool.nets import ModelSpec, build_model, model_names, spec_for
 
 CLASSES = 3
@@ -171,3 +171,12 @@ def test_chunks() -> None:
     assert chunks(7, 3) == [slice(0, 3), slice(3, 6), slice(6, 7)]
     assert chunks(7, None) == chunks(7, 0) == chunks(7, 7) == chunks(7, 9) == [slice(0, 7)]
     assert chunks(4, 1) == [slice(i, i + 1) for i in range(4)]
+
+
+def test_chunked_forward_equals_one_forward() -> None:
+    p = problem(seed=9)
+    with torch.no_grad():
+        whole = p["net"](p["theta_s"], p["images"])
+        for micro in (None, 2, 4, 9, 20):
+            got = chunked_forward(p["net"], p["theta_s"], p["images"], micro)
+            assert torch.allclose(got, whole, rtol=0, atol=1e-12)
