@@ -7,8 +7,10 @@ read: CPU ru_maxrss minus the resident size just before (malloc tuned as the CLI
 heap trimmed first), CUDA torch.cuda.max_memory_allocated. The
 slope (peak(m2) − peak(m1)) / (m2 − m1), less the image gradient's I·s per image, divided by
 A·s (A = activation elements per image, mctool.memory.profile_network) is the factor of that
-kind; ``unrolled`` runs N = 1 and 3 and divides by m·N. The intercept, less the P-vectors the
-model counts separately, shows the fixed overhead (libraries' workspaces).
+kind; ``unrolled`` runs N = 1 and 3 and fits m·N (the graph kept per step, "unrolled") and m
+(the final backward's temporaries, "unrolled-backward") together. The intercept shows the fixed
+overhead (libraries' workspaces, P-vectors). The machine's heap makes single points noisy
+(±30 %): the table takes the larger factor of the two shapes.
 
 Kinds: first (a plain gradient step: pass 1), constant and adjoint through fastgrad and
 through autograd (second-order steps without / with the Hessian-vector product), unrolled.
@@ -135,20 +137,23 @@ def calibrate(args: argparse.Namespace, device: torch.device, shape: str) -> lis
                 "fast": fast, "system_malloc": args.system_malloc}
         pts = [(m, n_steps, run_child({**base, "n": m, "steps": n_steps})["delta_bytes"])
                for n_steps in step_list for m in sizes]
-        # Least squares of delta on m·N (unrolled) or m, with an intercept.
-        xs = torch.tensor([float(m * (ns if kind == "unrolled" else 1)) for m, ns, _ in pts], dtype=torch.float64)
+        # Least squares of delta on m (and, for unrolled, on m·N: the graph kept per step) with an intercept.
         ys = torch.tensor([float(d) for _, _, d in pts], dtype=torch.float64)
-        design = torch.stack([xs, torch.ones_like(xs)], 1)
-        slope, intercept = torch.linalg.lstsq(design, ys[:, None]).solution.flatten().tolist()
-        per_image = slope - profile.in_elems * s  # the image gradient is counted separately
-        factor = per_image / (profile.act_elems * s)
-        rows.append({"shape": shape, "kind": kind, "points": pts, "slope_bytes_per_image": slope,
-                     "intercept_bytes": intercept, "factor": factor,
-                     "intercept_in_P_vectors": intercept / (profile.num_params * s),
-                     "act_elems": profile.act_elems, "num_params": profile.num_params})
-        print(f"  {shape:5s} {kind:13s} slope {_common.fmt_bytes(slope)}/image -> factor {factor:.2f}; "
-              f"intercept {_common.fmt_bytes(intercept)} ({intercept / (profile.num_params * s):.1f} P-vectors)",
-              flush=True)
+        cols = [[float(m) for m, _, _ in pts], [1.0] * len(pts)]
+        if kind == "unrolled":
+            cols.insert(0, [float(m * ns) for m, ns, _ in pts])
+        sol = torch.linalg.lstsq(torch.tensor(cols, dtype=torch.float64).T, ys[:, None]).solution.flatten().tolist()
+        fits = [("unrolled", sol[0]), ("unrolled-backward", sol[1])] if kind == "unrolled" else [(kind, sol[0])]
+        intercept = sol[-1]
+        for name, slope in fits:
+            # The image gradient (I·s per image) is counted separately by the model.
+            per_image = slope - (profile.in_elems * s if name != "unrolled" else 0)
+            factor = per_image / (profile.act_elems * s)
+            rows.append({"shape": shape, "kind": name, "points": pts, "slope_bytes_per_image": slope,
+                         "intercept_bytes": intercept, "factor": factor, "act_elems": profile.act_elems,
+                         "num_params": profile.num_params})
+            print(f"  {shape:5s} {name:17s} slope {_common.fmt_bytes(slope)}/image -> factor {factor:.2f}; "
+                  f"intercept {_common.fmt_bytes(intercept)}", flush=True)
     return rows
 
 
@@ -186,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--validate-n", type=int, default=96, help="images in the validation iterations")
     parser.add_argument("--validate-micro", type=int, default=40, help="their micro-batch")
     parser.add_argument("--no-validate", action="store_true")
+    parser.add_argument("--validate-only", action="store_true", help="only the estimate-vs-measured table")
     args = parser.parse_args(argv)
     device = _common.setup(args)
     if args.quick:
@@ -193,10 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     info = _common.machine_info(device)
     _common.note_load(info)
     rows: list[dict[str, Any]] = []
-    for shape in args.shapes.split(","):
+    for shape in [] if args.validate_only else args.shapes.split(","):
         rows += calibrate(args, device, shape.strip())
     table = {}
-    for kind in KINDS:
+    for kind in [*KINDS, "unrolled-backward"]:
         fs = [r["factor"] for r in rows if r["kind"] == kind]
         if fs:
             table[kind] = max(fs)  # the larger shape's factor: estimates err on the safe side

@@ -16,7 +16,9 @@ transient, per iteration (freed at its end)
                 (N+1)·P·s;  ``unrolled`` keeps w_k and g_k of every step in its graph: 2·N·P·s
     activations ``constant``/``adjoint``: one chunk's second-order step, c·A·s·m (c by device,
                 implementation and mode — the Hessian-vector product of ``adjoint`` keeps more);
-                ``unrolled``: the graph of all N steps, c_u·A·s·B·N (chunks do not shrink it)
+                ``unrolled``: the graph of all N steps, c_u·N·A·s·B (chunks do not shrink it), and
+                the final backward's temporaries, c_b·A·s·m (one chunk at a time)
+    workspaces  a fixed allowance for the libraries' buffers (and the CPU heap's fragmentation)
 
 The activation constants c were calibrated by measurement (bench/memory.py: the peak of one
 inner step in a fresh process at two micro-batch sizes; CPU: ru_maxrss with the CLI's malloc
@@ -47,18 +49,25 @@ MODES = ("constant", "adjoint", "unrolled")
 # Bytes of activations per image of one inner step, in units of A·s, by (device type, kind).
 # Kinds: "fastgrad"/"autograd" = the second-order step of ``constant`` (g and the image term),
 # "fastgrad-hvp"/"autograd-hvp" = that of ``adjoint`` (also H·v), "first" = a plain gradient
-# step (pass 1), "unrolled" = one step of the unrolled graph (kept until the final backward).
+# step (pass 1), "unrolled" = one step of the unrolled graph (kept until the final backward),
+# "unrolled-backward" = the temporaries of that final backward (per image of a batch).
+# CPU: bench/memory.py on the project's 2-core machine (2026-12), the larger factor of the
+# CIFAR (3×32×32, depth 3) and Tiny ImageNet (3×64×64, depth 4) ConvNets at width 128.
 ACTIVATION_FACTORS: dict[tuple[str, str], float] = {
-    ("cpu", "first"): 2.0,
-    ("cpu", "fastgrad"): 3.0,
-    ("cpu", "fastgrad-hvp"): 3.5,
-    ("cpu", "autograd"): 4.0,
-    ("cpu", "autograd-hvp"): 4.5,
-    ("cpu", "unrolled"): 3.0,
+    ("cpu", "first"): 1.62,
+    ("cpu", "fastgrad"): 2.17,
+    ("cpu", "fastgrad-hvp"): 2.17,  # measured 2.02: within the noise of "fastgrad", which it exceeds in theory
+    ("cpu", "autograd"): 3.37,
+    ("cpu", "autograd-hvp"): 4.46,
+    ("cpu", "unrolled"): 1.73,
+    ("cpu", "unrolled-backward"): 2.7,
 }
 # P-sized vectors alive at the peak of ``constant``/``adjoint`` besides the stored path.
 VECTOR_FACTOR = 8.0
-CALIBRATED = {"cpu": False, "cuda": False}  # False: the table is a placeholder for that device type
+# Fixed bytes of an iteration besides tensors: the libraries' workspaces and caches, and on the CPU
+# the heap's fragmentation (calibration intercepts: mostly 60–140 MiB, up to 350 MiB).
+WORKSPACE_BYTES = {"cpu": 96 * 2**20, "cuda": 64 * 2**20}
+CALIBRATED = {"cpu": True, "cuda": False}  # False: that device type uses the CPU's factors
 ESTIMATE_ERROR = 1.5  # measured/estimated peak stayed within [1/1.5, 1.5] in calibration
 DEFAULT_SAFETY = {"cpu": 0.6, "cuda": 0.85}  # fraction of free memory an estimate may use
 
@@ -175,10 +184,12 @@ def estimate_peak_bytes(profile: NetProfile, work: Workload, mode: str, micro_ba
         "labels": n * (work.num_classes * s if work.soft_labels else 8),
         "expert waypoints": work.expert_vectors * p * s,
     }
-    transient = {"image gradient": n * profile.in_elems * s}
+    transient = {"image gradient": n * profile.in_elems * s, "workspaces": WORKSPACE_BYTES.get(dev, 0)}
     if mode == "unrolled":
         transient["parameter vectors"] = int((VECTOR_FACTOR + 2 * steps) * p * s)
-        transient["activations (all steps' graphs)"] = int(_factor(dev, "unrolled") * per_act * b * steps)
+        # Every chunk's graph is kept; the final backward's temporaries are one chunk's at a time.
+        graph = _factor(dev, "unrolled") * steps * b + _factor(dev, "unrolled-backward") * m
+        transient["activations (all steps' graphs)"] = int(graph * per_act)
         return Estimate(mode, m, "-", resident, transient)
     vectors = VECTOR_FACTOR * p * s + ((steps + 1) * p * s if mode == "adjoint" else 0)
     transient["parameter vectors"] = int(vectors)
@@ -236,8 +247,9 @@ def auto_micro_batch(profile: NetProfile, work: Workload, mode: str, device: tor
 
     `free` defaults to ``free_bytes(device)``. With `resident_loaded` (a run that has already
     put its data, images and expert on the device) only the transient terms must fit the free
-    memory; a dry run before loading counts everything. ``unrolled`` and networks that couple
-    samples are never chunked (no memory to gain / not allowed); `fits` says whether that fits.
+    memory; a dry run before loading counts everything. Networks that couple samples are never
+    chunked, nor is anything that would not fit even in 1-image chunks (``unrolled`` keeps every
+    step's graph); `fits` says whether the result fits.
     """
     dev = torch.device(device).type
     b = work.batch
@@ -255,14 +267,13 @@ def auto_micro_batch(profile: NetProfile, work: Workload, mode: str, device: tor
 
     if budget is None:
         return result(b, "free memory unknown on this device: whole batches")
-    if mode == "unrolled":
-        return result(b, "unrolled keeps every chunk's graph: micro-batches would not lower its memory")
     if profile.coupling is not None:
         return result(b, f"not chunked: {profile.coupling}")
     if need(b) <= budget:
         return result(b, "whole batches fit")
     if need(1) > budget:
-        return result(1, "even one image per micro-batch exceeds the budget")
+        why = "unrolled keeps every step's graph" if mode == "unrolled" else "the rest of the iteration is too large"
+        return result(b, f"does not fit at any micro-batch ({why}): whole batches")
     lo, hi = 1, b  # need(lo) fits, need(hi) does not; the estimate grows with m
     while hi - lo > 1:
         mid = (lo + hi) // 2

@@ -57,7 +57,8 @@ def test_estimate_monotone_in_the_right_variables() -> None:
     assert total("constant", 100, syn_steps=80) == total("constant", 100)  # flat in N
     assert total("adjoint", 100, syn_steps=80) > total("adjoint", 100)  # stored w_k
     assert total("adjoint", 100) > total("constant", 100)
-    assert total("unrolled", 10) == total("unrolled", None)  # chunks do not shrink the graph
+    # Chunks shrink only the final backward's temporaries of unrolled, not its graph.
+    assert total("unrolled", 10) < total("unrolled", None) < 1.5 * total("unrolled", 10)
     assert total("unrolled", None, syn_steps=40) > total("unrolled", None) > total("constant", None)
     assert total("constant", 100, data_bytes=10**9) == total("constant", 100) + 10**9
     est = estimate_peak_bytes(prof, work, "constant", 100, CPU, impl="fastgrad")
@@ -69,7 +70,7 @@ def test_estimate_monotone_in_the_right_variables() -> None:
 
 
 @pytest.mark.parametrize("mode", ["constant", "adjoint"])
-@pytest.mark.parametrize("free_gib", [0.5, 2.0, 8.0])
+@pytest.mark.parametrize("free_gib", [1.0, 4.0, 16.0])
 def test_auto_picks_the_largest_fitting_micro_batch(mode: str, free_gib: float) -> None:
     prof = cifar_profile()
     work = Workload(n_images=5000, batch=5000, syn_steps=50, num_classes=100)
@@ -86,7 +87,8 @@ def test_auto_picks_the_largest_fitting_micro_batch(mode: str, free_gib: float) 
     assert m == math.ceil(work.batch / pieces)  # chunks as equal as possible
     before_load = auto_micro_batch(prof, Workload(**{**work.__dict__, "data_bytes": 2**28}), mode, CPU, free=free,
                                    safety=0.5, resident_loaded=False)
-    assert before_load.micro_batch <= m  # counting the resident data leaves less for chunks
+    # Counting the resident data leaves less for the chunks (or nothing at all).
+    assert before_load.micro_batch <= m if before_load.fits else before_load.micro_batch == work.batch
 
 
 def test_auto_special_cases() -> None:
@@ -94,7 +96,7 @@ def test_auto_special_cases() -> None:
     work = Workload(n_images=100, batch=100, syn_steps=10, num_classes=10)
     assert auto_micro_batch(prof, work, "constant", CPU, free=2**40).micro_batch == 100  # whole batches fit
     low = auto_micro_batch(prof, work, "constant", CPU, free=1000)
-    assert low.micro_batch == 1 and not low.fits
+    assert low.micro_batch == 100 and not low.fits and "any micro-batch" in low.why
     unrolled = auto_micro_batch(prof, work, "unrolled", CPU, free=2**20)
     assert unrolled.micro_batch == 100 and not unrolled.fits and "unrolled" in unrolled.why
     bn = auto_micro_batch(cifar_profile("batchnorm"), work, "constant", CPU, free=2**20)
