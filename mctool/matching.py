@@ -59,7 +59,8 @@ in train mode; mctool.microbatch), ℓ_k = Σ_chunks (1/|B_k|) Σ_{i ∈ chunk} 
 and the image term of step k are sums over consecutive chunks of B_k, each chunk's loss
 divided by the whole |B_k|. ``constant`` and ``adjoint`` then hold one chunk's activations at
 a time (memory set by the chunk, not by |B_k|); ``unrolled`` gets the same numbers but keeps
-every chunk's graph to the end, so its memory does not shrink. The augmentation of a chunk is
+every chunk's graph to the end, so its memory hardly shrinks (only the final backward's
+temporaries are one chunk's at a time). The augmentation of a chunk is
 the step's own draw restricted to the chunk's rows (``augment(x, k, rows)``).
 
 Gradients are taken with ``torch.autograd.grad`` w.r.t. private leaves (or by mctool.fastgrad

@@ -13,8 +13,8 @@ Two implementations give the same numbers up to rounding:
 
 Which is faster depends on the device, the shapes and the library versions (fastgrad was ~1.4×
 faster on the project's 2-core CPU; on GPUs cuDNN's fused kernels may win), so policy
-``"auto"`` measures both on the first step of each (device, dtype, batch shape, network,
-want_hvp) and keeps the faster for the rest of the process, as cudnn.benchmark does for
+``"auto"`` measures both on the first step of each (device, dtype, image shape, batch size
+rounded up to a power of two, network, want_hvp) and keeps the faster for the rest of the process, as cudnn.benchmark does for
 convolution algorithms. The decision and its timings are kept in a process-wide table
 (``choices()``) so a caller can report them. Ties go to fastgrad (it must be ``TIE_MARGIN``
 slower to lose) so that run-to-run noise does not flip a decision that changes rounding.
@@ -129,15 +129,18 @@ class SecondOrder:
             impl = "autograd" if self.plan is None else "fastgrad"
             self.used.add(impl)
             return run_step(impl, self.plan, self.net, w, v, x, y, want_hvp, total)
-        key = (x.device.type, x.device.index, x.dtype, tuple(x.shape), y.dtype, tuple(y.shape), self.plan,
+        # Batch sizes by power-of-two bucket: the chunks of one batch (equal to within one image)
+        # and the batches of a run share one decision instead of each paying for a measurement.
+        bucket = 1 << max(0, int(x.shape[0]) - 1).bit_length()
+        key = (x.device.type, x.device.index, x.dtype, bucket, tuple(x.shape[1:]), y.dtype, y.dim(), self.plan,
                self.net.num_params, want_hvp)
         choice = _CHOICES.get(key)
         if choice is not None:
             self.used.add(choice.impl)
             return run_step(choice.impl, self.plan, self.net, w, v, x, y, want_hvp, total)
         choice, out = self._measure(w, v, x, y, want_hvp, total)
-        choice.key = (f"{x.device.type} {str(x.dtype).removeprefix('torch.')} batch {tuple(x.shape)}"
-                      f"{' with Hessian-vector product' if want_hvp else ''}")
+        choice.key = (f"{x.device.type} {str(x.dtype).removeprefix('torch.')}, measured on a batch "
+                      f"{tuple(x.shape)}{' with Hessian-vector product' if want_hvp else ''}")
         _CHOICES[key] = choice
         self.used.add(choice.impl)
         return out

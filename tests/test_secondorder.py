@@ -65,8 +65,12 @@ def test_auto_keeps_the_faster_and_caches_it(monkeypatch: pytest.MonkeyPatch, se
     log.clear()
     SecondOrder(net, "auto")(w, v, x, y, True, 5)  # same shape, new call: no new measurement
     assert log == [expected]
-    SecondOrder(net, "auto")(w, v, x, y, False, 5)  # a different problem (no hvp): measured again
+    SecondOrder(net, "auto")(w, v, x[:4], y[:4], True, 5)  # a smaller batch in another size bucket
     assert len(log) == 7 and len(choices()) == 2
+    SecondOrder(net, "auto")(w, v, x[:3], y[:3], True, 5)  # same bucket (3 and 4 -> 4): no new measurement
+    assert len(log) == 8 and len(choices()) == 2
+    SecondOrder(net, "auto")(w, v, x, y, False, 5)  # a different problem (no hvp): measured again
+    assert len(log) == 14 and len(choices()) == 3
 
 
 def test_autograd_out_of_memory_falls_back_to_fastgrad(monkeypatch: pytest.MonkeyPatch) -> None:
