@@ -42,9 +42,9 @@ smaller N, would exceed 60 % of the available RAM is skipped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
-import os
 import statistics
 import subprocess
 import sys
@@ -111,14 +111,6 @@ def plain_steps(pb: dict[str, Any], steps: int) -> float:
     return float(loss)
 
 
-def current_rss_bytes() -> int:
-    """Resident set size now (Linux /proc/self/statm); the peak so far where that is missing."""
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return _common.rss_peak_bytes()
-
-
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     """One configuration, run in its own process: time one call and read the peak memory."""
     if not spec.get("system_malloc"):
@@ -132,8 +124,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     _common.sync(device)
     # Baseline: interpreter, libraries, model, images, θ vectors — everything but the run itself.
     rss_before = _common.rss_peak_bytes()
-    release_free_memory()  # for rss_now_before: freed heap pages would be reused unseen by the run
-    rss_now = current_rss_bytes()
+    release_free_memory()  # freed heap pages would otherwise be reused unseen by the run
     cuda_before = int(torch.cuda.memory_allocated(device)) if device.type == "cuda" else None
     # Warm-up: one plain step (thread pools, allocator); its footprint is one step's, which no
     # mode stays below, so it does not raise the peak read after the run.
@@ -146,18 +137,21 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         del w, x
     _common.sync(device)
     _common.reset_peak(device)
-    if mode == "plain":
-        seconds, loss = _common.timed(lambda: plain_steps(pb, spec["steps"]), device)
-        extra: dict[str, Any] = {"loss": loss}
-    else:
-        seconds, r = _common.timed(lambda: match(pb["net"], pb["images"], pb["labels"], pb["theta_s"], pb["theta_t"],
-                                                 0.01, pb["batches"], pb["augment"], mode,
-                                                 fast_path=impl != "autograd", micro_batch=spec.get("micro")),
-                                   device)
-        extra = {"loss": r.loss, "grad_alpha": r.grad_alpha, "grad_images_norm": float(r.grad_images.norm())}
+    anon = _common.AnonPeak(0.005) if spec.get("sample_memory") else contextlib.nullcontext()
+    with anon:
+        if mode == "plain":
+            seconds, loss = _common.timed(lambda: plain_steps(pb, spec["steps"]), device)
+            extra: dict[str, Any] = {"loss": loss}
+        else:
+            seconds, r = _common.timed(
+                lambda: match(pb["net"], pb["images"], pb["labels"], pb["theta_s"], pb["theta_t"], 0.01,
+                              pb["batches"], pb["augment"], mode, fast_path=impl != "autograd",
+                              micro_batch=spec.get("micro")), device)
+            extra = {"loss": r.loss, "grad_alpha": r.grad_alpha, "grad_images_norm": float(r.grad_images.norm())}
+    if isinstance(anon, _common.AnonPeak):
+        extra["anon_growth_bytes"] = anon.delta
     return {**spec, **extra, "seconds": seconds, "seconds_per_step": seconds / spec["steps"],
             "rss_baseline_bytes": rss_before, "rss_peak_bytes": _common.rss_peak_bytes(),
-            "rss_now_before_bytes": rss_now, "rss_growth_bytes": _common.rss_peak_bytes() - rss_now,
             "rss_delta_bytes": _common.rss_peak_bytes() - rss_before,
             "cuda_baseline_bytes": cuda_before, "cuda_peak_bytes": _common.cuda_peak_bytes(device),
             "ops": pb["ops"], "torch_num_threads": torch.get_num_threads()}
@@ -242,10 +236,10 @@ def _gib(x: float | None) -> str:
 
 
 def _mem(r: dict[str, Any], device: torch.device) -> int:
-    """Peak above the baseline: CUDA peak − allocated before; CPU peak RSS − RSS before (trimmed)."""
+    """Peak above the baseline: CUDA peak − allocated before; CPU anonymous resident memory, sampled."""
     if device.type == "cuda":
         return int(r["cuda_peak_bytes"] - r["cuda_baseline_bytes"])
-    return int(r["rss_growth_bytes"])
+    return int(r["anon_growth_bytes"])
 
 
 def resolve_micro(value: str | None, profile, work: Workload, device: torch.device, budget: int | None) -> int | None:
@@ -275,7 +269,7 @@ def large_table(args: argparse.Namespace, device: torch.device, base: dict[str, 
     def one(name: str, ipc: int, micro: int | None, kind: str) -> dict[str, Any]:
         _, classes, size = LARGE[name]
         r = run_child({**base, "ipc": ipc, "classes": classes, "size": size, "steps": steps, "mode": "constant",
-                       "micro": micro, "no_warmup": True})
+                       "micro": micro, "no_warmup": True, "sample_memory": True})
         profile = profile_network(build_model(model_spec(classes, args.width, size)), (3, size, size))
         n = ipc * classes
         est = estimate_peak_bytes(profile, Workload(n, n, steps, classes), "constant", micro, device, "fastgrad")

@@ -3,8 +3,8 @@
 For each network shape and each kind of step, one `mctool.matching.match` call (or one plain
 gradient step, kind "first") runs in a FRESH subprocess at two micro-batch sizes m1 < m2 with
 n = B = m images, and the peak memory above the baseline (everything built, nothing run) is
-read: CPU ru_maxrss minus the resident size just before (malloc tuned as the CLI does, free
-heap trimmed first), CUDA torch.cuda.max_memory_allocated. The
+read: CPU the anonymous resident memory (RSS less file-backed pages), sampled every millisecond,
+above its value just before (malloc tuned as the CLI does, free heap trimmed first), CUDA torch.cuda.max_memory_allocated. The
 slope (peak(m2) − peak(m1)) / (m2 − m1), less the image gradient's I·s per image, divided by
 A·s (A = activation elements per image, mctool.memory.profile_network) is the factor of that
 kind; ``unrolled`` runs N = 1 and 3 and fits m·N (the graph kept per step, "unrolled") and m
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -66,15 +65,6 @@ def rotate_augment(n: int, size: int, steps: int, device: torch.device, seed: in
     return StepAugment(dsa, draws)
 
 
-def current_rss_bytes() -> int:
-    """Resident set size now (Linux /proc/self/statm); the peak so far where that is missing."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return _common.rss_peak_bytes()
-
-
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     """One (shape, kind, m, N, micro) measurement in this fresh process."""
     if not spec.get("system_malloc"):
@@ -95,19 +85,20 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     mode, fast = spec["mode"], spec["fast"]
     _common.sync(device)
     release_free_memory()  # freed heap pages would otherwise be reused unseen by the step
-    rss_before = current_rss_bytes()
+    rss_before = _common.rss_peak_bytes()
     cuda_before = int(torch.cuda.memory_allocated(device)) if device.type == "cuda" else None
     _common.reset_peak(device)
-    if mode == "first":
-        _plain_grad(_Inputs(net, images, labels, augment, micro), theta_s, batches[0], 0)
-    else:
-        match(net, images, labels, theta_s, theta_t, 0.01, batches, augment, mode, fast_path=fast,
-              micro_batch=micro)
-    _common.sync(device)
+    with _common.AnonPeak() as anon:
+        if mode == "first":
+            _plain_grad(_Inputs(net, images, labels, augment, micro), theta_s, batches[0], 0)
+        else:
+            match(net, images, labels, theta_s, theta_t, 0.01, batches, augment, mode, fast_path=fast,
+                  micro_batch=micro)
+        _common.sync(device)
     if device.type == "cuda":
         delta = _common.cuda_peak_bytes(device) - cuda_before
     else:
-        delta = _common.rss_peak_bytes() - rss_before
+        delta = anon.delta
     return {**spec, "delta_bytes": delta, "rss_before": rss_before, "cuda_before": cuda_before,
             "num_params": net.num_params}
 

@@ -161,10 +161,22 @@ batches = [torch.randperm(n, generator=gen) for _ in range(steps)]
 dsa = DSA("rotate")
 aug = StepAugment(dsa, [dsa.sample(n, 32, 32, gen) for _ in batches])
 release_free_memory()
-import resource
-before = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+import threading, time
+def anon():  # resident minus file-backed pages: library pages evicted under pressure do not count
+    f = Path("/proc/self/statm").read_text().split()
+    return (int(f[1]) - int(f[2])) * os.sysconf("SC_PAGE_SIZE")
+before = peak = anon()
+done = threading.Event()
+def sample():
+    global peak
+    while not done.is_set():
+        peak = max(peak, anon())
+        time.sleep(0.001)
+t = threading.Thread(target=sample)
+t.start()
 match(net, x, y, ts, tt, 0.01, batches, aug, mode, fast_path="fastgrad", micro_batch=micro)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+done.set()
+t.join()
 print(json.dumps({"delta": peak - before}))
 """
 
