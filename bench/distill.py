@@ -42,7 +42,10 @@ smaller N, would exceed 60 % of the available RAM is skipped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -54,25 +57,30 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
-from mctool.augment import DSA, AugParams  # noqa: E402
+from mctool.augment import DSA, AugParams, StepAugment  # noqa: E402
 from mctool.functional import FlatNet  # noqa: E402
-from mctool.allocator import tune_malloc  # noqa: E402
-from mctool.fastgrad import plan_for  # noqa: E402
-from mctool.matching import _second_order_step, match  # noqa: E402
-from mctool.models import ModelSpec, build_model  # noqa: E402
+from mctool.allocator import release_free_memory, tune_malloc  # noqa: E402
+from mctool.matching import _Inputs, _second_order_step, match  # noqa: E402
+from mctool.memory import Workload, auto_micro_batch, estimate_peak_bytes, free_bytes, profile_network  # noqa: E402
+from mctool.models import ModelSpec, build_model, default_depth  # noqa: E402
+from mctool.secondorder import SecondOrder  # noqa: E402
 
 MARK = "BENCH-RESULT "
 
 
+def model_spec(classes: int, width: int, size: int) -> ModelSpec:
+    """The presets' ConvNet for `size`-pixel RGB images (depth 3 at 32 px, 4 at 64 px)."""
+    return ModelSpec(width=width, num_classes=classes, im_size=(size, size), depth=default_depth(size))
+
+
 def make_problem(ipc: int, classes: int, width: int, steps: int, device: torch.device, seed: int,
-                 augment: bool) -> dict[str, Any]:
+                 augment: bool, size: int = 32) -> dict[str, Any]:
     """Images, labels, θ_s, θ_T, batches and the replayable augmentation of one iteration."""
     gen = torch.Generator().manual_seed(seed)
-    spec = ModelSpec(width=width, num_classes=classes)
-    module = build_model(spec, seed=seed).to(device)
+    module = build_model(model_spec(classes, width, size), seed=seed).to(device)
     net = FlatNet(module)
     n = ipc * classes
-    images = torch.randn(n, 3, 32, 32, generator=gen).to(device)
+    images = torch.randn(n, 3, size, size, generator=gen).to(device)
     labels = torch.arange(classes).repeat_interleave(ipc).to(device)
     theta_s = net.flatten().to(device)
     theta_t = theta_s + 0.01 * torch.randn(theta_s.shape, generator=gen).to(device)
@@ -80,8 +88,8 @@ def make_problem(ipc: int, classes: int, width: int, steps: int, device: torch.d
     params: list[AugParams] = []
     dsa = DSA() if augment else None
     if dsa is not None:
-        params = [dsa.sample(n, 32, 32, gen).to(device) for _ in batches]
-    aug = (lambda x, k: dsa.apply(x, params[k])) if dsa is not None else None
+        params = [dsa.sample(n, size, size, gen).to(device) for _ in batches]
+    aug = StepAugment(dsa, params) if dsa is not None else None  # as Distiller.augmentation replays them
     return {"module": module, "net": net, "images": images, "labels": labels, "theta_s": theta_s,
             "theta_t": theta_t, "batches": batches, "augment": aug, "ops": [p.op for p in params]}
 
@@ -111,31 +119,37 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
     pb = make_problem(spec["ipc"], spec["classes"], spec["width"], spec["steps"], device, spec["seed"],
-                      spec["augment"])
+                      spec["augment"], spec.get("size", 32))
     mode, _, impl = spec["mode"].partition("-")  # "constant-autograd": fast_path off
     _common.sync(device)
     # Baseline: interpreter, libraries, model, images, θ vectors — everything but the run itself.
     rss_before = _common.rss_peak_bytes()
+    release_free_memory()  # freed heap pages would otherwise be reused unseen by the run
     cuda_before = int(torch.cuda.memory_allocated(device)) if device.type == "cuda" else None
     # Warm-up: one plain step (thread pools, allocator); its footprint is one step's, which no
     # mode stays below, so it does not raise the peak read after the run.
     if mode == "plain":
         plain_steps(pb, 1)
-    else:
+    elif not spec.get("no_warmup"):
         w = pb["theta_s"].clone().requires_grad_(True)
         x = pb["images"] if pb["augment"] is None else pb["augment"](pb["images"], 0)
         torch.autograd.grad(F.cross_entropy(pb["net"](w, x), pb["labels"]), w)
         del w, x
     _common.sync(device)
     _common.reset_peak(device)
-    if mode == "plain":
-        seconds, loss = _common.timed(lambda: plain_steps(pb, spec["steps"]), device)
-        extra: dict[str, Any] = {"loss": loss}
-    else:
-        seconds, r = _common.timed(lambda: match(pb["net"], pb["images"], pb["labels"], pb["theta_s"], pb["theta_t"],
-                                                 0.01, pb["batches"], pb["augment"], mode,
-                                                 fast_path=impl != "autograd"), device)
-        extra = {"loss": r.loss, "grad_alpha": r.grad_alpha, "grad_images_norm": float(r.grad_images.norm())}
+    anon = _common.AnonPeak(0.005) if spec.get("sample_memory") else contextlib.nullcontext()
+    with anon:
+        if mode == "plain":
+            seconds, loss = _common.timed(lambda: plain_steps(pb, spec["steps"]), device)
+            extra: dict[str, Any] = {"loss": loss}
+        else:
+            seconds, r = _common.timed(
+                lambda: match(pb["net"], pb["images"], pb["labels"], pb["theta_s"], pb["theta_t"], 0.01,
+                              pb["batches"], pb["augment"], mode, fast_path=impl != "autograd",
+                              micro_batch=spec.get("micro")), device)
+            extra = {"loss": r.loss, "grad_alpha": r.grad_alpha, "grad_images_norm": float(r.grad_images.norm())}
+    if isinstance(anon, _common.AnonPeak):
+        extra["anon_growth_bytes"] = anon.delta
     return {**spec, **extra, "seconds": seconds, "seconds_per_step": seconds / spec["steps"],
             "rss_baseline_bytes": rss_before, "rss_peak_bytes": _common.rss_peak_bytes(),
             "rss_delta_bytes": _common.rss_peak_bytes() - rss_before,
@@ -182,12 +196,13 @@ def per_op_table(args: argparse.Namespace, device: torch.device) -> list[dict[st
         x = images if p is None else dsa.apply(images, p)
         torch.autograd.grad(F.cross_entropy(net(w, x), labels), w)
 
-    plan = plan_for(net)
+    so = SecondOrder(net, "fastgrad")
     everything = torch.arange(images.shape[0], device=device)
+    grad_x = torch.zeros_like(images)
 
     def second(p: AugParams | None) -> None:  # what constant mode's pass 2 does per step
-        aug = None if p is None else (lambda x, k: dsa.apply(x, p))
-        _second_order_step(net, plan, pb["theta_s"], v, images, labels, everything, aug, 0, False)
+        inp = _Inputs(net, images, labels, None if p is None else StepAugment(dsa, [p]), None)
+        _second_order_step(inp, so, pb["theta_s"], v, everything, 0, False, grad_x, 1.0)
 
     def apply_only(p: AugParams | None) -> None:
         if p is not None:
@@ -211,6 +226,118 @@ def per_op_table(args: argparse.Namespace, device: torch.device) -> list[dict[st
     return out
 
 
+# Large rows (issue 13): name -> (ipc, classes, image size). Depth follows the presets (4 at 64 px).
+LARGE = {"tiny-ipc10": (10, 200, 64), "cifar100-ipc50": (50, 100, 32)}
+LARGE_SMALL_IPC = {"tiny-ipc10": 2, "cifar100-ipc50": 10}  # same micro-batch, fewer images
+
+
+def _gib(x: float | None) -> str:
+    return _common.fmt_bytes(x)
+
+
+def _mem(r: dict[str, Any], device: torch.device) -> int:
+    """Peak above the baseline: CUDA peak − allocated before; CPU anonymous resident memory, sampled."""
+    if device.type == "cuda":
+        return int(r["cuda_peak_bytes"] - r["cuda_baseline_bytes"])
+    return int(r["anon_growth_bytes"])
+
+
+def resolve_micro(value: str | None, profile, work: Workload, device: torch.device, budget: int | None) -> int | None:
+    """--micro-batch N|auto for one problem (auto: mctool.memory within `budget` bytes)."""
+    if value in (None, "", "0", "none"):
+        return None
+    if value != "auto":
+        return int(value)
+    free = free_bytes(device)
+    safety = None
+    if budget is not None:
+        free, safety = budget, 1.0
+    return auto_micro_batch(profile, work, "constant", device, free=free, safety=safety, impl="fastgrad").micro_batch
+
+
+def large_table(args: argparse.Namespace, device: torch.device, base: dict[str, Any]) -> dict[str, Any]:
+    """Tiny ImageNet ipc 10 and CIFAR-100 ipc 50 shapes: micro-batched iterations, estimate vs measured,
+    the same micro-batch at a smaller ipc, and chunked/unchunked time from interleaved runs."""
+    free = free_bytes(device)
+    budget = None if args.budget_gib is None else int(args.budget_gib * 2**30)
+    cap = budget if budget is not None else (None if free is None else int(0.6 * free))
+    steps = args.large_steps
+    rows: list[dict[str, Any]] = []
+    overhead: list[dict[str, Any]] = []
+    print(f"large rows: free memory {_gib(free)}, budget for auto {_gib(cap)}, N = {steps}", flush=True)
+
+    def one(name: str, ipc: int, micro: int | None, kind: str) -> dict[str, Any]:
+        _, classes, size = LARGE[name]
+        r = run_child({**base, "ipc": ipc, "classes": classes, "size": size, "steps": steps, "mode": "constant",
+                       "micro": micro, "no_warmup": True, "sample_memory": True})
+        profile = profile_network(build_model(model_spec(classes, args.width, size)), (3, size, size))
+        n = ipc * classes
+        est = estimate_peak_bytes(profile, Workload(n, n, steps, classes), "constant", micro, device, "fastgrad")
+        r.update({"shape": name, "kind": kind, "n": n, "micro": micro, "estimated_bytes": est.transient_bytes})
+        if "error" not in r:
+            r["measured_bytes"] = _mem(r, device)
+            r["measured_over_estimated"] = r["measured_bytes"] / est.transient_bytes
+            print(f"  {name:15s} {kind:10s} n={n:5d} micro={micro or '-'}: {r['seconds']:.1f} s, measured "
+                  f"{_gib(r['measured_bytes'])}, estimated {_gib(est.transient_bytes)}", flush=True)
+        else:
+            print(f"  {name} {kind} n={n} micro={micro}: FAILED {r['error']}", flush=True)
+        return r
+
+    for name in [x.strip() for x in args.large_shapes.split(",") if x.strip()]:
+        ipc, classes, size = LARGE[name]
+        n = ipc * classes
+        profile = profile_network(build_model(model_spec(classes, args.width, size)), (3, size, size))
+        work = Workload(n, n, steps, classes)
+        whole = estimate_peak_bytes(profile, work, "constant", None, device, "fastgrad")
+        micro = resolve_micro(args.micro_batch or "auto", profile, work, device, cap)
+        rows.append(one(name, ipc, micro, "micro"))
+        rows.append(one(name, LARGE_SMALL_IPC[name], micro, "micro, small ipc"))
+        if cap is not None and whole.transient_bytes <= cap:
+            rows.append(one(name, ipc, None, "whole"))
+        else:
+            rows.append({"shape": name, "kind": "whole", "n": n, "micro": None, "estimated_bytes": whole.transient_bytes,
+                         "skipped": f"estimated {_gib(whole.transient_bytes)} > budget {_gib(cap)}"})
+            print(f"  {name:15s} whole      n={n:5d}: skipped, estimated {_gib(whole.transient_bytes)} > "
+                  f"budget {_gib(cap)}", flush=True)
+        # Overhead of chunking, where the whole batch fits: the largest ipc whose unchunked estimate is
+        # within the budget, in 4 chunks (smaller chunks than the row above: a conservative overhead).
+        per_ipc = [i for i in range(1, ipc + 1)
+                   if estimate_peak_bytes(profile, Workload(i * classes, i * classes, steps, classes), "constant",
+                                          None, device, "fastgrad").transient_bytes <= (cap or 0)]
+        if not per_ipc:
+            continue
+        o_ipc = max(per_ipc)
+        o_micro = math.ceil(o_ipc * classes / 4)
+        pairs = []
+        for _ in range(args.overhead_reps):  # interleaved: a burst of outside load hits both alike
+            c = one(name, o_ipc, o_micro, "overhead-chunked")
+            u = one(name, o_ipc, None, "overhead-whole")
+            if "error" not in c and "error" not in u:
+                pairs.append({"chunked_s": c["seconds"], "whole_s": u["seconds"], "ratio": c["seconds"] / u["seconds"],
+                              "chunked_bytes": c["measured_bytes"], "whole_bytes": u["measured_bytes"]})
+        if pairs:
+            overhead.append({"shape": name, "ipc": o_ipc, "n": o_ipc * classes, "micro": o_micro, "pairs": pairs,
+                             "median_ratio": statistics.median(p["ratio"] for p in pairs)})
+
+    ok = [r for r in rows if "error" not in r and "skipped" not in r]
+    _common.print_table(
+        ["shape", "row", "images", "micro-batch", "s/iter", "s/step", "measured peak", "estimated", "meas/est"],
+        [[r["shape"], r["kind"], r["n"], r["micro"] or "whole", f"{r['seconds']:.1f}", f"{r['seconds_per_step']:.1f}",
+          _gib(r["measured_bytes"]), _gib(r["estimated_bytes"]), f"{r['measured_over_estimated']:.2f}"] for r in ok]
+        + [[r["shape"], r["kind"], r["n"], "whole", "-", "-", "-", _gib(r["estimated_bytes"]), "skipped"]
+           for r in rows if "skipped" in r],
+        title=f"constant mode, N = {steps}, DSA {'off' if args.no_augment else 'on'}, {device}: peak above the "
+              "baseline (problem built), estimate = mctool.memory transient terms")
+    if overhead:
+        _common.print_table(
+            ["shape", "images", "micro-batch", "chunked s (each)", "whole s (each)", "median chunked/whole"],
+            [[o["shape"], o["n"], o["micro"], " ".join(f"{p['chunked_s']:.1f}" for p in o["pairs"]),
+              " ".join(f"{p['whole_s']:.1f}" for p in o["pairs"]), f"{o['median_ratio']:.3f}"] for o in overhead],
+            title="Chunking overhead, interleaved runs (goal: <= 1.10)")
+    return {"free_bytes": free, "budget_bytes": cap, "steps": steps, "rows": rows, "overhead": overhead}
+
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--one":  # hidden: child process
         print(MARK + json.dumps(child(json.loads(sys.argv[2]))), flush=True)
@@ -231,6 +358,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-ops", action="store_true", help="skip the per-DSA-op table")
     parser.add_argument("--op-reps", type=int, default=3, help="repetitions of each per-op timing (min shown)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--micro-batch", default=None,
+                        help="N or auto: compute each inner step in micro-batches of N images (auto: the largest "
+                             "that mctool.memory estimates to fit); default whole batches (--large: auto)")
+    parser.add_argument("--large", action="store_true",
+                        help="instead of the CIFAR-10 table: the Tiny ImageNet ipc 10 and CIFAR-100 ipc 50 shapes "
+                             "micro-batched, estimate vs measured peak, and chunked/unchunked time")
+    parser.add_argument("--large-shapes", default=",".join(LARGE), help=f"comma-separated, from {', '.join(LARGE)}")
+    parser.add_argument("--large-steps", type=int, default=1, help="syn_steps N of the large rows (default 1)")
+    parser.add_argument("--budget-gib", type=float, default=None,
+                        help="memory (GiB) micro-batch auto may plan for in the large rows, and the limit for "
+                             "running a whole batch (default: 60%% of free memory; this shared machine: pass 4)")
+    parser.add_argument("--overhead-reps", type=int, default=3, help="interleaved chunked/whole pairs (large rows)")
     args = parser.parse_args(argv)
     device = _common.setup(args)
     if args.quick:  # shrink what the user did not set explicitly
@@ -245,6 +384,17 @@ def main(argv: list[str] | None = None) -> int:
     base = {"device": str(device), "threads": args.threads, "ipc": args.ipc, "classes": args.classes,
             "width": args.width, "seed": args.seed, "augment": not args.no_augment,
             "system_malloc": args.system_malloc}
+    if args.large:
+        out = large_table(args, device, base)
+        path = _common.write_json("distill-large", {"machine": info, "args": vars(args), **out}, args.out)
+        print(f"wrote {path}")
+        return 0
+    if args.micro_batch:
+        n_img = args.ipc * args.classes
+        profile = profile_network(build_model(model_spec(args.classes, args.width, 32)), (3, 32, 32))
+        work = Workload(n_img, n_img, max(steps), args.classes)
+        base["micro"] = resolve_micro(args.micro_batch, profile, work, device, None)
+        print(f"micro-batch {base['micro']} ({args.micro_batch})", flush=True)
     results: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     for n in steps:
@@ -289,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     _common.print_table(
         ["mode", "N", "s/iter", "s/step", "time / plain", "rss before", "rss peak", "peak - before", "cuda peak"],
         rows, title=f"One matching iteration on {device}: {args.ipc * args.classes} images 3x32x32, ConvNet-3 "
-                    f"width {args.width}, batch_syn = all, DSA {'off' if args.no_augment else 'on'}")
+                    f"width {args.width}, batch_syn = all, DSA {'off' if args.no_augment else 'on'}, "
+                    f"micro-batch {base.get('micro') or 'none (whole batches)'}")
     for s in skipped:
         print(f"  skipped {s['mode']} N={s['steps']}: {s['why']}")
 

@@ -19,6 +19,7 @@ specifies, so every op here is a few vectorised torch lines.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -70,6 +71,10 @@ class AugParams:
                 v = v.pin_memory().to(device, non_blocking=True)
             moved[k] = v.to(device)
         return AugParams(self.op, moved)
+
+    def select(self, rows: slice | torch.Tensor) -> AugParams:
+        """The draw for the samples at positions `rows` of the batch: the same op, their parameters."""
+        return AugParams(self.op, {k: v[rows] for k, v in self.values.items()})
 
     @property
     def batch(self) -> int | None:
@@ -184,6 +189,23 @@ class DSA:
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Sample a draw for `x` from `generator` and apply it."""
         return self.apply(x, self.sample(x.shape[0], x.shape[2], x.shape[3], generator))
+
+
+class StepAugment:
+    """Pre-drawn DSA params of each inner step, replayed on demand (what matching calls).
+
+    ``aug(x, k)`` augments step k's whole batch; ``aug(x, k, rows)`` augments the samples at
+    positions `rows` (a slice) of that batch with exactly their parameters, so a micro-batch
+    sees the same augmentation as in the whole batch.
+    """
+
+    def __init__(self, dsa: DSA, params: Sequence[AugParams]) -> None:
+        self.dsa = dsa
+        self.params = list(params)
+
+    def __call__(self, x: torch.Tensor, k: int, rows: slice | None = None) -> torch.Tensor:
+        p = self.params[k]
+        return self.dsa.apply(x, p if rows is None else p.select(rows))
 
 
 def _brightness(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:

@@ -194,6 +194,7 @@ def second_order(
     x: torch.Tensor,
     y: torch.Tensor,
     want_hvp: bool = False,
+    batch_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(g, e, h) for the mean cross-entropy ℓ(w, x) of `net` on labels `y` (see module docstring).
 
@@ -203,6 +204,8 @@ def second_order(
         x: the (already augmented) batch; e has its shape.
         y: int64 class indices [B] or float probabilities [B, classes].
         want_hvp: also return h = ∇²_w ℓ · v (else None).
+        batch_size: the B that ℓ's mean divides by (default: x's rows). A micro-batch of a
+            larger batch passes the whole batch's size, so that chunks sum to the batch's numbers.
     """
     params = net.unflatten(w)
     tang = net.unflatten(v)
@@ -217,7 +220,8 @@ def second_order(
     h, hd = x, None
     for blk in plan.blocks:
         h, hd = _forward_block(blk, params, tang, h, hd, saved)
-    dh, dhd = _head(plan.head, params, tang, h, hd, y, grads, hvps)
+    total = x.shape[0] if batch_size is None else int(batch_size)
+    dh, dhd = _head(plan.head, params, tang, h, hd, y, total, grads, hvps)
     for i in range(len(plan.blocks) - 1, -1, -1):
         dh, dhd = _reverse_block(plan.blocks[i], saved.pop(), params, tang, dh, dhd, i == 0, grads, hvps)
 
@@ -266,28 +270,28 @@ def _head(
     h: torch.Tensor,
     hd: torch.Tensor,
     y: torch.Tensor,
+    total: int,
     grads: Grads,
     hvps: Grads | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Classifier z = A f + c, ż = A ḟ + V_A f + v_c and the loss: returns δh, δ̇h."""
+    """Classifier z = A f + c, ż = A ḟ + V_A f + v_c and the loss (divided by `total`): returns δh, δ̇h."""
     A, VA = params[f"{name}.weight"], tang[f"{name}.weight"]
     f, fd = h.flatten(1), hd.flatten(1)
     z = torch.addmm(params[f"{name}.bias"], f, A.t())
     zd = torch.addmm(tang[f"{name}.bias"], fd, A.t()).addmm_(f, VA.t())
-    # The loss is mctool.matching._step_loss's plain F.cross_entropy (mean over the batch, no
-    # label smoothing, no class weights); change both together.
+    # The loss is mctool.secondorder.ce_loss's plain F.cross_entropy (mean over the batch, or the
+    # sum over a chunk divided by `total`; no label smoothing, no class weights): change both together.
     p = torch.softmax(z, dim=1)
     pd = p * (zd - (p * zd).sum(1, keepdim=True))  # ṗ
-    batch = z.shape[0]
     if y.dtype.is_floating_point:  # probabilities: ∂ℓ/∂z = (p Σy − y)/B
         ysum = y.sum(1, keepdim=True)
-        dz = (p * ysum - y) / batch
-        dzd = pd * ysum / batch
+        dz = (p * ysum - y) / total
+        dzd = pd * ysum / total
     else:
         dz = p.clone()
-        dz[torch.arange(batch, device=z.device), y] -= 1.0
-        dz /= batch
-        dzd = pd / batch
+        dz[torch.arange(z.shape[0], device=z.device), y] -= 1.0
+        dz /= total
+        dzd = pd / total
     grads[f"{name}.weight"] = dz.t() @ f
     grads[f"{name}.bias"] = dz.sum(0)
     if hvps is not None:

@@ -50,8 +50,18 @@ Cost per step: ``unrolled`` one forward + backward(create_graph) and, at the end
 backward of the whole graph; ``constant`` and ``adjoint`` one plain forward+backward (pass 1)
 plus one second-order step (pass 2 / reverse) that yields g_k, the image term and, for
 ``adjoint``, H_k λ. For the ConvNet of every preset (conv → instance norm → ReLU → average
-pooling) that step is mctool.fastgrad's hand-written forward-over-reverse sweep; for any other
-network it is autograd: forward, backward with ``create_graph`` and one double backward.
+pooling) that step can be mctool.fastgrad's hand-written forward-over-reverse sweep or
+autograd's double backward; mctool.secondorder picks one (by measurement by default). Any
+other network uses autograd.
+
+Micro-batching (``micro_batch``): with a network whose outputs are per-sample (no BatchNorm
+in train mode; mctool.microbatch), ℓ_k = Σ_chunks (1/|B_k|) Σ_{i ∈ chunk} CE_i, so g_k, H_k v
+and the image term of step k are sums over consecutive chunks of B_k, each chunk's loss
+divided by the whole |B_k|. ``constant`` and ``adjoint`` then hold one chunk's activations at
+a time (memory set by the chunk, not by |B_k|); ``unrolled`` gets the same numbers but keeps
+every chunk's graph to the end, so its memory hardly shrinks (only the final backward's
+temporaries are one chunk's at a time). The augmentation of a chunk is
+the step's own draw restricted to the chunk's rows (``augment(x, k, rows)``).
 
 Gradients are taken with ``torch.autograd.grad`` w.r.t. private leaves (or by mctool.fastgrad
 under ``no_grad``), so nothing is accumulated into ``images.grad`` or into the module's
@@ -65,18 +75,20 @@ train-mode outputs (and so every result here) do not depend on those buffers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-from mctool.fastgrad import Plan, plan_for, second_order
+from mctool.microbatch import accepts_rows, chunks, sample_coupling
+from mctool.secondorder import POLICIES, SecondOrder, ce_loss
 from mctool.functional import FlatNet
 
 MODES = ("constant", "adjoint", "unrolled")
 
-Augment = Callable[[torch.Tensor, int], torch.Tensor]
+# augment(x_batch, k) for step k's whole batch; augment(x_chunk, k, rows) for the samples at
+# positions `rows` (a slice) of step k's batch (needed only when micro-batching splits a batch).
+Augment = Callable[..., torch.Tensor]
 
 
 @dataclass
@@ -87,87 +99,94 @@ class MatchResult:
     grad_images: torch.Tensor  # dL/dX, shape of X (rows in no batch are 0)
     grad_alpha: float  # dL/dα
     start_distance: float  # D = ‖θ_s − θ_T‖², useful for logging
+    second_order: list[str] = field(default_factory=list)  # implementations used ("fastgrad", "autograd")
 
 
-def _step_loss(
-    net: FlatNet,
-    w: torch.Tensor,
-    x_batch: torch.Tensor,
-    y_batch: torch.Tensor,
-    augment: Augment | None,
-    k: int,
-) -> torch.Tensor:
-    """ℓ_k(w, ·): mean cross-entropy on the (augmented) batch of step k."""
-    if augment is not None:
-        x_batch = augment(x_batch, k)
-    # F.cross_entropy takes int64 class indices and float probability targets alike.
-    # mctool.fastgrad writes this loss out by hand (_head): change both together.
-    return F.cross_entropy(net(w, x_batch), y_batch)
+@dataclass
+class _Inputs:
+    """What every step of one match call shares."""
+
+    net: FlatNet
+    images: torch.Tensor
+    labels: torch.Tensor
+    augment: Augment | None
+    micro_batch: int | None
 
 
-def _plain_grad(
-    net: FlatNet,
-    w: torch.Tensor,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    idx: torch.Tensor,
-    augment: Augment | None,
-    k: int,
-) -> torch.Tensor:
-    """g_k = ∇_w ℓ_k(w, X) as a plain value: no graph to X and none kept afterwards."""
+def _augmented(inp: _Inputs, x: torch.Tensor, k: int, rows: slice | None) -> torch.Tensor:
+    """A_k on a batch (rows None) or on the rows `rows` of step k's batch."""
+    if inp.augment is None:
+        return x
+    return inp.augment(x, k) if rows is None else inp.augment(x, k, rows)
+
+
+def _pieces(inp: _Inputs, idx: torch.Tensor) -> list[tuple[torch.Tensor, slice | None]]:
+    """(index chunk, rows of the batch or None for the whole batch) for each micro-batch of `idx`."""
+    parts = chunks(int(idx.numel()), inp.micro_batch)
+    if len(parts) == 1:
+        return [(idx, None)]
+    return [(idx[rows], rows) for rows in parts]
+
+
+def _plain_grad(inp: _Inputs, w: torch.Tensor, idx: torch.Tensor, k: int) -> torch.Tensor:
+    """g_k = ∇_w ℓ_k(w, X) as a plain value (summed over micro-batches): no graph kept."""
     w = w.detach().requires_grad_(True)
-    loss = _step_loss(net, w, images.detach()[idx], labels[idx], augment, k)
-    (g,) = torch.autograd.grad(loss, w)
+    total = int(idx.numel())
+    g: torch.Tensor | None = None
+    images = inp.images.detach()
+    for sub, rows in _pieces(inp, idx):
+        x = _augmented(inp, images[sub], k, rows)
+        (part,) = torch.autograd.grad(ce_loss(inp.net(w, x), inp.labels[sub], total), w)
+        g = part if g is None else g.add_(part)
+    assert g is not None
     return g
 
 
 def _second_order_step(
-    net: FlatNet,
-    plan: Plan | None,
+    inp: _Inputs,
+    so: SecondOrder,
     w: torch.Tensor,
     v: torch.Tensor,
-    images: torch.Tensor,
-    labels: torch.Tensor,
     idx: torch.Tensor,
-    augment: Augment | None,
     k: int,
     want_hvp: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """For step k at w: g_k, (∂g_k/∂X[B_k])ᵀ v and, if `want_hvp`, H_k v (else None).
+    grad_x: torch.Tensor,
+    e_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """For step k at w: g_k and, if `want_hvp`, H_k v (else None); adds e_scale·(∂g_k/∂X)ᵀ v to grad_x.
 
-    With a `plan` the ConvNet's hand-written forward-over-reverse sweep (mctool.fastgrad)
-    computes all three; otherwise autograd does, by one backward with ``create_graph`` and
-    one double backward of vᵀg_k. Either way the augmentation is differentiated by autograd.
+    Micro-batch by micro-batch: `so` computes each chunk's share of g_k, H_k v and the image
+    term on the augmented chunk; autograd carries the image term back through the augmentation.
     """
-    x_leaf = images.detach()[idx]
-    if plan is not None:
-        if augment is None:
-            return second_order(plan, net, w, v, x_leaf, labels[idx], want_hvp)
-        x_leaf.requires_grad_(True)
-        x_aug = augment(x_leaf, k)
-        g, e_aug, hv = second_order(plan, net, w, v, x_aug.detach(), labels[idx], want_hvp)
-        (e,) = torch.autograd.grad(x_aug, x_leaf, e_aug)
-        return g, e, hv
-    w_leaf = w.detach().requires_grad_(True)
-    x_leaf.requires_grad_(True)
-    loss_k = _step_loss(net, w_leaf, x_leaf, labels[idx], augment, k)
-    (g,) = torch.autograd.grad(loss_k, w_leaf, create_graph=True)
-    s = torch.dot(g, v)
-    if want_hvp:
-        hv, e = torch.autograd.grad(s, [w_leaf, x_leaf])
-        return g.detach(), e, hv
-    (e,) = torch.autograd.grad(s, x_leaf)
-    return g.detach(), e, None
+    total = int(idx.numel())
+    images = inp.images.detach()
+    g: torch.Tensor | None = None
+    hv: torch.Tensor | None = None
+    for sub, rows in _pieces(inp, idx):
+        x_leaf = images[sub]
+        y = inp.labels[sub]
+        if inp.augment is None:
+            g_c, e, hv_c = so(w, v, x_leaf, y, want_hvp, total)
+        else:
+            x_leaf.requires_grad_(True)
+            x_aug = _augmented(inp, x_leaf, k, rows)
+            g_c, e_aug, hv_c = so(w, v, x_aug.detach(), y, want_hvp, total)
+            (e,) = torch.autograd.grad(x_aug, x_leaf, e_aug)
+            del x_aug, e_aug
+        grad_x.index_add_(0, sub, e, alpha=e_scale)  # duplicates within a batch add up
+        g = g_c if g is None else g.add_(g_c)
+        if hv_c is not None:
+            hv = hv_c if hv is None else hv.add_(hv_c)
+        del x_leaf, e, g_c, hv_c
+    assert g is not None
+    return g, hv
 
 
 def _forward_pass(
-    net: FlatNet,
-    images: torch.Tensor,
-    labels: torch.Tensor,
+    inp: _Inputs,
     theta_start: torch.Tensor,
     alpha: float,
     batches: list[torch.Tensor],
-    augment: Augment | None,
     keep_path: bool,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Pass 1 of ``constant``/``adjoint``: run the N steps with ᾱ, graph-free.
@@ -178,7 +197,7 @@ def _forward_pass(
     grad_sum = torch.zeros_like(w)
     path = [w] if keep_path else []
     for k, idx in enumerate(batches):
-        g = _plain_grad(net, w, images, labels, idx, augment, k)
+        g = _plain_grad(inp, w, idx, k)
         grad_sum.add_(g)
         w = torch.add(w, g, alpha=-alpha)  # out of place: earlier w_k may be stored
         if keep_path:
@@ -187,24 +206,28 @@ def _forward_pass(
 
 
 def _match_unrolled(
-    net: FlatNet,
-    images: torch.Tensor,
-    labels: torch.Tensor,
+    inp: _Inputs,
+    so: SecondOrder,
     theta_start: torch.Tensor,
     theta_target: torch.Tensor,
     alpha: float,
     batches: list[torch.Tensor],
-    augment: Augment | None,
     dist: torch.Tensor,
-    fast_path: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """MTT's exact gradient: one autograd graph over all N steps (`fast_path` is unused)."""
-    x = images.detach().requires_grad_(True)
+    """MTT's exact gradient: one autograd graph over all N steps (`so` is unused).
+
+    Micro-batches give the same numbers but every chunk's graph is kept: no memory saving.
+    """
+    x = inp.images.detach().requires_grad_(True)
     a = torch.tensor(alpha, dtype=theta_start.dtype, device=theta_start.device, requires_grad=True)
     w = theta_start.detach().requires_grad_(True)
     for k, idx in enumerate(batches):
-        loss_k = _step_loss(net, w, x[idx], labels[idx], augment, k)
-        (g,) = torch.autograd.grad(loss_k, w, create_graph=True)
+        total = int(idx.numel())
+        g: torch.Tensor | None = None
+        for sub, rows in _pieces(inp, idx):
+            loss_c = ce_loss(inp.net(w, _augmented(inp, x[sub], k, rows)), inp.labels[sub], total)
+            (part,) = torch.autograd.grad(loss_c, w, create_graph=True)
+            g = part if g is None else g + part
         w = w - a * g
     loss = (w - theta_target).pow(2).sum() / dist
     grad_x, grad_a = torch.autograd.grad(loss, [x, a])
@@ -212,73 +235,78 @@ def _match_unrolled(
 
 
 def _match_constant(
-    net: FlatNet,
-    images: torch.Tensor,
-    labels: torch.Tensor,
+    inp: _Inputs,
+    so: SecondOrder,
     theta_start: torch.Tensor,
     theta_target: torch.Tensor,
     alpha: float,
     batches: list[torch.Tensor],
-    augment: Augment | None,
     dist: torch.Tensor,
-    fast_path: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """MCT's truncated two-pass gradient, memory flat in N (see module docstring)."""
-    grad_sum, _ = _forward_pass(net, images, labels, theta_start, alpha, batches, augment, False)
+    grad_sum, _ = _forward_pass(inp, theta_start, alpha, batches, False)
     residual = theta_start - alpha * grad_sum - theta_target
     loss = residual.pow(2).sum() / dist
     grad_a = -2.0 * torch.dot(grad_sum, residual) / dist
     v = residual * -alpha  # = ᾱ(θ_T − θ_s) + ᾱ² G
     del grad_sum, residual
 
-    grad_x = torch.zeros_like(images)
+    grad_x = torch.zeros_like(inp.images)
     scale = 2.0 / dist
-    plan = plan_for(net) if fast_path else None
     w = theta_start.detach()
     for k, idx in enumerate(batches):
-        g, e, _ = _second_order_step(net, plan, w, v, images, labels, idx, augment, k, False)
-        grad_x.index_add_(0, idx, e)
+        g, _ = _second_order_step(inp, so, w, v, idx, k, False, grad_x, 1.0)
         # Same update as pass 1 (g is pass 1's g_k up to rounding), so w_k is reproduced
         # without storing it.
         w = torch.add(w, g, alpha=-alpha)
-        del g, e
+        del g
     grad_x.mul_(scale)
     return loss, grad_x, grad_a
 
 
 def _match_adjoint(
-    net: FlatNet,
-    images: torch.Tensor,
-    labels: torch.Tensor,
+    inp: _Inputs,
+    so: SecondOrder,
     theta_start: torch.Tensor,
     theta_target: torch.Tensor,
     alpha: float,
     batches: list[torch.Tensor],
-    augment: Augment | None,
     dist: torch.Tensor,
-    fast_path: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact gradient by a hand-written reverse sweep over stored w_k (see module docstring)."""
-    _, path = _forward_pass(net, images, labels, theta_start, alpha, batches, augment, True)
+    _, path = _forward_pass(inp, theta_start, alpha, batches, True)
     w_last = path.pop()
     loss = (w_last - theta_target).pow(2).sum() / dist
     lam = (w_last - theta_target) * (2.0 / dist)  # λ_N = ∂L/∂w_N
     del w_last
 
-    grad_x = torch.zeros_like(images)
+    grad_x = torch.zeros_like(inp.images)
     grad_a = torch.zeros((), dtype=lam.dtype, device=lam.device)
-    plan = plan_for(net) if fast_path else None
     for k in range(len(batches) - 1, -1, -1):
         w = path.pop()  # w_k; popping frees it after this step
-        g, e, hv = _second_order_step(net, plan, w, lam, images, labels, batches[k], augment, k, True)
-        grad_x.index_add_(0, batches[k], e, alpha=-alpha)  # −ᾱ (∂g_k/∂X_k)ᵀ λ_{k+1}
+        # grad_x += −ᾱ (∂g_k/∂X_k)ᵀ λ_{k+1}
+        g, hv = _second_order_step(inp, so, w, lam, batches[k], k, True, grad_x, -alpha)
+        assert hv is not None
         grad_a -= torch.dot(g, lam)  # −g_kᵀ λ_{k+1}
         lam = torch.add(lam, hv, alpha=-alpha)  # λ_k = λ_{k+1} − ᾱ H_k λ_{k+1}
-        del w, g, e, hv
+        del w, g, hv
     return loss, grad_x, grad_a
 
 
 _IMPL = {"unrolled": _match_unrolled, "constant": _match_constant, "adjoint": _match_adjoint}
+
+
+def check_micro_batch(net: FlatNet, micro_batch: int | None) -> None:
+    """Raise ValueError (one line) if `micro_batch` is invalid or `net` couples the samples of a batch."""
+    if micro_batch is None or micro_batch == 0:
+        return
+    if micro_batch < 0:
+        raise ValueError(f"the micro-batch must be a positive number of images (0 or none: whole batch), "
+                         f"got {micro_batch}")
+    why = sample_coupling(net.module)
+    if why is not None:
+        raise ValueError(f"cannot split inner steps into micro-batches: {why}, so the network's result on a "
+                         "batch is not the sum of its micro-batches' (drop the micro-batch option)")
 
 
 def match(
@@ -291,7 +319,8 @@ def match(
     batches: list[torch.Tensor],
     augment: Augment | None,
     mode: str = "constant",
-    fast_path: bool = True,
+    fast_path: bool | str = "auto",
+    micro_batch: int | None = None,
 ) -> MatchResult:
     """Trajectory-matching loss L and dL/dX, dL/dα for one (start, target) pair.
 
@@ -303,14 +332,24 @@ def match(
         alpha: current value ᾱ of the learnable step size.
         batches: one int64 index tensor into X per inner step (N = len(batches) ≥ 1).
         augment: ``augment(x_batch, k)``, deterministic and differentiable for a fixed k
-            (called more than once per step by ``constant``/``adjoint``), or None.
+            (called more than once per step by ``constant``/``adjoint``), or None. When
+            micro-batches split a batch it is called as ``augment(x_chunk, k, rows)`` with
+            `rows` the chunk's positions (a slice) in step k's batch, and must apply the
+            step's draw for exactly those samples (mctool.augment.StepAugment does).
         mode: one of MODES; see the module docstring for the maths of each.
-        fast_path: let ``constant``/``adjoint`` use mctool.fastgrad's hand-written sweep when
-            the network qualifies (autograd's numbers up to rounding; a whole iteration
-            ~1.4× faster on CPU); False forces autograd's double backward (tests, benchmarks).
+        fast_path: which implementation runs the second-order steps of ``constant``/``adjoint``
+            on a network mctool.fastgrad supports: "auto" (measure both on the first step of
+            each shape and keep the faster: mctool.secondorder), True or "fastgrad" (the
+            hand-written sweep), False or "autograd" (autograd's double backward: tests,
+            benchmarks). Other networks always use autograd.
+        micro_batch: compute every inner step in consecutive chunks of at most this many
+            images (None or 0: whole batches). Same result to rounding; ``constant`` and
+            ``adjoint`` then need one chunk's activations instead of one batch's.
 
     Raises:
-        ValueError: unknown mode, no steps, wrong parameter sizes, or θ_s == θ_T (D = 0).
+        ValueError: unknown mode, no steps, wrong parameter sizes, θ_s == θ_T (D = 0), a
+            negative micro-batch, or micro-batches that would split a batch of a network that
+            couples samples (BatchNorm in train mode), or with an augment that takes no rows.
     """
     if mode not in MODES:
         raise ValueError(f"unknown matching mode {mode!r}; choose from {', '.join(MODES)}")
@@ -322,6 +361,15 @@ def match(
             f"theta_start {tuple(theta_start.shape)} and theta_target {tuple(theta_target.shape)}"
             f" must both be flat vectors of the network's {p} parameters"
         )
+    policy = {True: "fastgrad", False: "autograd"}.get(fast_path, fast_path)  # type: ignore[call-overload]
+    if policy not in POLICIES:
+        raise ValueError(f"fast_path must be True, False or one of {', '.join(POLICIES)}, got {fast_path!r}")
+    micro_batch = micro_batch or None
+    if micro_batch is not None and (micro_batch < 0 or micro_batch < max(int(b.numel()) for b in batches)):
+        check_micro_batch(net, micro_batch)  # coupling matters only when a batch is really split
+        if augment is not None and not accepts_rows(augment):
+            raise ValueError("micro-batches need an augmentation called as augment(x, k, rows) that applies "
+                             "step k's draw to the batch rows `rows` (mctool.augment.StepAugment)")
     alpha = float(alpha)
     theta_start = theta_start.detach()
     theta_target = theta_target.detach()
@@ -334,14 +382,14 @@ def match(
         )
     # Index tensors must live with X for indexing/index_add_ (a no-op when they already do).
     batches = [b.to(device=images.device, dtype=torch.long) for b in batches]
-    labels = labels.to(images.device)
+    inp = _Inputs(net, images, labels.to(images.device), augment, micro_batch)
+    so = SecondOrder(net, policy)
     with torch.enable_grad():  # the caller may be in no_grad (e.g. an eval context)
-        loss, grad_x, grad_a = _IMPL[mode](
-            net, images, labels, theta_start, theta_target, alpha, batches, augment, dist, fast_path
-        )
+        loss, grad_x, grad_a = _IMPL[mode](inp, so, theta_start, theta_target, alpha, batches, dist)
     return MatchResult(
         loss=float(loss),
         grad_images=grad_x.detach(),
         grad_alpha=float(grad_a),
         start_distance=dist_value,
+        second_order=sorted(so.used),
     )

@@ -125,7 +125,7 @@ def test_plan_only_for_the_instance_norm_convnet() -> None:
 @pytest.mark.parametrize("mode", ["constant", "adjoint"])
 def test_match_same_with_and_without_fast_path(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Whole matching iterations, with real DSA draws (some give channels-last batches)."""
-    import mctool.matching
+    import mctool.secondorder
 
     calls: list[int] = []
 
@@ -133,7 +133,7 @@ def test_match_same_with_and_without_fast_path(mode: str, monkeypatch: pytest.Mo
         calls.append(1)
         return second_order(*args, **kwargs)
 
-    monkeypatch.setattr(mctool.matching, "second_order", counting)
+    monkeypatch.setattr(mctool.secondorder, "second_order", counting)
     net, _, _, x, _ = small_problem(2, 3, 8, False, batch=6)
     labels = torch.arange(6) % 3
     gen = torch.Generator().manual_seed(1)
