@@ -138,6 +138,12 @@ def default_data_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "mctool" / "data"
 
 
+# Training and test split sizes of each named dataset, for estimates made before loading it.
+SPLIT_SIZES: dict[str, tuple[int, int]] = {
+    "cifar10": (50000, 10000), "cifar100": (50000, 10000), "tinyimagenet": (100000, 10000),
+    "fashion-mnist": (60000, 10000), "mnist": (60000, 10000),
+}
+
 # Image shape (C, H, W) of each named dataset, known before anything is loaded.
 SHAPES: dict[str, tuple[int, int, int]] = {
     "cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "tinyimagenet": (3, 64, 64),

@@ -41,10 +41,12 @@ import torch.nn.functional as F
 
 from mctool import distributed as dist
 from mctool import store
-from mctool.augment import DEFAULT_STRATEGY, DSA, AugParams
+from mctool.augment import DEFAULT_STRATEGY, DSA, AugParams, StepAugment
 from mctool.errors import Interrupted, TrainingDiverged, UsageError
 from mctool.functional import FlatNet
 from mctool.matching import MODES, MatchResult, match
+from mctool.microbatch import chunked_forward, sample_coupling
+from mctool.secondorder import POLICIES
 from mctool.models import ModelSpec, build_model
 from mctool import presets
 from mctool.prepared import Prepared, auto_val_size, sample_per_class, split_validation
@@ -101,6 +103,15 @@ class DistillConfig:
     soft_labels: bool = setting(False, "Labels from the expert's predictions.",
                                 flags=("--soft-labels/--hard-labels",))
     augment: str = setting(DEFAULT_STRATEGY, "DSA ops joined by '_', or none.")
+    micro_batch: str = setting("auto", "Compute each inner step in chunks of N images: the same result up to float "
+                               "rounding, peak memory set by N instead of the number of images. auto (default): "
+                               "whole steps when they fit the device's free memory, else the largest N that fits; 0: "
+                               "whole steps. Refused for networks that mix samples (BatchNorm).", resume_safe=True,
+                               legacy="0", metavar="N|auto")
+    second_order: str = setting("auto", "The ConvNet's second-order step: fastgrad (hand-written sweep), autograd "
+                                "(double backward), or auto: on CUDA the faster of the two, measured on the first "
+                                "step; on the CPU fastgrad (measured faster there, bench/README.md, and "
+                                "deterministic, so --seed repeats bit for bit).", resume_safe=True, legacy="auto")
     momentum_img: float = 0.5
     momentum_lr: float = 0.5
     checkpoint_every: int = setting(100, "Save a resumable checkpoint every N iterations.", resume_safe=True)
@@ -144,6 +155,8 @@ class DistillConfig:
             ("grad", self.grad in MODES, f"one of {', '.join(MODES)}"),
             ("step_units", self.step_units in ("released", "exact"), "released or exact"),
             ("pix_init", self.pix_init in ("real", "noise"), "real or noise"),
+            ("micro_batch", self.micro_batch == "auto" or (self.micro_batch.isdigit()), "auto or a whole number >= 0"),
+            ("second_order", self.second_order in POLICIES, f"one of {', '.join(POLICIES)}"),
             ("checkpoint_every", self.checkpoint_every >= 1, ">= 1"),
             ("checkpoint_minutes", finite(self.checkpoint_minutes) and self.checkpoint_minutes >= 0,
              ">= 0 (0 = off)"),
@@ -334,6 +347,7 @@ class State:
     skipped: int = 0
     evaluations: list[dict[str, Any]] = field(default_factory=list)
     best: store.BestImages | None = None
+    run: dict[str, Any] = field(default_factory=dict)  # choices a resume repeats (micro-batch)
 
     def to(self, device: torch.device) -> "State":
         """The same state with its tensors on `device` (generator states stay on the CPU)."""
@@ -382,6 +396,8 @@ class Distiller:
         self.dsa = DSA(cfg.augment, flip=prepared.meta.flip) if cfg.augment != "none" else None
         self.queue: list[int] = []
         self.mode = "unrolled" if cfg.method == "mtt" else cfg.grad
+        self.micro_batch: int | None = None  # set by `choose_micro_batch`
+        self.second_order = second_order_policy(cfg, self.device)
         if cfg.max_start_epoch >= source.K:
             raise UsageError(
                 f"--max-start-epoch {cfg.max_start_epoch:g} must be below the experts' K = {source.K}: pass "
@@ -419,21 +435,21 @@ class Distiller:
             out.append(chunks.pop().to(self.device))
         return out
 
-    def augmentation(self, batches: list[torch.Tensor]) -> Callable[[torch.Tensor, int], torch.Tensor] | None:
-        """Pre-sampled DSA params per inner step, so both passes see the same augmentation."""
+    def augmentation(self, batches: list[torch.Tensor]) -> StepAugment | None:
+        """Pre-sampled DSA params per inner step, so both passes (and every micro-batch) see the
+        same augmentation."""
         if self.dsa is None:
             return None
         _, _, h, w = self.state.images.shape
         params: list[AugParams] = [self.dsa.sample(int(b.numel()), h, w, self.generator).to(self.device)
                                    for b in batches]
-        dsa = self.dsa
-        return lambda x, k: dsa.apply(x, params[k])
+        return StepAugment(self.dsa, params)
 
     def soft_labels(self, expert: Expert) -> torch.Tensor:
         """The expert's predictions at max_start_epoch on the current images (method.md §6.5)."""
         with torch.no_grad():
             theta = expert.at(min(self.cfg.max_start_epoch, float(expert.K)))
-            return F.softmax(self.net(theta, self.state.images), dim=1)
+            return F.softmax(chunked_forward(self.net, theta, self.state.images, self.micro_batch), dim=1)
 
     def step(self) -> MatchResult | None:
         """One iteration's loss and gradients on this rank (None for a degenerate draw)."""
@@ -448,7 +464,7 @@ class Distiller:
         if torch.equal(theta_s, theta_t):  # an expert that did not move: nothing to match
             return None
         return match(self.net, self.state.images, labels, theta_s, theta_t, self.state.alpha, batches, augment,
-                     self.mode)
+                     self.mode, fast_path=self.second_order, micro_batch=self.micro_batch)
 
     def apply_update(self, grad_images: torch.Tensor, grad_alpha: float) -> bool:
         """SGD with momentum on the images (in the configured step units) and on α; α is kept
@@ -470,13 +486,61 @@ class Distiller:
         return True
 
 
+def second_order_policy(cfg: DistillConfig, device: torch.device) -> str:
+    """The second-order implementation policy for this device (see the `second_order` setting)."""
+    if cfg.second_order == "auto" and device.type == "cpu":
+        return "fastgrad"  # falls back to autograd for networks the sweep does not handle
+    return cfg.second_order
+
+
+def workload(cfg: DistillConfig, buffer: store.Buffer, data_bytes: int) -> Any:
+    """The memory model's description of one iteration of this run."""
+    from mctool.memory import Workload
+
+    n = cfg.ipc * buffer.data.num_classes
+    vectors = len(buffer.convex.meta.positions) if cfg.method == "mct" else buffer.require_experts().epochs + 1
+    return Workload(n_images=n, batch=cfg.batch_syn or n, syn_steps=cfg.syn_steps,
+                    num_classes=buffer.data.num_classes, soft_labels=cfg.soft_labels, expert_vectors=vectors,
+                    data_bytes=data_bytes)
+
+
+def choose_micro_batch(d: "Distiller", cfg: DistillConfig, buffer: store.Buffer, stored: dict[str, Any],
+                       reporter: Reporter) -> int | None:
+    """The images per chunk of every inner step (None: whole steps), from `--micro-batch`; a
+    resumed `auto` run keeps the value its start chose (results must continue bit for bit)."""
+    from mctool.memory import auto_micro_batch, profile_network
+
+    n = d.state.images.shape[0]
+    batch = cfg.batch_syn or n
+    if cfg.micro_batch == "auto":
+        if "micro_batch" in stored:
+            size = int(stored["micro_batch"]) or None
+        else:
+            profile = profile_network(d.net.module, tuple(d.state.images.shape[1:]))
+            choice = auto_micro_batch(profile, workload(cfg, buffer, 0), d.mode, d.device, resident_loaded=True,
+                                      impl="fastgrad" if d.second_order == "fastgrad" else "auto")
+            size = choice.micro_batch if choice.micro_batch < batch else None
+            if size is not None or not choice.fits:
+                reporter.log(f"micro-batch: {choice.why}")
+    else:
+        size = int(cfg.micro_batch) or None
+    if size is not None and size >= batch:
+        size = None
+    if size is not None:
+        why = sample_coupling(d.net.module)
+        if why is not None:
+            raise UsageError(f"--micro-batch {cfg.micro_batch}: the network mixes samples ({why}), so an inner step "
+                             "is not the sum of its chunks; use --micro-batch 0")
+    return size
+
+
 # --------------------------------------------------------------------------- checkpoints & output
 
 
 def _synset(name: str, cfg: DistillConfig, state: State, final: bool, source: dict[str, Any],
             reference: dict[str, Any] | None) -> store.Synset:
     checkpoint = store.Checkpoint(images_velocity=state.images_velocity, alpha_velocity=state.alpha_velocity,
-                                  generators=state.generators, queues=state.queues)
+                                  generators=state.generators, queues=state.queues, run=state.run)
     return store.Synset(name=name, images=state.images, labels=state.labels, lr=state.alpha, ipc=cfg.ipc,
                         method=cfg.method, grad=cfg.grad, preset=cfg.preset, iterations=state.iteration,
                         complete=final, skipped=state.skipped, config=dataclasses.asdict(cfg),
@@ -489,7 +553,8 @@ def _state_from(syn: store.Synset) -> State:
     c = syn.checkpoint
     return State(images=syn.images, labels=syn.labels, alpha=syn.lr, images_velocity=c.images_velocity,
                  alpha_velocity=c.alpha_velocity, iteration=syn.iterations, generators=c.generators, queues=c.queues,
-                 losses=list(syn.loss), skipped=syn.skipped, evaluations=list(syn.evaluations), best=syn.best)
+                 losses=list(syn.loss), skipped=syn.skipped, evaluations=list(syn.evaluations), best=syn.best,
+                 run=dict(c.run))
 
 
 @dataclass
@@ -689,6 +754,8 @@ def run_prepared(cfg: DistillConfig, buffer: store.Buffer, out: Path, prepared: 
         state.queues = [[] for _ in range(world)]
     distiller = Distiller(cfg, buffer.spec, source, prepared, state, generator)
     distiller.queue = list(state.queues[me]) if state.queues else []
+    distiller.micro_batch = choose_micro_batch(distiller, cfg, buffer, state.run, reporter)
+    state.run = {**state.run, "micro_batch": distiller.micro_batch or 0}
     run = _Run(distiller, cfg, buffer, out, name, reporter, selection)
     seconds = run.loop()
     best = None
@@ -714,6 +781,83 @@ def stored_config(out: Path, name: str) -> dict[str, Any]:
         raise UsageError(f"--resume: {store.shown(out)} does not exist (drop --resume to start a new run)")
     with store.open_synsets(out) as sf:
         return sf.read(sf.pick(name), values=False).config
+
+
+@dataclass
+class DryRunRow:
+    """One gradient mode's estimated peak memory, whole steps and as `--micro-batch auto` would run."""
+
+    mode: str
+    whole_bytes: int
+    whole_fits: bool | None  # None: free memory unknown
+    micro_batch: int | None  # auto's choice (None: whole steps)
+    chunked_bytes: int
+    fits: bool
+    why: str
+    selected: bool  # the mode this run would use
+
+
+@dataclass
+class DryRunReport:
+    """What `mctool distill --dry-run` prints: nothing is run or written."""
+
+    buffer: str
+    device: str
+    free_bytes: int | None
+    budget_fraction: float
+    images: int
+    batch: int
+    syn_steps: int
+    second_order: str
+    rows: list[DryRunRow]
+    notes: list[str]
+
+
+def dry_run(preset: str | None, overrides: dict[str, Any], buffer: Path, device: str = "auto") -> DryRunReport:
+    """Estimated peak memory of one iteration per gradient mode on this device, and the micro-batch
+    `auto` would choose; reads only the buffer's metadata (no data, no experts' values)."""
+    from mctool import memory
+    from mctool.data import SHAPES, SPLIT_SIZES
+    from mctool.device import resolve_device
+    from mctool.models import build_model
+
+    resolve_config(preset, overrides)
+    if not buffer.exists():
+        raise UsageError(missing_buffer_hint(buffer, None, False))
+    dev = resolve_device(device)
+    notes = []
+    with store.open_buffer(buffer) as buf:
+        cfg = resolve_config(preset, overrides, buf)
+        check_buffer_matches(cfg, buf)
+        split = SPLIT_SIZES.get(buf.data.name)
+        if split is None:
+            notes.append(f"the size of '{buf.data.name}' is not known before loading it: its train/test tensors on "
+                         "the device are not counted")
+            data = 0
+        else:
+            data = memory.split_bytes(*split, SHAPES[buf.data.name])
+        work = workload(cfg, buf, data)
+        with torch.device("meta"):
+            module = build_model(buf.spec)
+        profile = memory.profile_network(module, buf.data.image_shape)
+    policy = second_order_policy(cfg, dev)
+    impl = "fastgrad" if policy == "fastgrad" else "auto"
+    selected = "unrolled" if cfg.method == "mtt" else cfg.grad
+    rows = []
+    for r in memory.dry_run(profile, work, dev, impl=impl):
+        budget = r.auto.budget_bytes
+        rows.append(DryRunRow(mode=r.mode, whole_bytes=r.whole.total_bytes,
+                              whole_fits=None if budget is None else r.whole.total_bytes <= budget,
+                              micro_batch=r.auto.micro_batch if r.auto.micro_batch < work.batch else None,
+                              chunked_bytes=r.auto.estimate.total_bytes, fits=r.auto.fits, why=r.auto.why,
+                              selected=r.mode == selected))
+    if not memory.CALIBRATED.get(dev.type, False):
+        notes.append(f"the memory model's {dev.type} factors are the CPU's until bench/memory.py has run on "
+                     f"{dev.type}: estimates are rougher")
+    free = memory.free_bytes(dev)
+    return DryRunReport(buffer=str(buffer), device=str(dev), free_bytes=free,
+                        budget_fraction=memory.DEFAULT_SAFETY.get(dev.type, 0.6), images=work.n_images,
+                        batch=work.batch, syn_steps=cfg.syn_steps, second_order=policy, rows=rows, notes=notes)
 
 
 def missing_buffer_hint(buffer: Path, dataset: str | None, default_buffer: bool) -> str:

@@ -32,6 +32,7 @@ class Checkpoint:
     alpha_velocity: float
     generators: list[torch.Tensor]  # one CPU generator state (uint8) per rank
     queues: list[list[int]]  # per rank: experts left in the current shuffled pass
+    run: dict[str, Any] = field(default_factory=dict)  # choices a resume must repeat (micro-batch, second order)
 
 
 @dataclass
@@ -185,7 +186,8 @@ def _read_checkpoint(path: str | os.PathLike[str], g: h5py.Group, syn: Synset) -
         raise r.problem("queues", f"must be {gens.shape[0]} list(s) of expert indices")
     return Checkpoint(images_velocity=torch.from_numpy(velocity.astype(np.float32, copy=False)),
                       alpha_velocity=r.float("alpha_velocity"),
-                      generators=[torch.from_numpy(s.copy()) for s in gens], queues=queues)
+                      generators=[torch.from_numpy(s.copy()) for s in gens], queues=queues,
+                      run=r.json("run", dict, {}))
 
 
 # --------------------------------------------------------------------------- writing
@@ -229,6 +231,7 @@ def write_synset(f: h5py.File, syn: Synset, prov: dict[str, Any]) -> None:
         _tensor(c, "generators", torch.stack(syn.checkpoint.generators))
         c.attrs["alpha_velocity"] = float(syn.checkpoint.alpha_velocity)
         c.attrs["queues"] = json.dumps(syn.checkpoint.queues)
+        c.attrs["run"] = json.dumps(syn.checkpoint.run)
         c.attrs["world_size"] = len(syn.checkpoint.generators)
 
 

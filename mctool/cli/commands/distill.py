@@ -40,6 +40,29 @@ def print_presets(json_out: bool) -> None:
                        "override any of them)", cols, rows))
 
 
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def print_dry_run(report: Any) -> None:
+    """The --dry-run table."""
+    free = "unknown" if report.free_bytes is None else _gib(report.free_bytes)
+    rows = [[("* " if r.selected else "  ") + r.mode, _gib(r.whole_bytes),
+             "?" if r.whole_fits is None else ("yes" if r.whole_fits else "no"),
+             "whole steps" if r.micro_batch is None else f"{r.micro_batch} images", _gib(r.chunked_bytes),
+             "yes" if r.fits else "NO"] for r in report.rows]
+    stdout.print(table(f"{report.buffer}: one iteration on {report.device} ({report.images} images, {report.batch} per "
+                       f"inner step, {report.syn_steps} steps, second order {report.second_order}; free {free}, "
+                       f"budget {100 * report.budget_fraction:.0f} % of it)",
+                       ["--grad (* = selected)", "peak, whole steps", "fits", "--micro-batch auto", "peak then",
+                        "fits"], rows))
+    for r in report.rows:
+        if r.selected:
+            stdout.print(f"{r.mode}: {r.why}")
+    for note in report.notes:
+        stdout.print(f"note: {note}")
+
+
 @with_settings(DistillConfig, optional=True)
 def distill(
     preset: Optional[str] = typer.Option(None, "--preset", help="Shipped preset name or a .toml path; settings neither it nor an option gives come from the buffer or the built-in defaults (the last row of --list-presets)."),
@@ -48,6 +71,7 @@ def distill(
     out: Path = typer.Option(Path("synset.h5"), "-o", "--out", help="Output file for the synthetic set (a PNG grid is written beside it)."),
     name: Optional[str] = typer.Option(None, "--name", help="Synset name inside the file (default: the preset's name or METHOD-ipcN)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the synset's checkpoint in -o FILE with its stored settings."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the estimated peak memory of one iteration per gradient mode on this device, for these settings and buffer, and the micro-batch auto would choose; run nothing."),
     data_dir: Optional[Path] = DataDirOpt,
     device: str = DeviceOpt,
     json_out: bool = JsonOpt,
@@ -60,6 +84,15 @@ def distill(
     def body(reporter):
         if list_presets:
             print_presets(json_out)
+            return
+        if dry_run:
+            from mctool.distill import dry_run as estimate
+
+            report = estimate(preset, settings_from(DistillConfig, settings), buffer, device)
+            if json_out:
+                emit_json(report)
+                return
+            print_dry_run(report)
             return
         from mctool.distill import run as run_distill
 
