@@ -181,16 +181,16 @@ else
   step experts-parallel 15 run_py "$b/experts.py" --device cpu --threads 1 --parallel 2 --widths 8 \
     --cifar-images 64 --fmnist-images 0 --batch 32 --reps 1 --out "$work/experts-parallel.json"
 fi
-# ==== MICRO-BATCH ROWS (to be filled in when micro-batching lands) ===========================
-# CIFAR-100 ipc 50 with micro-batching, and Tiny ImageNet ipc 10 (64x64, 200 classes, ConvNet
-# depth 4): bench/distill.py has neither a micro-batch option nor an image-size option today.
-# Add here, for example:
-#   step distill-cifar100-ipc50-micro 90 run_py "$b/distill.py" --device cuda --ipc 50 --classes 100 \
-#     --steps 10,20,40,80 --micro-batch ... --out "$work/distill-cifar100-ipc50-micro.json"
-#   step distill-tinyimagenet-ipc10 90 run_py "$b/distill.py" --device cuda --ipc 10 --classes 200 \
-#     --im-size 64 --micro-batch ... --out "$work/distill-tinyimagenet-ipc10.json"
-placeholder distill-cifar100-ipc50-micro "bench/distill.py has no micro-batching option yet"
-placeholder distill-tinyimagenet-ipc10 "bench/distill.py has no 64x64 / micro-batching option yet"
+# ==== MICRO-BATCH ROWS ========================================================================
+# Tiny ImageNet ipc 10 (2000 images 3x64x64, 200 classes, ConvNet depth 3) and CIFAR-100 ipc 50
+# (5000 images): micro-batch auto vs whole steps where they fit, estimate vs measured peak, and
+# the chunked/whole time ratio (bench/distill.py --large).
+if [ "$mode" = gpu ]; then
+  step distill-large 120 run_py "$b/distill.py" --device cuda --large --large-steps 10 --overhead-reps 2 \
+    --out "$work/distill-large.json"
+else
+  placeholder distill-large "GPU sizes only (on the CPU: bench/distill.py --large --budget-gib 4, see bench/README.md)"
+fi
 # ===========================================================================================
 
 local status=0

@@ -87,14 +87,26 @@ def parallel_rows(d: dict[str, Any]) -> str:
                   "speed-up", "cuda peak (together)"], rows)
 
 
+def large_rows(d: dict[str, Any]) -> str:
+    rows = [[r["shape"], r["kind"], r["n"], r["micro"] or "whole",
+             "skipped" if "skipped" in r else f"{r['seconds']:.2f}",
+             "-" if "skipped" in r else fmt_bytes(r["measured_bytes"]), fmt_bytes(r["estimated_bytes"])]
+            for r in d["rows"] if "error" not in r]
+    text = table(["shape", "row", "images", "micro-batch", "s/iter", "measured peak", "estimated"], rows)
+    if d.get("overhead"):
+        text += "\n\n" + table(["shape", "images", "micro-batch", "median chunked/whole time"],
+                                [[o["shape"], o["n"], o["micro"], f"**{o['median_ratio']:.3f}**"] for o in d["overhead"]])
+    return text
+
+
 SECTIONS = [
     ("experts", "Expert training (CIFAR-10 shape, batch 256)", experts_rows),
     ("distill-cifar10-ipc10", "One distillation iteration, CIFAR-10 ipc 10 (constant vs constant-autograd: "
                               "the second-order step through fastgrad vs autograd's double backward)", distill_rows),
     ("distill-cifar100-ipc50", "One distillation iteration, CIFAR-100 ipc 50 (batch_syn = all 5,000 images)",
      distill_rows),
-    ("distill-cifar100-ipc50-micro", "One distillation iteration, CIFAR-100 ipc 50, micro-batched", distill_rows),
-    ("distill-tinyimagenet-ipc10", "One distillation iteration, Tiny ImageNet ipc 10", distill_rows),
+    ("distill-large", "Micro-batched iterations: Tiny ImageNet ipc 10 and CIFAR-100 ipc 50 (--micro-batch auto vs "
+                      "whole steps; peak memory; chunking overhead)", large_rows),
     ("evaluate", "One evaluation run per ipc (ConvNet-3, CIFAR-10 shape)", evaluate_rows),
     ("evaluate-together", "Evaluation: runs together vs one after another", together_rows),
     ("experts-parallel", "Experts together vs one after another", parallel_rows),
