@@ -78,9 +78,8 @@ SIZES: dict[str, Size] = {
                 abl_eval_every=100, why="the paper's scale; estimated 3-5 h on one H100-class GPU (not measured)"),
 }
 
-# Options of features being built while this benchmark was written; their names are not fixed yet.
-# Rows needing them report "not available in this mctool" until `mctool distill/evaluate --help`
-# lists them: when a feature lands, correct its names here (one place).
+# Options of the newer features the rows use (in one place; a row whose option `mctool --help`
+# does not list reports "not available in this mctool").
 PENDING = {
     "step_units": ("--step-units", {"released": "released", "exact": "exact"}),  # distill: step units
     "select_on": ("--select-on", "validation"),  # distill: pick the best images on a validation split
@@ -89,7 +88,7 @@ PENDING = {
 
 # The ablation: the reference setting, and one row per (factor, value) that varies one factor.
 # Rows with equal settings share their stages (e.g. "--grad constant" *is* the reference).
-REFERENCE: dict[str, Any] = {"grad": "constant", "units": None, "images": "final", "start": "continuous",
+REFERENCE: dict[str, Any] = {"grad": "constant", "units": "released", "images": "final", "start": "continuous",
                              "interior": 2, "beta": "mct"}
 ROWS: list[tuple[str, Any]] = [
     ("grad", "constant"), ("grad", "adjoint"),
@@ -126,7 +125,7 @@ def setting_args(s: dict[str, Any], size: Size) -> tuple[list[str], list[str], l
     d_req: list[str] = []
     e: list[str] = []
     e_req: list[str] = []
-    if s["units"] is not None:
+    if s["units"] != "released":  # released is mctool's default: the reference row needs no option
         opt, values = PENDING["step_units"]
         d += [opt, values[s["units"]]]
         d_req.append(opt)

@@ -84,12 +84,14 @@ def test_plan_shares_stages_between_equal_settings() -> None:
     plan = fidelity.build_plan(fidelity.SIZES["default"])
     names = [s.name for s in plan.stages]
     assert len(names) == len(set(names))
-    # grad constant, images final, continuous starts, interior 2 and beta mct are all the reference setting.
+    # grad constant, released step units (the default), images final, continuous starts, interior 2 and
+    # beta mct are all the reference setting.
     ref_rows = [r for r in plan.rows if r["key"] == "ref"]
     assert {(r["factor"], r["value"]) for r in ref_rows} == {
-        ("grad", "constant"), ("images", "final"), ("start", "continuous"), ("interior", 2), ("beta", "mct")}
+        ("grad", "constant"), ("units", "released"), ("images", "final"), ("start", "continuous"), ("interior", 2),
+        ("beta", "mct")}
     # One distillation per distinct setting: 17 rows, 5 of them the reference -> 13 distillations.
-    assert sum(1 for n in names if n.startswith("abl-distill-")) == 13
+    assert sum(1 for n in names if n.startswith("abl-distill-")) == 12
     # The main convexified buffer (I = 2, mct) serves the main runs and the reference row; 7 variants more.
     convex = [s for s in plan.stages if s.command == "convexify"]
     assert [s.name for s in convex][0] == "convexify" and len(convex) == 1 + 4 + 3
@@ -114,7 +116,7 @@ def test_full_run_table_and_unavailable_rows(tmp_path: Path) -> None:
     assert summary["goals"]["interior 2 >= interior 0"] == "not met"
     assert summary["goals"]["gain ipc 1 >= 15"] == "met"
     # Rows needing options this mctool lacks are reported, not run, and do not fail the benchmark.
-    for key in [("units", "released"), ("units", "exact"), ("images", "best")]:
+    for key in [("units", "exact"), ("images", "best")]:
         assert rows[key]["result"] is None
         assert rows[key]["status"].startswith("not available in this mctool")
     # The quick size's experts (K = 4) cannot hold 8 interior waypoints: said so, nothing run.
