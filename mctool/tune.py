@@ -1,0 +1,528 @@
+"""`mctool distill --tune`: a short, budgeted search over the settings that matter most.
+
+Stages, each around the best so far (method: coordinate search on a coarse log grid):
+  1. lr_img × 0.1, 0.3, 1, 3, 10 — the setting the results depend on most;
+  2. max_start_epoch × ½, 1, 2 (below K);
+  3. syn_steps × ½, 1, 2.
+Every candidate is a short distillation from the same seed (same images at the start, same
+experts, starts and augmentations) scored by training `eval_runs` fresh networks on its images
+and measuring them on a validation split held out of the training set, class by class; the
+distillation never sees those images, and nothing here reads the test split. Same seeds for
+every candidate make the comparison paired: the differences are less noisy than the scores.
+
+The budget is honest: a probe (two distillation iterations and a few evaluation epochs)
+measures this machine first; the iterations per candidate are fitted so the planned
+candidates fit the budget (between MIN_ITERATIONS and MAX_ITERATIONS), and whole stages are
+dropped — and reported — when even that does not fit. A candidate whose estimated time would
+overrun the budget is skipped and reported. The search is cheap enough not to be resumable
+(20 minutes by default): interrupted, it writes the best settings found so far.
+
+Short runs favour settings that move fast (a larger lr_img): the winner is the best of a short
+horizon, which the notes say.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mctool import store
+from mctool.distill import DistillConfig, check_buffer_matches, run_prepared
+from mctool.errors import Interrupted, UsageError
+from mctool.evaluate import EvaluateConfig, evaluate_set, random_real
+from mctool.prepared import Prepared, split_validation
+from mctool.progress import SILENT, Reporter
+
+MIN_ITERATIONS = 20
+MAX_ITERATIONS = 200
+LR_FACTORS = (0.1, 0.3, 1.0, 3.0, 10.0)
+LR_FACTORS_SMALL = (0.1, 1.0, 10.0)
+TUNED = ("lr_img", "max_start_epoch", "syn_steps")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """How long and how carefully to search."""
+
+    minutes: float = 20.0  # the whole search's budget, probe and reference included
+    iterations: int = 0  # per candidate; 0 = fitted to the budget
+    eval_runs: int = 2
+    eval_epochs: int = 300
+    val_size: int = 0  # 0 = 10 % of the training split, at least 30 per class, at most a third
+    seed: int = 0
+
+    def validate(self) -> None:
+        """One usage line for settings that cannot run."""
+        checks = [("--tune-minutes", math.isfinite(self.minutes) and self.minutes > 0, "> 0"),
+                  ("--tune-iterations", self.iterations >= 0, ">= 0 (0 = fitted to the budget)"),
+                  ("--tune-runs", self.eval_runs >= 1, ">= 1"), ("--tune-epochs", self.eval_epochs >= 2, ">= 2"),
+                  ("--val-size", self.val_size >= 0, ">= 0")]
+        for option, ok, need in checks:
+            if not ok:
+                raise UsageError(f"{option} must be {need}")
+
+
+@dataclass
+class Candidate:
+    """One scored setting."""
+
+    stage: str
+    values: dict[str, Any]  # the tuned settings
+    mean: float | None = None  # validation accuracy over eval_runs networks
+    std: float | None = None
+    runs: int = 0
+    alpha: float | None = None  # the learned step size at the end of the short run
+    seconds: float = 0.0
+    note: str = ""
+
+
+@dataclass
+class TuneResult:
+    """What the search did and found."""
+
+    buffer: str
+    dataset: str
+    ipc: int
+    base: dict[str, Any]  # the settings searched around
+    best: dict[str, Any]  # the winner: every setting of the winning DistillConfig
+    best_index: int
+    candidates: list[Candidate]
+    random_real: dict[str, Any] | None  # validation accuracy of random real images (same protocol)
+    iterations: int  # per candidate
+    val_images: int
+    budget_s: float
+    seconds: float
+    probe: dict[str, float]
+    skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    preset: str | None = None  # the preset file written
+
+
+class _NoLogs(Reporter):
+    """Passes progress and stop requests on, drops the inner runs' log lines."""
+
+    def __init__(self, inner: Reporter) -> None:
+        self.inner = inner
+
+    def task(self, key: str, description: str, total: int | None) -> None:
+        self.inner.task(key, f"tune: {description}", total)
+
+    def update(self, key: str, advance: int = 0, **fields: Any) -> None:
+        self.inner.update(key, advance, **fields)
+
+    def done(self, key: str) -> None:
+        self.inner.done(key)
+
+    def should_stop(self) -> int:
+        return self.inner.should_stop()
+
+
+def tuning_val_size(num_train: int, classes: int, asked: int = 0) -> int:
+    """Validation images for tuning: `asked`, else 10 % of the training split but at least 30 per
+    class (a score on fewer moves in steps of several percent), at most a third, at most 5000."""
+    if asked:
+        return asked
+    return min(5000, num_train // 3, max(num_train // 10, 30 * classes))
+
+
+def split_for_tuning(prepared: Prepared, size: int, seed: int) -> tuple[Prepared, tuple[torch.Tensor, torch.Tensor]]:
+    """(data the candidates distil from — the training split minus the validation images, and no
+    test split at all —, the validation split they are scored on)."""
+    keep, held = split_validation(prepared.train_y, prepared.meta.num_classes, size, seed)
+    if held.numel() == 0:
+        raise UsageError("--tune needs a validation split, but the training split is too small (see --val-size)")
+    dev = prepared.train_x.device
+    keep, held = keep.to(dev), held.to(dev)
+    empty_x, empty_y = prepared.train_x[:0], prepared.train_y[:0]
+    tuning = dataclasses.replace(prepared, train_x=prepared.train_x[keep], train_y=prepared.train_y[keep],
+                                 test_x=empty_x, test_y=empty_y)
+    return tuning, (prepared.train_x[held], prepared.train_y[held])
+
+
+class _Search:
+    """The candidates' runs against one buffer, scored on one validation split."""
+
+    def __init__(self, base: DistillConfig, buffer: store.Buffer, data: Prepared,
+                 val: tuple[torch.Tensor, torch.Tensor], tcfg: TuneConfig, workdir: Path, reporter: Reporter) -> None:
+        self.base, self.buffer, self.data, self.val, self.tcfg = base, buffer, data, val, tcfg
+        self.workdir, self.reporter, self.inner = workdir, reporter, _NoLogs(reporter)
+        self.ecfg = EvaluateConfig(runs=tcfg.eval_runs, epochs=tcfg.eval_epochs, seed=tcfg.seed, augment=base.augment)
+        self.runs = 0
+
+    def config(self, values: dict[str, Any], iterations: int) -> DistillConfig:
+        """The base settings with `values`, for a short run without checkpoints or evaluations."""
+        return dataclasses.replace(self.base, **values, iterations=iterations, eval_every=0,
+                                   checkpoint_every=iterations + 1, checkpoint_minutes=0.0)
+
+    def distil(self, cfg: DistillConfig) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        """(images, labels, learned step size, seconds) of a short run."""
+        self.runs += 1
+        out = self.workdir / f"candidate-{self.runs}.h5"
+        try:
+            result = run_prepared(cfg, self.buffer, out, self.data, name="tune", reporter=self.inner)
+            with store.open_synsets(out) as sf:
+                syn = sf.read("tune")
+        finally:
+            out.unlink(missing_ok=True)
+        return syn.images, syn.labels, float(result.alpha), result.seconds
+
+    def score(self, images: torch.Tensor, labels: torch.Tensor, lr: float, kind: str = "synset",
+              ecfg: EvaluateConfig | None = None) -> tuple[float, float, int, float]:
+        """(mean, std, runs, seconds) of networks trained on the images, measured on the validation split."""
+        started = time.perf_counter()
+        ev = evaluate_set(images, labels, lr, self.data, self.buffer.spec, ecfg or self.ecfg, kind, self.inner,
+                          score_on=self.val, split="validation",
+                          stop_hint="tuning stopped; the best settings so far are kept")[0]
+        return ev.mean, ev.std, ev.runs, time.perf_counter() - started
+
+    def run(self, stage: str, values: dict[str, Any], iterations: int) -> Candidate:
+        """Distil and score one candidate."""
+        cand = Candidate(stage=stage, values=dict(values))
+        started = time.perf_counter()
+        cfg = self.config(values, iterations)
+        problem = cfg.problem()
+        if problem is None and cfg.max_start_epoch >= _K(self.buffer, cfg):
+            problem = ("max_start_epoch", "must be below K")
+        if problem is not None:
+            cand.note = f"not run: {problem[0]} {problem[1]}"
+            return cand
+        images, labels, alpha, _ = self.distil(cfg)
+        cand.alpha = alpha
+        if not all(math.isfinite(v) for v in (alpha, float(images.abs().max()))):
+            cand.note = "diverged"
+        else:
+            cand.mean, cand.std, cand.runs, _ = self.score(images, labels, alpha)
+        cand.seconds = time.perf_counter() - started
+        return cand
+
+
+def _K(buffer: store.Buffer, cfg: DistillConfig) -> int:
+    return int(buffer.convex.meta.epochs) if cfg.method == "mct" else int(buffer.require_experts().epochs)
+
+
+def _grid(stage: str, best: dict[str, Any], K: int, lr_factors: tuple[float, ...]) -> list[dict[str, Any]]:
+    """The candidates of one stage around the best values so far."""
+    out: list[dict[str, Any]] = []
+    if stage == "lr_img":
+        for f in lr_factors:
+            out.append({**best, "lr_img": float(f"{best['lr_img'] * f:.2g}")})
+    elif stage == "max_start_epoch":
+        s = best["max_start_epoch"]
+        for v in (s / 2, s, min(2 * s if s > 0 else 1.0, K - 1.0)):
+            if 0 <= v < K:
+                out.append({**best, "max_start_epoch": round(float(v), 2)})
+    elif stage == "syn_steps":
+        n = best["syn_steps"]
+        for v in (max(1, n // 2), n, 2 * n):
+            out.append({**best, "syn_steps": int(v)})
+    unique: list[dict[str, Any]] = []
+    for v in out:
+        if v not in unique:
+            unique.append(v)
+    return unique
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What fits the budget: stages, lr factors, iterations per candidate."""
+
+    stages: tuple[str, ...]
+    lr_factors: tuple[float, ...]
+    iterations: int
+    estimate_s: float  # the plan's estimated time
+    dropped: tuple[str, ...] = ()
+
+
+def plan_search(budget_s: float, t_iteration: float, t_eval: float, free: tuple[str, ...],
+                iterations: int = 0) -> Plan:
+    """The largest search that fits `budget_s` seconds, given the probe's seconds per
+    distillation iteration (at the base syn_steps) and per candidate's evaluation.
+
+    Iterations per candidate are fitted first (MAX_ITERATIONS down to MIN_ITERATIONS), then
+    stages are dropped from the end (syn_steps, then max_start_epoch), then the lr grid shrinks
+    to three values; what cannot fit even then runs at MIN_ITERATIONS and overruns."""
+    options: list[tuple[tuple[str, ...], tuple[float, ...]]] = []
+    stages = tuple(s for s in TUNED if s in free)
+    for cut in range(len(stages), 0, -1):
+        options.append((stages[:cut], LR_FACTORS))
+    if "lr_img" in stages:
+        options.append((("lr_img",), LR_FACTORS_SMALL))
+    if not options:
+        options.append(((), LR_FACTORS))
+
+    def cost(st: tuple[str, ...], lrf: tuple[float, ...]) -> tuple[float, int]:
+        """(iteration units at the base syn_steps, evaluations) of a plan (new candidates only)."""
+        units, evals = 1.0, 1  # the base candidate (or the lr stage's ×1), and the random-real reference
+        for s in st:
+            if s == "lr_img":
+                units, evals = units + len(lrf) - 1, evals + len(lrf) - 1
+            elif s == "max_start_epoch":
+                units, evals = units + 2, evals + 2
+            elif s == "syn_steps":
+                units, evals = units + 2.5, evals + 2  # ½ N and 2 N
+        return units, evals + 1
+
+    for st, lrf in options:
+        units, evals = cost(st, lrf)
+        if iterations:
+            it = iterations
+        else:
+            it = int((budget_s - evals * t_eval) / max(units * t_iteration, 1e-9))
+            it = min(MAX_ITERATIONS, it)
+        if it >= MIN_ITERATIONS or iterations:
+            dropped = tuple(s for s in stages if s not in st)
+            if lrf != LR_FACTORS and "lr_img" in st:
+                dropped += ("lr_img × 0.3 and × 3",)
+            return Plan(st, lrf, it, units * it * t_iteration + evals * t_eval, dropped)
+    st, lrf = options[-1]
+    units, evals = cost(st, lrf)
+    dropped = tuple(s for s in stages if s not in st)
+    return Plan(st, lrf, MIN_ITERATIONS, units * MIN_ITERATIONS * t_iteration + evals * t_eval, dropped)
+
+
+def tune_prepared(base: DistillConfig, buffer: store.Buffer, prepared: Prepared, tcfg: TuneConfig,
+                  fixed: set[str] = frozenset(), reporter: Reporter = SILENT) -> TuneResult:  # type: ignore[assignment]
+    """Search the settings not in `fixed` around `base` on `buffer`, within the budget.
+
+    Never reads `prepared`'s test split: candidates distil from the training split minus a
+    held-out validation split and are scored there."""
+    tcfg.validate()
+    base.validate()
+    check_buffer_matches(base, buffer)
+    started = time.perf_counter()
+    budget = 60.0 * tcfg.minutes
+    size = tuning_val_size(prepared.train_y.numel(), prepared.meta.num_classes, tcfg.val_size)
+    data, val = split_for_tuning(prepared, size, tcfg.seed)
+    K = _K(buffer, base)
+    free = tuple(s for s in TUNED if s not in fixed)
+    best_values = {k: getattr(base, k) for k in TUNED}
+    result = TuneResult(buffer=store.shown(buffer.path), dataset=base.dataset or buffer.data.name, ipc=base.ipc,
+                        base=dict(best_values), best=dataclasses.asdict(base), best_index=-1, candidates=[],
+                        random_real=None, iterations=0, val_images=int(val[1].numel()), budget_s=budget,
+                        seconds=0.0, probe={})
+    with tempfile.TemporaryDirectory(prefix="mctool-tune-") as tmp:
+        search = _Search(base, buffer, data, val, tcfg, Path(tmp), reporter)
+        # The probe: two iterations (the first pays for warm-up, so the estimate errs long) and a
+        # few evaluation epochs, at the base settings.
+        reporter.log(f"tune: measuring this machine (2 distillation iterations, a short evaluation); budget "
+                     f"{tcfg.minutes:g} min, validation split of {result.val_images} training images")
+        probe_cfg = search.config(best_values, 2)
+        images, labels, alpha, t_distil = search.distil(probe_cfg)
+        probe_epochs = min(10, tcfg.eval_epochs)
+        _, _, _, t_probe_eval = search.score(images, labels, alpha, ecfg=dataclasses.replace(
+            search.ecfg, runs=1, epochs=probe_epochs))
+        t_iteration = t_distil / 2
+        t_eval = t_probe_eval / probe_epochs * tcfg.eval_epochs * tcfg.eval_runs
+        result.probe = {"seconds_per_iteration": t_iteration, "seconds_per_evaluation": t_eval,
+                        "syn_steps": float(base.syn_steps)}
+        left = budget - (time.perf_counter() - started)
+        plan = plan_search(left, t_iteration, t_eval, free, tcfg.iterations)
+        result.iterations = plan.iterations
+        result.skipped += [f"stage {s} (budget)" for s in plan.dropped]
+        if plan.estimate_s > left * 1.05:
+            result.notes.append(f"the budget is too small even for {plan.iterations} iterations per candidate: "
+                                f"estimated {plan.estimate_s / 60:.1f} min")
+        reporter.log(f"tune: {t_iteration:.2f} s per iteration, {t_eval:.0f} s per evaluation "
+                     f"({tcfg.eval_runs} × {tcfg.eval_epochs} epochs) → {plan.iterations} iterations per candidate, "
+                     f"stages {', '.join(plan.stages) or 'none'}"
+                     + (f" (dropped: {', '.join(plan.dropped)})" if plan.dropped else "")
+                     + f", about {plan.estimate_s / 60:.1f} min")
+        done: dict[tuple[Any, ...], Candidate] = {}
+        t_unit = t_iteration / max(1, base.syn_steps)  # seconds per iteration per inner step
+
+        def visit(stage: str, values: dict[str, Any]) -> None:
+            key = tuple(values[k] for k in TUNED)
+            if key in done:
+                return
+            est = plan.iterations * t_unit * values["syn_steps"] + t_eval
+            spent = time.perf_counter() - started
+            if done and spent + est > budget:
+                result.skipped.append(f"{stage} candidate {_show(values)} (budget: {spent / 60:.1f} of "
+                                      f"{tcfg.minutes:g} min spent, ~{est / 60:.1f} min needed)")
+                done[key] = Candidate(stage=stage, values=dict(values), note="skipped (budget)")
+                return
+            cand = search.run(stage, values, plan.iterations)
+            done[key] = cand
+            result.candidates.append(cand)
+            shown = (f"{100 * cand.mean:.2f} ± {100 * (cand.std or 0):.2f} % (n = {cand.runs})"
+                     if cand.mean is not None else cand.note)
+            reporter.log(f"tune {len(result.candidates)}: {stage}: {_show(values)} → validation {shown} "
+                         f"[{cand.seconds:.0f} s]")
+
+        def best_so_far() -> dict[str, Any]:
+            scored = [c for c in result.candidates if c.mean is not None]
+            if not scored:
+                return best_values
+            win = max(scored, key=lambda c: c.mean)  # max keeps the first of equals: the earlier candidate
+            result.best_index = result.candidates.index(win)
+            return dict(win.values)
+
+        try:
+            visit("base", best_values)
+            for stage in plan.stages:
+                for values in _grid(stage, best_so_far(), K, plan.lr_factors):
+                    visit(stage, values)
+                best_values = best_so_far()
+            best_values = best_so_far()
+            win = result.candidates[result.best_index] if result.best_index >= 0 else None
+            if win is not None and win.alpha is not None:
+                rx, ry = random_real(data, base.ipc, tcfg.seed)
+                mean, std, runs, _ = search.score(rx, ry, win.alpha, kind="random-real")
+                result.random_real = {"mean": mean, "std": std, "runs": runs, "lr": win.alpha}
+                reporter.log(f"tune: random real images (ipc {base.ipc}) → validation {100 * mean:.2f} ± "
+                             f"{100 * std:.2f} % (n = {runs})")
+        except Interrupted as exc:
+            best_values = best_so_far()
+            result.notes.append("interrupted: the best settings found so far")
+            result.best = dataclasses.asdict(dataclasses.replace(base, **best_values))
+            result.seconds = time.perf_counter() - started
+            raise TuneInterrupted(result, exc.signum) from None
+    if result.best_index < 0:
+        raise UsageError("--tune: no candidate could be scored (every run diverged or was invalid); try "
+                         "--lr-img smaller than " + f"{base.lr_img:g}")
+    result.best = dataclasses.asdict(dataclasses.replace(base, **best_values))
+    result.seconds = time.perf_counter() - started
+    result.notes.append(f"scored after {plan.iterations} iterations per candidate: short runs favour settings "
+                        "that move fast; the full run uses the preset's iterations")
+    return result
+
+
+class TuneInterrupted(Interrupted):
+    """The search was stopped; `result` holds what it found so far."""
+
+    def __init__(self, result: TuneResult, signum: int) -> None:
+        super().__init__("interrupted while tuning", signum)
+        self.result = result
+
+
+def _show(values: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+
+
+def preset_values(result: TuneResult) -> dict[str, Any]:
+    """The winner as preset keys (the settings a preset may hold)."""
+    from mctool.presets import preset_keys
+
+    keys = preset_keys()
+    return {k: v for k, v in result.best.items() if k in keys and v is not None}
+
+
+def preset_comment(result: TuneResult) -> str:
+    """The header of the written preset: how it was found, on what, with which scores."""
+    lines = [f"Found by `mctool distill --tune` on {result.buffer} ({result.dataset}, ipc {result.ipc}), "
+             f"{store.now_iso()}.",
+             f"Search: lr_img, then max_start_epoch, then syn_steps around the buffer's settings; "
+             f"{result.iterations} distillation iterations per candidate, each scored by {_runs(result)} networks "
+             f"on {result.val_images} validation images held out of the training split (never the test split).",
+             f"Budget {result.budget_s / 60:g} min, used {result.seconds / 60:.1f} min.",
+             "", "validation accuracy (%) per candidate:"]
+    for i, c in enumerate(result.candidates):
+        score = f"{100 * c.mean:.2f} ± {100 * (c.std or 0):.2f}" if c.mean is not None else c.note
+        mark = "  <- chosen" if i == result.best_index else ""
+        lines.append(f"  {c.stage:16s} {_show(c.values):60s} {score}{mark}")
+    if result.random_real is not None:
+        rr = result.random_real
+        lines.append(f"  random real images (same protocol)                                     "
+                     f"{100 * rr['mean']:.2f} ± {100 * rr['std']:.2f}")
+    for s in result.skipped:
+        lines.append(f"skipped: {s}")
+    for n in result.notes:
+        lines.append(f"note: {n}")
+    return "\n".join(lines)
+
+
+def _runs(result: TuneResult) -> int:
+    return max((c.runs for c in result.candidates), default=0)
+
+
+def write_result_preset(result: TuneResult, path: Path) -> Path:
+    """Write the winner as a preset file `--preset PATH` reads back; a folder: dataset inside
+    the preset's folder is written relative to it (the two can move together)."""
+    from mctool.presets import write_preset
+
+    values = preset_values(result)
+    values["source"] = "tuned"
+    values["description"] = f"mctool distill --tune on {result.buffer}"
+    ds = values.get("dataset", "")
+    if isinstance(ds, str) and ds.lower().startswith("folder:"):
+        target = Path(ds[len("folder:"):])
+        here = path.expanduser().resolve().parent
+        try:
+            rel = target.relative_to(here)
+            values["dataset"] = f"folder:{rel.as_posix() or '.'}"
+        except ValueError:
+            values["dataset"] = f"folder:{target}"
+    order = ["source", "description", "dataset", "ipc"]
+    ordered = {k: values[k] for k in order if k in values}
+    ordered.update({k: v for k, v in values.items() if k not in ordered})
+    return write_preset(path, ordered, preset_comment(result))
+
+
+@dataclass
+class TuneRun:
+    """`mctool distill --tune`: the search, and the distillation with its winner (unless --tune-only)."""
+
+    tune: TuneResult
+    distill: Any = None  # DistillResult
+
+
+def default_preset_path(out: Path, dataset: str, ipc: int) -> Path:
+    """tuned-DATASET-ipcN.toml beside the synset file (a folder dataset: its folder's name)."""
+    name = Path(dataset[len("folder:"):]).name if dataset.lower().startswith("folder:") else dataset
+    slug = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in name) or "dataset"
+    return out.parent / f"tuned-{slug}-ipc{ipc}.toml"
+
+
+def run(preset: str | None, overrides: dict[str, Any], buffer: Path, out: Path, tcfg: TuneConfig,
+        tune_out: Path | None = None, tune_only: bool = False, name: str | None = None, data_dir: Path | None = None,
+        device: str = "auto", default_buffer: bool = False, reporter: Reporter = SILENT) -> TuneRun:
+    """Tune on `buffer`, write the winner as a preset file, then distil with it into `out`."""
+    from mctool import distill
+    from mctool import distributed as dist
+    from mctool.device import resolve_device
+    from mctool.prepared import prepare_like
+
+    if dist.world_size() > 1:
+        raise UsageError("--tune runs in one process: start it without torchrun, then distil with --preset FILE "
+                         "under torchrun")
+    tcfg.validate()
+    probe = distill.resolve_config(preset, overrides)
+    if not buffer.exists():
+        raise UsageError(distill.missing_buffer_hint(buffer, probe.dataset, default_buffer))
+    with store.open_buffer(buffer) as buf:
+        cfg = distill.resolve_config(preset, overrides, buf)
+        distill.check_buffer_matches(cfg, buf)
+        if cfg.method == "mct":
+            buf.convex_experts()
+        path = tune_out or default_preset_path(out, cfg.dataset or buf.data.name, cfg.ipc)
+        if path.exists() and path.is_dir():
+            raise UsageError(f"--tune-out {path}: is a folder; name a .toml file")
+        given = {k for k, v in overrides.items() if v is not None}
+        if preset is None:
+            reporter.log(distill.buffer_note(buf, cfg, given))
+        reporter.log(f"loading {buf.data.name}" + (" and fitting ZCA (cached after the first time)"
+                                                   if buf.data.zca else ""))
+        prepared = prepare_like(buf.data, data_dir, resolve_device(device))
+        try:
+            result = tune_prepared(cfg, buf, prepared, dataclasses.replace(tcfg, seed=cfg.seed), set(given), reporter)
+        except TuneInterrupted as exc:
+            if exc.result.best_index >= 0:
+                exc.result.preset = str(write_result_preset(exc.result, path))
+                raise Interrupted(f"interrupted while tuning; the best settings so far are in {store.shown(path)} "
+                                  f"(use --preset {store.shown(path)})", exc.signum) from None
+            raise Interrupted("interrupted while tuning, before any candidate was scored; nothing was written",
+                              exc.signum) from None
+    result.preset = str(write_result_preset(result, path))
+    reporter.log(f"tune: the winner is in {store.shown(path)}; `mctool distill --preset {store.shown(path)}` uses it")
+    if tune_only:
+        return TuneRun(result)
+    drest = distill.run(str(path), overrides, buffer, out, name, False, data_dir, device, default_buffer,
+                        reporter=reporter)
+    return TuneRun(result, drest)
