@@ -747,7 +747,7 @@ def run(preset: str | None, overrides: dict[str, Any], buffer: Path, out: Path, 
         if preset is None and stored is None:
             note = buffer_note(buf, cfg, {k for k, v in overrides.items() if v is not None})
             reporter.log(note)
-        prepared = prepare_like(buf.data, data_dir, dev)
+        prepared = prepare_like(buf.data, data_dir, dev, reporter)
         result = run_prepared(cfg, buf, out, prepared, name=name or synset_name(cfg), resume=resume,
                               reporter=reporter)
         if note is not None:

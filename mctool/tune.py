@@ -10,8 +10,8 @@ and measuring them on a validation split held out of the training set, class by 
 distillation never sees those images, and nothing here reads the test split. Same seeds for
 every candidate make the comparison paired: the differences are less noisy than the scores.
 
-The budget is honest: a probe (two distillation iterations and a few evaluation epochs)
-measures this machine first; the iterations per candidate are fitted so the planned
+The budget is honest: a probe (three distillation iterations and six evaluation epochs,
+timed after the first of each) measures this machine first; the iterations per candidate are fitted so the planned
 candidates fit the budget (between MIN_ITERATIONS and MAX_ITERATIONS), and whole stages are
 dropped — and reported — when even that does not fit. A candidate whose estimated time would
 overrun the budget is skipped and reported. The search is cheap enough not to be resumable
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -122,6 +123,36 @@ class _NoLogs(Reporter):
 
     def should_stop(self) -> int:
         return self.inner.should_stop()
+
+
+class _Clock(_NoLogs):
+    """Also notes when each step of each task ended, to time steady-state steps (the first step
+    of a task pays for warm-up)."""
+
+    def __init__(self, inner: Reporter) -> None:
+        super().__init__(inner)
+        self.times: dict[str, list[float]] = {}
+
+    def task(self, key: str, description: str, total: int | None) -> None:
+        self.times[key] = [time.perf_counter()]
+        super().task(key, description, total)
+
+    def update(self, key: str, advance: int = 0, **fields: Any) -> None:
+        if advance > 0 and key in self.times:
+            self.times[key].append(time.perf_counter())
+        super().update(key, advance, **fields)
+
+    def steady(self, prefix: str) -> tuple[float | None, float]:
+        """(median seconds per step after each task's first, seconds of all steps) of the tasks
+        whose key starts with `prefix`."""
+        later: list[float] = []
+        total = 0.0
+        for key, ts in self.times.items():
+            if key.startswith(prefix) and len(ts) > 1:
+                steps = [b - a for a, b in zip(ts, ts[1:])]
+                later += steps[1:]
+                total += sum(steps)
+        return (statistics.median(later) if later else None), total
 
 
 def tuning_val_size(num_train: int, classes: int, asked: int = 0) -> int:
@@ -309,17 +340,23 @@ def tune_prepared(base: DistillConfig, buffer: store.Buffer, prepared: Prepared,
                         seconds=0.0, probe={})
     with tempfile.TemporaryDirectory(prefix="mctool-tune-") as tmp:
         search = _Search(base, buffer, data, val, tcfg, Path(tmp), reporter)
-        # The probe: two iterations (the first pays for warm-up, so the estimate errs long) and a
-        # few evaluation epochs, at the base settings.
-        reporter.log(f"tune: measuring this machine (2 distillation iterations, a short evaluation); budget "
+        # The probe: three iterations and six evaluation epochs at the base settings, timed after
+        # the first of each (which pays for warm-up).
+        reporter.log(f"tune: measuring this machine (3 distillation iterations, 6 evaluation epochs); budget "
                      f"{tcfg.minutes:g} min, validation split of {result.val_images} training images")
-        probe_cfg = search.config(best_values, 2)
-        images, labels, alpha, t_distil = search.distil(probe_cfg)
-        probe_epochs = min(10, tcfg.eval_epochs)
+        clock = _Clock(reporter)
+        search.inner = clock
+        images, labels, alpha, t_distil = search.distil(search.config(best_values, 3))
+        probe_epochs = min(6, tcfg.eval_epochs)
         _, _, _, t_probe_eval = search.score(images, labels, alpha, ecfg=dataclasses.replace(
             search.ecfg, runs=1, epochs=probe_epochs))
-        t_iteration = t_distil / 2
-        t_eval = t_probe_eval / probe_epochs * tcfg.eval_epochs * tcfg.eval_runs
+        search.inner = _NoLogs(reporter)
+        per_iteration, _ = clock.steady("distill")
+        per_epoch, epochs_total = clock.steady("eval-")
+        t_iteration = per_iteration if per_iteration is not None else t_distil / 3
+        t_test = max(0.0, t_probe_eval - epochs_total)  # building the network and the validation pass
+        epoch = per_epoch if per_epoch is not None else t_probe_eval / probe_epochs
+        t_eval = tcfg.eval_runs * (tcfg.eval_epochs * epoch + t_test)
         result.probe = {"seconds_per_iteration": t_iteration, "seconds_per_evaluation": t_eval,
                         "syn_steps": float(base.syn_steps)}
         left = budget - (time.perf_counter() - started)
@@ -336,12 +373,15 @@ def tune_prepared(base: DistillConfig, buffer: store.Buffer, prepared: Prepared,
                      + f", about {plan.estimate_s / 60:.1f} min")
         done: dict[tuple[Any, ...], Candidate] = {}
         t_unit = t_iteration / max(1, base.syn_steps)  # seconds per iteration per inner step
+        correction = [1.0]
 
         def visit(stage: str, values: dict[str, Any]) -> None:
             key = tuple(values[k] for k in TUNED)
             if key in done:
                 return
-            est = plan.iterations * t_unit * values["syn_steps"] + t_eval
+            # The probe's estimate, corrected by how the last candidate's estimate turned out
+            # (the machine's load changes).
+            est = (plan.iterations * t_unit * values["syn_steps"] + t_eval) * correction[0]
             spent = time.perf_counter() - started
             if done and spent + est > budget:
                 result.skipped.append(f"{stage} candidate {_show(values)} (budget: {spent / 60:.1f} of "
@@ -349,10 +389,11 @@ def tune_prepared(base: DistillConfig, buffer: store.Buffer, prepared: Prepared,
                 done[key] = Candidate(stage=stage, values=dict(values), note="skipped (budget)")
                 return
             cand = search.run(stage, values, plan.iterations)
+            if cand.seconds > 0:
+                correction[0] = cand.seconds / (est / correction[0])
             done[key] = cand
             result.candidates.append(cand)
-            shown = (f"{100 * cand.mean:.2f} ± {100 * (cand.std or 0):.2f} % (n = {cand.runs})"
-                     if cand.mean is not None else cand.note)
+            shown = score_text(cand.mean, cand.std, cand.runs) + " %" if cand.mean is not None else cand.note
             reporter.log(f"tune {len(result.candidates)}: {stage}: {_show(values)} → validation {shown} "
                          f"[{cand.seconds:.0f} s]")
 
@@ -376,8 +417,8 @@ def tune_prepared(base: DistillConfig, buffer: store.Buffer, prepared: Prepared,
                 rx, ry = random_real(data, base.ipc, tcfg.seed)
                 mean, std, runs, _ = search.score(rx, ry, win.alpha, kind="random-real")
                 result.random_real = {"mean": mean, "std": std, "runs": runs, "lr": win.alpha}
-                reporter.log(f"tune: random real images (ipc {base.ipc}) → validation {100 * mean:.2f} ± "
-                             f"{100 * std:.2f} % (n = {runs})")
+                reporter.log(f"tune: random real images (ipc {base.ipc}) → validation "
+                             f"{score_text(mean, std, runs)} %")
         except Interrupted as exc:
             best_values = best_so_far()
             result.notes.append("interrupted: the best settings found so far")
@@ -402,6 +443,13 @@ class TuneInterrupted(Interrupted):
         self.result = result
 
 
+def score_text(mean: float, std: float | None, runs: int) -> str:
+    """'74.10 ± 0.52' in percent; one run has no spread: '74.10 (n = 1)'."""
+    if runs <= 1 or std is None:
+        return f"{100 * mean:.2f} (n = {runs})"
+    return f"{100 * mean:.2f} ± {100 * std:.2f} (n = {runs})"
+
+
 def _show(values: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
 
@@ -424,13 +472,12 @@ def preset_comment(result: TuneResult) -> str:
              f"Budget {result.budget_s / 60:g} min, used {result.seconds / 60:.1f} min.",
              "", "validation accuracy (%) per candidate:"]
     for i, c in enumerate(result.candidates):
-        score = f"{100 * c.mean:.2f} ± {100 * (c.std or 0):.2f}" if c.mean is not None else c.note
+        score = score_text(c.mean, c.std, c.runs) if c.mean is not None else c.note
         mark = "  <- chosen" if i == result.best_index else ""
         lines.append(f"  {c.stage:16s} {_show(c.values):60s} {score}{mark}")
     if result.random_real is not None:
         rr = result.random_real
-        lines.append(f"  random real images (same protocol)                                     "
-                     f"{100 * rr['mean']:.2f} ± {100 * rr['std']:.2f}")
+        lines.append(f"  {'random real':16s} {'(same protocol)':60s} {score_text(rr['mean'], rr['std'], rr['runs'])}")
     for s in result.skipped:
         lines.append(f"skipped: {s}")
     for n in result.notes:
@@ -507,9 +554,7 @@ def run(preset: str | None, overrides: dict[str, Any], buffer: Path, out: Path, 
         given = {k for k, v in overrides.items() if v is not None}
         if preset is None:
             reporter.log(distill.buffer_note(buf, cfg, given))
-        reporter.log(f"loading {buf.data.name}" + (" and fitting ZCA (cached after the first time)"
-                                                   if buf.data.zca else ""))
-        prepared = prepare_like(buf.data, data_dir, resolve_device(device))
+        prepared = prepare_like(buf.data, data_dir, resolve_device(device), reporter)
         try:
             result = tune_prepared(cfg, buf, prepared, dataclasses.replace(tcfg, seed=cfg.seed), set(given), reporter)
         except TuneInterrupted as exc:

@@ -263,3 +263,20 @@ def test_progress_heartbeat_without_figures(capsys: pytest.CaptureFixture[str],
     clock[0] = 106.5
     fast.update("t", advance=1)
     assert capsys.readouterr().err.splitlines() == ["t: 3"]  # HEARTBEAT_MIN = 10 s after the task started
+
+
+def test_long_commands_say_they_started_before_importing_torch() -> None:
+    """`python -m mctool experts … 2>log` writes its first line before torch is imported."""
+    import subprocess
+    import sys
+
+    from mctool.launch import first_line
+
+    assert first_line(["experts", "fashion-mnist", "--n", "1"]) == "mctool experts: starting (importing torch)"
+    assert first_line(["distill", "--tune"]) is not None
+    for quiet in (["experts", "-q"], ["experts", "--help"], ["distill", "--list-presets"], ["--version"], []):
+        assert first_line(quiet) is None
+    code = ("import sys; sys.argv = ['mctool', 'experts', 'nosuchdataset']; import mctool.launch as l; "
+            "l.announce(sys.argv[1:]); print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "False" and done.stderr.startswith("mctool experts: starting")
