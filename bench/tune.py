@@ -23,7 +23,9 @@ import sys
 import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(REPO))  # this tree's mctool, not an installed one
 from _common import RESULTS_DIR, machine_info  # noqa: E402
 
 KEYS = ("syn_steps", "expert_epochs", "max_start_epoch", "lr_img", "lr_lr", "lr_init")
@@ -33,7 +35,7 @@ def mctool(*args: str) -> dict:
     """Run one mctool command with --json; its document (stderr goes to ours)."""
     cmd = [sys.executable, "-m", "mctool", *map(str, args), "--json"]
     print("$", " ".join(cmd[2:]), file=sys.stderr, flush=True)
-    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ})
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ}, cwd=REPO)
     if done.returncode != 0:
         raise SystemExit(f"failed ({done.returncode}): {' '.join(cmd)}")
     return json.loads(done.stdout)

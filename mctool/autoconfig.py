@@ -17,10 +17,12 @@ K = 6 experts, as a fourth image size):
   (Tiny ImageNet ipc 1, 0.1 at n = 200, is the one point off the curve). Few images can only
   match the early, fast part of training (MTT's finding); at most K − M, so a target stays
   on the trajectory.
-* lr_img = 1e3 · (D / 3072)^1.66, D = channels × height × width, clamped to D in
-  [784, 12288]: through Table A's 1e3 at 3×32×32 and 1e4 at 3×64×64 and our 1e2 at 1×28×28
-  (three points on one power law, in the released code's step units). Outside those sizes
-  the fit is not backed by any measurement: the note says so — use `--tune`.
+* lr_img = 1e3 · (D / 3072)^1.66, D = channels × height × width: through Table A's 1e3 at
+  3×32×32 and 1e4 at 3×64×64 and our 1e2 at 1×28×28 (three points on one power law, in the
+  released code's step units). Below D = 784 the law is extrapolated (on 1×8×8 digits,
+  bench/README.md, lr_img 100 wrecked the images and 10 did far better: the trend holds);
+  above D = 12288 it is clamped to 1e4, with nothing measured beyond. Either way the note says
+  the value is a guess — use `--tune`.
 * lr_lr = 1e-5 · lr_img / 1e3: Table A's 1e-5 at lr_img 1e3 and 1e-4 at 1e4, ours 1e-6 at 1e2.
 * lr_init = the experts' learning rate (Table A's 1e-2 is the MTT buffers' 0.01): the
   learned step size starts where the experts' steps were.
@@ -122,7 +124,7 @@ def start_fraction(n: int) -> float:
 def image_lr(pixels: int) -> tuple[float, bool]:
     """(lr_img for images of `pixels` values, whether D lies inside the fitted range)."""
     lo, hi = _LR_D_RANGE
-    d = min(max(pixels, lo), hi)
+    d = min(pixels, hi)  # extrapolated below the fitted sizes, clamped above (module docstring)
     lr = _LR_0 * (d / _LR_D0) ** _LR_EXP
     return float(f"{lr:.2g}"), lo <= pixels <= hi
 
@@ -150,7 +152,8 @@ def suggest(f: BufferFacts, ipc: int) -> Choice:
     if fitted:
         reasons["lr_img"] = f"{shape} images, Table A's size rule"
     else:
-        reasons["lr_img"] = f"{shape} images lie outside Table A's sizes: the nearest fitted value"
+        how = "extrapolated" if f.pixels < _LR_D_RANGE[0] else "clamped"
+        reasons["lr_img"] = f"{shape} images lie outside Table A's sizes: the size rule {how}"
         warnings.append(f"lr_img for {shape} images is a guess (no preset or Table A entry has that size): "
                         "`mctool distill --tune` finds a better one")
     lr_lr = float(f"{1e-5 * lr / 1e3:.2g}")

@@ -1,7 +1,9 @@
 """`mctool distill --tune`: a short, budgeted search over the settings that matter most.
 
 Stages, each around the best so far (method: coordinate search on a coarse log grid):
-  1. lr_img × 0.1, 0.3, 1, 3, 10 — the setting the results depend on most;
+  1. lr_img × 0.1 and × 10, then one decade further while the best is at an end (at most two
+     more), then × 0.3 and × 3 around the best — the setting results depend on most, and the
+     one whose right value varies over decades with the image size;
   2. max_start_epoch × ½, 1, 2 (below K);
   3. syn_steps × ½, 1, 2.
 Every candidate is a short distillation from the same seed (same images at the start, same
@@ -37,7 +39,7 @@ import torch
 from mctool import store
 from mctool.distill import DistillConfig, check_buffer_matches, run_prepared
 from mctool.errors import Interrupted, UsageError
-from mctool.evaluate import EvaluateConfig, evaluate_set, random_real
+from mctool.evaluate import EvaluateConfig, evaluate_set
 from mctool.prepared import Prepared, split_validation
 from mctool.progress import SILENT, Reporter
 
@@ -45,6 +47,7 @@ MIN_ITERATIONS = 20
 MAX_ITERATIONS = 200
 LR_FACTORS = (0.1, 0.3, 1.0, 3.0, 10.0)
 LR_FACTORS_SMALL = (0.1, 1.0, 10.0)
+EXTRA_DECADES = 2  # how far the lr stage may walk beyond ×0.1 … ×10 when the best is at an end
 TUNED = ("lr_img", "max_start_epoch", "syn_steps")
 
 
@@ -95,7 +98,7 @@ class TuneResult:
     best: dict[str, Any]  # the winner: every setting of the winning DistillConfig
     best_index: int
     candidates: list[Candidate]
-    random_real: dict[str, Any] | None  # validation accuracy of random real images (same protocol)
+    random_real: dict[str, Any] | None  # validation accuracy of the candidates' starting real images
     iterations: int  # per candidate
     val_images: int
     budget_s: float
@@ -236,6 +239,10 @@ class _Search:
 
 def _K(buffer: store.Buffer, cfg: DistillConfig) -> int:
     return int(buffer.convex.meta.epochs) if cfg.method == "mct" else int(buffer.require_experts().epochs)
+
+
+def _lr(v: float) -> float:
+    return float(f"{v:.2g}")
 
 
 def _grid(stage: str, best: dict[str, Any], K: int, lr_factors: tuple[float, ...]) -> list[dict[str, Any]]:
@@ -405,19 +412,48 @@ def tune_prepared(base: DistillConfig, buffer: store.Buffer, prepared: Prepared,
             result.best_index = result.candidates.index(win)
             return dict(win.values)
 
+        def lr_stage() -> None:
+            # Decades first (×0.1, ×10); while the best lies at an end of what was tried, one more
+            # decade that way (at most EXTRA_DECADES, budget allowing); then ×0.3 and ×3 around
+            # the best when the plan has room for them.
+            start = best_so_far()
+            for f in (0.1, 10.0):
+                visit("lr_img", {**start, "lr_img": _lr(start["lr_img"] * f)})
+            for _ in range(EXTRA_DECADES):
+                best = best_so_far()
+                tried = [c.values["lr_img"] for c in result.candidates if c.mean is not None
+                         and all(c.values[k] == best[k] for k in TUNED if k != "lr_img")]
+                if best["lr_img"] == min(tried):
+                    visit("lr_img", {**best, "lr_img": _lr(best["lr_img"] * 0.1)})
+                elif best["lr_img"] == max(tried):
+                    visit("lr_img", {**best, "lr_img": _lr(best["lr_img"] * 10.0)})
+                else:
+                    break
+                if best_so_far() == best:
+                    break
+            if len(plan.lr_factors) > 3:
+                best = best_so_far()
+                for f in (0.3, 3.0):
+                    visit("lr_img", {**best, "lr_img": _lr(best["lr_img"] * f)})
+
         try:
             visit("base", best_values)
             for stage in plan.stages:
-                for values in _grid(stage, best_so_far(), K, plan.lr_factors):
-                    visit(stage, values)
+                if stage == "lr_img":
+                    lr_stage()
+                else:
+                    for values in _grid(stage, best_so_far(), K, plan.lr_factors):
+                        visit(stage, values)
                 best_values = best_so_far()
             best_values = best_so_far()
             win = result.candidates[result.best_index] if result.best_index >= 0 else None
             if win is not None and win.alpha is not None:
-                rx, ry = random_real(data, base.ipc, tcfg.seed)
+                # The reference: the real images every candidate started from (iteration 0),
+                # trained with the winner's step size — what distilling them gained.
+                rx, ry, _, _ = search.distil(search.config(best_values, 0))
                 mean, std, runs, _ = search.score(rx, ry, win.alpha, kind="random-real")
                 result.random_real = {"mean": mean, "std": std, "runs": runs, "lr": win.alpha}
-                reporter.log(f"tune: random real images (ipc {base.ipc}) → validation "
+                reporter.log(f"tune: the starting real images (ipc {base.ipc}) → validation "
                              f"{score_text(mean, std, runs)} %")
         except Interrupted as exc:
             best_values = best_so_far()
@@ -477,7 +513,8 @@ def preset_comment(result: TuneResult) -> str:
         lines.append(f"  {c.stage:16s} {_show(c.values):60s} {score}{mark}")
     if result.random_real is not None:
         rr = result.random_real
-        lines.append(f"  {'random real':16s} {'(same protocol)':60s} {score_text(rr['mean'], rr['std'], rr['runs'])}")
+        lines.append(f"  {'random real':16s} {'(the starting images, same protocol)':60s} "
+                     f"{score_text(rr['mean'], rr['std'], rr['runs'])}")
     for s in result.skipped:
         lines.append(f"skipped: {s}")
     for n in result.notes:

@@ -54,7 +54,7 @@ def print_tuning(result: Any) -> None:
                      "?" if c.alpha is None else f"{c.alpha:.3g}", f"{c.seconds:.0f}"])
     if result.random_real is not None:
         rr = result.random_real
-        rows.append(["  random real", f"ipc {result.ipc}", mean_std(rr["mean"], rr["std"], rr["runs"]), "", ""])
+        rows.append(["  random real", f"ipc {result.ipc}: the starting images", mean_std(rr["mean"], rr["std"], rr["runs"]), "", ""])
     stdout.print(table(f"--tune on {result.buffer}: validation accuracy (%) of {result.val_images} held-out training "
                        f"images after {result.iterations} iterations per candidate (* = chosen)",
                        ["stage", "settings", "validation", "learned lr", "seconds"], rows))
@@ -77,6 +77,8 @@ def distill(
     tune_minutes: float = typer.Option(20.0, "--tune-minutes", help="Time budget of the --tune search; the run length per candidate is fitted to it and what does not fit is skipped (and said)."),
     tune_out: Optional[Path] = typer.Option(None, "--tune-out", help="Preset file --tune writes (default: tuned-DATASET-ipcN.toml beside -o)."),
     tune_only: bool = typer.Option(False, "--tune-only", help="With --tune: stop after writing the preset file."),
+    tune_runs: int = typer.Option(2, "--tune-runs", help="With --tune: networks trained to score each candidate."),
+    tune_epochs: int = typer.Option(300, "--tune-epochs", help="With --tune: epochs of each of those networks."),
     data_dir: Optional[Path] = DataDirOpt,
     device: str = DeviceOpt,
     json_out: bool = JsonOpt,
@@ -100,7 +102,8 @@ def distill(
 
             if resume:
                 raise UsageError("--tune starts a new run: drop --resume (or --tune to continue the checkpoint)")
-            tuned = run_tune(preset, overrides, buffer, out, TuneConfig(minutes=tune_minutes), tune_out, tune_only,
+            tuned = run_tune(preset, overrides, buffer, out, TuneConfig(minutes=tune_minutes, eval_runs=tune_runs,
+                                                                         eval_epochs=tune_epochs), tune_out, tune_only,
                              name, data_dir, device, default_buffer=buffer == DEFAULT_BUFFER, reporter=reporter)
             if json_out:
                 emit_json({"tune": tuned.tune, "distill": tuned.distill})
