@@ -279,8 +279,9 @@ def test_long_commands_say_they_started_before_importing_torch() -> None:
     assert first_line(["distill", "--tune"]) is not None
     for quiet in (["experts", "-q"], ["experts", "--help"], ["distill", "--list-presets"], ["--version"], []):
         assert first_line(quiet) is None
+    assert first_line(["inspect", "x.h5"]) is None and first_line(["inspect", "x.h5", "--png", "o.png"])
     code = ("import sys; sys.argv = ['mctool', 'experts', 'nosuchdataset']; import mctool.launch as l; "
-            "l.announce(sys.argv[1:]); print('torch' in sys.modules)")
+            "l.announce(sys.argv[1:], delay=0.0).join(); print('torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "False" and done.stderr.startswith("mctool experts: starting")
 
