@@ -38,7 +38,7 @@ import torch
 
 from mctool import store
 from mctool.distill import DistillConfig, check_buffer_matches, run_prepared
-from mctool.errors import Interrupted, UsageError
+from mctool.errors import Interrupted, TrainingDiverged, UsageError
 from mctool.evaluate import EvaluateConfig, evaluate_set
 from mctool.prepared import Prepared, split_validation
 from mctool.progress import SILENT, Reporter
@@ -227,7 +227,12 @@ class _Search:
         if problem is not None:
             cand.note = f"not run: {problem[0]} {problem[1]}"
             return cand
-        images, labels, alpha, _ = self.distil(cfg)
+        try:
+            images, labels, alpha, _ = self.distil(cfg)
+        except TrainingDiverged:
+            cand.note = "diverged"  # a too-large lr_img: a result of the search, not a failure of it
+            cand.seconds = time.perf_counter() - started
+            return cand
         cand.alpha = alpha
         if not all(math.isfinite(v) for v in (alpha, float(images.abs().max()))):
             cand.note = "diverged"
@@ -326,7 +331,7 @@ def plan_search(budget_s: float, t_iteration: float, t_eval: float, free: tuple[
 
 
 def tune_prepared(base: DistillConfig, buffer: store.Buffer, prepared: Prepared, tcfg: TuneConfig,
-                  fixed: set[str] = frozenset(), reporter: Reporter = SILENT) -> TuneResult:  # type: ignore[assignment]
+                  fixed: set[str] | frozenset[str] = frozenset(), reporter: Reporter = SILENT) -> TuneResult:
     """Search the settings not in `fixed` around `base` on `buffer`, within the budget.
 
     Never reads `prepared`'s test split: candidates distil from the training split minus a

@@ -294,3 +294,26 @@ def test_one_run_shows_no_spread() -> None:
     assert _signed(0.012, 0.0, runs=1) == "+1.20 (n = 1)" and _signed(0.012, 0.003, runs=3) == "+1.20 ± 0.30"
     assert mean_std(0.5, 0.0, 1) == "50.00 (n = 1)" and score_text(0.5, 0.0, 1) == "50.00 (n = 1)"
     assert score_text(0.5, 0.01, 2) == "50.00 ± 1.00 (n = 2)"
+
+
+def test_a_diverging_candidate_is_a_result_not_a_failure(convex_buffer: Path, data_dir: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """lr_img × 10 may blow the images up: that candidate is marked, the search goes on."""
+    from mctool import tune as tune_mod
+    from mctool.errors import TrainingDiverged
+
+    real = tune_mod._Search.distil
+
+    def distil(self, cfg):
+        if cfg.lr_img > 1000 and cfg.iterations > 0:
+            raise TrainingDiverged("diverged")
+        return real(self, cfg)
+
+    monkeypatch.setattr(tune_mod._Search, "distil", distil)
+    with store.open_buffer(convex_buffer) as buf:
+        base = resolve_config(None, {"ipc": 2, "syn_steps": 2, "lr_img": 200.0, "iterations": 7}, buf)
+        prepared = prepare_like(buf.data, data_dir, torch.device("cpu"))
+        result = tune_prepared(base, buf, prepared, TuneConfig(iterations=2, eval_runs=1, eval_epochs=2),
+                               {"syn_steps", "max_start_epoch"})
+    notes = {c.values["lr_img"]: c.note for c in result.candidates}
+    assert notes[2000.0] == "diverged" and result.candidates[result.best_index].values["lr_img"] != 2000.0
