@@ -327,6 +327,8 @@ def plan_search(budget_s: float, t_iteration: float, t_eval: float, free: tuple[
     st, lrf = options[-1]
     units, evals = cost(st, lrf)
     dropped = tuple(s for s in stages if s not in st)
+    if lrf != LR_FACTORS and "lr_img" in st:
+        dropped += ("lr_img × 0.3 and × 3",)
     return Plan(st, lrf, MIN_ITERATIONS, units * MIN_ITERATIONS * t_iteration + evals * t_eval, dropped)
 
 

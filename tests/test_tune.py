@@ -117,6 +117,7 @@ def test_plan_fits_the_budget_and_says_what_it_dropped() -> None:
     assert tight.dropped == ("syn_steps",) and tight.stages == ("lr_img", "max_start_epoch")
     hopeless = plan_search(10, t_iteration=0.5, t_eval=10, free=("lr_img", "max_start_epoch", "syn_steps"))
     assert hopeless.stages == ("lr_img",) and len(hopeless.lr_factors) == 3 and hopeless.estimate_s > 10
+    assert hopeless.dropped == ("max_start_epoch", "syn_steps", "lr_img × 0.3 and × 3")
     fixed = plan_search(3600, 0.5, 10, free=("syn_steps",))
     assert fixed.stages == ("syn_steps",)
     assert tuning_val_size(60000, 10) == 5000 and tuning_val_size(1347, 10) == 300 and tuning_val_size(90, 3) == 30
