@@ -460,6 +460,11 @@ def tune_prepared(base: DistillConfig, buffer: store.Buffer, prepared: Prepared,
                 rx, ry, _, _ = search.distil(search.config(best_values, 0))
                 mean, std, runs, _ = search.score(rx, ry, win.alpha, kind="random-real")
                 result.random_real = {"mean": mean, "std": std, "runs": runs, "lr": win.alpha}
+                if win.mean is not None and win.mean <= mean:
+                    result.notes.append(
+                        "no candidate beat the real images it started from: distilling from these experts "
+                        "gains nothing at this horizon — check the experts (a whole-data accuracy well above "
+                        "what random real images reach: more epochs, a larger --lr) or keep random real images")
                 reporter.log(f"tune: the starting real images (ipc {base.ipc}) → validation "
                              f"{score_text(mean, std, runs)} %")
         except Interrupted as exc:
