@@ -153,8 +153,11 @@ def test_tune_never_reads_the_test_split_and_writes_a_usable_preset(tmp_path: Pa
     scored = [c for c in result.candidates if c.mean is not None]
     win = result.candidates[result.best_index]
     assert win.mean == max(c.mean for c in scored)
-    for key in ("lr_img", "max_start_epoch", "syn_steps"):
+    for key in ("max_start_epoch", "syn_steps"):
         assert result.best[key] == win.values[key]
+    # The full run (7 iterations) covers the winner's lr × iterations (2 per candidate) in more steps.
+    assert result.best["lr_img"] == float(f"{win.values['lr_img'] * 2 / 7:.2g}")
+    assert result.best["lr_lr"] == float(f"{base.lr_lr * 2 / 7:.2g}") and any("× 2/7" in n for n in result.notes)
     assert result.best["iterations"] == 7  # the user's run length, not the candidates'
     assert result.random_real is not None and 0 <= result.random_real["mean"] <= 1
     assert result.val_images == 100  # 300 training images: 30 per class would be all; a third is held out
@@ -163,7 +166,7 @@ def test_tune_never_reads_the_test_split_and_writes_a_usable_preset(tmp_path: Pa
     assert text.startswith("# Found by `mctool distill --tune`") and "never the test split" in text
     assert "<- chosen" in text
     p = load_preset(path)
-    assert p.values["source"] == "tuned" and p.values["lr_img"] == win.values["lr_img"]
+    assert p.values["source"] == "tuned" and p.values["lr_img"] == result.best["lr_img"]
     with store.open_buffer(convex_buffer) as buf:
         cfg = resolve_config(str(path), {}, buf)
         check_buffer_matches(cfg, buf)  # the dataset the preset names is the buffer's
@@ -318,3 +321,10 @@ def test_a_diverging_candidate_is_a_result_not_a_failure(convex_buffer: Path, da
                                {"syn_steps", "max_start_epoch"})
     notes = {c.values["lr_img"]: c.note for c in result.candidates}
     assert notes[2000.0] == "diverged" and result.candidates[result.best_index].values["lr_img"] != 2000.0
+
+
+def test_horizon_scale() -> None:
+    from mctool.tune import horizon_scale
+
+    assert horizon_scale(20, 100) == 0.2 and horizon_scale(20, 20) == 1.0 and horizon_scale(50, 10) == 1.0
+    assert horizon_scale(0, 100) == 1.0
