@@ -37,7 +37,12 @@ def print_presets(json_out: bool) -> None:
     cols = ["name", "source", *columns(DistillConfig)]
     builtin = dataclasses.asdict(DistillConfig())
     rows = [[p.name] + [p.values.get(c, "") for c in cols[1:]] for p in presets]
-    builtin["zca"] = "buffer's"  # without a preset, the buffer's preprocessing is expected
+    # Without a preset, the buffer's preprocessing is expected and mctool/autoconfig.py's rules
+    # derive the step settings from the buffer.
+    from mctool.autoconfig import RULED
+
+    for key in ("zca", *RULED):
+        builtin[key] = "buffer's"
     rows.append(["(no preset)", "defaults"] + [builtin[c] for c in cols[2:]])
     stdout.print(table("presets (source 'paper' = MCT supplement Table A; 'ours' = mctool's own; options "
                        "override any of them)", cols, rows))
@@ -67,7 +72,7 @@ def print_tuning(result: Any) -> None:
 
 @with_settings(DistillConfig, optional=True)
 def distill(
-    preset: Optional[str] = typer.Option(None, "--preset", help="Shipped preset name or a .toml path; settings neither it nor an option gives come from the buffer or the built-in defaults (the last row of --list-presets)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Shipped preset name or a .toml path; settings neither it nor an option gives come from the buffer (rules fitted to Table A: image size, classes, the experts' K, lr and batch) or the built-in defaults (the last row of --list-presets)."),
     list_presets: bool = typer.Option(False, "--list-presets", help="Show the shipped presets and exit."),
     buffer: Path = typer.Option(DEFAULT_BUFFER, "--buffer", help="Buffer with /convex (MCT) or trajectories (MTT)."),
     out: Path = typer.Option(Path("synset.h5"), "-o", "--out", help="Output file for the synthetic set (a PNG grid is written beside it)."),
