@@ -460,6 +460,13 @@ def tune_prepared(base: DistillConfig, buffer: store.Buffer, prepared: Prepared,
                 rx, ry, _, _ = search.distil(search.config(best_values, 0))
                 mean, std, runs, _ = search.score(rx, ry, win.alpha, kind="random-real")
                 result.random_real = {"mean": mean, "std": std, "runs": runs, "lr": win.alpha}
+                ref = buffer.reference()
+                if ref is not None and ref.mean <= mean + 0.02:
+                    result.notes.append(
+                        f"the experts reach {100 * ref.mean:.1f} % (test, whole training set) — no better than the "
+                        f"{base.ipc} real images per class the candidates start from ({100 * mean:.1f} % on "
+                        "validation): distillation reproduces what the experts learned, so it cannot beat random "
+                        "real images here; train the experts longer or with a larger --lr first")
                 if win.mean is not None and win.mean <= mean:
                     result.notes.append(
                         "no candidate beat the real images it started from: distilling from these experts "

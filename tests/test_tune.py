@@ -328,3 +328,12 @@ def test_horizon_scale() -> None:
 
     assert horizon_scale(20, 100) == 0.2 and horizon_scale(20, 20) == 1.0 and horizon_scale(50, 10) == 1.0
     assert horizon_scale(0, 100) == 1.0
+
+
+def test_tune_says_when_the_experts_are_no_better_than_real_images(convex_buffer: Path, data_dir: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from mctool.store.experts import ExpertsReference
+
+    monkeypatch.setattr(store.Buffer, "reference", lambda self: ExpertsReference(0.0, 0.0, 2, 4))
+    _, result = _tune(convex_buffer, data_dir, poison=False, fixed=frozenset({"syn_steps", "max_start_epoch"}))
+    assert any("the experts reach 0.0 %" in n and "train the experts longer" in n for n in result.notes)
