@@ -1,6 +1,6 @@
 """`python -m mctool` entry point (also used under torchrun)."""
 
-from mctool.cli import main
+from mctool.cli.launch import main
 
 if __name__ == "__main__":
     main()

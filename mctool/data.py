@@ -698,6 +698,15 @@ def _channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float
     return tuple((mean / 255).tolist()), tuple((std / 255).tolist())
 
 
+def count_folder_images(spec: str, split: str = "train") -> int | None:
+    """How many images a folder dataset's `split` holds, from the listing alone (None when the
+    folder is not there)."""
+    folder = Path(spec.strip()).expanduser() / split
+    if not folder.is_dir():
+        return None
+    return len(_class_files(folder, _subdirs(folder))[0])
+
+
 def _load_folder(spec: str) -> Dataset:
     """Read a class-per-folder dataset: PATH/train/<class>/* and PATH/test/<class>/* (or val/)."""
     if not spec.strip():

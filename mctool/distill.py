@@ -231,7 +231,7 @@ def resolve_config(preset: str | None, overrides: dict[str, Any], buffer: store.
             values.setdefault(key, legacy)
     else:
         if buffer is not None:
-            values.update(buffer_defaults(buffer, preset_given=p is not None))
+            values.update(buffer_defaults(buffer, preset_given=p is not None, ipc=overrides.get("ipc")))
         if p is not None:
             values.update({k: v for k, v in p.values.items() if k in _fields()})
             values["preset"] = p.name
@@ -259,15 +259,27 @@ def _check_resume_changes(stored: dict[str, Any], given: dict[str, Any], preset:
                          + " — drop them (a resume keeps the run's settings) or start another --name")
 
 
-def buffer_defaults(buffer: store.Buffer, preset_given: bool) -> dict[str, Any]:
+def buffer_defaults(buffer: store.Buffer, preset_given: bool, ipc: int | None = None) -> dict[str, Any]:
     """Settings implied by the buffer: its dataset, and — when no preset says otherwise — its
-    preprocessing and waypoint count."""
+    preprocessing, waypoint count and the settings mctool/autoconfig.py's rules derive from the
+    dataset and the experts for `ipc` (default: the built-in ipc)."""
+    from mctool import autoconfig
+
     values: dict[str, Any] = {"dataset": buffer.data.name}
     if not preset_given:
         values["zca"] = buffer.data.zca
         if buffer.convex_state == "complete":
             values["interior"] = len(buffer.convex.meta.positions) - 2
+        values.update(autoconfig.suggest(autoconfig.facts(buffer), ipc or DistillConfig.ipc).values)
     return values
+
+
+def buffer_note(buffer: store.Buffer, cfg: DistillConfig, given: set[str]) -> str:
+    """The note a run without a preset logs: which settings the buffer's rules chose, and why."""
+    from mctool import autoconfig
+
+    choice = autoconfig.suggest(autoconfig.facts(buffer), cfg.ipc)
+    return autoconfig.describe(choice, dataclasses.asdict(cfg), given)
 
 
 def check_buffer_matches(cfg: DistillConfig, buffer: store.Buffer) -> None:
@@ -896,9 +908,15 @@ def run(preset: str | None, overrides: dict[str, Any], buffer: Path, out: Path, 
         dist.init_from_env(dev)
         if not dist.is_main():
             reporter = Muted(reporter)
-        prepared = prepare_like(buf.data, data_dir, dev)
+        note = None
+        if preset is None and stored is None:
+            note = buffer_note(buf, cfg, {k for k, v in overrides.items() if v is not None})
+            reporter.log(note)
+        prepared = prepare_like(buf.data, data_dir, dev, reporter)
         result = run_prepared(cfg, buf, out, prepared, name=name or synset_name(cfg), resume=resume,
                               reporter=reporter)
+        if note is not None:
+            result.notes.insert(0, note)
         main = dist.is_main()
         dist.shutdown()
     if main:

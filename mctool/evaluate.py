@@ -247,7 +247,7 @@ def evaluate_file(file: Path, cfg: EvaluateConfig, name: str | None = None, base
         layout_of(spec_for(m, spec))  # unknown or impossible models fail here, before any training
     targets = _targets(images, syn, file)
     dev = resolve_device(device)
-    prepared = prepare_like(data, data_dir, dev)
+    prepared = prepare_like(data, data_dir, dev, reporter)
     results: list[Evaluation] = []
     for target in targets:
         x, y, lr_learned, iteration = ((syn.images, syn.labels, syn.lr, syn.iterations) if target == "final" else

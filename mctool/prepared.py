@@ -11,6 +11,7 @@ from mctool.allocator import release_free_memory
 from mctool.store import DatasetMeta
 from mctool.data import Dataset, Preprocessing, default_data_dir, fit_preprocessing, load_dataset
 from mctool.errors import UsageError
+from mctool.progress import SILENT, Reporter
 
 
 @dataclass
@@ -50,8 +51,11 @@ def prepare(name: str, data_dir: Path | None, zca: bool, zca_eps: float, device:
     return prepared
 
 
-def prepare_like(meta: DatasetMeta, data_dir: Path | None, device: torch.device) -> Prepared:
-    """The same data and preprocessing an artifact was made with; refuses a different training split."""
+def prepare_like(meta: DatasetMeta, data_dir: Path | None, device: torch.device,
+                 reporter: Reporter = SILENT) -> Prepared:
+    """The same data and preprocessing an artifact was made with; refuses a different training
+    split. Says so on `reporter` first: loading (and a first ZCA fit) can take minutes."""
+    reporter.log(f"loading {meta.name}" + (" and fitting ZCA (cached after the first time)" if meta.zca else ""))
     prepared = prepare(meta.name, data_dir, meta.zca, meta.zca_eps, device)
     if prepared.meta.train_fingerprint != meta.train_fingerprint:
         raise UsageError(

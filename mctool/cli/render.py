@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from rich.console import Console
@@ -33,11 +33,15 @@ def _fmt(value: Any) -> str:
     return clean_text(str(value))
 
 
+HEARTBEAT_MIN = 10.0  # seconds: the most often a progress line without figures is printed
+
+
 class RichReporter(Reporter):
     """Progress bars on stderr when it is a terminal; one-line logs unless quiet.
 
     Without a terminal (a pipe, a log file, CI) the bars become progress lines: the first
-    figures of a task at once, then one per epoch or every `line_every` seconds.
+    figures of a task at once, then one per epoch or every `line_every` seconds — the step
+    count alone when a long epoch has no figures yet.
     """
 
     def __init__(self, quiet: bool = False, line_every: float = 30.0) -> None:
@@ -78,13 +82,19 @@ class RichReporter(Reporter):
         if line is not None:
             line.completed += advance
             # Without a terminal: the first figures at once, then at every epoch's end or every
-            # `line_every` seconds, whichever comes first — a long run is never silent for long.
-            milestone = "epoch" in fields or not line.shown
-            if fields and not self.bars and not self.quiet and (line.due(self.line_every) or milestone):
+            # `line_every` seconds, whichever comes first. Figure-less updates (steps inside a
+            # long epoch) still give a line with the count every `line_every` seconds, but never
+            # more often than every HEARTBEAT_MIN seconds: a long epoch is never silent for long.
+            if fields:
+                line.fields = fields
+                due = line.due(self.line_every) or "epoch" in fields or not line.shown
+            else:
+                due = line.due(max(self.line_every, HEARTBEAT_MIN))
+            if not self.bars and not self.quiet and due:
                 line.shown = True
                 total = f"/{line.total}" if line.total else ""
-                info = ", ".join(f"{_label(k)} {_fmt(v)}" for k, v in fields.items())
-                self.log(f"{line.description}: {line.completed}{total}, {info}")
+                info = "".join(f", {_label(k)} {_fmt(v)}" for k, v in line.fields.items())
+                self.log(f"{line.description}: {line.completed}{total}{info}")
         if self.bars and key in self.tasks:
             if fields:
                 info = "  ".join(f"{_label(k)} {_fmt(v)}" for k, v in fields.items())
@@ -126,6 +136,7 @@ class _LineTask:
     last: float  # time.monotonic() of the start or of the last line
     completed: int = 0
     shown: bool = False  # a line was printed for this task
+    fields: dict[str, Any] = field(default_factory=dict)  # the latest figures, repeated on figure-less lines
 
     def due(self, every: float) -> bool:
         """True (and restart the clock) when `every` seconds passed since the last line."""

@@ -9,15 +9,18 @@ from typing import Any, Optional
 import typer
 
 from mctool.cli.common import DataDirOpt, DebugOpt, DeviceOpt, JsonOpt, QuietOpt, emit_json, run, settings_from, with_settings
-from mctool.cli.render import pct, stdout, table
+from mctool.cli.render import mean_std, pct, stdout, table
 from mctool.distill import DistillConfig
+from mctool.errors import UsageError
 
 EPILOG = ("Examples:\n\n  mctool distill --list-presets\n\n"
           "  mctool distill --preset cifar10-ipc10                 (reads buffer.h5, writes synset.h5)\n\n"
           "  mctool distill --preset fashion-mnist-ipc10 --iterations 50 --buffer buffer.h5 -o synset.h5\n\n"
           "  mctool distill --preset cifar10-ipc10 --resume        (continue after Ctrl-C or SIGTERM)\n\n"
           "  mctool distill --preset cifar10-ipc10 --eval-every 100   (keep the best images, chosen on a validation split)\n\n"
-          "  mctool distill --preset cifar10-ipc10 --method mtt    (MTT baseline on raw trajectories)")
+          "  mctool distill --preset cifar10-ipc10 --method mtt    (MTT baseline on raw trajectories)\n\n"
+          "  mctool distill --tune --ipc 10 --buffer buffer.h5     (your own dataset: search the settings, keep them "
+          "as a preset file, distill)")
 
 DEFAULT_BUFFER = Path("buffer.h5")
 
@@ -34,7 +37,12 @@ def print_presets(json_out: bool) -> None:
     cols = ["name", "source", *columns(DistillConfig)]
     builtin = dataclasses.asdict(DistillConfig())
     rows = [[p.name] + [p.values.get(c, "") for c in cols[1:]] for p in presets]
-    builtin["zca"] = "buffer's"  # without a preset, the buffer's preprocessing is expected
+    # Without a preset, the buffer's preprocessing is expected and mctool/autoconfig.py's rules
+    # derive the step settings from the buffer.
+    from mctool.autoconfig import RULED
+
+    for key in ("zca", *RULED):
+        builtin[key] = "buffer's"
     rows.append(["(no preset)", "defaults"] + [builtin[c] for c in cols[2:]])
     stdout.print(table("presets (source 'paper' = MCT supplement Table A; 'ours' = mctool's own; options "
                        "override any of them)", cols, rows))
@@ -61,17 +69,43 @@ def print_dry_run(report: Any) -> None:
             stdout.print(f"{r.mode}: {r.why}")
     for note in report.notes:
         stdout.print(f"note: {note}")
+def print_tuning(result: Any) -> None:
+    """The --tune table: every candidate's validation score, the winner marked, what was skipped."""
+    from mctool.tune import _show
+
+    rows = []
+    for i, c in enumerate(result.candidates):
+        score = mean_std(c.mean, c.std, c.runs) if c.mean is not None else c.note
+        rows.append([("* " if i == result.best_index else "  ") + c.stage, _show(c.values), score,
+                     "?" if c.alpha is None else f"{c.alpha:.3g}", f"{c.seconds:.0f}"])
+    if result.random_real is not None:
+        rr = result.random_real
+        rows.append(["  random real", f"ipc {result.ipc}: the starting images", mean_std(rr["mean"], rr["std"], rr["runs"]), "", ""])
+    stdout.print(table(f"--tune on {result.buffer}: validation accuracy (%) of {result.val_images} held-out training "
+                       f"images after {result.iterations} iterations per candidate (* = chosen)",
+                       ["stage", "settings", "validation", "learned lr", "seconds"], rows))
+    for s in result.skipped:
+        stdout.print(f"skipped: {s}")
+    for n in result.notes:
+        stdout.print(f"note: {n}")
+    stdout.print(f"tuned preset: {result.preset}  (mctool distill --preset {result.preset})")
 
 
 @with_settings(DistillConfig, optional=True)
 def distill(
-    preset: Optional[str] = typer.Option(None, "--preset", help="Shipped preset name or a .toml path; settings neither it nor an option gives come from the buffer or the built-in defaults (the last row of --list-presets)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Shipped preset name or a .toml path; settings neither it nor an option gives come from the buffer (rules fitted to Table A: image size, classes, the experts' K, lr and batch) or the built-in defaults (the last row of --list-presets)."),
     list_presets: bool = typer.Option(False, "--list-presets", help="Show the shipped presets and exit."),
     buffer: Path = typer.Option(DEFAULT_BUFFER, "--buffer", help="Buffer with /convex (MCT) or trajectories (MTT)."),
     out: Path = typer.Option(Path("synset.h5"), "-o", "--out", help="Output file for the synthetic set (a PNG grid is written beside it)."),
     name: Optional[str] = typer.Option(None, "--name", help="Synset name inside the file (default: the preset's name or METHOD-ipcN)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the synset's checkpoint in -o FILE with its stored settings."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the estimated peak memory of one iteration per gradient mode on this device, for these settings and buffer, and the micro-batch auto would choose; run nothing."),
+    tune: bool = typer.Option(False, "--tune", help="First search lr_img, max_start_epoch and syn_steps (those no option fixes) around the preset's or the buffer's settings: short distillations scored on a validation split held out of the training set, never the test split. Prints the table, writes the winner as a preset file (--tune-out), then distills with it."),
+    tune_minutes: float = typer.Option(20.0, "--tune-minutes", help="Time budget of the --tune search; the run length per candidate is fitted to it and what does not fit is skipped (and said)."),
+    tune_out: Optional[Path] = typer.Option(None, "--tune-out", help="Preset file --tune writes (default: tuned-DATASET-ipcN.toml beside -o)."),
+    tune_only: bool = typer.Option(False, "--tune-only", help="With --tune: stop after writing the preset file."),
+    tune_runs: int = typer.Option(2, "--tune-runs", help="With --tune: networks trained to score each candidate."),
+    tune_epochs: int = typer.Option(300, "--tune-epochs", help="With --tune: epochs of each of those networks."),
     data_dir: Optional[Path] = DataDirOpt,
     device: str = DeviceOpt,
     json_out: bool = JsonOpt,
@@ -96,8 +130,25 @@ def distill(
             return
         from mctool.distill import run as run_distill
 
-        result = run_distill(preset, settings_from(DistillConfig, settings), buffer, out, name, resume, data_dir,
-                             device, default_buffer=buffer == DEFAULT_BUFFER, reporter=reporter)
+        overrides = settings_from(DistillConfig, settings)
+        if tune_only and not tune:
+            raise UsageError("--tune-only needs --tune")
+        if tune:
+            from mctool.tune import TuneConfig, run as run_tune
+
+            if resume:
+                raise UsageError("--tune starts a new run: drop --resume (or --tune to continue the checkpoint)")
+            tuned = run_tune(preset, overrides, buffer, out, TuneConfig(minutes=tune_minutes, eval_runs=tune_runs,
+                                                                         eval_epochs=tune_epochs), tune_out, tune_only,
+                             name, data_dir, device, default_buffer=buffer == DEFAULT_BUFFER, reporter=reporter)
+            if json_out:
+                emit_json({"tune": tuned.tune, "distill": tuned.distill})
+                return
+            print_tuning(tuned.tune)
+            result = tuned.distill
+        else:
+            result = run_distill(preset, overrides, buffer, out, name, resume, data_dir, device,
+                                 default_buffer=buffer == DEFAULT_BUFFER, reporter=reporter)
         if result is None:
             return
         if json_out:

@@ -15,9 +15,11 @@ EPILOG = ("Examples:\n\n  mctool evaluate synset.h5\n\n  mctool evaluate synset.
           "  mctool evaluate synset.h5 --models ConvNet,ResNet18,VGG11,AlexNet,LeNet,MLP --json")
 
 
-def _signed(v: float | None, std: float | None = None) -> str:
+def _signed(v: float | None, std: float | None = None, runs: int = 2) -> str:
     if v is None:
         return ""
+    if runs <= 1:
+        return f"{100 * v:+.2f} (n = 1)"  # one run has no spread
     return f"{100 * v:+.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
 
 
@@ -59,8 +61,8 @@ def evaluate(
                            ["set", "model", "test accuracy %", "per run %", "epochs", "s/run"], rows))
         scores = [[s.target + (f" (selected on {result.selected_on})" if s.target == "best" else ""), s.model,
                    mean_std(s.mean, s.std, s.runs), pct(s.random_real) if s.random_real is not None else "",
-                   _signed(s.gain, s.gain_std), pct(s.whole_data) if s.whole_data is not None else "",
-                   _signed(s.hlr, s.hlr_std) if s.hlr is not None else s.note] for s in result.scores]
+                   _signed(s.gain, s.gain_std, s.runs), pct(s.whole_data) if s.whole_data is not None else "",
+                   _signed(s.hlr, s.hlr_std, s.runs) if s.hlr is not None else s.note] for s in result.scores]
         if any(s.gain is not None or s.hlr is not None for s in result.scores):
             stdout.print(table("scores (gain = synthetic − random real, same protocol; HLR = whole data − "
                                f"synthetic{', whole data from ' + result.whole_data_source if result.whole_data_source else ''})",

@@ -11,8 +11,10 @@ from mctool.cli.common import DataDirOpt, DebugOpt, DeviceOpt, JsonOpt, QuietOpt
 from mctool.cli.render import stdout, table
 from mctool.experts import ExpertsConfig
 
-EPILOG = ("Examples:\n\n  mctool experts fashion-mnist --n 2 --epochs 10 --width 32\n\n"
-          "  mctool experts cifar10 --n 100 -o cifar10.h5\n\n"
+EPILOG = ("Examples:\n\n  mctool experts fashion-mnist --n 2 --epochs 10 --width 32   (a CPU: minutes)\n\n"
+          "  mctool experts folder:pets --n 5 --epochs 30 --width 32 --batch-size 32   (your own images; a small "
+          "set wants a small batch)\n\n"
+          "  mctool experts cifar10 --n 100 -o cifar10.h5   (the paper's buffer: hours on a GPU, days on a CPU)\n\n"
           "  mctool experts cifar10 --n 100 --convexify --interior 2   (waypoints + beta only)")
 
 
