@@ -52,6 +52,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items[:] = keep
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread in the module's tests, as in the subprocesses they start with
+    OMP_NUM_THREADS=1: bit-identical comparisons need the same thread count (PyTorch's CPU
+    kernels reduce in a thread-dependent order), and on a busy 2-core machine two threads can
+    be many times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def device() -> "object":
     """The torch device named by MCTOOL_TEST_DEVICE (default cpu); skips when it is absent."""

@@ -44,15 +44,7 @@ def assert_rows_equal(a: Path, b: Path, rows=slice(None), trajectories: bool = T
         np.testing.assert_array_equal(ra[n][rows], rb[n][rows], err_msg=n)  # NaN == NaN here
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread here and in the subprocesses: on a busy 2-core machine two threads
-    can be many times slower, and bit-identical comparisons need the same thread count
-    (PyTorch's CPU kernels reduce in a thread-dependent order)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

@@ -17,6 +17,8 @@ import pytest
 from tests.conftest import cli
 from tests.test_cli import assert_one_line_error
 
+# Kill-and-resume results are compared bit for bit with in-process runs: same thread count.
+pytestmark = pytest.mark.usefixtures("one_thread")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 TINY = ["--ipc", "2", "--syn-steps", "3", "--expert-epochs", "1.5", "--max-start-epoch", "2", "--lr-img", "100",
         "--lr-lr", "1e-5", "--lr-init", "0.01"]
