@@ -21,6 +21,7 @@ from mctool.models import Layout, ModelSpec, layer_sizes
 from mctool.store import convex as _convex
 from mctool.store import experts as _experts
 from mctool.store import synsets as _synsets
+from mctool.store.fields import Fields
 from mctool.store.files import fingerprint, open_artifact, require_group, shown
 from mctool.store.meta import DatasetMeta, read_dataset, read_model
 
@@ -112,16 +113,17 @@ class Buffer:
         return fingerprint(self.path, self.file)
 
 
-def _convex_state(f: h5py.File) -> str:
+def _convex_state(path: Path, f: h5py.File) -> str:
     if "convex" not in f:
         return "absent"
-    complete = f["convex"].attrs.get("complete", False)
-    return "complete" if isinstance(complete, (bool, np.bool_)) and bool(complete) else "incomplete"
+    complete = Fields(path, require_group(path, f, "convex")).bool("complete", False)
+    return "complete" if complete else "incomplete"
 
 
 @contextlib.contextmanager
 def open_buffer(path: str | os.PathLike[str]) -> Iterator[Buffer]:
-    """Open and check a buffer (dataset, model and experts; /convex on first use)."""
+    """Open and check a buffer: dataset, model, experts and a complete /convex (an incomplete
+    one, left by an interrupted earlier release, counts as absent until replaced)."""
     p = Path(path)
     with open_artifact(p) as f:
         if "experts" not in f and "convex" not in f:
@@ -129,7 +131,11 @@ def open_buffer(path: str | os.PathLike[str]) -> Iterator[Buffer]:
         data = read_dataset(p, f)
         spec, layout = read_model(p, f, data)
         info = _experts.read_experts(p, f, layout) if "experts" in f else None
-        yield Buffer(p, f, data, spec, layout, info, _convex_state(f))
+        state = _convex_state(p, f)
+        buf = Buffer(p, f, data, spec, layout, info, state)
+        if state == "complete":  # checked now: a damaged /convex is refused by every command
+            buf._convex = _convex.read_convex(p, f, layout, info.epochs if info else None)
+        yield buf
 
 
 @dataclass

@@ -78,6 +78,7 @@ def read_convex(path: str | os.PathLike[str], f: h5py.File, layout: Layout,
         raise ArtifactError(f"{shown(path)}: /convex is incomplete (interrupted?) — run `mctool convexify "
                             f"{shown(path)}` again")
     meta = read_convex_meta(path, f)
+    r.provenance()
     if experts_epochs is not None and meta.epochs != experts_epochs:
         raise r.problem("positions", f"end at {meta.epochs} but the experts have K = {experts_epochs} epochs")
     done_ds = r.dataset("done", "b", [None])
@@ -98,14 +99,24 @@ def read_convex_expert(path: str | os.PathLike[str], f: h5py.File, info: ConvexI
     b_shape = f["convex/beta"].shape
     waypoints = r.array("waypoints", "f", [info.rows, *w_shape[1:]], finite=True, rows=int(e))
     beta = r.array("beta", "f", [info.rows, *b_shape[1:]], finite=True, rows=int(e))
-    last = len(info.meta.positions) - 1
-    at_waypoints = beta[list(info.meta.positions)]
-    expected = np.arange(last + 1, dtype=np.float64)[:, None]
-    if np.abs(at_waypoints - expected).max(initial=0.0) > _BETA_TOL or beta.min() < -_BETA_TOL \
-            or beta.max() > last + _BETA_TOL:
+    check_beta(r, beta[None], info.meta, [int(e)])
+    return torch.from_numpy(waypoints.astype(np.float32, copy=False)), torch.from_numpy(beta.astype(np.float32, copy=False))
+
+
+def check_beta(r: Fields, beta: np.ndarray, meta: ConvexMeta, rows: Any) -> None:
+    """Refuse β rows [n, K+1, L] that are not positions along the waypoints: exactly i at
+    waypoint i, within [0, I+1] (NaN fails both)."""
+    if beta.size == 0:
+        return
+    last = len(meta.positions) - 1
+    at_waypoints = beta[:, list(meta.positions)].astype(np.float64)
+    expected = np.arange(last + 1, dtype=np.float64)[None, :, None]
+    off = np.abs(at_waypoints - expected).max(axis=(1, 2))
+    bad = ~((off <= _BETA_TOL) & (beta.min(axis=(1, 2)) >= -_BETA_TOL) & (beta.max(axis=(1, 2)) <= last + _BETA_TOL))
+    if bad.any():
+        e = int(np.asarray(rows)[int(np.flatnonzero(bad)[0])])
         raise r.problem("beta", f"row {e} is not a position along the waypoints (must be i at waypoint i, "
                                 f"within [0, {last}])", attribute=False)
-    return torch.from_numpy(waypoints.astype(np.float32, copy=False)), torch.from_numpy(beta.astype(np.float32, copy=False))
 
 
 def create_convex(f: h5py.File, rows: int, meta: ConvexMeta, layout: Layout, prov: dict[str, Any]) -> h5py.Group:

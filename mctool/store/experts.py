@@ -78,13 +78,18 @@ def read_experts(path: str | os.PathLike[str], f: h5py.File, layout: Layout) -> 
     has_traj = r.has("trajectories")
     if has_traj:
         r.dataset("trajectories", "f", [rows, epochs + 1, sum(layer_sizes(layout))])
+    r.provenance()
+    attrs: dict[str, Any] = {}
+    if "augmentation" in r.group.attrs:
+        attrs["augmentation"] = r.str("augmentation")
+    for key in ("momentum", "weight_decay"):
+        if key in r.group.attrs:
+            attrs[key] = r.float(key, 0.0)
     return ExpertsInfo(
         epochs=epochs, rows=rows, done=done, has_trajectories=has_traj, seeds=seeds.astype(np.int64),
         config=r.json("config", dict, {}), lr=r.float("lr", positive=True, default=float("nan")),
         batch_size=r.int("batch_size", 1, default=0), seed=r.int("seed", default=-1),
-        trajectories_in=r.str("trajectories_in", default=None),
-        attrs={k: r.str(k) if isinstance(f["experts"].attrs[k], (str, bytes)) else f["experts"].attrs[k]
-               for k in ("augmentation", "momentum", "weight_decay") if k in f["experts"].attrs},
+        trajectories_in=r.str("trajectories_in", default=None), attrs=attrs,
     )
 
 

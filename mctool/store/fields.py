@@ -136,6 +136,14 @@ class Fields:
             self._range(key, x, lo, hi)
         return out
 
+    def provenance(self) -> None:
+        """Check the provenance attributes a product group may carry (each optional): config,
+        argv, versions, source (JSON), seed (integer), created (text)."""
+        for key, kind in (("config", dict), ("argv", list), ("versions", dict), ("source", dict)):
+            self.json(key, kind, None)
+        self.int("seed", default=None)
+        self.str("created", default=None)
+
     def _range(self, key: str, v: float, lo: float | None, hi: float | None) -> None:
         if (lo is not None and v < lo) or (hi is not None and v > hi):
             span = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
@@ -156,7 +164,8 @@ class Fields:
         if not isinstance(ds, h5py.Dataset):
             raise self.problem(name, "must be a dataset, got a group", attribute=False)
         if ds.dtype.kind not in kinds:
-            want = {"f": "floating-point", "b": "boolean", "iu": "integer", "u": "unsigned integer"}.get(kinds, kinds)
+            want = {"f": "floating-point", "b": "boolean", "iu": "integer", "u": "unsigned integer",
+                    "iuf": "numeric"}.get(kinds, kinds)
             raise self.problem(name, f"must hold {want} values, got {ds.dtype}", attribute=False)
         if len(ds.shape) != len(shape) or any(w is not None and w != s for w, s in zip(shape, ds.shape)):
             want_shape = "[" + ", ".join("*" if w is None else str(w) for w in shape) + "]"

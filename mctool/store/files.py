@@ -149,6 +149,10 @@ def _check_root(path: Path, f: h5py.File) -> None:
                             f"({FORMAT_VERSION}); upgrade mctool")
     if version < 1:
         raise ArtifactError(f"{shown(path)}: invalid format_version {version}")
+    for key in ("mctool_version", "created", "artifact_id"):  # optional, but text when present
+        if key in f.attrs and not isinstance(f.attrs[key], (str, bytes)):
+            raise ArtifactError(f"{shown(path)}: / attribute '{key}' must be text, "
+                                f"got {clean_text(repr(f.attrs[key]))[:40]}")
 
 
 def _check_attributes(path: Path, obj: h5py.HLObject, where: str) -> None:
@@ -237,8 +241,10 @@ def open_artifact(path: str | os.PathLike[str], mode: str = "r") -> Iterator[h5p
 
 def require_group(path: str | os.PathLike[str], f: h5py.File, name: str) -> h5py.Group:
     """The group `name`, or an ArtifactError saying which command creates it."""
-    if name not in f or not isinstance(f[name], h5py.Group):
-        if name.split("/")[0] != "synsets" and "synsets" in f and "experts" not in f and "convex" not in f:
+    if name in f and not isinstance(f[name], h5py.Group):
+        raise ArtifactError(f"{shown(path)}: /{clean_text(name)} must be a group, got a dataset")
+    if name not in f:
+        if name in ("experts", "convex") and "synsets" in f and "experts" not in f and "convex" not in f:
             raise ArtifactError(f"{shown(path)}: a synset file (holds synthetic sets), not a buffer of experts")
         hint = PRODUCERS.get(name.split("/")[0], "")
         hint = f" — run `{hint}` first" if hint else ""
@@ -381,10 +387,13 @@ def rewrite(path: str | os.PathLike[str], extra_bytes: int = 0) -> Iterator[h5py
     """Change an existing artifact as a whole: a copy is changed, then moved into place.
 
     `extra_bytes` is what the change adds (checked against the free space with the copy)."""
+    from mctool.store.summary import summarize
+
     target = Path(path)
     check_writable(target)
-    with open_artifact(target):  # ours, readable and harmless before anything is copied
-        pass
+    # Ours, readable, harmless and valid throughout before anything is copied: a rewrite never
+    # carries a damaged group into a file that looks freshly written.
+    summarize(target)
     ensure_free_space(target, target.stat().st_size + extra_bytes, f"rewriting {target.name}")
     tmp = _temporary(target)
     try:

@@ -18,7 +18,7 @@ from mctool.store import convex as _convex
 from mctool.store import experts as _experts
 from mctool.store import synsets as _synsets
 from mctool.store.fields import Fields
-from mctool.store.files import open_artifact
+from mctool.store.files import open_artifact, require_group
 from mctool.store.meta import DatasetMeta, read_dataset, read_model
 
 
@@ -72,7 +72,9 @@ def _convex_facts(path: Path, f: h5py.File, layout: Layout, epochs: int | None) 
         idx = info.done_indices
         out["experts"] = int(idx.size)
         if idx.size:
-            beta = Fields(path, f["convex"]).array("beta", "f", [info.rows, meta.epochs + 1, len(layout)], rows=idx)
+            r = Fields(path, f["convex"])
+            beta = r.array("beta", "f", [info.rows, meta.epochs + 1, len(layout)], finite=True, rows=idx)
+            _convex.check_beta(r, beta, meta, idx)
             out["beta_min"], out["beta_max"] = float(beta.min()), float(beta.max())
         out["stored_bytes"] = _stored_bytes(f["convex/waypoints"]) + _stored_bytes(f["convex/beta"])
     return out
@@ -80,9 +82,8 @@ def _convex_facts(path: Path, f: h5py.File, layout: Layout, epochs: int | None) 
 
 def _synset_facts(path: Path, f: h5py.File, data: DatasetMeta | None) -> list[dict[str, Any]]:
     rows = []
-    for name in _synsets.synset_names(f):
-        if data is None:
-            raise Fields(path, f).problem("dataset", "missing: a synset needs /dataset", attribute=False)
+    for name in _synsets.synset_names(f, path):
+        assert data is not None  # summarize requires /dataset beside synsets
         syn = _synsets.read_synset(path, f, name, data, values=False)
         g = f["synsets"][name]
         entry = {
@@ -126,6 +127,9 @@ def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
             "dataset": None,
             "model": None,
         }
+        if any(name in f for name in ("model", "experts", "convex", "synsets")):
+            require_group(p, f, "dataset")  # every product needs the data's description ...
+            require_group(p, f, "model")  # ... and the network's
         data = read_dataset(p, f) if "dataset" in f else None
         layout: Layout = []
         if data is not None:
