@@ -77,7 +77,9 @@ def read_experts(path: str | os.PathLike[str], f: h5py.File, layout: Layout) -> 
         r.dataset("train_loss", "f", [rows, epochs + 1])
     has_traj = r.has("trajectories")
     if has_traj:
-        r.dataset("trajectories", "f", [rows, epochs + 1, sum(layer_sizes(layout))])
+        ds = r.dataset("trajectories", "f", [rows, epochs + 1, sum(layer_sizes(layout))])
+        # Snapshots are read one at a time later: the done rows must be stored, whatever their shape says.
+        r.stored("trajectories", ds, int(done.sum()) * (epochs + 1) * sum(layer_sizes(layout)) * ds.dtype.itemsize)
     r.provenance()
     attrs: dict[str, Any] = {}
     if "augmentation" in r.group.attrs:

@@ -23,6 +23,11 @@ _MISSING: Any = object()
 
 # A single read never allocates more than this (values are read row by row where they are large).
 MAX_READ_BYTES = 2 << 30
+# A read may not exceed what the file stores for the dataset: a small file declaring a huge
+# shape (unwritten chunks read as fill values) would otherwise make a reader allocate it.
+# Filtered (compressed) data may expand up to this ratio; mctool itself never compresses.
+MAX_COMPRESSION = 1000
+_SLACK_BYTES = 64 << 10  # a small dataset may be read before it is written (its fill values)
 
 
 class Fields:
@@ -172,6 +177,18 @@ class Fields:
             raise self.problem(name, f"has shape {list(ds.shape)}, expected {want_shape}", attribute=False)
         return ds
 
+    def stored(self, name: str, ds: h5py.Dataset, nbytes: int) -> None:
+        """Refuse to read `nbytes` of dataset `name` beyond the sane limit or beyond what the file
+        actually stores for it (checked before any allocation)."""
+        if nbytes > MAX_READ_BYTES:
+            raise self.problem(name, f"would take {nbytes / 1e9:.1f} GB to read; refusing", attribute=False)
+        stored = int(ds.id.get_storage_size())
+        ratio = MAX_COMPRESSION if ds.id.get_create_plist().get_nfilters() else 1
+        if nbytes > stored * ratio + _SLACK_BYTES:
+            raise self.problem(name, f"declares {nbytes / 1e6:.1f} MB of values but the file stores "
+                                     f"{stored / 1e6:.1f} MB of them (truncated, or a forged shape); refusing",
+                               attribute=False)
+
     def array(self, name: str, kinds: str, shape: Sequence[int | None], finite: bool = False,
               rows: Any = None) -> np.ndarray:
         """Read dataset `name` (checked as `dataset`), or only `rows` of it; `finite` refuses NaN/inf."""
@@ -181,12 +198,11 @@ class Fields:
 
 def read_checked(fields: Fields, name: str, ds: h5py.Dataset, rows: Any, finite: bool) -> np.ndarray:
     """Read `ds` (or `ds[rows]`) after a size check, then check the values are finite if asked."""
-    count = int(np.prod(ds.shape[1:], dtype=np.int64)) * ds.dtype.itemsize
+    count = math.prod(ds.shape[1:]) * ds.dtype.itemsize  # Python ints: a forged shape cannot overflow
     n = ds.shape[0] if ds.ndim and rows is None else (1 if np.isscalar(rows) else len(np.atleast_1d(rows)))
     if ds.ndim == 0:
         n, count = 1, ds.dtype.itemsize
-    if n * count > MAX_READ_BYTES:
-        raise fields.problem(name, f"would take {n * count / 1e9:.1f} GB to read; refusing", attribute=False)
+    fields.stored(name, ds, n * count)
     try:
         if rows is None:
             data = ds[()]

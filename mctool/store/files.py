@@ -51,6 +51,7 @@ FORMAT_VERSION = 1
 # Sane limits: far above any real artifact, far below what would exhaust a machine.
 MAX_OBJECTS = 10_000
 MAX_ATTRIBUTE_BYTES = 16 << 20
+MAX_ATTRIBUTES = 256  # per object; mctool writes about a dozen
 # HDF5's built-in filters (deflate, shuffle, fletcher32, szip, nbit, scale-offset) and h5py's
 # LZF. Any other filter id makes HDF5 search its plugin path for a shared library to load.
 SAFE_FILTERS = frozenset({1, 2, 3, 4, 5, 6, 32000})
@@ -156,6 +157,9 @@ def _check_root(path: Path, f: h5py.File) -> None:
 
 
 def _check_attributes(path: Path, obj: h5py.HLObject, where: str) -> None:
+    if len(obj.attrs) > MAX_ATTRIBUTES:
+        raise ArtifactError(f"{shown(path)}: {clean_text(where) or '/'} has {len(obj.attrs)} attributes; not an "
+                            "artifact mctool wrote")
     for name in obj.attrs:
         size = h5py.h5a.open(obj.id, name.encode() if isinstance(name, str) else name).get_storage_size()
         if size > MAX_ATTRIBUTE_BYTES:
@@ -170,6 +174,9 @@ def _check_dataset(path: Path, ds: h5py.Dataset, where: str) -> None:
     if ds.is_virtual:
         raise ArtifactError(f"{shown(path)}: {clean_text(where)} is a virtual dataset that maps other files; "
                             "refusing it")
+    offset = ds.id.get_offset()  # contiguous data: where it starts in the file (None: chunked or unwritten)
+    if offset is not None and offset + ds.id.get_storage_size() > path.stat().st_size:
+        raise ArtifactError(f"{shown(path)}: {clean_text(where)} extends past the end of the file (truncated?)")
     plist = ds.id.get_create_plist()
     for i in range(plist.get_nfilters()):
         code = plist.get_filter(i)[0]
@@ -183,6 +190,7 @@ def check_contents(path: Path, f: h5py.File) -> None:
     count = 0
     _check_attributes(path, f, "/")
     pending: list[tuple[str, h5py.Group]] = [("", f)]
+    seen = {f.id}  # groups reached: a second hard link to one makes a cycle (or a tangle), never a tree
     while pending:
         prefix, group = pending.pop()
         for name in group:
@@ -201,6 +209,10 @@ def check_contents(path: Path, f: h5py.File) -> None:
             obj = group[name]
             _check_attributes(path, obj, where)
             if isinstance(obj, h5py.Group):
+                if obj.id in seen:
+                    raise ArtifactError(f"{shown(path)}: {clean_text(where)} links back to a group already in the "
+                                        "file; artifacts are plain trees — refusing it")
+                seen.add(obj.id)
                 pending.append((where, obj))
             elif isinstance(obj, h5py.Dataset):
                 _check_dataset(path, obj, where)

@@ -18,7 +18,7 @@ from mctool.store import convex as _convex
 from mctool.store import experts as _experts
 from mctool.store import synsets as _synsets
 from mctool.store.fields import Fields
-from mctool.store.files import open_artifact, require_group
+from mctool.store.files import open_artifact, require_group, shown
 from mctool.store.meta import DatasetMeta, read_dataset, read_model
 
 
@@ -114,7 +114,7 @@ def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
     with open_artifact(p) as f:
         root = Fields(p, f)
         out: dict[str, Any] = {
-            "file": str(p),
+            "file": shown(p),  # control characters removed: it is printed
             "size_bytes": p.stat().st_size,
             # Row storage is allocated up front and written as experts finish (a sparse file): the
             # blocks on disk, not the apparent size, say what the file costs.

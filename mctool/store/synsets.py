@@ -4,6 +4,7 @@ checkpoint a run resumes from, and the best images a periodic evaluation selecte
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -126,8 +127,9 @@ def _images_and_labels(r: Fields, data: DatasetMeta, ipc: int, values: bool) -> 
     labels_ds = r.dataset("labels", "iuf", [n] if _ndim(r.group["labels"]) == 1 else [n, data.num_classes])
     if values:
         images = torch.from_numpy(r.array("images", "f", shape, finite=True).astype(np.float32, copy=False))
-    else:  # only the shape: images can be large; labels are small and always checked
-        r.dataset("images", "f", shape)
+    else:  # only the shape (and that the file stores them): images can be large; labels are small
+        ds = r.dataset("images", "f", shape)
+        r.stored("images", ds, math.prod(shape) * ds.dtype.itemsize)
         images = torch.empty(0)
     if labels_ds.ndim == 1:
         if labels_ds.dtype.kind not in "iu":
@@ -207,7 +209,8 @@ def _read_checkpoint(path: str | os.PathLike[str], g: h5py.Group, data: DatasetM
     if values:
         velocity = torch.from_numpy(r.array("images_velocity", "f", shape, finite=True).astype(np.float32, copy=False))
     else:
-        r.dataset("images_velocity", "f", shape)
+        ds = r.dataset("images_velocity", "f", shape)
+        r.stored("images_velocity", ds, math.prod(shape) * ds.dtype.itemsize)
         velocity = torch.empty(0)
     ds = r.dataset("generators", "u", [None, _GENERATOR_STATE_BYTES])
     if not 1 <= ds.shape[0] <= _MAX_RANKS or ds.dtype != np.uint8:
