@@ -135,6 +135,19 @@ def _os_problem(path: Path, exc: OSError) -> ArtifactError | FileBusy:
     return ArtifactError(f"{shown(path)}: unreadable HDF5 file (truncated or damaged?): {clean_text(text)}")
 
 
+@contextlib.contextmanager
+def reading(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Around the store's own reads: what HDF5 raises on damaged metadata or data (OSError,
+    KeyError, RuntimeError with HDF5's message) becomes one line naming the file."""
+    try:
+        yield
+    except OSError as exc:
+        raise _os_problem(Path(path), exc) from None
+    except (KeyError, RuntimeError) as exc:
+        raise ArtifactError(f"{shown(path)}: unreadable HDF5 file (truncated or damaged?): "
+                            f"{clean_text(str(exc))[:200]}") from None
+
+
 def _check_root(path: Path, f: h5py.File) -> None:
     fmt = f.attrs.get("format")
     if isinstance(fmt, bytes):
@@ -218,6 +231,19 @@ def check_contents(path: Path, f: h5py.File) -> None:
                 _check_dataset(path, obj, where)
 
 
+def _exists(p: Path) -> bool:
+    """Whether `p` exists; a folder on the way the user may not enter is a permission problem."""
+    try:
+        p.stat()
+    except FileNotFoundError:
+        return False
+    except PermissionError:
+        raise ArtifactError(f"{shown(p)}: permission denied (cannot reach it)") from None
+    except NotADirectoryError:
+        return False
+    return True
+
+
 def _open_h5(path: Path, mode: str) -> h5py.File:
     try:
         return h5py.File(path, mode)
@@ -230,7 +256,7 @@ def open_artifact(path: str | os.PathLike[str], mode: str = "r") -> Iterator[h5p
     """Open an existing artifact read-only (or 'r+' for `append`) after checking that it is an
     mctool artifact, readable, and holds nothing that points outside it."""
     p = Path(path)
-    if not p.exists():
+    if not _exists(p):
         raise ArtifactError(f"{shown(p)}: no such file")
     if p.is_dir():
         raise ArtifactError(f"{shown(p)}: is a directory, not an artifact file")
@@ -244,8 +270,9 @@ def open_artifact(path: str | os.PathLike[str], mode: str = "r") -> Iterator[h5p
         raise ArtifactError(f"{shown(p)}: not an HDF5 file")
     f = _open_h5(p, mode)
     try:
-        _check_root(p, f)
-        check_contents(p, f)
+        with reading(p):
+            _check_root(p, f)
+            check_contents(p, f)
         yield f
     finally:
         f.close()
@@ -329,11 +356,24 @@ def _writer_lock(target: Path) -> Iterator[None]:
 
 
 def check_writable(path: str | os.PathLike[str]) -> None:
-    """Refuse, before any work, a target that cannot be written (the file or its folder)."""
+    """Refuse, before any work, a target that cannot be written (the file or its folder) or that
+    another mctool is writing now.
+
+    Root may write any file, so os.access says yes to everything there; a file whose mode gives
+    no one write permission (0444) is still refused, as `rm` asks before removing one: the mode
+    says the file is not to be changed, and a rewrite would replace it."""
     p = Path(path)
     folder = p.resolve().parent
-    if p.exists() and not os.access(p, os.W_OK):
-        raise ArtifactError(f"{shown(p)}: permission denied (the file is read-only for you); nothing was changed")
+    if _exists(p):
+        if not os.access(p, os.W_OK):
+            raise ArtifactError(f"{shown(p)}: permission denied (the file is read-only for you); nothing was changed")
+        mode = p.stat().st_mode
+        if os.geteuid() == 0 and not mode & 0o222:
+            raise ArtifactError(f"{shown(p)}: permission denied (the file is read-only, mode {mode & 0o7777:04o}; "
+                                f"mctool does not override that even as root — `chmod u+w` it first); nothing was "
+                                "changed")
+        with _writer_lock(p):  # held by another mctool: refused now, not after the work
+            pass
     probe = folder
     while not probe.exists():  # missing folders are created: the first existing one must be writable
         probe = probe.parent

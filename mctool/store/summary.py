@@ -18,7 +18,7 @@ from mctool.store import convex as _convex
 from mctool.store import experts as _experts
 from mctool.store import synsets as _synsets
 from mctool.store.fields import Fields
-from mctool.store.files import open_artifact, require_group, shown
+from mctool.store.files import open_artifact, reading, require_group, shown
 from mctool.store.meta import DatasetMeta, read_dataset, read_model
 
 
@@ -111,7 +111,7 @@ def _synset_facts(path: Path, f: h5py.File, data: DatasetMeta | None) -> list[di
 def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Everything `inspect` reports about one artifact, as JSON-ready data."""
     p = Path(path)
-    with open_artifact(p) as f:
+    with open_artifact(p) as f, reading(p):
         root = Fields(p, f)
         out: dict[str, Any] = {
             "file": shown(p),  # control characters removed: it is printed

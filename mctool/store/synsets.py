@@ -15,7 +15,7 @@ import torch
 
 from mctool.errors import ArtifactError
 from mctool.store.fields import Fields
-from mctool.store.files import clean_text, require_group, shown
+from mctool.store.files import clean_text, reading, require_group, shown
 from mctool.store.meta import DatasetMeta
 
 if TYPE_CHECKING:
@@ -87,6 +87,11 @@ def synset_names(f: h5py.File, path: str | os.PathLike[str] | None = None) -> li
     if "synsets" not in f:
         return []
     where = path if path is not None else f.filename
+    with reading(where):
+        return _synset_names(f, where)
+
+
+def _synset_names(f: h5py.File, where: str | os.PathLike[str]) -> list[str]:
     root = require_group(where, f, "synsets")
     for name in root:
         if not isinstance(root[name], h5py.Group):
