@@ -13,6 +13,10 @@ Three ways to write, each safe against a crash at any instant (SIGKILL included)
   the file was created (expert rows): such writes change no HDF5 metadata, and a row counts
   only once its ``done`` flag — one byte, written after the row is flushed — is set.
 
+A writer killed inside ``create``/``rewrite`` leaves its temporary ``.NAME.XXXX.tmp`` beside the
+file (never in its place); the next write to the same file removes such leftovers, telling
+them from a live writer's by a lock each writer holds on its own temporary.
+
 Every open first refuses what an artifact must never contain: links to other files or
 elsewhere (external and soft links), external raw storage, virtual datasets, filters that
 HDF5 would load from a plugin, huge attributes, and more objects than an artifact could hold.
@@ -24,6 +28,7 @@ import contextlib
 import datetime as _dt
 import errno
 import fcntl
+import glob
 import json
 import os
 import platform
@@ -31,6 +36,7 @@ import shutil
 import struct
 import sys
 import tempfile
+import time
 import unicodedata
 import uuid
 from collections.abc import Iterator
@@ -325,16 +331,37 @@ def fingerprint(path: str | os.PathLike[str], f: h5py.File) -> dict[str, Any]:
 _LOCK_OFFSET = 1 << 62
 
 
-@contextlib.contextmanager
-def _writer_lock(target: Path) -> Iterator[None]:
-    """Hold an exclusive open-file-description lock on `target` while writing it: a second mctool
-    writing the same file at once is refused instead of one of the two changes being lost.
+# Another byte: a writer's lock on its own temporary file (see `_temporary`).
+_TMP_LOCK_OFFSET = _LOCK_OFFSET - 1
+# A temporary younger than this is never swept: it may be between its creation and its lock.
+_TMP_GRACE_S = 2.0
+
+
+def _try_lock(fd: int, offset: int) -> bool:
+    """Take an exclusive OFD lock on byte `offset` of `fd`: False when another holds it.
 
     OFD locks (Linux) belong to this descriptor only, so opening and closing the file elsewhere
-    in the process (copying it, h5py) does not drop the lock as it would a classic POSIX lock.
-    Where they do not exist the write goes on unlocked."""
-    ofd_setlk = getattr(fcntl, "F_OFD_SETLK", None)
-    if ofd_setlk is None or not target.exists():
+    in the process (copying it, h5py) does not drop the lock as it would a classic POSIX lock."""
+    request = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0)
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, request)  # type: ignore[attr-defined]
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+def _have_ofd_locks() -> bool:
+    return getattr(fcntl, "F_OFD_SETLK", None) is not None
+
+
+@contextlib.contextmanager
+def _writer_lock(target: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `target` while writing it: a second mctool writing the same file
+    at once is refused instead of one of the two changes being lost. Where OFD locks do not
+    exist the write goes on unlocked."""
+    if not _have_ofd_locks() or not target.exists():
         yield
         return
     try:
@@ -342,14 +369,9 @@ def _writer_lock(target: Path) -> Iterator[None]:
     except OSError as exc:
         raise _os_problem(target, exc) from None
     try:
-        request = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, _LOCK_OFFSET, 1, 0)
-        try:
-            fcntl.fcntl(fd, ofd_setlk, request)
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                raise FileBusy(f"{shown(target)}: in use by another process (another mctool writing it?); wait "
-                               "for it to finish and run the command again") from None
-            raise
+        if not _try_lock(fd, _LOCK_OFFSET):
+            raise FileBusy(f"{shown(target)}: in use by another process (another mctool writing it?); wait "
+                           "for it to finish and run the command again")
         yield
     finally:
         os.close(fd)  # releases the lock
@@ -407,11 +429,50 @@ def _finish(tmp: Path, target: Path) -> None:
     _fsync_dir(target.parent)
 
 
-def _temporary(target: Path) -> Path:
+def temporaries(target: str | os.PathLike[str]) -> list[Path]:
+    """The temporary files of writes to `target` in its folder (live or left by a killed writer)."""
+    t = Path(target)
+    return sorted(t.parent.glob(f".{glob.escape(t.name)}.*.tmp"))
+
+
+def _sweep(target: Path) -> None:
+    """Remove the temporaries of `target` that killed writers left behind (a rewrite of a large
+    buffer leaves one as large as the buffer). A live writer holds a lock on its own."""
+    if not _have_ofd_locks():
+        return
+    for p in temporaries(target):
+        try:
+            if time.time() - p.lstat().st_mtime < _TMP_GRACE_S:
+                continue
+            fd = os.open(p, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            if _try_lock(fd, _TMP_LOCK_OFFSET):
+                p.unlink(missing_ok=True)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _temporary(target: Path) -> Iterator[Path]:
+    """A temporary file beside `target`, locked while this process writes it, removed unless it
+    was moved into place (a SIGKILL leaves it; the next write to `target` sweeps it)."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    _sweep(target)
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    return Path(name)
+    tmp = Path(name)
+    try:
+        if _have_ofd_locks():
+            _try_lock(fd, _TMP_LOCK_OFFSET)
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -419,19 +480,14 @@ def create(path: str | os.PathLike[str]) -> Iterator[h5py.File]:
     """Write a new artifact at `path` (replacing what is there: callers decide whether they may)."""
     target = Path(path)
     check_writable(target)
-    tmp = _temporary(target)
-    try:
-        with _writer_lock(target):
-            f = h5py.File(tmp, "w")
-            try:
-                stamp(f)
-                yield f
-            finally:
-                f.close()
-            _finish(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with _temporary(target) as tmp, _writer_lock(target):
+        f = h5py.File(tmp, "w")
+        try:
+            stamp(f)
+            yield f
+        finally:
+            f.close()
+        _finish(tmp, target)
 
 
 @contextlib.contextmanager
@@ -447,19 +503,14 @@ def rewrite(path: str | os.PathLike[str], extra_bytes: int = 0) -> Iterator[h5py
     # carries a damaged group into a file that looks freshly written.
     summarize(target)
     ensure_free_space(target, target.stat().st_size + extra_bytes, f"rewriting {target.name}")
-    tmp = _temporary(target)
-    try:
-        with _writer_lock(target):
-            shutil.copyfile(target, tmp)
-            f = _open_h5(tmp, "r+")
-            try:
-                yield f
-            finally:
-                f.close()
-            _finish(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with _temporary(target) as tmp, _writer_lock(target):
+        shutil.copyfile(target, tmp)
+        f = _open_h5(tmp, "r+")
+        try:
+            yield f
+        finally:
+            f.close()
+        _finish(tmp, target)
 
 
 @contextlib.contextmanager
