@@ -122,6 +122,12 @@ def big_attribute(f: h5py.File, root: Path) -> None:
     f.create_group("experts/notes").attrs["blob"] = np.zeros(100_000_000 // 8)
 
 
+def big_text_attribute(f: h5py.File, root: Path) -> None:
+    """20 MB of variable-length text in an attribute every command reads (its storage outside
+    the attribute: the open checks see a 16-byte pointer)."""
+    f["experts"].attrs["config"] = "x" * 20_000_000
+
+
 def many_attributes(f: h5py.File, root: Path) -> None:
     """Thousands of small attributes on one group."""
     for i in range(2000):
@@ -194,6 +200,7 @@ CORPUS = [
     ("hard-link-cycle", "buffer", hard_link_cycle, "links back", BUFFER_COMMANDS),
     ("plugin-filter", "buffer", plugin_filter, "filter 32004", BUFFER_COMMANDS),
     ("big-attribute", "buffer", big_attribute, "attribute 'blob'", ("inspect", "convexify", "experts")),
+    ("big-text-attribute", "buffer", big_text_attribute, "attribute 'config'", ("inspect", "convexify", "experts")),
     ("many-attributes", "buffer", many_attributes, "attributes", ("inspect", "experts")),
     ("many-objects", "buffer", many_objects, "objects", ("inspect", "experts")),
     ("huge-done", "buffer", huge_done, "/experts/", BUFFER_COMMANDS),

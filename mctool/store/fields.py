@@ -27,6 +27,7 @@ MAX_READ_BYTES = 2 << 30
 # shape (unwritten chunks read as fill values) would otherwise make a reader allocate it.
 # Filtered (compressed) data may expand up to this ratio; mctool itself never compresses.
 MAX_COMPRESSION = 1000
+MAX_TEXT_BYTES = 16 << 20
 _SLACK_BYTES = 64 << 10  # a small dataset may be read before it is written (its fill values)
 
 
@@ -51,9 +52,14 @@ class Fields:
                 raise self.problem(key, "missing")
             return default
         try:
-            return self.group.attrs[key]
+            value = self.group.attrs[key]
         except (OSError, TypeError, ValueError) as exc:  # an attribute h5py cannot decode
             raise self.problem(key, f"unreadable ({clean_text(str(exc))})") from None
+        # Variable-length text is stored apart from the attribute (the open checks see only its
+        # pointer); it cannot exceed the file, but no attribute mctool writes comes near this.
+        if isinstance(value, (str, bytes)) and len(value) > MAX_TEXT_BYTES:
+            raise self.problem(key, f"holds {len(value) / 1e6:.0f} MB of text; refusing it")
+        return value
 
     # ------------------------------------------------------------------ attributes
 
