@@ -1,6 +1,7 @@
 """SIGKILL every writer at many random points and count what the files hold (issue 14).
 
     /work/venv/bin/python bench/faults.py [--kills 50] [--writers experts-new,distill] [--seed 0] [--matrix]
+                                          [--fuzz 100]
 
 For each writer (experts new / appending / --convexify, convexify in place and -o, distill with
 a checkpoint every iteration, evaluate saving): a reference run without a kill, then runs killed
@@ -10,7 +11,9 @@ the old content, the new one, or a consistent step between (expert rows done so 
 distillation checkpoint), bit-identical to the reference; then the same command (distill:
 with --resume) runs again and must finish with the reference result. tests/faultkit.py has
 the details. `--matrix` also runs the whole corruption matrix (tests/test_corruption.py with
-MCTOOL_FULL_MATRIX=1) and prints its counts.
+MCTOOL_FULL_MATRIX=1) and prints its counts; `--fuzz N` damages N random byte ranges of each
+0.1.0 file and counts the inspect runs that read fine, were refused with one line, went wrong
+or hung (tests/damage.py).
 
 Prints a table and writes bench/results/faults.json. OMP_NUM_THREADS is forced to 1.
 """
@@ -60,6 +63,9 @@ def main() -> None:
     parser.add_argument("--writers", default="", help="comma-separated subset (default: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--matrix", action="store_true", help="also run the full corruption matrix")
+    parser.add_argument("--fuzz", type=int, default=0,
+                        help="also damage N random byte ranges of each 0.1.0 file and inspect each copy")
+    parser.add_argument("--fuzz-timeout", type=float, default=180.0, help="seconds before a read counts as hung")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "faults.json")
     args = parser.parse_args()
     names = [n for n in args.writers.split(",") if n] or None
@@ -87,6 +93,20 @@ def main() -> None:
     for r in rows:
         for failure in r["failures"]:
             print(f"FAILURE {r['writer']}: {failure}")
+    if args.fuzz:
+        from tests.damage import fuzz
+
+        with tempfile.TemporaryDirectory(prefix="mctool-fuzz-") as tmp:
+            t = time.perf_counter()
+            release = REPO / "tests" / "data" / "release-0.1.0"
+            f = fuzz([release / n for n in ("buffer.h5", "synset.h5", "streamed.h5", "compact.h5")], args.fuzz,
+                     Path(tmp), seed=args.seed, timeout=args.fuzz_timeout)
+            f["seconds"] = round(time.perf_counter() - t, 1)
+        out["fuzz"] = f
+        print(f"byte damage: {f['cases']} reads of damaged copies: {f['read']} read fine, {f['refused']} refused "
+              f"with one line, {len(f['bad'])} bad, {len(f['hung'])} hung")
+        for line in f["bad"] + f["hung"]:
+            print(f"  {line}")
     if args.matrix:
         out["corruption_matrix"] = _matrix()
         print(f"corruption matrix (every damage x base x command): {out['corruption_matrix']['summary']}")

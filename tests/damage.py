@@ -102,3 +102,80 @@ class Watch:
         import os
 
         os.close(self.fd)
+
+
+# --------------------------------------------------------------------------- byte damage
+
+_FUZZ_RUNNER = """
+import json, sys
+from typer.testing import CliRunner
+from mctool.cli import app
+runner = CliRunner()
+png = sys.argv[1]
+for line in open(sys.argv[2]):
+    path = line.strip()
+    rs = [runner.invoke(app, ['inspect', path, '--json']),
+          runner.invoke(app, ['inspect', path, '--png', png, '--no-evaluate'])]
+    print(json.dumps([{'exit_code': r.exit_code, 'stderr': r.stderr} for r in rs]), flush=True)
+"""
+
+
+def fuzz(bases: list[Path], per_base: int, work: Path, seed: int = 0, timeout: float = 180.0) -> dict:
+    """Damage `per_base` copies of each base file (a random range of 1–512 bytes zeroed or
+    scrambled), run `inspect --json` and `inspect --png --no-evaluate` on each in a child
+    process, and count: read (exit 0), refused (exit 2, one line naming the file), bad
+    (anything else), hung (no answer within `timeout` s: the child is killed and restarted)."""
+    import json
+    import os
+    import select
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    files = []
+    for base in bases:
+        data = base.read_bytes()
+        for i in range(per_base):
+            damaged = bytearray(data)
+            start = int(rng.integers(0, len(data)))
+            size = int(rng.choice([1, 8, 64, 512]))
+            block = bytes(size) if i % 2 else rng.bytes(size)
+            damaged[start:start + size] = block[: len(damaged) - start]
+            p = work / f"{base.stem}.{i}.h5"
+            p.write_bytes(bytes(damaged))
+            files.append(p)
+    tally: dict = {"cases": 2 * len(files), "read": 0, "refused": 0, "bad": [], "hung": []}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    pending = list(files)
+    while pending:
+        listing = work / "fuzz-cases.txt"
+        listing.write_text("".join(f"{p}\n" for p in pending))
+        proc = subprocess.Popen([sys.executable, "-c", _FUZZ_RUNNER, str(work / "fuzz.png"), str(listing)],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+                                cwd=Path(__file__).parent.parent)
+        assert proc.stdout is not None
+        while pending:
+            ready, _, _ = select.select([proc.stdout], [], [], timeout)
+            line = proc.stdout.readline() if ready else ""
+            if not line:  # a hang (or a crash): note the case, go on after it
+                proc.kill()
+                proc.wait()
+                what = "hung" if not ready else "bad"
+                tally[what].append(f"{pending[0].name}: {'no answer' if not ready else 'the reader died'}")
+                pending.pop(0)
+                break
+            p = pending.pop(0)
+            for r in json.loads(line):
+                lines = r["stderr"].strip().splitlines()
+                if r["exit_code"] == 0:
+                    tally["read"] += 1
+                elif (r["exit_code"] == 2 and len(lines) == 1 and lines[0].startswith("mctool: error: ")
+                      and str(p) in lines[0] and "internal error" not in lines[0]):
+                    tally["refused"] += 1
+                else:
+                    tally["bad"].append(f"{p.name}: exit {r['exit_code']}: {r['stderr'][-300:]}")
+        else:
+            proc.wait()
+    return tally

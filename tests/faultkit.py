@@ -5,8 +5,10 @@ Used by tests/test_faults.py (a small sample in CI) and bench/faults.py (≥ 50 
 A *zygote* process imports mctool, torch and h5py once and forks one child per run, which runs
 the CLI exactly as the console script does; the zygote SIGKILLs the child after a drawn delay.
 So the kills land in the commands' work (loading, training, writing), not in Python's imports.
-Half of the delays are uniform over a reference run's duration, half aim at the instants the
-reference run wrote files in the target's folder (inotify), with a few milliseconds of jitter.
+A third of the kills come at a uniform instant of a reference run's duration; the others just
+after (0–3 ms) the n-th file write in the target's folder, n drawn over the writes the
+reference run made (inotify: every write, create, rename and close), so they land inside the
+write phases however much the timing of the shared machine varies.
 
 After every kill the file (if present) must open and validate through the store, and hold the
 old content, the new content, or — where the format allows it — a consistent step between
@@ -59,8 +61,33 @@ def _zygote_main() -> None:
         out.flush()
 
 
+def _events(ino: int, skip: set[str]) -> int:
+    """How many file writes (modify, create, rename into, close after writing) inotify reports
+    now, apart from the files named in `skip` (the command's own log)."""
+    import struct
+
+    n = 0
+    while True:
+        try:
+            buf = os.read(ino, 65536)
+        except BlockingIOError:
+            return n
+        if not buf:
+            return n
+        at = 0
+        while at + 16 <= len(buf):
+            _, _, _, size = struct.unpack_from("iIII", buf, at)
+            name = buf[at + 16:at + 16 + size].rstrip(b"\0").decode(errors="replace")
+            at += 16 + size
+            if name not in skip:
+                n += 1
+
+
 def _serve(req: dict[str, Any], libc: Any) -> dict[str, Any]:
+    """Fork a child running the CLI; kill it `kill_after` seconds after the fork, or `plus`
+    seconds after the `kill_at_event`-th file write in the watched folder."""
     ino = -1
+    skip = {Path(req["log"]).name}
     if req.get("watch"):
         ino = libc.inotify_init1(os.O_NONBLOCK)
         libc.inotify_add_watch(ino, req["watch"].encode(), _IN_MODIFY | _IN_CLOSE_WRITE | _IN_CREATE | _IN_MOVED_TO)
@@ -91,7 +118,8 @@ def _serve(req: dict[str, Any], libc: Any) -> dict[str, Any]:
             os._exit(code)
     os.close(log)
     kill_at = req.get("kill_after")
-    writes: list[float] = []
+    kill_event = req.get("kill_at_event")
+    events = 0
     killed = False
     status = None
     while status is None:
@@ -103,23 +131,22 @@ def _serve(req: dict[str, Any], libc: Any) -> dict[str, Any]:
         if done:
             status = st
             break
-        wait = 0.002 if kill_at is None or killed else max(0.0, min(0.002, kill_at - now))
+        wait = 0.001 if kill_at is None or killed else max(0.0, min(0.001, kill_at - now))
         if ino >= 0:
             ready, _, _ = select.select([ino], [], [], wait)
             if ready:
-                try:
-                    while os.read(ino, 65536):
-                        writes.append(time.monotonic() - t0)
-                except BlockingIOError:
-                    pass
+                events += _events(ino, skip)
+                if kill_event is not None and kill_at is None and events >= kill_event:
+                    kill_at = time.monotonic() - t0 + req.get("plus", 0.0)
         else:
             time.sleep(wait)
     if ino >= 0:
+        events += _events(ino, skip)
         os.close(ino)
     seconds = time.monotonic() - t0
     signaled = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
     return {"killed": bool(signaled), "code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
-            "seconds": seconds, "writes": writes}
+            "seconds": seconds, "events": events}
 
 
 class Zygote:
@@ -131,11 +158,12 @@ class Zygote:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO, env=env)
 
     def run(self, argv: list[str], log: Path, cwd: Path, kill_after: float | None = None,
-            watch: Path | None = None) -> dict[str, Any]:
-        """Run `mctool ARGV` in a forked child (SIGKILLed after `kill_after` seconds if given)."""
+            watch: Path | None = None, kill_at_event: int | None = None, plus: float = 0.0) -> dict[str, Any]:
+        """Run `mctool ARGV` in a forked child, SIGKILLed `kill_after` seconds after the fork, or
+        `plus` seconds after the `kill_at_event`-th file write in folder `watch` (if given)."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
         req = {"argv": [str(a) for a in argv], "log": str(log), "cwd": str(cwd), "kill_after": kill_after,
-               "watch": str(watch) if watch else None}
+               "watch": str(watch) if watch else None, "kill_at_event": kill_at_event, "plus": plus}
         self.proc.stdin.write(json.dumps(req) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
@@ -337,12 +365,12 @@ def _try_contents(path: Path) -> tuple[dict[str, Any] | None, str | None, bool]:
 
 @dataclass
 class Reference:
-    """An uninterrupted run from the old state: its result, duration and write instants."""
+    """An uninterrupted run from the old state: its result, duration and number of file writes."""
 
     old: dict[str, Any] | None
     new: dict[str, Any]
     seconds: float
-    writes: list[float]
+    events: int
 
 
 def reference(z: Zygote, w: Writer, work: Path) -> Reference:
@@ -355,7 +383,7 @@ def reference(z: Zygote, w: Writer, work: Path) -> Reference:
         raise RuntimeError(f"{w.name}: the reference run failed: {(work / 'log.txt').read_text()[-3000:]}")
     new = contents(work / w.target)
     assert new is not None
-    return Reference(old, new, r["seconds"], r["writes"])
+    return Reference(old, new, r["seconds"], r["events"])
 
 
 def _reset(work: Path) -> None:
@@ -371,16 +399,18 @@ def trial(z: Zygote, w: Writer, ref: Reference, work: Path, rng: random.Random, 
 
     _reset(work)
     w.prepare(work)
-    if rng.random() < 0.5 or not ref.writes:
-        delay = rng.uniform(0.0, ref.seconds)
-    else:
-        delay = max(0.0, rng.choice(ref.writes) + rng.uniform(-0.004, 0.002))
-    r = z.run(w.argv(work), work / "log.txt", work, kill_after=delay, watch=work)
+    if rng.random() < 1 / 3 or not ref.events:  # at a random instant
+        delay, event, plus = rng.uniform(0.0, ref.seconds), None, 0.0
+        when = f"{delay:.3f}s"
+    else:  # just after a random one of the command's file writes (timing varies more than writes last)
+        delay, event, plus = None, rng.randint(1, ref.events), rng.uniform(0.0, 0.003)
+        when = f"write {event}/{ref.events} +{1000 * plus:.1f}ms"
+    r = z.run(w.argv(work), work / "log.txt", work, kill_after=delay, watch=work, kill_at_event=event, plus=plus)
     tally.runs += 1
     if not r["killed"]:
         tally.missed += 1
         if r["code"] == 0 and r["seconds"] < ref.seconds:  # the first run was slower (cold): aim by this one
-            ref.seconds, ref.writes = r["seconds"], r["writes"]
+            ref.seconds = r["seconds"]
         if r["code"] != 0:
             tally.failures.append(f"{w.name}: exit {r['code']} without a kill: {(work / 'log.txt').read_text()[-500:]}")
         return
@@ -392,13 +422,13 @@ def trial(z: Zygote, w: Writer, ref: Reference, work: Path, rng: random.Random, 
     tally.opened += opened
     if error is not None:
         tally.states["corrupt"] = tally.states.get("corrupt", 0) + 1
-        tally.failures.append(f"{w.name} killed at {delay:.3f}s: {error}")
+        tally.failures.append(f"{w.name} killed at {when}: {error}")
         return
     tally.validated += 1
     state = w.judge(ref.old, got, ref.new)
     tally.states[state] = tally.states.get(state, 0) + 1
     if state == "corrupt":
-        tally.failures.append(f"{w.name} killed at {delay:.3f}s: neither old nor new")
+        tally.failures.append(f"{w.name} killed at {when}: neither old nor new")
         return
     argv = w.rerun_argv(work, got) if w.rerun_argv else w.argv(work)
     if argv is None:  # nothing left to do
@@ -411,7 +441,7 @@ def trial(z: Zygote, w: Writer, ref: Reference, work: Path, rng: random.Random, 
     if ok:
         tally.reruns_ok += 1
     else:
-        tally.failures.append(f"{w.name} killed at {delay:.3f}s ({state}): the rerun exit {r['code']} "
+        tally.failures.append(f"{w.name} killed at {when} ({state}): the rerun exit {r['code']} "
                               f"{error or ''} {(work / 'rerun.txt').read_text()[-300:]}")
 
 

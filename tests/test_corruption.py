@@ -480,3 +480,19 @@ def test_the_matrix_is_large() -> None:
     full, sample = cases(True), cases(False)
     assert len(full) >= 3000 and len(sample) >= 1000
     assert {(p.values[0].name, p.values[2]) for p in full} == {(p.values[0].name, p.values[2]) for p in sample}
+
+
+# --------------------------------------------------------------------------- damaged bytes
+
+FUZZ = int(os.environ.get("MCTOOL_FUZZ_CASES", "24"))
+
+
+def test_damaged_bytes_give_one_line_or_a_valid_reading(tmp_path: Path) -> None:
+    """Random byte ranges of release files zeroed or scrambled: each read either succeeds (the
+    bytes were image values or padding) or is refused with one line — never an internal error,
+    a traceback, another exit code, a crash or a hang (bench/faults.py --fuzz runs more)."""
+    from tests.damage import fuzz
+
+    tally = fuzz([RELEASE / n for n in ("buffer.h5", "synset.h5", "streamed.h5")], FUZZ, tmp_path, seed=12)
+    assert not tally["bad"] and not tally["hung"], tally
+    assert tally["refused"] > 0 and tally["read"] > 0, tally  # the damage was real, and sometimes harmless
