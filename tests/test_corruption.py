@@ -484,7 +484,7 @@ def test_the_matrix_is_large() -> None:
 
 # --------------------------------------------------------------------------- damaged bytes
 
-FUZZ = int(os.environ.get("MCTOOL_FUZZ_CASES", "24"))
+FUZZ = int(os.environ.get("MCTOOL_FUZZ_CASES", "12"))
 
 
 def test_damaged_bytes_give_one_line_or_a_valid_reading(tmp_path: Path) -> None:

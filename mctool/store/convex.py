@@ -12,7 +12,7 @@ import torch
 
 from mctool.errors import ArtifactError
 from mctool.models import Layout, layer_sizes
-from mctool.store.experts import MAX_EPOCHS, MAX_EXPERTS
+from mctool.store.experts import MAX_EPOCHS, MAX_EXPERTS, is_streaming
 from mctool.store.fields import Fields
 from mctool.store.files import require_group, shown
 from mctool.trajectory import STRATEGIES
@@ -87,7 +87,10 @@ def read_convex(path: str | os.PathLike[str], f: h5py.File, layout: Layout,
         raise r.problem("done", f"declares {rows} experts; refusing", attribute=False)
     r.dataset("waypoints", "f", [rows, len(meta.positions), sum(layer_sizes(layout))])
     r.dataset("beta", "f", [rows, meta.epochs + 1, len(layout)])
-    return ConvexInfo(meta, rows, r.array("done", "b", [rows]).astype(bool))
+    done = r.array("done", "b", [rows]).astype(bool)
+    if is_streaming(f):  # a streamed row is committed by its expert's flag, written after this one
+        done &= Fields(path, f["experts"]).array("done", "b", [rows]).astype(bool)
+    return ConvexInfo(meta, rows, done)
 
 
 def read_convex_expert(path: str | os.PathLike[str], f: h5py.File, info: ConvexInfo,

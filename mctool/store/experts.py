@@ -192,7 +192,7 @@ def create_rows(f: h5py.File, rows: int, layout: RowLayout) -> None:
 
 def is_streaming(f: h5py.File) -> bool:
     """Whether the buffer was written by `experts --convexify` (its /convex rows grow with /experts)."""
-    if "convex" not in f or "trajectories" in f["experts"]:
+    if "convex" not in f or not isinstance(f.get("experts"), h5py.Group) or "trajectories" in f["experts"]:
         return False
     try:
         return bool(json.loads(f["convex"].attrs.get("config", "{}")).get("streaming", False))
@@ -253,7 +253,10 @@ class ExpertRows:
     def finish(self, e: int, seed: int, test_accuracy: list[float], train_loss: list[float],
                trajectory: torch.Tensor | None = None, waypoints: torch.Tensor | None = None,
                beta: torch.Tensor | None = None) -> None:
-        """Write expert e's row, flush, then mark it done and flush again."""
+        """Write expert e's row, flush, then mark it done and flush again.
+
+        A streamed row has two flags: /convex/done first, then /experts/done, the one that
+        commits the row (readers count a streamed /convex row only where both are set)."""
         g = self.f["experts"]
         if trajectory is not None:
             g["trajectories"][e] = trajectory.detach().to("cpu", torch.float32).numpy()
@@ -265,9 +268,10 @@ class ExpertRows:
             self.f["convex/waypoints"][e] = waypoints.to("cpu", torch.float32).numpy()
             self.f["convex/beta"][e] = beta.to("cpu", torch.float32).numpy()
         self.f.flush()
-        g["done"][e] = True
         if self.streaming:
             self.f["convex/done"][e] = True
+            self.f.flush()
+        g["done"][e] = True
         self.f.flush()
 
 

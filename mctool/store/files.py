@@ -387,6 +387,8 @@ def check_writable(path: str | os.PathLike[str]) -> None:
     p = Path(path)
     folder = p.resolve().parent
     if _exists(p):
+        if p.is_dir():
+            raise ArtifactError(f"{shown(p)}: is a directory, not an artifact file")
         if not os.access(p, os.W_OK):
             raise ArtifactError(f"{shown(p)}: permission denied (the file is read-only for you); nothing was changed")
         mode = p.stat().st_mode
