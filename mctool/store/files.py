@@ -149,7 +149,7 @@ def reading(path: str | os.PathLike[str]) -> Iterator[None]:
         yield
     except OSError as exc:
         raise _os_problem(Path(path), exc) from None
-    except (KeyError, RuntimeError) as exc:
+    except (KeyError, RuntimeError, UnicodeError) as exc:  # UnicodeError: a damaged name
         raise ArtifactError(f"{shown(path)}: unreadable HDF5 file (truncated or damaged?): "
                             f"{clean_text(str(exc))[:200]}") from None
 
@@ -237,6 +237,49 @@ def check_contents(path: Path, f: h5py.File) -> None:
                 _check_dataset(path, obj, where)
 
 
+# Where `_check_global_heaps` looks: the whole file up to this size, else its first and last
+# _HEAP_WINDOW bytes (where HDF5 puts the metadata of a file's creation and of later rewrites).
+_HEAP_SCAN_WHOLE = 512 << 20
+_HEAP_WINDOW = 64 << 20
+
+
+def _check_global_heaps(path: Path) -> None:
+    """Refuse a file whose HDF5 global heap collections (where variable-length strings live) are
+    damaged inside: HDF5 (2.0.0) loops forever reading a string from a collection whose object
+    sizes do not tile it, so each collection is walked here the way HDF5 walks it first.
+
+    A collection is "GCOL", version 1, 3 reserved bytes, its size (8 bytes, at least 4096), then
+    objects: index (2), reference count (2), reserved (4), size (8), data padded to 8 bytes —
+    object 0 is the free space, its size counting its own header. Bytes that merely look like
+    a collection's signature (not version 1, or a size that does not fit the file) are not one."""
+    import mmap
+
+    size = path.stat().st_size
+    if size < 16:
+        return
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        spans = [(0, size)] if size <= _HEAP_SCAN_WHOLE else [(0, _HEAP_WINDOW), (size - _HEAP_WINDOW, size)]
+        for lo, hi in spans:
+            at = m.find(b"GCOL", lo, hi)
+            while at >= 0:
+                length = int.from_bytes(m[at + 8:at + 16], "little") if at + 16 <= size else 0
+                if m[at + 4] == 1 and 4096 <= length <= size - at:
+                    _walk_collection(path, m, at, at + length)
+                at = m.find(b"GCOL", at + 4, hi)
+
+
+def _walk_collection(path: Path, m: Any, begin: int, end: int) -> None:
+    p = begin + 16
+    while end - p >= 16:  # fewer bytes left than a header: slack, as HDF5 takes it
+        index = int.from_bytes(m[p:p + 2], "little")
+        length = int.from_bytes(m[p + 8:p + 16], "little")
+        need = 16 + (length + 7) // 8 * 8 if index else length
+        if need < 16 or need > end - p:
+            raise ArtifactError(f"{shown(path)}: unreadable HDF5 file (truncated or damaged?): the global heap "
+                                f"collection at byte {begin} is damaged (an object of {length} bytes at byte {p})")
+        p += need
+
+
 def _exists(p: Path) -> bool:
     """Whether `p` exists; a folder on the way the user may not enter is a permission problem."""
     try:
@@ -274,6 +317,7 @@ def open_artifact(path: str | os.PathLike[str], mode: str = "r") -> Iterator[h5p
         raise _os_problem(p, exc) from None
     if not ok:
         raise ArtifactError(f"{shown(p)}: not an HDF5 file")
+    _check_global_heaps(p)
     f = _open_h5(p, mode)
     try:
         with reading(p):
