@@ -496,3 +496,28 @@ def test_damaged_bytes_give_one_line_or_a_valid_reading(tmp_path: Path) -> None:
     tally = fuzz([RELEASE / n for n in ("buffer.h5", "synset.h5", "streamed.h5")], FUZZ, tmp_path, seed=12)
     assert not tally["bad"] and not tally["hung"], tally
     assert tally["refused"] > 0 and tally["read"] > 0, tally  # the damage was real, and sometimes harmless
+
+
+def test_a_damaged_global_heap_is_refused_not_looped_on(tmp_path: Path) -> None:
+    """HDF5 loops forever reading a string from a global heap collection whose free-space object
+    has size 0 (the fuzz found it): the store walks collections first and refuses such a file.
+    Run in a child process with a timeout, so a regression fails instead of hanging the suite."""
+    import subprocess
+    import sys
+
+    data = bytearray((RELEASE / "synset.h5").read_bytes())
+    at = data.find(b"GCOL")
+    assert at >= 0 and data[at + 4] == 1
+    end = at + int.from_bytes(data[at + 8:at + 16], "little")
+    p = at + 16
+    while int.from_bytes(data[p:p + 2], "little") != 0:  # to the free-space object (index 0)
+        p += 16 + (int.from_bytes(data[p + 8:p + 16], "little") + 7) // 8 * 8
+    assert p < end
+    data[p + 8:p + 16] = bytes(8)
+    f = tmp_path / "heap.h5"
+    f.write_bytes(bytes(data))
+    code = f"import sys\nfrom mctool.cli.app import main\nsys.argv = ['mctool', 'inspect', {str(f)!r}]\nmain()\n"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=Path(__file__).parent.parent)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "global heap" in lines[0] and str(f) in lines[0], r.stderr
