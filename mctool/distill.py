@@ -765,7 +765,8 @@ def run_prepared(cfg: DistillConfig, buffer: store.Buffer, out: Path, prepared: 
         generator = torch.Generator().manual_seed(_rank_seed(cfg.seed, me))
         state.queues = [[] for _ in range(world)]
     distiller = Distiller(cfg, buffer.spec, source, prepared, state, generator)
-    distiller.queue = list(state.queues[me]) if state.queues else []
+    distiller.queue = (store.check_queue(out, name, state.queues[me], source.indices, buffer.path)
+                       if state.queues else [])
     distiller.micro_batch = choose_micro_batch(distiller, cfg, buffer, state.run, reporter)
     state.run = {**state.run, "micro_batch": distiller.micro_batch or 0}
     run = _Run(distiller, cfg, buffer, out, name, reporter, selection)

@@ -306,7 +306,7 @@ def run_prepared(cfg: ExpertsConfig, out: Path, prepared: Prepared, reporter: Re
         if out.exists() and _holds_no_experts_with_other_settings(out, cfg):
             reporter.log(f"{store.shown(out)} holds no finished expert and was made with other settings: "
                          "starting it afresh")
-            out.unlink()
+            _create(out, cfg, prepared, spec)  # replaces it atomically: never a moment without a file
         if not out.exists():
             _create(out, cfg, prepared, spec)
         else:

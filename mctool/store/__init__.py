@@ -12,17 +12,18 @@ from mctool.store.experts import (ExpertRows, ExpertsInfo, ExpertsReference, Row
                                   final_accuracy, regrow, rows_ready)
 from mctool.store.files import (FORMAT, FORMAT_VERSION, append, check_writable, clean_text, contents, create,
                                 ensure_free_space, now_iso, open_artifact, provenance, require_group, rewrite,
-                                shown, versions)
+                                shown, temporaries, versions)
 from mctool.store.meta import DatasetMeta, read_dataset, read_model, write_dataset, write_model
 from mctool.store.summary import summarize
-from mctool.store.synsets import (BestImages, Checkpoint, Synset, add_evaluations, save_synset, synset_names)
+from mctool.store.synsets import (BestImages, Checkpoint, Synset, add_evaluations, check_queue, save_synset,
+                                  synset_names)
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "STRATEGIES", "BestImages", "Buffer", "Checkpoint", "ConvexInfo", "ConvexMeta",
     "DatasetMeta", "ExpertRows", "ExpertsInfo", "ExpertsReference", "RowLayout", "Synset", "SynsetFile",
-    "add_evaluations", "append", "check_writable", "clean_text", "complete", "contents", "create", "create_buffer",
+    "add_evaluations", "append", "check_queue", "check_writable", "clean_text", "complete", "contents", "create", "create_buffer",
     "create_convex", "ensure_free_space", "final_accuracy", "now_iso", "open_artifact", "open_buffer",
     "open_synsets", "provenance", "read_convex_meta", "read_dataset", "read_model", "regrow", "require_group",
-    "rewrite", "rows_ready", "save_synset", "shown", "summarize", "synset_names", "versions", "write_convex_row",
+    "rewrite", "rows_ready", "save_synset", "shown", "summarize", "synset_names", "temporaries", "versions", "write_convex_row",
     "write_dataset", "write_model",
 ]

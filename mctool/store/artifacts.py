@@ -21,7 +21,8 @@ from mctool.models import Layout, ModelSpec, layer_sizes
 from mctool.store import convex as _convex
 from mctool.store import experts as _experts
 from mctool.store import synsets as _synsets
-from mctool.store.files import fingerprint, open_artifact, require_group, shown
+from mctool.store.fields import Fields
+from mctool.store.files import fingerprint, open_artifact, reading, require_group, shown
 from mctool.store.meta import DatasetMeta, read_dataset, read_model
 
 
@@ -52,8 +53,9 @@ class Buffer:
     def convex(self) -> _convex.ConvexInfo:
         """/convex, checked (ArtifactError when absent or incomplete)."""
         if self._convex is None:
-            self._convex = _convex.read_convex(self.path, self.file, self.layout,
-                                               self.experts.epochs if self.experts else None)
+            with reading(self.path):
+                self._convex = _convex.read_convex(self.path, self.file, self.layout,
+                                                   self.experts.epochs if self.experts else None)
         return self._convex
 
     def require_experts(self) -> _experts.ExpertsInfo:
@@ -79,14 +81,16 @@ class Buffer:
 
     def trajectory(self, e: int) -> torch.Tensor:
         """Full trajectory [K+1, P] of expert e."""
-        return _experts.read_trajectory(self.path, self.file, self.require_experts(), e)
+        with reading(self.path):
+            return _experts.read_trajectory(self.path, self.file, self.require_experts(), e)
 
     def snapshot(self, e: int, k: int) -> torch.Tensor:
         """Snapshot k [P] of expert e's full trajectory (only that row is read)."""
         info = self.require_experts()
         if not info.has_trajectories:
             raise _experts.require_trajectories_error(self.path)
-        row = self.file["experts/trajectories"][int(e), int(k)]
+        with reading(self.path):
+            row = self.file["experts/trajectories"][int(e), int(k)]
         if not np.isfinite(row).all():
             raise ArtifactError(f"{shown(self.path)}: /experts/trajectories: expert {e} snapshot {k} holds NaN "
                                 "or infinite values")
@@ -94,12 +98,15 @@ class Buffer:
 
     def convex_expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Waypoints [I+2, P] and β [K+1, L] of convexified expert e."""
-        return _convex.read_convex_expert(self.path, self.file, self.convex, e)
+        info = self.convex
+        with reading(self.path):
+            return _convex.read_convex_expert(self.path, self.file, info, e)
 
     def accuracy(self) -> np.ndarray:
         """Stored test accuracy [done, K+1] of the finished experts."""
         info = self.require_experts()
-        return _experts.experts_accuracy(self.path, self.file, info)
+        with reading(self.path):
+            return _experts.experts_accuracy(self.path, self.file, info)
 
     def reference(self) -> _experts.ExpertsReference | None:
         """The experts' final test accuracy (None without finished experts)."""
@@ -109,27 +116,34 @@ class Buffer:
 
     def source(self) -> dict[str, Any]:
         """How a product names this buffer (path, artifact id, experts done)."""
-        return fingerprint(self.path, self.file)
+        with reading(self.path):
+            return fingerprint(self.path, self.file)
 
 
-def _convex_state(f: h5py.File) -> str:
+def _convex_state(path: Path, f: h5py.File) -> str:
     if "convex" not in f:
         return "absent"
-    complete = f["convex"].attrs.get("complete", False)
-    return "complete" if isinstance(complete, (bool, np.bool_)) and bool(complete) else "incomplete"
+    complete = Fields(path, require_group(path, f, "convex")).bool("complete", False)
+    return "complete" if complete else "incomplete"
 
 
 @contextlib.contextmanager
 def open_buffer(path: str | os.PathLike[str]) -> Iterator[Buffer]:
-    """Open and check a buffer (dataset, model and experts; /convex on first use)."""
+    """Open and check a buffer: dataset, model, experts and a complete /convex (an incomplete
+    one, left by an interrupted earlier release, counts as absent until replaced)."""
     p = Path(path)
     with open_artifact(p) as f:
         if "experts" not in f and "convex" not in f:
             require_group(p, f, "experts")  # says "a synset file" or which command to run
-        data = read_dataset(p, f)
-        spec, layout = read_model(p, f, data)
-        info = _experts.read_experts(p, f, layout) if "experts" in f else None
-        yield Buffer(p, f, data, spec, layout, info, _convex_state(f))
+        with reading(p):
+            data = read_dataset(p, f)
+            spec, layout = read_model(p, f, data)
+            info = _experts.read_experts(p, f, layout) if "experts" in f else None
+            state = _convex_state(p, f)
+            buf = Buffer(p, f, data, spec, layout, info, state)
+            if state == "complete":  # checked now: a damaged /convex is refused by every command
+                buf._convex = _convex.read_convex(p, f, layout, info.epochs if info else None)
+        yield buf
 
 
 @dataclass
@@ -145,15 +159,18 @@ class SynsetFile:
     @property
     def names(self) -> list[str]:
         """Names of the synsets it holds."""
-        return _synsets.synset_names(self.file)
+        with reading(self.path):
+            return _synsets.synset_names(self.file, self.path)
 
     def pick(self, name: str | None) -> str:
         """`name`, or the only/latest synset when None (ArtifactError when absent)."""
-        return _synsets.pick_name(self.path, self.file, name)
+        with reading(self.path):
+            return _synsets.pick_name(self.path, self.file, name)
 
     def read(self, name: str, values: bool = True, checkpoint: bool = False) -> _synsets.Synset:
         """Synset `name`, checked against /dataset."""
-        return _synsets.read_synset(self.path, self.file, name, self.data, values=values, checkpoint=checkpoint)
+        with reading(self.path):
+            return _synsets.read_synset(self.path, self.file, name, self.data, values=values, checkpoint=checkpoint)
 
 
 @contextlib.contextmanager
@@ -161,6 +178,7 @@ def open_synsets(path: str | os.PathLike[str]) -> Iterator[SynsetFile]:
     """Open and check a file of synthetic sets."""
     p = Path(path)
     with open_artifact(p) as f:
-        data = read_dataset(p, f)
-        spec, layout = read_model(p, f, data)
+        with reading(p):
+            data = read_dataset(p, f)
+            spec, layout = read_model(p, f, data)
         yield SynsetFile(p, f, data, spec, layout)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +50,16 @@ class ConvexInfo:
         return np.flatnonzero(self.done)
 
 
+def is_streaming(f: h5py.File) -> bool:
+    """Whether the buffer was written by `experts --convexify` (its /convex rows grow with /experts)."""
+    if "convex" not in f or not isinstance(f.get("experts"), h5py.Group) or "trajectories" in f["experts"]:
+        return False
+    try:
+        return bool(json.loads(f["convex"].attrs.get("config", "{}")).get("streaming", False))
+    except (TypeError, ValueError, AttributeError):
+        return False
+
+
 def write_convex_attrs(g: h5py.Group, meta: ConvexMeta, prov: dict[str, Any], complete: bool) -> None:
     """Attributes of /convex (positions, strategy, smoothing, provenance, completeness)."""
     g.attrs["positions"] = np.asarray(meta.positions, dtype=np.int64)
@@ -77,6 +88,7 @@ def read_convex(path: str | os.PathLike[str], f: h5py.File, layout: Layout,
         raise ArtifactError(f"{shown(path)}: /convex is incomplete (interrupted?) — run `mctool convexify "
                             f"{shown(path)}` again")
     meta = read_convex_meta(path, f)
+    r.provenance()
     if experts_epochs is not None and meta.epochs != experts_epochs:
         raise r.problem("positions", f"end at {meta.epochs} but the experts have K = {experts_epochs} epochs")
     done_ds = r.dataset("done", "b", [None])
@@ -85,7 +97,10 @@ def read_convex(path: str | os.PathLike[str], f: h5py.File, layout: Layout,
         raise r.problem("done", f"declares {rows} experts; refusing", attribute=False)
     r.dataset("waypoints", "f", [rows, len(meta.positions), sum(layer_sizes(layout))])
     r.dataset("beta", "f", [rows, meta.epochs + 1, len(layout)])
-    return ConvexInfo(meta, rows, r.array("done", "b", [rows]).astype(bool))
+    done = r.array("done", "b", [rows]).astype(bool)
+    if is_streaming(f):  # a streamed row is committed by its expert's flag, written after this one
+        done &= Fields(path, f["experts"]).array("done", "b", [rows]).astype(bool)
+    return ConvexInfo(meta, rows, done)
 
 
 def read_convex_expert(path: str | os.PathLike[str], f: h5py.File, info: ConvexInfo,
@@ -97,14 +112,24 @@ def read_convex_expert(path: str | os.PathLike[str], f: h5py.File, info: ConvexI
     b_shape = f["convex/beta"].shape
     waypoints = r.array("waypoints", "f", [info.rows, *w_shape[1:]], finite=True, rows=int(e))
     beta = r.array("beta", "f", [info.rows, *b_shape[1:]], finite=True, rows=int(e))
-    last = len(info.meta.positions) - 1
-    at_waypoints = beta[list(info.meta.positions)]
-    expected = np.arange(last + 1, dtype=np.float64)[:, None]
-    if np.abs(at_waypoints - expected).max(initial=0.0) > _BETA_TOL or beta.min() < -_BETA_TOL \
-            or beta.max() > last + _BETA_TOL:
+    check_beta(r, beta[None], info.meta, [int(e)])
+    return torch.from_numpy(waypoints.astype(np.float32, copy=False)), torch.from_numpy(beta.astype(np.float32, copy=False))
+
+
+def check_beta(r: Fields, beta: np.ndarray, meta: ConvexMeta, rows: Any) -> None:
+    """Refuse β rows [n, K+1, L] that are not positions along the waypoints: exactly i at
+    waypoint i, within [0, I+1] (NaN fails both)."""
+    if beta.size == 0:
+        return
+    last = len(meta.positions) - 1
+    at_waypoints = beta[:, list(meta.positions)].astype(np.float64)
+    expected = np.arange(last + 1, dtype=np.float64)[None, :, None]
+    off = np.abs(at_waypoints - expected).max(axis=(1, 2))
+    bad = ~((off <= _BETA_TOL) & (beta.min(axis=(1, 2)) >= -_BETA_TOL) & (beta.max(axis=(1, 2)) <= last + _BETA_TOL))
+    if bad.any():
+        e = int(np.asarray(rows)[int(np.flatnonzero(bad)[0])])
         raise r.problem("beta", f"row {e} is not a position along the waypoints (must be i at waypoint i, "
                                 f"within [0, {last}])", attribute=False)
-    return torch.from_numpy(waypoints.astype(np.float32, copy=False)), torch.from_numpy(beta.astype(np.float32, copy=False))
 
 
 def create_convex(f: h5py.File, rows: int, meta: ConvexMeta, layout: Layout, prov: dict[str, Any]) -> h5py.Group:

@@ -9,7 +9,6 @@ are first rewritten, as a whole and atomically, into the preallocated layout.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +19,10 @@ import numpy as np
 import torch
 
 from mctool.models import Layout, ModelSpec, layer_sizes
-from mctool.store.convex import write_convex_attrs
+from mctool.store.convex import is_streaming, write_convex_attrs
 from mctool.store.fields import MAX_EPOCHS, MAX_EXPERTS, Fields
 from mctool.store.files import create, open_artifact, require_group, shown
-from mctool.store.meta import DatasetMeta
+from mctool.store.meta import DatasetMeta, write_dataset, write_model
 
 _ROW_SETS = ("done", "seeds", "test_accuracy", "train_loss", "trajectories")
 _CONVEX_ROW_SETS = ("waypoints", "beta", "done")
@@ -78,15 +77,22 @@ def read_experts(path: str | os.PathLike[str], f: h5py.File, layout: Layout) -> 
         r.dataset("train_loss", "f", [rows, epochs + 1])
     has_traj = r.has("trajectories")
     if has_traj:
-        r.dataset("trajectories", "f", [rows, epochs + 1, sum(layer_sizes(layout))])
+        ds = r.dataset("trajectories", "f", [rows, epochs + 1, sum(layer_sizes(layout))])
+        # Snapshots are read one at a time later: the done rows must be stored, whatever their shape says.
+        r.stored("trajectories", ds, int(done.sum()) * (epochs + 1) * sum(layer_sizes(layout)) * ds.dtype.itemsize)
+    r.provenance()
+    attrs: dict[str, Any] = {}
+    if "augmentation" in r.group.attrs:
+        attrs["augmentation"] = r.str("augmentation")
+    for key in ("momentum", "weight_decay"):
+        if key in r.group.attrs:
+            attrs[key] = r.float(key, 0.0)
     return ExpertsInfo(
         epochs=epochs, rows=rows, done=done, has_trajectories=has_traj, seeds=seeds.astype(np.int64),
         config=r.json("config", dict, {}), lr=r.float("lr", positive=True, default=float("nan")),
         batch_size=r.int("batch_size", 1, default=0), seed=r.int("seed", default=-1),
         trajectories_in=r.str("trajectories_in", default=None), imported_from=r.str("imported_from", default=None),
-        source=r.json("source", dict, {}),
-        attrs={k: r.str(k) if isinstance(f["experts"].attrs[k], (str, bytes)) else f["experts"].attrs[k]
-               for k in ("augmentation", "momentum", "weight_decay") if k in f["experts"].attrs},
+        source=r.json("source", dict, {}), attrs=attrs,
     )
 
 
@@ -185,16 +191,6 @@ def create_rows(f: h5py.File, rows: int, layout: RowLayout) -> None:
         c.attrs["complete"] = True  # rows count only where /convex/done is set
 
 
-def is_streaming(f: h5py.File) -> bool:
-    """Whether the buffer was written by `experts --convexify` (its /convex rows grow with /experts)."""
-    if "convex" not in f or "trajectories" in f["experts"]:
-        return False
-    try:
-        return bool(json.loads(f["convex"].attrs.get("config", "{}")).get("streaming", False))
-    except (TypeError, ValueError, AttributeError):
-        return False
-
-
 def rows_ready(f: h5py.File, rows: int) -> bool:
     """Whether every row dataset is preallocated with at least `rows` rows."""
     sets = [f["experts"][n] for n in _ROW_SETS if n in f["experts"]]
@@ -252,7 +248,10 @@ class ExpertRows:
     def finish(self, e: int, seed: int, test_accuracy: list[float], train_loss: list[float],
                trajectory: torch.Tensor | None = None, waypoints: torch.Tensor | None = None,
                beta: torch.Tensor | None = None) -> None:
-        """Write expert e's row, flush, then mark it done and flush again."""
+        """Write expert e's row, flush, then mark it done and flush again.
+
+        A streamed row has two flags: /convex/done first, then /experts/done, the one that
+        commits the row (readers count a streamed /convex row only where both are set)."""
         g = self.f["experts"]
         if trajectory is not None:
             g["trajectories"][e] = trajectory.detach().to("cpu", torch.float32).numpy()
@@ -264,9 +263,10 @@ class ExpertRows:
             self.f["convex/waypoints"][e] = waypoints.to("cpu", torch.float32).numpy()
             self.f["convex/beta"][e] = beta.to("cpu", torch.float32).numpy()
         self.f.flush()
-        g["done"][e] = True
         if self.streaming:
             self.f["convex/done"][e] = True
+            self.f.flush()
+        g["done"][e] = True
         self.f.flush()
 
 
@@ -276,8 +276,6 @@ def create_buffer(out: str | os.PathLike[str], data: DatasetMeta, spec: ModelSpe
 
     `streaming` is (ConvexMeta, provenance) for `experts --convexify` buffers (rows of /convex
     instead of full trajectories)."""
-    from mctool.store.meta import write_dataset, write_model
-
     with create(out) as f:
         write_dataset(f, data)
         write_model(f, spec, layout)

@@ -27,6 +27,12 @@ MAX_EPOCHS = 100_000
 
 # A single read never allocates more than this (values are read row by row where they are large).
 MAX_READ_BYTES = 2 << 30
+# A read may not exceed what the file stores for the dataset: a small file declaring a huge
+# shape (unwritten chunks read as fill values) would otherwise make a reader allocate it.
+# Filtered (compressed) data may expand up to this ratio; mctool itself never compresses.
+MAX_COMPRESSION = 1000
+MAX_TEXT_BYTES = 16 << 20
+_SLACK_BYTES = 64 << 10  # a small dataset may be read before it is written (its fill values)
 
 
 class Fields:
@@ -50,9 +56,14 @@ class Fields:
                 raise self.problem(key, "missing")
             return default
         try:
-            return self.group.attrs[key]
+            value = self.group.attrs[key]
         except (OSError, TypeError, ValueError) as exc:  # an attribute h5py cannot decode
             raise self.problem(key, f"unreadable ({clean_text(str(exc))})") from None
+        # Variable-length text is stored apart from the attribute (the open checks see only its
+        # pointer); it cannot exceed the file, but no attribute mctool writes comes near this.
+        if isinstance(value, (str, bytes)) and len(value) > MAX_TEXT_BYTES:
+            raise self.problem(key, f"holds {len(value) / 1e6:.0f} MB of text; refusing it")
+        return value
 
     # ------------------------------------------------------------------ attributes
 
@@ -140,6 +151,14 @@ class Fields:
             self._range(key, x, lo, hi)
         return out
 
+    def provenance(self) -> None:
+        """Check the provenance attributes a product group may carry (each optional): config,
+        argv, versions, source (JSON), seed (integer), created (text)."""
+        for key, kind in (("config", dict), ("argv", list), ("versions", dict), ("source", dict)):
+            self.json(key, kind, None)
+        self.int("seed", default=None)
+        self.str("created", default=None)
+
     def _range(self, key: str, v: float, lo: float | None, hi: float | None) -> None:
         if (lo is not None and v < lo) or (hi is not None and v > hi):
             span = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
@@ -160,12 +179,25 @@ class Fields:
         if not isinstance(ds, h5py.Dataset):
             raise self.problem(name, "must be a dataset, got a group", attribute=False)
         if ds.dtype.kind not in kinds:
-            want = {"f": "floating-point", "b": "boolean", "iu": "integer", "u": "unsigned integer"}.get(kinds, kinds)
+            want = {"f": "floating-point", "b": "boolean", "iu": "integer", "u": "unsigned integer",
+                    "iuf": "numeric"}.get(kinds, kinds)
             raise self.problem(name, f"must hold {want} values, got {ds.dtype}", attribute=False)
         if len(ds.shape) != len(shape) or any(w is not None and w != s for w, s in zip(shape, ds.shape)):
             want_shape = "[" + ", ".join("*" if w is None else str(w) for w in shape) + "]"
             raise self.problem(name, f"has shape {list(ds.shape)}, expected {want_shape}", attribute=False)
         return ds
+
+    def stored(self, name: str, ds: h5py.Dataset, nbytes: int) -> None:
+        """Refuse to read `nbytes` of dataset `name` beyond the sane limit or beyond what the file
+        actually stores for it (checked before any allocation)."""
+        if nbytes > MAX_READ_BYTES:
+            raise self.problem(name, f"would take {nbytes / 1e9:.1f} GB to read; refusing", attribute=False)
+        stored = int(ds.id.get_storage_size())
+        ratio = MAX_COMPRESSION if ds.id.get_create_plist().get_nfilters() else 1
+        if nbytes > stored * ratio + _SLACK_BYTES:
+            raise self.problem(name, f"declares {nbytes / 1e6:.1f} MB of values but the file stores "
+                                     f"{stored / 1e6:.1f} MB of them (truncated, or a forged shape); refusing",
+                               attribute=False)
 
     def array(self, name: str, kinds: str, shape: Sequence[int | None], finite: bool = False,
               rows: Any = None) -> np.ndarray:
@@ -176,12 +208,11 @@ class Fields:
 
 def read_checked(fields: Fields, name: str, ds: h5py.Dataset, rows: Any, finite: bool) -> np.ndarray:
     """Read `ds` (or `ds[rows]`) after a size check, then check the values are finite if asked."""
-    count = int(np.prod(ds.shape[1:], dtype=np.int64)) * ds.dtype.itemsize
+    count = math.prod(ds.shape[1:]) * ds.dtype.itemsize  # Python ints: a forged shape cannot overflow
     n = ds.shape[0] if ds.ndim and rows is None else (1 if np.isscalar(rows) else len(np.atleast_1d(rows)))
     if ds.ndim == 0:
         n, count = 1, ds.dtype.itemsize
-    if n * count > MAX_READ_BYTES:
-        raise fields.problem(name, f"would take {n * count / 1e9:.1f} GB to read; refusing", attribute=False)
+    fields.stored(name, ds, n * count)
     try:
         if rows is None:
             data = ds[()]

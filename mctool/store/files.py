@@ -13,6 +13,10 @@ Three ways to write, each safe against a crash at any instant (SIGKILL included)
   the file was created (expert rows): such writes change no HDF5 metadata, and a row counts
   only once its ``done`` flag — one byte, written after the row is flushed — is set.
 
+A writer killed inside ``create``/``rewrite`` leaves its temporary ``.NAME.XXXX.tmp`` beside the
+file (never in its place); the next write to the same file removes such leftovers, telling
+them from a live writer's by a lock each writer holds on its own temporary.
+
 Every open first refuses what an artifact must never contain: links to other files or
 elsewhere (external and soft links), external raw storage, virtual datasets, filters that
 HDF5 would load from a plugin, huge attributes, and more objects than an artifact could hold.
@@ -24,6 +28,7 @@ import contextlib
 import datetime as _dt
 import errno
 import fcntl
+import glob
 import json
 import os
 import platform
@@ -31,9 +36,10 @@ import shutil
 import struct
 import sys
 import tempfile
+import time
 import unicodedata
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +57,7 @@ FORMAT_VERSION = 1
 # Sane limits: far above any real artifact, far below what would exhaust a machine.
 MAX_OBJECTS = 10_000
 MAX_ATTRIBUTE_BYTES = 16 << 20
+MAX_ATTRIBUTES = 256  # per object; mctool writes about a dozen
 # HDF5's built-in filters (deflate, shuffle, fletcher32, szip, nbit, scale-offset) and h5py's
 # LZF. Any other filter id makes HDF5 search its plugin path for a shared library to load.
 SAFE_FILTERS = frozenset({1, 2, 3, 4, 5, 6, 32000})
@@ -134,6 +141,19 @@ def _os_problem(path: Path, exc: OSError) -> ArtifactError | FileBusy:
     return ArtifactError(f"{shown(path)}: unreadable HDF5 file (truncated or damaged?): {clean_text(text)}")
 
 
+@contextlib.contextmanager
+def reading(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Around the store's own reads: what HDF5 raises on damaged metadata or data (OSError,
+    KeyError, RuntimeError with HDF5's message) becomes one line naming the file."""
+    try:
+        yield
+    except OSError as exc:
+        raise _os_problem(Path(path), exc) from None
+    except (KeyError, RuntimeError, UnicodeError) as exc:  # UnicodeError: a damaged name
+        raise ArtifactError(f"{shown(path)}: unreadable HDF5 file (truncated or damaged?): "
+                            f"{clean_text(str(exc))[:200]}") from None
+
+
 def _check_root(path: Path, f: h5py.File) -> None:
     fmt = f.attrs.get("format")
     if isinstance(fmt, bytes):
@@ -149,9 +169,16 @@ def _check_root(path: Path, f: h5py.File) -> None:
                             f"({FORMAT_VERSION}); upgrade mctool")
     if version < 1:
         raise ArtifactError(f"{shown(path)}: invalid format_version {version}")
+    for key in ("mctool_version", "created", "artifact_id"):  # optional, but text when present
+        if key in f.attrs and not isinstance(f.attrs[key], (str, bytes)):
+            raise ArtifactError(f"{shown(path)}: / attribute '{key}' must be text, "
+                                f"got {clean_text(repr(f.attrs[key]))[:40]}")
 
 
 def _check_attributes(path: Path, obj: h5py.HLObject, where: str) -> None:
+    if len(obj.attrs) > MAX_ATTRIBUTES:
+        raise ArtifactError(f"{shown(path)}: {clean_text(where) or '/'} has {len(obj.attrs)} attributes; not an "
+                            "artifact mctool wrote")
     for name in obj.attrs:
         size = h5py.h5a.open(obj.id, name.encode() if isinstance(name, str) else name).get_storage_size()
         if size > MAX_ATTRIBUTE_BYTES:
@@ -166,6 +193,9 @@ def _check_dataset(path: Path, ds: h5py.Dataset, where: str) -> None:
     if ds.is_virtual:
         raise ArtifactError(f"{shown(path)}: {clean_text(where)} is a virtual dataset that maps other files; "
                             "refusing it")
+    offset = ds.id.get_offset()  # contiguous data: where it starts in the file (None: chunked or unwritten)
+    if offset is not None and offset + ds.id.get_storage_size() > path.stat().st_size:
+        raise ArtifactError(f"{shown(path)}: {clean_text(where)} extends past the end of the file (truncated?)")
     plist = ds.id.get_create_plist()
     for i in range(plist.get_nfilters()):
         code = plist.get_filter(i)[0]
@@ -179,6 +209,7 @@ def check_contents(path: Path, f: h5py.File) -> None:
     count = 0
     _check_attributes(path, f, "/")
     pending: list[tuple[str, h5py.Group]] = [("", f)]
+    seen = {f.id}  # groups reached: a second hard link to one makes a cycle (or a tangle), never a tree
     while pending:
         prefix, group = pending.pop()
         for name in group:
@@ -197,9 +228,69 @@ def check_contents(path: Path, f: h5py.File) -> None:
             obj = group[name]
             _check_attributes(path, obj, where)
             if isinstance(obj, h5py.Group):
+                if obj.id in seen:
+                    raise ArtifactError(f"{shown(path)}: {clean_text(where)} links back to a group already in the "
+                                        "file; artifacts are plain trees — refusing it")
+                seen.add(obj.id)
                 pending.append((where, obj))
             elif isinstance(obj, h5py.Dataset):
                 _check_dataset(path, obj, where)
+
+
+# Where `_check_global_heaps` looks: the whole file up to this size, else its first and last
+# _HEAP_WINDOW bytes (where HDF5 puts the metadata of a file's creation and of later rewrites).
+_HEAP_SCAN_WHOLE = 512 << 20
+_HEAP_WINDOW = 64 << 20
+
+
+def _check_global_heaps(path: Path) -> None:
+    """Refuse a file whose HDF5 global heap collections (where variable-length strings live) are
+    damaged inside: HDF5 (2.0.0) loops forever reading a string from a collection whose object
+    sizes do not tile it, so each collection is walked here the way HDF5 walks it first.
+
+    A collection is "GCOL", version 1, 3 reserved bytes, its size (8 bytes, at least 4096), then
+    objects: index (2), reference count (2), reserved (4), size (8), data padded to 8 bytes —
+    object 0 is the free space, its size counting its own header. Bytes that merely look like
+    a collection's signature (not version 1, or a size that does not fit the file) are not one."""
+    import mmap
+
+    size = path.stat().st_size
+    if size < 16:
+        return
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        spans = [(0, size)] if size <= _HEAP_SCAN_WHOLE else [(0, _HEAP_WINDOW), (size - _HEAP_WINDOW, size)]
+        for lo, hi in spans:
+            at = m.find(b"GCOL", lo, hi)
+            while at >= 0:
+                length = int.from_bytes(m[at + 8:at + 16], "little") if at + 16 <= size else 0
+                if m[at + 4] == 1 and 4096 <= length <= size - at:
+                    _walk_collection(path, m, at, at + length)
+                at = m.find(b"GCOL", at + 4, hi)
+
+
+def _walk_collection(path: Path, m: Any, begin: int, end: int) -> None:
+    p = begin + 16
+    while end - p >= 16:  # fewer bytes left than a header: slack, as HDF5 takes it
+        index = int.from_bytes(m[p:p + 2], "little")
+        length = int.from_bytes(m[p + 8:p + 16], "little")
+        need = 16 + (length + 7) // 8 * 8 if index else length
+        if need < 16 or need > end - p:
+            raise ArtifactError(f"{shown(path)}: unreadable HDF5 file (truncated or damaged?): the global heap "
+                                f"collection at byte {begin} is damaged (an object of {length} bytes at byte {p})")
+        p += need
+
+
+def _exists(p: Path) -> bool:
+    """Whether `p` exists; a folder on the way the user may not enter is a permission problem."""
+    try:
+        p.stat()
+    except FileNotFoundError:
+        return False
+    except PermissionError:
+        raise ArtifactError(f"{shown(p)}: permission denied (cannot reach it)") from None
+    except NotADirectoryError:
+        return False
+    return True
 
 
 def _open_h5(path: Path, mode: str) -> h5py.File:
@@ -214,7 +305,7 @@ def open_artifact(path: str | os.PathLike[str], mode: str = "r") -> Iterator[h5p
     """Open an existing artifact read-only (or 'r+' for `append`) after checking that it is an
     mctool artifact, readable, and holds nothing that points outside it."""
     p = Path(path)
-    if not p.exists():
+    if not _exists(p):
         raise ArtifactError(f"{shown(p)}: no such file")
     if p.is_dir():
         raise ArtifactError(f"{shown(p)}: is a directory, not an artifact file")
@@ -226,10 +317,12 @@ def open_artifact(path: str | os.PathLike[str], mode: str = "r") -> Iterator[h5p
         raise _os_problem(p, exc) from None
     if not ok:
         raise ArtifactError(f"{shown(p)}: not an HDF5 file")
+    _check_global_heaps(p)
     f = _open_h5(p, mode)
     try:
-        _check_root(p, f)
-        check_contents(p, f)
+        with reading(p):
+            _check_root(p, f)
+            check_contents(p, f)
         yield f
     finally:
         f.close()
@@ -237,8 +330,10 @@ def open_artifact(path: str | os.PathLike[str], mode: str = "r") -> Iterator[h5p
 
 def require_group(path: str | os.PathLike[str], f: h5py.File, name: str) -> h5py.Group:
     """The group `name`, or an ArtifactError saying which command creates it."""
-    if name not in f or not isinstance(f[name], h5py.Group):
-        if name.split("/")[0] != "synsets" and "synsets" in f and "experts" not in f and "convex" not in f:
+    if name in f and not isinstance(f[name], h5py.Group):
+        raise ArtifactError(f"{shown(path)}: /{clean_text(name)} must be a group, got a dataset")
+    if name not in f:
+        if name in ("experts", "convex") and "synsets" in f and "experts" not in f and "convex" not in f:
             raise ArtifactError(f"{shown(path)}: a synset file (holds synthetic sets), not a buffer of experts")
         hint = PRODUCERS.get(name.split("/")[0], "")
         hint = f" — run `{hint}` first" if hint else ""
@@ -280,16 +375,37 @@ def fingerprint(path: str | os.PathLike[str], f: h5py.File) -> dict[str, Any]:
 _LOCK_OFFSET = 1 << 62
 
 
-@contextlib.contextmanager
-def _writer_lock(target: Path) -> Iterator[None]:
-    """Hold an exclusive open-file-description lock on `target` while writing it: a second mctool
-    writing the same file at once is refused instead of one of the two changes being lost.
+# Another byte: a writer's lock on its own temporary file (see `_temporary`).
+_TMP_LOCK_OFFSET = _LOCK_OFFSET - 1
+# A temporary younger than this is never swept: it may be between its creation and its lock.
+_TMP_GRACE_S = 2.0
+
+
+def _try_lock(fd: int, offset: int) -> bool:
+    """Take an exclusive OFD lock on byte `offset` of `fd`: False when another holds it.
 
     OFD locks (Linux) belong to this descriptor only, so opening and closing the file elsewhere
-    in the process (copying it, h5py) does not drop the lock as it would a classic POSIX lock.
-    Where they do not exist the write goes on unlocked."""
-    ofd_setlk = getattr(fcntl, "F_OFD_SETLK", None)
-    if ofd_setlk is None or not target.exists():
+    in the process (copying it, h5py) does not drop the lock as it would a classic POSIX lock."""
+    request = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0)
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, request)  # type: ignore[attr-defined]
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+def _have_ofd_locks() -> bool:
+    return getattr(fcntl, "F_OFD_SETLK", None) is not None
+
+
+@contextlib.contextmanager
+def _writer_lock(target: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `target` while writing it: a second mctool writing the same file
+    at once is refused instead of one of the two changes being lost. Where OFD locks do not
+    exist the write goes on unlocked."""
+    if not _have_ofd_locks() or not target.exists():
         yield
         return
     try:
@@ -297,25 +413,35 @@ def _writer_lock(target: Path) -> Iterator[None]:
     except OSError as exc:
         raise _os_problem(target, exc) from None
     try:
-        request = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, _LOCK_OFFSET, 1, 0)
-        try:
-            fcntl.fcntl(fd, ofd_setlk, request)
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                raise FileBusy(f"{shown(target)}: in use by another process (another mctool writing it?); wait "
-                               "for it to finish and run the command again") from None
-            raise
+        if not _try_lock(fd, _LOCK_OFFSET):
+            raise FileBusy(f"{shown(target)}: in use by another process (another mctool writing it?); wait "
+                           "for it to finish and run the command again")
         yield
     finally:
         os.close(fd)  # releases the lock
 
 
 def check_writable(path: str | os.PathLike[str]) -> None:
-    """Refuse, before any work, a target that cannot be written (the file or its folder)."""
+    """Refuse, before any work, a target that cannot be written (the file or its folder) or that
+    another mctool is writing now.
+
+    Root may write any file, so os.access says yes to everything there; a file whose mode gives
+    no one write permission (0444) is still refused, as `rm` asks before removing one: the mode
+    says the file is not to be changed, and a rewrite would replace it."""
     p = Path(path)
     folder = p.resolve().parent
-    if p.exists() and not os.access(p, os.W_OK):
-        raise ArtifactError(f"{shown(p)}: permission denied (the file is read-only for you); nothing was changed")
+    if _exists(p):
+        if p.is_dir():
+            raise ArtifactError(f"{shown(p)}: is a directory, not an artifact file")
+        if not os.access(p, os.W_OK):
+            raise ArtifactError(f"{shown(p)}: permission denied (the file is read-only for you); nothing was changed")
+        mode = p.stat().st_mode
+        if os.geteuid() == 0 and not mode & 0o222:
+            raise ArtifactError(f"{shown(p)}: permission denied (the file is read-only, mode {mode & 0o7777:04o}; "
+                                f"mctool does not override that even as root — `chmod u+w` it first); nothing was "
+                                "changed")
+        with _writer_lock(p):  # held by another mctool: refused now, not after the work
+            pass
     probe = folder
     while not probe.exists():  # missing folders are created: the first existing one must be writable
         probe = probe.parent
@@ -349,11 +475,50 @@ def _finish(tmp: Path, target: Path) -> None:
     _fsync_dir(target.parent)
 
 
-def _temporary(target: Path) -> Path:
+def temporaries(target: str | os.PathLike[str]) -> list[Path]:
+    """The temporary files of writes to `target` in its folder (live or left by a killed writer)."""
+    t = Path(target)
+    return sorted(t.parent.glob(f".{glob.escape(t.name)}.*.tmp"))
+
+
+def _sweep(target: Path) -> None:
+    """Remove the temporaries of `target` that killed writers left behind (a rewrite of a large
+    buffer leaves one as large as the buffer). A live writer holds a lock on its own."""
+    if not _have_ofd_locks():
+        return
+    for p in temporaries(target):
+        try:
+            if time.time() - p.lstat().st_mtime < _TMP_GRACE_S:
+                continue
+            fd = os.open(p, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            if _try_lock(fd, _TMP_LOCK_OFFSET):
+                p.unlink(missing_ok=True)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _temporary(target: Path) -> Iterator[Path]:
+    """A temporary file beside `target`, locked while this process writes it, removed unless it
+    was moved into place (a SIGKILL leaves it; the next write to `target` sweeps it)."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    _sweep(target)
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    return Path(name)
+    tmp = Path(name)
+    try:
+        if _have_ofd_locks():
+            _try_lock(fd, _TMP_LOCK_OFFSET)
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -361,19 +526,25 @@ def create(path: str | os.PathLike[str]) -> Iterator[h5py.File]:
     """Write a new artifact at `path` (replacing what is there: callers decide whether they may)."""
     target = Path(path)
     check_writable(target)
-    tmp = _temporary(target)
-    try:
-        with _writer_lock(target):
-            f = h5py.File(tmp, "w")
-            try:
-                stamp(f)
-                yield f
-            finally:
-                f.close()
-            _finish(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with _temporary(target) as tmp, _writer_lock(target):
+        f = h5py.File(tmp, "w")
+        try:
+            stamp(f)
+            yield f
+        finally:
+            f.close()
+        _finish(tmp, target)
+
+
+# Reading every group is the job of the layers above this module (store.summary): it registers
+# its check here rather than this module importing it, so the store's imports stay one-way.
+_whole_file_check: Callable[[Path], object] | None = None
+
+
+def set_whole_file_check(check: Callable[[Path], object]) -> None:
+    """Register the validation `rewrite` runs on a file before changing it."""
+    global _whole_file_check
+    _whole_file_check = check
 
 
 @contextlib.contextmanager
@@ -383,22 +554,19 @@ def rewrite(path: str | os.PathLike[str], extra_bytes: int = 0) -> Iterator[h5py
     `extra_bytes` is what the change adds (checked against the free space with the copy)."""
     target = Path(path)
     check_writable(target)
-    with open_artifact(target):  # ours, readable and harmless before anything is copied
-        pass
+    # Ours, readable, harmless and valid throughout before anything is copied: a rewrite never
+    # carries a damaged group into a file that looks freshly written.
+    assert _whole_file_check is not None, "mctool.store.summary registers the check when mctool.store is imported"
+    _whole_file_check(target)
     ensure_free_space(target, target.stat().st_size + extra_bytes, f"rewriting {target.name}")
-    tmp = _temporary(target)
-    try:
-        with _writer_lock(target):
-            shutil.copyfile(target, tmp)
-            f = _open_h5(tmp, "r+")
-            try:
-                yield f
-            finally:
-                f.close()
-            _finish(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with _temporary(target) as tmp, _writer_lock(target):
+        shutil.copyfile(target, tmp)
+        f = _open_h5(tmp, "r+")
+        try:
+            yield f
+        finally:
+            f.close()
+        _finish(tmp, target)
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ from mctool.store import convex as _convex
 from mctool.store import experts as _experts
 from mctool.store import synsets as _synsets
 from mctool.store.fields import Fields
-from mctool.store.files import open_artifact
+from mctool.store.files import open_artifact, reading, require_group, set_whole_file_check, shown
 from mctool.store.meta import DatasetMeta, read_dataset, read_model
 
 
@@ -42,9 +42,9 @@ def _experts_facts(path: Path, f: h5py.File, layout: Layout) -> dict[str, Any] |
         "seed": info.seed,
         "seeds": [int(s) for s in seeds],
         "has_trajectories": info.has_trajectories,
-        "test_accuracy_first": float(np.nanmean(acc[:, 0])) if acc.size else None,
-        "test_accuracy_last": float(np.nanmean(acc[:, -1])) if acc.size else None,
-        "test_accuracy_mean_curve": [float(v) for v in np.nanmean(acc, 0)] if acc.size else [],
+        "test_accuracy_first": _mean_known(acc[:, 0]),
+        "test_accuracy_last": _mean_known(acc[:, -1]),
+        "test_accuracy_mean_curve": [_mean_known(column) for column in acc.T],
         "per_expert": [
             {"index": int(e), "seed": int(s), "test_accuracy_first": float(a[0]), "test_accuracy_last": float(a[-1])}
             for e, s, a in zip(idx, seeds, acc)
@@ -72,7 +72,9 @@ def _convex_facts(path: Path, f: h5py.File, layout: Layout, epochs: int | None) 
         idx = info.done_indices
         out["experts"] = int(idx.size)
         if idx.size:
-            beta = Fields(path, f["convex"]).array("beta", "f", [info.rows, meta.epochs + 1, len(layout)], rows=idx)
+            r = Fields(path, f["convex"])
+            beta = r.array("beta", "f", [info.rows, meta.epochs + 1, len(layout)], finite=True, rows=idx)
+            _convex.check_beta(r, beta, meta, idx)
             out["beta_min"], out["beta_max"] = float(beta.min()), float(beta.max())
         out["stored_bytes"] = _stored_bytes(f["convex/waypoints"]) + _stored_bytes(f["convex/beta"])
     return out
@@ -80,9 +82,8 @@ def _convex_facts(path: Path, f: h5py.File, layout: Layout, epochs: int | None) 
 
 def _synset_facts(path: Path, f: h5py.File, data: DatasetMeta | None) -> list[dict[str, Any]]:
     rows = []
-    for name in _synsets.synset_names(f):
-        if data is None:
-            raise Fields(path, f).problem("dataset", "missing: a synset needs /dataset", attribute=False)
+    for name in _synsets.synset_names(f, path):
+        assert data is not None  # summarize requires /dataset beside synsets
         syn = _synsets.read_synset(path, f, name, data, values=False)
         g = f["synsets"][name]
         entry = {
@@ -107,13 +108,19 @@ def _synset_facts(path: Path, f: h5py.File, data: DatasetMeta | None) -> list[di
     return rows
 
 
+def _mean_known(values: np.ndarray) -> float | None:
+    """Mean of the recorded (non-NaN) values; None when none is (imported experts record none)."""
+    known = values[~np.isnan(values)]
+    return float(known.mean()) if known.size else None
+
+
 def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Everything `inspect` reports about one artifact, as JSON-ready data."""
     p = Path(path)
-    with open_artifact(p) as f:
+    with open_artifact(p) as f, reading(p):
         root = Fields(p, f)
         out: dict[str, Any] = {
-            "file": str(p),
+            "file": shown(p),  # control characters removed: it is printed
             "size_bytes": p.stat().st_size,
             # Row storage is allocated up front and written as experts finish (a sparse file): the
             # blocks on disk, not the apparent size, say what the file costs.
@@ -126,6 +133,9 @@ def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
             "dataset": None,
             "model": None,
         }
+        if any(name in f for name in ("model", "experts", "convex", "synsets")):
+            require_group(p, f, "dataset")  # every product needs the data's description ...
+            require_group(p, f, "model")  # ... and the network's
         data = read_dataset(p, f) if "dataset" in f else None
         layout: Layout = []
         if data is not None:
@@ -165,3 +175,6 @@ def _storage(s: dict[str, Any], num_params: int | None, num_layers: int | None) 
         out["convex_bytes_per_expert"] = convex
         out["ratio"] = full / convex
     return out
+
+
+set_whole_file_check(summarize)

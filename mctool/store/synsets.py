@@ -4,8 +4,10 @@ checkpoint a run resumes from, and the best images a periodic evaluation selecte
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import h5py
@@ -14,14 +16,18 @@ import torch
 
 from mctool.errors import ArtifactError
 from mctool.store.fields import Fields
-from mctool.store.files import clean_text, require_group, shown
-from mctool.store.meta import DatasetMeta
+from mctool.store.files import clean_text, create, reading, require_group, rewrite, shown
+from mctool.store.meta import DatasetMeta, write_dataset, write_model
 
 if TYPE_CHECKING:
     from mctool.models import Layout, ModelSpec
 
 MAX_IMAGES = 10_000_000
 SELECTED_ON = ("validation", "test")
+_MAX_RANKS = 4096
+_MAX_EXPERT = 1_000_000
+# torch's CPU generator state (mt19937 plus the normal-sampling cache) is this many bytes.
+_GENERATOR_STATE_BYTES = int(torch.Generator().get_state().numel())
 
 
 @dataclass
@@ -77,16 +83,30 @@ class Synset:
         return self.labels.dim() == 2
 
 
-def synset_names(f: h5py.File) -> list[str]:
-    """Names of the synthetic sets in the file."""
-    if "synsets" not in f or not isinstance(f["synsets"], h5py.Group):
+def synset_names(f: h5py.File, path: str | os.PathLike[str] | None = None) -> list[str]:
+    """Names of the synthetic sets in the file (a /synsets that is not a group of groups, or a
+    name mctool would not write, is refused)."""
+    if "synsets" not in f:
         return []
-    return sorted(name for name in f["synsets"] if isinstance(f["synsets"][name], h5py.Group))
+    where = path if path is not None else f.filename
+    with reading(where):
+        return _synset_names(f, where)
+
+
+def _synset_names(f: h5py.File, where: str | os.PathLike[str]) -> list[str]:
+    root = require_group(where, f, "synsets")
+    for name in root:
+        if not isinstance(root[name], h5py.Group):
+            raise ArtifactError(f"{shown(where)}: /synsets/{clean_text(name)} must be a group, got a dataset")
+        if clean_text(name) != name or "/" in name:
+            raise ArtifactError(f"{shown(where)}: /synsets/{clean_text(name)}: a synset name may not hold control "
+                                "characters")
+    return sorted(root)
 
 
 def pick_name(path: str | os.PathLike[str], f: h5py.File, name: str | None) -> str:
     """The synset `name`, or the only/latest one when `name` is None."""
-    names = synset_names(f)
+    names = synset_names(f, path)
     if not names:
         if "synsets" not in f and ("experts" in f or "convex" in f):
             raise ArtifactError(f"{shown(path)}: no synthetic sets in this file (a buffer of experts) — run "
@@ -109,11 +129,15 @@ def _images_and_labels(r: Fields, data: DatasetMeta, ipc: int, values: bool) -> 
     if n > MAX_IMAGES:
         raise r.problem("ipc", f"{ipc} images per class is implausible")
     shape = [n, c, h, w]
-    labels_ds = r.dataset("labels", "iuf", [n] if r.group["labels"].ndim == 1 else [n, data.num_classes])
-    if not values:
-        r.dataset("images", "f", shape)
-        return torch.empty(0), torch.empty(0)
-    images = torch.from_numpy(r.array("images", "f", shape, finite=True).astype(np.float32, copy=False))
+    if not r.has("labels"):
+        raise r.problem("labels", "missing", attribute=False)
+    labels_ds = r.dataset("labels", "iuf", [n] if _ndim(r.group["labels"]) == 1 else [n, data.num_classes])
+    if values:
+        images = torch.from_numpy(r.array("images", "f", shape, finite=True).astype(np.float32, copy=False))
+    else:  # only the shape (and that the file stores them): images can be large; labels are small
+        ds = r.dataset("images", "f", shape)
+        r.stored("images", ds, math.prod(shape) * ds.dtype.itemsize)
+        images = torch.empty(0)
     if labels_ds.ndim == 1:
         if labels_ds.dtype.kind not in "iu":
             raise r.problem("labels", "hard labels must be integers", attribute=False)
@@ -129,18 +153,24 @@ def _images_and_labels(r: Fields, data: DatasetMeta, ipc: int, values: bool) -> 
     return images, torch.from_numpy(labels)
 
 
+def _ndim(obj: h5py.HLObject) -> int:
+    return obj.ndim if isinstance(obj, h5py.Dataset) else -1
+
+
 def read_synset(path: str | os.PathLike[str], f: h5py.File, name: str, data: DatasetMeta,
                 values: bool = True, checkpoint: bool = False) -> Synset:
-    """Read and check synset `name` against /dataset (image shape, label range, finite values).
+    """Read and check synset `name` against /dataset (image shape, label range, finite values)
+    with its best images and checkpoint.
 
-    `values=False` checks shapes and attributes only (images and labels left empty);
-    `checkpoint` also reads the resumable state."""
+    `values=False` checks everything but the values of images and velocities (images left
+    empty); `checkpoint` also returns the resumable state."""
     g = require_group(path, f, f"synsets/{name}")
     r = Fields(path, g)
     ipc = r.int("ipc", 1, MAX_IMAGES)
     images, labels = _images_and_labels(r, data, ipc, values)
     iterations = r.int("iterations", 0)
     loss = r.array("loss", "f", [None]) if r.has("loss") else np.zeros(0, np.float32)
+    r.provenance()
     syn = Synset(
         name=name, images=images, labels=labels, lr=r.float("lr", positive=True), ipc=ipc,
         method=r.str("method", default="mct"), grad=r.str("grad", default="constant"),
@@ -150,9 +180,13 @@ def read_synset(path: str | os.PathLike[str], f: h5py.File, name: str, data: Dat
         loss=[float(v) for v in loss], source=r.json("source", dict, {}), created=r.str("created", default=""),
     )
     if r.has("best"):
-        syn.best = _read_best(path, g["best"], data, ipc, values)
-    if checkpoint:
-        syn.checkpoint = _read_checkpoint(path, g, syn)
+        syn.best = _read_best(path, require_group(path, f, f"synsets/{name}/best"), data, ipc, values)
+    if r.has("checkpoint"):
+        state = _read_checkpoint(path, require_group(path, f, f"synsets/{name}/checkpoint"), data, ipc, values)
+        if checkpoint:
+            syn.checkpoint = state
+    elif checkpoint:
+        raise ArtifactError(f"{shown(path)}: synset '{clean_text(name)}' has no checkpoint to resume from")
     return syn
 
 
@@ -172,22 +206,51 @@ def _read_best(path: str | os.PathLike[str], g: h5py.Group, data: DatasetMeta, i
                       selected_on=r.str("selected_on", choices=SELECTED_ON), score=r.json("score", dict, {}))
 
 
-def _read_checkpoint(path: str | os.PathLike[str], g: h5py.Group, syn: Synset) -> Checkpoint:
-    if "checkpoint" not in g:
-        raise ArtifactError(f"{shown(path)}: synset '{clean_text(syn.name)}' has no checkpoint to resume from")
-    r = Fields(path, g["checkpoint"])
-    velocity = r.array("images_velocity", "f", list(syn.images.shape), finite=True)
-    gens = r.array("generators", "u", [None, None])
-    if gens.shape[0] < 1 or gens.dtype != np.uint8:
-        raise r.problem("generators", "must hold one uint8 generator state per process", attribute=False)
+def _read_checkpoint(path: str | os.PathLike[str], g: h5py.Group, data: DatasetMeta, ipc: int,
+                     values: bool) -> Checkpoint:
+    """The resumable state, checked: velocity shaped like the images, one valid CPU generator
+    state and one queue of expert indices per process. `values=False`: shapes only (the
+    velocity left empty)."""
+    r = Fields(path, g)
+    shape = [ipc * data.num_classes, *data.image_shape]
+    if values:
+        velocity = torch.from_numpy(r.array("images_velocity", "f", shape, finite=True).astype(np.float32, copy=False))
+    else:
+        ds = r.dataset("images_velocity", "f", shape)
+        r.stored("images_velocity", ds, math.prod(shape) * ds.dtype.itemsize)
+        velocity = torch.empty(0)
+    ds = r.dataset("generators", "u", [None, _GENERATOR_STATE_BYTES])
+    if not 1 <= ds.shape[0] <= _MAX_RANKS or ds.dtype != np.uint8:
+        raise r.problem("generators", f"must hold one uint8 generator state per process, got {ds.dtype} "
+                                      f"{list(ds.shape)}", attribute=False)
+    gens = r.array("generators", "u", [None, _GENERATOR_STATE_BYTES])
+    for state in gens:
+        try:
+            torch.Generator().set_state(torch.from_numpy(state.copy()))
+        except RuntimeError:
+            raise r.problem("generators", "holds a state no CPU generator accepts", attribute=False) from None
     queues = r.json("queues", list)
-    if len(queues) != gens.shape[0] or not all(isinstance(q, list) and all(isinstance(e, int) and e >= 0 for e in q)
-                                              for q in queues):
+    if len(queues) != gens.shape[0] or not all(
+            isinstance(q, list) and all(isinstance(e, int) and not isinstance(e, bool) and 0 <= e < _MAX_EXPERT
+                                        for e in q) for q in queues):
         raise r.problem("queues", f"must be {gens.shape[0]} list(s) of expert indices")
-    return Checkpoint(images_velocity=torch.from_numpy(velocity.astype(np.float32, copy=False)),
-                      alpha_velocity=r.float("alpha_velocity"),
+    r.int("world_size", 1, _MAX_RANKS, default=None)
+    return Checkpoint(images_velocity=velocity, alpha_velocity=r.float("alpha_velocity"),
                       generators=[torch.from_numpy(s.copy()) for s in gens], queues=queues,
                       run=r.json("run", dict, {}))
+
+
+def check_queue(path: str | os.PathLike[str], name: str, queue: list[int], experts: np.ndarray,
+                buffer: str | os.PathLike[str]) -> list[int]:
+    """`queue` (experts left in a resumed pass), refused unless every entry is one of `experts`,
+    the buffer's usable experts: a checkpoint written against another buffer cannot index this one."""
+    usable = {int(e) for e in experts}
+    stray = [e for e in queue if e not in usable]
+    if stray:
+        raise ArtifactError(f"{shown(path)}: /synsets/{clean_text(name)}/checkpoint attribute 'queues': expert "
+                            f"{stray[0]} is not an expert of {shown(buffer)} (a checkpoint made with another "
+                            "buffer?)")
+    return list(queue)
 
 
 # --------------------------------------------------------------------------- writing
@@ -244,11 +307,6 @@ def save_synset(out: str | os.PathLike[str], syn: Synset, data: DatasetMeta, spe
                 prov: dict[str, Any], extra_bytes: int = 0) -> None:
     """Write `syn` into `out` atomically: a new file, or a rewrite of an existing synset file
     (its other synsets kept). /dataset and /model go with it."""
-    from pathlib import Path
-
-    from mctool.store.files import create, rewrite
-    from mctool.store.meta import write_dataset, write_model
-
     target = Path(out)
     opener = rewrite(target, extra_bytes) if target.exists() else create(target)
     with opener as f:
@@ -261,8 +319,6 @@ def save_synset(out: str | os.PathLike[str], syn: Synset, data: DatasetMeta, spe
 
 def add_evaluations(path: str | os.PathLike[str], name: str, evaluations: list[dict[str, Any]]) -> None:
     """Append evaluations to synset `name` (the file is rewritten atomically)."""
-    from mctool.store.files import rewrite
-
     with rewrite(path) as f:
         stored = Fields(path, f["synsets"][name]).json("evaluations", list, [])
         set_evaluations(f, name, stored + evaluations)

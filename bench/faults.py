@@ -1,0 +1,119 @@
+"""SIGKILL every writer at many random points and count what the files hold (issue 14).
+
+    /work/venv/bin/python bench/faults.py [--kills 50] [--writers experts-new,distill] [--seed 0] [--matrix]
+                                          [--fuzz 100]
+
+For each writer (experts new / appending / --convexify, convexify in place and -o, distill with
+a checkpoint every iteration, evaluate saving): a reference run without a kill, then runs killed
+with SIGKILL after a drawn delay until `--kills` kills landed (runs that finished first are
+counted as missed). After each kill the file must open and validate through the store and hold
+the old content, the new one, or a consistent step between (expert rows done so far; a
+distillation checkpoint), bit-identical to the reference; then the same command (distill:
+with --resume) runs again and must finish with the reference result. tests/faultkit.py has
+the details. `--matrix` also runs the whole corruption matrix (tests/test_corruption.py with
+MCTOOL_FULL_MATRIX=1) and prints its counts; `--fuzz N` damages N random byte ranges of each
+0.1.0 file and counts the inspect runs that read fine, were refused with one line, went wrong
+or hung (tests/damage.py).
+
+Prints a table and writes bench/results/faults.json. OMP_NUM_THREADS is forced to 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ["OMP_NUM_THREADS"] = "1"
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests import faultkit  # noqa: E402
+
+COLUMNS = ["writer", "runs", "kills", "missed", "opened", "validated", "old", "partial", "new", "corrupt",
+           "temporaries_left", "reruns_ok", "seconds"]
+
+
+def _table(rows: list[dict]) -> str:
+    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in COLUMNS]
+    line = lambda vals: "  ".join(str(v).rjust(w) for v, w in zip(vals, widths))  # noqa: E731
+    return "\n".join([line(COLUMNS), line("-" * w for w in widths), *(line([r[c] for c in COLUMNS]) for r in rows)])
+
+
+def _matrix() -> dict:
+    env = {**os.environ, "MCTOOL_FULL_MATRIX": "1"}
+    started = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "pytest", "tests/test_corruption.py", "-q", "-p", "no:cacheprovider"],
+                       cwd=REPO, env=env, capture_output=True, text=True)
+    tail = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr[-500:]
+    counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|error)", tail)}
+    return {"counts": counts, "summary": tail, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def main() -> None:
+    """Run the kill loops (and the matrix), print the table, write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kills", type=int, default=50, help="kills per writer (default 50)")
+    parser.add_argument("--writers", default="", help="comma-separated subset (default: all)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--matrix", action="store_true", help="also run the full corruption matrix")
+    parser.add_argument("--fuzz", type=int, default=0,
+                        help="also damage N random byte ranges of each 0.1.0 file and inspect each copy")
+    parser.add_argument("--fuzz-timeout", type=float, default=180.0, help="seconds before a read counts as hung")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "faults.json")
+    args = parser.parse_args()
+    names = [n for n in args.writers.split(",") if n] or None
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="mctool-faults-") as tmp:
+        root = Path(tmp)
+        z = faultkit.Zygote()
+        try:
+            templates = faultkit.build_templates(z, root / "templates")
+        finally:
+            z.close()
+        rows = []
+
+        def report(line: str) -> None:
+            print(line, file=sys.stderr, flush=True)
+
+        for w in faultkit.writers(templates, names):
+            t = time.perf_counter()
+            tally = faultkit.run_writers([w], args.kills, root / "runs", args.seed, report)[w.name]
+            rows.append({"writer": w.name, **tally.row(), "seconds": round(time.perf_counter() - t, 1)})
+    out = {"kills_per_writer": args.kills, "seed": args.seed, "rows": rows,
+           "load_average": list(os.getloadavg()), "seconds": round(time.perf_counter() - started, 1),
+           "note": "shared machine (2 cores, other jobs running); timings are not the point"}
+    print(_table(rows))
+    for r in rows:
+        for failure in r["failures"]:
+            print(f"FAILURE {r['writer']}: {failure}")
+    if args.fuzz:
+        from tests.damage import fuzz
+
+        with tempfile.TemporaryDirectory(prefix="mctool-fuzz-") as tmp:
+            t = time.perf_counter()
+            release = REPO / "tests" / "data" / "release-0.1.0"
+            f = fuzz([release / n for n in ("buffer.h5", "synset.h5", "streamed.h5", "compact.h5")], args.fuzz,
+                     Path(tmp), seed=args.seed, timeout=args.fuzz_timeout)
+            f["seconds"] = round(time.perf_counter() - t, 1)
+        out["fuzz"] = f
+        print(f"byte damage: {f['cases']} reads of damaged copies: {f['read']} read fine, {f['refused']} refused "
+              f"with one line, {len(f['bad'])} bad, {len(f['hung'])} hung")
+        for line in f["bad"] + f["hung"]:
+            print(f"  {line}")
+    if args.matrix:
+        out["corruption_matrix"] = _matrix()
+        print(f"corruption matrix (every damage x base x command): {out['corruption_matrix']['summary']}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
