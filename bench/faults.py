@@ -46,6 +46,17 @@ def _table(rows: list[dict]) -> str:
     return "\n".join([line(COLUMNS), line("-" * w for w in widths), *(line([r[c] for c in COLUMNS]) for r in rows)])
 
 
+def _result(args: argparse.Namespace, rows: list[dict], started: float) -> dict:
+    return {"kills_per_writer": args.kills, "seed": args.seed, "rows": rows,
+            "load_average": list(os.getloadavg()), "seconds": round(time.perf_counter() - started, 1),
+            "note": "shared machine (2 cores, other jobs running); timings are not the point"}
+
+
+def _write(path: Path, out: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
+
+
 def _matrix() -> dict:
     env = {**os.environ, "MCTOOL_FULL_MATRIX": "1"}
     started = time.perf_counter()
@@ -86,9 +97,10 @@ def main() -> None:
             t = time.perf_counter()
             tally = faultkit.run_writers([w], args.kills, root / "runs", args.seed, report)[w.name]
             rows.append({"writer": w.name, **tally.row(), "seconds": round(time.perf_counter() - t, 1)})
-    out = {"kills_per_writer": args.kills, "seed": args.seed, "rows": rows,
-           "load_average": list(os.getloadavg()), "seconds": round(time.perf_counter() - started, 1),
-           "note": "shared machine (2 cores, other jobs running); timings are not the point"}
+            # Each writer's row as soon as it is done (a long run stopped part-way keeps them).
+            report(_table(rows[-1:]))
+            _write(args.out, _result(args, rows, started))
+    out = _result(args, rows, started)
     print(_table(rows))
     for r in rows:
         for failure in r["failures"]:
@@ -110,8 +122,7 @@ def main() -> None:
     if args.matrix:
         out["corruption_matrix"] = _matrix()
         print(f"corruption matrix (every damage x base x command): {out['corruption_matrix']['summary']}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    _write(args.out, out)
     print(f"wrote {args.out}")
 
 
