@@ -63,13 +63,26 @@ def _upscale(images: torch.Tensor) -> torch.Tensor:
     return F.interpolate(images, scale_factor=factor, mode="nearest") if factor > 1 else images
 
 
-def save_grid(images: torch.Tensor, path: Path, nrow: int) -> Path:
-    """Write images [N, C, H, W] in [0, 1] as one PNG grid with `nrow` images per row."""
+def save_grid(images: torch.Tensor, path: Path, nrow: int, title: str | None = None) -> Path:
+    """Write images [N, C, H, W] in [0, 1] as one PNG grid with `nrow` images per row, under a
+    `title` line when one is given."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     x = _upscale(images.detach().to("cpu", torch.float32).clamp(0, 1))
     grid = make_grid(x, nrow=max(1, int(nrow)), padding=2, pad_value=1.0)
-    save_image(grid, path)
+    if title is None:
+        save_image(grid, path)
+        return path
+    pixels = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    picture = Image.fromarray(pixels).convert("RGB")
+    font = _font(14)
+    draw = ImageDraw.Draw(picture)
+    _, text_height = _text_size(draw, title, font)
+    band = text_height + 10
+    titled = Image.new("RGB", (picture.width, picture.height + band), "white")
+    titled.paste(picture, (0, band))
+    ImageDraw.Draw(titled).text((4, 4), title, fill="black", font=font)
+    titled.save(path)
     return path
 
 
@@ -87,7 +100,15 @@ def synset_png_path(out: Path, name: str) -> Path:
     return out.with_name(f"{out.stem}-{name}.png")
 
 
-def synset_grid(images: torch.Tensor, prep: Preprocessing | None, ipc: int, path: Path) -> Path:
+def best_title(best: store.BestImages) -> str:
+    """The caption of a best-images picture: which iteration, and on what they were selected."""
+    how = "selected on TEST (the authors' protocol)" if best.selected_on == "test" else \
+        f"selected on {best.selected_on}"
+    return f"best images: iteration {best.iteration}, {how}"
+
+
+def synset_grid(images: torch.Tensor, prep: Preprocessing | None, ipc: int, path: Path,
+                title: str | None = None) -> Path:
     """De-whitened synset grid, one row per class (images are class-major), ≤ 10 per class.
 
     `prep` None falls back to per-image min-max scaling."""
@@ -98,7 +119,7 @@ def synset_grid(images: torch.Tensor, prep: Preprocessing | None, ipc: int, path
         # Class-major storage: keep the first `shown` of every class.
         x = x.view(x.shape[0] // ipc, ipc, *x.shape[1:])[:, :shown].reshape(-1, *x.shape[1:])
     pixels = prep.invert(x) if prep is not None else minmax_images(x)
-    return save_grid(pixels, path, nrow=shown)
+    return save_grid(pixels, path, nrow=shown, title=title)
 
 
 # --------------------------------------------------------------------------- line plots
@@ -354,7 +375,8 @@ class _Contents:
     """Everything the pictures need, read once so the file is closed before any heavy work."""
 
     meta: store.DatasetMeta | None = None
-    synsets: list[tuple[str, torch.Tensor, int]] = dataclasses.field(default_factory=list)  # suffix, images, ipc
+    # suffix, images, ipc, title (None: none)
+    synsets: list[tuple[str, torch.Tensor, int, str | None]] = dataclasses.field(default_factory=list)
     convex: _Convex | None = None
     accuracy: np.ndarray | None = None  # [E_done, K+1] stored test accuracy of done experts
     done: np.ndarray | None = None  # indices of the done experts (rows of `accuracy`)
@@ -369,9 +391,9 @@ def _read_contents(path: Path) -> _Contents:
         with store.open_synsets(path) as sf:
             c.meta = sf.data
             syn = sf.read(sf.pick(None))
-            c.synsets.append(("synset", syn.images, syn.ipc))
+            c.synsets.append(("synset", syn.images, syn.ipc, None))
             if syn.best is not None:
-                c.synsets.append(("synset-best", syn.best.images, syn.ipc))
+                c.synsets.append(("synset-best", syn.best.images, syn.ipc, best_title(syn.best)))
     if has_buffer:
         with store.open_buffer(path) as buf:
             c.meta = buf.data
@@ -531,13 +553,13 @@ def write_overview(file: Path, png: Path, data_dir: Path | None = None, device: 
     c = _read_contents(Path(file))
     data = _LazyData(c.meta, data_dir, device)
     written: list[Path] = []
-    for suffix, images, ipc in c.synsets:
+    for suffix, images, ipc, title in c.synsets:
         prepared = data.get()
         prep = prepared.prep if prepared is not None else None
         try:
-            written.append(synset_grid(images, prep, ipc, _suffixed(png, suffix)))
+            written.append(synset_grid(images, prep, ipc, _suffixed(png, suffix), title))
         except ValueError:  # images do not fit the dataset's preprocessing: show them min-max scaled
-            written.append(synset_grid(images, None, ipc, _suffixed(png, suffix)))
+            written.append(synset_grid(images, None, ipc, _suffixed(png, suffix), title))
     if c.convex is not None:
         written.append(beta_plot(c.convex, _suffixed(png, "beta")))
     if c.accuracy is not None:

@@ -246,3 +246,32 @@ def test_interior_note_only_when_the_settings_expect_another_count(tmp_path: Pat
     assert r.exit_code == 0 and "interior waypoint" not in r.stderr, r.stderr
     r = cli(*base, "-o", tmp_path / "b.h5", "--interior", "2")
     assert r.exit_code == 0 and "expect 2 interior waypoint(s)" in r.stderr and "has 1" in r.stderr
+
+
+@pytest.mark.parametrize("select_on", ["validation", "test"])
+def test_periodic_selection_sees_only_its_split(tmp_path: Path, convex_buffer: Path, data_dir: Path,
+                                                monkeypatch: pytest.MonkeyPatch, select_on: str) -> None:
+    """--eval-every scores on images held out of the training split and the distillation holds no test
+    image, unless --select-on test (the authors' protocol), which every output then names."""
+    import mctool.evaluate
+    from PIL import Image
+
+    seen: list[tuple[int, int, str]] = []
+    original = mctool.evaluate.evaluate_set
+
+    def spy(images, labels, lr, prepared, base, cfg, *args, score_on=None, split="test", **kwargs):
+        seen.append((prepared.test_x.shape[0], score_on[0].shape[0], split))
+        return original(images, labels, lr, prepared, base, cfg, *args, score_on=score_on, split=split, **kwargs)
+
+    monkeypatch.setattr(mctool.evaluate, "evaluate_set", spy)
+    out = tmp_path / "s.h5"
+    r = run_distill(convex_buffer, out, data_dir, "--eval-every", "2", "--eval-runs", "1", "--eval-epochs", "1",
+                    "--select-on", select_on, "--val-size", "50", "--json")
+    assert r.exit_code == 0, r.output
+    # The tests' data: 30 training and 10 test images per class.
+    expected = (0, 50, "validation") if select_on == "validation" else (100, 100, "test")
+    assert seen == [expected, expected]
+    doc = json.loads(r.stdout)
+    assert doc["best"]["selected_on"] == select_on
+    final, best = Image.open(doc["png"]), Image.open(doc["png_best"])
+    assert best.width == final.width and best.height > final.height  # the best picture has its caption band
