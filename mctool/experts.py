@@ -320,7 +320,8 @@ def run_prepared(cfg: ExpertsConfig, out: Path, prepared: Prepared, reporter: Re
     row_bytes = _row_layout(cfg, spec).row_bytes()
     for start in range(0, len(todo), world):
         if dist.is_main():  # before training: a full disk is found now, not after the expert's minutes
-            store.ensure_free_space(out, row_bytes * min(world, len(todo) - start), "the next expert row(s)")
+            store.ensure_free_space(out, row_bytes * min(world, len(todo) - start), "the next expert row(s)",
+                                   metadata=False)
         mine = todo[start + me] if start + me < len(todo) else None
         result = train_expert(cfg, spec, prepared, mine, reporter) if mine is not None else None
         results = dist.gather(result)

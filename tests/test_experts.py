@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from mctool import store
+from mctool.errors import DiskFull
 from mctool.experts import ExpertsConfig, expert_seed, model_spec, train_expert
 from mctool.functional import FlatNet
 from mctool.models import build_model
@@ -306,3 +307,38 @@ def test_nan_loss_exits_1_and_marks_nothing_done(tmp_path: Path, data_dir: Path)
     assert "starting it afresh" in r.stderr
     with store.open_artifact(out) as f:
         assert f["experts/done"][()].tolist() == [True]
+
+
+# --------------------------------------------------------------------------- disk space
+
+
+def test_a_full_disk_is_found_before_an_expert_trains(tmp_path: Path, data_dir: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The row check runs before each expert's training (not after its minutes), and a row written
+    into storage allocated at creation needs only its own bytes, not HDF5's metadata slack."""
+    import mctool.experts
+
+    checks: list[int] = []
+    real = shutil.disk_usage
+
+    def disk_usage(path):
+        checks.append(1)
+        usage = real(path)
+        # The buffer's creation sees plenty of room; every later check a nearly full disk.
+        return usage if len(checks) == 1 else usage._replace(free=1000)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("an expert was trained on a full disk")
+
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+    monkeypatch.setattr(mctool.experts, "train_expert", no_training)
+    out = tmp_path / "b.h5"
+    assert_one_line_error(experts(data_dir, out), 1, "disk full: the next expert row(s) needs about")
+    with store.open_artifact(out) as f:
+        assert f["experts/done"][()].tolist() == [False, False]
+
+    needed = 10**6
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=needed + 2**16))
+    store.ensure_free_space(out, needed, "a row", metadata=False)  # raw row: its bytes and a block of slack
+    with pytest.raises(DiskFull, match="disk full"):
+        store.ensure_free_space(out, needed, "a new group")  # metadata: 5 % + 1 MiB more

@@ -114,13 +114,17 @@ def shown(path: str | os.PathLike[str]) -> str:
     return clean_text(str(path))
 
 
-def ensure_free_space(path: str | os.PathLike[str], needed: int, what: str) -> None:
+def ensure_free_space(path: str | os.PathLike[str], needed: int, what: str, metadata: bool = True) -> None:
     """Refuse to start a write that cannot fit: HDF5 fails badly (even crashes) on a full disk,
-    so writers check first and stop with one line while every file is still intact."""
+    so writers check first and stop with one line while every file is still intact.
+
+    `metadata=False`: raw values written into storage allocated earlier (`append`), which adds
+    no HDF5 metadata, so only the values' own blocks are needed."""
     folder = Path(path).resolve().parent
     folder.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(folder).free
-    want = int(needed * 1.05) + (1 << 20)  # HDF5 metadata and slack
+    # HDF5 metadata and slack; raw rows need at most a partly filled block at either end.
+    want = int(needed * 1.05) + (1 << 20) if metadata else needed + (1 << 16)
     if free < want:
         raise DiskFull(f"disk full: {what} needs about {want / 1e6:.1f} MB in {shown(folder)} but only "
                        f"{free / 1e6:.1f} MB are free; free space and run the same command again "
