@@ -69,7 +69,7 @@ MARK = "BENCH-RESULT "
 
 
 def model_spec(classes: int, width: int, size: int) -> ModelSpec:
-    """The presets' ConvNet for `size`-pixel RGB images (depth 3 at 32 px, 4 at 64 px)."""
+    """The presets' ConvNet for `size`-pixel RGB images (`default_depth`: 3 up to 64 px)."""
     return ModelSpec(width=width, num_classes=classes, im_size=(size, size), depth=default_depth(size))
 
 
@@ -226,7 +226,7 @@ def per_op_table(args: argparse.Namespace, device: torch.device) -> list[dict[st
     return out
 
 
-# Large rows (issue 13): name -> (ipc, classes, image size). Depth follows the presets (4 at 64 px).
+# Large rows (issue 13): name -> (ipc, classes, image size). Depth follows the presets (3 at 64 px).
 LARGE = {"tiny-ipc10": (10, 200, 64), "cifar100-ipc50": (50, 100, 32)}
 LARGE_SMALL_IPC = {"tiny-ipc10": 2, "cifar100-ipc50": 10}  # same micro-batch, fewer images
 
