@@ -137,7 +137,7 @@ def suggest(f: BufferFacts, ipc: int) -> Choice:
     M = min(5, max(1, round(f.K / 3)))
     reasons["expert_epochs"] = f"K/3 = {f.K}/3, between 1 and 5"
     N = max(10, 10 * round(0.8 * M))
-    reasons["syn_steps"] = f"10·round(0.8·M), Table A"
+    reasons["syn_steps"] = "10·round(0.8·M), Table A"
     spe = f.steps_per_epoch
     if spe is not None and M * spe < N:
         N = max(1, M * spe)

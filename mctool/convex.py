@@ -117,20 +117,12 @@ def convexify_file(buffer: Path, cfg: ConvexifyConfig, out: Path | None = None,
             # The copy is written while `buf` stays open for reading: the old file is untouched
             # until the finished copy takes its place.
             with store.rewrite(buffer, convex_bytes) as f:
-                if "convex" in f:
-                    del f["convex"]
+                store.drop_convex(f)
                 _fill(buf, store.create_convex(f, rows, meta, layout, prov), experts, positions, cfg, reporter)
         else:
             store.ensure_free_space(target, convex_bytes, "the convexified experts")
             with store.create(target) as dst:
-                for name in ("dataset", "model"):
-                    buf.file.copy(buf.file[name], dst, name=name)
-                eg = dst.create_group("experts")
-                eg.attrs.update(dict(buf.file["experts"].attrs))
-                for name in ("done", "seeds", "test_accuracy", "train_loss"):
-                    if name in buf.file["experts"]:
-                        buf.file.copy(buf.file["experts"][name], eg, name=name)
-                eg.attrs["trajectories_in"] = str(buffer.resolve())
+                store.copy_without_trajectories(buf.file, dst, str(buffer.resolve()))
                 _fill(buf, store.create_convex(dst, rows, meta, layout, prov), experts, positions, cfg, reporter)
     full = (info.epochs + 1) * sum(sizes) * 4
     convex = len(positions) * sum(sizes) * 4 + (info.epochs + 1) * len(sizes) * 4

@@ -6,10 +6,10 @@ write is atomic as seen by a reader (store/files.py says how).
 """
 
 from mctool.store.artifacts import Buffer, SynsetFile, open_buffer, open_synsets
-from mctool.store.convex import (STRATEGIES, ConvexInfo, ConvexMeta, complete, create_convex, read_convex_meta,
-                                 write_convex_row)
-from mctool.store.experts import (ExpertRows, ExpertsInfo, ExpertsReference, RowLayout, create_buffer,
-                                  final_accuracy, regrow, rows_ready)
+from mctool.store.convex import (STRATEGIES, ConvexInfo, ConvexMeta, complete, create_convex, drop_convex,
+                                 read_convex_meta, write_convex_row)
+from mctool.store.experts import (ExpertRows, ExpertsInfo, ExpertsReference, RowLayout, copy_without_trajectories,
+                                  create_buffer, final_accuracy, regrow, rows_ready)
 from mctool.store.files import (FORMAT, FORMAT_VERSION, append, check_writable, clean_text, contents, create,
                                 ensure_free_space, now_iso, open_artifact, provenance, require_group, rewrite,
                                 shown, temporaries, versions)
@@ -21,8 +21,9 @@ from mctool.store.synsets import (BestImages, Checkpoint, Synset, add_evaluation
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "STRATEGIES", "BestImages", "Buffer", "Checkpoint", "ConvexInfo", "ConvexMeta",
     "DatasetMeta", "ExpertRows", "ExpertsInfo", "ExpertsReference", "RowLayout", "Synset", "SynsetFile",
-    "add_evaluations", "append", "check_queue", "check_writable", "clean_text", "complete", "contents", "create", "create_buffer",
-    "create_convex", "ensure_free_space", "final_accuracy", "now_iso", "open_artifact", "open_buffer",
+    "add_evaluations", "append", "check_queue", "check_writable", "clean_text", "complete", "contents",
+    "copy_without_trajectories", "create", "create_buffer",
+    "create_convex", "drop_convex", "ensure_free_space", "final_accuracy", "now_iso", "open_artifact", "open_buffer",
     "open_synsets", "provenance", "read_convex_meta", "read_dataset", "read_model", "regrow", "require_group",
     "rewrite", "rows_ready", "save_synset", "shown", "summarize", "synset_names", "temporaries", "versions", "write_convex_row",
     "write_dataset", "write_model",

@@ -132,6 +132,12 @@ def check_beta(r: Fields, beta: np.ndarray, meta: ConvexMeta, rows: Any) -> None
                                 f"within [0, {last}])", attribute=False)
 
 
+def drop_convex(f: h5py.File) -> None:
+    """Remove /convex from a file being rewritten, before its replacement is written."""
+    if "convex" in f:
+        del f["convex"]
+
+
 def create_convex(f: h5py.File, rows: int, meta: ConvexMeta, layout: Layout, prov: dict[str, Any]) -> h5py.Group:
     """A new /convex in a file being created or rewritten, marked incomplete until `complete`."""
     g = f.create_group("convex")

@@ -270,6 +270,19 @@ class ExpertRows:
         self.f.flush()
 
 
+def copy_without_trajectories(src: h5py.File, dst: h5py.File, trajectories_in: str) -> None:
+    """Start a compact artifact in `dst` (being created): /dataset, /model and /experts of `src`
+    with every row but the trajectories, and `trajectories_in` naming where those remain."""
+    for name in ("dataset", "model"):
+        src.copy(src[name], dst, name=name)
+    group = dst.create_group("experts")
+    group.attrs.update(dict(src["experts"].attrs))
+    for name in _ROW_SETS:
+        if name != "trajectories" and name in src["experts"]:
+            src.copy(src["experts"][name], group, name=name)
+    group.attrs["trajectories_in"] = trajectories_in
+
+
 def create_buffer(out: str | os.PathLike[str], data: DatasetMeta, spec: ModelSpec, layout: Layout, rows: int,
                   row_layout: RowLayout, attrs: dict[str, Any], streaming: tuple[Any, dict[str, Any]] | None) -> None:
     """Write a new buffer atomically: metadata, and rows allocated for `rows` experts.
