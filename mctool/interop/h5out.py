@@ -118,9 +118,10 @@ class RowWriter:
 @contextlib.contextmanager
 def open_rows(out: Path, row_bytes: int) -> Iterator[RowWriter]:
     """Open the buffer for writing rows, after checking the disk can take one."""
-    store.ensure_free_space(out, row_bytes, "storing one imported expert")
+    store.ensure_free_space(out, row_bytes, "storing one imported expert", metadata=False)
     with store.append(out) as f:
-        yield RowWriter(store.ExpertRows(f), int(f["experts"].attrs["epochs"]))
+        rows = store.ExpertRows(f)
+        yield RowWriter(rows, rows.epochs)
 
 
 # --------------------------------------------------------------------------- synsets (for export)

@@ -237,6 +237,11 @@ class ExpertRows:
         self.f = f
         self.streaming = is_streaming(f)
 
+    @property
+    def epochs(self) -> int:
+        """The rows' K, checked as every read is."""
+        return Fields(self.f.filename, self.f["experts"]).int("epochs", 1, MAX_EPOCHS)
+
     def done(self) -> np.ndarray:
         """Boolean mask of finished experts."""
         return self.f["experts/done"][()].astype(bool)

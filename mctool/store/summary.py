@@ -33,6 +33,7 @@ def _experts_facts(path: Path, f: h5py.File, layout: Layout) -> dict[str, Any] |
     idx = info.done_indices
     acc = _experts.experts_accuracy(path, f, info) if idx.size else np.zeros((0, info.epochs + 1))
     seeds = info.seeds[idx].tolist()
+    final = _experts.final_accuracy(acc, info.epochs)  # the one definition
     out: dict[str, Any] = {
         "rows": info.rows,
         "done": int(idx.size),
@@ -43,7 +44,7 @@ def _experts_facts(path: Path, f: h5py.File, layout: Layout) -> dict[str, Any] |
         "seeds": [int(s) for s in seeds],
         "has_trajectories": info.has_trajectories,
         "test_accuracy_first": _mean_known(acc[:, 0]),
-        "test_accuracy_last": _mean_known(acc[:, -1]),
+        "test_accuracy_last": final.mean if final is not None else None,
         "test_accuracy_mean_curve": [_mean_known(column) for column in acc.T],
         "per_expert": [
             {"index": int(e), "seed": int(s), "test_accuracy_first": float(a[0]), "test_accuracy_last": float(a[-1])}
