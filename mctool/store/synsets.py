@@ -143,7 +143,7 @@ def _images_and_labels(r: Fields, data: DatasetMeta, ipc: int, values: bool) -> 
             raise r.problem("labels", "hard labels must be integers", attribute=False)
         labels = r.array("labels", "iu", [n]).astype(np.int64)
         if labels.size and (labels.min() < 0 or labels.max() >= data.num_classes):
-            raise r.problem("labels", f"hold class {int(labels.max()) if labels.max() >= data.num_classes else int(labels.min())}"
+            raise r.problem("labels", f"holds class {int(labels.max()) if labels.max() >= data.num_classes else int(labels.min())}"
                                       f" outside 0..{data.num_classes - 1}", attribute=False)
     else:
         labels = r.array("labels", "f", [n, data.num_classes], finite=True).astype(np.float32)
