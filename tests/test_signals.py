@@ -42,8 +42,11 @@ def iterations_saved(path: Path) -> int | None:
 def test_sigterm_checkpoints_and_exits_143(tmp_path: Path, convex_buffer: Path, data_dir: Path, signum: int) -> None:
     out, full = tmp_path / "s.h5", tmp_path / "full.h5"
     args = distill_args(convex_buffer, out, data_dir, 100000, "--checkpoint-every", "5")
+    # preexec_fn: the signal's default disposition, as for a job a scheduler starts; under `nohup`
+    # (or any parent that ignores SIGHUP) mctool rightly leaves an inherited ignored signal alone.
     proc = subprocess.Popen([sys.executable, "-m", "mctool", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=ENV, start_new_session=True)
+                            text=True, env=ENV, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signum, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while (iterations_saved(out) or 0) < 5:
