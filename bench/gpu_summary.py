@@ -17,7 +17,8 @@ from typing import Any
 
 
 def fmt_bytes(n: float | None) -> str:
-    """Human-readable byte count, '-' for none."""
+    """Human-readable byte count, '-' for none (as _common.fmt_bytes, which imports torch: this
+    summary must run, and report, even where torch is broken)."""
     if n is None:
         return "-"
     for unit in ("B", "KiB", "MiB", "GiB"):
