@@ -36,6 +36,8 @@ def command(name: str, f: Path, work: Path, data_dir: Path, buffer: Path | None 
         "distill-resume": ["distill", "--buffer", buffer, "-o", f, "--resume", "--name", synset, "--iterations", "5", *d,
                            "--quiet"],
         "evaluate": ["evaluate", f, "--runs", "1", "--epochs", "1", *d, "--quiet"],
+        "export": ["export", f, "--format", "mtt", "-o", work / "exported", *d, "--quiet"],
+        "export-png": ["export", f, "--format", "png", "-o", work / "pictures", *d, "--quiet"],
         "experts": ["experts", "mnist", "--n", "3", "-o", f, *d, *EXPERTS_TINY],
         "experts-stream": ["experts", "mnist", "--n", "3", "-o", f, "--convexify", "--interior", "1", *d,
                            *EXPERTS_TINY],

@@ -32,7 +32,7 @@ READERS = {
     "buffer": ("inspect", "inspect-json", "inspect-png", "convexify", "convexify-o", "distill", "experts"),
     "compact": ("inspect", "inspect-json", "inspect-png", "distill"),
     "streamed": ("inspect", "inspect-json", "inspect-png", "distill", "experts-stream"),
-    "synset": ("inspect", "inspect-json", "inspect-png", "evaluate", "distill-resume"),
+    "synset": ("inspect", "inspect-json", "inspect-png", "evaluate", "distill-resume", "export", "export-png"),
 }
 # Which artifacts each base is: built now by the commands, or written by release 0.1.0.
 BASES = {
@@ -170,7 +170,7 @@ INSPECT = ("inspect", "inspect-json")
 _traj_readers = ("convexify", "convexify-o")
 _beta_readers = ("inspect", "inspect-json", "inspect-png", "distill")
 _waypoint_readers = ("inspect-png", "distill")
-_image_readers = ("inspect-png", "evaluate", "distill-resume")
+_image_readers = ("inspect-png", "evaluate", "distill-resume", "export", "export-png")
 
 DAMAGES = [
     # / ------------------------------------------------------------------------------------------------
