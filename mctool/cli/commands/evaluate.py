@@ -38,8 +38,7 @@ def evaluate(
     debug: bool = DebugOpt,
     **settings: Any,
 ) -> None:
-    """Train fresh networks on the synthetic set and report real test accuracy (mean ± std), the gain over
-    random real images and the hard-label recovery (HLR)."""
+    """Train fresh networks on the synthetic set: real test accuracy (mean ± std), gain over random real, HLR."""
 
     def body(reporter):
         from mctool.evaluate import evaluate_file
