@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -258,6 +259,40 @@ class Pipeline:
         e = self.manifest.data["stages"].get(name, {})
         return (e.get("status") == "done" and e.get("fingerprint") == self.fingerprint(name)
                 and (self.work / self.by_name[name].product).exists())
+
+    def adopt(self, other: Path) -> list[str]:
+        """Take the stages finished in `other`, a copy of this work folder run by a second sitting
+        (two cores, two lanes), that are not current here; returns their names.
+
+        A stage is taken only where every stage it depends on is current in both folders and has the
+        same recorded history (the same attempts, so the same product): its inputs are this folder's.
+        Its product is copied in atomically; what this folder held for it moves to stale/.
+        """
+        theirs = Pipeline(other, self.stages, self.runner, log=self.log, extra=self.extra)
+        entries = theirs.manifest.data["stages"]
+        taken: list[str] = []
+        for s in self.stages:
+            if self.is_current(s.name) or not theirs.is_current(s.name):
+                continue
+            lineage = [d for d in self.closure([s.name]) if d != s.name]
+            if not all(self.is_current(d) and theirs.is_current(d)
+                       and self.manifest.data["stages"][d].get("attempts") == entries[d].get("attempts")
+                       for d in lineage):
+                self.log(f"[{s.name}] not taken from {other}: what it was made from differs from this folder's")
+                continue
+            entry = self.manifest.stage(s.name)
+            if (self.work / s.product).exists():
+                self._retire(s, entry, f"taking it from {other}")
+            tmp = self.work / (s.product + ".adopting")
+            shutil.copyfile(other / s.product, tmp)
+            os.replace(tmp, self.work / s.product)
+            entry.clear()
+            entry.update(json.loads(json.dumps(entries[s.name])))
+            entry["adopted_from"] = str(other)
+            self.manifest.save()
+            self.log(f"[{s.name}] taken from {other}")
+            taken.append(s.name)
+        return taken
 
     def missing_options(self, s: Stage) -> list[str]:
         """Options the stage needs that this mctool's `COMMAND --help` does not list."""

@@ -445,6 +445,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", metavar="STAGE", help="run only these stages (and what they need)")
     p.add_argument("--stop-after", metavar="STAGE", help="stop after this stage (e.g. experts)")
     p.add_argument("--list", action="store_true", help="show the stages, their state and commands; run nothing")
+    p.add_argument("--adopt", type=Path, action="append", default=[], metavar="WORK",
+                   help="first take the stages finished in WORK, a copy of this work folder a second sitting "
+                        "ran (e.g. ablation rows on the other core); repeatable")
     p.add_argument("--device", default=None, help="mctool --device (default: mctool's auto)")
     p.add_argument("--data-dir", type=Path, default=None, help="mctool --data-dir")
     p.add_argument("--out", type=Path, default=None, help="summary JSON (default: bench/results/fidelity-SIZE.json)")
@@ -503,6 +506,9 @@ def main(argv: list[str] | None = None, runner: Runner | None = None,
     for n in (args.only or []) + ([args.stop_after] if args.stop_after else []):
         if n not in names:
             p.error(f"unknown stage {n!r} (stages: {', '.join(names)})")
+    for other in args.adopt:
+        if not (other / "manifest.json").is_file() or other.resolve() == work:
+            p.error(f"--adopt {other}: not another benchmark work folder (no manifest.json there)")
     env = child_env(REPO)
     runner = runner or SubprocessRunner(sys.executable, env)
     if args.list:  # read-only: works while another run holds the folder
@@ -544,6 +550,9 @@ def run(pipeline: Pipeline, plan: Plan, runner: Runner, args: argparse.Namespace
                "machine": machine(sys.executable, env) if isinstance(runner, SubprocessRunner)
                else {"date": now(), "runner": type(runner).__name__}}
     m.setdefault("sittings", []).append(sitting)
+    pipeline.manifest.save()
+    for other in args.adopt:
+        sitting.setdefault("adopted", {})[str(other.resolve())] = pipeline.adopt(other.resolve())
     pipeline.manifest.save()
     print(f"fidelity: size '{size.name}', work {pipeline.work}, mctool commit "
           f"{sitting['machine'].get('commit')}, {sitting['machine'].get('cpu_count', '?')} CPUs, "

@@ -214,6 +214,41 @@ def test_work_folder_guards(tmp_path: Path) -> None:
         fidelity.main(["--quick", "--work", str(work), "--only", "nope"], runner=FakeMctool())
 
 
+def test_adopt_takes_finished_stages_of_a_copy_with_the_same_lineage(tmp_path: Path) -> None:
+    import shutil
+
+    assert run(tmp_path, FakeMctool(), "--no-ablation") == 0
+    work, copy = tmp_path / "work", tmp_path / "copy"
+    shutil.copytree(work, copy)
+    lane = FakeMctool()  # a second sitting on the copy runs one ablation row
+    assert fidelity.main(["--quick", "--work", str(copy), "--out", str(tmp_path / "c.json"),
+                          "--only", "abl-evaluate-interior-0"], runner=lane) == 0
+    assert "abl-interior-0.h5" in lane.names()
+    (work / "abl-interior-0.h5").write_text("partial")  # this folder's interrupted try of the same row
+    fake = FakeMctool()
+    assert run(tmp_path, fake, "--adopt", str(copy), "--only", "abl-evaluate-interior-0") == 0
+    assert "abl-interior-0.h5" not in fake.names(), "the row was run again instead of taken"
+    assert (work / "abl-interior-0.h5").read_text() == "distill done"
+    assert [p.name.split("-")[0] for p in (work / "stale").iterdir()] == ["abl"]  # the partial one kept aside
+    m = manifest(tmp_path)
+    assert m["stages"]["abl-evaluate-interior-0"]["adopted_from"] == str(copy)
+    assert set(m["sittings"][-1]["adopted"][str(copy)]) == {"convexify-i0-mct", "abl-distill-interior-0",
+                                                             "abl-evaluate-interior-0"}
+    rows = {(a["factor"], a["value"]): a for a in json.loads((tmp_path / "summary.json").read_text())["ablation"]}
+    assert rows[("interior", 0)]["result"]["mean"] == 83.0
+    # A copy whose experts are another run's (other attempts) gives nothing: its rows were made from other inputs.
+    other = json.loads((copy / "manifest.json").read_text())
+    other["stages"]["experts"]["attempts"][0]["started"] = "another run"
+    (copy / "manifest.json").write_text(json.dumps(other))
+    assert fidelity.main(["--quick", "--work", str(copy), "--out", str(tmp_path / "c.json"),
+                          "--only", "abl-evaluate-interior-1"], runner=FakeMctool()) == 0
+    fake = FakeMctool()
+    assert run(tmp_path, fake, "--adopt", str(copy), "--only", "abl-evaluate-interior-1") == 0
+    assert "abl-interior-1.h5" in fake.names(), "a row of other experts was taken"
+    with pytest.raises(SystemExit):
+        run(tmp_path, FakeMctool(), "--adopt", str(tmp_path / "nowhere"))
+
+
 def test_has_option() -> None:
     text = "│ --grad  <str> ...\n│ --eval-every <int>\n│ --discrete  --continuous"
     assert has_option(text, "--grad") and has_option(text, "--continuous") and has_option(text, "--eval-every")
