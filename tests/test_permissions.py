@@ -170,8 +170,10 @@ def _as_nobody(argvs: list[list], data_dir: Path) -> list[dict]:
     code = ("import io, json, os, sys\n"
             "from typer.testing import CliRunner\n"
             "from mctool.cli import app, main\n"
-            "import mctool.convex, mctool.data, mctool.device, mctool.distill, mctool.evaluate, mctool.experts\n"
-            "import mctool.plots, mctool.prepared, mctool.presets, mctool.store, tomllib, zoneinfo\n"
+            "import importlib, pkgutil, tomllib, zoneinfo, mctool\n"
+            "for m in pkgutil.walk_packages(mctool.__path__, 'mctool.'):  # every lazy import, while readable\n"
+            "    if not m.name.endswith('__main__'):\n"
+            "        importlib.import_module(m.name)\n"
             "runner = CliRunner()\n"
             f"runner.invoke(app, ['inspect', {str(RELEASE / 'synset.h5')!r}])  # imports what runs lazily\n"
             f"os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY})\n"
@@ -205,12 +207,15 @@ def test_permission_denied_as_another_user(data_dir: Path) -> None:
         os.chmod(secret, 0o600)  # root's, unreadable to nobody
         os.chmod(shared, 0o644)  # readable, not writable
         closed.mkdir(mode=0o700)
+        buffer = folder / "compact.h5"  # readable to nobody wherever the checkout lives
+        shutil.copyfile(RELEASE / "compact.h5", buffer)
+        os.chmod(buffer, 0o644)
         shutil.copyfile(RELEASE / "synset.h5", closed / "x.h5")
         # (Typer itself checks that a FILE argument is readable: its line says "not readable".)
         cases = [(["inspect", secret], secret, "not readable"),
                  (["evaluate", shared, "--data-dir", data_dir], shared, "read-only for you"),
                  (["evaluate", closed / "x.h5", "--data-dir", data_dir], closed / "x.h5", "cannot reach"),
-                 (["distill", "--buffer", RELEASE / "compact.h5", "-o", folder / "new.h5", "--data-dir", data_dir],
+                 (["distill", "--buffer", buffer, "-o", folder / "new.h5", "--data-dir", data_dir],
                   folder / "new.h5", "cannot write in")]
         results = _as_nobody([argv for argv, _, _ in cases], data_dir)
         for (argv, path, says), r in zip(cases, results):
