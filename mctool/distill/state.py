@@ -1,0 +1,68 @@
+"""The state of a distillation: what a checkpoint holds, and how a run starts."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from mctool import store
+from mctool.distill.config import DistillConfig
+from mctool.prepared import Prepared, sample_per_class
+
+@dataclass
+class State:
+    """Everything a checkpoint holds: resuming from it continues the run bit for bit on CPU."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    alpha: float
+    images_velocity: torch.Tensor
+    alpha_velocity: float
+    iteration: int
+    generators: list[torch.Tensor]  # one CPU generator state per rank
+    queues: list[list[int]]  # per rank: experts left in the current shuffled pass
+    losses: list[float] = field(default_factory=list)
+    skipped: int = 0
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+    best: store.BestImages | None = None
+    run: dict[str, Any] = field(default_factory=dict)  # choices a resume repeats (micro-batch)
+
+    def to(self, device: torch.device) -> "State":
+        """The same state with its tensors on `device` (generator states stay on the CPU)."""
+        best = self.best
+        if best is not None:
+            best = dataclasses.replace(best, images=best.images.to(device), labels=best.labels.to(device))
+        return dataclasses.replace(self, images=self.images.to(device), labels=self.labels.to(device),
+                                   images_velocity=self.images_velocity.to(device), best=best)
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, 0x5EED, rank]).generate_state(1, np.uint32)[0])
+
+
+def initial_state(cfg: DistillConfig, prepared: Prepared, generator: torch.Generator,
+                  pool: torch.Tensor | None = None) -> State:
+    """Images from random real images of each class drawn from the training indices `pool`
+    (default: all) or noise, hard class-major labels, α = lr_init."""
+    m = prepared.meta
+    n = cfg.ipc * m.num_classes
+    labels = torch.arange(m.num_classes).repeat_interleave(cfg.ipc)
+    device = prepared.train_x.device
+    if cfg.pix_init == "noise":
+        images = torch.randn(n, m.channels, m.height, m.width, generator=generator)
+    else:
+        y = prepared.train_y if pool is None else prepared.train_y[pool.to(device)]
+        picks = sample_per_class(y, m.num_classes, cfg.ipc, generator)
+        if pool is not None:
+            picks = pool.cpu()[picks]
+        images = prepared.train_x[picks.to(device)]
+    images = images.to(device)
+    return State(images=images, labels=labels.to(device), alpha=cfg.lr_init,
+                 images_velocity=torch.zeros_like(images), alpha_velocity=0.0, iteration=0,
+                 generators=[], queues=[])
+
+
