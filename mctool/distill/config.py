@@ -220,9 +220,9 @@ def _check_resume_changes(stored: dict[str, Any], given: dict[str, Any], preset:
 
 def buffer_defaults(buffer: store.Buffer, preset_given: bool, ipc: int | None = None) -> dict[str, Any]:
     """Settings implied by the buffer: its dataset, and — when no preset says otherwise — its
-    preprocessing, waypoint count and the settings mctool/autoconfig.py's rules derive from the
+    preprocessing, waypoint count and the settings mctool/distill/autoconfig.py's rules derive from the
     dataset and the experts for `ipc` (default: the built-in ipc)."""
-    from mctool import autoconfig
+    from mctool.distill import autoconfig
 
     values: dict[str, Any] = {"dataset": buffer.data.name}
     if not preset_given:
@@ -235,7 +235,7 @@ def buffer_defaults(buffer: store.Buffer, preset_given: bool, ipc: int | None = 
 
 def buffer_note(buffer: store.Buffer, cfg: DistillConfig, given: set[str]) -> str:
     """The note a run without a preset logs: which settings the buffer's rules chose, and why."""
-    from mctool import autoconfig
+    from mctool.distill import autoconfig
 
     choice = autoconfig.suggest(autoconfig.facts(buffer), cfg.ipc)
     return autoconfig.describe(choice, dataclasses.asdict(cfg), given)
