@@ -97,7 +97,7 @@ def test_non_finite_iterations_are_skipped_then_stop(tmp_path: Path, convex_buff
         if calls["n"] == 2:
             return dataclasses.replace(r, loss=float("nan"))
         if calls["n"] == 3:
-            return dataclasses.replace(r, grad_images=r.grad_images * float("inf"))
+            return dataclasses.replace(r, grads={**r.grads, "images": r.grad_images * float("inf")})
         return r
 
     monkeypatch.setattr(Distiller, "step", sometimes_nan)
@@ -123,13 +123,14 @@ def test_alpha_is_kept_positive() -> None:
     cfg = DistillConfig(lr_lr=1.0, momentum_lr=0.5)
     d = Distiller.__new__(Distiller)
     d.cfg = cfg
-    d.state = State(images=torch.zeros(2), labels=torch.zeros(2), alpha=0.01, images_velocity=torch.zeros(2),
-                    alpha_velocity=0.0, iteration=0, generators=[], queues=[])
-    d.apply_update(torch.zeros(2), 1e3)  # would make alpha hugely negative
-    assert d.state.alpha == pytest.approx(0.005) and d.state.alpha_velocity == 0.0
-    d.apply_update(torch.zeros(2), float("nan"))
+    d.state = State(values={"images": torch.zeros(2), "alpha": 0.01},
+                    velocities={"images": torch.zeros(2), "alpha": 0.0}, labels=torch.zeros(2), iteration=0,
+                    generators=[], queues=[])
+    d.apply_update({"images": torch.zeros(2), "alpha": 1e3})  # would make alpha hugely negative
+    assert d.state.alpha == pytest.approx(0.005) and d.state.velocities["alpha"] == 0.0
+    d.apply_update({"images": torch.zeros(2), "alpha": float("nan")})
     assert d.state.alpha == pytest.approx(0.0025)
-    d.apply_update(torch.zeros(2), -0.001)  # a normal step increases it
+    d.apply_update({"images": torch.zeros(2), "alpha": -0.001})  # a normal step increases it
     assert d.state.alpha == pytest.approx(0.0025 + 0.001)
 
 
@@ -229,12 +230,20 @@ def test_resume_with_nothing_left_says_so(tmp_path: Path, convex_buffer: Path, d
 def test_state_to_moves_every_tensor_field() -> None:
     # Resume broadcasts the checkpoint from the CPU and then moves it: a tensor field left
     # behind would mix devices on a GPU rank.
-    state = State(images=torch.zeros(2, 1, 2, 2), labels=torch.tensor([0, 1]), alpha=0.01,
-                  images_velocity=torch.zeros(2, 1, 2, 2), alpha_velocity=0.0, iteration=3,
-                  generators=[torch.Generator().get_state()], queues=[[0, 1]])
+    state = State(values={"images": torch.zeros(2, 1, 2, 2), "alpha": 0.01},
+                  velocities={"images": torch.zeros(2, 1, 2, 2), "alpha": 0.0}, labels=torch.tensor([0, 1]),
+                  iteration=3, generators=[torch.Generator().get_state()], queues=[[0, 1]])
     moved = state.to(torch.device("meta"))
-    tensors = [f.name for f in dataclasses.fields(State) if isinstance(getattr(state, f.name), torch.Tensor)]
-    assert tensors and all(getattr(moved, name).device.type == "meta" for name in tensors)
+
+    def tensors(s: State) -> list[torch.Tensor]:  # every tensor field, and every tensor in a dict field
+        out = []
+        for f in dataclasses.fields(State):
+            value = getattr(s, f.name)
+            out += [v for v in (value.values() if isinstance(value, dict) else [value]) if isinstance(v, torch.Tensor)]
+        return out
+
+    assert len(tensors(moved)) == len(tensors(state)) == 3 and all(t.device.type == "meta" for t in tensors(moved))
+    assert moved.alpha == 0.01 and moved.velocities["alpha"] == 0.0
     assert moved.generators[0].device.type == "cpu" and moved.iteration == 3 and moved.queues == [[0, 1]]
 
 

@@ -23,6 +23,7 @@ from mctool.matching import MODES
 from mctool.secondorder import POLICIES
 from mctool.settings import legacy_values, option_name, preset_keys, required_keys, resume_safe, setting
 
+
 @dataclass(frozen=True)
 class DistillConfig:
     """Every setting of a distillation run (presets fill it, options override, the artifact stores it)."""
@@ -253,7 +254,6 @@ def check_buffer_matches(cfg: DistillConfig, buffer: store.Buffer) -> None:
                          f"but the settings ask {'for' if cfg.zca else 'against'} it (--zca/--no-zca)")
 
 
-
 def missing_buffer_hint(buffer: Path, dataset: str | None, default_buffer: bool) -> str:
     """What to run first when there is no buffer, sized for this machine (CPU: a small buffer)."""
     ds = dataset or "DATASET"
@@ -262,4 +262,3 @@ def missing_buffer_hint(buffer: Path, dataset: str | None, default_buffer: bool)
     where = "" if torch.cuda.is_available() else " (sized for a CPU; the paper's buffers are --n 100 on GPUs)"
     return (f"{store.shown(buffer)}: no such file — make experts first: `mctool experts {ds} {size} -o "
             f"{store.shown(buffer)}`{where} then `mctool convexify {store.shown(buffer)}`{other}")
-

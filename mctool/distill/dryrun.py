@@ -13,6 +13,7 @@ from mctool.distill.config import check_buffer_matches, missing_buffer_hint, res
 from mctool.distill.loop import second_order_policy, workload
 from mctool.errors import UsageError
 
+
 @dataclass
 class DryRunRow:
     """One gradient mode's estimated peak memory, whole steps and as `--micro-batch auto` would run."""
@@ -88,5 +89,3 @@ def dry_run(preset: str | None, overrides: dict[str, Any], buffer: Path, device:
     return DryRunReport(buffer=str(buffer), device=str(dev), free_bytes=free,
                         budget_fraction=memory.DEFAULT_SAFETY.get(dev.type, 0.6), images=work.n_images,
                         batch=work.batch, syn_steps=cfg.syn_steps, second_order=policy, rows=rows, notes=notes)
-
-

@@ -21,7 +21,6 @@ run continues exactly where an uninterrupted one would be.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 from mctool import store
 from mctool.augment import DSA, AugParams, StepAugment
 from mctool.distill.config import DistillConfig
+from mctool.distill.learnables import Value, learnables, step
 from mctool.distill.state import State
 from mctool.errors import UsageError
 from mctool.functional import FlatNet
@@ -42,12 +42,11 @@ from mctool.prepared import Prepared
 from mctool.progress import Reporter
 from mctool.trajectory import ConvexTrajectory
 
-# Divergence (docs/method.md, "Robustness"): an update whose loss, gradient, images or α is
-# non-finite or beyond these bounds is not applied; too many such iterations end the run.
+# Divergence (docs/method.md, "Robustness"): an update whose loss, gradient or learnable is
+# non-finite or beyond its bound (mctool.distill.learnables) is not applied; too many such
+# iterations end the run.
 MAX_BAD_IN_A_ROW = 10
 MAX_BAD_FRACTION = 0.25
-IMAGE_BOUND = 1e3  # |pixel| in the whitened/normalised space; real images stay within ~±10
-ALPHA_BOUND = 1e3  # α may grow to this multiple of lr_init
 
 
 # --------------------------------------------------------------------------- experts
@@ -94,7 +93,6 @@ class ExpertSource:
             traj = ConvexTrajectory(w, b, self.positions, self.buffer.layer_sizes).to(self.device)
             return Expert(e, self.K, convex=traj)
         return Expert(e, self.K, raw=lambda k: self.buffer.snapshot(e, k).to(self.device))
-
 
 
 class Distiller:
@@ -179,23 +177,20 @@ class Distiller:
         return match(self.net, self.state.images, labels, theta_s, theta_t, self.state.alpha, batches, augment,
                      self.mode, fast_path=self.second_order, micro_batch=self.micro_batch)
 
-    def apply_update(self, grad_images: torch.Tensor, grad_alpha: float) -> bool:
-        """SGD with momentum on the images (in the configured step units) and on α; α is kept
-        positive (never below half its value). Returns False — and changes nothing — when the
-        step would leave the bounds (non-finite, images beyond ±IMAGE_BOUND, α beyond
-        ALPHA_BOUND × lr_init)."""
-        s, cfg = self.state, self.cfg
-        velocity = s.images_velocity * cfg.momentum_img + grad_images * cfg.image_grad_scale
-        images = s.images - cfg.lr_img * velocity
-        alpha_velocity = cfg.momentum_lr * s.alpha_velocity + grad_alpha
-        alpha = s.alpha - cfg.lr_lr * alpha_velocity
-        if not alpha > 0.5 * s.alpha:  # also catches NaN
-            # A step that would halve α or flip its sign overshoots: damp it and reset momentum.
-            alpha, alpha_velocity = 0.5 * s.alpha, 0.0
-        bound = float(images.abs().max()) if images.numel() else 0.0
-        if not (math.isfinite(bound) and bound <= IMAGE_BOUND and alpha <= ALPHA_BOUND * cfg.lr_init):
-            return False
-        s.images, s.images_velocity, s.alpha, s.alpha_velocity = images, velocity, alpha, alpha_velocity
+    def apply_update(self, grads: dict[str, Value]) -> bool:
+        """SGD with momentum on every learnable (mctool.distill.learnables: the images in the
+        configured step units, α kept positive, never below half its value). Returns False — and
+        changes nothing — when a step would leave its bounds (non-finite, images beyond
+        ±IMAGE_BOUND, α beyond ALPHA_BOUND × lr_init)."""
+        s = self.state
+        stepped = {}
+        for entry in learnables(self.cfg):
+            out = step(entry, self.cfg, s.values[entry.name], s.velocities[entry.name], grads[entry.name])
+            if out is None:
+                return False
+            stepped[entry.name] = out
+        for name, (value, velocity) in stepped.items():
+            s.values[name], s.velocities[name] = value, velocity
         return True
 
 
@@ -245,5 +240,3 @@ def choose_micro_batch(d: "Distiller", cfg: DistillConfig, buffer: store.Buffer,
             raise UsageError(f"--micro-batch {cfg.micro_batch}: the network mixes samples ({why}), so an inner step "
                              "is not the sum of its chunks; use --micro-batch 0")
     return size
-
-

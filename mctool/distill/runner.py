@@ -23,14 +23,24 @@ from mctool import store
 from mctool.distill.checkpoint import _load_state, _synset, stored_config
 from mctool.distill.config import (DistillConfig, buffer_note, check_buffer_matches, check_synset_name,
                                    missing_buffer_hint, resolve_config, synset_name)
-from mctool.distill.loop import (ALPHA_BOUND, IMAGE_BOUND, MAX_BAD_FRACTION, MAX_BAD_IN_A_ROW, Distiller,
-                                 ExpertSource, choose_micro_batch)
-from mctool.distill.state import _rank_seed, initial_state
+from mctool.distill.learnables import ALPHA_BOUND, IMAGE_BOUND, Value, learnables
+from mctool.distill.loop import MAX_BAD_FRACTION, MAX_BAD_IN_A_ROW, Distiller, ExpertSource, choose_micro_batch
+from mctool.distill.state import State, _rank_seed, initial_state
 from mctool.errors import Interrupted, TrainingDiverged, UsageError
 from mctool.prepared import Prepared, auto_val_size, split_validation
 from mctool.progress import SIGNAL_NAMES, SILENT, Muted, Reporter
 
 _RESUME_HINT = "add --resume to the same command to continue"
+
+
+def _copy(value: Value) -> Value:
+    return value.clone() if isinstance(value, torch.Tensor) else value
+
+
+def state_bytes(state: State) -> int:
+    """Bytes of the learnables' tensor values (float32 as stored): a save writes about 3× this."""
+    return sum(4 * v.numel() for v in state.values.values() if isinstance(v, torch.Tensor))
+
 
 @dataclass
 class DistillResult:
@@ -72,7 +82,7 @@ class _Run:
         if dist.is_main():
             syn = _synset(self.name, self.cfg, state, final, self.source, self.reference)
             prov = store.provenance(dataclasses.asdict(self.cfg), self.cfg.seed, self.source)
-            size = 3 * state.images.numel() * 4 + 8 * len(state.losses)
+            size = 3 * state_bytes(state) + 8 * len(state.losses)
             store.ensure_free_space(self.out, size, f"saving {self.name}")
             store.save_synset(self.out, syn, self.buffer.data, self.buffer.spec, self.buffer.layout, prov, size)
 
@@ -93,8 +103,9 @@ class _Run:
         self.reporter.log(f"iteration {state.iteration}: {ev.model} {cfg.select_on} accuracy {ev.mean:.4f}"
                           + (" (best so far)" if better else ""))
         if better:
-            state.best = store.BestImages(images=state.images.clone(), labels=state.labels.clone(), lr=state.alpha,
-                                          iteration=state.iteration, selected_on=cfg.select_on, score=ev.to_dict())
+            kept = {e.stored: _copy(state.values[e.name]) for e in learnables(cfg) if e.stored is not None}
+            state.best = store.BestImages(**{"labels": state.labels.clone(), **kept}, iteration=state.iteration,
+                                          selected_on=cfg.select_on, score=ev.to_dict())
 
     def loop(self) -> float:
         """Run the remaining iterations; returns the seconds taken."""
@@ -143,17 +154,21 @@ class _Run:
         """One update; False when it was not applied (non-finite or out of bounds)."""
         d, state, device = self.d, self.d.state, self.d.device
         result = d.step()
-        ok = result is not None and math.isfinite(result.loss) and math.isfinite(result.grad_alpha) \
-            and bool(torch.isfinite(result.grad_images).all())
+        entries = learnables(self.cfg)
+        ok = result is not None and math.isfinite(result.loss) and all(
+            bool(torch.isfinite(result.grads[e.name]).all()) for e in entries)
         if dist.any_flag(not ok, device):
-            return False  # skipped on every rank: the images and α keep their last good values
+            return False  # skipped on every rank: the learnables keep their last good values
         assert result is not None
-        grad_images = dist.all_mean_(result.grad_images)
-        ga = dist.all_mean_(torch.tensor([result.grad_alpha, result.loss], dtype=torch.float64, device=device))
-        applied = d.apply_update(grad_images, float(ga[0]))
-        if not applied:
+        # Tensors are averaged across ranks as they are; scalars and the loss in one float64 tensor.
+        grads: dict[str, Value] = {e.name: dist.all_mean_(result.grads[e.name]) for e in entries if not e.scalar}
+        scalars = [e.name for e in entries if e.scalar]
+        mean = dist.all_mean_(torch.tensor([float(result.grads[k]) for k in scalars] + [result.loss],
+                                           dtype=torch.float64, device=device))
+        grads.update({k: float(mean[i]) for i, k in enumerate(scalars)})
+        if not d.apply_update(grads):
             return False
-        state.losses.append(float(ga[1]))
+        state.losses.append(float(mean[-1]))
         recent = state.losses[-20:]
         self.reporter.update("distill", advance=1, loss=sum(recent) / len(recent), alpha=state.alpha)
         return True
@@ -208,7 +223,7 @@ def run_prepared(cfg: DistillConfig, buffer: store.Buffer, out: Path, prepared: 
     world, me = dist.world_size(), dist.rank()
     if resume:
         # Broadcast from the CPU: a pickled CUDA tensor unpickles onto rank 0's GPU on every rank.
-        state = _load_state(out, name) if dist.is_main() else None
+        state = _load_state(out, name, cfg) if dist.is_main() else None
         state = dist.broadcast(state).to(device)
         if len(state.generators) != world:
             raise UsageError(f"{store.shown(out)}: the checkpoint was written by {len(state.generators)} process(es); "
@@ -244,7 +259,6 @@ def run_prepared(cfg: DistillConfig, buffer: store.Buffer, out: Path, prepared: 
                          loss_last_mean=sum(recent) / len(recent) if recent else None,
                          skipped_iterations=state.skipped, evaluations=state.evaluations, seconds=seconds,
                          config=dataclasses.asdict(cfg), best=best, notes=notes)
-
 
 
 def run(preset: str | None, overrides: dict[str, Any], buffer: Path, out: Path, name: str | None = None,

@@ -11,17 +11,20 @@ import torch
 
 from mctool import store
 from mctool.distill.config import DistillConfig
+from mctool.distill.learnables import Value, learnables, zero_like
 from mctool.prepared import Prepared, sample_per_class
+
 
 @dataclass
 class State:
-    """Everything a checkpoint holds: resuming from it continues the run bit for bit on CPU."""
+    """Everything a checkpoint holds: resuming from it continues the run bit for bit on CPU.
 
-    images: torch.Tensor
+    The learned quantities are `values` and their momentum `velocities`, keyed by learnable
+    name (mctool.distill.learnables); `images` and `alpha` are views of two of them."""
+
+    values: dict[str, Value]  # learnable name -> current value
+    velocities: dict[str, Value]  # learnable name -> its momentum
     labels: torch.Tensor
-    alpha: float
-    images_velocity: torch.Tensor
-    alpha_velocity: float
     iteration: int
     generators: list[torch.Tensor]  # one CPU generator state per rank
     queues: list[list[int]]  # per rank: experts left in the current shuffled pass
@@ -31,13 +34,28 @@ class State:
     best: store.BestImages | None = None
     run: dict[str, Any] = field(default_factory=dict)  # choices a resume repeats (micro-batch)
 
+    @property
+    def images(self) -> torch.Tensor:
+        """The synthetic images."""
+        value = self.values["images"]
+        assert isinstance(value, torch.Tensor)
+        return value
+
+    @property
+    def alpha(self) -> float:
+        """The learnable step size α."""
+        return float(self.values["alpha"])
+
     def to(self, device: torch.device) -> "State":
         """The same state with its tensors on `device` (generator states stay on the CPU)."""
+        def moved(d: dict[str, Value]) -> dict[str, Value]:
+            return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in d.items()}
+
         best = self.best
         if best is not None:
             best = dataclasses.replace(best, images=best.images.to(device), labels=best.labels.to(device))
-        return dataclasses.replace(self, images=self.images.to(device), labels=self.labels.to(device),
-                                   images_velocity=self.images_velocity.to(device), best=best)
+        return dataclasses.replace(self, values=moved(self.values), velocities=moved(self.velocities),
+                                   labels=self.labels.to(device), best=best)
 
 
 def _rank_seed(seed: int, rank: int) -> int:
@@ -60,9 +78,8 @@ def initial_state(cfg: DistillConfig, prepared: Prepared, generator: torch.Gener
         if pool is not None:
             picks = pool.cpu()[picks]
         images = prepared.train_x[picks.to(device)]
-    images = images.to(device)
-    return State(images=images, labels=labels.to(device), alpha=cfg.lr_init,
-                 images_velocity=torch.zeros_like(images), alpha_velocity=0.0, iteration=0,
-                 generators=[], queues=[])
-
-
+    # The initial value of every learnable (mctool.distill.learnables); momentum starts at zero.
+    start: dict[str, Value] = {"images": images.to(device), "alpha": cfg.lr_init}
+    values = {entry.name: start[entry.name] for entry in learnables(cfg)}
+    return State(values=values, velocities={k: zero_like(v) for k, v in values.items()}, labels=labels.to(device),
+                 iteration=0, generators=[], queues=[])
