@@ -62,6 +62,45 @@ def test_resume_equals_uninterrupted(tmp_path: Path, convex_buffer: Path, data_d
     assert attrs_a["lr"] == attrs_b["lr"]
 
 
+def test_a_learnable_is_one_entry(tmp_path: Path, convex_buffer: Path, data_dir: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new learnable declared only in LEARNABLES (and its checkpoint entries in the store's
+    table), with a gradient from the match: updated with momentum, checkpointed, and resumed
+    bit for bit, with no other code changed."""
+    from mctool.distill import learnables
+    from mctool.store import synsets
+
+    shift = learnables.Learnable("shift", lr="lr_lr", momentum="momentum_lr", bound=lambda cfg: 10.0, stored=None,
+                                 velocity="shift_velocity", saved="shift", scalar=True, initial=lambda cfg: 1.0)
+    monkeypatch.setattr(learnables, "LEARNABLES", (*learnables.LEARNABLES, shift))
+    monkeypatch.setattr(synsets, "CHECKPOINT_LEARNED", (*synsets.CHECKPOINT_LEARNED,
+                                                        synsets.Learned("shift", "scalar", required=False),
+                                                        synsets.Learned("shift_velocity", "scalar", required=False)))
+    original = Distiller.step
+
+    def with_shift(self: Distiller):
+        r = original(self)
+        return dataclasses.replace(r, grads={**r.grads, "shift": torch.tensor(1e4 * self.state.values["shift"])})
+
+    monkeypatch.setattr(Distiller, "step", with_shift)
+    full, part = tmp_path / "full.h5", tmp_path / "part.h5"
+    assert run_distill(convex_buffer, full, data_dir, iterations=4).exit_code == 0
+    assert run_distill(convex_buffer, part, data_dir, iterations=2).exit_code == 0
+    value, velocity = 1.0, 0.0  # SGD with momentum 0.5 at lr_lr 1e-5 on the gradient 1e4 · value
+    for _ in range(2):
+        velocity = velocity * 0.5 + 1e4 * value
+        value = value - 1e-5 * velocity
+    with h5py.File(part) as f:
+        assert (f["synsets/mct-ipc2/checkpoint"].attrs["shift"], f["synsets/mct-ipc2/checkpoint"].attrs["shift_velocity"]) \
+            == (value, velocity)
+    r = run_distill(convex_buffer, part, data_dir, "--resume", iterations=4)
+    assert r.exit_code == 0, r.output
+    with h5py.File(full) as a, h5py.File(part) as b:
+        for key in ("shift", "shift_velocity", "alpha_velocity"):
+            assert a["synsets/mct-ipc2/checkpoint"].attrs[key] == b["synsets/mct-ipc2/checkpoint"].attrs[key]
+        assert np.array_equal(a["synsets/mct-ipc2/images"][()], b["synsets/mct-ipc2/images"][()])
+
+
 def test_interrupt_saves_checkpoint_and_resumes_exactly(tmp_path: Path, convex_buffer: Path, data_dir: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     full, part = tmp_path / "full.h5", tmp_path / "part.h5"

@@ -19,7 +19,7 @@ from mctool.distill.config import (DistillConfig, buffer_defaults, buffer_note, 
                                    check_synset_name, list_presets, load_preset, missing_buffer_hint, preset_schema,
                                    resolve_config, synset_name)
 from mctool.distill.dryrun import DryRunReport, DryRunRow, dry_run
-from mctool.distill.learnables import ALPHA_BOUND, IMAGE_BOUND, LEARNABLES, Learnable, learnables
+from mctool.distill.learnables import ALPHA_BOUND, IMAGE_BOUND, LEARNABLES, Learnable, learned_in
 from mctool.distill.loop import (MAX_BAD_FRACTION, MAX_BAD_IN_A_ROW, Distiller, Expert, ExpertSource,
                                  choose_micro_batch, second_order_policy, workload)
 from mctool.distill.runner import DistillResult, _Run, run, run_prepared
@@ -28,6 +28,6 @@ from mctool.distill.state import State, initial_state
 __all__ = ["ALPHA_BOUND", "buffer_defaults", "buffer_note", "check_buffer_matches", "check_synset_name",
            "choose_micro_batch", "DistillConfig", "Distiller", "DistillResult", "dry_run", "DryRunReport",
            "DryRunRow", "Expert", "ExpertSource", "IMAGE_BOUND", "initial_state", "Learnable", "LEARNABLES",
-           "learnables", "list_presets", "load_preset", "MAX_BAD_FRACTION", "MAX_BAD_IN_A_ROW", "missing_buffer_hint",
+           "learned_in", "list_presets", "load_preset", "MAX_BAD_FRACTION", "MAX_BAD_IN_A_ROW", "missing_buffer_hint",
            "preset_schema", "resolve_config", "_Run", "run", "run_prepared", "second_order_policy", "State",
            "stored_config", "synset_name", "workload"]

@@ -8,7 +8,7 @@ from typing import Any
 
 from mctool import store
 from mctool.distill.config import DistillConfig
-from mctool.distill.learnables import Value, learnables
+from mctool.distill.learnables import Value, learned_in
 from mctool.distill.state import State
 from mctool.errors import ArtifactError, UsageError
 
@@ -17,7 +17,7 @@ def _synset(name: str, cfg: DistillConfig, state: State, final: bool, source: di
             reference: dict[str, Any] | None) -> store.Synset:
     """The synset (with its checkpoint) `state` is stored as: each learnable's value in its synset
     field and/or checkpoint entry, its momentum in its checkpoint entry."""
-    entries = learnables(cfg)
+    entries = learned_in(cfg)
     learned: dict[str, Value] = {e.velocity: state.velocities[e.name] for e in entries}
     learned.update({e.saved: state.values[e.name] for e in entries if e.saved is not None})
     checkpoint = store.Checkpoint(learned=learned, generators=state.generators, queues=state.queues, run=state.run)
@@ -35,7 +35,7 @@ def _state_from(syn: store.Synset, cfg: DistillConfig, where: Path) -> State:
     c = syn.checkpoint
     values: dict[str, Value] = {}
     velocities: dict[str, Value] = {}
-    for e in learnables(cfg):
+    for e in learned_in(cfg):
         for key in (e.velocity, e.saved):
             if key is not None and key not in c.learned:
                 raise ArtifactError(f"{store.shown(where)}: /synsets/{store.clean_text(syn.name)}/checkpoint lacks "

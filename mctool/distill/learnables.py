@@ -5,8 +5,9 @@ Each `Learnable` names one learned quantity: its key in `State.values`/`State.ve
 rate and momentum, the bound beyond which an update is refused (divergence, docs/method.md), and
 where the synset and its checkpoint store it (docs/format.md). The update (`Distiller.apply_update`),
 the checkpoint and resume (mctool.distill.checkpoint) and the best images iterate over
-`learnables(cfg)`, so adding one is one entry here, its initial value (mctool.distill.state) and
-its gradient in each `--grad` mode (mctool.matching).
+`learned_in(cfg)`, so adding one is one entry here (with its initial value, unless it is drawn
+from the data like the images: mctool.distill.state) and its gradient in each `--grad` mode
+(mctool.matching); new checkpoint state also declares its entry in store.CHECKPOINT_LEARNED.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class Learnable:
     grad_scale: Callable[[DistillConfig], float] = _one  # factor from MatchResult's gradient to the step's
     floor: float | None = None  # a step to or below floor × value is damped to that, and its momentum reset
     active: Callable[[DistillConfig], bool] = _always  # learned in this run (off: absent from state and files)
+    initial: Callable[[DistillConfig], Value] | None = None  # its value at the start (None: drawn by initial_state)
 
 
 LEARNABLES: tuple[Learnable, ...] = (
@@ -57,11 +59,11 @@ LEARNABLES: tuple[Learnable, ...] = (
               velocity="images_velocity", grad_scale=lambda cfg: cfg.image_grad_scale),
     # α is kept positive: a step that would halve it or flip its sign overshoots (damped, momentum reset).
     Learnable("alpha", lr="lr_lr", momentum="momentum_lr", bound=lambda cfg: ALPHA_BOUND * cfg.lr_init,
-              stored="lr", velocity="alpha_velocity", scalar=True, floor=0.5),
+              stored="lr", velocity="alpha_velocity", scalar=True, floor=0.5, initial=lambda cfg: cfg.lr_init),
 )
 
 
-def learnables(cfg: DistillConfig) -> list[Learnable]:
+def learned_in(cfg: DistillConfig) -> list[Learnable]:
     """The learnables this run learns, in update order."""
     return [entry for entry in LEARNABLES if entry.active(cfg)]
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from mctool import store
 from mctool.augment import DSA, AugParams, StepAugment
 from mctool.distill.config import DistillConfig
-from mctool.distill.learnables import Value, learnables, step
+from mctool.distill.learnables import Value, learned_in, step
 from mctool.distill.state import State
 from mctool.errors import UsageError
 from mctool.functional import FlatNet
@@ -184,7 +184,7 @@ class Distiller:
         ±IMAGE_BOUND, α beyond ALPHA_BOUND × lr_init)."""
         s = self.state
         stepped = {}
-        for entry in learnables(self.cfg):
+        for entry in learned_in(self.cfg):
             out = step(entry, self.cfg, s.values[entry.name], s.velocities[entry.name], grads[entry.name])
             if out is None:
                 return False

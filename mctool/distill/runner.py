@@ -23,7 +23,7 @@ from mctool import store
 from mctool.distill.checkpoint import _load_state, _synset, stored_config
 from mctool.distill.config import (DistillConfig, buffer_note, check_buffer_matches, check_synset_name,
                                    missing_buffer_hint, resolve_config, synset_name)
-from mctool.distill.learnables import ALPHA_BOUND, IMAGE_BOUND, Value, learnables
+from mctool.distill.learnables import ALPHA_BOUND, IMAGE_BOUND, Value, learned_in
 from mctool.distill.loop import MAX_BAD_FRACTION, MAX_BAD_IN_A_ROW, Distiller, ExpertSource, choose_micro_batch
 from mctool.distill.state import State, _rank_seed, initial_state
 from mctool.errors import Interrupted, TrainingDiverged, UsageError
@@ -103,7 +103,7 @@ class _Run:
         self.reporter.log(f"iteration {state.iteration}: {ev.model} {cfg.select_on} accuracy {ev.mean:.4f}"
                           + (" (best so far)" if better else ""))
         if better:
-            kept = {e.stored: _copy(state.values[e.name]) for e in learnables(cfg) if e.stored is not None}
+            kept = {e.stored: _copy(state.values[e.name]) for e in learned_in(cfg) if e.stored is not None}
             state.best = store.BestImages(**{"labels": state.labels.clone(), **kept}, iteration=state.iteration,
                                           selected_on=cfg.select_on, score=ev.to_dict())
 
@@ -154,7 +154,7 @@ class _Run:
         """One update; False when it was not applied (non-finite or out of bounds)."""
         d, state, device = self.d, self.d.state, self.d.device
         result = d.step()
-        entries = learnables(self.cfg)
+        entries = learned_in(self.cfg)
         ok = result is not None and math.isfinite(result.loss) and all(
             bool(torch.isfinite(result.grads[e.name]).all()) for e in entries)
         if dist.any_flag(not ok, device):

@@ -11,7 +11,7 @@ import torch
 
 from mctool import store
 from mctool.distill.config import DistillConfig
-from mctool.distill.learnables import Value, learnables, zero_like
+from mctool.distill.learnables import Value, learned_in, zero_like
 from mctool.prepared import Prepared, sample_per_class
 
 
@@ -78,8 +78,9 @@ def initial_state(cfg: DistillConfig, prepared: Prepared, generator: torch.Gener
         if pool is not None:
             picks = pool.cpu()[picks]
         images = prepared.train_x[picks.to(device)]
-    # The initial value of every learnable (mctool.distill.learnables); momentum starts at zero.
-    start: dict[str, Value] = {"images": images.to(device), "alpha": cfg.lr_init}
-    values = {entry.name: start[entry.name] for entry in learnables(cfg)}
+    # Every learnable's initial value (mctool.distill.learnables): drawn here, or its own rule;
+    # momentum starts at zero.
+    drawn: dict[str, Value] = {"images": images.to(device)}
+    values = {e.name: drawn[e.name] if e.initial is None else e.initial(cfg) for e in learned_in(cfg)}
     return State(values=values, velocities={k: zero_like(v) for k, v in values.items()}, labels=labels.to(device),
                  iteration=0, generators=[], queues=[])

@@ -255,7 +255,7 @@ def _read_checkpoint(path: str | os.PathLike[str], g: h5py.Group, data: DatasetM
     n = ipc * data.num_classes
     shapes = {"images": [n, *data.image_shape], "labels": [n, data.num_classes], "scalar": []}
     learned = {e.name: _read_learned(r, e, shapes[e.shape], values) for e in CHECKPOINT_LEARNED
-               if e.required or r.has(e.name)}
+               if e.required or (e.name in g.attrs if e.shape == "scalar" else r.has(e.name))}
     ds = r.dataset("generators", "u", [None, _GENERATOR_STATE_BYTES])
     if not 1 <= ds.shape[0] <= _MAX_RANKS or ds.dtype != np.uint8:
         raise r.problem("generators", f"must hold one uint8 generator state per process, got {ds.dtype} "
