@@ -13,7 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from mctool.progress import Reporter
-from mctool.store import clean_text
+from mctool.text import clean_text
 
 # Not a terminal (a pipe, a file, CI): never crop lines to 80 columns.
 stdout = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 250)

@@ -10,7 +10,7 @@ import typer
 
 from mctool.cli.common import DataDirOpt, DebugOpt, DeviceOpt, JsonOpt, QuietOpt, emit_json, run, settings_from, with_settings
 from mctool.cli.render import mean_std, pct, stdout, table
-from mctool.distill import DistillConfig
+from mctool.configs.distill import DistillConfig
 from mctool.errors import UsageError
 
 EPILOG = ("Examples:\n\n  mctool distill --list-presets\n\n"
@@ -27,7 +27,7 @@ DEFAULT_BUFFER = Path("buffer.h5")
 
 def print_presets(json_out: bool) -> None:
     """The shipped presets as a table (or JSON)."""
-    from mctool.distill import list_presets
+    from mctool.configs.distill import list_presets
     from mctool.settings import columns
 
     presets = list_presets()
@@ -119,6 +119,10 @@ def distill(
         if list_presets:
             print_presets(json_out)
             return
+        if preset:
+            from mctool.configs.distill import load_preset
+
+            load_preset(preset)  # an unknown or broken preset: one line before torch is imported
         if dry_run:
             from mctool.distill import dry_run as estimate
 
