@@ -9,7 +9,7 @@ from typing import Any, Optional
 import typer
 
 from mctool.cli.common import DataDirOpt, DebugOpt, DeviceOpt, JsonOpt, QuietOpt, emit_json, run, settings_from, with_settings
-from mctool.cli.render import mean_std, pct, stdout, table
+from mctool.cli.render import cell, mean_std, pct, stdout, table
 from mctool.configs.distill import DistillConfig
 from mctool.errors import UsageError
 
@@ -26,7 +26,11 @@ DEFAULT_BUFFER = Path("buffer.h5")
 
 
 def print_presets(json_out: bool) -> None:
-    """The shipped presets as a table (or JSON)."""
+    """The shipped presets as a table (or JSON). A terminal too narrow for the table gets one
+    line per preset, its settings wrapped as key=value words: a preset name is never cut."""
+    from rich.table import Table
+    from rich.text import Text
+
     from mctool.configs.distill import list_presets
     from mctool.settings import columns
 
@@ -44,8 +48,20 @@ def print_presets(json_out: bool) -> None:
     for key in ("zca", *RULED):
         builtin[key] = "buffer's"
     rows.append(["(no preset)", "defaults"] + [builtin[c] for c in cols[2:]])
-    stdout.print(table("presets (source 'paper' = MCT supplement Table A; 'ours' = mctool's own; options "
-                       "override any of them)", cols, rows))
+    title = ("presets (source 'paper' = MCT supplement Table A; 'ours' = mctool's own; options override any of "
+             "them)")
+    wide = table(title, cols, rows)
+    if stdout.measure(wide, options=stdout.options.update_width(10**4)).maximum <= stdout.width:  # unclamped
+        stdout.print(wide)
+        return
+    narrow = Table(title=Text(title), title_justify="left", box=None, padding=(0, 2, 0, 0), show_header=True)
+    narrow.add_column("name", no_wrap=True)
+    narrow.add_column("source", no_wrap=True)
+    narrow.add_column("settings", overflow="fold")
+    for row in rows:
+        narrow.add_row(Text(str(row[0])), Text(str(row[1])),
+                       Text(" ".join(f"{c}={cell(v)}" for c, v in zip(cols[2:], row[2:]))))
+    stdout.print(narrow, soft_wrap=False)
 
 
 def _gib(n: int) -> str:
