@@ -656,6 +656,17 @@ def _load_state(out: Path, name: str) -> State:
         return _state_from(sf.read(sf.pick(name), checkpoint=True))
 
 
+def resume_name(out: Path, name: str | None, derived: str) -> str:
+    """The synset `--resume` continues: `name` (--name), else the one these settings would name
+    (`derived`), else the file's only synset (started with other options: its stored settings
+    are the run's). Anything else is left to stored_config, whose message lists the names."""
+    if name is not None or not out.exists():
+        return name or derived
+    with store.open_synsets(out) as sf:
+        names = sf.names
+    return names[0] if derived not in names and len(names) == 1 else derived
+
+
 def stored_config(out: Path, name: str) -> dict[str, Any]:
     """The settings synset `name` of `out` was started with (for --resume)."""
     if not out.exists():
@@ -742,9 +753,12 @@ def dry_run(preset: str | None, overrides: dict[str, Any], buffer: Path, device:
 
 
 def missing_buffer_hint(buffer: Path, dataset: str | None, default_buffer: bool) -> str:
-    """What to run first when there is no buffer, sized for this machine (CPU: a small buffer)."""
+    """What to run first when there is no buffer, sized for this machine (CPU: a small buffer).
+    A buffer the user named is more likely a mistyped path than a buffer to make: no recipe then."""
+    if not default_buffer:
+        return f"{store.shown(buffer)}: no such file (check the buffer's path)"
     ds = dataset or "DATASET"
-    other = " (or pass --buffer FILE)" if default_buffer else ""
+    other = " (or name another buffer: `mctool distill BUFFER`)"
     size = "--n 100" if torch.cuda.is_available() else "--n 2 --epochs 10 --width 32"
     where = "" if torch.cuda.is_available() else " (sized for a CPU; the paper's buffers are --n 100 on GPUs)"
     return (f"{store.shown(buffer)}: no such file — make experts first: `mctool experts {ds} {size} -o "
@@ -764,7 +778,15 @@ def run(preset: str | None, overrides: dict[str, Any], buffer: Path, out: Path, 
     if name is not None:
         check_synset_name(name)
     probe = resolve_config(preset, overrides)  # bad settings fail before any file is opened
-    stored = stored_config(out, name or synset_name(probe)) if resume else None
+    stored = None
+    if resume:
+        derived = synset_name(probe)
+        taken = resume_name(out, name, derived)
+        if name is None and taken != derived:
+            reporter.log(f"--resume: {store.shown(out)} holds no synset '{derived}'; continuing its only synset "
+                         f"'{taken}' with its stored settings")
+            name = taken
+        stored = stored_config(out, name or derived)
     if not buffer.exists():
         raise UsageError(missing_buffer_hint(buffer, probe.dataset, default_buffer))
     store.check_writable(out)

@@ -286,7 +286,7 @@ def run(cfg: ExpertsConfig, out: Path, data_dir: Path | None = None, device: str
     (downloading it if asked), train and store the experts. Under torchrun only rank 0 returns
     the result (the others None)."""
     from mctool import distributed as dist
-    from mctool.data import load_dataset
+    from mctool.data import dataset_present, default_data_dir, load_dataset
     from mctool.device import resolve_device
     from mctool.prepared import prepare
 
@@ -304,6 +304,10 @@ def run(cfg: ExpertsConfig, out: Path, data_dir: Path | None = None, device: str
         if dist.is_main():
             load_dataset(cfg.dataset, data_dir, download=True)
         dist.barrier()
+    if not dataset_present(cfg.dataset, data_dir):
+        if not download:
+            load_dataset(cfg.dataset, data_dir)  # raises: not found, and where to put the files
+        reporter.log(f"{cfg.dataset}: not in {data_dir or default_data_dir()}; downloading it")
     reporter.log(f"loading {cfg.dataset}" + (" and fitting ZCA (cached after the first time)" if cfg.zca else ""))
     prepared = prepare(cfg.dataset, data_dir, cfg.zca, cfg.zca_eps, dev,
                        download=download and dist.world_size() == 1)

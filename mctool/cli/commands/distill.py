@@ -15,6 +15,7 @@ from mctool.errors import UsageError
 
 EPILOG = ("Examples:\n\n  mctool distill --list-presets\n\n"
           "  mctool distill --preset cifar10-ipc10                 (reads buffer.h5, writes synset.h5)\n\n"
+          "  mctool distill convex.h5 --preset cifar10-ipc10 -o c10.h5   (another buffer and output)\n\n"
           "  mctool distill --preset fashion-mnist-ipc10 --iterations 50 --buffer buffer.h5 -o synset.h5\n\n"
           "  mctool distill --preset cifar10-ipc10 --resume        (continue after Ctrl-C or SIGTERM)\n\n"
           "  mctool distill --preset cifar10-ipc10 --eval-every 100   (keep the best images, chosen on a validation split)\n\n"
@@ -109,9 +110,10 @@ def print_tuning(result: Any) -> None:
 
 @with_settings(DistillConfig, optional=True)
 def distill(
+    buffer_file: Optional[Path] = typer.Argument(None, metavar="[BUFFER]", show_default=False, help="Buffer with /convex (MCT) or trajectories (MTT); the same as --buffer (default buffer.h5)."),
     preset: Optional[str] = typer.Option(None, "--preset", help="Shipped preset name or a .toml path; settings neither it nor an option gives come from the buffer (rules fitted to Table A: image size, classes, the experts' K, lr and batch) or the built-in defaults (the last row of --list-presets)."),
     list_presets: bool = typer.Option(False, "--list-presets", help="Show the shipped presets and exit."),
-    buffer: Path = typer.Option(DEFAULT_BUFFER, "--buffer", help="Buffer with /convex (MCT) or trajectories (MTT)."),
+    buffer: Path = typer.Option(DEFAULT_BUFFER, "--buffer", help="Buffer with /convex (MCT) or trajectories (MTT); or name it first: `mctool distill BUFFER`."),
     out: Path = typer.Option(Path("synset.h5"), "-o", "--out", help="Output file for the synthetic set (a PNG grid is written beside it)."),
     name: Optional[str] = typer.Option(None, "--name", help="Synset name inside the file (default: the preset's name or METHOD-ipcN)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the synset's checkpoint in -o FILE with its stored settings."),
@@ -130,8 +132,11 @@ def distill(
     **settings: Any,
 ) -> None:
     """Learn synthetic images by matching convexified expert trajectories (MCT)."""
+    option_buffer, buffer = buffer, buffer_file or buffer  # `mctool distill BUFFER` = `--buffer BUFFER`
 
     def body(reporter):
+        if buffer_file is not None and option_buffer not in (DEFAULT_BUFFER, buffer_file):
+            raise UsageError(f"two buffers given: {buffer_file} and --buffer {option_buffer}; name one")
         if list_presets:
             print_presets(json_out)
             return
