@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from mctool.configs.choices import DEFAULT_STRATEGY  # defined without torch for the CLI
 from mctool.errors import UsageError
 
-DEFAULT_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 OPS = ("color", "crop", "cutout", "flip", "scale", "rotate")
 
 # ParamDiffAug values of the reference (method.md §3.1).

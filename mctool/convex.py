@@ -7,32 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from mctool import store
+from mctool.configs.convexify import ConvexifyConfig  # noqa: F401 (re-exported)
 from mctool.errors import ArtifactError, UsageError
 from mctool.progress import SILENT, Reporter, stop_if_asked
-from mctool.settings import setting
-from mctool.trajectory import STRATEGIES, convexify, parse_positions, uniform_positions
-
-
-@dataclass(frozen=True)
-class ConvexifyConfig:
-    """Options of `mctool convexify` (positions: explicit, else `interior` uniform points)."""
-
-    interior: int = setting(2, "Interior waypoints I, placed at round(i*K/(I+1)).")
-    positions: str | None = setting(None, "Explicit waypoint positions, e.g. 0,17,34,50 (overrides --interior).")
-    strategy: str = setting("mct", "Step-size strategy: mct (Algorithm A), uniform, decreasing, projected.",
-                            flags=("--beta",))
-    smooth: bool = setting(False, "Smooth interior waypoints as the authors' released code does (off in the "
-                           "paper's algorithm).")
-
-    def resolve_positions(self, epochs: int) -> list[int]:
-        """The waypoint positions p_0=0 < ... < p_{I+1}=K for K = `epochs`."""
-        if self.strategy not in STRATEGIES:
-            raise UsageError(f"unknown --beta '{self.strategy}'; choose from {', '.join(STRATEGIES)}")
-        if self.positions:
-            return parse_positions(self.positions, epochs)
-        if self.interior < 0:
-            raise UsageError(f"--interior must be >= 0, got {self.interior}")
-        return uniform_positions(epochs, self.interior)
+from mctool.trajectory import convexify
 
 
 @dataclass(frozen=True)

@@ -182,6 +182,24 @@ def load_dataset(name: str, data_dir: Path | str | None = None, download: bool =
     raise UsageError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}, folder:PATH")
 
 
+def dataset_present(name: str, data_dir: Path | str | None = None) -> bool:
+    """Whether dataset `name`'s files are already where load_dataset looks (a few stat calls, no
+    reading): callers check it before saying "loading", so that missing data is the first thing
+    a user reads. A folder: dataset and an unknown name count as present (load_dataset speaks)."""
+    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    key = name.strip()
+    if key.lower().startswith("folder:"):
+        return True
+    canon = _ALIASES.get(key.lower(), key.lower())
+    if canon in _CIFAR:
+        return _cifar_folder(_CIFAR[canon], root) is not None
+    if canon == "tinyimagenet":
+        return _tiny_root(root) is not None
+    if canon in _IDX:
+        return _idx_folder(_IDX[canon], root) is not None
+    return True
+
+
 # --------------------------------------------------------------------------------------------
 # Shared helpers
 

@@ -81,10 +81,9 @@ from typing import Callable
 import torch
 
 from mctool.microbatch import accepts_rows, chunks, sample_coupling
+from mctool.configs.choices import MODES  # defined without torch for the CLI
 from mctool.secondorder import POLICIES, SecondOrder, ce_loss
 from mctool.functional import FlatNet
-
-MODES = ("constant", "adjoint", "unrolled")
 
 # augment(x_batch, k) for step k's whole batch; augment(x_chunk, k, rows) for the samples at
 # positions `rows` (a slice) of step k's batch (needed only when micro-batching splits a batch).

@@ -9,7 +9,7 @@ import torch
 
 from mctool.allocator import release_free_memory
 from mctool.store import DatasetMeta
-from mctool.data import Dataset, Preprocessing, default_data_dir, fit_preprocessing, load_dataset
+from mctool.data import Dataset, Preprocessing, dataset_present, default_data_dir, fit_preprocessing, load_dataset
 from mctool.errors import UsageError
 from mctool.progress import SILENT, Reporter
 
@@ -55,6 +55,8 @@ def prepare_like(meta: DatasetMeta, data_dir: Path | None, device: torch.device,
                  reporter: Reporter = SILENT) -> Prepared:
     """The same data and preprocessing an artifact was made with; refuses a different training
     split. Says so on `reporter` first: loading (and a first ZCA fit) can take minutes."""
+    if not dataset_present(meta.name, data_dir):
+        load_dataset(meta.name, data_dir)  # raises: not found, and where to put the files
     reporter.log(f"loading {meta.name}" + (" and fitting ZCA (cached after the first time)" if meta.zca else ""))
     prepared = prepare(meta.name, data_dir, meta.zca, meta.zca_eps, device)
     if prepared.meta.train_fingerprint != meta.train_fingerprint:

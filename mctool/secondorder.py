@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 
 from mctool.fastgrad import Plan, plan_for, second_order
+from mctool.configs.choices import POLICIES  # defined without torch for the CLI
 from mctool.functional import FlatNet
 
 IMPLS = ("fastgrad", "autograd")
-POLICIES = ("auto", "fastgrad", "autograd")
 TIE_MARGIN = 1.05  # autograd must be this much faster than fastgrad to be chosen
 
 Step = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]

@@ -71,7 +71,7 @@ def train(
     Batches are index gathers into the on-device `images` (hard int64 or soft float
     labels); the shuffle order and augmentation draws come from the CPU `generator`, so a
     seeded run draws the same batches and augmentations on any device, and repeats bit for
-    bit on the CPU with the same number of threads (not on CUDA: see the README).
+    bit on the same CPU model with the same number of threads (not on CUDA: see the README).
     `on_epoch(epoch, loss)` runs after every epoch (1-based), e.g. to take a snapshot;
     `on_batch()` after every step (for progress bars: it gets no values, so it forces no
     device sync).

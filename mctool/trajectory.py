@@ -53,9 +53,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mctool.configs.choices import STRATEGIES  # defined without torch for the CLI
 from mctool.errors import UsageError
-
-STRATEGIES = ("mct", "uniform", "decreasing", "projected")
 
 # Tolerance for a reconstruction position just outside [0, K] (float round-off of callers).
 _POSITION_TOL = 1e-9

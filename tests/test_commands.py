@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+import mctool.configs.distill
 import mctool.convex
 import mctool.demo
 import mctool.distill
@@ -156,6 +157,7 @@ def test_distill_options_become_overrides(monkeypatch: pytest.MonkeyPatch) -> No
     assert (buffer, out, name, resume, data_dir, device) == (Path("buffer.h5"), Path("synset.h5"), None, False,
                                                              None, "auto")
     assert fake.kwargs["default_buffer"] is True
+    patch(monkeypatch, mctool.configs.distill, "load_preset", None)  # the CLI checks the preset before importing torch
     ok(cli("distill", "--preset", "p.toml", "--buffer", "c.h5", "-o", "o.h5", "--name", "n", "--resume", "--ipc", "3",
            "--soft-labels", "--continuous", "--no-zca", "--checkpoint-minutes", "2.5", "--method", "mtt",
            "--grad", "adjoint", "--step-units", "exact", "--select-on", "test", "--seed", "7"))

@@ -37,7 +37,7 @@ PACKAGE = ROOT / "mctool"
 LAZY_CYCLES: set[tuple[str, str]] = set()
 
 STORE_MAY_IMPORT = ("mctool", "mctool.errors", "mctool.allocator", "mctool.models", "mctool.trajectory",
-                    "mctool.store")
+                    "mctool.text", "mctool.store")
 MODELS_MAY_IMPORT = ("mctool.errors", "mctool.models")
 
 

@@ -61,6 +61,17 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
     """mctool: dataset distillation with MCT."""
 
 
+def _help_command(exc: Exception) -> str:
+    """The help that answers a usage error: the subcommand's (`mctool distill --help`) when the
+    error is in a subcommand's options, else `mctool --help`."""
+    names = []
+    ctx = getattr(exc, "ctx", None)
+    while ctx is not None and ctx.parent is not None:  # the root is `mctool` however it was started
+        names.append(ctx.info_name)
+        ctx = ctx.parent
+    return " ".join(["mctool", *reversed(names), "--help"])
+
+
 def main() -> None:
     """Console-script entry point: usage errors (unknown option, bad value) become one line too."""
     from typer.exceptions import TyperException
@@ -76,7 +87,7 @@ def main() -> None:
         code = app(standalone_mode=False)
     except TyperException as exc:
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
-        error_line(f"{message} (see `mctool --help`)")
+        error_line(f"{message} (see `{_help_command(exc)}`)")
         sys.exit(getattr(exc, "exit_code", EXIT_USAGE))
     except KeyboardInterrupt:  # outside a command body (e.g. while importing)
         error_line("interrupted")

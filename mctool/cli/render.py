@@ -13,7 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from mctool.progress import Reporter
-from mctool.store import clean_text
+from mctool.text import clean_text
 
 # Not a terminal (a pipe, a file, CI): never crop lines to 80 columns.
 stdout = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 250)
@@ -27,10 +27,13 @@ def error_line(message: str) -> None:
     sys.stderr.flush()
 
 
-def _fmt(value: Any) -> str:
+def cell(value: Any) -> str:
+    """A value as tables show it (floats to 4 significant digits, no control characters)."""
     if isinstance(value, float):
         return f"{value:.4g}"
     return clean_text(str(value))
+
+
 
 
 HEARTBEAT_MIN = 10.0  # seconds: the most often a progress line without figures is printed
@@ -93,11 +96,11 @@ class RichReporter(Reporter):
             if not self.bars and not self.quiet and due:
                 line.shown = True
                 total = f"/{line.total}" if line.total else ""
-                info = "".join(f", {_label(k)} {_fmt(v)}" for k, v in line.fields.items())
+                info = "".join(f", {_label(k)} {cell(v)}" for k, v in line.fields.items())
                 self.log(f"{line.description}: {line.completed}{total}{info}")
         if self.bars and key in self.tasks:
             if fields:
-                info = "  ".join(f"{_label(k)} {_fmt(v)}" for k, v in fields.items())
+                info = "  ".join(f"{_label(k)} {cell(v)}" for k, v in fields.items())
                 self._progress().update(self.tasks[key], advance=advance, info=info)
             else:  # keep the figures shown until new ones arrive
                 self._progress().update(self.tasks[key], advance=advance)
@@ -153,7 +156,7 @@ def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
     for c in columns:
         t.add_column(c)
     for r in rows:
-        t.add_row(*[Text(_fmt(v)) for v in r])  # Text: brackets in names are not markup
+        t.add_row(*[Text(cell(v)) for v in r])  # Text: brackets in names are not markup
     return t
 
 

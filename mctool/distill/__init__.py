@@ -14,16 +14,31 @@ The package, by job:
 `from mctool.distill import X` gives the names other modules use; the submodules hold the rest.
 """
 
-from mctool.distill.checkpoint import stored_config
-from mctool.distill.config import (DistillConfig, buffer_defaults, buffer_note, check_buffer_matches,
-                                   check_synset_name, list_presets, load_preset, missing_buffer_hint, preset_schema,
-                                   resolve_config, synset_name)
-from mctool.distill.dryrun import DryRunReport, DryRunRow, dry_run
-from mctool.distill.learnables import ALPHA_BOUND, IMAGE_BOUND, LEARNABLES, Learnable, learned_in
-from mctool.distill.loop import (MAX_BAD_FRACTION, MAX_BAD_IN_A_ROW, Distiller, Expert, ExpertSource,
-                                 choose_micro_batch, second_order_policy, workload)
-from mctool.distill.runner import DistillResult, _Run, run, run_prepared
-from mctool.distill.state import State, initial_state
+# Each public name -> the submodule that defines it. Loaded on first use (PEP 562), so that a
+# torch-free submodule (autoconfig, read by `--list-presets`) imports without torch.
+_WHERE = {
+    "stored_config": "checkpoint",
+    **dict.fromkeys(("DistillConfig", "buffer_defaults", "buffer_note", "check_buffer_matches", "check_synset_name",
+                     "list_presets", "load_preset", "missing_buffer_hint", "preset_schema", "resolve_config",
+                     "synset_name"), "config"),
+    **dict.fromkeys(("DryRunReport", "DryRunRow", "dry_run"), "dryrun"),
+    **dict.fromkeys(("ALPHA_BOUND", "IMAGE_BOUND", "LEARNABLES", "Learnable", "learned_in"), "learnables"),
+    **dict.fromkeys(("MAX_BAD_FRACTION", "MAX_BAD_IN_A_ROW", "Distiller", "Expert", "ExpertSource",
+                     "choose_micro_batch", "second_order_policy", "workload"), "loop"),
+    **dict.fromkeys(("DistillResult", "_Run", "run", "run_prepared"), "runner"),
+    **dict.fromkeys(("State", "initial_state"), "state"),
+}
+
+
+def __getattr__(name: str) -> object:
+    """`from mctool.distill import X`: X from the submodule that defines it."""
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module 'mctool.distill' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"mctool.distill.{where}"), name)
+
 
 __all__ = ["ALPHA_BOUND", "buffer_defaults", "buffer_note", "check_buffer_matches", "check_synset_name",
            "choose_micro_batch", "DistillConfig", "Distiller", "DistillResult", "dry_run", "DryRunReport",

@@ -32,9 +32,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mctool import store
+if TYPE_CHECKING:  # only for annotations: `--list-presets` reads RULED without importing h5py and torch
+    from mctool import store
 
 # Table A's max_ep / K against log10(ipc × classes): (log10 n, fraction of K).
 _START_FRACTION = ((1.0, 0.08), (2.0, 0.2), (math.log10(500), 0.6), (3.0, 0.8))

@@ -52,6 +52,17 @@ def _load_state(out: Path, name: str, cfg: DistillConfig) -> State:
         return _state_from(sf.read(sf.pick(name), checkpoint=True), cfg, out)
 
 
+def resume_name(out: Path, name: str | None, derived: str) -> str:
+    """The synset `--resume` continues: `name` (--name), else the one these settings would name
+    (`derived`), else the file's only synset (started with other options: its stored settings
+    are the run's). Anything else is left to stored_config, whose message lists the names."""
+    if name is not None or not out.exists():
+        return name or derived
+    with store.open_synsets(out) as sf:
+        names = sf.names
+    return names[0] if derived not in names and len(names) == 1 else derived
+
+
 def stored_config(out: Path, name: str) -> dict[str, Any]:
     """The settings synset `name` of `out` was started with (for --resume)."""
     if not out.exists():

@@ -20,7 +20,7 @@ import torch
 
 from mctool import distributed as dist
 from mctool import store
-from mctool.distill.checkpoint import _load_state, _synset, stored_config
+from mctool.distill.checkpoint import resume_name, _load_state, _synset, stored_config
 from mctool.distill.config import (DistillConfig, buffer_note, check_buffer_matches, check_synset_name,
                                    missing_buffer_hint, resolve_config, synset_name)
 from mctool.distill.learnables import ALPHA_BOUND, IMAGE_BOUND, Value, learned_in
@@ -274,7 +274,15 @@ def run(preset: str | None, overrides: dict[str, Any], buffer: Path, out: Path, 
     if name is not None:
         check_synset_name(name)
     probe = resolve_config(preset, overrides)  # bad settings fail before any file is opened
-    stored = stored_config(out, name or synset_name(probe)) if resume else None
+    stored = None
+    if resume:
+        derived = synset_name(probe)
+        taken = resume_name(out, name, derived)
+        if name is None and taken != derived:
+            reporter.log(f"--resume: {store.shown(out)} holds no synset '{derived}'; continuing its only synset "
+                         f"'{taken}' with its stored settings")
+            name = taken
+        stored = stored_config(out, name or derived)
     if not buffer.exists():
         raise UsageError(missing_buffer_hint(buffer, probe.dataset, default_buffer))
     store.check_writable(out)

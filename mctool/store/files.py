@@ -37,7 +37,6 @@ import struct
 import sys
 import tempfile
 import time
-import unicodedata
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -50,6 +49,7 @@ import torch
 from mctool import __version__
 from mctool.allocator import malloc_tuned
 from mctool.errors import ArtifactError, DiskFull, FileBusy
+from mctool.text import clean_text
 
 FORMAT = "mctool"
 FORMAT_VERSION = 1
@@ -101,12 +101,6 @@ def provenance(config: dict[str, Any], seed: int | None, source: dict[str, Any] 
         "source": json.dumps(source or {}),
         "created": now_iso(),
     }
-
-
-def clean_text(text: str) -> str:
-    """`text` without control characters (escape sequences, bells, OSC): every string read
-    from a file passes here before it reaches a terminal, a message or a picture."""
-    return "".join("?" if unicodedata.category(ch) in ("Cc", "Cf") and ch != "\t" else ch for ch in text)
 
 
 def shown(path: str | os.PathLike[str]) -> str:

@@ -148,7 +148,7 @@ def pick_name(path: str | os.PathLike[str], f: h5py.File, name: str | None) -> s
         return max(names, key=lambda n: created[n])
     if name not in names:
         raise ArtifactError(f"{shown(path)}: no synset named '{clean_text(name)}' (has: "
-                            f"{', '.join(clean_text(n) for n in names)})")
+                            f"{', '.join(clean_text(n) for n in names)}; choose one with --name)")
     return name
 
 

@@ -9,7 +9,7 @@ import typer
 
 from mctool.cli.common import DebugOpt, JsonOpt, QuietOpt, emit_json, run, settings_from, with_settings
 from mctool.cli.render import stdout, table
-from mctool.convex import ConvexifyConfig
+from mctool.configs.convexify import ConvexifyConfig
 
 EPILOG = ("Examples:\n\n  mctool convexify buffer.h5                      (adds /convex: the buffer is rewritten)\n\n"
           "  mctool convexify buffer.h5 -o small.h5 --interior 2   (compact file to share)\n\n"

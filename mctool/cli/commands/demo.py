@@ -10,12 +10,12 @@ import typer
 from mctool.cli.common import DataDirOpt, DebugOpt, DeviceOpt, JsonOpt, QuietOpt, emit_json, run
 from mctool.cli.render import mean_std, stdout, table
 
-EPILOG = ("Examples:\n\n  mctool demo\n\n  mctool demo --fast --out /tmp/demo\n\n"
+EPILOG = ("Examples:\n\n  mctool demo\n\n  mctool demo --fast -o /tmp/demo\n\n"
           "Needs Fashion-MNIST: `apt-get install dataset-fashion-mnist`, or the IDX files in DATA_DIR/fashion-mnist/.")
 
 
 def demo(
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the demo's artifacts and pictures (default: mctool-demo, or mctool-demo-fast with --fast)."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Folder for the demo's artifacts and pictures (default: mctool-demo, or mctool-demo-fast with --fast)."),
     fast: bool = typer.Option(False, "--fast", help="A smaller run: 1–4 minutes on 2 CPU cores (the full demo: 4–8 min)."),
     seed: int = typer.Option(0, "--seed", help="Seed of every stage (0 … 2**63-1)."),
     data_dir: Optional[Path] = DataDirOpt,

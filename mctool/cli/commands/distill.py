@@ -9,12 +9,13 @@ from typing import Any, Optional
 import typer
 
 from mctool.cli.common import DataDirOpt, DebugOpt, DeviceOpt, JsonOpt, QuietOpt, emit_json, run, settings_from, with_settings
-from mctool.cli.render import mean_std, pct, stdout, table
-from mctool.distill import DistillConfig
+from mctool.cli.render import cell, mean_std, pct, stdout, table
+from mctool.configs.distill import DistillConfig
 from mctool.errors import UsageError
 
 EPILOG = ("Examples:\n\n  mctool distill --list-presets\n\n"
           "  mctool distill --preset cifar10-ipc10                 (reads buffer.h5, writes synset.h5)\n\n"
+          "  mctool distill convex.h5 --preset cifar10-ipc10 -o c10.h5   (another buffer and output)\n\n"
           "  mctool distill --preset fashion-mnist-ipc10 --iterations 50 --buffer buffer.h5 -o synset.h5\n\n"
           "  mctool distill --preset cifar10-ipc10 --resume        (continue after Ctrl-C or SIGTERM)\n\n"
           "  mctool distill --preset cifar10-ipc10 --eval-every 100   (keep the best images, chosen on a validation split)\n\n"
@@ -26,8 +27,12 @@ DEFAULT_BUFFER = Path("buffer.h5")
 
 
 def print_presets(json_out: bool) -> None:
-    """The shipped presets as a table (or JSON)."""
-    from mctool.distill import list_presets
+    """The shipped presets as a table (or JSON). A terminal too narrow for the table gets one
+    line per preset, its settings wrapped as key=value words: a preset name is never cut."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from mctool.configs.distill import list_presets
     from mctool.settings import columns
 
     presets = list_presets()
@@ -44,8 +49,20 @@ def print_presets(json_out: bool) -> None:
     for key in ("zca", *RULED):
         builtin[key] = "buffer's"
     rows.append(["(no preset)", "defaults"] + [builtin[c] for c in cols[2:]])
-    stdout.print(table("presets (source 'paper' = MCT supplement Table A; 'ours' = mctool's own; options "
-                       "override any of them)", cols, rows))
+    title = ("presets (source 'paper' = MCT supplement Table A; 'ours' = mctool's own; options override any of "
+             "them)")
+    wide = table(title, cols, rows)
+    if stdout.measure(wide, options=stdout.options.update_width(10**4)).maximum <= stdout.width:  # unclamped
+        stdout.print(wide)
+        return
+    narrow = Table(title=Text(title), title_justify="left", box=None, padding=(0, 2, 0, 0), show_header=True)
+    narrow.add_column("name", no_wrap=True)
+    narrow.add_column("source", no_wrap=True)
+    narrow.add_column("settings", overflow="fold")
+    for row in rows:
+        narrow.add_row(Text(str(row[0])), Text(str(row[1])),
+                       Text(" ".join(f"{c}={cell(v)}" for c, v in zip(cols[2:], row[2:]))))
+    stdout.print(narrow, soft_wrap=False)
 
 
 def _gib(n: int) -> str:
@@ -93,9 +110,10 @@ def print_tuning(result: Any) -> None:
 
 @with_settings(DistillConfig, optional=True)
 def distill(
+    buffer_file: Optional[Path] = typer.Argument(None, metavar="[BUFFER]", show_default=False, help="Buffer with /convex (MCT) or trajectories (MTT); the same as --buffer (default buffer.h5)."),
     preset: Optional[str] = typer.Option(None, "--preset", help="Shipped preset name or a .toml path; settings neither it nor an option gives come from the buffer (rules fitted to Table A: image size, classes, the experts' K, lr and batch) or the built-in defaults (the last row of --list-presets)."),
     list_presets: bool = typer.Option(False, "--list-presets", help="Show the shipped presets and exit."),
-    buffer: Path = typer.Option(DEFAULT_BUFFER, "--buffer", help="Buffer with /convex (MCT) or trajectories (MTT)."),
+    buffer: Path = typer.Option(DEFAULT_BUFFER, "--buffer", help="Buffer with /convex (MCT) or trajectories (MTT); or name it first: `mctool distill BUFFER`."),
     out: Path = typer.Option(Path("synset.h5"), "-o", "--out", help="Output file for the synthetic set (a PNG grid is written beside it)."),
     name: Optional[str] = typer.Option(None, "--name", help="Synset name inside the file (default: the preset's name or METHOD-ipcN)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the synset's checkpoint in -o FILE with its stored settings."),
@@ -114,11 +132,18 @@ def distill(
     **settings: Any,
 ) -> None:
     """Learn synthetic images by matching convexified expert trajectories (MCT)."""
+    option_buffer, buffer = buffer, buffer_file or buffer  # `mctool distill BUFFER` = `--buffer BUFFER`
 
     def body(reporter):
+        if buffer_file is not None and option_buffer not in (DEFAULT_BUFFER, buffer_file):
+            raise UsageError(f"two buffers given: {buffer_file} and --buffer {option_buffer}; name one")
         if list_presets:
             print_presets(json_out)
             return
+        if preset:
+            from mctool.configs.distill import load_preset
+
+            load_preset(preset)  # an unknown or broken preset: one line before torch is imported
         if dry_run:
             from mctool.distill import dry_run as estimate
 

@@ -9,7 +9,7 @@ import typer
 
 from mctool.cli.common import DataDirOpt, DebugOpt, DeviceOpt, JsonOpt, QuietOpt, emit_json, run, settings_from, with_settings
 from mctool.cli.render import mean_std, pct, stdout, table
-from mctool.evaluate import EvaluateConfig
+from mctool.configs.evaluate import EvaluateConfig
 
 EPILOG = ("Examples:\n\n  mctool evaluate synset.h5\n\n  mctool evaluate synset.h5 --runs 3 --epochs 300 --baseline random\n\n"
           "  mctool evaluate synset.h5 --models ConvNet,ResNet18,VGG11,AlexNet,LeNet,MLP --json")

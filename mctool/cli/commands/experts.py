@@ -9,7 +9,7 @@ import typer
 
 from mctool.cli.common import DataDirOpt, DebugOpt, DeviceOpt, JsonOpt, QuietOpt, emit_json, run, settings_from, with_settings
 from mctool.cli.render import stdout, table
-from mctool.experts import ExpertsConfig
+from mctool.configs.experts import ExpertsConfig
 
 EPILOG = ("Examples:\n\n  mctool experts fashion-mnist --n 2 --epochs 10 --width 32   (a CPU: minutes)\n\n"
           "  mctool experts folder:pets --n 5 --epochs 30 --width 32 --batch-size 32   (your own images; a small "

@@ -131,7 +131,7 @@ def inspect(
         if json_out:
             emit_json(s)
         else:
-            stdout.print(overview(s))
+            stdout.print(overview(s), soft_wrap=False)  # wrap long lines at words (never cut them)
             for p in s.get("png", []):
                 stdout.print(f"wrote {escape(p)}")
 

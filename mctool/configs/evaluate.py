@@ -1,0 +1,49 @@
+"""The settings of `mctool evaluate` (the evaluation protocol); no torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from mctool.configs.choices import DEFAULT_STRATEGY
+from mctool.configs.experts import check_seed
+from mctool.errors import UsageError
+from mctool.settings import setting
+
+if TYPE_CHECKING:
+    from mctool.train import Schedule
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """The evaluation protocol: SGD(lr, momentum 0.9, wd 5e-4), lr × 0.1 at the midpoint, DSA."""
+
+    models: tuple[str, ...] = setting(("ConvNet",), "Comma-separated: ConvNet, ConvNetBN, ResNet18, ResNet18BN, "
+                                      "VGG11, VGG11BN, AlexNet, LeNet, MLP, ...")
+    runs: int = setting(5, "Fresh networks per model.")
+    epochs: int = setting(1000, "Training epochs per network (lr x 0.1 at the midpoint).")
+    lr: float | None = setting(None, "Training lr (default: the synset's learned step size).")
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 256
+    augment: str = DEFAULT_STRATEGY
+    together: bool | None = setting(None, "Train a model's runs together (stacked networks; the same results as one "
+                                    "after another up to float rounding). Default: on GPUs only, where it is faster.",
+                                    flags=("--together/--no-together",))
+    seed: int = setting(0, "Seed for network inits, shuffles, augmentation, baseline images (0 … 2**63-1).")
+
+    def schedule(self, lr: float) -> Schedule:
+        """One run's SGD schedule (building it checks the values: one usage line if bad)."""
+        from mctool.train import Schedule
+
+        return Schedule(epochs=self.epochs, lr=lr, momentum=self.momentum, weight_decay=self.weight_decay,
+                        batch_size=self.batch_size, decay_epoch=self.epochs // 2)
+
+    def validate(self) -> None:
+        """Refuse settings that cannot run, before any data is prepared."""
+        if self.runs < 1:
+            raise UsageError(f"--runs must be >= 1, got {self.runs}")
+        check_seed(self.seed)
+        self.schedule(self.lr if self.lr is not None else 0.01)
+        if not self.models:
+            raise UsageError("--models names no model")

@@ -1,0 +1,12 @@
+"""Text that reaches a terminal, a message or a picture: torch- and h5py-free, so that the
+command line's parsing and rendering import nothing heavy."""
+
+from __future__ import annotations
+
+import unicodedata
+
+
+def clean_text(text: str) -> str:
+    """`text` without control characters (escape sequences, bells, OSC): every string read
+    from a file passes here before it reaches a terminal, a message or a picture."""
+    return "".join("?" if unicodedata.category(ch) in ("Cc", "Cf") and ch != "\t" else ch for ch in text)
