@@ -45,10 +45,11 @@ from mctool.interop.compressed import CompressedScan, find_pairs, read_expert, s
 from mctool.interop.torchfile import memory_limit, open_torch_file
 from mctool.models import ModelSpec, build_model, param_layout
 from mctool.prepared import Prepared
-from mctool.progress import SILENT, Reporter
+from mctool.progress import SILENT, Reporter, stop_if_asked
 from mctool.train import accuracy
 
 ACCURACY_MODES = ("none", "first", "last")
+_KEPT = "finished experts are kept: run the same command again to resume"
 REPLAY_FORMAT = "mtt-replay-buffer"
 COMPRESSED_FORMAT = "mct-compressed"
 
@@ -344,6 +345,7 @@ def _replay_rows(plan: ReplayPlan, out: Path, cfg: ImportConfig, prepared: Prepa
                         writer.finish(row, acc)
                     tf.drop_cache()
                     progress.step(bf.path.name, e, tf.bytes_read - before)
+                    stop_if_asked(reporter, _KEPT)
         base += bf.experts
     reporter.done("import")
     return _result(out, REPLAY_FORMAT, plan, total, progress, sum(done[:total]), first_acc,
@@ -399,6 +401,7 @@ def _compressed_rows(plan: CompressedPlan, out: Path, cfg: ImportConfig, prepare
                     with h5out.open_rows(out, row_bytes) as writer:
                         writer.finish(base + e, acc, waypoints, beta)
                     progress.step(pair.waypoint.name, e, wtf.bytes_read + stf.bytes_read - before)
+                    stop_if_asked(reporter, _KEPT)
         base += pair.experts
     reporter.done("import")
     return _result(out, COMPRESSED_FORMAT, plan, total, progress, sum(done[:total]), first_acc,
@@ -477,10 +480,12 @@ def run(folder: Path, out: Path, cfg: ImportConfig, kind: str = "auto", data_dir
         scan_replay_folder(folder)
     else:
         find_pairs(folder, cfg.variant)
+    stop_if_asked(reporter, "nothing was written")
     for note in source.notes:
         reporter.log(f"note: {note}")
     reporter.log(f"loading {source.dataset}" + (" and fitting ZCA (cached after the first time)" if source.zca else ""))
     prepared = prepare(source.dataset, data_dir, source.zca, cfg.zca_eps, resolve_device(device), download=download)
+    stop_if_asked(reporter, "nothing was written")
     if chosen == "trajectories":
         result = import_replay(plan_replay(folder, cfg, source, prepared.meta), out, cfg, prepared, reporter)
     else:

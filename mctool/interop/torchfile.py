@@ -326,7 +326,9 @@ def _unpickle(data: bytes, path: Path) -> tuple[Any, dict[str, StorageRef]]:
 
 
 def _gb(nbytes: int) -> str:
-    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
+    if nbytes >= 1e9:
+        return f"{nbytes / 1e9:.1f} GB"
+    return f"{nbytes / 1e6:.1f} MB" if nbytes >= 1e6 else f"{nbytes:,} bytes"
 
 
 def _one_line(exc: BaseException) -> str:
@@ -511,7 +513,7 @@ class _ZipTorchFile(TorchFile):
             need = max(end - start, leaf.numel() * _itemsize(leaf.dtype))
             if need > limit:
                 raise TorchFileError(f"{self.path}: a tensor of shape {list(leaf.shape)} would take {_gb(need)} to "
-                                     f"read, more than the {_gb(limit)} this import may use")
+                                     f"read, more than the {_gb(limit)} a read may use (half the memory available)")
 
     def _window(self, ref: StorageRef, start: int, end: int) -> torch.Tensor:
         """Bytes [start, end) of a storage as a flat tensor of its dtype; a storage is inflated only
@@ -608,7 +610,7 @@ class _LegacyTorchFile(TorchFile):
             need = leaf.numel() * leaf.tensor.element_size()
             if need > limit:
                 raise TorchFileError(f"{path}: a tensor of shape {list(leaf.shape)} would take {_gb(need)} to read, "
-                                     f"more than the {_gb(limit)} this import may use")
+                                     f"more than the {_gb(limit)} a read may use (half the memory available)")
 
     def read(self, leaf: Leaf) -> torch.Tensor:
         """The tensor, copied out of the loaded file."""

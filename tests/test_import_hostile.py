@@ -1,0 +1,85 @@
+"""Issue 24's import and folder-reader items, each rerun as written (tests/hostile_import.py): a
+one-line refusal with exit 2 and no output left, or a correct result — never a hang, a traceback,
+an internal error or a memory blow-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.hostile_import import CASES, Case, run_case
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_hostile_import_ends_clean(case: Case, tmp_path: Path, data_dir: Path) -> None:
+    outcome = run_case(case, tmp_path / "case", data_dir)
+    assert outcome.clean, f"item {case.item}, {case.name}: {outcome.why}"
+
+
+def test_a_stop_request_ends_the_import_at_the_next_expert_and_the_rerun_resumes(tmp_path: Path, data_dir: Path) -> None:
+    """SIGTERM / Ctrl-C (the CLI's handler sets the reporter's flag) stop an import after the expert
+    being written; finished rows are kept and the same call completes them."""
+    import h5py
+    import signal
+
+    from mctool.errors import Interrupted
+    from mctool.interop.importer import ImportConfig, run
+    from mctool.progress import Reporter
+    from tests.interop_fixtures import make_experts, tiny_spec, write_replay_buffer
+
+    class StopAfterFirst(Reporter):
+        def __init__(self) -> None:
+            self.rows = 0
+
+        def update(self, key: str, advance: int = 0, **fields) -> None:
+            self.rows += advance
+
+        def should_stop(self) -> int:
+            return int(signal.SIGTERM) if self.rows >= 1 else 0
+
+    write_replay_buffer(tmp_path / "b", 0, make_experts(tiny_spec(), 3, 3, seed=2))
+    cfg = ImportConfig(dataset="mnist", zca=False, accuracy="none")
+    out = tmp_path / "o.h5"
+    with pytest.raises(Interrupted, match="SIGTERM"):
+        run(tmp_path / "b", out, cfg, data_dir=data_dir, device="cpu", download=False, reporter=StopAfterFirst())
+    with h5py.File(out) as f:
+        assert f["experts/done"][()].tolist() == [True, False, False]
+    result = run(tmp_path / "b", out, cfg, data_dir=data_dir, device="cpu", download=False)
+    assert result.already_done == 1 and result.imported == 2
+
+
+def test_images_are_checked_from_their_headers_before_decoding(tmp_path: Path, monkeypatch) -> None:
+    from PIL import Image
+
+    from mctool import data
+    from mctool.errors import UsageError
+
+    converted: list[tuple[int, int]] = []
+    real = Image.Image.convert
+
+    def spy(self, *args, **kw):
+        converted.append(self.size)
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(Image.Image, "convert", spy)
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            d = tmp_path / "pets" / split / cls
+            d.mkdir(parents=True)
+            Image.new("RGB", (8, 8), (1, 2, 3)).save(d / "0.png")
+    Image.new("RGB", (40, 30)).save(tmp_path / "pets" / "train" / "b" / "1.png")
+    with pytest.raises(UsageError, match="is 40x30 pixels but the other images are 8x8"):
+        data.load_dataset(f"folder:{tmp_path / 'pets'}")
+    assert (40, 30) not in converted  # refused from the header
+    (tmp_path / "pets" / "train" / "b" / "1.png").unlink()
+    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 63)
+    converted.clear()
+    with pytest.raises(UsageError, match="is 8x8 pixels, more than mctool reads"):
+        data.load_dataset(f"folder:{tmp_path / 'pets'}")
+    assert not converted
+    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 4096 * 4096)
+    monkeypatch.setattr("mctool.memory.free_bytes", lambda device: 1000)
+    with pytest.raises(UsageError, match=r"4 images of 8x8 pixels need about"):
+        data.load_dataset(f"folder:{tmp_path / 'pets'}")
+    assert not converted
