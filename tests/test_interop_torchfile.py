@@ -242,3 +242,19 @@ def test_spans_and_self_overlap() -> None:
     base = torch.arange(20.0)
     assert LoadedTensor(base[4:10]).span() == (16, 40)
     assert LoadedTensor(base.expand(3, 20)).overlaps_itself()
+
+
+def test_a_legacy_file_declaring_a_huge_storage_is_refused_before_torch_allocates_it(tmp_path: Path) -> None:
+    """torch.load allocates a legacy storage at its declared size before reading it: the declared
+    sizes are checked against the file first (2^31 − 1 floats, 8.6 GB, in a file of 400 bytes)."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save([torch.zeros(5)], buf, _use_new_zipfile_serialization=False)
+    data = buf.getvalue()
+    at = data.index(b"cpuq\x05K\x05N") + len(b"cpuq\x05")
+    path = tmp_path / "huge.pt"
+    path.write_bytes(data[:at] + b"J\xff\xff\xff\x7f" + data[at + 2:])
+    with pytest.raises(TorchFileError, match="its storages declare 8,589,934,596 bytes, the file holds 28") as info:
+        open_torch_file(path)
+    _one_line(info.value)

@@ -281,9 +281,10 @@ _ALLOWED: dict[tuple[str, str], Any] = {
 class _Unpickler(pickle.Unpickler):
     """Resolves only the names in _ALLOWED; storages become StorageRefs (persistent ids)."""
 
-    def __init__(self, file: BinaryIO) -> None:
+    def __init__(self, file: BinaryIO, legacy: bool = False) -> None:
         super().__init__(file)
         self.storages: dict[str, StorageRef] = {}
+        self.legacy = legacy  # pre-1.6 references carry a sixth field: a view of the storage, or None
 
     def find_class(self, module: str, name: str) -> Any:
         target = _ALLOWED.get((module, name))
@@ -292,9 +293,9 @@ class _Unpickler(pickle.Unpickler):
         return target
 
     def persistent_load(self, pid: Any) -> StorageRef:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+        if not (isinstance(pid, tuple) and len(pid) == 5 + self.legacy and pid[0] == "storage"):
             raise pickle.UnpicklingError(f"unexpected persistent reference {pid!r:.80}")
-        _, kind, key, location, numel = pid
+        _, kind, key, location, numel = pid[:5]
         if not isinstance(kind, _StorageType) or not isinstance(key, str) or not isinstance(location, str):
             raise pickle.UnpicklingError(f"malformed storage reference {pid!r:.80}")
         if not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
@@ -494,7 +495,7 @@ class _ZipTorchFile(TorchFile):
         return order
 
     def _check_storages(self) -> None:
-        limit = memory_limit()
+        self._limit = limit = memory_limit()
         for ref in self._storages.values():
             name = f"{self._prefix}data/{ref.key}"
             info = self._zip.NameToInfo.get(name)
@@ -555,8 +556,8 @@ class _ZipTorchFile(TorchFile):
             return torch.empty(leaf.shape, dtype=leaf.dtype)
         start, end = leaf.span()
         # A storage used whole (every tensor torch.save writes from a parameter) is read whole,
-        # so its CRC is checked.
-        if end - start > leaf.storage.nbytes // 2:
+        # so its CRC is checked; a storage larger than a read may take never is.
+        if end - start > leaf.storage.nbytes // 2 and leaf.storage.nbytes <= self._limit:
             start, end = 0, leaf.storage.nbytes
         flat = self._window(leaf.storage, start, end)
         # as_strided counts from the start of the memory `flat` views, not from `flat` itself.
@@ -588,6 +589,7 @@ class _LegacyTorchFile(TorchFile):
     def __init__(self, path: Path) -> None:
         self.path = path
         self._size = path.stat().st_size
+        _legacy_prescan(path, self._size)
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
@@ -622,6 +624,50 @@ class _LegacyTorchFile(TorchFile):
     def bytes_read(self) -> int:
         """The whole file (it was loaded at once)."""
         return self._size
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """For the legacy format's header pickles (numbers, a dict of flags): no global at all."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise _Refused(f"{module}.{name}")
+
+
+def _legacy_prescan(path: Path, size: int) -> None:
+    """What a legacy file declares, read with our restricted unpickler before torch.load sees it:
+    torch.load allocates every storage at its declared size before reading its bytes, so a few
+    bytes could ask for terabytes. The structure (cycles, depth, size), the storages' declared
+    bytes against the file's, and each tensor's size against memory are checked here."""
+    try:
+        with open(path, "rb") as f:
+            for _ in range(3):  # magic number, protocol version, system info
+                _PlainUnpickler(f).load()
+            unpickler = _Unpickler(f, legacy=True)
+            root = unpickler.load()
+            check_tensors_in_lists(root, path)
+            _PlainUnpickler(f).load()  # the storage keys
+            data_start = f.tell()
+    except TorchFileError:
+        raise
+    except _Refused as exc:
+        raise UnsafeTorchFile(
+            f"{path}: refused: the file asks to load '{exc}', which is not part of tensors in lists "
+            "(nothing from the file was run; mctool reads only lists of tensors)") from None
+    except RecursionError:
+        raise TorchFileError(f"{path}: not a list of tensors (nesting too deep)") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged pickle can raise almost anything
+        raise TorchFileError(f"{path}: damaged or not a torch file of tensors ({_one_line(exc)})") from None
+    # Each storage follows as an 8-byte element count and its bytes.
+    declared = sum(8 + ref.nbytes for ref in unpickler.storages.values())
+    if declared > size - data_start:
+        raise TorchFileError(f"{path}: damaged or truncated: its storages declare {declared:,} bytes, the file holds "
+                             f"{size - data_start:,} after its pickle")
+    limit = memory_limit()
+    for leaf in _leaves(root):
+        need = leaf.numel() * _itemsize(leaf.dtype)
+        if need > limit:
+            raise TorchFileError(f"{path}: a tensor of shape {list(leaf.shape)} would take {_gb(need)} to read, "
+                                 f"more than the {_gb(limit)} a read may use (half the memory available)")
 
 
 def _wrap(obj: Any) -> Any:
