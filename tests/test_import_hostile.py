@@ -17,7 +17,8 @@ def test_hostile_import_ends_clean(case: Case, tmp_path: Path, data_dir: Path) -
     assert outcome.clean, f"item {case.item}, {case.name}: {outcome.why}"
 
 
-def test_a_stop_request_ends_the_import_at_the_next_expert_and_the_rerun_resumes(tmp_path: Path, data_dir: Path) -> None:
+def test_a_stop_request_ends_the_import_after_an_expert_and_the_rerun_resumes(tmp_path: Path,
+                                                                              data_dir: Path) -> None:
     """SIGTERM / Ctrl-C (the CLI's handler sets the reporter's flag) stop an import after the expert
     being written; finished rows are kept and the same call completes them."""
     import h5py

@@ -203,7 +203,8 @@ def test_a_slice_of_a_huge_deflated_storage_reads_only_the_slice(tmp_path: Path)
 
     big = tz.Storage("0", (256 << 20) // 4, deflate=True)  # 256 MiB of zeros, deflated to ~1 MB
     values = tz.tensor(torch.arange(6.0), "1")
-    path = tz.write(tmp_path / "slice.pt", [[tz.Tensor(big, (3, 4), offset=5), values, tz.Tensor(values.storage, (2,), offset=3)]])
+    root = [[tz.Tensor(big, (3, 4), offset=5), values, tz.Tensor(values.storage, (2,), offset=3)]]
+    path = tz.write(tmp_path / "slice.pt", root)
     with open_torch_file(path) as tf:
         opened = tf.bytes_read
         assert torch.equal(tf.read(tf.root[0][0]), torch.zeros(3, 4))

@@ -228,6 +228,10 @@ def scan_compressed(folder: Path, variant: str | None = None, layout: Layout | N
         if len(positions) != ip:
             notes.append(f"ip{ip} files hold {len(positions)} waypoints: the authors' reader used only the first "
                          f"{ip - 1} segment(s) (positions up to {positions[ip - 1]}); mctool keeps all of them")
+    if variant == "dec":
+        K = positions[-1]
+        notes.append(f"the decreasing ablation starts at β(0) = {(K + 1) / sum(range(1, K + 2)):.4g}, not 0: the first "
+                     "waypoint is stored as the point the authors start from, lerp(θ_0, θ_K, β(0)) (docs/interop.md)")
     return CompressedScan(folder, variant, tuple(checked), tuple(gaps), tuple(positions), tuple(reference),
                           tuple(names) if names else None, tuple(notes))
 
