@@ -79,7 +79,8 @@ def _hostile() -> dict:
         data = make_tiny_mnist(Path(tmp) / "data")
         outcomes = [run_case(c, Path(tmp) / c.name, data) for c in CASES]
     result = {**tally(outcomes), "failures": [f"{o.name}: {o.why}" for o in outcomes if not o.clean],
-              "cases": [{"name": o.name, "clean": o.clean, "seconds": round(o.seconds, 1)} for o in outcomes],
+              "cases": [{"name": o.name, "clean": o.clean, "seconds": round(o.seconds, 1),
+                         "max_rss_mb": round(o.max_rss_mb)} for o in outcomes],
               "seconds": round(time.perf_counter() - started, 1)}
     return result
 

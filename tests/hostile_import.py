@@ -10,7 +10,6 @@ bench/faults.py --hostile, which tallies tried / clean / problems.
 from __future__ import annotations
 
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -293,22 +292,28 @@ def run_case(case: Case, root: Path, data_dir: Path) -> Outcome:
     """Build the case under `root`, run it as a child process, judge how it ended."""
     root.mkdir(parents=True, exist_ok=True)
     argv, out = case.build(root, data_dir)
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "mctool", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=_env(), cwd=root, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=case.timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        return Outcome(case.name, False, f"still running after {case.timeout:.0f} s (hang)",
-                       time.perf_counter() - started)
+    with open(root / "stdout.txt", "w") as so, open(root / "stderr.txt", "w") as se:
+        proc = subprocess.Popen([sys.executable, "-m", "mctool", *argv], stdout=so, stderr=se, text=True, env=_env(),
+                                cwd=root, start_new_session=True)
+    # wait4 gives this child's own peak memory (RUSAGE_CHILDREN would be the largest of all so far).
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.perf_counter() - started > case.timeout:
+            os.killpg(proc.pid, signal.SIGKILL)
+            os.wait4(proc.pid, 0)
+            proc.returncode = -9
+            return Outcome(case.name, False, f"still running after {case.timeout:.0f} s (hang)",
+                           time.perf_counter() - started)
+        time.sleep(0.05)
+    proc.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.perf_counter() - started
-    # ru_maxrss of the children is the largest of any child so far: only meaningful when it grew.
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    stderr = (root / "stderr.txt").read_text()
+    rss = usage.ru_maxrss / 1024  # KiB on Linux
     lines = stderr.strip().splitlines()
-    outcome = Outcome(case.name, False, "", seconds, rss if rss > before / 1024 else 0.0, lines)
+    outcome = Outcome(case.name, False, "", seconds, rss, lines)
     if "internal error" in stderr or "Traceback" in stderr:
         outcome.why = f"exit {proc.returncode}: {lines[-1] if lines else ''}"
         return outcome
