@@ -84,3 +84,23 @@ def test_images_are_checked_from_their_headers_before_decoding(tmp_path: Path, m
     with pytest.raises(UsageError, match=r"4 images of 8x8 pixels need about"):
         data.load_dataset(f"folder:{tmp_path / 'pets'}")
     assert not converted
+
+
+@pytest.mark.parametrize("first_expert", ["tensor", "tensor-in-list", "list-too-deep"])
+def test_a_waypoint_file_of_another_structure_is_one_line(tmp_path: Path, data_dir: Path, first_expert: str) -> None:
+    """The first waypoint's shapes are read through the same checks as every other (was: TypeError /
+    AttributeError internal errors)."""
+    import torch
+
+    from mctool.interop.importer import ImportConfig, run
+    from mctool.interop.torchfile import TorchFileError
+    from tests.interop_fixtures import make_experts, tiny_spec, write_authors_pair
+
+    write_authors_pair(tmp_path / "b", 0, make_experts(tiny_spec(), 1, 3, seed=4), 3)
+    z = torch.zeros(2)
+    obj = {"tensor": [z], "tensor-in-list": [[z]], "list-too-deep": [[[[z]]]]}[first_expert]
+    torch.save(obj, tmp_path / "b" / "waypoint_buffer_ip3_0.pt")
+    cfg = ImportConfig(dataset="mnist", zca=False, accuracy="none")
+    with pytest.raises(TorchFileError, match="expected a list of|a list where a tensor belongs") as info:
+        run(tmp_path / "b", tmp_path / "o.h5", cfg, data_dir=data_dir, device="cpu", download=False)
+    assert "\n" not in str(info.value) and not (tmp_path / "o.h5").exists()

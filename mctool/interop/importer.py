@@ -37,8 +37,8 @@ from mctool.errors import ArtifactError, UsageError
 from mctool.functional import FlatNet
 from mctool.interop import h5out
 from mctool.interop.buffers import (
-    REPLAY_PATTERN, Layout, ReplayScan, StatedModel, check_expert, check_layout, describe_numbers, experts_of,
-    first_snapshot_shapes, flat_snapshot, folder_hints, infer_convnet, numbered_files, require_folder,
+    REPLAY_PATTERN, BufferLayoutError, Layout, ReplayScan, StatedModel, as_list, check_expert, check_layout, describe_numbers, experts_of,
+    first_snapshot_shapes, flat_snapshot, folder_hints, infer_convnet, location, numbered_files, require_folder,
     scan_replay_folder,
 )
 from mctool.interop.compressed import CompressedScan, find_pairs, read_expert, scan_compressed
@@ -193,10 +193,15 @@ def plan_compressed(folder: Path, cfg: ImportConfig, source: Source, meta: Datas
     variant, pairs, _ = find_pairs(folder, cfg.variant)
     with open_torch_file(pairs[0][1]) as tf:
         first = experts_of(tf)
-        if not first or not first[0]:
+        waypoints = as_list(first[0], "waypoints", location(tf.path, 0)) if first else []
+        if not waypoints:
             raise UsageError(f"{pairs[0][1]}: holds no waypoints")
-        shapes = [tuple(leaf.shape) for leaf in first[0][0]]
-    spec, layout, notes = _spec(shapes, meta, _stated(cfg, source), pairs[0][1], rows_held=len(first[0]))
+        leaves = as_list(waypoints[0], "parameter tensors", location(tf.path, 0, 0))
+        for i, leaf in enumerate(leaves):
+            if isinstance(leaf, (list, tuple)):
+                raise BufferLayoutError(f"{location(tf.path, 0, 0, i)}: a list where a tensor belongs")
+        shapes = [tuple(leaf.shape) for leaf in leaves]
+    spec, layout, notes = _spec(shapes, meta, _stated(cfg, source), pairs[0][1], rows_held=len(waypoints))
     scan = scan_compressed(folder, variant, layout)
     if cfg.epochs is not None and scan.epochs != cfg.epochs:
         raise UsageError(f"{folder}: the compressed experts span K = {scan.epochs} epochs, not the {cfg.epochs} "
