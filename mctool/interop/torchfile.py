@@ -14,16 +14,25 @@ of ours that builds an inert description (``TensorRef``) instead of a tensor:
 * ``collections.OrderedDict`` (the empty backward-hooks argument of every tensor).
 
 Any other global (``os.system``, ``builtins.exec``, a user class ...) is refused with one line
-naming the file, before anything is called. Storage bytes are read on demand, one storage at a
-time, from the zip member (CRC-checked), so memory is bounded by what the caller holds, not by
-the file. Sizes, dtypes and offsets are checked against the member sizes when the file is opened,
-so a damaged or truncated file is one line naming it.
+naming the file, before anything is called. Storage bytes are read on demand from the zip
+member, only as far as the tensor read lies in its storage (a slice of a huge, deflated storage
+inflates the slice; a storage used whole is read whole and CRC-checked), so memory is bounded by
+what the caller holds, not by the file. Sizes, dtypes and offsets are checked against the member
+sizes when the file is opened, so a damaged or truncated file is one line naming it.
+
+Nothing a file declares is believed before it is checked: the unpickled structure is walked
+once, iteratively, each shared list once (a list inside itself, more than MAX_DEPTH levels or
+more than MAX_NODES nodes counted along every path are refused, so no later walk can hang), and
+what each tensor's read would allocate is compared with half the memory available.
 
 Legacy (non-zip, torch < 1.6) files are not streamable: their storages follow the pickle
-back to back with no index. They are read whole with ``torch.load(weights_only=True)`` —
-torch's own restricted unpickler, which also refuses code — so the memory bound for them is one
-file (the bound the import promises), and a note says so. Refusing them outright would strand
-users whose only copy is such a file; re-saving it would need the same memory anyway.
+back to back with no index. Their pickle is first read by the same restricted unpickler (torch
+allocates every storage at its declared size before reading it, so the declared sizes are checked
+against the file and the structure as above); then they are read whole with
+``torch.load(weights_only=True)`` — torch's own restricted unpickler, which also refuses code — so
+the memory bound for them is one file (the bound the import promises), and a note says so.
+Refusing them outright would strand users whose only copy is such a file; re-saving it would
+need the same memory anyway.
 """
 
 from __future__ import annotations
