@@ -103,9 +103,9 @@ def test_a_file_of_every_variant_is_read_by_inspect_and_distill(tmp_path: Path, 
         _import(tmp_path / variant, out, prepared)
         r = cli("inspect", out)
         assert r.exit_code == 0, r.output
-    r = cli("distill", "--buffer", tmp_path / "dec.h5", "-o", tmp_path / "syn.h5", "--data-dir", data_dir,
-            *TINY_DISTILL)
-    assert r.exit_code == 0, r.output
+        r = cli("distill", "--buffer", out, "-o", tmp_path / f"syn-{variant}.h5", "--data-dir", data_dir,
+                *TINY_DISTILL)
+        assert r.exit_code == 0, r.output
 
 
 def test_decreasing_moves_the_first_waypoint_to_the_authors_start() -> None:
