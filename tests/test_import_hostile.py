@@ -104,3 +104,43 @@ def test_a_waypoint_file_of_another_structure_is_one_line(tmp_path: Path, data_d
     with pytest.raises(TorchFileError, match="expected a list of|a list where a tensor belongs") as info:
         run(tmp_path / "b", tmp_path / "o.h5", cfg, data_dir=data_dir, device="cpu", download=False)
     assert "\n" not in str(info.value) and not (tmp_path / "o.h5").exists()
+
+
+def test_sigterm_stops_a_running_import_with_one_line_and_the_rerun_resumes(tmp_path: Path, data_dir: Path) -> None:
+    """The CLI end to end: SIGTERM while rows are written ends the import at the next expert (exit
+    143, one line), the rows written so far are kept, the same command completes them."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import h5py
+
+    from tests.hostile_import import REPO, _env, _import
+    from tests.interop_fixtures import make_experts, tiny_spec, write_replay_buffer
+
+    n = 60
+    write_replay_buffer(tmp_path / "b", 0, make_experts(tiny_spec(width=32), n, 3, seed=6))
+    out = tmp_path / "o.h5"
+    argv = [sys.executable, "-m", "mctool", *_import(tmp_path / "b", out, data_dir)]
+    argv[argv.index("none")] = "last"  # a test-set pass per expert: rows take a while
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env(), cwd=REPO)
+    deadline = time.monotonic() + 120
+    while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    with h5py.File(out) as f:
+        done = int(f["experts/done"][()].sum())
+    if proc.returncode == 0:
+        pytest.skip(f"the import finished before the signal ({done} rows)")
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert lines[-1].startswith("mctool: error: interrupted (SIGTERM)") and "resume" in lines[-1], stderr
+    assert done < n, done
+    r = subprocess.run(argv, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr
+    with h5py.File(out) as f:
+        assert bool(f["experts/done"][()].all())
