@@ -1,7 +1,7 @@
 """SIGKILL every writer at many random points and count what the files hold (issue 14).
 
     /work/venv/bin/python bench/faults.py [--kills 50] [--writers experts-new,distill] [--seed 0] [--matrix]
-                                          [--fuzz 100]
+                                          [--fuzz 100] [--hostile]
 
 For each writer (experts new / appending / --convexify, convexify in place and -o, distill with
 a checkpoint every iteration, evaluate saving): a reference run without a kill, then runs killed
@@ -13,7 +13,9 @@ with --resume) runs again and must finish with the reference result. tests/fault
 the details. `--matrix` also runs the whole corruption matrix (tests/test_corruption.py with
 MCTOOL_FULL_MATRIX=1) and prints its counts; `--fuzz N` damages N random byte ranges of each
 0.1.0 file and counts the inspect runs that read fine, were refused with one line, went wrong
-or hung (tests/damage.py).
+or hung (tests/damage.py). `--hostile` runs every hostile `import` / `folder:` case of issue 24
+(tests/hostile_import.py: NaN, the authors' variants, pickles that never end, storage and size
+bombs, gaps, aliasing) as a child process each and counts tried / clean / problems.
 
 Prints a table and writes bench/results/faults.json. OMP_NUM_THREADS is forced to 1.
 """
@@ -67,33 +69,55 @@ def _matrix() -> dict:
     return {"counts": counts, "summary": tail, "seconds": round(time.perf_counter() - started, 1)}
 
 
+def _hostile() -> dict:
+    """Every case of tests/hostile_import.py, each in its own folder; the tally and the failures."""
+    from tests.conftest import make_tiny_mnist
+    from tests.hostile_import import CASES, run_case, tally
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="mctool-hostile-") as tmp:
+        data = make_tiny_mnist(Path(tmp) / "data")
+        outcomes = [run_case(c, Path(tmp) / c.name, data) for c in CASES]
+    result = {**tally(outcomes), "failures": [f"{o.name}: {o.why}" for o in outcomes if not o.clean],
+              "cases": [{"name": o.name, "clean": o.clean, "seconds": round(o.seconds, 1),
+                         "max_rss_mb": round(o.max_rss_mb)} for o in outcomes],
+              "seconds": round(time.perf_counter() - started, 1)}
+    return result
+
+
 def main() -> None:
     """Run the kill loops (and the matrix), print the table, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kills", type=int, default=50, help="kills per writer (default 50)")
+    parser.add_argument("--kills", type=int, default=50, help="kills per writer (default 50; 0: no kill loops)")
     parser.add_argument("--writers", default="", help="comma-separated subset (default: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--matrix", action="store_true", help="also run the full corruption matrix")
     parser.add_argument("--fuzz", type=int, default=0,
                         help="also damage N random byte ranges of each 0.1.0 file and inspect each copy")
     parser.add_argument("--fuzz-timeout", type=float, default=180.0, help="seconds before a read counts as hung")
+    parser.add_argument("--hostile", action="store_true",
+                        help="also run the hostile import / folder: cases (tests/hostile_import.py) and count them")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "faults.json")
     args = parser.parse_args()
     names = [n for n in args.writers.split(",") if n] or None
     started = time.perf_counter()
+    rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="mctool-faults-") as tmp:
+        if args.kills <= 0:  # --kills 0: only the other counts (--hostile, --fuzz, --matrix)
+            names = []
         root = Path(tmp)
-        z = faultkit.Zygote()
-        try:
-            templates = faultkit.build_templates(z, root / "templates")
-        finally:
-            z.close()
-        rows = []
+        templates = root
+        if names != []:
+            z = faultkit.Zygote()
+            try:
+                templates = faultkit.build_templates(z, root / "templates")
+            finally:
+                z.close()
 
         def report(line: str) -> None:
             print(line, file=sys.stderr, flush=True)
 
-        for w in faultkit.writers(templates, names):
+        for w in (faultkit.writers(templates, names) if names != [] else []):
             t = time.perf_counter()
             tally = faultkit.run_writers([w], args.kills, root / "runs", args.seed, report)[w.name]
             rows.append({"writer": w.name, **tally.row(), "seconds": round(time.perf_counter() - t, 1)})
@@ -101,7 +125,8 @@ def main() -> None:
             report(_table(rows[-1:]))
             _write(args.out, _result(args, rows, started))
     out = _result(args, rows, started)
-    print(_table(rows))
+    if rows:
+        print(_table(rows))
     for r in rows:
         for failure in r["failures"]:
             print(f"FAILURE {r['writer']}: {failure}")
@@ -118,6 +143,12 @@ def main() -> None:
         print(f"byte damage: {f['cases']} reads of damaged copies: {f['read']} read fine, {f['refused']} refused "
               f"with one line, {len(f['bad'])} bad, {len(f['hung'])} hung")
         for line in f["bad"] + f["hung"]:
+            print(f"  {line}")
+    if args.hostile:
+        out["hostile_import"] = _hostile()
+        h = out["hostile_import"]
+        print(f"hostile import / folder: cases: {h['tried']} tried, {h['clean']} clean, {h['problems']} problems")
+        for line in h["failures"]:
             print(f"  {line}")
     if args.matrix:
         out["corruption_matrix"] = _matrix()

@@ -58,6 +58,13 @@ _IMAGE_EXTS = frozenset(
     {".jpeg", ".jpg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 )
 _GREY_MODES = frozenset({"1", "L", "LA"})
+# Larger images are refused from their header, before decoding: far beyond what distillation
+# networks take (the ConvNet's activations of one 4096 px colour image at width 128 are 8 GB),
+# and a few KB of PNG can declare them.
+MAX_IMAGE_PIXELS = 4096 * 4096
+# Bytes per decoded pixel value a loaded dataset holds at once: the uint8 images, then their
+# float32 copy while preprocessing.
+_LOAD_BYTES_PER_VALUE = 5
 _TINY_CACHE = ".mctool-cache-v1.pt"
 # ZCA is fitted in float64 when the N x D input takes at most this much memory (CIFAR:
 # 50000 x 3072 x 8 B = 1.2 GB, about 30 s on 2 cores); above it (Tiny ImageNet: 9.8 GB, twice
@@ -409,15 +416,51 @@ def _class_mismatch(folder: Path, train: Sequence[str], found: Sequence[str]) ->
     return f"{folder}: class folders differ from train/ (extra: {extra[:5]}, missing: {missing[:5]})"
 
 
-def _decode_one(path: Path) -> tuple[np.ndarray, bool]:
-    """One image as uint8 RGB [H, W, 3] and whether it was greyscale."""
+def _image_size(path: Path) -> tuple[int, int]:
+    """(H, W) of an image from its header alone (nothing decoded)."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
+            w, h = im.size
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise UsageError(f"cannot read image {path}: {_one_line(err)}") from err
+    _check_pixels(path, h, w)
+    return h, w
+
+
+def _check_pixels(path: Path, h: int, w: int) -> None:
+    if h * w > MAX_IMAGE_PIXELS:
+        raise UsageError(f"{path} is {w}x{h} pixels, more than mctool reads ({MAX_IMAGE_PIXELS:,} pixels, e.g. "
+                         "4096x4096); resize the images (small ones suit the method)")
+
+
+def _decode_one(path: Path, size: tuple[int, int] | None = None) -> tuple[np.ndarray, bool]:
+    """One image as uint8 RGB [H, W, 3] and whether it was greyscale; with `size` = (H, W), an
+    image of another size is refused from its header, before it is decoded."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if size is not None and (h, w) != tuple(size):
+                raise UsageError(f"{path} is {w}x{h} pixels but the other images are {size[1]}x{size[0]}; "
+                                 "all images of a dataset must have the same size")
+            _check_pixels(path, h, w)
             return np.asarray(im.convert("RGB")), im.mode in _GREY_MODES
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise UsageError(f"cannot read image {path}: {_one_line(err)}") from err
+
+
+def _check_decoded_size(n: int, h: int, w: int, where: Path) -> None:
+    """Refuse, before decoding, a dataset whose decoded images would not fit in memory."""
+    from mctool.memory import free_bytes
+
+    need = n * 3 * h * w * _LOAD_BYTES_PER_VALUE
+    free = free_bytes("cpu")
+    if free is not None and need > free:
+        raise UsageError(f"{where}: {n} images of {w}x{h} pixels need about {need / 1e9:.1f} GB to load, more than the "
+                         f"{free / 1e9:.1f} GB of memory available; use fewer or smaller images")
 
 
 def _decode_images(
@@ -428,8 +471,9 @@ def _decode_images(
     All images must have the same size (`size` = (H, W), or the first image's). PIL releases
     the GIL while decoding, so a thread pool uses every core.
     """
-    first, first_grey = _decode_one(files[0])
-    h, w = size if size is not None else first.shape[:2]
+    h, w = size if size is not None else _image_size(files[0])
+    _check_decoded_size(len(files), h, w, files[0].parent)
+    first, first_grey = _decode_one(files[0], (h, w))
     out = np.empty((len(files), 3, h, w), dtype=np.uint8)
     grey = np.empty(len(files), dtype=bool)
 
@@ -444,7 +488,7 @@ def _decode_images(
 
     store(0, (first, first_grey))
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        for i, decoded in enumerate(pool.map(_decode_one, files[1:]), start=1):
+        for i, decoded in enumerate(pool.map(lambda f: _decode_one(f, (h, w)), files[1:]), start=1):
             store(i, decoded)
     return out, grey
 

@@ -94,3 +94,55 @@ def write_authors_pair(folder: Path, number: int, experts: list[Expert], ip: int
     torch.save([w for w, _ in pairs], wpath)
     torch.save([s for _, s in pairs], spath)
     return wpath, spath
+
+
+def ablation_fractions(snaps: Expert, kind: str) -> list[float]:
+    """β(k), k = 0..K, of the authors' ablations (method.md §5.4), one value for every layer:
+    uniform k/K; decreasing Σ_{j≤k} (K+1−j)/S with S = Σ_{i=1}^{K+1} i (β(0) ≠ 0 as written);
+    projected ⟨θ_k − θ_0, θ_K − θ_0⟩ / ‖θ_K − θ_0‖² on the whole flat vector, not clamped."""
+    K = len(snaps) - 1
+    if kind == "uni":
+        return [k / K for k in range(K + 1)]
+    if kind == "dec":
+        S = sum(range(1, K + 2))
+        return [sum(K + 1 - j for j in range(k + 1)) / S for k in range(K + 1)]
+    x = flat(snaps).double()
+    v = x[K] - x[0]
+    return [float(torch.dot(x[k] - x[0], v) / torch.dot(v, v)) for k in range(K + 1)]
+
+
+def write_ablation_pair(folder: Path, number: int, experts: list[Expert], kind: str) -> tuple[Path, Path]:
+    """waypoint_buffer_{kind}_{n}.pt / step_buffer_{kind}_{n}.pt: raw [θ_0, θ_K] and the ablation's β."""
+    folder.mkdir(parents=True, exist_ok=True)
+    wpath, spath = folder / f"waypoint_buffer_{kind}_{number}.pt", folder / f"step_buffer_{kind}_{number}.pt"
+    torch.save([[[t.clone() for t in e[0]], [t.clone() for t in e[-1]]] for e in experts], wpath)
+    steps = []
+    for e in experts:
+        L = len(e[0])
+        steps.append([[torch.tensor(f, dtype=torch.float32) for _ in range(L)] for f in ablation_fractions(e, kind)])
+    torch.save(steps, spath)
+    return wpath, spath
+
+
+def authors_point(waypoint_file: Path, step_file: Path, e: int, n: float) -> list[torch.Tensor]:
+    """The authors' reconstruction at real position n (method.md §5.2), re-derived in float64 from
+    their files: segment j with p_j ≤ n < p_{j+1}, k = ⌊n⌋ − p_j, β_l = lerp(s_j(k), s_j(k+1), n − ⌊n⌋),
+    θ_l = W_j,l + β_l (W_{j+1},l − W_j,l)."""
+    import math
+
+    waypoints = torch.load(waypoint_file)[e]
+    steps = torch.load(step_file)[e]
+    segments = steps if isinstance(steps[0][0], list) else [steps]
+    starts = [0]
+    for seg in segments:
+        starts.append(starts[-1] + len(seg) - 1)
+    j = max(i for i in range(len(segments)) if starts[i] <= n)
+    k, frac = math.floor(n) - starts[j], n - math.floor(n)
+    seg = segments[j]
+    out = []
+    for l, (a, b) in enumerate(zip(waypoints[j], waypoints[j + 1])):
+        s0 = float(seg[k][l])
+        s1 = float(seg[k + 1][l]) if k + 1 < len(seg) else s0
+        beta = s0 + frac * (s1 - s0)
+        out.append(a.double() + beta * (b.double() - a.double()))
+    return out

@@ -360,7 +360,10 @@ def test_import_reads_one_snapshot_at_a_time(tmp_path: Path, prepared_plain, mon
 @pytest.mark.parametrize("variant,strategy", [("uni", "uniform"), ("dec", "decreasing")])
 def test_ablation_pairs_keep_the_authors_fractions(tmp_path: Path, prepared_plain, variant: str,
                                                    strategy: str) -> None:
-    """method.md §5.4: uniform β(k) = k/K; decreasing β(k) = Σ_{j≤k} (K+1−j)/S with its β(0) ≠ 0 kept."""
+    """method.md §5.4: uniform β(k) = k/K kept as stored; decreasing β(k) = Σ_{j≤k} (K+1−j)/S starts at
+    β(0) = 0.4 (K = 3), so its first waypoint becomes the point the authors start from,
+    lerp(θ_0, θ_K, 0.4), and β' = (β − 0.4) / 0.6 (tests/test_interop_compressed_variants.py checks
+    θ̂ against the authors' reconstruction)."""
     experts = make_experts(tiny_spec(), 2, 3, seed=13)
     K, L = 3, len(experts[0][0])
     S = sum(range(1, K + 2))
@@ -376,9 +379,18 @@ def test_ablation_pairs_keep_the_authors_fractions(tmp_path: Path, prepared_plai
     cfg = ImportConfig(dataset="mnist", zca=False, accuracy="none")
     plan = plan_compressed(folder, cfg, resolve_source(folder, cfg), prepared_plain.meta)
     import_compressed(plan, tmp_path / "a.h5", cfg, prepared_plain)
+    first, last = flat(experts[1])[0], flat(experts[1])[K]
     with h5py.File(tmp_path / "a.h5") as f:
         meta = store.read_convex_meta(tmp_path / "a.h5", f)
         assert meta.strategy == strategy and not meta.smooth and list(meta.positions) == [0, K]
         beta = f["convex/beta"][1]
+        waypoints = f["convex/waypoints"][1]
+    if variant == "uni":
         assert np.array_equal(beta, np.tile(np.float32(fractions)[:, None], (1, L)))
-        assert np.array_equal(f["convex/waypoints"][1], torch.stack([flat(experts[1])[0], flat(experts[1])[K]]).numpy())
+        assert np.array_equal(waypoints, torch.stack([first, last]).numpy())
+    else:
+        b0 = float(np.float32(fractions[0]))
+        want = [(float(np.float32(x)) - b0) / (1 - b0) for x in fractions]
+        np.testing.assert_allclose(beta, np.tile(np.float64(want)[:, None], (1, L)), rtol=0, atol=1e-7)
+        start = torch.lerp(first.double(), last.double(), b0).float()
+        assert np.array_equal(waypoints, torch.stack([start, last]).numpy())

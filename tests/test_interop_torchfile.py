@@ -158,3 +158,104 @@ def test_reads_are_bounded_by_the_tensors_read(tmp_path: Path) -> None:
             for leaf in snap:
                 tf.read(leaf)
         assert tf.bytes_read - opened < 7 * snapshot_bytes + 8 * 4096 < size
+
+
+# --------------------------------------------------------------------------- issue 24: bounded walks and reads
+
+
+def _dag(levels: int) -> list:
+    node: list = [torch.zeros(2)]
+    for _ in range(levels):
+        node = [node, node]
+    return node
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_structures_that_never_end_are_refused_at_once(tmp_path: Path, legacy: bool) -> None:
+    import time
+
+    from mctool.interop import torchfile
+
+    selfref: list = [torch.zeros(2)]
+    selfref.append(selfref)
+    cases = {"self": (selfref, "contains itself"), "deep": (_dag(60), "lists deep"),
+             # Within the depth limit, but 2^15 paths through shared lists of 2^15-ish nodes each way:
+             # counted without walking every path, refused for its size.
+             "wide": ([_dag(torchfile.MAX_DEPTH - 2)] * 100, "more than")}
+    for name, (obj, says) in cases.items():
+        path = tmp_path / f"{name}.pt"
+        torch.save(obj, path, _use_new_zipfile_serialization=not legacy)
+        started = time.perf_counter()
+        with pytest.raises(TorchFileError, match=says) as info:
+            open_torch_file(path)
+        assert time.perf_counter() - started < 5, name
+        _one_line(info.value)
+    # A shared list below the limits is read (each path sees the same tensors).
+    path = tmp_path / "shared.pt"
+    torch.save(_dag(4), path, _use_new_zipfile_serialization=not legacy)
+    with open_torch_file(path) as tf:
+        leaf = tf.root[1][0][1][0][0]
+        assert torch.equal(tf.read(leaf), torch.zeros(2))
+
+
+def test_a_slice_of_a_huge_deflated_storage_reads_only_the_slice(tmp_path: Path) -> None:
+    from tests import torchzip as tz
+
+    big = tz.Storage("0", (256 << 20) // 4, deflate=True)  # 256 MiB of zeros, deflated to ~1 MB
+    values = tz.tensor(torch.arange(6.0), "1")
+    root = [[tz.Tensor(big, (3, 4), offset=5), values, tz.Tensor(values.storage, (2,), offset=3)]]
+    path = tz.write(tmp_path / "slice.pt", root)
+    with open_torch_file(path) as tf:
+        opened = tf.bytes_read
+        assert torch.equal(tf.read(tf.root[0][0]), torch.zeros(3, 4))
+        assert tf.bytes_read - opened < 64 << 10  # the first few KB of the deflated stream, not 256 MiB
+        assert torch.equal(tf.read(tf.root[0][1]), torch.arange(6.0))
+        assert torch.equal(tf.read(tf.root[0][2]), torch.tensor([3.0, 4.0]))
+
+
+def test_what_a_read_would_allocate_is_checked_when_the_file_opens(tmp_path: Path, monkeypatch) -> None:
+    from mctool.interop import torchfile
+    from tests import torchzip as tz
+
+    one = tz.Storage("0", 1, data=torch.tensor([1.0]).numpy().tobytes())
+    path = tz.write(tmp_path / "wide.pt", [[tz.Tensor(one, (100000, 100000, 3, 3), (0, 0, 0, 0))]])
+    assert path.stat().st_size < 2000
+    with pytest.raises(TorchFileError, match="would take 360.0 GB to read") as info:
+        open_torch_file(path)
+    _one_line(info.value)
+    monkeypatch.setattr(torchfile, "memory_limit", lambda: 1000)
+    small = tmp_path / "small.pt"
+    torch.save([torch.zeros(300)], small)
+    with pytest.raises(TorchFileError, match="would take 1,200 bytes to read, more than the 1,000 bytes"):
+        open_torch_file(small)
+
+
+def test_spans_and_self_overlap() -> None:
+    from mctool.interop.torchfile import LoadedTensor, StorageRef
+
+    st = StorageRef("0", torch.float32, 100)
+    assert TensorRef(st, 10, (2, 3), (3, 1)).span() == (40, 40 + 6 * 4)
+    assert TensorRef(st, 0, (4, 5), (1, 4)).span() == (0, 20 * 4)  # a transpose
+    assert not TensorRef(st, 0, (4, 5), (1, 4)).overlaps_itself()
+    assert TensorRef(st, 0, (4, 5), (0, 1)).overlaps_itself()
+    assert TensorRef(st, 0, (4, 5), (2, 1)).overlaps_itself()  # rows overlap by 3
+    assert not TensorRef(st, 0, (4, 1), (1, 0)).overlaps_itself()  # a size-1 dimension's stride is free
+    base = torch.arange(20.0)
+    assert LoadedTensor(base[4:10]).span() == (16, 40)
+    assert LoadedTensor(base.expand(3, 20)).overlaps_itself()
+
+
+def test_a_legacy_file_declaring_a_huge_storage_is_refused_before_torch_allocates_it(tmp_path: Path) -> None:
+    """torch.load allocates a legacy storage at its declared size before reading it: the declared
+    sizes are checked against the file first (2^31 − 1 floats, 8.6 GB, in a file of 400 bytes)."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save([torch.zeros(5)], buf, _use_new_zipfile_serialization=False)
+    data = buf.getvalue()
+    at = data.index(b"cpuq\x05K\x05N") + len(b"cpuq\x05")
+    path = tmp_path / "huge.pt"
+    path.write_bytes(data[:at] + b"J\xff\xff\xff\x7f" + data[at + 2:])
+    with pytest.raises(TorchFileError, match="its storages declare 8,589,934,596 bytes, the file holds 28") as info:
+        open_torch_file(path)
+    _one_line(info.value)

@@ -44,6 +44,10 @@ class BufferLayoutError(TorchFileError):
     """A buffer file whose structure or shapes are not those of the stated/inferred model."""
 
 
+class NonFiniteError(TorchFileError):
+    """A buffer file holding NaN or infinite values."""
+
+
 # --------------------------------------------------------------------------- discovery
 
 
@@ -64,9 +68,26 @@ def numbered_files(folder: Path, pattern: re.Pattern[str]) -> tuple[list[Numbere
         if m and p.is_file():
             found.append(Numbered(int(m.group(1)), p))
     found.sort(key=lambda n: n.number)
-    present = {n.number for n in found}
-    gaps = [i for i in range(found[-1].number + 1) if i not in present] if found else []
-    return found, gaps
+    return found, missing_numbers([n.number for n in found], folder)
+
+
+# More missing numbers than this in a series is not a series with a few failed files but a stray
+# or hostile name (replay_buffer_99999999999.pt): refused before the gaps are listed.
+MAX_GAPS = 10_000
+
+
+def missing_numbers(numbers: Sequence[int], folder: Path) -> list[int]:
+    """The numbers missing from 0 to max(numbers); one line when there are more than MAX_GAPS."""
+    if not numbers:
+        return []
+    present, last = set(numbers), max(numbers)
+    missing = last + 1 - len(present)
+    if missing > MAX_GAPS:
+        before = max((n for n in present if n != last), default=None)
+        after = f"after {before}" if before is not None else "alone"
+        raise UsageError(f"{folder}: the file numbered {last} comes {after}: {missing:,} numbers of the series are "
+                         f"missing (more than {MAX_GAPS:,}); move that file away or rename it")
+    return [i for i in range(last + 1) if i not in present]
 
 
 def describe_numbers(numbers: Sequence[int]) -> str:
@@ -154,6 +175,10 @@ def check_snapshot(snapshot: Any, reference: Sequence[Shape], path: Path, expert
                                     f"{list(shape)}")
         if not leaf.dtype.is_floating_point:
             raise BufferLayoutError(f"{location(path, expert, k, i, names)}: dtype {leaf.dtype}, expected floats")
+        if leaf.overlaps_itself():
+            raise BufferLayoutError(f"{location(path, expert, k, i, names)}: a view that repeats stored values "
+                                    f"(shape {list(leaf.shape)}, stride 0 or overlapping): not a saved parameter "
+                                    "tensor")
     return leaves
 
 
@@ -166,16 +191,37 @@ def check_expert(expert: Any, reference: Sequence[Shape], snapshots: int | None,
     if len(items) < 2:
         raise BufferLayoutError(f"{location(path, e)}: {len(items)} snapshot(s); a trajectory needs at least 2")
     checked = [check_snapshot(s, reference, path, e, k, names) for k, s in enumerate(items)]
-    owner: dict[str, tuple[int, int]] = {}
+    _refuse_aliasing(checked, path, e, names)
+    return checked
+
+
+def _refuse_aliasing(checked: list[list[Leaf]], path: Path, e: int, names: Sequence[str] | None) -> None:
+    """Refuse two tensors of an expert whose bytes overlap in one storage (slices that do not
+    overlap are separate values, whatever storage holds them)."""
+    spans: dict[str, list[tuple[int, int, int, int]]] = {}
     for k, leaves in enumerate(checked):
         for i, leaf in enumerate(leaves):
-            first = owner.setdefault(leaf.storage_id, (k, i))
-            if first != (k, i):
+            start, end = leaf.span()
+            if end > start:
+                spans.setdefault(leaf.storage_id, []).append((start, end, k, i))
+    for ranges in spans.values():
+        if len(ranges) < 2:
+            continue
+        ranges.sort()
+        reach = ranges[0]
+        for cur in ranges[1:]:
+            if cur[0] < reach[1]:  # starts before an earlier one ends: shared bytes
+                first, second = sorted([reach, cur], key=lambda r: (r[2], r[3]))
+                if first[2] == second[2]:
+                    raise BufferLayoutError(
+                        f"{location(path, e, second[2], second[3], names)}: shares its memory with tensor {first[3]} "
+                        "of the same snapshot: not a network's parameters")
                 raise BufferLayoutError(
-                    f"{location(path, e, k, i, names)}: shares its memory with snapshot {first[0]}, tensor {first[1]} "
-                    "— the snapshots alias the live weights (buffer.py run on a CPU, method.md §4), so every "
-                    "snapshot is the final network and the trajectory is lost")
-    return checked
+                    f"{location(path, e, second[2], second[3], names)}: shares its memory with snapshot {first[2]}, "
+                    f"tensor {first[3]} — the snapshots alias the live weights (buffer.py run on a CPU, method.md "
+                    "§4), so every snapshot is the final network and the trajectory is lost")
+            if cur[1] > reach[1]:
+                reach = cur
 
 
 def experts_of(tf: TorchFile) -> list[Any]:
@@ -273,10 +319,18 @@ def flat_snapshot(tf: TorchFile, leaves: Sequence[Leaf], expert: int, k: int,
     parts = []
     for i, leaf in enumerate(leaves):
         try:
-            parts.append(tf.read(leaf).reshape(-1).to(torch.float32))
+            part = tf.read(leaf).reshape(-1)
         except TorchFileError as exc:
             detail = str(exc).split(": ", 1)[-1]
             raise TorchFileError(f"{location(tf.path, expert, k, i, names)}: {detail}") from None
+        # NaN/Inf refused here, before anything is written (float64 values too large for float32
+        # become Inf and are refused as well).
+        part = part.to(torch.float32)
+        if not bool(torch.isfinite(part).all()):
+            bad = part[~torch.isfinite(part)][0].item()
+            raise NonFiniteError(f"{location(tf.path, expert, k, i, names)}: holds {bad} (NaN or infinite "
+                                 "values): not a trajectory mctool can use")
+        parts.append(part)
     return torch.cat(parts)
 
 

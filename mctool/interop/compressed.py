@@ -30,7 +30,8 @@ import torch
 
 from mctool.errors import UsageError
 from mctool.interop.buffers import (
-    BufferLayoutError, Layout, Shape, as_list, location, check_snapshot, flat_snapshot, require_folder,
+    BufferLayoutError, Layout, NonFiniteError, Shape, as_list, check_snapshot, flat_snapshot, location,
+    missing_numbers, require_folder,
 )
 from mctool.interop.torchfile import Leaf, TorchFile, TorchFileError, open_torch_file
 
@@ -140,7 +141,7 @@ def find_pairs(folder: Path, variant: str | None = None) -> tuple[str, list[tupl
     numbers = sorted(waypoints)
     if not numbers:
         raise UsageError(f"{folder}: no waypoint_buffer files of kind '{variant}'")
-    gaps = [i for i in range(numbers[-1] + 1) if i not in waypoints]
+    gaps = missing_numbers(numbers, folder)
     return variant, [(n, waypoints[n], steps[n]) for n in numbers], gaps
 
 
@@ -227,6 +228,10 @@ def scan_compressed(folder: Path, variant: str | None = None, layout: Layout | N
         if len(positions) != ip:
             notes.append(f"ip{ip} files hold {len(positions)} waypoints: the authors' reader used only the first "
                          f"{ip - 1} segment(s) (positions up to {positions[ip - 1]}); mctool keeps all of them")
+    if variant == "dec":
+        K = positions[-1]
+        notes.append(f"the decreasing ablation starts at β(0) = {(K + 1) / sum(range(1, K + 2)):.4g}, not 0: the first "
+                     "waypoint is stored as the point the authors start from, lerp(θ_0, θ_K, β(0)) (docs/interop.md)")
     return CompressedScan(folder, variant, tuple(checked), tuple(gaps), tuple(positions), tuple(reference),
                           tuple(names) if names else None, tuple(notes))
 
@@ -236,21 +241,109 @@ def read_expert(wtf: TorchFile, stf: TorchFile, e: int, scan: CompressedScan) ->
     wps = as_list(wtf.root, "experts", str(wtf.path))[e]
     rows = [flat_snapshot(wtf, w, e, k, scan.names) for k, w in enumerate(wps)]
     segs = _segments(as_list(stf.root, "experts", str(stf.path))[e], len(scan.shapes), stf.path, e)
-    return torch.stack(rows), beta_from_segments(segs, stf, e)
+    fractions = segment_fractions(segs, stf, e)
+    sizes = [math.prod(s) for s in scan.shapes]
+    return to_convex(torch.stack(rows), fractions, sizes, location(stf.path, e))
 
 
-def beta_from_segments(segments: Sequence[Sequence[Sequence[Leaf]]], stf: TorchFile, e: int) -> torch.Tensor:
-    """Global β [K+1, L]: j + s_j(k) on segment j, the later segment's value at a shared waypoint."""
-    positions = positions_of(segments)
-    L = len(segments[0][0])
-    beta = torch.empty(positions[-1] + 1, L, dtype=torch.float64)
+def segment_fractions(segments: Sequence[Sequence[Sequence[Leaf]]], stf: TorchFile, e: int) -> list[torch.Tensor]:
+    """The stored fractions s_j(k) of each segment, [points, L] float64, checked finite."""
+    out = []
     for j, seg in enumerate(segments):
-        a = positions[j]
+        rows = []
         for k, point in enumerate(seg):
             try:
                 values = torch.stack([stf.read(v).to(torch.float64).reshape(()) for v in point])
             except TorchFileError as exc:
                 detail = str(exc).split(": ", 1)[-1]
                 raise TorchFileError(f"{location(stf.path, e)}, segment {j}, point {k}: {detail}") from None
-            beta[a + k] = j + values  # float64 sum, one rounding to float32 below (as convexify)
-    return beta.to(torch.float32)
+            if not bool(torch.isfinite(values).all()):
+                raise NonFiniteError(f"{location(stf.path, e)}, segment {j}, point {k}: a step value is NaN or "
+                                     "infinite: not a trajectory mctool can use")
+            rows.append(values)
+        out.append(torch.stack(rows))
+    return out
+
+
+# How far a stored fraction may be from the 0 or 1 a segment starts or ends at (float32 rounding of
+# the authors' cumulative sums; the store accepts positions this close, mctool.store.convex).
+_END_TOL = 1e-4
+
+
+def to_convex(waypoints: torch.Tensor, fractions: Sequence[torch.Tensor], layer_sizes: Sequence[int],
+              where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The authors' waypoints [J, P] and per-segment fractions as mctool's (waypoints, global β).
+
+    The authors reconstruct θ_l(n) = lerp(W_j,l, W_j+1,l, lerp(s_j(k), s_j(k+1), frac)) on segment
+    j; mctool stores one β row per epoch, j + s_j(k), exactly j at waypoint j (the later
+    segment's value at a shared waypoint). Two things the authors' code writes do not fit as they
+    are, and are rewritten so that θ̂(c) stays the authors' θ(c) at every c:
+
+    * a layer that does not move in a segment (the first convolution's bias before instance
+      norm, whose gradient is zero) gets s ≡ 0 there, so the segment "ends" at 0, not 1. Its
+      two waypoints are equal for that layer, so every position gives the same θ: it gets the
+      uniform ramp, as mctool's own convexify gives such a layer. (Were the waypoints different —
+      only possible for smoothed waypoints of a layer that stopped moving part-way — the
+      authors' θ would jump at the waypoint, which no continuous β reproduces: refused.)
+    * a one-segment β that does not start at 0 or end at 1 (the "decreasing" ablation has
+      β(0) = (K+1)/S, 0.4 for K = 3): the end waypoints are moved to the points the authors
+      reach there, W'_0 = lerp(W_0, W_1, β(0)), W'_1 = lerp(W_0, W_1, β(K)) (float64, one
+      rounding), and β' = (β − β(0)) / (β(K) − β(0)); then lerp(W'_0, W'_1, β') = lerp(W_0, W_1, β)
+      exactly in real arithmetic.
+
+    Anything else that would not be a position along the waypoints is refused with one line, so
+    an import never writes a /convex that distill refuses.
+    """
+    J = waypoints.shape[0]
+    if len(fractions) != J - 1:
+        raise BufferLayoutError(f"{where}: {J} waypoints but {len(fractions)} segment(s) of step values")
+    starts = [0]
+    for f in fractions:
+        starts.append(starts[-1] + f.shape[0] - 1)
+    L = len(layer_sizes)
+    bounds = [0]
+    for size in layer_sizes:
+        bounds.append(bounds[-1] + size)
+    out = waypoints.clone()
+    segs = [f.clone() for f in fractions]
+    for j, s in enumerate(segs):
+        n = s.shape[0] - 1
+        for l in range(L):
+            col = s[:, l]
+            a, b = bounds[l], bounds[l + 1]
+            if bool((col == 0).all()):  # the authors' S_l = 0: the layer did not move
+                if not torch.equal(waypoints[j, a:b], waypoints[j + 1, a:b]):
+                    raise BufferLayoutError(
+                        f"{where}: layer {l} does not move in segment {j} but its waypoints {j} and {j + 1} differ "
+                        "(smoothed): the authors' reconstruction jumps there, which mctool's β cannot follow")
+                s[:, l] = torch.arange(n + 1, dtype=torch.float64) / n
+                continue
+            b0, b1 = float(col[0]), float(col[-1])
+            if abs(b0) <= _END_TOL and abs(b1 - 1) <= _END_TOL:
+                continue
+            if J != 2:
+                raise BufferLayoutError(f"{where}: segment {j}, layer {l}: step values run from {b0:.4g} to {b1:.4g}, "
+                                        "not from 0 to 1 (the authors' code writes that only for one segment)")
+            if b1 == b0:
+                raise BufferLayoutError(f"{where}: layer {l}: every step value is {b0:.4g}: no direction to follow")
+            rescaled = (col - b0) / (b1 - b0)
+            lo, hi = float(rescaled.min()), float(rescaled.max())
+            if lo < -_END_TOL or hi > 1 + _END_TOL:
+                raise BufferLayoutError(f"{where}: layer {l}: step values from {float(col.min()):.4g} to "
+                                        f"{float(col.max()):.4g} leave the segment between its end points "
+                                        f"({b0:.4g}, {b1:.4g}); mctool keeps every position between its waypoints")
+            w0, w1 = waypoints[0, a:b].to(torch.float64), waypoints[1, a:b].to(torch.float64)
+            out[0, a:b] = torch.lerp(w0, w1, b0).to(waypoints.dtype)
+            out[1, a:b] = torch.lerp(w0, w1, b1).to(waypoints.dtype)
+            s[:, l] = rescaled.clamp(0.0, 1.0)
+            s[0, l], s[-1, l] = 0.0, 1.0
+    beta = torch.empty(starts[-1] + 1, L, dtype=torch.float64)
+    for j, s in enumerate(segs):
+        if j > 0 and float(s[0].abs().max()) > _END_TOL:
+            raise BufferLayoutError(f"{where}: segment {j} does not start at 0 (step values {s[0].tolist()[:3]}...)")
+        if bool((s < -_END_TOL).any()) or bool((s > 1 + _END_TOL).any()):
+            bad = float(s[(s < -_END_TOL) | (s > 1 + _END_TOL)][0])
+            raise BufferLayoutError(f"{where}: segment {j}: a step value {bad:.4g} outside [0, 1] (mctool keeps every "
+                                    "position between its waypoints)")
+        beta[starts[j]: starts[j + 1] + 1] = j + s  # float64 sum, one rounding to float32 below (as convexify)
+    return out, beta.to(torch.float32)

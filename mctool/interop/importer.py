@@ -21,7 +21,10 @@ interrupted import resumes where it stopped; a resumed import must see the same 
 from __future__ import annotations
 
 import json
+import math
 import time
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,19 +37,20 @@ from mctool.errors import ArtifactError, UsageError
 from mctool.functional import FlatNet
 from mctool.interop import h5out
 from mctool.interop.buffers import (
-    REPLAY_PATTERN, Layout, ReplayScan, StatedModel, check_expert, check_layout, describe_numbers, experts_of,
-    first_snapshot_shapes, flat_snapshot, folder_hints, infer_convnet, numbered_files, require_folder,
+    REPLAY_PATTERN, BufferLayoutError, Layout, ReplayScan, StatedModel, as_list, check_expert, check_layout, describe_numbers, experts_of,
+    first_snapshot_shapes, flat_snapshot, folder_hints, infer_convnet, location, numbered_files, require_folder,
     scan_replay_folder,
 )
 from mctool.interop.compressed import CompressedScan, find_pairs, read_expert, scan_compressed
-from mctool.interop.torchfile import open_torch_file
+from mctool.interop.torchfile import memory_limit, open_torch_file
 from mctool.models import ModelSpec, build_model, param_layout
 from mctool.prepared import Prepared
-from mctool.progress import SILENT, Reporter
+from mctool.progress import SILENT, Reporter, stop_if_asked
 from mctool.settings import above, at_least, first_problem, one_of, setting
 from mctool.train import accuracy
 
 ACCURACY_MODES = ("none", "first", "last")
+_KEPT = "finished experts are kept: run the same command again to resume"
 REPLAY_FORMAT = "mtt-replay-buffer"
 COMPRESSED_FORMAT = "mct-compressed"
 
@@ -122,8 +126,28 @@ def _stated(cfg: ImportConfig, source: Source) -> StatedModel:
     return StatedModel(model=source.model, depth=cfg.depth, width=cfg.width, norm=cfg.norm)
 
 
+# Copies of one flat snapshot an import holds at once (the tensors read, the flat row, the
+# network the accuracy is measured with, HDF5's write buffer), for the memory check below.
+_SNAPSHOT_COPIES = 4
+
+
+def check_model_size(shapes: list[tuple[int, ...]], first_file: Path, rows_held: int = 1) -> int:
+    """P from the declared shapes, refused (one line) when the import's working set — a few
+    copies of `rows_held` flat rows — would not fit in the memory it may use. Nothing is built
+    or allocated before this check."""
+    P = sum(math.prod(s) for s in shapes)
+    need = (_SNAPSHOT_COPIES + rows_held) * P * 4
+    limit = memory_limit()
+    if need > limit:
+        raise UsageError(f"{first_file}: the snapshots declare {P:,} parameters ({P * 4 / 1e9:.1f} GB each); "
+                         f"importing them needs about {need / 1e9:.1f} GB, more than the {limit / 1e9:.1f} GB "
+                         "available to it")
+    return P
+
+
 def _spec(shapes: list[tuple[int, ...]], meta: DatasetMeta, stated: StatedModel,
-          first_file: Path) -> tuple[ModelSpec, Layout, list[str]]:
+          first_file: Path, rows_held: int = 1) -> tuple[ModelSpec, Layout, list[str]]:
+    check_model_size(shapes, first_file, rows_held)
     spec, notes = infer_convnet(shapes, meta.channels, (meta.height, meta.width), meta.num_classes, stated)
     layout = param_layout(build_model(spec))
     check_layout(shapes, layout, first_file)
@@ -170,10 +194,15 @@ def plan_compressed(folder: Path, cfg: ImportConfig, source: Source, meta: Datas
     variant, pairs, _ = find_pairs(folder, cfg.variant)
     with open_torch_file(pairs[0][1]) as tf:
         first = experts_of(tf)
-        if not first or not first[0]:
+        waypoints = as_list(first[0], "waypoints", location(tf.path, 0)) if first else []
+        if not waypoints:
             raise UsageError(f"{pairs[0][1]}: holds no waypoints")
-        shapes = [tuple(leaf.shape) for leaf in first[0][0]]
-    spec, layout, notes = _spec(shapes, meta, _stated(cfg, source), pairs[0][1])
+        leaves = as_list(waypoints[0], "parameter tensors", location(tf.path, 0, 0))
+        for i, leaf in enumerate(leaves):
+            if isinstance(leaf, (list, tuple)):
+                raise BufferLayoutError(f"{location(tf.path, 0, 0, i)}: a list where a tensor belongs")
+        shapes = [tuple(leaf.shape) for leaf in leaves]
+    spec, layout, notes = _spec(shapes, meta, _stated(cfg, source), pairs[0][1], rows_held=len(waypoints))
     scan = scan_compressed(folder, variant, layout)
     if cfg.epochs is not None and scan.epochs != cfg.epochs:
         raise UsageError(f"{folder}: the compressed experts span K = {scan.epochs} epochs, not the {cfg.epochs} "
@@ -182,6 +211,20 @@ def plan_compressed(folder: Path, cfg: ImportConfig, source: Source, meta: Datas
 
 
 # --------------------------------------------------------------------------- the buffer
+
+
+@contextlib.contextmanager
+def _removed_on_refusal(out: Path, created: bool) -> Iterator[None]:
+    """A file this import created is removed when the import stops on bad input (a value found
+    only when the data is read: NaN, a damaged storage): it could never be completed, and the
+    command must leave nothing behind. An interruption keeps it (the rerun resumes), and a file
+    an earlier run created is never removed."""
+    try:
+        yield
+    except UsageError:
+        if created:
+            out.unlink(missing_ok=True)
+        raise
 
 
 def _training(cfg: ImportConfig) -> dict[str, Any]:
@@ -271,7 +314,15 @@ def import_replay(plan: ReplayPlan, out: Path, cfg: ImportConfig, prepared: Prep
               "gaps": list(scan.gaps)}
     new = h5out.NewBuffer(meta, plan.spec, plan.layout, scan.epochs, scan.num_experts, _training(cfg), config,
                           source)
+    created = not out.exists()
     done = _open_out(out, new, reporter)
+    with _removed_on_refusal(out, created):
+        return _replay_rows(plan, out, cfg, prepared, reporter, done)
+
+
+def _replay_rows(plan: ReplayPlan, out: Path, cfg: ImportConfig, prepared: Prepared, reporter: Reporter,
+                 done: list[bool]) -> ImportResult:
+    scan, meta = plan.scan, prepared.meta
     total, K, names = scan.num_experts, scan.epochs, [n for n, _ in plan.layout]
     row_bytes = (K + 1) * (scan.num_params + 2) * 4 + 64
     todo = total - sum(done[:total])
@@ -300,6 +351,7 @@ def import_replay(plan: ReplayPlan, out: Path, cfg: ImportConfig, prepared: Prep
                         writer.finish(row, acc)
                     tf.drop_cache()
                     progress.step(bf.path.name, e, tf.bytes_read - before)
+                    stop_if_asked(reporter, _KEPT)
         base += bf.experts
     reporter.done("import")
     return _result(out, REPLAY_FORMAT, plan, total, progress, sum(done[:total]), first_acc,
@@ -323,7 +375,15 @@ def import_compressed(plan: CompressedPlan, out: Path, cfg: ImportConfig, prepar
               "files": scan.listing(), "gaps": list(scan.gaps)}
     new = h5out.NewBuffer(meta, plan.spec, plan.layout, scan.epochs, scan.num_experts, _training(cfg), config,
                           source, convex)
+    created = not out.exists()
     done = _open_out(out, new, reporter)
+    with _removed_on_refusal(out, created):
+        return _compressed_rows(plan, out, cfg, prepared, reporter, done)
+
+
+def _compressed_rows(plan: CompressedPlan, out: Path, cfg: ImportConfig, prepared: Prepared, reporter: Reporter,
+                     done: list[bool]) -> ImportResult:
+    scan, meta = plan.scan, prepared.meta
     total = scan.num_experts
     row_bytes = (len(scan.positions) * scan.num_params + (scan.epochs + 1) * (len(scan.shapes) + 2)) * 4 + 64
     todo = total - sum(done[:total])
@@ -347,6 +407,7 @@ def import_compressed(plan: CompressedPlan, out: Path, cfg: ImportConfig, prepar
                     with h5out.open_rows(out, row_bytes) as writer:
                         writer.finish(base + e, acc, waypoints, beta)
                     progress.step(pair.waypoint.name, e, wtf.bytes_read + stf.bytes_read - before)
+                    stop_if_asked(reporter, _KEPT)
         base += pair.experts
     reporter.done("import")
     return _result(out, COMPRESSED_FORMAT, plan, total, progress, sum(done[:total]), first_acc,
@@ -425,10 +486,12 @@ def run(folder: Path, out: Path, cfg: ImportConfig, kind: str = "auto", data_dir
         scan_replay_folder(folder)
     else:
         find_pairs(folder, cfg.variant)
+    stop_if_asked(reporter, "nothing was written")
     for note in source.notes:
         reporter.log(f"note: {note}")
     reporter.log(f"loading {source.dataset}" + (" and fitting ZCA (cached after the first time)" if source.zca else ""))
     prepared = prepare(source.dataset, data_dir, source.zca, cfg.zca_eps, resolve_device(device), download=download)
+    stop_if_asked(reporter, "nothing was written")
     if chosen == "trajectories":
         result = import_replay(plan_replay(folder, cfg, source, prepared.meta), out, cfg, prepared, reporter)
     else:

@@ -14,16 +14,25 @@ of ours that builds an inert description (``TensorRef``) instead of a tensor:
 * ``collections.OrderedDict`` (the empty backward-hooks argument of every tensor).
 
 Any other global (``os.system``, ``builtins.exec``, a user class ...) is refused with one line
-naming the file, before anything is called. Storage bytes are read on demand, one storage at a
-time, from the zip member (CRC-checked), so memory is bounded by what the caller holds, not by
-the file. Sizes, dtypes and offsets are checked against the member sizes when the file is opened,
-so a damaged or truncated file is one line naming it.
+naming the file, before anything is called. Storage bytes are read on demand from the zip
+member, only as far as the tensor read lies in its storage (a slice of a huge, deflated storage
+inflates the slice; a storage used whole is read whole and CRC-checked), so memory is bounded by
+what the caller holds, not by the file. Sizes, dtypes and offsets are checked against the member
+sizes when the file is opened, so a damaged or truncated file is one line naming it.
+
+Nothing a file declares is believed before it is checked: the unpickled structure is walked
+once, iteratively, each shared list once (a list inside itself, more than MAX_DEPTH levels or
+more than MAX_NODES nodes counted along every path are refused, so no later walk can hang), and
+what each tensor's read would allocate is compared with half the memory available.
 
 Legacy (non-zip, torch < 1.6) files are not streamable: their storages follow the pickle
-back to back with no index. They are read whole with ``torch.load(weights_only=True)`` —
-torch's own restricted unpickler, which also refuses code — so the memory bound for them is one
-file (the bound the import promises), and a note says so. Refusing them outright would strand
-users whose only copy is such a file; re-saving it would need the same memory anyway.
+back to back with no index. Their pickle is first read by the same restricted unpickler (torch
+allocates every storage at its declared size before reading it, so the declared sizes are checked
+against the file and the structure as above); then they are read whole with
+``torch.load(weights_only=True)`` — torch's own restricted unpickler, which also refuses code — so
+the memory bound for them is one file (the bound the import promises), and a note says so.
+Refusing them outright would strand users whose only copy is such a file; re-saving it would
+need the same memory anyway.
 """
 
 from __future__ import annotations
@@ -42,8 +51,16 @@ import torch
 
 from mctool.errors import UsageError
 
-# A data.pkl larger than this is not a list of tensors (10 CIFAR experts need ~0.6 MB).
-_MAX_PICKLE_BYTES = 1 << 30
+# A data.pkl larger than this is not a list of tensors (10 CIFAR experts need ~0.6 MB, 100
+# compressed Tiny ImageNet experts ~20 MB).
+_MAX_PICKLE_BYTES = 256 << 20
+# Structure limits checked before anything walks the object: the deepest real layout is
+# experts → segments → points → tensors (5 levels); a list may be shared (pickle memo), so the
+# count is of nodes *as walked* (a DAG of shared lists counts every path).
+MAX_DEPTH = 16
+MAX_NODES = 2_000_000
+# Without a reading of free memory, this much is assumed available for one tensor.
+_FALLBACK_MEMORY = 4 << 30
 _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTO = 0x80
 
@@ -135,6 +152,16 @@ class TensorRef:
             return 0
         return self.offset + sum((s - 1) * st for s, st in zip(self.shape, self.stride)) + 1
 
+    def span(self) -> tuple[int, int]:
+        """The bytes [start, end) of its storage the view lies in (start = end: none)."""
+        size = _itemsize(self.dtype)
+        end = self.extent()
+        return (self.offset * size, end * size) if end else (0, 0)
+
+    def overlaps_itself(self) -> bool:
+        """Whether two of its elements are one stored element (a stride-0 or overlapping view)."""
+        return _self_overlapping(self.shape, self.stride)
+
     def __setstate__(self, state: Any) -> None:
         raise pickle.UnpicklingError("BUILD on a tensor")
 
@@ -164,12 +191,46 @@ class LoadedTensor:
         """Number of elements."""
         return self.tensor.numel()
 
+    def span(self) -> tuple[int, int]:
+        """The bytes [start, end) of its storage the tensor lies in (start = end: none)."""
+        t = self.tensor
+        if t.numel() == 0:
+            return (0, 0)
+        size = t.element_size()
+        end = t.storage_offset() + sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 1
+        return (t.storage_offset() * size, end * size)
+
+    def overlaps_itself(self) -> bool:
+        """Whether two of its elements are one stored element (a stride-0 or overlapping view)."""
+        return _self_overlapping(tuple(self.tensor.shape), tuple(self.tensor.stride()))
+
 
 Leaf = TensorRef | LoadedTensor
 
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty(0, dtype=dtype).element_size()
+
+
+def _self_overlapping(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    """True unless the dimensions (sorted by stride) step past each other: no element twice."""
+    if any(s == 0 for s in shape):
+        return False
+    dims = sorted((st, s) for s, st in zip(shape, stride) if s > 1)
+    reach = 1  # elements spanned by the dimensions taken so far
+    for st, s in dims:
+        if st < reach:
+            return True
+        reach = st * (s - 1) + reach
+    return False
+
+
+def memory_limit() -> int:
+    """Bytes one read may allocate: half the memory available now (a fixed 4 GiB when unknown)."""
+    from mctool.memory import free_bytes
+
+    free = free_bytes("cpu")
+    return max(free // 2, 1 << 20) if free is not None else _FALLBACK_MEMORY
 
 
 # --------------------------------------------------------------------------- the restricted unpickler
@@ -229,9 +290,10 @@ _ALLOWED: dict[tuple[str, str], Any] = {
 class _Unpickler(pickle.Unpickler):
     """Resolves only the names in _ALLOWED; storages become StorageRefs (persistent ids)."""
 
-    def __init__(self, file: BinaryIO) -> None:
+    def __init__(self, file: BinaryIO, legacy: bool = False) -> None:
         super().__init__(file)
         self.storages: dict[str, StorageRef] = {}
+        self.legacy = legacy  # pre-1.6 references carry a sixth field: a view of the storage, or None
 
     def find_class(self, module: str, name: str) -> Any:
         target = _ALLOWED.get((module, name))
@@ -240,9 +302,9 @@ class _Unpickler(pickle.Unpickler):
         return target
 
     def persistent_load(self, pid: Any) -> StorageRef:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+        if not (isinstance(pid, tuple) and len(pid) == 5 + self.legacy and pid[0] == "storage"):
             raise pickle.UnpicklingError(f"unexpected persistent reference {pid!r:.80}")
-        _, kind, key, location, numel = pid
+        _, kind, key, location, numel = pid[:5]
         if not isinstance(kind, _StorageType) or not isinstance(key, str) or not isinstance(location, str):
             raise pickle.UnpicklingError(f"malformed storage reference {pid!r:.80}")
         if not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
@@ -259,6 +321,9 @@ def _unpickle(data: bytes, path: Path) -> tuple[Any, dict[str, StorageRef]]:
     unpickler = _Unpickler(io.BytesIO(data))
     try:
         root = unpickler.load()
+        check_tensors_in_lists(root, path)
+    except TorchFileError:
+        raise
     except _Refused as exc:
         raise UnsafeTorchFile(
             f"{path}: refused: the file asks to load '{exc}', which is not part of tensors in lists "
@@ -270,22 +335,56 @@ def _unpickle(data: bytes, path: Path) -> tuple[Any, dict[str, StorageRef]]:
     return root, unpickler.storages
 
 
+def _gb(nbytes: int) -> str:
+    if nbytes >= 1e9:
+        return f"{nbytes / 1e9:.1f} GB"
+    return f"{nbytes / 1e6:.1f} MB" if nbytes >= 1e6 else f"{nbytes:,} bytes"
+
+
 def _one_line(exc: BaseException) -> str:
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # torch colours some messages
     return " ".join(text.split())[:200] or type(exc).__name__
 
 
+_LEAVES = (TensorRef, LoadedTensor, torch.Tensor)
+
+
 def check_tensors_in_lists(root: Any, path: Path) -> None:
-    """Refuse anything but lists (or tuples) nested around tensors; one line naming the file."""
-    stack: list[tuple[Any, str]] = [(root, "the file")]
+    """Refuse anything but lists (or tuples) nested around tensors, and structures that would
+    not end or not fit: a list inside itself, nesting deeper than MAX_DEPTH, more than MAX_NODES
+    nodes as walked (shared lists counted on every path). One line naming the file.
+
+    Iterative, and each distinct list is visited once (sizes of shared ones are remembered),
+    so the check itself takes time linear in the pickle, whatever the structure."""
+    if isinstance(root, _LEAVES):
+        return
+    walked: dict[int, int] = {}  # id(list) -> nodes below it, as walked; kept alive by `root`
+    on_path: set[int] = set()
+    stack: list[tuple[Any, int, str, bool]] = [(root, 0, "the file", False)]
     while stack:
-        node, where = stack.pop()
-        if isinstance(node, (TensorRef, LoadedTensor)):
+        node, depth, where, finished = stack.pop()
+        key = id(node)
+        if finished:
+            on_path.discard(key)
+            total = 1 + sum(walked.get(id(child), 1) for child in node)
+            if total > MAX_NODES:
+                raise TorchFileError(f"{path}: not a list of tensors: {where} holds more than {MAX_NODES:,} "
+                                     "lists and tensors (counting shared lists on every path)")
+            walked[key] = total
             continue
-        if isinstance(node, (list, tuple)):
-            stack.extend((child, f"{where}[{i}]") for i, child in enumerate(node))
+        if isinstance(node, _LEAVES) or key in walked:
             continue
-        raise UnsafeTorchFile(f"{path}: holds a {type(node).__name__} at {where}; mctool reads only tensors in lists")
+        if not isinstance(node, (list, tuple)):
+            raise UnsafeTorchFile(f"{path}: holds a {type(node).__name__} at {where}; mctool reads only tensors "
+                                  "in lists")
+        if key in on_path:
+            raise TorchFileError(f"{path}: not a list of tensors: {where} is a list that contains itself")
+        if depth >= MAX_DEPTH:
+            raise TorchFileError(f"{path}: not a list of tensors (nested more than {MAX_DEPTH} lists deep)")
+        on_path.add(key)
+        stack.append((node, depth, where, True))
+        stack.extend((child, depth + 1, f"{where}[{i}]", False) for i, child in enumerate(node)
+                     if not isinstance(child, _LEAVES))
 
 
 # --------------------------------------------------------------------------- files
@@ -376,7 +475,7 @@ class _ZipTorchFile(TorchFile):
             self.root, self._storages = _unpickle(self._member(info.filename), path)
             self._big_endian = self._byteorder() == "big"
             self._check_storages()
-            self._cache: tuple[str, torch.Tensor] | None = None
+            self._cache: tuple[str, int, int, torch.Tensor] | None = None
         except BaseException:
             self.close()
             raise
@@ -405,6 +504,7 @@ class _ZipTorchFile(TorchFile):
         return order
 
     def _check_storages(self) -> None:
+        self._limit = limit = memory_limit()
         for ref in self._storages.values():
             name = f"{self._prefix}data/{ref.key}"
             info = self._zip.NameToInfo.get(name)
@@ -417,11 +517,34 @@ class _ZipTorchFile(TorchFile):
             if isinstance(leaf, TensorRef) and leaf.extent() > leaf.storage.numel:
                 raise TorchFileError(f"{self.path}: damaged: a tensor of shape {list(leaf.shape)} reaches element "
                                      f"{leaf.extent()} of storage {leaf.storage.key}, which has {leaf.storage.numel}")
+            # What a read allocates (the bytes of the storage it inflates, then the tensor), from the
+            # description alone: refused before anything is read or allocated.
+            start, end = leaf.span()
+            need = max(end - start, leaf.numel() * _itemsize(leaf.dtype))
+            if need > limit:
+                raise TorchFileError(f"{self.path}: a tensor of shape {list(leaf.shape)} would take {_gb(need)} to "
+                                     f"read, more than the {_gb(limit)} a read may use (half the memory available)")
 
-    def _storage(self, ref: StorageRef) -> torch.Tensor:
-        if self._cache is not None and self._cache[0] == ref.key:
-            return self._cache[1]
-        data = self._member(f"{self._prefix}data/{ref.key}")  # the CRC is checked on the way
+    def _window(self, ref: StorageRef, start: int, end: int) -> torch.Tensor:
+        """Bytes [start, end) of a storage as a flat tensor of its dtype; a storage is inflated only
+        as far as `end` (a slice of a huge storage reads the slice). The CRC is checked whenever a
+        read reaches the end of the member."""
+        cached = self._cache
+        if cached is not None and cached[0] == ref.key and cached[1] <= start and end <= cached[2]:
+            a = (start - cached[1]) // _itemsize(ref.dtype)
+            return cached[3][a: a + (end - start) // _itemsize(ref.dtype)]
+        name = f"{self._prefix}data/{ref.key}"
+        try:
+            with self._zip.open(name) as member:
+                if start:
+                    member.seek(start)
+                data = member.read(end - start)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError) as exc:
+            raise TorchFileError(f"{self.path}: damaged: cannot read {name} ({_one_line(exc)})") from None
+        except Exception as exc:  # noqa: BLE001 - zlib errors for a deflated member
+            raise TorchFileError(f"{self.path}: damaged: cannot read {name} ({_one_line(exc)})") from None
+        if len(data) != end - start:
+            raise TorchFileError(f"{self.path}: damaged: {name} ends after {start + len(data)} bytes")
         if not data:
             flat = torch.empty(0, dtype=ref.dtype)
         else:
@@ -431,17 +554,24 @@ class _ZipTorchFile(TorchFile):
             if self._big_endian and _itemsize(ref.dtype) > 1:
                 raw = raw.view(-1, _itemsize(ref.dtype)).flip(1).reshape(-1)
             flat = raw.view(ref.dtype)
-        self._cache = (ref.key, flat)
+        self._cache = (ref.key, start, end, flat)
         return flat
 
     def read(self, leaf: Leaf) -> torch.Tensor:
-        """The tensor `leaf` describes (one storage read, CRC-checked), as an owned copy."""
+        """The tensor `leaf` describes (only the bytes of its storage it lies in), as an owned copy."""
         if isinstance(leaf, LoadedTensor):
             return leaf.tensor.contiguous().clone()
-        flat = self._storage(leaf.storage)
         if leaf.numel() == 0:
             return torch.empty(leaf.shape, dtype=leaf.dtype)
-        return flat.as_strided(leaf.shape, leaf.stride, leaf.offset).clone(memory_format=torch.contiguous_format)
+        start, end = leaf.span()
+        # A storage used whole (every tensor torch.save writes from a parameter) is read whole,
+        # so its CRC is checked; a storage larger than a read may take never is.
+        if end - start > leaf.storage.nbytes // 2 and leaf.storage.nbytes <= self._limit:
+            start, end = 0, leaf.storage.nbytes
+        flat = self._window(leaf.storage, start, end)
+        # as_strided counts from the start of the memory `flat` views, not from `flat` itself.
+        offset = flat.storage_offset() + leaf.offset - start // _itemsize(leaf.dtype)
+        return flat.as_strided(leaf.shape, leaf.stride, offset).clone(memory_format=torch.contiguous_format)
 
     def drop_cache(self) -> None:
         """Forget the last storage read (memory back to the caller's)."""
@@ -468,6 +598,7 @@ class _LegacyTorchFile(TorchFile):
     def __init__(self, path: Path) -> None:
         self.path = path
         self._size = path.stat().st_size
+        _legacy_prescan(path, self._size)
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
@@ -476,9 +607,21 @@ class _LegacyTorchFile(TorchFile):
                 f"is refused by torch's weights-only loader ({_one_line(exc)})"
             raise UnsafeTorchFile(f"{path}: refused: the file {asked} (nothing from the file was run; "
                                   "mctool reads only lists of tensors)") from None
+        except RecursionError:
+            raise TorchFileError(f"{path}: not a list of tensors (nesting too deep)") from None
+        except MemoryError:
+            raise TorchFileError(f"{path}: damaged or not a list of tensors (it declares more than memory "
+                                 "holds)") from None
         except Exception as exc:  # noqa: BLE001 - truncated legacy files raise EOFError, RuntimeError, ...
             raise TorchFileError(f"{path}: damaged or not a torch file ({_one_line(exc)})") from None
-        self.root = _wrap(obj, path)
+        check_tensors_in_lists(obj, path)  # before anything walks it: no cycle, bounded depth and size
+        self.root = _wrap(obj)
+        limit = memory_limit()
+        for leaf in _leaves(self.root):
+            need = leaf.numel() * leaf.tensor.element_size()
+            if need > limit:
+                raise TorchFileError(f"{path}: a tensor of shape {list(leaf.shape)} would take {_gb(need)} to read, "
+                                     f"more than the {_gb(limit)} a read may use (half the memory available)")
 
     def read(self, leaf: Leaf) -> torch.Tensor:
         """The tensor, copied out of the loaded file."""
@@ -492,13 +635,65 @@ class _LegacyTorchFile(TorchFile):
         return self._size
 
 
-def _wrap(obj: Any, path: Path) -> Any:
-    """torch.load's result with tensors wrapped as LoadedTensor; anything else refused."""
+class _PlainUnpickler(pickle.Unpickler):
+    """For the legacy format's header pickles (numbers, a dict of flags): no global at all."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise _Refused(f"{module}.{name}")
+
+
+def _legacy_prescan(path: Path, size: int) -> None:
+    """What a legacy file declares, read with our restricted unpickler before torch.load sees it:
+    torch.load allocates every storage at its declared size before reading its bytes, so a few
+    bytes could ask for terabytes. The structure (cycles, depth, size), the storages' declared
+    bytes against the file's, and each tensor's size against memory are checked here."""
+    try:
+        with open(path, "rb") as f:
+            for _ in range(3):  # magic number, protocol version, system info
+                _PlainUnpickler(f).load()
+            unpickler = _Unpickler(f, legacy=True)
+            root = unpickler.load()
+            check_tensors_in_lists(root, path)
+            _PlainUnpickler(f).load()  # the storage keys
+            data_start = f.tell()
+    except TorchFileError:
+        raise
+    except _Refused as exc:
+        raise UnsafeTorchFile(
+            f"{path}: refused: the file asks to load '{exc}', which is not part of tensors in lists "
+            "(nothing from the file was run; mctool reads only lists of tensors)") from None
+    except RecursionError:
+        raise TorchFileError(f"{path}: not a list of tensors (nesting too deep)") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged pickle can raise almost anything
+        raise TorchFileError(f"{path}: damaged or not a torch file of tensors ({_one_line(exc)})") from None
+    # Each storage follows as an 8-byte element count and its bytes.
+    declared = sum(8 + ref.nbytes for ref in unpickler.storages.values())
+    if declared > size - data_start:
+        raise TorchFileError(f"{path}: damaged or truncated: its storages declare {declared:,} bytes, the file holds "
+                             f"{size - data_start:,} after its pickle")
+    limit = memory_limit()
+    for leaf in _leaves(root):
+        need = leaf.numel() * _itemsize(leaf.dtype)
+        if need > limit:
+            raise TorchFileError(f"{path}: a tensor of shape {list(leaf.shape)} would take {_gb(need)} to read, "
+                                 f"more than the {_gb(limit)} a read may use (half the memory available)")
+
+
+def _wrap(obj: Any) -> Any:
+    """A checked torch.load result (tensors in lists, no cycle) with tensors wrapped as
+    LoadedTensor; iterative, a shared list is wrapped once (and stays shared)."""
     if isinstance(obj, torch.Tensor):
         return LoadedTensor(obj)
-    if isinstance(obj, (list, tuple)):
-        return [_wrap(o, path) for o in obj]
-    raise UnsafeTorchFile(f"{path}: holds a {type(obj).__name__}; mctool reads only tensors in lists")
+    done: dict[int, list[Any]] = {}
+    stack: list[tuple[Any, bool]] = [(obj, False)]
+    while stack:
+        node, finished = stack.pop()
+        if finished:
+            done[id(node)] = [LoadedTensor(c) if isinstance(c, torch.Tensor) else done[id(c)] for c in node]
+        elif id(node) not in done:
+            stack.append((node, True))
+            stack.extend((c, False) for c in node if not isinstance(c, torch.Tensor) and id(c) not in done)
+    return done[id(obj)]
 
 
 def _leaves(root: Any) -> Iterator[Leaf]:
