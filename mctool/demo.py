@@ -14,7 +14,7 @@ from mctool.convex import ConvexifyConfig, convexify_file
 from mctool.distill import resolve_config, run_prepared
 from mctool.evaluate import EvaluateConfig, Evaluation, evaluate_set, random_real
 from mctool.experts import ExpertsConfig, run_prepared as run_experts
-from mctool.plots import synset_grid, synset_png_path
+from mctool.plots import synset_picture, synset_png_path
 from mctool.prepared import prepare, prepare_like
 from mctool.progress import SILENT, Reporter
 
@@ -96,7 +96,7 @@ def run(demo: DemoConfig, out_dir: Path, data_dir: Path | None, device: str = "a
     with store.open_synsets(synset) as sf:
         syn = sf.read(dres.synset)
         spec = sf.spec
-    png = synset_grid(syn.images, prepared.prep, cfg.ipc, synset_png_path(synset, dres.synset))
+    png = synset_picture(syn, prepared.meta, prepared.prep, synset_png_path(synset, dres.synset))
     times["distill"] = time.perf_counter() - t
 
     t = time.perf_counter()

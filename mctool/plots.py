@@ -27,12 +27,15 @@ from mctool.functional import FlatNet
 from mctool.models import ModelSpec, build_model, layer_sizes
 from mctool.prepared import Prepared, prepare_like
 from mctool.progress import SILENT, Reporter
+from mctool.text import clean_text
 from mctool.trajectory import ConvexTrajectory
 
 # At most this many images per class in a synset grid (ipc 50 would be unreadably wide).
 MAX_PER_CLASS = 10
 # At most this many β curves in one plot (a legend of 14+ colours stops being readable).
 MAX_CURVES = 8
+# The dashed vertical lines of the β and accuracy plots: the epochs the waypoints were taken at.
+WAYPOINTS_LABEL = "waypoint epochs (dashed)"
 # Small images are upscaled (nearest) until their longer side reaches this many pixels.
 _MIN_SIDE = 64
 # Evaluation batch for the convexified path (bounded memory on any device).
@@ -63,27 +66,76 @@ def _upscale(images: torch.Tensor) -> torch.Tensor:
     return F.interpolate(images, scale_factor=factor, mode="nearest") if factor > 1 else images
 
 
-def save_grid(images: torch.Tensor, path: Path, nrow: int, title: str | None = None) -> Path:
+def save_grid(images: torch.Tensor, path: Path, nrow: int, title: str | None = None,
+              row_labels: Sequence[str] | None = None) -> Path:
     """Write images [N, C, H, W] in [0, 1] as one PNG grid with `nrow` images per row, under a
-    `title` line when one is given."""
+    `title` (lines split at newlines and wrapped to the picture's width) when one is given, with
+    `row_labels` in a column on the left (one per row of the grid) when given."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     x = _upscale(images.detach().to("cpu", torch.float32).clamp(0, 1))
     grid = make_grid(x, nrow=max(1, int(nrow)), padding=2, pad_value=1.0)
-    if title is None:
+    if title is None and not row_labels:
         save_image(grid, path)
         return path
     pixels = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     picture = Image.fromarray(pixels).convert("RGB")
-    font = _font(14)
+    font, title_font = _font(13), _font(14)
     draw = ImageDraw.Draw(picture)
-    _, text_height = _text_size(draw, title, font)
-    band = text_height + 10
-    titled = Image.new("RGB", (picture.width, picture.height + band), "white")
-    titled.paste(picture, (0, band))
-    ImageDraw.Draw(titled).text((4, 4), title, fill="black", font=font)
-    titled.save(path)
+    labels = [_shorten(draw, str(t), font, _LABEL_MAX) for t in row_labels or ()]
+    label_w = max((_text_size(draw, t, font)[0] for t in labels), default=-8) + 8
+    width = max(label_w + picture.width, _MIN_CAPTION_WIDTH if title else 0)
+    lines = [w for line in (title or "").splitlines() for w in _wrap(draw, line, title_font, width - 16)]
+    line_h = _line_height(title_font)
+    band = (len(lines) * line_h + 10) if lines else 0
+    out = Image.new("RGB", (width, band + picture.height), "white")
+    out.paste(picture, (label_w, band))
+    canvas = ImageDraw.Draw(out)
+    for k, line in enumerate(lines):
+        canvas.text((4, 4 + k * line_h), line, fill="black", font=title_font)
+    if labels:
+        rows = math.ceil(x.shape[0] / max(1, int(nrow)))
+        tile = (picture.height - 2) / max(1, rows)  # make_grid: 2 px padding around and between tiles
+        for r, label in enumerate(labels[:rows]):
+            tw, th = _text_size(canvas, label, font)
+            canvas.text((label_w - 6 - tw, band + 2 + r * tile + (tile - 2 - th) / 2 - 2), label, fill="black",
+                        font=font)
+    out.save(path)
     return path
+
+
+# Room a row label may take (longer class names are shortened), and the narrowest captioned picture.
+_LABEL_MAX = 170
+_MIN_CAPTION_WIDTH = 420
+
+
+def _line_height(font: ImageFont.ImageFont | ImageFont.FreeTypeFont) -> int:
+    """The distance between two lines of `font`: its ascent + descent (a bitmap font: its box)."""
+    try:
+        ascent, descent = font.getmetrics()  # type: ignore[union-attr]
+        return int(ascent + descent) + 2
+    except AttributeError:
+        return int(font.getbbox("Hg0")[3]) + 4
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: float) -> list[str]:
+    """`text` broken at spaces into lines no wider than `width` (a longer word gets a line of its own)."""
+    lines: list[str] = []
+    for word in text.split(" "):
+        if lines and _text_size(draw, lines[-1] + " " + word, font)[0] <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
+def _shorten(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: float) -> str:
+    """`text`, cut at the end with "…" to fit `width`."""
+    if _text_size(draw, text, font)[0] <= width:
+        return text
+    while len(text) > 1 and _text_size(draw, text + "…", font)[0] > width:
+        text = text[:-1]
+    return text.rstrip() + "…"
 
 
 def minmax_images(images: torch.Tensor) -> torch.Tensor:
@@ -100,16 +152,10 @@ def synset_png_path(out: Path, name: str) -> Path:
     return out.with_name(f"{out.stem}-{name}.png")
 
 
-def best_title(best: store.BestImages) -> str:
-    """The caption of a best-images picture: which iteration, and on what they were selected."""
-    how = "selected on TEST (the authors' protocol)" if best.selected_on == "test" else \
-        f"selected on {best.selected_on}"
-    return f"best images: iteration {best.iteration}, {how}"
-
-
 def synset_grid(images: torch.Tensor, prep: Preprocessing | None, ipc: int, path: Path,
-                title: str | None = None) -> Path:
-    """De-whitened synset grid, one row per class (images are class-major), ≤ 10 per class.
+                title: str | None = None, class_names: Sequence[str] | None = None) -> Path:
+    """De-whitened synset grid, one row per class (images are class-major), ≤ 10 per class, each
+    row labelled with its class when `class_names` are given.
 
     `prep` None falls back to per-image min-max scaling."""
     x = images.detach().to("cpu", torch.float32)
@@ -119,7 +165,48 @@ def synset_grid(images: torch.Tensor, prep: Preprocessing | None, ipc: int, path
         # Class-major storage: keep the first `shown` of every class.
         x = x.view(x.shape[0] // ipc, ipc, *x.shape[1:])[:, :shown].reshape(-1, *x.shape[1:])
     pixels = prep.invert(x) if prep is not None else minmax_images(x)
-    return save_grid(pixels, path, nrow=shown, title=title)
+    return save_grid(pixels, path, nrow=shown, title=title, row_labels=class_names)
+
+
+def synset_caption(syn: store.Synset, meta: store.DatasetMeta, best: bool = False, dewhitened: bool = True) -> str:
+    """What a synset picture shows, line by line: that the images are synthetic, the dataset,
+    synset and ipc, which images (final, or best: of which iteration, selected on what), and how
+    they are displayed."""
+    shown = min(syn.ipc, MAX_PER_CLASS)
+    per_class = f"{syn.ipc} per class" + (f", the first {shown} shown" if shown < syn.ipc else "")
+    target = syn.config.get("iterations")
+    of = f" of {target}" if isinstance(target, int) and target != syn.iterations else ""
+    if best and syn.best is not None:
+        b = syn.best
+        score = b.score.get("mean")
+        scored = f" ({100 * score:.1f}% there)" if isinstance(score, float) and math.isfinite(score) else ""
+        where = "the TEST split (the authors' protocol)" if b.selected_on == "test" else \
+            f"a {b.selected_on} split held out of the training set"
+        which = f"best images: iteration {b.iteration}{of or f' of {syn.iterations}'}, selected on {where}{scored}"
+    else:
+        which = (f"final images after {syn.iterations}{of} iterations" if syn.complete else
+                 f"latest images of a run not finished: iteration {syn.iterations}{of}")
+    how = ("de-whitened for display" if meta.zca else "de-normalised for display") if dewhitened else \
+        "each image min-max scaled (the dataset's preprocessing was not available)"
+    return (f"Synthetic images ({syn.method.upper()} distillation), not real ones: {meta.name}, synset "
+            f"'{clean_text(syn.name)}', ipc {syn.ipc} ({per_class})\n{which}\none row per class; {how}")
+
+
+def class_labels(meta: store.DatasetMeta) -> list[str]:
+    """Row labels of a synset grid: 'index name' per class (the name alone when it is the index,
+    as MNIST's; 'class i' when the names are unknown)."""
+    names = [clean_text(n) for n in meta.class_names] if len(meta.class_names) == meta.num_classes else []
+    return [(names[i] if names[i] == str(i) else f"{i} {names[i]}") if names else f"class {i}"
+            for i in range(meta.num_classes)]
+
+
+def synset_picture(syn: store.Synset, meta: store.DatasetMeta, prep: Preprocessing | None, path: Path,
+                   best: bool = False) -> Path:
+    """The synset's final (or best) images as a grid that says what it shows (synset_caption) and
+    which class each row is."""
+    images = syn.best.images if best and syn.best is not None else syn.images
+    return synset_grid(images, prep, syn.ipc, path, synset_caption(syn, meta, best, prep is not None),
+                       class_labels(meta))
 
 
 # --------------------------------------------------------------------------- line plots
@@ -273,16 +360,49 @@ def _fit_labels(cv: _Canvas, labels: list[str]) -> list[str]:
     return fitted
 
 
-def _layout(cv: _Canvas, labels: list[str], yticks: list[float], title: str, limits: tuple[float, ...]) -> _Frame:
-    """Margins for the title, tick labels, axis labels and the legend column on the right."""
+@dataclass
+class _Legend:
+    """Where the legend goes: a column right of the plot, or (when its entries would not fit that
+    column's height) `columns` columns under the x-axis label."""
+
+    labels: list[str]
+    dashed: int  # entries at the end drawn as a dashed grey line (the vertical lines' entry)
+    row: float  # height of one entry
+    entry_w: float  # width of one entry (swatch + text)
+    below: bool = False
+    columns: int = 1
+
+    @property
+    def rows(self) -> int:
+        return math.ceil(len(self.labels) / self.columns)
+
+    @property
+    def height(self) -> float:
+        return self.rows * self.row + self.row / 2
+
+
+def _legend(cv: _Canvas, labels: list[str], dashed: int, plot_height: float) -> _Legend | None:
+    if not labels:
+        return None
+    row = _line_height(cv.font) + cv.u(6)
+    leg = _Legend(labels, dashed, row, max(cv.text_size(t)[0] for t in labels) + cv.u(46))
+    if leg.height > plot_height:  # too tall for the side: under the plot, in as many columns as fit
+        leg.below = True
+        leg.columns = max(1, min(len(labels), int((cv.img.size[0] - cv.u(24)) // (leg.entry_w + cv.u(12)))))
+    return leg
+
+
+def _layout(cv: _Canvas, legend: _Legend | None, yticks: list[float], title: str, limits: tuple[float, ...]) -> _Frame:
+    """Margins for the title, tick labels, axis labels and the legend (right of the plot or below)."""
     W, H = cv.img.size
-    legend_w = (max(cv.text_size(t)[0] for t in labels) + cv.u(46)) if labels else 0
+    side = legend.entry_w if legend is not None and not legend.below else 0
+    under = legend.height + cv.u(8) if legend is not None and legend.below else 0
     ytick_w = max(cv.text_size(_tick_label(t))[0] for t in yticks)
     line_h = cv.text_size("Hg0")[1]
     left = cv.u(12) + line_h + cv.u(8) + ytick_w + cv.u(8)
-    right = W - cv.u(15) - legend_w
+    right = W - cv.u(15) - side
     top = cv.u(16) + cv.text_size(title or "H", title=True)[1] + cv.u(14)
-    bottom = H - (line_h * 2 + cv.u(24))
+    bottom = H - (line_h * 2 + cv.u(24)) - under
     return _Frame(left, top, right, bottom, *limits)
 
 
@@ -320,28 +440,46 @@ def _draw_series(cv: _Canvas, fr: _Frame, series: Sequence[Series]) -> None:
                 cv.draw.line(points, fill=colour, width=int(cv.u(2)), joint="curve")
 
 
-def _draw_legend(cv: _Canvas, fr: _Frame, labels: list[str]) -> None:
-    line_h = cv.text_size("Hg0")[1]
-    lx, ly, row = fr.right + cv.u(12), fr.top, line_h + cv.u(8)
-    box_w = cv.img.size[0] - cv.u(4) - lx
-    cv.draw.rectangle([lx, ly, lx + box_w, ly + row * len(labels) + cv.u(8)], outline=(120, 120, 120),
-                      fill="white", width=int(cv.u(1)))
-    for i, label in enumerate(labels):
-        y = ly + cv.u(6) + i * row + row / 2 - cv.u(2)
-        cv.draw.line([(lx + cv.u(6), y), (lx + cv.u(28), y)], fill=PALETTE[i % len(PALETTE)], width=int(cv.u(3)))
-        cv.text((lx + cv.u(34), y - line_h / 2 - cv.u(2)), label)
+def _draw_legend(cv: _Canvas, fr: _Frame, leg: _Legend) -> None:
+    line_h = _line_height(cv.font)
+    if leg.below:
+        width = leg.columns * leg.entry_w + cv.u(8)
+        lx, ly = max(cv.u(4), (fr.left + fr.right) / 2 - width / 2), cv.img.size[1] - leg.height - cv.u(6)
+    else:
+        lx, ly, width = fr.right + cv.u(12), fr.top, cv.img.size[0] - cv.u(4) - (fr.right + cv.u(12))
+    cv.draw.rectangle([lx, ly, lx + width, ly + leg.height], outline=(120, 120, 120), fill="white",
+                      width=int(cv.u(1)))
+    first_dashed = len(leg.labels) - leg.dashed
+    for i, label in enumerate(leg.labels):
+        col, r = divmod(i, leg.rows)
+        x = lx + cv.u(4) + col * leg.entry_w
+        y = ly + leg.row / 4 + r * leg.row + leg.row / 2
+        if i >= first_dashed:
+            for a in range(0, 22, 8):  # a short dashed segment, as the vertical lines are drawn
+                cv.draw.line([(x + cv.u(2 + a), y), (x + cv.u(min(2 + a + 5, 24)), y)], fill=(150, 150, 150),
+                             width=int(cv.u(1)))
+        else:
+            cv.draw.line([(x + cv.u(2), y), (x + cv.u(24), y)], fill=PALETTE[i % len(PALETTE)], width=int(cv.u(3)))
+        cv.text((x + cv.u(30), y - line_h / 2), label)
 
 
 def line_plot(series: Sequence[Series], path: Path, title: str, xlabel: str, ylabel: str,
-              vlines: Sequence[float] = (), size: tuple[int, int] = (800, 500)) -> Path:
-    """Draw (label, xs, ys) series as coloured polylines with axes, ticks, legend and dashed vlines."""
+              vlines: Sequence[float] = (), size: tuple[int, int] = (800, 500), vline_label: str = "") -> Path:
+    """Draw (label, xs, ys) series as coloured polylines with axes, ticks, a legend and dashed
+    vertical lines at `vlines` (named in the legend by `vline_label`). The legend stands right of
+    the plot, or under it in columns when it has too many entries for that."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     x0, x1, xticks = _axis([float(v) for _, xs, _ in series for v in xs] + [float(v) for v in vlines])
     y0, y1, yticks = _axis([float(v) for _, _, ys in series for v in ys])
     cv = _Canvas(size)
     labels = _fit_labels(cv, [label for label, _, _ in series])
-    fr = _layout(cv, labels, yticks, title, (x0, x1, y0, y1))
+    dashed = 1 if vline_label and vlines else 0
+    if dashed:
+        labels.append(vline_label)
+    bare = _layout(cv, None, yticks, title, (x0, x1, y0, y1))
+    legend = _legend(cv, labels, dashed, bare.bottom - bare.top)
+    fr = _layout(cv, legend, yticks, title, (x0, x1, y0, y1))
 
     _draw_axes(cv, fr, xticks, yticks, vlines)
     _draw_series(cv, fr, series)
@@ -350,8 +488,8 @@ def line_plot(series: Sequence[Series], path: Path, title: str, xlabel: str, yla
     if ylabel:
         cv.vertical_text(ylabel, cv.u(8), (fr.top + fr.bottom) / 2)
     cv.text((max(cv.u(4), cv.img.size[0] / 2 - cv.text_size(title, title=True)[0] / 2), cv.u(12)), title, title=True)
-    if labels:
-        _draw_legend(cv, fr, labels)
+    if legend is not None:
+        _draw_legend(cv, fr, legend)
     return cv.save(path)
 
 
@@ -375,8 +513,8 @@ class _Contents:
     """Everything the pictures need, read once so the file is closed before any heavy work."""
 
     meta: store.DatasetMeta | None = None
-    # suffix, images, ipc, title (None: none)
-    synsets: list[tuple[str, torch.Tensor, int, str | None]] = dataclasses.field(default_factory=list)
+    # picture suffix, the synset, whether the picture shows its best images
+    synsets: list[tuple[str, store.Synset, bool]] = dataclasses.field(default_factory=list)
     convex: _Convex | None = None
     accuracy: np.ndarray | None = None  # [E_done, K+1] stored test accuracy of done experts
     done: np.ndarray | None = None  # indices of the done experts (rows of `accuracy`)
@@ -391,9 +529,9 @@ def _read_contents(path: Path) -> _Contents:
         with store.open_synsets(path) as sf:
             c.meta = sf.data
             syn = sf.read(sf.pick(None))
-            c.synsets.append(("synset", syn.images, syn.ipc, None))
+            c.synsets.append(("synset", syn, False))
             if syn.best is not None:
-                c.synsets.append(("synset-best", syn.best.images, syn.ipc, best_title(syn.best)))
+                c.synsets.append(("synset-best", syn, True))
     if has_buffer:
         with store.open_buffer(path) as buf:
             c.meta = buf.data
@@ -459,7 +597,7 @@ def beta_plot(cv: _Convex, path: Path) -> Path:
     series = [(names[j], epochs, beta[:, j].tolist()) for j in picks]
     title = f"beta per layer, expert {cv.expert}" + (f" ({how})" if how else "")
     return line_plot(series, path, title, "epoch", "beta (waypoint index + fraction of segment)",
-                     vlines=[float(p) for p in cv.positions])
+                     vlines=[float(p) for p in cv.positions], vline_label=WAYPOINTS_LABEL)
 
 
 @torch.no_grad()
@@ -533,7 +671,8 @@ def accuracy_plot(c: _Contents, data: _LazyData | None, path: Path, test_images:
             series.append((f"expert {cv.expert} convexified{note}", epochs, [100 * v for v in acc]))
     n = len(c.done)
     title = f"test accuracy along the trajectory ({'1 expert' if n == 1 else f'mean of {n} experts'})"
-    return line_plot(series, path, title, "epoch", "test accuracy (%)", vlines=vlines)
+    return line_plot(series, path, title, "epoch", "test accuracy (%)", vlines=vlines,
+                     vline_label=WAYPOINTS_LABEL)
 
 
 def _suffixed(png: Path, what: str) -> Path:
@@ -553,13 +692,14 @@ def write_overview(file: Path, png: Path, data_dir: Path | None = None, device: 
     c = _read_contents(Path(file))
     data = _LazyData(c.meta, data_dir, device)
     written: list[Path] = []
-    for suffix, images, ipc, title in c.synsets:
+    for suffix, syn, best in c.synsets:
         prepared = data.get()
         prep = prepared.prep if prepared is not None else None
+        assert c.meta is not None
         try:
-            written.append(synset_grid(images, prep, ipc, _suffixed(png, suffix), title))
+            written.append(synset_picture(syn, c.meta, prep, _suffixed(png, suffix), best))
         except ValueError:  # images do not fit the dataset's preprocessing: show them min-max scaled
-            written.append(synset_grid(images, None, ipc, _suffixed(png, suffix), title))
+            written.append(synset_picture(syn, c.meta, None, _suffixed(png, suffix), best))
     if c.convex is not None:
         written.append(beta_plot(c.convex, _suffixed(png, "beta")))
     if c.accuracy is not None:

@@ -290,7 +290,7 @@ def summary() -> dict[str, Any]:
                                       "mean": 0.4, "std": 0.1, "epochs": 3}],
                      "has_checkpoint": True, "grad": "constant", "image_grad_units": "released",
                      "best": {"iteration": 3, "lr": 0.02, "selected_on": "test", "score": {"mean": float("nan")}}}],
-        "storage": {"full_bytes_per_expert": 84840, "file_bytes_per_expert": 4096.0,
+        "storage": {"full_bytes_per_expert": 84840, "file_bytes_per_expert": 4096.0, "file_size_per_expert": 6172.5,
                     "convex_bytes_per_expert": 51000, "ratio": 1.66},
     }
 

@@ -86,3 +86,20 @@ def test_demo_takes_o_like_every_command(monkeypatch: pytest.MonkeyPatch, tmp_pa
     fake = patch(monkeypatch, mctool.demo, "run", demo_result([0.7], [0.5]))
     assert cli("demo", "--fast", "-o", tmp_path).exit_code == 0
     assert fake.args[1] == tmp_path
+
+
+def test_inspect_says_which_bytes_per_expert_it_counts(buffer: Path) -> None:
+    import json
+    import os
+
+    from mctool.cli.commands.inspect import _size
+
+    st = os.stat(buffer)
+    doc = json.loads(cli("inspect", buffer, "--json").stdout)["storage"]
+    assert doc["file_size_per_expert"] == st.st_size / 2  # the fixture's 2 finished experts
+    assert doc["file_bytes_per_expert"] == st.st_blocks * 512 / 2  # allocated blocks (the key since 0.1.0)
+    text = cli("inspect", buffer).stdout
+    assert f"this file: size {_size(st.st_size / 2)}/expert" in text
+    if _size(st.st_blocks * 512 / 2) != _size(st.st_size / 2):
+        assert f", {_size(st.st_blocks * 512 / 2)}/expert allocated on disk" in text
+    assert "/expert on disk" not in text  # the old, unlabelled figure

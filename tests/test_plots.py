@@ -15,16 +15,21 @@ from mctool import store
 from mctool.models import ModelSpec, build_model, layer_sizes, param_layout
 from mctool.store import ConvexMeta, DatasetMeta
 from mctool.plots import (
+    WAYPOINTS_LABEL,
     _test_subset,
+    class_labels,
     convexified_accuracy,
     line_plot,
     layer_picks,
     minmax_images,
     nice_axis,
     save_grid,
+    synset_caption,
     synset_grid,
+    synset_picture,
     write_overview,
 )
+from mctool.store.synsets import BestImages
 from mctool.prepared import prepare
 from mctool.trajectory import ConvexTrajectory, convexify
 
@@ -117,6 +122,54 @@ def test_synset_grid_shows_at_most_ten_per_class(tmp_path: Path) -> None:
     assert px.shape == (2 + 3 * 66, 2 + 10 * 66, 3)  # 3 rows of 10, 32 px upscaled x2
 
 
+def _syn(ipc: int = 12, **changes) -> store.Synset:
+    images = torch.rand(3 * ipc, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    values = dict(name="fashion-mnist-ipc10", images=images, labels=torch.arange(3).repeat_interleave(ipc), lr=0.01,
+                  ipc=ipc, iterations=500, config={"iterations": 500},
+                  best=BestImages(images=1 - images, labels=torch.arange(3).repeat_interleave(ipc), lr=0.01,
+                                  iteration=300, selected_on="validation", score={"mean": 0.7234}))
+    values.update(changes)
+    return store.Synset(**values)
+
+
+def test_the_synset_caption_says_what_the_picture_shows() -> None:
+    meta = _meta("fashion-mnist")
+    final = synset_caption(_syn(), meta).splitlines()
+    assert final[0].startswith("Synthetic images (MCT distillation), not real ones: fashion-mnist, synset "
+                               "'fashion-mnist-ipc10', ipc 12 (12 per class, the first 10 shown)")
+    assert final[1] == "final images after 500 iterations"
+    assert final[2] == "one row per class; de-normalised for display"
+    best = synset_caption(_syn(), meta, best=True).splitlines()[1]
+    assert best == ("best images: iteration 300 of 500, selected on a validation split held out of the training set "
+                    "(72.3% there)")
+    syn = _syn(2, iterations=120, complete=False)
+    syn.best.selected_on = "test"  # type: ignore[union-attr]
+    assert "selected on the TEST split (the authors' protocol)" in synset_caption(syn, meta, best=True)
+    assert "latest images of a run not finished: iteration 120 of 500" in synset_caption(syn, meta)
+    assert "(2 per class)" in synset_caption(syn, meta)
+    assert "min-max scaled" in synset_caption(syn, meta, dewhitened=False)
+
+
+def test_class_labels_name_every_row() -> None:
+    assert class_labels(_meta()) == ["0 a", "1 b", "2 c"]
+    digits = DatasetMeta(**{**_meta().__dict__, "class_names": ("0", "1", "2")})
+    assert class_labels(digits) == ["0", "1", "2"]
+    unnamed = DatasetMeta(**{**_meta().__dict__, "class_names": ()})
+    assert class_labels(unnamed) == ["class 0", "class 1", "class 2"]
+
+
+def test_the_synset_picture_keeps_the_grid_under_its_caption_right_of_the_class_names(tmp_path: Path) -> None:
+    syn = _syn(IPC)
+    plain = _pixels(synset_grid(syn.images, None, IPC, tmp_path / "plain.png"))
+    px = _pixels(synset_picture(syn, _meta(), None, tmp_path / "s.png"))
+    h, w = plain.shape[:2]
+    (x,) = [x for x in range(px.shape[1] - w + 1) if (px[-h:, x:x + w] == plain).all()]  # the grid, once
+    assert x > 0 and (px[-h:, :x] < 128).any()  # the class names, left of the grid
+    assert (px[:-h] < 128).any()  # the caption, above it
+    best = _pixels(synset_picture(syn, _meta(), None, tmp_path / "b.png", best=True))
+    assert best.shape[0] >= px.shape[0] and not (best[-h:, x:x + w] == plain).all()  # the best images, not the final
+
+
 def test_minmax_handles_constant_images() -> None:
     x = torch.cat([torch.full((1, 1, 4, 4), 7.0), torch.arange(16.0).view(1, 1, 4, 4)])
     y = minmax_images(x)
@@ -149,6 +202,32 @@ def test_line_plot_with_nan_and_constant_series(tmp_path: Path) -> None:
     assert all(_has_colour(px, c) for c in (BLUE, ORANGE, GREEN))
 
 
+def test_the_legend_never_overlaps_and_explains_the_dashed_lines(tmp_path: Path, monkeypatch) -> None:
+    import mctool.plots as plots
+
+    cv = plots._Canvas((800, 500))
+    labels = [f"features.{i}.weight" for i in range(7)] + [WAYPOINTS_LABEL]
+    side = plots._legend(cv, labels, 1, plot_height=cv.u(400))
+    assert side is not None and not side.below and side.columns == 1
+    assert side.row >= plots._line_height(cv.font) + cv.u(4)  # entries a line apart, never overlapping
+    small = plots._Canvas((500, 240))
+    under = plots._legend(small, labels, 1, plot_height=small.u(150))
+    assert under is not None and under.below and under.columns > 1 and under.rows * under.columns >= len(labels)
+    frame = plots._layout(small, under, [0.0, 1.0], "t", (0, 1, 0, 1))
+    assert frame.bottom + small.u(20) < small.img.size[1] - under.height  # the plot stops above the legend
+    px = _pixels(line_plot([(lab, [0, 1], [i, i + 1]) for i, lab in enumerate(labels[:-1])], tmp_path / "p.png",
+                           "t", "epoch", "beta", vlines=[0.5], size=(500, 240), vline_label=WAYPOINTS_LABEL))
+    assert px.shape == (240, 500, 3)
+    # β and accuracy plots name their dashed lines in the legend.
+    calls = []
+    monkeypatch.setattr(plots, "line_plot", lambda *a, **k: calls.append(k) or tmp_path / "x.png")
+    layout = param_layout(build_model(SPEC))
+    traj, sizes = _trajectory(0)
+    w, b = convexify(traj, sizes, POSITIONS)
+    plots.beta_plot(plots._Convex(0, POSITIONS, w, b, SPEC, layout), tmp_path / "beta.png")
+    assert calls[-1]["vline_label"] == WAYPOINTS_LABEL and calls[-1]["vlines"] == [0.0, 3.0, 6.0]
+
+
 def test_line_plot_all_nan_and_empty(tmp_path: Path) -> None:
     px = _pixels(line_plot([("nothing", [0, 1], [math.nan, math.nan])], tmp_path / "a.png", "t", "x", "y"))
     assert px.shape == (500, 800, 3)
@@ -164,8 +243,11 @@ def test_overview_writes_three_pictures_without_the_dataset(tmp_path: Path) -> N
     paths = write_overview(file, tmp_path / "out" / "overview.png", device=CPU)
     assert [p.name for p in paths] == ["overview-synset.png", "overview-beta.png", "overview-accuracy.png"]
     synset = _pixels(paths[0])
-    # The latest synset ("new", ipc 2): 3 class rows x 2 columns of 8 px upscaled x8.
-    assert synset.shape == (2 + 3 * 66, 2 + IPC * 66, 3)
+    # The latest synset ("new", ipc 2): 3 class rows x 2 columns of 8 px upscaled x8, at the
+    # bottom, under its caption and right of the class names.
+    grid = _pixels(synset_grid(torch.zeros(3 * IPC, 1, 8, 8), None, IPC, tmp_path / "plain.png"))
+    assert grid.shape == (2 + 3 * 66, 2 + IPC * 66, 3)
+    assert synset.shape[0] > grid.shape[0] and synset.shape[1] > grid.shape[1]
     for p in paths[1:]:
         assert _pixels(p).shape == (500, 800, 3)
     # Without the dataset: stored mean + expert 0's stored curve, no convexified curve.

@@ -268,7 +268,7 @@ def run(preset: str | None, overrides: dict[str, Any], buffer: Path, out: Path, 
     loop (under torchrun, one trajectory per process per iteration); the pictures. Under
     torchrun only rank 0 returns the result (the others None)."""
     from mctool.device import resolve_device
-    from mctool.plots import best_title, synset_grid, synset_png_path
+    from mctool.plots import synset_picture, synset_png_path
     from mctool.prepared import prepare_like
 
     if name is not None:
@@ -310,8 +310,8 @@ def run(preset: str | None, overrides: dict[str, Any], buffer: Path, out: Path, 
         with store.open_synsets(out) as sf:
             syn = sf.read(result.synset)
         png = synset_png_path(out, result.synset)
-        result.png = str(synset_grid(syn.images, prepared.prep, cfg.ipc, png))
+        result.png = str(synset_picture(syn, prepared.meta, prepared.prep, png))
         if syn.best is not None:
-            result.png_best = str(synset_grid(syn.best.images, prepared.prep, cfg.ipc,
-                                              png.with_name(f"{png.stem}-best.png"), best_title(syn.best)))
+            result.png_best = str(synset_picture(syn, prepared.meta, prepared.prep,
+                                                 png.with_name(f"{png.stem}-best.png"), best=True))
     return result if main else None

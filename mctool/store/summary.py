@@ -168,9 +168,14 @@ def _storage(s: dict[str, Any], num_params: int | None, num_layers: int | None) 
         return None
     k1 = e["epochs"] + 1
     full = k1 * num_params * 4
-    out: dict[str, Any] = {"full_bytes_per_expert": full, "file_bytes_per_expert": None}
+    # Per finished expert: the file's size, and the blocks allocated on disk (`file_bytes_per_expert`,
+    # its name since 0.1.0): rows are allocated up front, so a buffer still training is a sparse
+    # file (allocated < size), while filesystem blocks round a small file up (allocated > size).
+    out: dict[str, Any] = {"full_bytes_per_expert": full, "file_bytes_per_expert": None,
+                           "file_size_per_expert": None}
     if e["done"]:
         out["file_bytes_per_expert"] = s["disk_bytes"] / e["done"]
+        out["file_size_per_expert"] = s["size_bytes"] / e["done"]
     if c and c.get("positions"):
         convex = len(c["positions"]) * num_params * 4 + k1 * num_layers * 4
         out["convex_bytes_per_expert"] = convex

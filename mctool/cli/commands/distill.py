@@ -110,7 +110,7 @@ def print_tuning(result: Any) -> None:
 
 @with_settings(DistillConfig, optional=True)
 def distill(
-    buffer_file: Optional[Path] = typer.Argument(None, metavar="[BUFFER]", show_default=False, help="Buffer with /convex (MCT) or trajectories (MTT); the same as --buffer (default buffer.h5)."),
+    buffer_file: Optional[Path] = typer.Argument(None, metavar="BUFFER", show_default=False, help="Buffer with /convex (MCT) or trajectories (MTT); the same as --buffer (default buffer.h5)."),
     preset: Optional[str] = typer.Option(None, "--preset", help="Shipped preset name or a .toml path; settings neither it nor an option gives come from the buffer (rules fitted to Table A: image size, classes, the experts' K, lr and batch) or the built-in defaults (the last row of --list-presets)."),
     list_presets: bool = typer.Option(False, "--list-presets", help="Show the shipped presets and exit."),
     buffer: Path = typer.Option(DEFAULT_BUFFER, "--buffer", help="Buffer with /convex (MCT) or trajectories (MTT); or name it first: `mctool distill BUFFER`."),

@@ -75,8 +75,11 @@ def overview(s: dict[str, Any]) -> Tree:
         text = f"[bold]storage[/] full trajectory {_size(st['full_bytes_per_expert'])}/expert"
         if "convex_bytes_per_expert" in st:
             text += f", convexified {_size(st['convex_bytes_per_expert'])}/expert, ratio {st['ratio']:.2f}x"
-        if st.get("file_bytes_per_expert"):
-            text += f"; this file {_size(st['file_bytes_per_expert'])}/expert on disk"
+        if st.get("file_size_per_expert"):
+            size, allocated = st["file_size_per_expert"], st.get("file_bytes_per_expert")
+            text += f"; this file: size {_size(size)}/expert"
+            if allocated and _size(allocated) != _size(size):
+                text += f", {_size(allocated)}/expert allocated on disk"
         root.add(text)
     for y in s["synsets"]:
         node = root.add(f"[bold]synset[/] '{escape(y['name'])}': ipc {y['ipc']}, images {y['images_shape']}, {y['labels']} labels, "
