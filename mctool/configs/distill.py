@@ -25,6 +25,17 @@ class DistillConfig:
                                    column=True, required=True)
     max_start_epoch: float = setting(25.0, "Start ~ U(0, max_start_epoch).", preset=True, column=True,
                                      required=True)
+    min_start_epoch: float = setting(0.0, "Sampling window (DATM): start epochs are drawn from this epoch up to the "
+                                     "window's upper end (see --start-upper-init); 0 (default) = from the start "
+                                     "of the trajectory, as MCT.", preset=True,
+                                     legacy=0.0)
+    start_upper_init: float = setting(0.0, "Sampling window (DATM): the upper end of the start epochs at iteration 0, "
+                                      "growing linearly to --max-start-epoch over --start-upper-iterations "
+                                      "iterations; 0 (default) = off: --max-start-epoch from the first iteration.",
+                                      preset=True, legacy=0.0)
+    start_upper_iterations: int = setting(0, "Iterations over which the window's upper end grows from "
+                                          "--start-upper-init to --max-start-epoch (needs --start-upper-init).",
+                                          preset=True, legacy=0)
     lr_img: float = setting(1000.0, "Image learning rate (SGD, momentum 0.5), in the units of --step-units "
                             "(default: the released code's, as Table A's values were tuned).", preset=True,
                             column=True, required=True)
@@ -91,6 +102,16 @@ class DistillConfig:
             ("syn_steps", self.syn_steps >= 1, ">= 1"),
             ("expert_epochs", finite(self.expert_epochs) and self.expert_epochs > 0, "> 0"),
             ("max_start_epoch", finite(self.max_start_epoch) and self.max_start_epoch >= 0, ">= 0"),
+            ("min_start_epoch", finite(self.min_start_epoch) and self.min_start_epoch >= 0, ">= 0"),
+            ("min_start_epoch", self.min_start_epoch == 0 or self.min_start_epoch < self.max_start_epoch,
+             f"below --max-start-epoch ({self.max_start_epoch:g})"),
+            ("start_upper_init", finite(self.start_upper_init) and self.start_upper_init >= 0, ">= 0 (0 = off)"),
+            ("start_upper_init", self.start_upper_init == 0 or self.min_start_epoch < self.start_upper_init
+             <= self.max_start_epoch, f"above --min-start-epoch ({self.min_start_epoch:g}) and at most "
+             f"--max-start-epoch ({self.max_start_epoch:g}), or 0 (off)"),
+            ("start_upper_iterations", self.start_upper_iterations >= 0, ">= 0"),
+            ("start_upper_iterations", (self.start_upper_iterations >= 1) == (self.start_upper_init > 0),
+             ">= 1 with --start-upper-init, and 0 without it"),
             ("lr_img", finite(self.lr_img) and self.lr_img > 0, "a number > 0"),
             ("lr_lr", finite(self.lr_lr) and self.lr_lr >= 0, "a number >= 0"),
             ("lr_init", finite(self.lr_init) and self.lr_init > 0, "a number > 0 (the initial step size)"),
