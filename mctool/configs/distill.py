@@ -36,6 +36,9 @@ class DistillConfig:
     start_upper_iterations: int = setting(0, "Iterations over which the window's upper end grows from "
                                           "--start-upper-init to --max-start-epoch (needs --start-upper-init).",
                                           preset=True, legacy=0)
+    ema: float = setting(0.0, "Exponential moving average of the learned images (and of every learnable that "
+                         "opts in) with this decay, e.g. 0.999: the average is what is stored, evaluated and "
+                         "drawn; 0 (default) = off.", preset=True, legacy=0.0, metavar="DECAY")
     lr_img: float = setting(1000.0, "Image learning rate (SGD, momentum 0.5), in the units of --step-units "
                             "(default: the released code's, as Table A's values were tuned).", preset=True,
                             column=True, required=True)
@@ -112,6 +115,7 @@ class DistillConfig:
             ("start_upper_iterations", self.start_upper_iterations >= 0, ">= 0"),
             ("start_upper_iterations", (self.start_upper_iterations >= 1) == (self.start_upper_init > 0),
              ">= 1 with --start-upper-init, and 0 without it"),
+            ("ema", finite(self.ema) and 0 <= self.ema < 1, "in [0, 1) (0 = off)"),
             ("lr_img", finite(self.lr_img) and self.lr_img > 0, "a number > 0"),
             ("lr_lr", finite(self.lr_lr) and self.lr_lr >= 0, "a number >= 0"),
             ("lr_init", finite(self.lr_init) and self.lr_init > 0, "a number > 0 (the initial step size)"),

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from mctool import store
 from mctool.augment import DSA, AugParams, StepAugment
 from mctool.distill.config import DistillConfig
-from mctool.distill.learnables import Value, learned_in, step
+from mctool.distill.learnables import Value, averaged, ema_update, learned_in, step
 from mctool.distill.state import State
 from mctool.errors import UsageError
 from mctool.functional import FlatNet
@@ -197,6 +197,9 @@ class Distiller:
             stepped[entry.name] = out
         for name, (value, velocity) in stepped.items():
             s.values[name], s.velocities[name] = value, velocity
+        for entry in learned_in(self.cfg):
+            if averaged(entry, self.cfg):
+                s.averages[entry.name] = ema_update(s.averages[entry.name], s.values[entry.name], self.cfg.ema)
         return True
 
 
