@@ -58,6 +58,9 @@ class Size:
     distill_args: tuple[str, ...] = ()  # extra distill options (after the preset)
     ablation: bool = True
     why: str = ""
+    levers: tuple[str, ...] = ()  # lever rows (LEVERS), each at every lever_ipcs, beside the "mct" reference
+    lever_ipcs: tuple[int, ...] = ()  # default: (abl_ipc,)
+    lever_iterations: int = 0  # default: abl_iterations
 
 
 SIZES: dict[str, Size] = {
@@ -98,6 +101,32 @@ ROWS: list[tuple[str, Any]] = [
     ("interior", 0), ("interior", 1), ("interior", 2), ("interior", 3), ("interior", 8),
     ("beta", "mct"), ("beta", "uniform"), ("beta", "decreasing"), ("beta", "projected"),
 ]
+# Lever rows (issue 22): `mctool distill` options past MCT, one row per (lever, ipc), evaluated on
+# the ablation's protocol beside the reference "mct" (which also evaluates random real images),
+# with wall seconds per iteration (accuracy per hour, not per iteration). Each entry:
+# (title, options for a run of `iterations` iterations, options `mctool distill --help` must list).
+# A new lever adds one entry here — the learned soft labels (branch `labels`) add theirs once merged,
+# e.g. "labels": ("learned soft labels", lambda it: ("--learn-labels",), ("--learn-labels",)).
+def _window(iterations: int) -> tuple[str, ...]:
+    # DATM-style: start at epoch 0 with an upper end of 1 growing to --max-start-epoch over half the run.
+    return ("--min-start-epoch", "0", "--start-upper-init", "1", "--start-upper-iterations",
+            str(max(1, iterations // 2)))
+
+
+def _ema(iterations: int) -> tuple[str, ...]:
+    # The initial images keep weight decay^t: 1 - 5/t leaves them < 1 % at the end of the run.
+    return ("--ema", f"{max(0.5, 1 - 5 / max(iterations, 1)):.4g}")
+
+
+LEVERS: dict[str, tuple[str, Any, tuple[str, ...]]] = {
+    "mct": ("MCT as published (reference)", lambda it: (), ()),
+    "window": ("sampling window (DATM)", _window, ("--start-upper-init",)),
+    "ema": ("EMA of the images", _ema, ("--ema",)),
+    "batch-syn-100": ("--batch-syn 100", lambda it: ("--batch-syn", "100"), ()),
+    "batch-syn-250": ("--batch-syn 250", lambda it: ("--batch-syn", "250"), ()),
+    "window+ema": ("window + EMA", lambda it: (*_window(it), *_ema(it)), ("--start-upper-init", "--ema")),
+}
+
 FACTOR_TITLES = {"grad": "matching gradient (--grad)", "units": "step units (released code vs exact gradient)",
                  "images": "images kept (final vs best on validation)", "start": "start epochs",
                  "interior": "interior waypoints (--interior)", "beta": "β strategy (--beta)"}
@@ -111,6 +140,7 @@ class Plan:
     stages: list[Stage] = field(default_factory=list)
     main: dict[int, tuple[str, str]] = field(default_factory=dict)  # ipc -> (distill, evaluate) stage
     rows: list[dict[str, Any]] = field(default_factory=list)  # ablation rows: factor, value, stages
+    levers: list[dict[str, Any]] = field(default_factory=list)  # lever rows: lever, ipc, iterations, stages
 
 
 def convex_args(interior: int, beta: str) -> tuple[str, ...]:
@@ -182,6 +212,7 @@ def build_plan(size: Size) -> Plan:
                    "--baseline", "random", "--seed", SEED, "--no-save"), f"eval-ipc{ipc}.json",
                   deps=(f"distill-ipc{ipc}",), capture=True))
         plan.main[ipc] = (f"distill-ipc{ipc}", f"evaluate-ipc{ipc}")
+    add_levers(plan, main_convex)
     if not size.ablation:
         return plan
     made: set[str] = set()
@@ -211,6 +242,30 @@ def build_plan(size: Size) -> Plan:
                       deps=(dname,), requires=tuple(e_req), capture=True))
         plan.rows.append({"factor": factor, "value": value, "key": key, "distill": dname, "evaluate": ename})
     return plan
+
+
+def add_levers(plan: Plan, convex_stage: str) -> None:
+    """The lever rows' stages: per ipc the reference (with random real) and each asked lever."""
+    size = plan.size
+    if not size.levers:
+        return
+    iterations = size.lever_iterations or size.abl_iterations
+    for ipc in size.lever_ipcs or (size.abl_ipc,):
+        for name in dict.fromkeys(("mct", *size.levers)):
+            _, options, requires = LEVERS[name]
+            key = f"lever-{name}-ipc{ipc}"
+            plan.stages.append(Stage(f"{key}-distill", "distill",
+                                     (*preset_args(size, ipc), *size.distill_args, *options(iterations), "--buffer",
+                                      f"convex-i{REFERENCE['interior']}-mct.h5", "-o", f"{key}.h5", "--name", key,
+                                      "--iterations", str(iterations), "--seed", SEED), f"{key}.h5",
+                                     deps=(convex_stage,), requires=requires, resume_flag="--resume"))
+            baseline = ("--baseline", "random") if name == "mct" else ()
+            plan.stages.append(Stage(f"{key}-evaluate", "evaluate",
+                                     (f"{key}.h5", "--runs", str(size.abl_eval_runs), "--epochs",
+                                      str(size.abl_eval_epochs), *baseline, "--seed", SEED, "--no-save"),
+                                     f"{key}.json", deps=(f"{key}-distill",), capture=True))
+            plan.levers.append({"lever": name, "ipc": ipc, "iterations": iterations, "distill": f"{key}-distill",
+                                "evaluate": f"{key}-evaluate"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,16 +328,42 @@ def summarize(plan: Plan, pipeline: Pipeline, experts_info: dict[str, Any] | Non
         ablation.append({"factor": row["factor"], "value": row["value"], "stage": row["key"], "result": syn,
                          "gain_over_random": round(syn["mean"] - ref_random["mean"], 2) if syn and ref_random else None,
                          "status": row.get("reason") or status(row["evaluate"])})
+    levers = summarize_levers(plan, pipeline, status)
     times = {s.name: stages.get(s.name, {}).get("wall_s") for s in pipeline.stages}
     groups = {"experts": ["experts"], "convexify": [s.name for s in pipeline.stages if s.command == "convexify"]}
     for ipc in IPCS:
         groups[f"distill ipc {ipc}"] = [f"distill-ipc{ipc}"]
         groups[f"evaluate ipc {ipc}"] = [f"evaluate-ipc{ipc}"]
     groups["ablation"] = [s.name for s in pipeline.stages if s.name.startswith("abl-")]
+    groups["levers"] = [s.name for s in pipeline.stages if s.name.startswith("lever-")]
     group_times = {g: round(sum(times[n] or 0.0 for n in ns), 1) for g, ns in groups.items()}
     return {"size": asdict(size), "main": main, "random_real_ablation_protocol": ref_random,
-            "ablation": ablation, "experts": experts_info, "seconds": group_times, "stage_seconds": times,
+            "ablation": ablation, "levers": levers, "experts": experts_info, "seconds": group_times, "stage_seconds": times,
             "goals": goals(main, ablation)}
+
+
+def summarize_levers(plan: Plan, pipeline: Pipeline, status: Any) -> list[dict[str, Any]]:
+    """Each lever row: accuracy, gain over random real at its ipc, wall seconds per iteration (the
+    distill stage's wall time over all sittings / its iterations: includes startup and data loading)."""
+    stages = pipeline.manifest.data["stages"]
+    results = {}
+    for row in plan.levers:
+        current = pipeline.is_current(row["evaluate"])
+        results[(row["lever"], row["ipc"])] = (
+            _result(pipeline.work, pipeline.by_name[row["evaluate"]].product) if current else None)
+    out = []
+    for row in plan.levers:
+        syn = _pct(_kind(results[(row["lever"], row["ipc"])], "synset"))
+        rnd = _pct(_kind(results.get(("mct", row["ipc"])), "random-real"))
+        d = stages.get(row["distill"], {})
+        wall = d.get("wall_s") if pipeline.is_current(row["distill"]) else None
+        out.append({"lever": row["lever"], "ipc": row["ipc"], "iterations": row["iterations"], "result": syn,
+                    "random_real": rnd,
+                    "gain_over_random": round(syn["mean"] - rnd["mean"], 2) if syn and rnd else None,
+                    "wall_s_per_iteration": (round(wall / row["iterations"], 2) if wall is not None and row["iterations"]
+                                                 else None),
+                    "status": status(row["evaluate"])})
+    return out
 
 
 def goals(main: list[dict[str, Any]], ablation: list[dict[str, Any]]) -> dict[str, Any]:
@@ -335,6 +416,17 @@ def render(summary: dict[str, Any]) -> str:
         for a in summary["ablation"]:
             gain = f"{a['gain_over_random']:+.2f}" if a["gain_over_random"] is not None else "—"
             lines.append(f"| {FACTOR_TITLES[a['factor']]} | {a['value']} | {_fmt(a['result'])} | {gain} | {a['status']} |")
+    if summary.get("levers"):
+        lines += ["", f"Levers: {size['lever_iterations'] or size['abl_iterations']} iterations each, evaluation "
+                  f"{size['abl_eval_runs']} networks x {size['abl_eval_epochs']} epochs; wall s/iteration includes "
+                  "startup.", "",
+                  "| lever | ipc | distilled | random real | gain | wall s/iteration | status |",
+                  "|---|---:|---:|---:|---:|---:|---|"]
+        for row in summary["levers"]:
+            gain = f"{row['gain_over_random']:+.2f}" if row["gain_over_random"] is not None else "—"
+            per = f"{row['wall_s_per_iteration']:.2f}" if row["wall_s_per_iteration"] is not None else "—"
+            lines.append(f"| {LEVERS[row['lever']][0]} | {row['ipc']} | {_fmt(row['result'])} | "
+                         f"{_fmt(row['random_real'])} | {gain} | {per} | {row['status']} |")
     lines += ["", "Time per stage (wall seconds, all sittings): "
               + ", ".join(f"{k} {v:.0f}" for k, v in summary["seconds"].items()) + "."]
     lines += ["", "Goals: " + "; ".join(f"{k}: {v}" for k, v in summary["goals"].items()) + "."]
@@ -442,6 +534,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="dataset (default fashion-mnist; another needs --preset none)")
     p.add_argument("--preset", help="preset name template, e.g. fashion-mnist-ipc{ipc}, or 'none'")
     p.add_argument("--distill-args", help="extra `mctool distill` options for every distillation (quoted)")
+    p.add_argument("--lever", action="append", choices=sorted(LEVERS), metavar="NAME",
+                   help=f"add lever rows (beside the reference 'mct'): {', '.join(LEVERS)}; repeatable")
+    p.add_argument("--lever-ipc", type=int, action="append", metavar="IPC",
+                   help="ipc of the lever rows (default: the ablation's); repeatable")
+    p.add_argument("--lever-iterations", type=int, help="distill iterations of each lever row (default: the ablation's)")
     p.add_argument("--only", nargs="+", metavar="STAGE", help="run only these stages (and what they need)")
     p.add_argument("--stop-after", metavar="STAGE", help="stop after this stage (e.g. experts)")
     p.add_argument("--list", action="store_true", help="show the stages, their state and commands; run nothing")
@@ -468,6 +565,12 @@ def resolve_size(args: argparse.Namespace, sizes: dict[str, Size]) -> Size:
         over["preset"] = None if args.preset.lower() == "none" else args.preset
     if args.distill_args is not None:
         over["distill_args"] = tuple(shlex.split(args.distill_args))
+    if args.lever:
+        over["levers"] = tuple(dict.fromkeys(args.lever))
+    if args.lever_ipc:
+        over["lever_ipcs"] = tuple(dict.fromkeys(args.lever_ipc))
+    if args.lever_iterations is not None:
+        over["lever_iterations"] = args.lever_iterations
     return replace(size, **over)
 
 

@@ -320,3 +320,35 @@ def test_tiny_real_pipeline(tmp_path: Path, data_dir: Path) -> None:
     assert summary["random_real_ablation_protocol"] is not None
     assert summary["experts"]["done"] == 2 and summary["experts"]["epochs"] == 3
     assert (tmp_path / "work" / "convex-i1-mct.h5").exists()
+
+
+def test_lever_rows_pass_each_lever_and_record_time_per_iteration(tmp_path: Path) -> None:
+    """--lever rows: the reference 'mct' (with random real) and each lever at each --lever-ipc, with
+    the lever's options; a lever whose option this mctool lacks is reported, not run."""
+    size = fidelity.resolve_size(fidelity.parser().parse_args(
+        ["--quick", "--no-ablation", "--lever", "window+ema", "--lever", "batch-syn-100", "--lever-ipc", "10",
+         "--lever-ipc", "50", "--lever-iterations", "40"]), fidelity.SIZES)
+    plan = fidelity.build_plan(size)
+    by = {s.name: s for s in plan.stages}
+    assert [(r["lever"], r["ipc"]) for r in plan.levers] == [
+        (lever, ipc) for ipc in (10, 50) for lever in ("mct", "window+ema", "batch-syn-100")]
+    args = by["lever-window+ema-ipc50-distill"].args
+    assert args[:2] == ("--preset", "fashion-mnist-ipc50") and args[args.index("--ema") + 1] == "0.875"
+    assert args[args.index("--start-upper-iterations") + 1] == "20" and args[args.index("--iterations") + 1] == "40"
+    assert "--batch-syn" not in by["lever-mct-ipc10-distill"].args
+    assert "--baseline" in by["lever-mct-ipc10-evaluate"].args
+    assert "--baseline" not in by["lever-batch-syn-100-ipc10-evaluate"].args
+
+    fake = FakeMctool(help_text=KNOWN + " --start-upper-init --batch-syn")  # no --ema: that row is unavailable
+    extra = ["--no-ablation", "--lever", "window+ema", "--lever", "batch-syn-100", "--lever-iterations", "40"]
+    assert run(tmp_path, fake, *extra) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    rows = {(r["lever"], r["ipc"]): r for r in summary["levers"]}
+    assert set(rows) == {("mct", 10), ("window+ema", 10), ("batch-syn-100", 10)}
+    assert rows[("batch-syn-100", 10)]["gain_over_random"] == 32.0
+    assert rows[("batch-syn-100", 10)]["wall_s_per_iteration"] is not None
+    assert rows[("window+ema", 10)]["result"] is None
+    assert rows[("window+ema", 10)]["status"].startswith("not available in this mctool: distill --ema")
+    assert any("--batch-syn" in c for c in fake.calls) and not any("--ema" in c for c in fake.calls)
+    table = fidelity.render(summary)
+    assert "| --batch-syn 100 | 10 | 82.00 ± 1.00 | 50.00 ± 2.00 | +32.00 | 0.00 | done |" in table

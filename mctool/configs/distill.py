@@ -29,6 +29,21 @@ class DistillConfig:
                                    column=True, required=True, check=above(0))
     max_start_epoch: float = setting(25.0, "Start ~ U(0, max_start_epoch).", preset=True, column=True,
                                      required=True, check=at_least(0))
+    min_start_epoch: float = setting(0.0, "Sampling window (DATM): start epochs are drawn from this epoch up to the "
+                                     "window's upper end (see --start-upper-init); 0 (default) = from the start "
+                                     "of the trajectory, as MCT.", preset=True,
+                                     legacy=0.0, check=at_least(0))
+    start_upper_init: float = setting(0.0, "Sampling window (DATM): the upper end of the start epochs at iteration 0, "
+                                      "growing linearly to --max-start-epoch over --start-upper-iterations "
+                                      "iterations; 0 (default) = off: --max-start-epoch from the first iteration.",
+                                      preset=True, legacy=0.0, check=at_least(0, ">= 0 (0 = off)"))
+    start_upper_iterations: int = setting(0, "Iterations over which the window's upper end grows from "
+                                          "--start-upper-init to --max-start-epoch (needs --start-upper-init).",
+                                          preset=True, legacy=0, check=at_least(0))
+    ema: float = setting(0.0, "Exponential moving average of the learned images (and of every learnable that "
+                         "opts in) with this decay, e.g. 0.999: the average is what is stored, evaluated and "
+                         "drawn; 0 (default) = off.", preset=True, legacy=0.0, metavar="DECAY",
+                         check=between(0, 1, "in [0, 1) (0 = off)", top_open=True))
     lr_img: float = setting(1000.0, "Image learning rate (SGD, momentum 0.5), in the units of --step-units "
                             "(default: the released code's, as Table A's values were tuned).", preset=True,
                             column=True, required=True, check=above(0, "a number > 0"))
@@ -99,10 +114,24 @@ class DistillConfig:
         return 0.5 if self.method == "mct" and self.step_units == "released" else 1.0
 
     def problem(self) -> tuple[str, str] | None:
-        """The first setting that cannot run, as (key, "must be …, got …"): each setting's check is
-        declared with it (`check=`); NaN fails every numeric check."""
+        """The first setting that cannot run, as (key, "must be …, got …"): each setting's own check is
+        declared with it (`check=`; NaN fails every numeric check), then the relations between settings."""
         found = first_problem(self)
-        return None if found is None else (found.key, found.message("must be {words}, got {value!r}"))
+        if found is not None:
+            return found.key, found.message("must be {words}, got {value!r}")
+        relations = [  # (key, holds, requirement): what one setting must be given the others
+            ("min_start_epoch", self.min_start_epoch == 0 or self.min_start_epoch < self.max_start_epoch,
+             f"below --max-start-epoch ({self.max_start_epoch:g})"),
+            ("start_upper_init", self.start_upper_init == 0 or self.min_start_epoch < self.start_upper_init
+             <= self.max_start_epoch, f"above --min-start-epoch ({self.min_start_epoch:g}) and at most "
+             f"--max-start-epoch ({self.max_start_epoch:g}), or 0 (off)"),
+            ("start_upper_iterations", (self.start_upper_iterations >= 1) == (self.start_upper_init > 0),
+             ">= 1 with --start-upper-init, and 0 without it"),
+        ]
+        for key, holds, requirement in relations:
+            if not holds:
+                return key, f"must be {requirement}, got {getattr(self, key)!r}"
+        return None
 
     def validate(self) -> None:
         """Reject settings that cannot run, with one line naming the option."""

@@ -8,7 +8,7 @@ from typing import Any
 
 from mctool import store
 from mctool.distill.config import DistillConfig
-from mctool.distill.learnables import Value, learned_in
+from mctool.distill.learnables import Value, averaged, learned_in
 from mctool.distill.state import State
 from mctool.errors import ArtifactError, UsageError
 
@@ -16,12 +16,14 @@ from mctool.errors import ArtifactError, UsageError
 def _synset(name: str, cfg: DistillConfig, state: State, final: bool, source: dict[str, Any],
             reference: dict[str, Any] | None) -> store.Synset:
     """The synset (with its checkpoint) `state` is stored as: each learnable's value in its synset
-    field and/or checkpoint entry, its momentum in its checkpoint entry."""
+    field and/or checkpoint entry, its momentum in its checkpoint entry. Under `--ema` the average
+    takes the value's place there and the raw value goes to the learnable's `ema_raw` entry."""
     entries = learned_in(cfg)
     learned: dict[str, Value] = {e.velocity: state.velocities[e.name] for e in entries}
-    learned.update({e.saved: state.values[e.name] for e in entries if e.saved is not None})
+    learned.update({e.saved: state.shown(e.name) for e in entries if e.saved is not None})
+    learned.update({str(e.ema_raw): state.values[e.name] for e in entries if averaged(e, cfg)})
     checkpoint = store.Checkpoint(learned=learned, generators=state.generators, queues=state.queues, run=state.run)
-    stored = {"labels": state.labels, **{e.stored: state.values[e.name] for e in entries if e.stored is not None}}
+    stored = {"labels": state.labels, **{e.stored: state.shown(e.name) for e in entries if e.stored is not None}}
     return store.Synset(name=name, **stored, ipc=cfg.ipc,
                         method=cfg.method, grad=cfg.grad, preset=cfg.preset, iterations=state.iteration,
                         complete=final, skipped=state.skipped, config=dataclasses.asdict(cfg),
@@ -35,16 +37,21 @@ def _state_from(syn: store.Synset, cfg: DistillConfig, where: Path) -> State:
     c = syn.checkpoint
     values: dict[str, Value] = {}
     velocities: dict[str, Value] = {}
+    averages: dict[str, Value] = {}
     for e in learned_in(cfg):
-        for key in (e.velocity, e.saved):
+        for key in (e.velocity, e.saved, e.ema_raw if averaged(e, cfg) else None):
             if key is not None and key not in c.learned:
                 raise ArtifactError(f"{store.shown(where)}: /synsets/{store.clean_text(syn.name)}/checkpoint lacks "
                                     f"'{key}', which this run's settings learn")
-        values[e.name] = c.learned[e.saved] if e.saved is not None else getattr(syn, str(e.stored))
+        shown = c.learned[e.saved] if e.saved is not None else getattr(syn, str(e.stored))
+        if averaged(e, cfg):
+            values[e.name], averages[e.name] = c.learned[str(e.ema_raw)], shown
+        else:
+            values[e.name] = shown
         velocities[e.name] = c.learned[e.velocity]
     return State(values=values, velocities=velocities, labels=syn.labels, iteration=syn.iterations,
                  generators=c.generators, queues=c.queues, losses=list(syn.loss), skipped=syn.skipped,
-                 evaluations=list(syn.evaluations), best=syn.best, run=dict(c.run))
+                 evaluations=list(syn.evaluations), best=syn.best, run=dict(c.run), averages=averages)
 
 
 def _load_state(out: Path, name: str, cfg: DistillConfig) -> State:

@@ -8,6 +8,8 @@ the checkpoint and resume (mctool.distill.checkpoint) and the best images iterat
 `learned_in(cfg)`, so adding one is one entry here (with its initial value, unless it is drawn
 from the data like the images: mctool.distill.state) and its gradient in each `--grad` mode
 (mctool.matching); new checkpoint state also declares its entry in store.CHECKPOINT_LEARNED.
+A learnable opts in to `--ema` by naming its `ema_raw` checkpoint entry: the run then keeps an
+exponential moving average of it, which takes the value's place in the synset (`averaged`).
 """
 
 from __future__ import annotations
@@ -52,11 +54,14 @@ class Learnable:
     floor: float | None = None  # a step to or below floor × value is damped to that, and its momentum reset
     active: Callable[[DistillConfig], bool] = _always  # learned in this run (off: absent from state and files)
     initial: Callable[[DistillConfig], Value] | None = None  # its value at the start (None: drawn by initial_state)
+    # Opts in to `--ema`: the checkpoint entry (store.CHECKPOINT_LEARNED) holding the raw value while the
+    # synset field `stored` and the entry `saved` hold the average (see `averaged`); None: never averaged.
+    ema_raw: str | None = None
 
 
 LEARNABLES: tuple[Learnable, ...] = (
     Learnable("images", lr="lr_img", momentum="momentum_img", bound=lambda cfg: IMAGE_BOUND, stored="images",
-              velocity="images_velocity", grad_scale=lambda cfg: cfg.image_grad_scale),
+              velocity="images_velocity", grad_scale=lambda cfg: cfg.image_grad_scale, ema_raw="images_raw"),
     # α is kept positive: a step that would halve it or flip its sign overshoots (damped, momentum reset).
     Learnable("alpha", lr="lr_lr", momentum="momentum_lr", bound=lambda cfg: ALPHA_BOUND * cfg.lr_init,
               stored="lr", velocity="alpha_velocity", scalar=True, floor=0.5, initial=lambda cfg: cfg.lr_init),
@@ -66,6 +71,24 @@ LEARNABLES: tuple[Learnable, ...] = (
 def learned_in(cfg: DistillConfig) -> list[Learnable]:
     """The learnables this run learns, in update order."""
     return [entry for entry in LEARNABLES if entry.active(cfg)]
+
+
+def averaged(entry: Learnable, cfg: DistillConfig) -> bool:
+    """Whether this run keeps an exponential moving average of `entry` (`--ema`): then the average
+    is what the synset stores, periodic evaluations score and the best images keep; the raw value
+    (what the matching and the update use) lives in the checkpoint only."""
+    return cfg.ema > 0 and entry.ema_raw is not None
+
+
+def ema_update(average: Value, value: Value, decay: float) -> Value:
+    """One step of the moving average after an applied update: decay · average + (1 − decay) · value.
+
+    No bias correction: the average starts at the initial value, not at zero, so its weights
+    (decay^t on the initial value, (1 − decay)·decay^(t−i) on the value after update i) already
+    sum to 1 (docs/method.md, "EMA")."""
+    if isinstance(average, torch.Tensor):
+        return torch.lerp(average, value, 1.0 - decay)  # type: ignore[arg-type]
+    return average + (1.0 - decay) * (float(value) - average)
 
 
 def zero_like(value: Value) -> Value:

@@ -21,6 +21,7 @@ run continues exactly where an uninterrupted one would be.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from mctool import store
 from mctool.augment import DSA, AugParams, StepAugment
 from mctool.distill.config import DistillConfig
-from mctool.distill.learnables import Value, learned_in, step
+from mctool.distill.learnables import Value, averaged, ema_update, learned_in, step
 from mctool.distill.state import State
 from mctool.errors import UsageError
 from mctool.functional import FlatNet
@@ -115,6 +116,8 @@ class Distiller:
                 f"--max-start-epoch {max(source.K - 1, 0)} or less, or train experts with --epochs "
                 f"{int(cfg.max_start_epoch) + 1} or more"
             )
+        if cfg.min_start_epoch >= source.K:  # implied by the check above today; kept should that one clamp
+            raise UsageError(f"--min-start-epoch {cfg.min_start_epoch:g} must be below the experts' K = {source.K}")
         if cfg.method == "mtt" and (cfg.expert_epochs != int(cfg.expert_epochs)):
             raise UsageError("--method mtt matches integer epochs: --expert-epochs must be a whole number")
 
@@ -126,12 +129,15 @@ class Distiller:
         return self.queue.pop()
 
     def sample_positions(self) -> tuple[float, float]:
-        """Start c ~ U(0, max_start_epoch) (integer with --discrete or MTT); target clamped to K."""
+        """Start c ~ U(lo, hi), the sampling window at this iteration (`start_window`; by default
+        U(0, max_start_epoch)), an integer in [⌈lo⌉, hi) with --discrete or MTT; target clamped to K."""
         cfg = self.cfg
+        lo, hi = start_window(cfg, self.state.iteration)
         if cfg.discrete or cfg.method == "mtt":
-            start = float(torch.randint(0, max(1, int(cfg.max_start_epoch)), (1,), generator=self.generator))
+            first = math.ceil(lo)
+            start = float(torch.randint(first, max(first + 1, int(hi)), (1,), generator=self.generator))
         else:
-            start = float(torch.rand((), generator=self.generator, dtype=torch.float64)) * cfg.max_start_epoch
+            start = lo + float(torch.rand((), generator=self.generator, dtype=torch.float64)) * (hi - lo)
         return start, min(start + cfg.expert_epochs, float(self.source.K))
 
     def batches(self) -> list[torch.Tensor]:
@@ -191,7 +197,23 @@ class Distiller:
             stepped[entry.name] = out
         for name, (value, velocity) in stepped.items():
             s.values[name], s.velocities[name] = value, velocity
+        for entry in learned_in(self.cfg):
+            if averaged(entry, self.cfg):
+                s.averages[entry.name] = ema_update(s.averages[entry.name], s.values[entry.name], self.cfg.ema)
         return True
+
+
+def start_window(cfg: DistillConfig, iteration: int) -> tuple[float, float]:
+    """The sampling window [lo, hi) start epochs are drawn from at `iteration` (DATM's
+    difficulty-aligned windows): lo = --min-start-epoch; hi grows linearly from
+    --start-upper-init at iteration 0 to --max-start-epoch at --start-upper-iterations, then stays.
+    A pure function of the iteration, so a resumed run samples as an uninterrupted one.
+    Defaults: [0, max_start_epoch) throughout (MCT)."""
+    hi = cfg.max_start_epoch
+    if cfg.start_upper_init > 0:
+        grown = min(iteration / cfg.start_upper_iterations, 1.0)
+        hi = cfg.start_upper_init + (cfg.max_start_epoch - cfg.start_upper_init) * grown
+    return cfg.min_start_epoch, hi
 
 
 def second_order_policy(cfg: DistillConfig, device: torch.device) -> str:

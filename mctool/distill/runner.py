@@ -38,8 +38,9 @@ def _copy(value: Value) -> Value:
 
 
 def state_bytes(state: State) -> int:
-    """Bytes of the learnables' tensor values (float32 as stored): a save writes about 3× this."""
-    return sum(4 * v.numel() for v in state.values.values() if isinstance(v, torch.Tensor))
+    """Bytes of the learnables' tensor values and `--ema` averages (float32 as stored): a save writes
+    about 3× this."""
+    return sum(4 * v.numel() for d in (state.values, state.averages) for v in d.values() if isinstance(v, torch.Tensor))
 
 
 @dataclass
@@ -93,7 +94,7 @@ class _Run:
         state, cfg = self.d.state, self.cfg
         assert self.selection is not None
         ecfg = EvaluateConfig(runs=cfg.eval_runs, epochs=cfg.eval_epochs, seed=cfg.seed, augment=cfg.augment)
-        ev = evaluate_set(state.images, state.labels, state.alpha, self.d.prepared, self.buffer.spec, ecfg,
+        ev = evaluate_set(state.shown("images"), state.labels, state.alpha, self.d.prepared, self.buffer.spec, ecfg,
                           "synset", self.reporter, score_on=self.selection, split=cfg.select_on,
                           stop_hint=f"checkpoint saved at iteration {state.iteration}; {_RESUME_HINT}")[0]
         ev.iteration = state.iteration
@@ -103,7 +104,7 @@ class _Run:
         self.reporter.log(f"iteration {state.iteration}: {ev.model} {cfg.select_on} accuracy {ev.mean:.4f}"
                           + (" (best so far)" if better else ""))
         if better:
-            kept = {e.stored: _copy(state.values[e.name]) for e in learned_in(cfg) if e.stored is not None}
+            kept = {e.stored: _copy(state.shown(e.name)) for e in learned_in(cfg) if e.stored is not None}
             state.best = store.BestImages(**{"labels": state.labels.clone(), **kept}, iteration=state.iteration,
                                           selected_on=cfg.select_on, score=ev.to_dict())
 

@@ -11,7 +11,7 @@ import torch
 
 from mctool import store
 from mctool.distill.config import DistillConfig
-from mctool.distill.learnables import Value, learned_in, zero_like
+from mctool.distill.learnables import Value, averaged, learned_in, zero_like
 from mctool.prepared import Prepared, sample_per_class
 
 
@@ -33,6 +33,12 @@ class State:
     evaluations: list[dict[str, Any]] = field(default_factory=list)
     best: store.BestImages | None = None
     run: dict[str, Any] = field(default_factory=dict)  # choices a resume repeats (micro-batch)
+    averages: dict[str, Value] = field(default_factory=dict)  # learnable name -> its `--ema` average
+
+    def shown(self, name: str) -> Value:
+        """What the run yields of learnable `name`: its `--ema` average when it has one, else its
+        value (what the synset stores, periodic evaluations score and the best images keep)."""
+        return self.averages.get(name, self.values[name])
 
     @property
     def images(self) -> torch.Tensor:
@@ -55,7 +61,7 @@ class State:
         if best is not None:
             best = dataclasses.replace(best, images=best.images.to(device), labels=best.labels.to(device))
         return dataclasses.replace(self, values=moved(self.values), velocities=moved(self.velocities),
-                                   labels=self.labels.to(device), best=best)
+                                   averages=moved(self.averages), labels=self.labels.to(device), best=best)
 
 
 def _rank_seed(seed: int, rank: int) -> int:
@@ -82,5 +88,11 @@ def initial_state(cfg: DistillConfig, prepared: Prepared, generator: torch.Gener
     # momentum starts at zero.
     drawn: dict[str, Value] = {"images": images.to(device)}
     values = {e.name: drawn[e.name] if e.initial is None else e.initial(cfg) for e in learned_in(cfg)}
+    # `--ema`: each average starts at the initial value (no bias correction needed: learnables.ema_update).
+    averages = {e.name: _clone(values[e.name]) for e in learned_in(cfg) if averaged(e, cfg)}
     return State(values=values, velocities={k: zero_like(v) for k, v in values.items()}, labels=labels.to(device),
-                 iteration=0, generators=[], queues=[])
+                 iteration=0, generators=[], queues=[], averages=averages)
+
+
+def _clone(value: Value) -> Value:
+    return value.clone() if isinstance(value, torch.Tensor) else value

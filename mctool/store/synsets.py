@@ -45,7 +45,8 @@ class Learned:
 # What a checkpoint may hold of the learnables (mctool/distill/learnables.py says which learnable
 # each belongs to). A learnable with new state adds its entry here; reading, checking and writing
 # iterate over this table (docs/format.md).
-CHECKPOINT_LEARNED = (Learned("images_velocity", "images"), Learned("alpha_velocity", "scalar"))
+CHECKPOINT_LEARNED = (Learned("images_velocity", "images"), Learned("alpha_velocity", "scalar"),
+                      Learned("images_raw", "images", required=False))  # the raw images under `distill --ema`
 
 
 @dataclass
