@@ -324,7 +324,7 @@ def _finite(obj: Any) -> Any:
 
 def _write_json(stage: Stage, doc: dict[str, Any]) -> None:
     """The description, written last: a folder with it is complete."""
-    doc["written"] = sorted(p.relative_to(stage.path).as_posix() for p in stage.path.rglob("*") if p.is_file())
+    doc["written"] = sorted(stage.written)
     stage.write(META_NAME, (json.dumps(_finite(doc), indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
 
 

@@ -112,6 +112,7 @@ class Stage:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._folders: set[Path] = {path}
+        self.written: list[str] = []  # the caller's files, relative, in the order written
 
     def folder(self, rel: str) -> Path:
         """Sub-folder `rel` of the stage (created 0777 minus the umask)."""
@@ -132,6 +133,8 @@ class Stage:
                 fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        if rel != _MARK:
+            self.written.append(Path(rel).as_posix())
         return p
 
     def sync(self) -> None:
