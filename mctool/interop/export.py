@@ -53,6 +53,7 @@ import torch
 
 from mctool import __version__
 from mctool.store import DatasetMeta, clean_text, now_iso, shown
+from mctool.store.files import _is_link
 from mctool.store.folders import Stage, staged_folder
 from mctool.data import Preprocessing
 from mctool.errors import UsageError
@@ -283,7 +284,7 @@ def check_target(out_dir: Path, inputs: tuple[Path, ...] = ()) -> None:
     """Refuse, before any work, an export folder that is a link or not a folder, that holds
     anything an earlier mctool export did not write (only those files are ever replaced), or
     that holds an input."""
-    if out_dir.is_symlink():
+    if _is_link(out_dir):
         raise UsageError(f"{shown(out_dir)}: is a symbolic link; an export replaces its folder as a whole and never "
                          "writes through a link — pass the real folder or another -o")
     if out_dir.exists() and not out_dir.is_dir():

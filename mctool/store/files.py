@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import shutil
+import stat as stat_module
 import struct
 import sys
 import tempfile
@@ -535,9 +536,19 @@ def refuse_link(path: str | os.PathLike[str]) -> None:
     """Refuse an output path that is a symbolic link (one line, exit 2): mctool never writes
     through a link, and replacing one someone else planted would be as surprising."""
     p = Path(path)
-    if p.is_symlink():
+    if _is_link(p):
         raise ArtifactError(f"{shown(p)}: is a symbolic link; mctool writes only files it can replace (never through "
                             "a link) — pass the real path, or remove the link")
+
+
+def _is_link(p: Path) -> bool:
+    """Whether `p` is a symbolic link; a folder on the way the user may not enter is a permission problem."""
+    try:
+        return stat_module.S_ISLNK(os.lstat(p).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except PermissionError:
+        raise ArtifactError(f"{shown(p)}: permission denied (cannot reach it)") from None
 
 
 def check_writable(path: str | os.PathLike[str]) -> None:

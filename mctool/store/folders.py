@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from mctool.store.files import _fsync_dir, shown
+from mctool.store.files import _fsync_dir, _is_link, shown
 from mctool.errors import ArtifactError
 
 STAGE_SUFFIX = ".stage"
@@ -167,7 +167,7 @@ def staged_folder(target: str | os.PathLike[str], is_ours: Callable[[Path], bool
     The caller has checked that an existing `target` is a real folder whose every entry may go
     (`is_ours` says so for leftovers found beside it)."""
     t = Path(target)
-    if t.is_symlink():
+    if _is_link(t):
         raise ArtifactError(f"{shown(t)}: is a symbolic link; mctool writes only folders it can replace (never "
                             "through a link) — pass the real path, or remove the link")
     t.parent.mkdir(parents=True, exist_ok=True)
