@@ -175,7 +175,7 @@ def read_synset(path: str | os.PathLike[str], f: h5py.File, name: str, data: Dat
         name=name, images=images, labels=labels, lr=r.float("lr", positive=True), ipc=ipc,
         method=r.str("method", default="mct"), grad=r.str("grad", default="constant"),
         preset=r.str("preset", default=""), iterations=iterations, complete=r.bool("complete", True),
-        skipped=r.int("skipped_iterations", 0, default=0), config=r.json("config", dict, {}),
+        skipped=r.int("skipped_iterations", 0, default=0), config=r.json("config", dict, {}, raw=True),
         evaluations=_evaluations(r), experts_reference=r.json("experts_reference", dict, None),
         loss=[float(v) for v in loss], source=r.json("source", dict, {}), created=r.str("created", default=""),
     )
