@@ -25,18 +25,16 @@ import re
 import shutil
 import stat
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 from mctool.store.files import _fsync_dir, _is_link, shown
-from mctool.errors import ArtifactError
+from mctool.errors import ArtifactError, FileBusy
 
 STAGE_SUFFIX = ".stage"
 OLD_SUFFIX = ".old"
 _MARK = ".mctool-stage"  # the first file of every stage: a folder without it is not one of ours
-_GRACE_S = 2.0  # a stage younger than this may be between its creation and its lock
 _AT_FDCWD = -100
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
 
@@ -84,11 +82,8 @@ def sweep(target: Path, is_ours: Callable[[Path], bool]) -> None:
         if len(aside) == 1:
             with contextlib.suppress(OSError):
                 os.rename(aside[0], target)
-    for p in _leftovers(target, OLD_SUFFIX):
-        if _real_dir(p) and is_ours(p):
-            shutil.rmtree(p, ignore_errors=True)
-    for p in _leftovers(target, STAGE_SUFFIX):
-        if not _real_dir(p) or time.time() - os.lstat(p).st_mtime < _GRACE_S:
+    for p in _leftovers(target, STAGE_SUFFIX) + _leftovers(target, OLD_SUFFIX):
+        if not _real_dir(p):
             continue
         try:
             fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
@@ -98,12 +93,38 @@ def sweep(target: Path, is_ours: Callable[[Path], bool]) -> None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
-            continue  # a live writer's
+            continue  # a live writer's stage
         try:
-            if not os.listdir(p) or (p / _MARK).is_file() or is_ours(p):
-                shutil.rmtree(p, ignore_errors=True)
+            # Marked: its writer locked it before marking it, and holds the lock no more, so it died
+            # (an old folder being removed is marked first too). Empty: nothing to lose (a writer
+            # that created it but has not locked it yet fails with one line). Otherwise: an earlier
+            # export a killed writer swapped out — or someone else's folder, which stays.
+            if (p / _MARK).is_file() or is_ours(p):
+                _remove(p)
+            else:
+                with contextlib.suppress(OSError):
+                    os.rmdir(p)  # only when empty
         finally:
             os.close(fd)
+
+
+def _remove(folder: Path) -> None:
+    """Remove a folder of ours so that a kill at any point leaves it removable by `sweep`: marked
+    first, then emptied, the mark last."""
+    with contextlib.suppress(OSError):
+        os.close(os.open(folder / _MARK, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+    for entry in os.scandir(folder):
+        if entry.name == _MARK:
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+    with contextlib.suppress(OSError):
+        os.unlink(folder / _MARK)
+    with contextlib.suppress(OSError):
+        os.rmdir(folder)
 
 
 class Stage:
@@ -177,7 +198,11 @@ def staged_folder(target: str | os.PathLike[str], is_ours: Callable[[Path], bool
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # tells a sweep that this stage is alive
         s = Stage(stage)
-        s.write(_MARK, b"")
+        try:
+            s.write(_MARK, b"")
+        except FileNotFoundError:  # swept between its creation and its lock by another writer starting
+            raise FileBusy(f"{shown(t)}: another mctool is writing it; wait for it to finish and run the command "
+                           "again (nothing was changed)") from None
         yield s
         os.unlink(stage / _MARK)
         s.sync()
@@ -186,7 +211,7 @@ def staged_folder(target: str | os.PathLike[str], is_ours: Callable[[Path], bool
         old = _swap(stage, t)
         _fsync_dir(t.parent)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
     except BaseException:
         if _real_dir(stage):
             shutil.rmtree(stage, ignore_errors=True)
