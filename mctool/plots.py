@@ -71,7 +71,7 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int, title: str | None = N
     x = _upscale(images.detach().to("cpu", torch.float32).clamp(0, 1))
     grid = make_grid(x, nrow=max(1, int(nrow)), padding=2, pad_value=1.0)
     if title is None:
-        save_image(grid, path)
+        store.write_atomically(path, lambda fh: save_image(grid, fh, format="png"))  # never through a link
         return path
     pixels = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     picture = Image.fromarray(pixels).convert("RGB")
@@ -82,7 +82,7 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int, title: str | None = N
     titled = Image.new("RGB", (picture.width, picture.height + band), "white")
     titled.paste(picture, (0, band))
     ImageDraw.Draw(titled).text((4, 4), title, fill="black", font=font)
-    titled.save(path)
+    store.write_atomically(path, lambda fh: titled.save(fh, format="PNG"))
     return path
 
 
@@ -256,7 +256,8 @@ class _Canvas:
             y += dash + gap
 
     def save(self, path: Path) -> Path:
-        self.img.resize(self.size, Image.LANCZOS).save(path)
+        picture = self.img.resize(self.size, Image.LANCZOS)
+        store.write_atomically(path, lambda fh: picture.save(fh, format="PNG"))
         return path
 
 

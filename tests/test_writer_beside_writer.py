@@ -165,3 +165,35 @@ def test_a_symlinked_output_is_refused(tmp_path: Path, synset: Path, data_dir: P
     with pytest.raises(Exception, match="symbolic link"):
         store.write_atomically(link, b"x")
     assert digest(victim) == before and link.is_symlink()
+
+
+def test_pictures_and_single_files_are_written_atomically_never_through_a_link(tmp_path: Path) -> None:
+    import stat
+
+    import torch
+
+    from mctool.data import Preprocessing
+    from mctool.errors import ArtifactError
+    from mctool.plots import synset_grid
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    link = tmp_path / "syn.png"
+    link.symlink_to(victim)
+    prep = Preprocessing(kind="normalize", mean=torch.zeros(1), std=torch.ones(1))
+    with pytest.raises(ArtifactError, match="symbolic link"):
+        synset_grid(torch.rand(4, 1, 8, 8), prep, 2, link)
+    assert victim.read_text() == "keep me" and link.is_symlink()
+    old = os.umask(0o022)
+    try:
+        target = tmp_path / "new.txt"
+        store.write_atomically(target, "one")
+        assert stat.S_IMODE(target.stat().st_mode) == 0o644
+        target.chmod(0o600)
+        store.write_atomically(target, lambda fh: fh.write(b"two"))  # a replacement keeps the mode
+        assert target.read_text() == "two" and stat.S_IMODE(target.stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+    assert store.temporaries(target) == []
+    with pytest.raises(ArtifactError, match="folder"):
+        store.write_atomically(tmp_path, b"x")
