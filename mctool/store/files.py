@@ -626,8 +626,8 @@ def _sweep(target: Path) -> None:
         return
     for p in temporaries(target):
         try:
-            if time.time() - p.lstat().st_mtime < _TMP_GRACE_S:
-                continue
+            if not p.name.endswith(_LOCKED_SUFFIX) and time.time() - p.lstat().st_mtime < _TMP_GRACE_S:
+                continue  # made by mkstemp: may be between its creation and its lock
             fd = os.open(p, os.O_RDWR | os.O_NOFOLLOW)
         except OSError:
             continue
@@ -640,17 +640,54 @@ def _sweep(target: Path) -> None:
             os.close(fd)
 
 
+# The name ending of a temporary that was locked before it had a name (see `_new_temporary`):
+# one without a live lock is always a killed writer's, whatever its age.
+_LOCKED_SUFFIX = ".l.tmp"
+
+
+def _new_temporary(target: Path) -> tuple[int, Path]:
+    """A new temporary file beside `target` and its descriptor, holding the temporary's lock.
+
+    Where Linux offers it, the file is created without a name (O_TMPFILE), locked, then linked
+    under its name, so no instant exists where it has a name and no lock, and the next write
+    removes it as soon as its writer is gone; elsewhere mkstemp, then the lock (a sweep spares
+    such a file for 2 s)."""
+    folder = target.parent
+    if getattr(os, "O_TMPFILE", None) is not None and _have_ofd_locks():
+        try:
+            fd = os.open(folder, os.O_TMPFILE | os.O_RDWR, 0o600)
+        except OSError:
+            fd = -1
+        if fd >= 0:
+            _try_lock(fd, _TMP_LOCK_OFFSET)
+            dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                for _ in range(16):
+                    name = f".{target.name}.{uuid.uuid4().hex[:8]}{_LOCKED_SUFFIX}"
+                    try:  # linkat(AT_SYMLINK_FOLLOW) of the descriptor's /proc entry names the file
+                        os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dir_fd, follow_symlinks=True)
+                        return fd, folder / name
+                    except FileExistsError:
+                        continue
+                    except OSError:
+                        break  # no /proc: the plain way
+            finally:
+                os.close(dir_fd)
+            os.close(fd)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    if _have_ofd_locks():
+        _try_lock(fd, _TMP_LOCK_OFFSET)
+    return fd, Path(tmp)
+
+
 @contextlib.contextmanager
 def _temporary(target: Path) -> Iterator[Path]:
     """A temporary file beside `target`, locked while this process writes it, removed unless it
     was moved into place (a SIGKILL leaves it; the next write to `target` sweeps it)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     _sweep(target)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    tmp = Path(name)
+    fd, tmp = _new_temporary(target)
     try:
-        if _have_ofd_locks():
-            _try_lock(fd, _TMP_LOCK_OFFSET)
         yield tmp
     except BaseException:
         tmp.unlink(missing_ok=True)
