@@ -4,7 +4,7 @@ the file always opens and validates, and the same command run again finishes wit
 result.
 
 CI runs a sample (MCTOOL_FAULT_KILLS random kills per writer, default 3; MCTOOL_FAULT_EXACT exact
-points per exact writer, default 4); `bench/faults.py` runs ≥ 50 random kills per writer and,
+points per exact writer, default 3); `bench/faults.py` runs ≥ 50 random kills per writer and,
 with --exact, every exact point, and prints the tables (tests/faultkit.py says how kills are drawn).
 """
 
@@ -24,7 +24,7 @@ from tests.faultkit import Zygote
 
 KILLS = int(os.environ.get("MCTOOL_FAULT_KILLS", "3"))
 # Exact points per writer in CI, spread over its file-system calls (bench/faults.py --exact: all).
-EXACT = int(os.environ.get("MCTOOL_FAULT_EXACT", "4"))
+EXACT = int(os.environ.get("MCTOOL_FAULT_EXACT", "3"))
 WRITERS = ["experts-new", "experts-append", "experts-convexify", "convexify-in-place", "convexify-o", "distill",
            "evaluate"]
 
