@@ -251,3 +251,20 @@ def test_a_stage_of_a_live_writer_is_not_swept(tmp_path: Path) -> None:
         assert stage.path.is_dir()
         stage.write("a.txt", b"a")
     assert (target / "a.txt").read_bytes() == b"a" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_file_added_to_the_old_export_while_the_new_one_is_built_is_kept(tmp_path: Path, synsets, data_dir: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    assert _export(synsets[0], out, "ddranking", data_dir).exit_code == 0
+    real = folders.Stage.write
+
+    def meanwhile(self, rel, data):
+        if rel == "lr.pt":
+            (out / "notes.txt").write_text("added meanwhile")
+        return real(self, rel, data)
+
+    monkeypatch.setattr(folders.Stage, "write", meanwhile)
+    assert_one_line_error(_export(synsets[1], out, "ddranking", data_dir), 2, "notes.txt")
+    assert (out / "notes.txt").read_text() == "added meanwhile" and len(load_export(out).images) == 20
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

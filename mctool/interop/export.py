@@ -392,7 +392,7 @@ def export_tensors(syn: SynsetData, out_dir: Path, layout: str, prep: Preprocess
         raise UsageError("--zca-matrix needs the fitted ZCA (the dataset on this machine)")
     check_target(out_dir, inputs)
     names = tensor_names(layout, _which(syn), syn.iterations)
-    with staged_folder(out_dir, _is_earlier_export) as stage:
+    with staged_folder(out_dir, _is_earlier_export, lambda: check_target(out_dir, inputs)) as stage:
         stage.write(names["images"], _torch_bytes(syn.images.detach().to("cpu", torch.float32).contiguous().clone()))
         stage.write(names["labels"], _torch_bytes(syn.labels.detach().cpu().contiguous().clone()))
         stage.write(names["lr"], _torch_bytes(torch.tensor(float(syn.lr), dtype=torch.float64)))
@@ -440,7 +440,7 @@ def export_pngs(syn: SynsetData, out_dir: Path, prep: Preprocessing, inputs: tup
     classes = syn.labels.argmax(1) if syn.labels.dim() == 2 else syn.labels.to(torch.int64)
     counts: dict[int, int] = {}
     written = []
-    with staged_folder(out_dir, _is_earlier_export) as stage:
+    with staged_folder(out_dir, _is_earlier_export, lambda: check_target(out_dir, inputs)) as stage:
         for i in range(as_bytes.shape[0]):
             c = int(classes[i])
             folder = class_folder(c, syn.meta.class_names[c] if c < len(syn.meta.class_names) else str(c),

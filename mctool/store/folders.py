@@ -180,13 +180,15 @@ def _swap(stage: Path, target: Path) -> Path | None:
 
 
 @contextlib.contextmanager
-def staged_folder(target: str | os.PathLike[str], is_ours: Callable[[Path], bool]) -> Iterator[Stage]:
+def staged_folder(target: str | os.PathLike[str], is_ours: Callable[[Path], bool],
+                  check: Callable[[], object] | None = None) -> Iterator[Stage]:
     """Build the folder `target` as a whole: the caller writes into the yielded stage; on a
     normal exit the stage replaces `target` at once (keeping an existing folder's mode), and
     the old folder is removed. On an exception the stage is removed and `target` is untouched.
 
     The caller has checked that an existing `target` is a real folder whose every entry may go
-    (`is_ours` says so for leftovers found beside it)."""
+    (`is_ours` says so for leftovers found beside it); `check` repeats that check just before
+    the swap (the folder may have changed while the stage was built) and raises to keep it."""
     t = Path(target)
     if _is_link(t):
         raise ArtifactError(f"{shown(t)}: is a symbolic link; mctool writes only folders it can replace (never "
@@ -204,6 +206,8 @@ def staged_folder(target: str | os.PathLike[str], is_ours: Callable[[Path], bool
             raise FileBusy(f"{shown(t)}: another mctool is writing it; wait for it to finish and run the command "
                            "again (nothing was changed)") from None
         yield s
+        if check is not None:
+            check()
         os.unlink(stage / _MARK)
         s.sync()
         st = os.lstat(t) if _real_dir(t) else None
