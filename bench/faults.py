@@ -1,7 +1,7 @@
 """SIGKILL every writer at many random points and count what the files hold (issue 14).
 
     /work/venv/bin/python bench/faults.py [--kills 50] [--writers experts-new,distill] [--seed 0] [--matrix]
-                                          [--fuzz 100] [--hostile]
+                                          [--fuzz 100] [--hostile] [--exact]
 
 For each writer (experts new / appending / --convexify, convexify in place and -o, distill with
 a checkpoint every iteration, evaluate saving): a reference run without a kill, then runs killed
@@ -16,6 +16,10 @@ MCTOOL_FULL_MATRIX=1) and prints its counts; `--fuzz N` damages N random byte ra
 or hung (tests/damage.py). `--hostile` runs every hostile `import` / `folder:` case of issue 24
 (tests/hostile_import.py: NaN, the authors' variants, pickles that never end, storage and size
 bombs, gaps, aliasing) as a child process each and counts tried / clean / problems.
+`--exact` kills each exact writer (export mtt / ddranking / png
+replacing an earlier export, import writing a new buffer) just before every one of its
+file-system calls, one run per call, and counts tried / clean / problems (`--kills 0` runs only
+these).
 
 Prints a table and writes bench/results/faults.json. OMP_NUM_THREADS is forced to 1.
 """
@@ -38,14 +42,15 @@ sys.path.insert(0, str(REPO))
 
 from tests import faultkit  # noqa: E402
 
+EXACT_COLUMNS = ["writer", "calls", "tried", "killed", "old", "new", "corrupt", "clean", "problems", "seconds"]
 COLUMNS = ["writer", "runs", "kills", "missed", "opened", "validated", "old", "partial", "new", "corrupt",
            "temporaries_left", "reruns_ok", "seconds"]
 
 
-def _table(rows: list[dict]) -> str:
-    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in COLUMNS]
+def _table(rows: list[dict], columns: list[str] = COLUMNS) -> str:
+    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
     line = lambda vals: "  ".join(str(v).rjust(w) for v, w in zip(vals, widths))  # noqa: E731
-    return "\n".join([line(COLUMNS), line("-" * w for w in widths), *(line([r[c] for c in COLUMNS]) for r in rows)])
+    return "\n".join([line(columns), line("-" * w for w in widths), *(line([r[c] for c in columns]) for r in rows)])
 
 
 def _result(args: argparse.Namespace, rows: list[dict], started: float) -> dict:
@@ -97,6 +102,8 @@ def main() -> None:
     parser.add_argument("--fuzz-timeout", type=float, default=180.0, help="seconds before a read counts as hung")
     parser.add_argument("--hostile", action="store_true",
                         help="also run the hostile import / folder: cases (tests/hostile_import.py) and count them")
+    parser.add_argument("--exact", action="store_true",
+                        help="also kill each exact writer before every one of its file-system calls")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "faults.json")
     args = parser.parse_args()
     names = [n for n in args.writers.split(",") if n] or None
@@ -124,9 +131,29 @@ def main() -> None:
             # Each writer's row as soon as it is done (a long run stopped part-way keeps them).
             report(_table(rows[-1:]))
             _write(args.out, _result(args, rows, started))
+        exact_rows = []
+        if args.exact:
+            z = faultkit.Zygote()
+            try:
+                faultkit.build_exact_templates(z, templates)
+                for w in faultkit.exact_writers(templates):
+                    t = time.perf_counter()
+                    tally = faultkit.run_exact(z, w, root / "exact")
+                    exact_rows.append({"writer": w.name, **tally.row(), "seconds": round(time.perf_counter() - t, 1)})
+                    report(_table(exact_rows[-1:], EXACT_COLUMNS))
+            finally:
+                z.close()
     out = _result(args, rows, started)
     if rows:
         print(_table(rows))
+    if exact_rows:
+        out["exact"] = exact_rows
+        print(_table(exact_rows, EXACT_COLUMNS))
+        total = {k: sum(r[k] for r in exact_rows) for k in ("tried", "clean", "problems")}
+        print(f"exact-point kills: {total['tried']} tried, {total['clean']} clean, {total['problems']} problems")
+        for r in exact_rows:
+            for failure in r["failures"]:
+                print(f"FAILURE {r['writer']}: {failure}")
     for r in rows:
         for failure in r["failures"]:
             print(f"FAILURE {r['writer']}: {failure}")

@@ -240,16 +240,17 @@ def _tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torc
 
 
 def _save_atomic(obj: Any, path: Path) -> bool:
-    """torch.save via a temporary file and rename; False if the location is not writable."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """torch.save via a temporary file and rename (never through a link); False if the location
+    is not writable."""
+    from mctool.errors import MctoolError
+    from mctool.store.files import write_atomically
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
+        write_atomically(path, lambda fh: torch.save(obj, fh))
         return True
-    except (OSError, RuntimeError):  # torch.save reports some write failures as RuntimeError
-        # A cache only saves time: a read-only data dir or a full disk must not stop the run.
-        tmp.unlink(missing_ok=True)
+    except (OSError, RuntimeError, MctoolError):  # torch.save reports some write failures as RuntimeError
+        # A cache only saves time: a read-only data dir, a full disk or a planted link must not stop the run.
         return False
 
 

@@ -21,7 +21,7 @@ from mctool import store
 from mctool.augment import DSA
 from mctool.configs.evaluate import EvaluateConfig  # noqa: F401 (re-exported)
 from mctool.ensemble import train_many
-from mctool.errors import UsageError
+from mctool.errors import FileBusy, UsageError
 from mctool.models import ModelSpec, build_model, layout_of, spec_for
 from mctool.prepared import Prepared, sample_per_class
 from mctool.progress import SILENT, Reporter, stop_if_asked
@@ -226,7 +226,11 @@ def evaluate_file(file: Path, cfg: EvaluateConfig, name: str | None = None, base
         lr = cfg.lr if cfg.lr is not None else syn.lr
         results += evaluate_set(bx, by, lr, prepared, spec, cfg, "random-real", reporter)
     if save:
-        store.add_evaluations(file, synset, [r.to_dict() for r in results])
+        try:
+            store.add_evaluations(file, synset, [r.to_dict() for r in results], scored=syn)
+        except FileBusy as exc:  # the work is not lost with it: the scores go in the message
+            got = "; ".join(f"{r.model} {r.target if r.kind == 'synset' else r.kind} {r.mean:.4f}" for r in results)
+            raise FileBusy(f"{exc} (scores: {got})") from None
     return EvaluateResult(file=str(file), synset=synset, ipc=syn.ipc, lr=cfg.lr if cfg.lr is not None else syn.lr,
                           results=results, scores=scores(results, whole, syn.soft_labels), experts_reference=reference,
                           whole_data_source=source,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -311,7 +312,8 @@ def run(cfg: ExpertsConfig, out: Path, data_dir: Path | None = None, device: str
     reporter.log(f"loading {cfg.dataset}" + (" and fitting ZCA (cached after the first time)" if cfg.zca else ""))
     prepared = prepare(cfg.dataset, data_dir, cfg.zca, cfg.zca_eps, dev,
                        download=download and dist.world_size() == 1)
-    result = run_prepared(cfg, out, prepared, reporter)
+    with store.holding(out) if dist.is_main() else contextlib.nullcontext():  # no other write meanwhile
+        result = run_prepared(cfg, out, prepared, reporter)
     main = dist.is_main()
     dist.shutdown()
     return result if main else None

@@ -76,7 +76,7 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int, title: str | None = N
     x = _upscale(images.detach().to("cpu", torch.float32).clamp(0, 1))
     grid = make_grid(x, nrow=max(1, int(nrow)), padding=2, pad_value=1.0)
     if title is None and not row_labels:
-        save_image(grid, path)
+        store.write_atomically(path, lambda fh: save_image(grid, fh, format="png"))  # never through a link
         return path
     pixels = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     picture = Image.fromarray(pixels).convert("RGB")
@@ -100,7 +100,7 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int, title: str | None = N
             tw, th = _text_size(canvas, label, font)
             canvas.text((label_w - 6 - tw, band + 2 + r * tile + (tile - 2 - th) / 2 - 2), label, fill="black",
                         font=font)
-    out.save(path)
+    store.write_atomically(path, lambda fh: out.save(fh, format="PNG"))  # never through a link
     return path
 
 
@@ -343,7 +343,8 @@ class _Canvas:
             y += dash + gap
 
     def save(self, path: Path) -> Path:
-        self.img.resize(self.size, Image.LANCZOS).save(path)
+        picture = self.img.resize(self.size, Image.LANCZOS)
+        store.write_atomically(path, lambda fh: picture.save(fh, format="PNG"))
         return path
 
 

@@ -99,6 +99,8 @@ def _serve(req: dict[str, Any], libc: Any) -> dict[str, Any]:
         os.dup2(log, 2)
         os.chdir(req["cwd"])
         code = 70
+        if req.get("trip") is not None:
+            _tripwire(int(req["trip"]))
         try:
             from mctool.cli import main
 
@@ -115,6 +117,8 @@ def _serve(req: dict[str, Any], libc: Any) -> dict[str, Any]:
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
+            if req.get("trip") is not None and req.get("count_file"):
+                Path(req["count_file"]).write_text(str(_TRIP["calls"]))
             os._exit(code)
     os.close(log)
     kill_at = req.get("kill_after")
@@ -149,6 +153,34 @@ def _serve(req: dict[str, Any], libc: Any) -> dict[str, Any]:
             "seconds": seconds, "events": events}
 
 
+# The file-system calls a writer's exact kill points are counted in (each os.* call through
+# Python, and the folder swap's renameat2): every write, fsync, rename and removal of a writer
+# goes through one of them, while HDF5's and torch's own writes in C do not count.
+TRIP_CALLS = ("open", "fsync", "replace", "rename", "unlink", "rmdir", "mkdir", "chmod", "statvfs", "ftruncate")
+_TRIP = {"calls": 0, "at": 0}
+
+
+def _tripwire(at: int) -> None:
+    """In the child: count the TRIP_CALLS; SIGKILL the process just before call number `at`
+    (0: only count; the total is written at exit)."""
+    import mctool.store.folders as folders
+
+    _TRIP["at"] = at
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def tripped(*args: Any, **kwargs: Any) -> Any:
+            _TRIP["calls"] += 1
+            if _TRIP["calls"] == _TRIP["at"]:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return fn(*args, **kwargs)
+
+        return tripped
+
+    for name in TRIP_CALLS:
+        setattr(os, name, wrap(getattr(os, name)))
+    folders._renameat2 = wrap(folders._renameat2)
+
+
 class Zygote:
     """The forking server (parent side)."""
 
@@ -158,12 +190,16 @@ class Zygote:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO, env=env)
 
     def run(self, argv: list[str], log: Path, cwd: Path, kill_after: float | None = None,
-            watch: Path | None = None, kill_at_event: int | None = None, plus: float = 0.0) -> dict[str, Any]:
+            watch: Path | None = None, kill_at_event: int | None = None, plus: float = 0.0,
+            trip: int | None = None, count_file: Path | None = None) -> dict[str, Any]:
         """Run `mctool ARGV` in a forked child, SIGKILLed `kill_after` seconds after the fork, or
-        `plus` seconds after the `kill_at_event`-th file write in folder `watch` (if given)."""
+        `plus` seconds after the `kill_at_event`-th file write in folder `watch` (if given), or
+        by itself just before its `trip`-th file-system call (TRIP_CALLS; 0: count them into
+        `count_file`)."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
         req = {"argv": [str(a) for a in argv], "log": str(log), "cwd": str(cwd), "kill_after": kill_after,
-               "watch": str(watch) if watch else None, "kill_at_event": kill_at_event, "plus": plus}
+               "watch": str(watch) if watch else None, "kill_at_event": kill_at_event, "plus": plus,
+               "trip": trip, "count_file": str(count_file) if count_file else None}
         self.proc.stdin.write(json.dumps(req) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
@@ -564,5 +600,213 @@ def writers(templates: Path, names: list[str] | None = None) -> list[Writer]:
         Writer("evaluate", "synset.h5",
                lambda w: ["evaluate", "synset.h5", *d, "--runs", "1", "--epochs", "2", "--quiet"],
                _copy(templates, ("synset.h5", "synset.h5")), judge_whole, finished=_evaluate_finished),
+    ]
+    return [w for w in all_writers if names is None or w.name in names]
+
+
+# --------------------------------------------------------------------------- exact-point kills (issue 24)
+#
+# Random instants find the windows a writer leaves open by chance; these find every one: the
+# reference run counts its file-system calls (TRIP_CALLS), then one run is killed just before
+# each chosen call. After each kill the output must be the old one or the new one, and the same
+# command run again must finish with the new one and leave nothing else beside it.
+
+_VOLATILE_EXPORT = {"created"}
+
+
+def export_contents(folder: Path) -> dict[str, Any] | None:
+    """What an export folder holds: each file's sha256 (the description without its date); None
+    when there is no folder; {'unreadable': ...} when it is not a complete export."""
+    if not os.path.lexists(folder):
+        return None
+    if folder.is_symlink() or not folder.is_dir():
+        return {"unreadable": "not a folder"}
+    out: dict[str, Any] = {}
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if p.is_symlink():
+            out[rel] = "link"
+        elif p.is_dir():
+            out[rel] = "folder"
+        elif p.name == "mctool_export.json":
+            try:
+                doc = json.loads(p.read_text())
+            except ValueError as exc:
+                return {"unreadable": f"{rel}: {exc}"}
+            out[rel] = json.dumps({k: v for k, v in doc.items() if k not in _VOLATILE_EXPORT}, sort_keys=True)
+        else:
+            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+    return out
+
+
+def judge_export(old: dict[str, Any] | None, got: dict[str, Any] | None, new: dict[str, Any]) -> str:
+    """An export folder: exactly the old one (or none when there was none) or exactly the new one."""
+    if got == new:
+        return "new"
+    if got == old:
+        return "old"
+    return "corrupt"
+
+
+@dataclass
+class ExactWriter:
+    """A writer killed at exact points: its command, old state, output and what may lie beside it."""
+
+    name: str
+    target: str
+    argv: list[str]
+    prepare: Callable[[Path], None]
+    read: Callable[[Path], dict[str, Any] | None]
+    judge: Callable[[dict[str, Any] | None, dict[str, Any] | None, dict[str, Any]], str]
+    finished: Callable[[dict[str, Any] | None, dict[str, Any]], bool]
+    allowed: frozenset[str] = frozenset()  # entries of the work folder besides the target (inputs)
+
+
+@dataclass
+class ExactTally:
+    """Counts for one writer's exact-point kills."""
+
+    calls: int = 0  # file-system calls of the reference run (the points there are)
+    tried: int = 0
+    killed: int = 0
+    states: dict[str, int] = field(default_factory=dict)
+    clean: int = 0  # old or new after the kill, the rerun finished with the new one, nothing left beside
+    problems: list[str] = field(default_factory=list)
+
+    def row(self) -> dict[str, Any]:
+        """A JSON-ready row."""
+        return {"calls": self.calls, "tried": self.tried, "killed": self.killed, "old": self.states.get("old", 0),
+                "new": self.states.get("new", 0), "corrupt": self.states.get("corrupt", 0), "clean": self.clean,
+                "problems": len(self.problems), "failures": self.problems[:10]}
+
+
+_LOGS = frozenset({"log.txt", "rerun.txt", "calls.txt"})
+
+
+def exact_reference(z: Zygote, w: ExactWriter, work: Path) -> tuple[dict[str, Any] | None, dict[str, Any], int]:
+    """(old content, new content, number of file-system calls) of an uninterrupted run."""
+    _reset(work)
+    w.prepare(work)
+    old = w.read(work / w.target)
+    r = z.run(w.argv, work / "log.txt", work, trip=0, count_file=work / "calls.txt")
+    if r["code"] != 0:
+        raise RuntimeError(f"{w.name}: the reference run failed: {(work / 'log.txt').read_text()[-3000:]}")
+    new = w.read(work / w.target)
+    assert new is not None
+    return old, new, int((work / "calls.txt").read_text())
+
+
+def exact_trial(z: Zygote, w: ExactWriter, old: dict[str, Any] | None, new: dict[str, Any], point: int, work: Path,
+                tally: ExactTally) -> None:
+    """Kill `w` just before its `point`-th file-system call; judge; run it again; judge again."""
+    _reset(work)
+    w.prepare(work)
+    tally.tried += 1
+    r = z.run(w.argv, work / "log.txt", work, trip=point)
+    where = f"{w.name} killed before call {point}/{tally.calls}"
+    if not r["killed"]:
+        tally.problems.append(f"{where}: not killed (exit {r['code']}): {(work / 'log.txt').read_text()[-300:]}")
+        return
+    tally.killed += 1
+    try:
+        got = w.read(work / w.target)
+    except Exception as exc:  # noqa: BLE001 - any failure to read is the finding
+        got = {"unreadable": f"{type(exc).__name__}: {exc}"}
+    state = w.judge(old, got, new)
+    tally.states[state] = tally.states.get(state, 0) + 1
+    if state == "corrupt":
+        tally.problems.append(f"{where}: neither old nor new: {str(got)[:300]}")
+        return
+    r = z.run(w.argv, work / "rerun.txt", work)
+    try:
+        final = w.read(work / w.target)
+    except Exception as exc:  # noqa: BLE001
+        final = {"unreadable": f"{type(exc).__name__}: {exc}"}
+    stray = sorted(set(os.listdir(work)) - _LOGS - w.allowed - {w.target})
+    if r["code"] != 0 or final is None or not w.finished(final, new):
+        tally.problems.append(f"{where} ({state}): the rerun exit {r['code']}: "
+                              f"{(work / 'rerun.txt').read_text()[-300:]}")
+    elif stray:
+        tally.problems.append(f"{where} ({state}): the rerun left {stray} beside the output")
+    else:
+        tally.clean += 1
+
+
+def exact_points(calls: int, sample: int | None = None) -> list[int]:
+    """Every call 1..calls, or `sample` of them spread evenly (the first and the last included)."""
+    points = list(range(1, calls + 1))
+    if sample is None or sample >= calls:
+        return points
+    step = (calls - 1) / max(1, sample - 1)
+    return sorted({1 + round(i * step) for i in range(sample)})
+
+
+def run_exact(z: Zygote, w: ExactWriter, root: Path, sample: int | None = None) -> ExactTally:
+    """Kill `w` at every (or `sample` evenly spread) exact point."""
+    work = root / w.name
+    old, new, calls = exact_reference(z, w, work)
+    tally = ExactTally(calls=calls)
+    for point in exact_points(calls, sample):
+        exact_trial(z, w, old, new, point, work, tally)
+    return tally
+
+
+def build_exact_templates(z: Zygote, templates: Path) -> Path:
+    """Beside build_templates' files: a second, larger synset (ipc 2) and the earlier exports the
+    export writers replace, and a folder of MTT replay buffers for import."""
+    d = ["--data-dir", str(templates / "data")]
+    steps = [
+        ["distill", "--buffer", "compact.h5", "-o", "synset-b.h5", *d, "--iterations", "1", "--ipc", "2", *DISTILL[2:]],
+        ["export", "synset-b.h5", "--format", "mtt", "-o", "old-mtt", *d, "--quiet"],
+        ["export", "synset-b.h5", "--format", "png", "-o", "old-png", *d, "--quiet"],
+    ]
+    for argv in steps:
+        if (templates / str(argv[argv.index("-o") + 1])).exists():
+            continue
+        r = z.run(argv, templates / "log.txt", templates)
+        if r["code"] != 0:
+            raise RuntimeError(f"building {argv}: {(templates / 'log.txt').read_text()[-3000:]}")
+    replay = templates / "replay"
+    if not replay.exists():
+        from tests.interop_fixtures import make_experts, tiny_spec, write_replay_buffer
+
+        experts = make_experts(tiny_spec(), 4, 3, seed=9)
+        write_replay_buffer(replay, 0, experts[:2])
+        write_replay_buffer(replay, 1, experts[2:])
+    return templates
+
+
+def _copy_tree(templates: Path, *names: tuple[str, str]) -> Callable[[Path], None]:
+    def prepare(work: Path) -> None:
+        for src, dst in names:
+            if (templates / src).is_dir():
+                shutil.copytree(templates / src, work / dst, symlinks=True)
+            else:
+                shutil.copyfile(templates / src, work / dst)
+
+    return prepare
+
+
+def exact_writers(templates: Path, names: list[str] | None = None) -> list[ExactWriter]:
+    """Export in each format replacing an earlier export of a larger synset (mtt: same format;
+    ddranking: a switch from mtt; png: fewer PNGs), and import's HDF5 output, new."""
+    d = ["--data-dir", str(templates / "data")]
+
+    def export(fmt: str, old: str) -> ExactWriter:
+        return ExactWriter(f"export-{fmt}", "out", ["export", "synset.h5", "--format", fmt, "-o", "out", *d, "--quiet"],
+                           _copy_tree(templates, ("synset.h5", "synset.h5"), (old, "out")), export_contents,
+                           judge_export, lambda final, new: final == new, frozenset({"synset.h5"}))
+
+    def import_finished(final: dict[str, Any] | None, new: dict[str, Any]) -> bool:
+        return judge_rows(None, final, new) == "new"
+
+    all_writers = [
+        export("mtt", "old-mtt"),
+        export("ddranking", "old-mtt"),
+        export("png", "old-png"),
+        ExactWriter("import", "imported.h5",
+                    ["import", str(templates / "replay"), "-o", "imported.h5", "--dataset", "mnist", "--no-zca", *d,
+                     "--quiet"],
+                    lambda w: None, contents, lambda old, got, new: judge_rows(old, got, new), import_finished),
     ]
     return [w for w in all_writers if names is None or w.name in names]

@@ -1,9 +1,11 @@
-"""SIGKILL at random points (issue 14 item 1): every writer leaves either the old content or the
-new one (or a consistent step between, where the format has one), the file always opens and
-validates, and the same command run again finishes with the reference result.
+"""SIGKILL at random points (issue 14 item 1) and at exact points (issue 24): every writer leaves
+either the old content or the new one (or a consistent step between, where the format has one),
+the file always opens and validates, and the same command run again finishes with the reference
+result.
 
-CI runs a sample (MCTOOL_FAULT_KILLS kills per writer, default 3); `bench/faults.py` runs ≥ 50
-per writer and prints the table (tests/faultkit.py says how kills are drawn).
+CI runs a sample (MCTOOL_FAULT_KILLS random kills per writer, default 3; MCTOOL_FAULT_EXACT exact
+points per exact writer, default 3); `bench/faults.py` runs ≥ 50 random kills per writer and,
+with --exact, every exact point, and prints the tables (tests/faultkit.py says how kills are drawn).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from tests import faultkit
 from tests.faultkit import Zygote
 
 KILLS = int(os.environ.get("MCTOOL_FAULT_KILLS", "3"))
+# Exact points per writer in CI, spread over its file-system calls (bench/faults.py --exact: all).
+EXACT = int(os.environ.get("MCTOOL_FAULT_EXACT", "3"))
 WRITERS = ["experts-new", "experts-append", "experts-convexify", "convexify-in-place", "convexify-o", "distill",
            "evaluate"]
 
@@ -56,6 +60,33 @@ def test_sigkill_leaves_old_or_new_and_the_rerun_finishes(name: str, zygote: Zyg
     assert not tally.failures, row
     assert row["corrupt"] == 0 and tally.opened == tally.validated == tally.kills, row
     assert tally.reruns_ok == tally.kills, row
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["export-mtt", "export-ddranking", "export-png", "import"])
+def test_a_kill_at_an_exact_point_leaves_old_or_new_and_the_rerun_finishes(name: str, zygote: Zygote,
+                                                                           templates: Path, tmp_path: Path) -> None:
+    """Issue 24: killed just before one of its file-system calls (a sample here, every one in
+    bench/faults.py --exact), a writer leaves its old output or the new one, and the same command
+    run again finishes with the new one and leaves nothing beside it."""
+    faultkit.build_exact_templates(zygote, templates)
+    (writer,) = faultkit.exact_writers(templates, [name])
+    tally = faultkit.run_exact(zygote, writer, tmp_path, EXACT)
+    row = tally.row()
+    assert tally.calls >= 10 and tally.killed == tally.tried == min(EXACT, tally.calls), row
+    assert tally.clean == tally.killed and not tally.problems, row
+
+
+def test_the_export_judge_can_fail(tmp_path: Path) -> None:
+    """A folder mixing an old file with new ones is neither old nor new."""
+    old = {"images.pt": "a", "labels.pt": "b", "mctool_export.json": "x"}
+    new = {"images.pt": "c", "labels.pt": "d", "mctool_export.json": "y"}
+    assert faultkit.judge_export(old, old, new) == "old" and faultkit.judge_export(old, new, new) == "new"
+    assert faultkit.judge_export(old, {**new, "labels.pt": "b"}, new) == "corrupt"
+    assert faultkit.judge_export(None, None, new) == "old"
+    assert faultkit.judge_export(old, {**new, "0000.png": "z"}, new) == "corrupt"  # a stale file kept
+    assert faultkit.export_contents(tmp_path / "none") is None
+    assert faultkit.exact_points(100, 4) == [1, 34, 67, 100] and faultkit.exact_points(3, 10) == [1, 2, 3]
 
 
 def test_the_judges_can_fail(templates: Path) -> None:

@@ -69,7 +69,9 @@ def test_export_command(tmp_path: Path, convex_buffer: Path, data_dir: Path, fmt
     target = Path(doc["folder"])
     assert target == tmp_path / f"syn-{fmt}" and "mctool_export.json" in doc["files"]
     if fmt == "mtt":
-        assert {"images_best.pt", "labels_best.pt", "lr_best.pt", "images_zca_best.pt"} <= set(doc["files"])
+        # final images after 1 iteration (no --eval-every, so no best ones): MTT's name for them
+        assert {"images_1.pt", "labels_1.pt", "lr_1.pt", "images_zca_1.pt"} <= set(doc["files"])
+        assert not any("best" in f for f in doc["files"]) and doc["images"] == "final"
     if fmt == "png":
         assert sum(f.endswith(".png") for f in doc["files"]) == 10
     assert_one_line_error(drafted("export", syn, "--format", "tfrecord"), 2, "unknown --format")

@@ -44,7 +44,8 @@ def prep(stored: SynsetData, data_dir: Path):
     return prepare_like(stored.meta, data_dir, torch.device("cpu")).prep
 
 
-@pytest.mark.parametrize("layout,names", [("mtt", ("images_best.pt", "labels_best.pt", "lr_best.pt")),
+# `stored` holds the final images after 2 iterations: MTT's distill.py names those images_2.pt.
+@pytest.mark.parametrize("layout,names", [("mtt", ("images_2.pt", "labels_2.pt", "lr_2.pt")),
                                           ("ddranking", ("images.pt", "labels.pt", "lr.pt"))])
 def test_tensor_export_round_trips_bit_for_bit(tmp_path: Path, stored: SynsetData, prep, layout: str,
                                                names: tuple[str, ...]) -> None:
@@ -89,8 +90,8 @@ def test_export_refuses_foreign_folders_and_detects_changes(tmp_path: Path, stor
     out = tmp_path / "again"
     export_tensors(stored, out, "mtt", prep)
     export_tensors(stored, out, "mtt", prep)  # an earlier export is replaced
-    lr = torch.load(out / "lr_best.pt", weights_only=True)
-    torch.save(lr * 2, out / "lr_best.pt")
+    lr = torch.load(out / "lr_2.pt", weights_only=True)
+    torch.save(lr * 2, out / "lr_2.pt")
     with pytest.raises(UsageError, match="checksum"):
         load_export(out)
     with pytest.raises(UsageError, match="unknown tensor layout"):

@@ -9,6 +9,7 @@ gradients are averaged and rank 0 writes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -301,8 +302,11 @@ def run(preset: str | None, overrides: dict[str, Any], buffer: Path, out: Path, 
             note = buffer_note(buf, cfg, {k for k, v in overrides.items() if v is not None})
             reporter.log(note)
         prepared = prepare_like(buf.data, data_dir, dev, reporter)
-        result = run_prepared(cfg, buf, out, prepared, name=name or synset_name(cfg), resume=resume,
-                              reporter=reporter)
+        # The writer (rank 0) holds `out` for the whole run: another mctool's write (evaluate storing
+        # scores) is refused with one line instead of being erased by the next checkpoint.
+        with store.holding(out) if dist.is_main() else contextlib.nullcontext():
+            result = run_prepared(cfg, buf, out, prepared, name=name or synset_name(cfg), resume=resume,
+                                  reporter=reporter)
         if note is not None:
             result.notes.insert(0, note)
         main = dist.is_main()

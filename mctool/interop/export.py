@@ -2,18 +2,26 @@
 
 Tensor layouts (each tensor file is a plain ``torch.save`` of one tensor):
 
-* ``mtt``: ``images_best.pt`` (float32 [N, C, H, W], in the experts' training space: ZCA-whitened
-  or mean/std-normalised), ``labels_best.pt`` (int64 [N] class-major, or float32 [N, classes]
-  soft labels = probabilities), ``lr_best.pt`` (0-d tensor: the learned step size), and with ZCA
-  ``images_zca_best.pt``: the images mapped back to pixel space by the inverse ZCA — what MTT's
-  distill.py names ``images_zca_*`` (not clamped, as theirs).
+* ``mtt``: named as MTT's distill.py names what it saves — ``images_best.pt`` when the synset's
+  best images are exported (those a periodic evaluation selected), ``images_<it>.pt`` for the
+  final images after `it` iterations: the images (float32 [N, C, H, W], in the experts' training
+  space: ZCA-whitened or mean/std-normalised), ``labels_<tag>.pt`` (int64 [N] class-major, or
+  float32 [N, classes] soft labels = probabilities), ``lr_<tag>.pt`` (0-d tensor: the learned
+  step size), and with ZCA ``images_zca_<tag>.pt``: the images mapped back to pixel space by the
+  inverse ZCA — what MTT's distill.py names ``images_zca_*`` (not clamped, as theirs).
 * ``ddranking``: ``images.pt``, ``labels.pt``, ``lr.pt`` — the names DD-Ranking's README loads and
   passes to ``compute_metrics(image_tensor=..., soft_labels=..., syn_lr=...)``. DD-Ranking
   builds hard labels itself as class-major blocks of ipc, which is how mctool orders images.
 
 Every export writes ``mctool_export.json``: which file is what, their SHA-256, the image space
 (ZCA or not, eps, fitted on which split, mean/std, class names) and the settings a receiver
-must use (DD-Ranking's ``use_zca``/``im_size``/``model_name``, MTT's ``--dataset``/``--zca``).
+must use (DD-Ranking's ``use_zca``/``im_size``/``model_name``, MTT's ``--dataset``/``--zca``/
+``--model`` and the whole network: width, depth, norm, activation, pooling), and ``written``:
+every file of the export (a later export into the same folder replaces exactly those).
+
+The folder is written as a whole (``mctool.store.folders``): built beside its place, then
+swapped in, so a kill leaves the earlier export or the new one, and the same command then
+succeeds; a folder holding anything an earlier export did not write is refused.
 The ZCA matrices are not shipped by default: MTT and DD-Ranking refit the same kornia
 ZCA (eps 0.1, whole training split in [0, 1] pixels) themselves; ``zca_matrix=True`` adds
 ``zca.pt`` = [mean [D], transform [D, D], transform_inv [D, D]] for receivers that want to
@@ -35,18 +43,22 @@ import json
 import math
 import os
 import re
-import tempfile
+import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 import torch
 
 from mctool import __version__
-from mctool.store import DatasetMeta, now_iso
+from mctool.store import DatasetMeta, clean_text, now_iso, shown
+from mctool.store.files import _is_link
+from mctool.store.folders import Stage, staged_folder
 from mctool.data import Preprocessing
 from mctool.errors import UsageError
 from mctool.interop.h5out import SynsetData, keeps_best, read_synset
+from mctool.models import ModelSpec
 from mctool.interop.torchfile import LoadedTensor, TensorRef, TorchFileError, open_torch_file
 
 FORMATS = ("mtt", "ddranking", "png")
@@ -54,10 +66,21 @@ META_NAME = "mctool_export.json"
 EXPORT_FORMAT = "mctool-export"
 EXPORT_VERSION = 1
 
-_FILES = {
-    "mtt": {"images": "images_best.pt", "labels": "labels_best.pt", "lr": "lr_best.pt", "pixels": "images_zca_best.pt"},
-    "ddranking": {"images": "images.pt", "labels": "labels.pt", "lr": "lr.pt"},
-}
+_LAYOUTS = ("mtt", "ddranking")
+
+
+def tensor_names(layout: str, images: str, iteration: int) -> dict[str, str]:
+    """The file names of a tensor export, saying what they hold as the receivers' scripts do:
+    MTT's distill.py saves the images that scored best as ``images_best.pt`` and those of
+    iteration `it` as ``images_{it}.pt`` (likewise labels, lr, images_zca); DD-Ranking's
+    README loads ``images.pt``, ``labels.pt``, ``lr.pt`` (the JSON says final or best)."""
+    if layout == "ddranking":
+        return {"images": "images.pt", "labels": "labels.pt", "lr": "lr.pt"}
+    tag = "best" if images == "best" else str(int(iteration))
+    return {"images": f"images_{tag}.pt", "labels": f"labels_{tag}.pt", "lr": f"lr_{tag}.pt",
+            "pixels": f"images_zca_{tag}.pt"}
+
+
 ZCA_FILE = "zca.pt"
 
 # mctool dataset name -> (MTT --dataset, DD-Ranking dataset)
@@ -120,12 +143,53 @@ def space_description(meta: DatasetMeta) -> dict[str, Any]:
             "dataset": meta.name, "train_fingerprint": meta.train_fingerprint}
 
 
+# MTT's get_network names that change one setting of its default ConvNet (width 128, depth 3,
+# instancenorm, relu, avgpooling): /work/shared/method.md §2.1.
+_MTT_NORM = {"none": "NN", "batchnorm": "BN", "layernorm": "LN", "instancenorm": "IN", "groupnorm": "GN"}
+_MTT_POOL = {"none": "NP", "maxpooling": "MP", "avgpooling": "AP"}
+_MTT_ACT = {"sigmoid": "AS", "relu": "AR", "leakyrelu": "AL"}
+
+
+def mtt_model(spec: ModelSpec) -> tuple[str | None, str | None]:
+    """(MTT's --model name that builds exactly `spec`, or None; a note when there is none or
+    when the name needs care)."""
+    if spec.arch != "ConvNet":
+        return spec.arch, None
+    default = ModelSpec()
+    changed = [k for k in ("width", "depth", "norm", "act", "pool") if getattr(spec, k) != getattr(default, k)]
+    how = (f"networks.ConvNet(channel={spec.channels}, num_classes={spec.num_classes}, net_width={spec.width}, "
+           f"net_depth={spec.depth}, net_act='{spec.act}', net_norm='{spec.norm}', net_pooling='{spec.pool}', "
+           f"im_size={tuple(spec.im_size)})")
+    if not changed:
+        return "ConvNet", None
+    if changed == ["depth"] and 1 <= spec.depth <= 8:
+        return f"ConvNetD{spec.depth}", None
+    if changed == ["width"] and spec.width in (32, 64, 256, 512, 1024):
+        note = None if tuple(spec.im_size) == (32, 32) else f"MTT's ConvNetW* ignore im_size: build {how}"
+        return f"ConvNetW{spec.width}", note
+    if changed == ["norm"] and spec.norm in _MTT_NORM:
+        return f"ConvNet{_MTT_NORM[spec.norm]}", None
+    if changed == ["pool"] and spec.pool in _MTT_POOL:
+        return f"ConvNet{_MTT_POOL[spec.pool]}", None
+    if changed == ["act"] and spec.act in _MTT_ACT:
+        return f"ConvNet{_MTT_ACT[spec.act]}", None
+    return None, f"no MTT --model name builds this ConvNet ({', '.join(changed)} differ from MTT's); build {how}"
+
+
 def _receivers(syn: SynsetData) -> dict[str, Any]:
     mtt_name, dd_name = _RECEIVER_NAMES.get(syn.meta.name, (None, None))
     spec = syn.spec
-    out: dict[str, Any] = {"mtt": {"dataset": mtt_name, "zca": syn.meta.zca,
-                                   "model": None if spec is None else
-                                   ("ConvNet" if spec.depth == 3 else f"ConvNetD{spec.depth}")}}
+    mtt: dict[str, Any] = {"dataset": mtt_name, "zca": syn.meta.zca, "model": None, "model_spec": None}
+    if spec is not None:
+        mtt["model"], note = mtt_model(spec)
+        # The whole network, in MTT's argument names, so a receiver builds the same one.
+        mtt["model_spec"] = {"arch": spec.arch, "net_width": spec.width, "net_depth": spec.depth,
+                             "net_norm": spec.norm, "net_act": spec.act, "net_pooling": spec.pool,
+                             "channel": spec.channels, "num_classes": spec.num_classes,
+                             "im_size": list(spec.im_size)}
+        if note:
+            mtt["note"] = note
+    out: dict[str, Any] = {"mtt": mtt}
     dd: dict[str, Any] = {"dataset": dd_name, "use_zca": syn.meta.zca, "ipc": syn.ipc,
                           "im_size": [syn.meta.height, syn.meta.width]}
     if spec is not None and spec.arch == "ConvNet":
@@ -147,28 +211,105 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+# --------------------------------------------------------------------------- the target folder
+
+# The largest description an earlier export can have (PNG lists of 100,000 images fit easily).
+_MAX_META_BYTES = 64 << 20
+# Temporaries that releases up to 0.3 left inside the folder when killed: ".NAME.tmp", ".NAME.XXXX.tmp".
+_OLD_TEMPORARY = re.compile(r"^\.(?P<base>.+?)(\.[A-Za-z0-9_]+)?\.tmp$")
+
+
+def _listed(folder: Path) -> set[str] | None:
+    """The files (relative paths) an earlier mctool export in `folder` says it wrote, its JSON
+    included; None when `folder` holds no readable description of ours."""
+    meta = folder / META_NAME
+    try:
+        st = os.lstat(meta)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_META_BYTES:
+            return None
+        doc = json.loads(meta.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or doc.get("format") != EXPORT_FORMAT:
+        return None
+    names: list[Any] = list(doc.get("written") or [])  # since 0.4: every file, listed
+    names += [v for v in (doc.get("files") or {}).values() if v]
+    names += list((doc.get("png") or {}).get("images") or [])
+    names += list(doc.get("sha256") or {})
+    listed = {META_NAME}
+    for name in names:
+        if not isinstance(name, str) or not name or name.startswith("/") or ".." in Path(name).parts:
+            return None
+        listed.add(Path(name).as_posix())
+    return listed
+
+
+def _foreign(folder: Path) -> str | None:
+    """What in `folder` an earlier mctool export did not write (a message), or None when every
+    entry may be replaced: the folder is empty, or holds exactly an earlier export's files
+    (and the temporaries an older release's killed export left), none of them a link."""
+    entries: list[tuple[str, os.stat_result]] = []
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = Path(root) / name
+            entries.append((path.relative_to(folder).as_posix(), os.lstat(path)))
+    if not entries:
+        return None
+    listed = _listed(folder)
+    if listed is None:
+        return "not empty and not an earlier mctool export"
+    parents = {p.as_posix() for name in listed for p in Path(name).parents if p != Path(".")}
+    for rel, st in entries:
+        if stat.S_ISLNK(st.st_mode):
+            return f"holds {clean_text(rel)}, a symbolic link no mctool export wrote"
+        if stat.S_ISDIR(st.st_mode):
+            if rel not in parents:
+                return f"holds the folder {clean_text(rel)}, which the earlier export did not write"
+            continue
+        m = _OLD_TEMPORARY.match(Path(rel).name)
+        leftover = m is not None and (Path(rel).parent / m.group("base")).as_posix() in listed
+        if not stat.S_ISREG(st.st_mode) or (rel not in listed and not leftover):
+            return f"holds {clean_text(rel)}, which the earlier export did not write"
+    return None
+
+
+def _is_earlier_export(folder: Path) -> bool:
+    try:
+        return _foreign(folder) is None and _listed(folder) is not None
+    except OSError:
+        return False
+
+
+def check_target(out_dir: Path, inputs: tuple[Path, ...] = ()) -> None:
+    """Refuse, before any work, an export folder that is a link or not a folder, that holds
+    anything an earlier mctool export did not write (only those files are ever replaced), or
+    that holds an input."""
+    if _is_link(out_dir):
+        raise UsageError(f"{shown(out_dir)}: is a symbolic link; an export replaces its folder as a whole and never "
+                         "writes through a link — pass the real folder or another -o")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"{shown(out_dir)}: exists and is not a folder; choose another -o")
+    for source in inputs:
+        try:
+            inside = source.resolve().is_relative_to(out_dir.resolve())
+        except OSError:
+            inside = False
+        if inside:
+            raise UsageError(f"{shown(out_dir)}: holds the input {shown(source)}; export into another folder (-o)")
+    if out_dir.is_dir():
+        try:
+            problem = _foreign(out_dir)
+        except OSError as exc:
+            raise UsageError(f"{shown(out_dir)}: cannot be read ({clean_text(exc.strerror or str(exc))})") from None
+        if problem is not None:
+            raise UsageError(f"{shown(out_dir)}: {problem}; choose another -o (nothing was changed)")
+
+
 # --------------------------------------------------------------------------- writing
 
 
-def _prepare_dir(out_dir: Path) -> None:
-    """An absent or empty folder, or one holding an earlier export (whose files are replaced)."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"{out_dir}: exists and is not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / META_NAME).is_file():
-        raise UsageError(f"{out_dir}: not empty and not an earlier mctool export; choose another -o")
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-
-def _save(obj: Any, path: Path) -> None:
-    """torch.save through a temporary file in the same folder, then rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _torch_bytes(obj: Any) -> Callable[[BinaryIO], object]:
+    return lambda fh: torch.save(obj, fh)
 
 
 def _finite(obj: Any) -> Any:
@@ -182,10 +323,10 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-def _write_json(doc: dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_finite(doc), indent=2, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+def _write_json(stage: Stage, doc: dict[str, Any]) -> None:
+    """The description, written last: a folder with it is complete."""
+    doc["written"] = sorted(stage.written)
+    stage.write(META_NAME, (json.dumps(_finite(doc), indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
 
 
 def _check(syn: SynsetData) -> None:
@@ -207,12 +348,18 @@ def _class_major(syn: SynsetData) -> bool:
     return syn.labels.shape == expected.shape and bool(torch.equal(syn.labels.cpu(), expected))
 
 
+def _which(syn: SynsetData) -> str:
+    """'best' or 'final': which images of the synset `syn` holds."""
+    return "best" if syn.source.get("images") == "best" else "final"
+
+
 def _description(syn: SynsetData, layout: str, files: dict[str, str | None], out_dir: Path) -> dict[str, Any]:
     return {
         "format": EXPORT_FORMAT, "version": EXPORT_VERSION, "layout": layout,
         "files": files,
         "sha256": {name: _sha256(out_dir / name) for name in files.values() if name},
-        "synset": syn.name, "ipc": syn.ipc, "iterations": syn.iterations, "num_images": int(syn.images.shape[0]),
+        "synset": syn.name, "images": _which(syn), "ipc": syn.ipc, "iterations": syn.iterations,
+        "num_images": int(syn.images.shape[0]),
         "image_shape": list(syn.images.shape[1:]), "num_classes": syn.meta.num_classes,
         "class_names": list(syn.meta.class_names),
         "labels": {"kind": _labels_kind(syn.labels),
@@ -229,41 +376,43 @@ def _description(syn: SynsetData, layout: str, files: dict[str, str | None], out
 
 
 def export_tensors(syn: SynsetData, out_dir: Path, layout: str, prep: Preprocessing | None,
-                   zca_matrix: bool = False) -> dict[str, Any]:
+                   zca_matrix: bool = False, inputs: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Write `syn` in the MTT ('mtt') or DD-Ranking ('ddranking') tensor layout; returns the description.
 
-    `prep` (the fitted preprocessing) is needed for the de-whitened images_zca_best.pt and for
+    `prep` (the fitted preprocessing) is needed for the de-whitened images_zca_*.pt and for
     zca.pt; without it (ZCA data not loaded) those are left out and the description says so.
-    """
-    if layout not in _FILES:
-        raise UsageError(f"unknown tensor layout '{layout}'; choose from {', '.join(_FILES)}")
+    The folder is written as a whole (mctool.store.folders): a kill leaves the old export or
+    the new one."""
+    if layout not in _LAYOUTS:
+        raise UsageError(f"unknown tensor layout '{layout}'; choose from {', '.join(_LAYOUTS)}")
     _check(syn)
     if zca_matrix and not syn.meta.zca:
         raise UsageError("--zca-matrix: the synset is not in a ZCA space (its dataset is mean/std normalised)")
     if zca_matrix and (prep is None or prep.kind != "zca"):
         raise UsageError("--zca-matrix needs the fitted ZCA (the dataset on this machine)")
-    _prepare_dir(out_dir)
-    names = _FILES[layout]
-    _save(syn.images.detach().to("cpu", torch.float32).contiguous().clone(), out_dir / names["images"])
-    labels = syn.labels.detach().cpu().contiguous().clone()
-    _save(labels, out_dir / names["labels"])
-    _save(torch.tensor(float(syn.lr), dtype=torch.float64), out_dir / names["lr"])
-    files: dict[str, str | None] = {"images": names["images"], "labels": names["labels"], "lr": names["lr"],
-                                    "pixels": None, "zca": None}
-    if "pixels" in names and syn.meta.zca and prep is not None:
-        _save(to_pixels(prep, syn.images, clamp=False).contiguous(), out_dir / names["pixels"])
-        files["pixels"] = names["pixels"]
-    if zca_matrix:
-        assert prep is not None and prep.transform is not None and prep.transform_inv is not None
-        _save([prep.mean.float().contiguous().clone(), prep.transform.float().contiguous().clone(),
-               prep.transform_inv.float().contiguous().clone()], out_dir / ZCA_FILE)
-        files["zca"] = ZCA_FILE
-    doc = _description(syn, layout, files, out_dir)
-    if files["zca"]:
-        doc["zca"] = {"file": ZCA_FILE, "contents": ["mean [D]", "transform [D, D]", "transform_inv [D, D]"],
-                      "whiten": "y = (x.flatten(1) - mean) @ transform",
-                      "dewhiten": "x = y.flatten(1) @ transform_inv + mean"}
-    _write_json(doc, out_dir / META_NAME)
+    check_target(out_dir, inputs)
+    names = tensor_names(layout, _which(syn), syn.iterations)
+    with staged_folder(out_dir, _is_earlier_export, lambda: check_target(out_dir, inputs)) as stage:
+        stage.write(names["images"], _torch_bytes(syn.images.detach().to("cpu", torch.float32).contiguous().clone()))
+        stage.write(names["labels"], _torch_bytes(syn.labels.detach().cpu().contiguous().clone()))
+        stage.write(names["lr"], _torch_bytes(torch.tensor(float(syn.lr), dtype=torch.float64)))
+        files: dict[str, str | None] = {"images": names["images"], "labels": names["labels"], "lr": names["lr"],
+                                        "pixels": None, "zca": None}
+        if "pixels" in names and syn.meta.zca and prep is not None:
+            stage.write(names["pixels"], _torch_bytes(to_pixels(prep, syn.images, clamp=False).contiguous()))
+            files["pixels"] = names["pixels"]
+        if zca_matrix:
+            assert prep is not None and prep.transform is not None and prep.transform_inv is not None
+            stage.write(ZCA_FILE, _torch_bytes([prep.mean.float().contiguous().clone(),
+                                                prep.transform.float().contiguous().clone(),
+                                                prep.transform_inv.float().contiguous().clone()]))
+            files["zca"] = ZCA_FILE
+        doc = _description(syn, layout, files, stage.path)
+        if files["zca"]:
+            doc["zca"] = {"file": ZCA_FILE, "contents": ["mean [D]", "transform [D, D]", "transform_inv [D, D]"],
+                          "whiten": "y = (x.flatten(1) - mean) @ transform",
+                          "dewhiten": "x = y.flatten(1) @ transform_inv + mean"}
+        _write_json(stage, doc)
     return doc
 
 
@@ -277,35 +426,39 @@ def class_folder(index: int, name: str, num_classes: int) -> str:
     return f"{index:0{width}d}_{safe}"
 
 
-def export_pngs(syn: SynsetData, out_dir: Path, prep: Preprocessing) -> dict[str, Any]:
-    """One folder per class of de-whitened 8-bit PNGs; hard labels pick the folder, soft ones their argmax."""
+def export_pngs(syn: SynsetData, out_dir: Path, prep: Preprocessing, inputs: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """One folder per class of de-whitened 8-bit PNGs; hard labels pick the folder, soft ones their argmax.
+
+    Written as a whole like the tensor layouts: a re-export keeps none of the earlier PNGs."""
     from PIL import Image
 
     _check(syn)
-    _prepare_dir(out_dir)
+    check_target(out_dir, inputs)
     pixels = to_pixels(prep, syn.images, clamp=True)
     # torchvision.save_image's rounding: floor(x * 255 + 0.5).
     as_bytes = pixels.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
     classes = syn.labels.argmax(1) if syn.labels.dim() == 2 else syn.labels.to(torch.int64)
     counts: dict[int, int] = {}
     written = []
-    for i in range(as_bytes.shape[0]):
-        c = int(classes[i])
-        folder = out_dir / class_folder(c, syn.meta.class_names[c] if c < len(syn.meta.class_names) else str(c),
-                                        syn.meta.num_classes)
-        folder.mkdir(exist_ok=True)
-        n = counts.get(c, 0)
-        counts[c] = n + 1
-        img = as_bytes[i].permute(1, 2, 0).numpy()
-        mode = "L" if img.shape[2] == 1 else "RGB"
-        path = folder / f"{n:04d}.png"
-        Image.fromarray(img[:, :, 0] if mode == "L" else img, mode=mode).save(path)
-        written.append(path.relative_to(out_dir).as_posix())
-    doc = _description(syn, "png", {}, out_dir)
-    doc["png"] = {"images": written, "per_class": {str(c): n for c, n in sorted(counts.items())},
-                  "pixels": "de-whitened, clamped to [0, 1], 8-bit (floor(x * 255 + 0.5))",
-                  "folder_of": "label" if syn.labels.dim() == 1 else "argmax of the soft label"}
-    _write_json(doc, out_dir / META_NAME)
+    with staged_folder(out_dir, _is_earlier_export, lambda: check_target(out_dir, inputs)) as stage:
+        for i in range(as_bytes.shape[0]):
+            c = int(classes[i])
+            folder = class_folder(c, syn.meta.class_names[c] if c < len(syn.meta.class_names) else str(c),
+                                  syn.meta.num_classes)
+            stage.folder(folder)
+            n = counts.get(c, 0)
+            counts[c] = n + 1
+            img = as_bytes[i].permute(1, 2, 0).numpy()
+            mode = "L" if img.shape[2] == 1 else "RGB"
+            picture = Image.fromarray(img[:, :, 0] if mode == "L" else img, mode=mode)
+            rel = f"{folder}/{n:04d}.png"
+            stage.write(rel, lambda fh, picture=picture: picture.save(fh, format="PNG"))
+            written.append(rel)
+        doc = _description(syn, "png", {}, stage.path)
+        doc["png"] = {"images": written, "per_class": {str(c): n for c, n in sorted(counts.items())},
+                      "pixels": "de-whitened, clamped to [0, 1], 8-bit (floor(x * 255 + 0.5))",
+                      "folder_of": "label" if syn.labels.dim() == 1 else "argmax of the soft label"}
+        _write_json(stage, doc)
     return doc
 
 
@@ -381,8 +534,9 @@ def export_file(file: Path, fmt: str, out: Path | None = None, name: str | None 
         raise UsageError(f"--images must be final, best or auto, got '{images}'")
     if images == "auto":
         images = "best" if keeps_best(file, name) else "final"
-    syn = read_synset(file, name, images)
     target = out or file.with_name(f"{file.stem}-{fmt}")
+    check_target(target, (file,))  # a folder that may not be replaced is refused before any work
+    syn = read_synset(file, name, images)
     prep = preprocessing_without_data(syn.meta)
     if prep is None and (fmt in ("png", "mtt") or zca_matrix):
         try:  # the ZCA matrix is refitted from the fingerprinted training split (cached)
@@ -390,13 +544,13 @@ def export_file(file: Path, fmt: str, out: Path | None = None, name: str | None 
         except DatasetNotFound:
             if fmt == "png" or zca_matrix:
                 raise
-            reporter.log(f"note: {syn.meta.name} is not on this machine, so images_zca_best.pt "
-                         "(the de-whitened images) is left out")
+            reporter.log(f"note: {shown(syn.meta.name)} is not on this machine, so "
+                         f"{tensor_names(fmt, images, syn.iterations)['pixels']} (the de-whitened images) is left out")
     if fmt == "png":
         assert prep is not None
-        doc = export_pngs(syn, target, prep)
+        doc = export_pngs(syn, target, prep, inputs=(file,))
     else:
-        doc = export_tensors(syn, target, fmt, prep, zca_matrix)
-    files = sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file())
+        doc = export_tensors(syn, target, fmt, prep, zca_matrix, inputs=(file,))
+    files = sorted([*doc["written"], META_NAME])
     return ExportResult(folder=str(target), format=fmt, synset=syn.name, images=images, lr=syn.lr, files=files,
                         description=doc)

@@ -11,8 +11,8 @@ from mctool.store.convex import (STRATEGIES, ConvexInfo, ConvexMeta, complete, c
 from mctool.store.experts import (ExpertRows, ExpertsInfo, ExpertsReference, RowLayout, copy_without_trajectories,
                                   create_buffer, final_accuracy, regrow, rows_ready)
 from mctool.store.files import (FORMAT, FORMAT_VERSION, append, check_writable, clean_text, contents, create,
-                                ensure_free_space, now_iso, open_artifact, provenance, require_group, rewrite,
-                                shown, temporaries, versions)
+                                ensure_free_space, holding, now_iso, open_artifact, provenance, refuse_link,
+                                require_group, rewrite, shown, temporaries, versions, write_atomically)
 from mctool.store.meta import DatasetMeta, read_dataset, read_model, write_dataset, write_model
 from mctool.store.summary import summarize
 from mctool.store.synsets import (BestImages, Checkpoint, Synset, add_evaluations, check_queue, save_synset,
@@ -23,8 +23,9 @@ __all__ = [
     "DatasetMeta", "ExpertRows", "ExpertsInfo", "ExpertsReference", "RowLayout", "Synset", "SynsetFile",
     "add_evaluations", "append", "check_queue", "check_writable", "clean_text", "complete", "contents",
     "copy_without_trajectories", "create", "create_buffer",
-    "create_convex", "drop_convex", "ensure_free_space", "final_accuracy", "now_iso", "open_artifact", "open_buffer",
-    "open_synsets", "provenance", "read_convex_meta", "read_dataset", "read_model", "regrow", "require_group",
+    "create_convex", "drop_convex", "ensure_free_space", "final_accuracy", "holding", "now_iso", "open_artifact", "open_buffer",
+    "open_synsets", "provenance", "read_convex_meta", "read_dataset", "read_model", "refuse_link", "regrow",
+    "require_group",
     "rewrite", "rows_ready", "save_synset", "shown", "summarize", "synset_names", "temporaries", "versions", "write_convex_row",
-    "write_dataset", "write_model",
+    "write_atomically", "write_dataset", "write_model",
 ]

@@ -89,7 +89,7 @@ def read_experts(path: str | os.PathLike[str], f: h5py.File, layout: Layout) -> 
             attrs[key] = r.float(key, 0.0)
     return ExpertsInfo(
         epochs=epochs, rows=rows, done=done, has_trajectories=has_traj, seeds=seeds.astype(np.int64),
-        config=r.json("config", dict, {}), lr=r.float("lr", positive=True, default=float("nan")),
+        config=r.json("config", dict, {}, raw=True), lr=r.float("lr", positive=True, default=float("nan")),
         batch_size=r.int("batch_size", 1, default=0), seed=r.int("seed", default=-1),
         trajectories_in=r.str("trajectories_in", default=None), imported_from=r.str("imported_from", default=None),
         source=r.json("source", dict, {}), attrs=attrs,

@@ -109,8 +109,11 @@ class Fields:
             raise self.problem(key, f"must be true or false, got {_brief(v)}")
         return bool(v)
 
-    def str(self, key: str, default: Any = _MISSING, choices: Sequence[str] | None = None) -> str:
-        """A text attribute (control characters removed), optionally one of `choices`."""
+    def str(self, key: str, default: Any = _MISSING, choices: Sequence[str] | None = None, raw: bool = False) -> str:
+        """A text attribute (control characters removed), optionally one of `choices`.
+
+        `raw`: exactly as stored, for names that are data (a dataset's path, class names): they
+        must reach the file system as they are; the CLI cleans whatever it prints."""
         v = self._raw(key, default)
         if v is default and default is not _MISSING:
             return v
@@ -118,18 +121,19 @@ class Fields:
             v = v.decode("utf-8", errors="replace")
         if not isinstance(v, str):
             raise self.problem(key, f"must be text, got {_brief(v)}")
-        v = clean_text(v)
+        if not raw:
+            v = clean_text(v)
         if choices is not None and v not in choices:
             raise self.problem(key, f"must be one of {', '.join(choices)}, got '{v[:40]}'")
         return v
 
-    def json(self, key: str, kind: type, default: Any = _MISSING) -> Any:
+    def json(self, key: str, kind: type, default: Any = _MISSING, raw: bool = False) -> Any:
         """A JSON-encoded text attribute whose document is a `kind` (dict or list); strings inside
-        are cleaned of control characters."""
-        raw = self._raw(key, default)
-        if raw is default and default is not _MISSING:
-            return raw
-        text = self.str(key)
+        are cleaned of control characters (`raw`: kept exactly, see `str`)."""
+        stored = self._raw(key, default)
+        if stored is default and default is not _MISSING:
+            return stored
+        text = self.str(key, raw=raw)
         try:
             value = json.loads(text)
         except ValueError:
@@ -138,7 +142,7 @@ class Fields:
             return default
         if not isinstance(value, kind):
             raise self.problem(key, f"must be a JSON {'object' if kind is dict else 'list'}, got {_brief(value)}")
-        return _clean_json(value)
+        return value if raw else _clean_json(value)
 
     def ints(self, key: str, lo: int | None = None, hi: int | None = None) -> list[int]:
         """A 1-D integer array attribute, each value in [lo, hi]."""

@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import shutil
+import stat as stat_module
 import struct
 import sys
 import tempfile
@@ -40,7 +41,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import h5py
 import numpy as np
@@ -398,25 +399,150 @@ def _have_ofd_locks() -> bool:
     return getattr(fcntl, "F_OFD_SETLK", None) is not None
 
 
+# A third byte, taken by a writer that holds the file for a whole run (`holding`): a write that
+# finds it taken is refused at once instead of waiting for a run that may last hours.
+_HOLD_OFFSET = _LOCK_OFFSET - 2
+# How long a write waits for another process's short write (one rewrite) to finish.
+WAIT_S = 10.0
+
+# Files this process holds for a run: absolute path -> the descriptor whose locks cover the file
+# now at that path (None until the run first creates it). The locks move to each new file a
+# rewrite puts in place (`_finish`), so they cover the path for the whole run.
+_held: dict[str, int | None] = {}
+
+
+def _key(target: Path) -> str:
+    return os.path.abspath(target)
+
+
+def _held_by_other(fd: int, offset: int) -> bool:
+    """Whether another open file description holds a lock on byte `offset` (F_OFD_GETLK)."""
+    request = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0)
+    answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, request)  # type: ignore[attr-defined]
+    return struct.unpack("hhqqi4x", answer)[0] != fcntl.F_UNLCK
+
+
+def _busy(target: Path, run: bool) -> FileBusy:
+    who = "another mctool run (distill or experts) is writing it" if run else "another mctool is writing it"
+    return FileBusy(f"{shown(target)}: in use by another process ({who}); wait for it to finish and run the command "
+                    "again (nothing was changed)")
+
+
+def _acquire(target: Path, wait: float, hold: bool = False) -> int | None:
+    """A descriptor of the file now at `target` holding its writer lock (and the run lock when
+    `hold`), or None when there is no file. Refused (FileBusy) at once when a run holds it, after
+    `wait` seconds when another write does not finish. The lock is checked to cover the file
+    still at `target` (a rewrite may have replaced it in between)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fd = os.open(target, os.O_RDWR | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise ArtifactError(f"{shown(target)}: is a symbolic link; mctool writes only files it can replace "
+                                    "(never through a link) — pass the real path") from None
+            raise _os_problem(target, exc) from None
+        try:
+            if _held_by_other(fd, _HOLD_OFFSET):
+                raise _busy(target, run=True)
+            if _try_lock(fd, _LOCK_OFFSET) and (not hold or _try_lock(fd, _HOLD_OFFSET)):
+                st, now = os.fstat(fd), _stat_or_none(target)
+                if now is not None and (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino):
+                    return fd
+                os.close(fd)  # replaced meanwhile: lock the new file
+                continue
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+        if time.monotonic() >= deadline:
+            raise _busy(target, run=False)
+        time.sleep(0.05)
+
+
+def _stat_or_none(target: Path) -> os.stat_result | None:
+    try:
+        return os.stat(target, follow_symlinks=False)
+    except OSError:
+        return None
+
+
 @contextlib.contextmanager
-def _writer_lock(target: Path) -> Iterator[None]:
+def _writer_lock(target: Path, wait: float = 0.0) -> Iterator[None]:
     """Hold an exclusive lock on `target` while writing it: a second mctool writing the same file
-    at once is refused instead of one of the two changes being lost. Where OFD locks do not
-    exist the write goes on unlocked."""
-    if not _have_ofd_locks() or not target.exists():
+    at once waits up to `wait` seconds for it, then is refused, instead of one of the two changes
+    being lost. A file this process holds for a run (`holding`) is already locked. Where OFD
+    locks do not exist the write goes on unlocked."""
+    if _key(target) in _held or not _have_ofd_locks():
         yield
         return
+    fd = _acquire(target, wait)
     try:
-        fd = os.open(target, os.O_RDWR)
-    except OSError as exc:
-        raise _os_problem(target, exc) from None
-    try:
-        if not _try_lock(fd, _LOCK_OFFSET):
-            raise FileBusy(f"{shown(target)}: in use by another process (another mctool writing it?); wait "
-                           "for it to finish and run the command again")
         yield
     finally:
-        os.close(fd)  # releases the lock
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def holding(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold the writer lock of `path` for a whole run (distill, experts): every other mctool's
+    write to the file — evaluate storing its scores, convexify, a second run — is refused with
+    one line while the run lasts, even between the run's own writes, so none is lost under the
+    run's next checkpoint. The lock follows the file as each rewrite replaces it."""
+    target = Path(path)
+    key = _key(target)
+    if key in _held or not _have_ofd_locks():
+        yield
+        return
+    _held[key] = _acquire(target, 0.0, hold=True)
+    try:
+        yield
+    finally:
+        fd = _held.pop(key, None)
+        if fd is not None:
+            os.close(fd)
+
+
+def _move_hold(tmp: Path, target: Path) -> int | None:
+    """Before `tmp` replaces a held `target`: lock `tmp` for the run (returns its descriptor)."""
+    if _key(target) not in _held:
+        return None
+    fd = os.open(tmp, os.O_RDWR | os.O_NOFOLLOW)
+    _try_lock(fd, _LOCK_OFFSET)  # a fresh file only this process knows: both locks are free
+    _try_lock(fd, _HOLD_OFFSET)
+    return fd
+
+
+def _moved_hold(target: Path, fd: int | None) -> None:
+    """After the replacement: the run's locks are those on the new file."""
+    if fd is None:
+        return
+    old = _held.get(_key(target))
+    _held[_key(target)] = fd
+    if old is not None:
+        os.close(old)
+
+
+def refuse_link(path: str | os.PathLike[str]) -> None:
+    """Refuse an output path that is a symbolic link (one line, exit 2): mctool never writes
+    through a link, and replacing one someone else planted would be as surprising."""
+    p = Path(path)
+    if _is_link(p):
+        raise ArtifactError(f"{shown(p)}: is a symbolic link; mctool writes only files it can replace (never through "
+                            "a link) — pass the real path, or remove the link")
+
+
+def _is_link(p: Path) -> bool:
+    """Whether `p` is a symbolic link; a folder on the way the user may not enter is a permission problem."""
+    try:
+        return stat_module.S_ISLNK(os.lstat(p).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except PermissionError:
+        raise ArtifactError(f"{shown(p)}: permission denied (cannot reach it)") from None
 
 
 def check_writable(path: str | os.PathLike[str]) -> None:
@@ -427,6 +553,7 @@ def check_writable(path: str | os.PathLike[str]) -> None:
     no one write permission (0444) is still refused, as `rm` asks before removing one: the mode
     says the file is not to be changed, and a rewrite would replace it."""
     p = Path(path)
+    refuse_link(p)
     folder = p.resolve().parent
     if _exists(p):
         if p.is_dir():
@@ -456,20 +583,27 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+def _new_file_mode() -> int:
+    """0666 minus the umask: the mode `open()` gives a new file (mkstemp makes 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _finish(tmp: Path, target: Path) -> None:
     """Make `tmp` durable, give it the target's mode (and owner where allowed), move it into place."""
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
-    if target.exists():
-        st = target.stat()
+    st = _stat_or_none(target)
+    if st is not None and not os.path.islink(target):
         os.chmod(tmp, st.st_mode & 0o7777)
         with contextlib.suppress(OSError):  # only root may give a file to someone else
             os.chown(tmp, st.st_uid, st.st_gid)
     else:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a new product gets ordinary permissions
+        os.chmod(tmp, _new_file_mode())  # a new product gets ordinary permissions
+    held = _move_hold(tmp, target)
     os.replace(tmp, target)
+    _moved_hold(target, held)
     _fsync_dir(target.parent)
 
 
@@ -486,8 +620,8 @@ def _sweep(target: Path) -> None:
         return
     for p in temporaries(target):
         try:
-            if time.time() - p.lstat().st_mtime < _TMP_GRACE_S:
-                continue
+            if not p.name.endswith(_LOCKED_SUFFIX) and time.time() - p.lstat().st_mtime < _TMP_GRACE_S:
+                continue  # made by mkstemp: may be between its creation and its lock
             fd = os.open(p, os.O_RDWR | os.O_NOFOLLOW)
         except OSError:
             continue
@@ -500,17 +634,54 @@ def _sweep(target: Path) -> None:
             os.close(fd)
 
 
+# The name ending of a temporary that was locked before it had a name (see `_new_temporary`):
+# one without a live lock is always a killed writer's, whatever its age.
+_LOCKED_SUFFIX = ".l.tmp"
+
+
+def _new_temporary(target: Path) -> tuple[int, Path]:
+    """A new temporary file beside `target` and its descriptor, holding the temporary's lock.
+
+    Where Linux offers it, the file is created without a name (O_TMPFILE), locked, then linked
+    under its name, so no instant exists where it has a name and no lock, and the next write
+    removes it as soon as its writer is gone; elsewhere mkstemp, then the lock (a sweep spares
+    such a file for 2 s)."""
+    folder = target.parent
+    if getattr(os, "O_TMPFILE", None) is not None and _have_ofd_locks():
+        try:
+            fd = os.open(folder, os.O_TMPFILE | os.O_RDWR, 0o600)
+        except OSError:
+            fd = -1
+        if fd >= 0:
+            _try_lock(fd, _TMP_LOCK_OFFSET)
+            dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                for _ in range(16):
+                    name = f".{target.name}.{uuid.uuid4().hex[:8]}{_LOCKED_SUFFIX}"
+                    try:  # linkat(AT_SYMLINK_FOLLOW) of the descriptor's /proc entry names the file
+                        os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dir_fd, follow_symlinks=True)
+                        return fd, folder / name
+                    except FileExistsError:
+                        continue
+                    except OSError:
+                        break  # no /proc: the plain way
+            finally:
+                os.close(dir_fd)
+            os.close(fd)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    if _have_ofd_locks():
+        _try_lock(fd, _TMP_LOCK_OFFSET)
+    return fd, Path(tmp)
+
+
 @contextlib.contextmanager
 def _temporary(target: Path) -> Iterator[Path]:
     """A temporary file beside `target`, locked while this process writes it, removed unless it
     was moved into place (a SIGKILL leaves it; the next write to `target` sweeps it)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     _sweep(target)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    tmp = Path(name)
+    fd, tmp = _new_temporary(target)
     try:
-        if _have_ofd_locks():
-            _try_lock(fd, _TMP_LOCK_OFFSET)
         yield tmp
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -524,7 +695,7 @@ def create(path: str | os.PathLike[str]) -> Iterator[h5py.File]:
     """Write a new artifact at `path` (replacing what is there: callers decide whether they may)."""
     target = Path(path)
     check_writable(target)
-    with _temporary(target) as tmp, _writer_lock(target):
+    with _temporary(target) as tmp, _writer_lock(target, WAIT_S):
         f = h5py.File(tmp, "w")
         try:
             stamp(f)
@@ -557,7 +728,7 @@ def rewrite(path: str | os.PathLike[str], extra_bytes: int = 0) -> Iterator[h5py
     assert _whole_file_check is not None, "mctool.store.summary registers the check when mctool.store is imported"
     _whole_file_check(target)
     ensure_free_space(target, target.stat().st_size + extra_bytes, f"rewriting {target.name}")
-    with _temporary(target) as tmp, _writer_lock(target):
+    with _temporary(target) as tmp, _writer_lock(target, WAIT_S):
         shutil.copyfile(target, tmp)
         f = _open_h5(tmp, "r+")
         try:
@@ -573,5 +744,31 @@ def append(path: str | os.PathLike[str]) -> Iterator[h5py.File]:
     docstring); callers never add or remove HDF5 objects through it."""
     target = Path(path)
     check_writable(target)
-    with _writer_lock(target), open_artifact(target, "r+") as f:
+    with _writer_lock(target, WAIT_S), open_artifact(target, "r+") as f:
         yield f
+
+
+def write_atomically(path: str | os.PathLike[str], data: bytes | str | Callable[[BinaryIO], object]) -> Path:
+    """Write the whole file `path` so that a reader, or a kill at any instant, finds the old file
+    or the new one, never a mix, and nothing is written anywhere else.
+
+    `data` (bytes, text written as UTF-8, or a function writing to the open binary file) goes
+    to a temporary file beside `path`, created exclusively (so never through a planted link),
+    is fsynced, given the mode of the file it replaces (a new file: 0666 minus the umask, like
+    `open`) and renamed over `path`; the folder is fsynced. A symbolic link or a folder at
+    `path` is refused (ArtifactError, one line). A killed writer's temporary (``.NAME.XXXX.tmp``)
+    is removed by the next write of the same path. Callers decide whether `path` may be replaced
+    at all (an input, a file of another kind)."""
+    target = Path(path)
+    refuse_link(target)
+    if target.is_dir():
+        raise ArtifactError(f"{shown(target)}: is a folder, not a file; nothing was changed")
+    with _temporary(target) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW)
+        with os.fdopen(fd, "wb") as fh:
+            if callable(data):
+                data(fh)
+            else:
+                fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+        _finish(tmp, target)
+    return target

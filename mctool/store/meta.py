@@ -72,11 +72,12 @@ def read_dataset(path: str | os.PathLike[str], f: h5py.File) -> DatasetMeta:
     if not _numbers(mean, len(mean) in (0, channels)) or not _numbers(std, len(std) == len(mean)) \
             or any(s <= 0 for s in std):
         raise r.problem("normalization", f"needs {channels} mean and {channels} positive std values")
-    names = r.json("class_names", list, [])
+    # The names as they are (a folder: dataset's path and folder names): never their display form.
+    names = r.json("class_names", list, [], raw=True)
     if names and (len(names) != num_classes or not all(isinstance(n, str) for n in names)):
         raise r.problem("class_names", f"needs {num_classes} names, got {len(names)}")
     return DatasetMeta(
-        name=r.str("name"), num_classes=num_classes, channels=channels,
+        name=r.str("name", raw=True), num_classes=num_classes, channels=channels,
         height=r.int("height", 1, MAX_SIDE), width=r.int("width", 1, MAX_SIDE),
         zca=zca, zca_eps=r.float("zca_eps", 0.0, positive=zca),
         mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std), class_names=tuple(names),

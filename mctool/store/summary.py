@@ -18,7 +18,7 @@ from mctool.store import convex as _convex
 from mctool.store import experts as _experts
 from mctool.store import synsets as _synsets
 from mctool.store.fields import Fields
-from mctool.store.files import open_artifact, reading, require_group, set_whole_file_check, shown
+from mctool.store.files import clean_text, open_artifact, reading, require_group, set_whole_file_check, shown
 from mctool.store.meta import DatasetMeta, read_dataset, read_model
 
 
@@ -100,7 +100,7 @@ def _synset_facts(path: Path, f: h5py.File, data: DatasetMeta | None) -> list[di
             "evaluations": syn.evaluations,
             "has_checkpoint": "checkpoint" in g,
             "grad": syn.grad,
-            "image_grad_units": syn.config.get("step_units", "exact"),  # configs before step_units: exact
+            "image_grad_units": clean_text(str(syn.config.get("step_units", "exact"))),  # before step_units: exact
         }
         if syn.best is not None:
             entry["best"] = {"iteration": syn.best.iteration, "lr": syn.best.lr, "selected_on": syn.best.selected_on,
@@ -141,9 +141,10 @@ def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
         layout: Layout = []
         if data is not None:
             out["dataset"] = {
-                "name": data.name, "num_classes": data.num_classes, "channels": data.channels, "height": data.height,
+                # A summary is for showing: the names' display form (stored as they are).
+                "name": clean_text(data.name), "num_classes": data.num_classes, "channels": data.channels, "height": data.height,
                 "width": data.width, "zca": data.zca, "zca_eps": data.zca_eps, "mean": list(data.mean),
-                "std": list(data.std), "class_names": list(data.class_names), "train_fingerprint": data.train_fingerprint,
+                "std": list(data.std), "class_names": [clean_text(n) for n in data.class_names], "train_fingerprint": data.train_fingerprint,
             }
         num_params = num_layers = None
         if "model" in f:

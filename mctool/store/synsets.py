@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import torch
 
-from mctool.errors import ArtifactError
+from mctool.errors import ArtifactError, FileBusy
 from mctool.store.fields import Fields
 from mctool.store.files import clean_text, create, reading, require_group, rewrite, shown
 from mctool.store.meta import DatasetMeta, write_dataset, write_model
@@ -205,7 +205,7 @@ def read_synset(path: str | os.PathLike[str], f: h5py.File, name: str, data: Dat
         name=name, images=images, labels=labels, lr=r.float("lr", positive=True), ipc=ipc,
         method=r.str("method", default="mct"), grad=r.str("grad", default="constant"),
         preset=r.str("preset", default=""), iterations=iterations, complete=r.bool("complete", True),
-        skipped=r.int("skipped_iterations", 0, default=0), config=r.json("config", dict, {}),
+        skipped=r.int("skipped_iterations", 0, default=0), config=r.json("config", dict, {}, raw=True),
         evaluations=_evaluations(r), experts_reference=r.json("experts_reference", dict, None),
         loss=[float(v) for v in loss], source=r.json("source", dict, {}), created=r.str("created", default=""),
     )
@@ -359,8 +359,32 @@ def save_synset(out: str | os.PathLike[str], syn: Synset, data: DatasetMeta, spe
         write_synset(f, syn, prov)
 
 
-def add_evaluations(path: str | os.PathLike[str], name: str, evaluations: list[dict[str, Any]]) -> None:
-    """Append evaluations to synset `name` (the file is rewritten atomically)."""
+def add_evaluations(path: str | os.PathLike[str], name: str, evaluations: list[dict[str, Any]],
+                    scored: Synset | None = None) -> None:
+    """Append evaluations to synset `name` (the file is rewritten atomically).
+
+    `scored`: the synset as read before the evaluation; when the stored one has changed since
+    (another process wrote it in between: a `distill --resume`), nothing is stored and FileBusy
+    says so — the scores belong to images the file no longer holds."""
     with rewrite(path) as f:
-        stored = Fields(path, f["synsets"][name]).json("evaluations", list, [])
+        if name not in f.get("synsets", {}):
+            raise FileBusy(f"{shown(path)}: synset '{clean_text(name)}' is gone (another process rewrote the file); "
+                           "the scores were not stored")
+        g = f["synsets"][name]
+        r = Fields(path, g)
+        if scored is not None and not _same_images(r, g, scored):
+            raise FileBusy(f"{shown(path)}: synset '{clean_text(name)}' changed while it was being evaluated "
+                           "(another mctool wrote it, e.g. distill --resume); the scores were not stored — run "
+                           "evaluate again when that run is done")
+        stored = r.json("evaluations", list, [])
         set_evaluations(f, name, stored + evaluations)
+
+
+def _same_images(r: Fields, g: h5py.Group, syn: Synset) -> bool:
+    """Whether group `g` still holds the iteration count, step size and images of `syn`."""
+    if r.int("iterations", 0) != syn.iterations or r.float("lr") != float(syn.lr) or "images" not in g:
+        return False
+    stored = g["images"]
+    if tuple(stored.shape) != tuple(syn.images.shape):
+        return False
+    return bool(np.array_equal(stored[()].astype(np.float32, copy=False), syn.images.detach().cpu().numpy()))

@@ -11,7 +11,8 @@ from mctool.cli.common import DataDirOpt, DebugOpt, JsonOpt, QuietOpt, emit_json
 from mctool.cli.render import stdout, table
 
 EPILOG = (
-    "Examples:\n\n  mctool export synset.h5 --format mtt -o for-mtt/        (images_best.pt, labels_best.pt, lr_best.pt)\n\n"
+    "Examples:\n\n  mctool export synset.h5 --format mtt -o for-mtt/        (images_best.pt, or images_ITER.pt for final "
+    "images; labels_*, lr_* alike)\n\n"
     "  mctool export synset.h5 --format ddranking -o dd/        (images.pt, labels.pt, lr.pt)\n\n"
     "  mctool export synset.h5 --format png -o pictures/         (one folder per class)"
 )
@@ -20,7 +21,7 @@ EPILOG = (
 def export(
     file: Path = typer.Argument(Path("synset.h5"), metavar="FILE", help="File with a synthetic set (from `mctool distill`)."),
     fmt: str = typer.Option(..., "--format", "-f", help="mtt (MTT/FTD/DATM/TESLA file names), ddranking (DD-Ranking's), or png (de-whitened images per class)."),
-    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Folder to write (default: FILE's name + -FORMAT); must be empty or an earlier export."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Folder to write (default: FILE's name + -FORMAT); must be absent, empty or an earlier export, which is replaced as a whole."),
     name: Optional[str] = typer.Option(None, "--name", help="Synset to export (default: the only or latest one)."),
     images: str = typer.Option("auto", "--images", help="final, best (kept by distill --eval-every), or auto: best when the synset keeps them, else final."),
     zca_matrix: bool = typer.Option(False, "--zca-matrix", help="Also write zca.pt (mean, transform, inverse) so receivers can de-whiten exactly (37 MB for CIFAR)."),
@@ -44,4 +45,4 @@ def export(
         stdout.print(table(f"{result.folder}: exported", ["synset", "images", "format", "files", "labels", "space",
                                                           "lr"], rows))
 
-    run(body, quiet, debug, interrupt_hint="the export folder may be incomplete: run the command again")
+    run(body, quiet, debug, interrupt_hint="the export folder was not changed: run the command again")
