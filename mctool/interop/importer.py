@@ -492,9 +492,13 @@ def run(folder: Path, out: Path, cfg: ImportConfig, kind: str = "auto", data_dir
     reporter.log(f"loading {source.dataset}" + (" and fitting ZCA (cached after the first time)" if source.zca else ""))
     prepared = prepare(source.dataset, data_dir, source.zca, cfg.zca_eps, resolve_device(device), download=download)
     stop_if_asked(reporter, "nothing was written")
-    if chosen == "trajectories":
-        result = import_replay(plan_replay(folder, cfg, source, prepared.meta), out, cfg, prepared, reporter)
-    else:
-        result = import_compressed(plan_compressed(folder, cfg, source, prepared.meta), out, cfg, prepared, reporter)
+    # Held for the whole import, as distill and experts hold theirs: another mctool's write to
+    # `out` is refused with one line instead of interleaving with the import's rows.
+    with store.holding(out):
+        if chosen == "trajectories":
+            result = import_replay(plan_replay(folder, cfg, source, prepared.meta), out, cfg, prepared, reporter)
+        else:
+            result = import_compressed(plan_compressed(folder, cfg, source, prepared.meta), out, cfg, prepared,
+                                       reporter)
     result.notes = list(source.notes) + result.notes
     return result
