@@ -51,6 +51,14 @@ class DistillConfig:
                             flags=("--init",))
     soft_labels: bool = setting(False, "Labels from the expert's predictions.",
                                 flags=("--soft-labels/--hard-labels",))
+    learn_labels: bool = setting(False, "Learned soft labels (DATM): label logits initialised from the buffer's first "
+                                 "expert on the initial images (real ones it misclassifies replaced by ones it gets "
+                                 "right), learned with the images through the matching loss; the synset stores their "
+                                 "softmax. Off: MCT as published. Not with --soft-labels.",
+                                 flags=("--learn-labels/--no-learn-labels",), preset=True, legacy=False)
+    lr_label: float = setting(2.0, "Learning rate of the learned label logits (SGD with --momentum-label).",
+                              preset=True, legacy=2.0)
+    momentum_label: float = setting(0.9, "Momentum of the learned label logits.", preset=True, legacy=0.9)
     augment: str = setting(DEFAULT_STRATEGY, "DSA ops joined by '_', or none.")
     micro_batch: str = setting("auto", "Compute each inner step in chunks of N images: the same result up to float "
                                "rounding, peak memory set by N instead of the number of images. auto (default): "
@@ -96,6 +104,10 @@ class DistillConfig:
             ("lr_init", finite(self.lr_init) and self.lr_init > 0, "a number > 0 (the initial step size)"),
             ("momentum_img", 0 <= self.momentum_img < 1, "in [0, 1)"),
             ("momentum_lr", 0 <= self.momentum_lr < 1, "in [0, 1)"),
+            ("lr_label", finite(self.lr_label) and self.lr_label >= 0, "a number >= 0"),
+            ("momentum_label", 0 <= self.momentum_label < 1, "in [0, 1)"),
+            ("learn_labels", not (self.learn_labels and self.soft_labels),
+             "off with --soft-labels (MCT's per-iteration expert labels): choose one of the two"),
             ("iterations", self.iterations >= 0, ">= 0"),
             ("batch_syn", self.batch_syn >= 0, ">= 0 (0 = all images)"),
             ("interior", self.interior >= 0, ">= 0"),

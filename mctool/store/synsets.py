@@ -45,7 +45,9 @@ class Learned:
 # What a checkpoint may hold of the learnables (mctool/distill/learnables.py says which learnable
 # each belongs to). A learnable with new state adds its entry here; reading, checking and writing
 # iterate over this table (docs/format.md).
-CHECKPOINT_LEARNED = (Learned("images_velocity", "images"), Learned("alpha_velocity", "scalar"))
+CHECKPOINT_LEARNED = (Learned("images_velocity", "images"), Learned("alpha_velocity", "scalar"),
+                      Learned("label_logits", "labels", required=False),
+                      Learned("label_logits_velocity", "labels", required=False))
 
 
 @dataclass
