@@ -46,7 +46,7 @@ def evaluate(
 
         cfg = EvaluateConfig(**settings_from(EvaluateConfig, settings))
         result = evaluate_file(file, cfg, name, baseline, images, save, whole_data, data_dir, device, reporter,
-                               buffer)
+                               buffer=buffer)
         if json_out:
             emit_json(result)
             return
