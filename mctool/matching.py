@@ -46,6 +46,12 @@ Every mode computes the same forward value L; they differ in the gradient.
     (the directional derivative of ℓ_k along λ_{k+1}), so one second-order step gives both,
     and s itself is the α term. This equals ``unrolled`` up to rounding.
 
+Learned labels (``label_logits`` Z, DATM): the steps train on Y = softmax(Z). ℓ_k is linear in Y,
+and with ż = ∂z/∂w·v the logits' tangent, ∂/∂y_i [vᵀ g_k] = ((ż_i·p_i)·1 − ż_i)/|B_k|; ``constant``
+and ``adjoint`` add it to ∂L/∂Y wherever they add the image term (same v, same scale), and
+∂L/∂Z = Y ⊙ (∂L/∂Y − ⟨Y, ∂L/∂Y⟩) at the end; ``unrolled`` keeps softmax(Z) in its graph
+(docs/method.md, "Learned labels").
+
 Cost per step: ``unrolled`` one forward + backward(create_graph) and, at the end, the double
 backward of the whole graph; ``constant`` and ``adjoint`` one plain forward+backward (pass 1)
 plus one second-order step (pass 2 / reverse) that yields g_k, the image term and, for

@@ -316,3 +316,24 @@ def test_random_real_with_expert_labels(data_dir) -> None:
     assert x_hard.shape == x.shape and y_hard.dim() == 1
     # Class 0's draws are ones the expert calls class 0 (60 % of the class are).
     assert bool((x[:2].flatten(1).sum(1) < t).all())
+
+
+def test_torchrun_with_learned_labels(tmp_path, convex_buffer, data_dir) -> None:
+    """Under torchrun the label gradient is averaged with the others (runner: every tensor
+    learnable); two processes write one synset whose labels are probabilities that moved."""
+    import numpy as np
+
+    from tests.test_distributed import torchrun
+
+    out = tmp_path / "syn.h5"
+    args = ["distill", "--buffer", convex_buffer, "-o", out, "--data-dir", data_dir, "--ipc", "2", "--syn-steps", "2",
+            "--expert-epochs", "1", "--max-start-epoch", "1", "--iterations", "2", "--learn-labels", "--lr-label", "50",
+            "--quiet"]
+    r = torchrun(*args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    f, g = _group(out)
+    with f:
+        labels, logits = g["labels"][()], g["checkpoint/label_logits"][()]
+        assert g["checkpoint/generators"].shape[0] == 2 and labels.shape == (20, 10)
+        assert np.allclose(labels, torch.softmax(torch.from_numpy(logits), 1).numpy(), atol=1e-7)
+        assert np.abs(g["checkpoint/label_logits_velocity"][()]).max() > 0
