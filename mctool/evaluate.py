@@ -248,6 +248,7 @@ def evaluate_file(file: Path, cfg: EvaluateConfig, name: str | None = None, base
         expert = None
         if expert_buffer is not None:
             with store.open_buffer(expert_buffer) as buf:
+                _check_same_data(buf, data, spec)
                 expert = expert_predictor(buf, syn.method, dev)
         elif cfg.baseline_labels == "auto" and syn.soft_labels:
             reporter.log(f"note: the random-real baseline has hard labels: pass --buffer (the buffer '{syn.name}' was "
@@ -279,6 +280,16 @@ def _baseline_buffer(choice: str, syn: store.Synset, buffer: Path | None) -> Pat
     if not buffer.is_file():
         raise UsageError(f"--buffer: {store.shown(buffer)} does not exist")
     return buffer
+
+
+def _check_same_data(buf: store.Buffer, data: Any, spec: ModelSpec) -> None:
+    """--buffer must hold experts of the synset's dataset, preprocessing and network."""
+    ours, theirs = data, buf.data
+    same = (theirs.name, theirs.num_classes, theirs.image_shape, theirs.zca, theirs.train_fingerprint) == \
+        (ours.name, ours.num_classes, ours.image_shape, ours.zca, ours.train_fingerprint)
+    if not same or buf.spec != spec:
+        raise UsageError(f"--buffer: {store.shown(buf.path)} holds experts of another dataset, preprocessing or "
+                         "network than the synset's; pass the buffer it was distilled from")
 
 
 def _targets(images: str, syn: store.Synset, file: Path) -> list[str]:

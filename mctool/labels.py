@@ -29,6 +29,7 @@ def expert_predictor(buffer: store.Buffer, method: str, device: torch.device) ->
     """The logits of the buffer's first finished expert at its final epoch K: the end of its
     convexified path for `method` "mct", its last snapshot for "mtt"."""
     net = FlatNet(build_model(buffer.spec, seed=0).to(device))
+    # convex_experts / done_experts refuse a buffer without one (ArtifactError, one line).
     if method == "mct":
         w, b = buffer.convex_expert(int(buffer.convex_experts()[0]))
         positions = list(buffer.convex.meta.positions)

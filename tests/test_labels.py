@@ -267,7 +267,7 @@ def test_learned_and_expert_soft_labels_are_exclusive(tmp_path, convex_buffer, d
 # --------------------------------------------------------------------------- evaluate: like with like
 
 
-def test_evaluate_keeps_label_kinds_apart_and_labels_the_baseline_by_the_expert(tmp_path, convex_buffer,
+def test_evaluate_keeps_label_kinds_apart_and_labels_the_baseline_by_the_expert(tmp_path, buffer, convex_buffer,
                                                                                 data_dir) -> None:
     import json
 
@@ -283,6 +283,8 @@ def test_evaluate_keeps_label_kinds_apart_and_labels_the_baseline_by_the_expert(
     assert [(e["kind"], e["labels"]) for e in doc["results"]] == [("synset", "soft"), ("random-real", "soft")]
     score = doc["scores"][0]
     assert (score["labels"], score["baseline_labels"]) == ("soft", "soft") and "like with like" not in score["note"]
+    # The expert comes from the buffer named: a raw buffer for an MCT synset has no /convex to give it.
+    assert_one_line_error(cli(*base, "--baseline-labels", "expert", "--buffer", buffer), 2, "convex")
     # auto without --buffer: a hard-label baseline, and the score says it is not like with like.
     r = cli(*base, "--json")
     assert r.exit_code == 0, r.output
@@ -294,6 +296,9 @@ def test_evaluate_keeps_label_kinds_apart_and_labels_the_baseline_by_the_expert(
     assert_one_line_error(cli(*base, "--baseline-labels", "expert"), 2, "--buffer")
     assert_one_line_error(cli(*base, "--baseline-labels", "teacher"), 2, "--baseline-labels")
     assert_one_line_error(cli(*base, "--baseline-labels", "expert", "--buffer", tmp_path / "nope.h5"), 2, "--buffer")
+    garbage = tmp_path / "garbage.h5"
+    garbage.write_bytes(b"not hdf5")
+    assert_one_line_error(cli(*base, "--baseline-labels", "expert", "--buffer", garbage), 2, "garbage.h5")
 
 
 def test_random_real_with_expert_labels(data_dir) -> None:
