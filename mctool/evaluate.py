@@ -27,8 +27,8 @@ from mctool import store
 from mctool.augment import DSA
 from mctool.configs.evaluate import EvaluateConfig  # noqa: F401 (re-exported)
 from mctool.ensemble import train_many
-from mctool.labels import Predict, expert_logits, expert_predictor, replace_misclassified
 from mctool.errors import UsageError
+from mctool.labels import Predict, expert_logits, expert_predictor, replace_misclassified
 from mctool.models import ModelSpec, build_model, layout_of, spec_for
 from mctool.prepared import Prepared, sample_per_class
 from mctool.progress import SILENT, Reporter, stop_if_asked
@@ -210,8 +210,8 @@ def evaluate_file(file: Path, cfg: EvaluateConfig, name: str | None = None, base
                   data_dir: Path | None = None, device: str = "auto", reporter: Reporter = SILENT,
                   buffer: Path | None = None) -> EvaluateResult:
     """`mctool evaluate`: train fresh networks on a synset's final (and best) images, optionally on
-    random real images too (labelled as `cfg.baseline_labels` says, the expert read from `buffer`,
-    default: the buffer the synset was distilled from), report and store the results."""
+    random real images too (labelled as `cfg.baseline_labels` says, the expert read from `buffer`),
+    report and store the results."""
     from mctool.device import resolve_device
     from mctool.prepared import prepare_like
     from mctool.scores import whole_data_accuracy
@@ -235,6 +235,14 @@ def evaluate_file(file: Path, cfg: EvaluateConfig, name: str | None = None, base
     targets = _targets(images, syn, file)
     expert_buffer = _baseline_buffer(cfg.baseline_labels, syn, buffer) if baseline == "random" else None
     dev = resolve_device(device)
+    expert = None
+    if expert_buffer is not None:  # read (and a bad buffer refused) before any training
+        with store.open_buffer(expert_buffer) as buf:
+            _check_same_data(buf, data, spec)
+            expert = expert_predictor(buf, syn.method, dev)
+    elif baseline == "random" and cfg.baseline_labels == "auto" and syn.soft_labels:
+        reporter.log(f"note: the random-real baseline has hard labels: pass --buffer (the buffer '{syn.name}' was "
+                     "distilled from) to label it by the synset's expert, like with like")
     prepared = prepare_like(data, data_dir, dev, reporter)
     results: list[Evaluation] = []
     for target in targets:
@@ -245,14 +253,6 @@ def evaluate_file(file: Path, cfg: EvaluateConfig, name: str | None = None, base
             ev.target, ev.iteration = target, iteration
             results.append(ev)
     if baseline == "random":
-        expert = None
-        if expert_buffer is not None:
-            with store.open_buffer(expert_buffer) as buf:
-                _check_same_data(buf, data, spec)
-                expert = expert_predictor(buf, syn.method, dev)
-        elif cfg.baseline_labels == "auto" and syn.soft_labels:
-            reporter.log(f"note: the random-real baseline has hard labels: pass --buffer (the buffer '{syn.name}' was "
-                         "distilled from) to label it by the synset's expert, like with like")
         bx, by = random_real(prepared, syn.ipc, cfg.seed, expert=expert)
         lr = cfg.lr if cfg.lr is not None else syn.lr
         results += evaluate_set(bx, by, lr, prepared, spec, cfg, "random-real", reporter)

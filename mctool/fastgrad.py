@@ -29,6 +29,8 @@ H×W values, J u = (u − mean u − x̂ mean(u x̂))/σ (symmetric):
                 g_W = δa ⋆ h         ġ_W = δ̇a ⋆ h + δa ⋆ ḣ
 
 The head is z = A f + c with ∂ℓ/∂z = (p·Σy − y)/B for labels y (one-hot or probabilities).
+For learned labels it also gives the label term ∂/∂y [vᵀ∇_w ℓ] = ((ż·p)·1 − ż)/B from the
+logits' tangent ż it forms anyway (``want_label``): no extra pass, O(B · classes) more work.
 Only networks that are exactly conv → GroupNorm(C, C) → ReLU → AvgPool2d(2) blocks and a
 linear classifier qualify (every preset's ConvNet); ``plan_for`` returns None for anything
 else and the caller falls back to autograd. Tests compare both in float64.
@@ -291,7 +293,8 @@ def _head(
     p = torch.softmax(z, dim=1)
     pzd = (p * zd).sum(1, keepdim=True)
     pd = p * (zd - pzd)  # ṗ
-    if label is not None:  # CE_i = −Σ_c y_ic log p_ic is linear in y: ∂/∂y_ic [ż_iᵀ(p_i Σy_i − y_i)] = ż_i·p_i − ż_ic
+    if label is not None:
+        # CE_i = −Σ_c y_ic log p_ic is linear in y: ∂/∂y_ic [ż_iᵀ(p_i Σy_i − y_i)] = ż_i·p_i − ż_ic
         label.append((pzd - zd) / total)
     if y.dtype.is_floating_point:  # probabilities: ∂ℓ/∂z = (p Σy − y)/B
         ysum = y.sum(1, keepdim=True)

@@ -220,6 +220,10 @@ def test_learned_labels_are_stored_as_probabilities_and_logits(tmp_path, convex_
         start_labels = g0["labels"][()]
         hard = np.repeat(np.arange(10), 2)
         assert (start_labels.argmax(1) == hard).mean() >= 0.5
+    from tests.helpers import cli
+
+    r = cli("inspect", out)  # a learned-label synset reads like any soft-label one
+    assert r.exit_code == 0 and "mct-ipc2" in r.stdout, r.output
 
 
 def test_resume_with_learned_labels_equals_uninterrupted(tmp_path, convex_buffer, data_dir) -> None:
