@@ -107,7 +107,7 @@ class DistillConfig:
             ("lr_label", finite(self.lr_label) and self.lr_label >= 0, "a number >= 0"),
             ("momentum_label", 0 <= self.momentum_label < 1, "in [0, 1)"),
             ("learn_labels", not (self.learn_labels and self.soft_labels),
-             "off with --soft-labels (MCT's per-iteration expert labels): choose one of the two"),
+             "off when --soft-labels is on (MCT's per-iteration expert labels would replace the learned ones)"),
             ("iterations", self.iterations >= 0, ">= 0"),
             ("batch_syn", self.batch_syn >= 0, ">= 0 (0 = all images)"),
             ("interior", self.interior >= 0, ">= 0"),
