@@ -3,6 +3,12 @@
 Besides mean ± std, `mctool evaluate` reports the two numbers the field compares distilled
 sets by (docs/method.md, "Scores"): the gain over random real images of the same ipc under the
 same protocol, and DD-Ranking's hard-label recovery HLR = whole-data accuracy − synthetic accuracy.
+
+Soft labels (learned, `distill --learn-labels`, or the expert's, `--soft-labels`) are trained on
+with the soft-target cross-entropy, as DATM evaluates them (mctool.train takes float labels).
+Every result says which labels it trained on (`labels`: hard or soft), and the random-real
+baseline can be labelled by the synset's expert with the same rule as learned labels start from
+(`--baseline-labels`, mctool.labels), so that the gain compares like with like.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from mctool.augment import DSA
 from mctool.configs.evaluate import EvaluateConfig  # noqa: F401 (re-exported)
 from mctool.ensemble import train_many
 from mctool.errors import FileBusy, UsageError
+from mctool.labels import Predict, expert_logits, expert_predictor, replace_misclassified
 from mctool.models import ModelSpec, build_model, layout_of, spec_for
 from mctool.prepared import Prepared, sample_per_class
 from mctool.progress import SILENT, Reporter, stop_if_asked
@@ -51,6 +58,7 @@ class Evaluation:
     split: str = "test"  # where the accuracies were measured: test, or validation (selection during distill)
     target: str = "final"  # which images of the synset: final or best
     iteration: int | None = None  # the synset's iteration these images are from
+    labels: str = "hard"  # what the networks trained on: hard (class indices) or soft (probabilities)
 
     def to_dict(self) -> dict[str, Any]:
         """The stored/JSON form (no `iteration` key when unknown, as earlier releases wrote)."""
@@ -76,6 +84,8 @@ class Score:
     hlr: float | None  # whole_data − synthetic (DD-Ranking's hard-label recovery), hard labels only
     hlr_std: float | None
     note: str = ""
+    labels: str = "hard"  # the synset's labels: hard or soft
+    baseline_labels: str | None = None  # the random-real baseline's: hard, or soft (the expert's, same rule)
 
 
 @dataclass
@@ -139,26 +149,33 @@ def evaluate_set(images: torch.Tensor, labels: torch.Tensor, lr: float, prepared
             kind=kind, model=name, accuracies=accs, mean=statistics.fmean(accs), std=statistics.pstdev(accs),
             runs=cfg.runs, epochs=cfg.epochs, lr=lr, seeds=seeds, seed=cfg.seed, images=int(images.shape[0]),
             date=store.now_iso(), seconds_per_run=(time.perf_counter() - started) / max(1, cfg.runs),
-            config=dataclasses.asdict(cfg), split=split,
+            config=dataclasses.asdict(cfg), split=split, labels="soft" if labels.dim() == 2 else "hard",
         ))
     return results
 
 
-def random_real(prepared: Prepared, ipc: int, seed: int,
-                pool: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def random_real(prepared: Prepared, ipc: int, seed: int, pool: torch.Tensor | None = None,
+                expert: Predict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`ipc` random real training images per class (the baseline every paper compares against),
-    drawn from the training indices `pool` (default: all)."""
+    drawn from the training indices `pool` (default: all), with hard labels; with `expert`,
+    labelled by DATM's rule (mctool.labels: misclassified draws replaced by right ones of their
+    class, labels the softmax of the expert's logits), as learned labels start."""
     gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 0xBA5E]).generate_state(1)[0]))
     y = prepared.train_y if pool is None else prepared.train_y[pool.to(prepared.train_y.device)]
     sel = sample_per_class(y, prepared.meta.num_classes, ipc, gen)
     if pool is not None:
         sel = pool.cpu()[sel]
+    if expert is not None:
+        sel, _ = replace_misclassified(expert, prepared.train_x, prepared.train_y, sel, gen, pool)
+        x = prepared.train_x[sel.to(prepared.train_x.device)]
+        return x, torch.softmax(expert_logits(expert, x).float(), dim=1)
     sel = sel.to(prepared.train_x.device)
     return prepared.train_x[sel], prepared.train_y[sel]
 
 
 def scores(results: list[Evaluation], whole_data: float | None, soft_labels: bool = False) -> list[Score]:
-    """Per (target, model): mean, the gain over random real of the same model, and HLR."""
+    """Per (target, model): mean, the gain over random real of the same model, and HLR. Each
+    row names the synset's labels and the baseline's; a gain between different kinds says so."""
     from mctool.scores import hard_label_recovery, paired_gain
 
     baseline = {r.model: r for r in results if r.kind == "random-real"}
@@ -171,25 +188,30 @@ def scores(results: list[Evaluation], whole_data: float | None, soft_labels: boo
         if base is not None:
             gain, gain_std, _ = paired_gain(r.accuracies, base.accuracies)
         note = ""
+        if base is not None and base.labels != r.labels:
+            note = f"gain against a {base.labels}-label baseline (not like with like: --baseline-labels); "
         if soft_labels:
-            note = "soft labels: HLR is defined for training with hard labels"
+            note += "soft labels: HLR is defined for training with hard labels"
         elif whole_data is None:
-            note = "whole-data accuracy unknown (--whole-data)"
+            note += "whole-data accuracy unknown (--whole-data)"
         elif r.model != "ConvNet":
-            note = "the whole-data reference is the experts' ConvNet"
+            note += "the whole-data reference is the experts' ConvNet"
         else:
             hlr, hlr_std = hard_label_recovery(whole_data, r.accuracies)
         out.append(Score(target=r.target, model=r.model, mean=r.mean, std=r.std, runs=r.runs,
                          random_real=None if base is None else base.mean, gain=gain, gain_std=gain_std,
-                         whole_data=whole_data, hlr=hlr, hlr_std=hlr_std, note=note))
+                         whole_data=whole_data, hlr=hlr, hlr_std=hlr_std, note=note.removesuffix("; "),
+                         labels=r.labels, baseline_labels=None if base is None else base.labels))
     return out
 
 
 def evaluate_file(file: Path, cfg: EvaluateConfig, name: str | None = None, baseline: str | None = None,
                   images: str = "auto", save: bool = True, whole_data: float | None = None,
-                  data_dir: Path | None = None, device: str = "auto", reporter: Reporter = SILENT) -> EvaluateResult:
+                  data_dir: Path | None = None, device: str = "auto", reporter: Reporter = SILENT,
+                  buffer: Path | None = None) -> EvaluateResult:
     """`mctool evaluate`: train fresh networks on a synset's final (and best) images, optionally on
-    random real images too, report and store the results."""
+    random real images too (labelled as `cfg.baseline_labels` says, the expert read from `buffer`),
+    report and store the results."""
     from mctool.device import resolve_device
     from mctool.prepared import prepare_like
     from mctool.scores import whole_data_accuracy
@@ -211,7 +233,16 @@ def evaluate_file(file: Path, cfg: EvaluateConfig, name: str | None = None, base
     for m in cfg.models:
         layout_of(spec_for(m, spec))  # unknown or impossible models fail here, before any training
     targets = _targets(images, syn, file)
+    expert_buffer = _baseline_buffer(cfg.baseline_labels, syn, buffer) if baseline == "random" else None
     dev = resolve_device(device)
+    expert = None
+    if expert_buffer is not None:  # read (and a bad buffer refused) before any training
+        with store.open_buffer(expert_buffer) as buf:
+            _check_same_data(buf, data, spec)
+            expert = expert_predictor(buf, syn.method, dev)
+    elif baseline == "random" and cfg.baseline_labels == "auto" and syn.soft_labels:
+        reporter.log(f"note: the random-real baseline has hard labels: pass --buffer (the buffer '{syn.name}' was "
+                     "distilled from) to label it by the synset's expert, like with like")
     prepared = prepare_like(data, data_dir, dev, reporter)
     results: list[Evaluation] = []
     for target in targets:
@@ -222,7 +253,7 @@ def evaluate_file(file: Path, cfg: EvaluateConfig, name: str | None = None, base
             ev.target, ev.iteration = target, iteration
             results.append(ev)
     if baseline == "random":
-        bx, by = random_real(prepared, syn.ipc, cfg.seed)
+        bx, by = random_real(prepared, syn.ipc, cfg.seed, expert=expert)
         lr = cfg.lr if cfg.lr is not None else syn.lr
         results += evaluate_set(bx, by, lr, prepared, spec, cfg, "random-real", reporter)
     if save:
@@ -235,6 +266,34 @@ def evaluate_file(file: Path, cfg: EvaluateConfig, name: str | None = None, base
                           results=results, scores=scores(results, whole, syn.soft_labels), experts_reference=reference,
                           whole_data_source=source,
                           selected_on=syn.best.selected_on if syn.best is not None and "best" in targets else None)
+
+
+def _baseline_buffer(choice: str, syn: store.Synset, buffer: Path | None) -> Path | None:
+    """The buffer whose first expert labels the random-real baseline (None: hard labels).
+
+    Only a buffer named by --buffer is read (never the path recorded in the synset: nothing
+    outside the named files is opened). auto: the expert's for a soft-label synset when --buffer
+    names its buffer, else hard labels (with a note); expert: --buffer required."""
+    if choice == "hard" or (choice == "auto" and not syn.soft_labels):
+        return None
+    if buffer is None:
+        if choice == "auto":
+            return None
+        raise UsageError("--baseline-labels expert needs the buffer the synset was distilled from: pass --buffer FILE "
+                         "(or use --baseline-labels hard)")
+    if not buffer.is_file():
+        raise UsageError(f"--buffer: {store.shown(buffer)} does not exist")
+    return buffer
+
+
+def _check_same_data(buf: store.Buffer, data: Any, spec: ModelSpec) -> None:
+    """--buffer must hold experts of the synset's dataset, preprocessing and network."""
+    ours, theirs = data, buf.data
+    same = (theirs.name, theirs.num_classes, theirs.image_shape, theirs.zca, theirs.train_fingerprint) == \
+        (ours.name, ours.num_classes, ours.image_shape, ours.zca, ours.train_fingerprint)
+    if not same or buf.spec != spec:
+        raise UsageError(f"--buffer: {store.shown(buf.path)} holds experts of another dataset, preprocessing or "
+                         "network than the synset's; pass the buffer it was distilled from")
 
 
 def _targets(images: str, syn: store.Synset, file: Path) -> list[str]:

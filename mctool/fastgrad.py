@@ -29,6 +29,8 @@ H×W values, J u = (u − mean u − x̂ mean(u x̂))/σ (symmetric):
                 g_W = δa ⋆ h         ġ_W = δ̇a ⋆ h + δa ⋆ ḣ
 
 The head is z = A f + c with ∂ℓ/∂z = (p·Σy − y)/B for labels y (one-hot or probabilities).
+For learned labels it also gives the label term ∂/∂y [vᵀ∇_w ℓ] = ((ż·p)·1 − ż)/B from the
+logits' tangent ż it forms anyway (``want_label``): no extra pass, O(B · classes) more work.
 Only networks that are exactly conv → GroupNorm(C, C) → ReLU → AvgPool2d(2) blocks and a
 linear classifier qualify (every preset's ConvNet); ``plan_for`` returns None for anything
 else and the caller falls back to autograd. Tests compare both in float64.
@@ -195,8 +197,10 @@ def second_order(
     y: torch.Tensor,
     want_hvp: bool = False,
     batch_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(g, e, h) for the mean cross-entropy ℓ(w, x) of `net` on labels `y` (see module docstring).
+    want_label: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """(g, e, h) for the mean cross-entropy ℓ(w, x) of `net` on labels `y` (see module docstring),
+    and with `want_label` a fourth item: the label term ∂/∂y [vᵀ∇_w ℓ] [B, classes].
 
     Args:
         plan: ``plan_for(net)``.
@@ -206,6 +210,8 @@ def second_order(
         want_hvp: also return h = ∇²_w ℓ · v (else None).
         batch_size: the B that ℓ's mean divides by (default: x's rows). A micro-batch of a
             larger batch passes the whole batch's size, so that chunks sum to the batch's numbers.
+        want_label: also return the label term ((ż·p)·1 − ż)/B per row, ż = ∂z/∂w·v the
+            logits' tangent (ℓ is linear in the targets y: docs/method.md, "Learned labels").
     """
     params = net.unflatten(w)
     tang = net.unflatten(v)
@@ -221,13 +227,14 @@ def second_order(
     for blk in plan.blocks:
         h, hd = _forward_block(blk, params, tang, h, hd, saved)
     total = x.shape[0] if batch_size is None else int(batch_size)
-    dh, dhd = _head(plan.head, params, tang, h, hd, y, total, grads, hvps)
+    label: list[torch.Tensor] = []
+    dh, dhd = _head(plan.head, params, tang, h, hd, y, total, grads, hvps, label if want_label else None)
     for i in range(len(plan.blocks) - 1, -1, -1):
         dh, dhd = _reverse_block(plan.blocks[i], saved.pop(), params, tang, dh, dhd, i == 0, grads, hvps)
 
     g = torch.cat([grads[name].reshape(-1) for name in net.names])
     hv = torch.cat([hvps[name].reshape(-1) for name in net.names]) if hvps is not None else None
-    return g, dhd, hv
+    return (g, dhd, hv, label[0]) if want_label else (g, dhd, hv)
 
 
 def _forward_block(
@@ -273,8 +280,10 @@ def _head(
     total: int,
     grads: Grads,
     hvps: Grads | None,
+    label: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Classifier z = A f + c, ż = A ḟ + V_A f + v_c and the loss (divided by `total`): returns δh, δ̇h."""
+    """Classifier z = A f + c, ż = A ḟ + V_A f + v_c and the loss (divided by `total`): returns δh, δ̇h
+    (and appends the label term ∂/∂y [vᵀ∇_w ℓ] = ((ż·p)·1 − ż)/total to `label` when given)."""
     A, VA = params[f"{name}.weight"], tang[f"{name}.weight"]
     f, fd = h.flatten(1), hd.flatten(1)
     z = torch.addmm(params[f"{name}.bias"], f, A.t())
@@ -282,7 +291,11 @@ def _head(
     # The loss is mctool.secondorder.ce_loss's plain F.cross_entropy (mean over the batch, or the
     # sum over a chunk divided by `total`; no label smoothing, no class weights): change both together.
     p = torch.softmax(z, dim=1)
-    pd = p * (zd - (p * zd).sum(1, keepdim=True))  # ṗ
+    pzd = (p * zd).sum(1, keepdim=True)
+    pd = p * (zd - pzd)  # ṗ
+    if label is not None:
+        # CE_i = −Σ_c y_ic log p_ic is linear in y: ∂/∂y_ic [ż_iᵀ(p_i Σy_i − y_i)] = ż_i·p_i − ż_ic
+        label.append((pzd - zd) / total)
     if y.dtype.is_floating_point:  # probabilities: ∂ℓ/∂z = (p Σy − y)/B
         ysum = y.sum(1, keepdim=True)
         dz = (p * ysum - y) / total

@@ -46,6 +46,12 @@ Every mode computes the same forward value L; they differ in the gradient.
     (the directional derivative of ℓ_k along λ_{k+1}), so one second-order step gives both,
     and s itself is the α term. This equals ``unrolled`` up to rounding.
 
+Learned labels (``label_logits`` Z, DATM): the steps train on Y = softmax(Z). ℓ_k is linear in Y,
+and with ż = ∂z/∂w·v the logits' tangent, ∂/∂y_i [vᵀ g_k] = ((ż_i·p_i)·1 − ż_i)/|B_k|; ``constant``
+and ``adjoint`` add it to ∂L/∂Y wherever they add the image term (same v, same scale), and
+∂L/∂Z = Y ⊙ (∂L/∂Y − ⟨Y, ∂L/∂Y⟩) at the end; ``unrolled`` keeps softmax(Z) in its graph
+(docs/method.md, "Learned labels").
+
 Cost per step: ``unrolled`` one forward + backward(create_graph) and, at the end, the double
 backward of the whole graph; ``constant`` and ``adjoint`` one plain forward+backward (pass 1)
 plus one second-order step (pass 2 / reverse) that yields g_k, the image term and, for
@@ -91,9 +97,10 @@ Augment = Callable[..., torch.Tensor]
 
 
 # The learnables every mode differentiates L with respect to (keys of MatchResult.grads):
-# "images" X and "alpha" α. A new learnable (e.g. labels) adds its key here and its gradient
-# to each of the three `_match_*` functions below (see docs/method.md, "Learnables").
-LEARNED = ("images", "alpha")
+# "images" X, "alpha" α and, when `match` is given label logits, "labels" Z. A new learnable
+# adds its key here and its gradient to each of the three `_match_*` functions below (see
+# docs/method.md, "Learnables").
+LEARNED = ("images", "alpha", "labels")
 
 
 @dataclass
@@ -101,7 +108,7 @@ class MatchResult:
     """Outcome of one trajectory-matching evaluation."""
 
     loss: float  # L = ‖w_N − θ_T‖² / D
-    grads: dict[str, torch.Tensor]  # dL/d(learnable), keyed as LEARNED; detached, shaped like the learnable
+    grads: dict[str, torch.Tensor]  # dL/d(learnable), keyed as LEARNED ("labels" only when learned); detached
     start_distance: float  # D = ‖θ_s − θ_T‖², useful for logging
     second_order: list[str] = field(default_factory=list)  # implementations used ("fastgrad", "autograd")
 
@@ -122,9 +129,10 @@ class _Inputs:
 
     net: FlatNet
     images: torch.Tensor
-    labels: torch.Tensor
+    labels: torch.Tensor  # the targets of every step: class indices or probabilities (softmax(Z) when learned)
     augment: Augment | None
     micro_batch: int | None
+    logits: torch.Tensor | None = None  # the learned label logits Z (None: the labels are not learned)
 
 
 def _augmented(inp: _Inputs, x: torch.Tensor, k: int, rows: slice | None) -> torch.Tensor:
@@ -166,8 +174,10 @@ def _second_order_step(
     want_hvp: bool,
     grad_x: torch.Tensor,
     e_scale: float,
+    grad_y: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """For step k at w: g_k and, if `want_hvp`, H_k v (else None); adds e_scale·(∂g_k/∂X)ᵀ v to grad_x.
+    """For step k at w: g_k and, if `want_hvp`, H_k v (else None); adds e_scale·(∂g_k/∂X)ᵀ v to grad_x
+    and, when `grad_y` is given (learned labels), e_scale·(∂g_k/∂Y)ᵀ v to it (Y the probabilities).
 
     Micro-batch by micro-batch: `so` computes each chunk's share of g_k, H_k v and the image
     term on the augmented chunk; autograd carries the image term back through the augmentation.
@@ -179,15 +189,18 @@ def _second_order_step(
     for sub, rows in _pieces(inp, idx):
         x_leaf = images[sub]
         y = inp.labels[sub]
+        want_label = grad_y is not None
         if inp.augment is None:
-            g_c, e, hv_c = so(w, v, x_leaf, y, want_hvp, total)
+            g_c, e, hv_c, *ey = so(w, v, x_leaf, y, want_hvp, total, want_label)
         else:
             x_leaf.requires_grad_(True)
             x_aug = _augmented(inp, x_leaf, k, rows)
-            g_c, e_aug, hv_c = so(w, v, x_aug.detach(), y, want_hvp, total)
+            g_c, e_aug, hv_c, *ey = so(w, v, x_aug.detach(), y, want_hvp, total, want_label)
             (e,) = torch.autograd.grad(x_aug, x_leaf, e_aug)
             del x_aug, e_aug
         grad_x.index_add_(0, sub, e, alpha=e_scale)  # duplicates within a batch add up
+        if grad_y is not None:  # labels are not augmented: the term lands on the rows as it is
+            grad_y.index_add_(0, sub, ey[0], alpha=e_scale)
         g = g_c if g is None else g.add_(g_c)
         if hv_c is not None:
             hv = hv_c if hv is None else hv.add_(hv_c)
@@ -235,17 +248,26 @@ def _match_unrolled(
     x = inp.images.detach().requires_grad_(True)
     a = torch.tensor(alpha, dtype=theta_start.dtype, device=theta_start.device, requires_grad=True)
     w = theta_start.detach().requires_grad_(True)
+    leaves = [x, a]
+    labels = inp.labels
+    if inp.logits is not None:  # Y = softmax(Z) inside the graph: autograd gives dL/dZ directly
+        z = inp.logits.detach().requires_grad_(True)
+        labels = _probabilities(z)
+        leaves.append(z)
     for k, idx in enumerate(batches):
         total = int(idx.numel())
         g: torch.Tensor | None = None
         for sub, rows in _pieces(inp, idx):
-            loss_c = ce_loss(inp.net(w, _augmented(inp, x[sub], k, rows)), inp.labels[sub], total)
+            loss_c = ce_loss(inp.net(w, _augmented(inp, x[sub], k, rows)), labels[sub], total)
             (part,) = torch.autograd.grad(loss_c, w, create_graph=True)
             g = part if g is None else g + part
         w = w - a * g
     loss = (w - theta_target).pow(2).sum() / dist
-    grad_x, grad_a = torch.autograd.grad(loss, [x, a])
-    return loss.detach(), {"images": grad_x, "alpha": grad_a}
+    grad_x, grad_a, *grad_z = torch.autograd.grad(loss, leaves)
+    grads = {"images": grad_x, "alpha": grad_a}
+    if grad_z:
+        grads["labels"] = grad_z[0]
+    return loss.detach(), grads
 
 
 def _match_constant(
@@ -266,16 +288,20 @@ def _match_constant(
     del grad_sum, residual
 
     grad_x = torch.zeros_like(inp.images)
+    grad_y = _label_accumulator(inp)
     scale = 2.0 / dist
     w = theta_start.detach()
     for k, idx in enumerate(batches):
-        g, _ = _second_order_step(inp, so, w, v, idx, k, False, grad_x, 1.0)
+        g, _ = _second_order_step(inp, so, w, v, idx, k, False, grad_x, 1.0, grad_y)
         # Same update as pass 1 (g is pass 1's g_k up to rounding), so w_k is reproduced
         # without storing it.
         w = torch.add(w, g, alpha=-alpha)
         del g
     grad_x.mul_(scale)
-    return loss, {"images": grad_x, "alpha": grad_a}
+    grads = {"images": grad_x, "alpha": grad_a}
+    if grad_y is not None:
+        grads["labels"] = _logit_grad(inp.labels, grad_y.mul_(scale))
+    return loss, grads
 
 
 def _match_adjoint(
@@ -295,16 +321,36 @@ def _match_adjoint(
     del w_last
 
     grad_x = torch.zeros_like(inp.images)
+    grad_y = _label_accumulator(inp)
     grad_a = torch.zeros((), dtype=lam.dtype, device=lam.device)
     for k in range(len(batches) - 1, -1, -1):
         w = path.pop()  # w_k; popping frees it after this step
         # grad_x += −ᾱ (∂g_k/∂X_k)ᵀ λ_{k+1}
-        g, hv = _second_order_step(inp, so, w, lam, batches[k], k, True, grad_x, -alpha)
+        # (and ∂L/∂Y += −ᾱ (∂g_k/∂Y)ᵀ λ_{k+1} when the labels are learned)
+        g, hv = _second_order_step(inp, so, w, lam, batches[k], k, True, grad_x, -alpha, grad_y)
         assert hv is not None
         grad_a -= torch.dot(g, lam)  # −g_kᵀ λ_{k+1}
         lam = torch.add(lam, hv, alpha=-alpha)  # λ_k = λ_{k+1} − ᾱ H_k λ_{k+1}
         del w, g, hv
-    return loss, {"images": grad_x, "alpha": grad_a}
+    grads = {"images": grad_x, "alpha": grad_a}
+    if grad_y is not None:
+        grads["labels"] = _logit_grad(inp.labels, grad_y)
+    return loss, grads
+
+
+def _probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """The soft targets Y = softmax(Z) of learned label logits Z (temperature 1, as DATM)."""
+    return torch.softmax(logits, dim=1)
+
+
+def _label_accumulator(inp: _Inputs) -> torch.Tensor | None:
+    """∂L/∂Y's accumulator [n, classes] when the labels are learned, else None."""
+    return None if inp.logits is None else torch.zeros_like(inp.labels)
+
+
+def _logit_grad(y: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
+    """∂L/∂Z from ∂L/∂Y through Y = softmax(Z): Y ⊙ (∂L/∂Y − ⟨Y, ∂L/∂Y⟩ per row)."""
+    return y * (grad_y - (y * grad_y).sum(1, keepdim=True))
 
 
 _IMPL = {"unrolled": _match_unrolled, "constant": _match_constant, "adjoint": _match_adjoint}
@@ -335,6 +381,7 @@ def match(
     mode: str = "constant",
     fast_path: bool | str = "auto",
     micro_batch: int | None = None,
+    label_logits: torch.Tensor | None = None,
 ) -> MatchResult:
     """Trajectory-matching loss L and its gradients (dL/dX, dL/dα: `MatchResult.grads`) for one
     (start, target) pair.
@@ -360,6 +407,9 @@ def match(
         micro_batch: compute every inner step in consecutive chunks of at most this many
             images (None or 0: whole batches). Same result to rounding; ``constant`` and
             ``adjoint`` then need one chunk's activations instead of one batch's.
+        label_logits: learned label logits Z [n, classes] (DATM's soft labels): the steps then
+            train on Y = softmax(Z) (`labels` is ignored and may be None) and ``grads["labels"]``
+            is dL/dZ, in every mode as exact as the image gradient (docs/method.md, "Learned labels").
 
     Raises:
         ValueError: unknown mode, no steps, wrong parameter sizes, θ_s == θ_T (D = 0), a
@@ -397,7 +447,14 @@ def match(
         )
     # Index tensors must live with X for indexing/index_add_ (a no-op when they already do).
     batches = [b.to(device=images.device, dtype=torch.long) for b in batches]
-    inp = _Inputs(net, images, labels.to(images.device), augment, micro_batch)
+    if label_logits is not None:
+        if label_logits.dim() != 2 or label_logits.shape[0] != images.shape[0]:
+            raise ValueError(f"label_logits {tuple(label_logits.shape)} must be [n, classes] for the {images.shape[0]} "
+                             "images")
+        logits = label_logits.detach().to(images.device)
+        inp = _Inputs(net, images, _probabilities(logits), augment, micro_batch, logits)
+    else:
+        inp = _Inputs(net, images, labels.to(images.device), augment, micro_batch)
     so = SecondOrder(net, policy)
     with torch.enable_grad():  # the caller may be in no_grad (e.g. an eval context)
         loss, grads = _IMPL[mode](inp, so, theta_start, theta_target, alpha, batches, dist)

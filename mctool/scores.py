@@ -22,8 +22,9 @@ Differences from DD-Ranking's own numbers, which the report states: DD-Ranking t
 whole-data reference under its own recipe, while the experts' accuracy comes from the experts'
 training (e.g. 50 epochs of plain SGD with DSA); DD-Ranking searches the random subset's learning
 rate, while mctool trains it with the synthetic set's (same protocol for both); and for a
-soft-label synset DD-Ranking gives the random images teacher soft labels, while mctool's random
-baseline uses their hard labels.
+soft-label synset DD-Ranking gives the random images teacher soft labels, which mctool's random
+baseline does with `--baseline-labels expert` (the synset's expert, DATM's rule: mctool.labels);
+otherwise it uses their hard labels and the score says the comparison is not like with like.
 
 Accuracies are fractions in [0, 1] throughout (the CLI prints percentage points).
 """

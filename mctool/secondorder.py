@@ -4,7 +4,8 @@ For a batch x (already augmented), labels y, parameters w and a direction v, one
 
     g = ∇_w ℓ,   e = ∂/∂x [vᵀ ∇_w ℓ],   h = ∇²_w ℓ · v   (h only when asked),
 
-with ℓ = Σ_i CE_i / total (total = the whole batch's size; a micro-batch passes its batch's).
+with ℓ = Σ_i CE_i / total (total = the whole batch's size; a micro-batch passes its batch's), and,
+when asked (learned labels), the label term  e_y = ∂/∂y [vᵀ ∇_w ℓ]  [B, classes] as a fourth item.
 Two implementations give the same numbers up to rounding:
 
 ``fastgrad``  mctool.fastgrad's hand-written forward-over-reverse sweep (ConvNets with instance
@@ -35,7 +36,8 @@ from mctool.functional import FlatNet
 IMPLS = ("fastgrad", "autograd")
 TIE_MARGIN = 1.05  # autograd must be this much faster than fastgrad to be chosen
 
-Step = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+# (g, e, h) — and e_y as a fourth item when the label term is asked for (`want_label`).
+Step = tuple[torch.Tensor, ...]
 
 
 def ce_loss(logits: torch.Tensor, y: torch.Tensor, total: int) -> torch.Tensor:
@@ -48,12 +50,18 @@ def ce_loss(logits: torch.Tensor, y: torch.Tensor, total: int) -> torch.Tensor:
 
 
 def autograd_step(net: FlatNet, w: torch.Tensor, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                  want_hvp: bool, total: int) -> Step:
-    """(g, e, h) by autograd: backward with create_graph, then the double backward of vᵀg."""
+                  want_hvp: bool, total: int, want_label: bool = False) -> Step:
+    """(g, e, h) by autograd: backward with create_graph, then the double backward of vᵀg
+    (with `want_label`, (g, e, h, e_y): the labels are one more leaf of the same double backward)."""
     w_leaf = w.detach().requires_grad_(True)
     x_leaf = x.detach().requires_grad_(True)
-    (g,) = torch.autograd.grad(ce_loss(net(w_leaf, x_leaf), y, total), w_leaf, create_graph=True)
+    y_leaf = y.detach().requires_grad_(True) if want_label else y
+    (g,) = torch.autograd.grad(ce_loss(net(w_leaf, x_leaf), y_leaf, total), w_leaf, create_graph=True)
     s = torch.dot(g, v)
+    if want_label:
+        leaves = [x_leaf, y_leaf] + ([w_leaf] if want_hvp else [])
+        e, ey, *rest = torch.autograd.grad(s, leaves)
+        return g.detach(), e, rest[0] if want_hvp else None, ey
     if want_hvp:
         hv, e = torch.autograd.grad(s, [w_leaf, x_leaf])
         return g.detach(), e, hv
@@ -62,12 +70,12 @@ def autograd_step(net: FlatNet, w: torch.Tensor, v: torch.Tensor, x: torch.Tenso
 
 
 def run_step(impl: str, plan: Plan | None, net: FlatNet, w: torch.Tensor, v: torch.Tensor, x: torch.Tensor,
-             y: torch.Tensor, want_hvp: bool, total: int) -> Step:
-    """(g, e, h) by implementation `impl` ("fastgrad" needs a plan)."""
+             y: torch.Tensor, want_hvp: bool, total: int, want_label: bool = False) -> Step:
+    """(g, e, h) (and e_y with `want_label`) by implementation `impl` ("fastgrad" needs a plan)."""
     if impl == "fastgrad":
         assert plan is not None
-        return second_order(plan, net, w, v, x.detach(), y, want_hvp, batch_size=total)
-    return autograd_step(net, w, v, x, y, want_hvp, total)
+        return second_order(plan, net, w, v, x.detach(), y, want_hvp, batch_size=total, want_label=want_label)
+    return autograd_step(net, w, v, x, y, want_hvp, total, want_label)
 
 
 @dataclass
@@ -123,22 +131,23 @@ class SecondOrder:
         self.used: set[str] = set()
 
     def __call__(self, w: torch.Tensor, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor, want_hvp: bool,
-                 total: int) -> Step:
-        """(g, e, h) of ℓ = Σ CE / total on the (augmented) batch x; e has x's shape."""
+                 total: int, want_label: bool = False) -> Step:
+        """(g, e, h) of ℓ = Σ CE / total on the (augmented) batch x; e has x's shape; with
+        `want_label` also e_y = ∂/∂y [vᵀg] (y's shape: float probabilities)."""
         if self.plan is None or self.policy == "fastgrad":
             impl = "autograd" if self.plan is None else "fastgrad"
             self.used.add(impl)
-            return run_step(impl, self.plan, self.net, w, v, x, y, want_hvp, total)
+            return run_step(impl, self.plan, self.net, w, v, x, y, want_hvp, total, want_label)
         # Batch sizes by power-of-two bucket: the chunks of one batch (equal to within one image)
         # and the batches of a run share one decision instead of each paying for a measurement.
         bucket = 1 << max(0, int(x.shape[0]) - 1).bit_length()
         key = (x.device.type, x.device.index, x.dtype, bucket, tuple(x.shape[1:]), y.dtype, y.dim(), self.plan,
-               self.net.num_params, want_hvp)
+               self.net.num_params, want_hvp, want_label)
         choice = _CHOICES.get(key)
         if choice is not None:
             self.used.add(choice.impl)
-            return run_step(choice.impl, self.plan, self.net, w, v, x, y, want_hvp, total)
-        choice, out = self._measure(w, v, x, y, want_hvp, total)
+            return run_step(choice.impl, self.plan, self.net, w, v, x, y, want_hvp, total, want_label)
+        choice, out = self._measure(w, v, x, y, want_hvp, total, want_label)
         choice.key = (f"{x.device.type} {str(x.dtype).removeprefix('torch.')}, measured on a batch "
                       f"{tuple(x.shape)}{' with Hessian-vector product' if want_hvp else ''}")
         _CHOICES[key] = choice
@@ -146,7 +155,7 @@ class SecondOrder:
         return out
 
     def _measure(self, w: torch.Tensor, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor, want_hvp: bool,
-                 total: int) -> tuple[Choice, Step]:
+                 total: int, want_label: bool = False) -> tuple[Choice, Step]:
         """Time both on this very step (a warm-up and two interleaved runs each); return the faster's result."""
         device = x.device
         best: dict[str, float] = {}
@@ -155,7 +164,7 @@ class SecondOrder:
             for rep in range(3):
                 for impl in IMPLS:
                     seconds, out = _timed(
-                        lambda: run_step(impl, self.plan, self.net, w, v, x, y, want_hvp, total), device)
+                        lambda: run_step(impl, self.plan, self.net, w, v, x, y, want_hvp, total, want_label), device)
                     if rep > 0:  # the first call of each pays one-off costs (kernels, algorithm search)
                         best[impl] = min(best.get(impl, seconds), seconds)
                     results[impl] = out
@@ -165,7 +174,8 @@ class SecondOrder:
             # for the sweep may not fit it.
             results.pop("autograd", None)
             if "fastgrad" not in results:
-                results["fastgrad"] = run_step("fastgrad", self.plan, self.net, w, v, x, y, want_hvp, total)
+                results["fastgrad"] = run_step("fastgrad", self.plan, self.net, w, v, x, y, want_hvp, total,
+                                               want_label)
             return Choice("fastgrad", "autograd ran out of memory", best), results["fastgrad"]
         impl = "autograd" if best["autograd"] * TIE_MARGIN < best["fastgrad"] else "fastgrad"
         return Choice(impl, "measured", best), results[impl]

@@ -256,10 +256,10 @@ def test_evaluate_json(monkeypatch: pytest.MonkeyPatch) -> None:
                         "selected_on"}
     # Each result carries what docs/format.md lists for a stored evaluation.
     for key in ("kind", "model", "accuracies", "mean", "std", "runs", "epochs", "lr", "seeds", "seed", "images", "date",
-                "seconds_per_run", "config", "split", "target", "iteration"):
+                "seconds_per_run", "config", "split", "target", "iteration", "labels"):
         assert key in doc["results"][0], key
     assert set(doc["scores"][0]) == {"target", "model", "mean", "std", "runs", "random_real", "gain", "gain_std",
-                                     "whole_data", "hlr", "hlr_std", "note"}
+                                     "whole_data", "hlr", "hlr_std", "note", "labels", "baseline_labels"}
     assert doc["scores"][1]["hlr"] == pytest.approx(0.2) and doc["results"][2]["iteration"] is None
 
 

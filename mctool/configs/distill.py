@@ -76,6 +76,15 @@ class DistillConfig:
                             flags=("--init",), check=one_of("real", "noise"))
     soft_labels: bool = setting(False, "Labels from the expert's predictions.",
                                 flags=("--soft-labels/--hard-labels",))
+    learn_labels: bool = setting(False, "Learned soft labels (DATM): label logits initialised from the buffer's first "
+                                 "expert on the initial images (real ones it misclassifies replaced by ones it gets "
+                                 "right), learned with the images through the matching loss; the synset stores their "
+                                 "softmax. Off: MCT as published. Not with --soft-labels.",
+                                 flags=("--learn-labels/--no-learn-labels",), preset=True, legacy=False)
+    lr_label: float = setting(2.0, "Learning rate of the learned label logits (SGD with --momentum-label).",
+                              preset=True, legacy=2.0, check=at_least(0, "a number >= 0"))
+    momentum_label: float = setting(0.9, "Momentum of the learned label logits.", preset=True, legacy=0.9,
+                                  check=between(0, 1, top_open=True))
     augment: str = setting(DEFAULT_STRATEGY, "DSA ops joined by '_', or none.")
     micro_batch: str = setting("auto", "Compute each inner step in chunks of N images: the same result up to float "
                                "rounding, peak memory set by N instead of the number of images. auto (default): "
@@ -127,6 +136,8 @@ class DistillConfig:
              f"--max-start-epoch ({self.max_start_epoch:g}), or 0 (off)"),
             ("start_upper_iterations", (self.start_upper_iterations >= 1) == (self.start_upper_init > 0),
              ">= 1 with --start-upper-init, and 0 without it"),
+            ("learn_labels", not (self.learn_labels and self.soft_labels),
+             "off when --soft-labels is on (MCT's per-iteration expert labels would replace the learned ones)"),
         ]
         for key, holds, requirement in relations:
             if not holds:

@@ -31,6 +31,10 @@ class EvaluateConfig:
                                     "after another up to float rounding). Default: on GPUs only, where it is faster.",
                                     flags=("--together/--no-together",))
     seed: int = setting(0, "Seed for network inits, shuffles, augmentation, baseline images (0 … 2**63-1).")
+    baseline_labels: str = setting("auto", "Labels of the random-real baseline (--baseline random): hard, expert (the "
+                                   "synset's buffer's first expert labels them by the rule learned labels start "
+                                   "from: soft, like with like), or auto: expert for a soft-label synset, hard for a "
+                                   "hard-label one.")
 
     def schedule(self, lr: float) -> Schedule:
         """One run's SGD schedule (building it checks the values: one usage line if bad)."""
@@ -47,3 +51,5 @@ class EvaluateConfig:
         self.schedule(self.lr if self.lr is not None else 0.01)
         if not self.models:
             raise UsageError("--models names no model")
+        if self.baseline_labels not in ("auto", "hard", "expert"):
+            raise UsageError(f"--baseline-labels must be auto, hard or expert, got '{self.baseline_labels}'")

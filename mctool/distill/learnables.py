@@ -28,6 +28,7 @@ Value = Union[torch.Tensor, float]
 
 IMAGE_BOUND = 1e3  # |pixel| in the whitened/normalised space; real images stay within ~±10
 ALPHA_BOUND = 1e3  # α may grow to this multiple of lr_init
+LABEL_BOUND = 1e4  # |label logit|: an expert's logits are O(10); softmax saturates long before
 
 
 def _one(cfg: DistillConfig) -> float:
@@ -65,6 +66,12 @@ LEARNABLES: tuple[Learnable, ...] = (
     # α is kept positive: a step that would halve it or flip its sign overshoots (damped, momentum reset).
     Learnable("alpha", lr="lr_lr", momentum="momentum_lr", bound=lambda cfg: ALPHA_BOUND * cfg.lr_init,
               stored="lr", velocity="alpha_velocity", scalar=True, floor=0.5, initial=lambda cfg: cfg.lr_init),
+    # Learned soft labels (DATM, --learn-labels): the logits Z [n, classes]; the synset stores softmax(Z)
+    # as its labels (State.labels), the checkpoint Z itself. Their step is the gradient as it is: the
+    # released MCT code has no label gradient, so --step-units has nothing to halve here.
+    Learnable("labels", lr="lr_label", momentum="momentum_label", bound=lambda cfg: LABEL_BOUND, stored=None,
+              velocity="label_logits_velocity", saved="label_logits", active=lambda cfg: cfg.learn_labels,
+              ema_raw="label_logits_raw"),
 )
 
 

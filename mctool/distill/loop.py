@@ -180,8 +180,10 @@ class Distiller:
         augment = self.augmentation(batches)
         if torch.equal(theta_s, theta_t):  # an expert that did not move: nothing to match
             return None
+        logits = self.state.values.get("labels") if self.cfg.learn_labels else None
         return match(self.net, self.state.images, labels, theta_s, theta_t, self.state.alpha, batches, augment,
-                     self.mode, fast_path=self.second_order, micro_batch=self.micro_batch)
+                     self.mode, fast_path=self.second_order, micro_batch=self.micro_batch,
+                     label_logits=logits)  # type: ignore[arg-type]
 
     def apply_update(self, grads: dict[str, Value]) -> bool:
         """SGD with momentum on every learnable (mctool.distill.learnables: the images in the
@@ -200,6 +202,7 @@ class Distiller:
         for entry in learned_in(self.cfg):
             if averaged(entry, self.cfg):
                 s.averages[entry.name] = ema_update(s.averages[entry.name], s.values[entry.name], self.cfg.ema)
+        s.sync_labels()  # learned labels: the stored probabilities follow the logits
         return True
 
 
@@ -230,7 +233,8 @@ def workload(cfg: DistillConfig, buffer: store.Buffer, data_bytes: int) -> Any:
     n = cfg.ipc * buffer.data.num_classes
     vectors = len(buffer.convex.meta.positions) if cfg.method == "mct" else buffer.require_experts().epochs + 1
     return Workload(n_images=n, batch=cfg.batch_syn or n, syn_steps=cfg.syn_steps,
-                    num_classes=buffer.data.num_classes, soft_labels=cfg.soft_labels, expert_vectors=vectors,
+                    num_classes=buffer.data.num_classes, soft_labels=cfg.soft_labels or cfg.learn_labels,
+                    expert_vectors=vectors,
                     data_bytes=data_bytes)
 
 

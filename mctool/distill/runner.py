@@ -28,6 +28,7 @@ from mctool.distill.learnables import ALPHA_BOUND, IMAGE_BOUND, Value, learned_i
 from mctool.distill.loop import MAX_BAD_FRACTION, MAX_BAD_IN_A_ROW, Distiller, ExpertSource, choose_micro_batch
 from mctool.distill.state import State, _rank_seed, initial_state
 from mctool.errors import Interrupted, TrainingDiverged, UsageError
+from mctool.labels import expert_predictor
 from mctool.prepared import Prepared, auto_val_size, split_validation
 from mctool.progress import SIGNAL_NAMES, SILENT, Muted, Reporter
 
@@ -227,6 +228,7 @@ def run_prepared(cfg: DistillConfig, buffer: store.Buffer, out: Path, prepared: 
         # Broadcast from the CPU: a pickled CUDA tensor unpickles onto rank 0's GPU on every rank.
         state = _load_state(out, name, cfg) if dist.is_main() else None
         state = dist.broadcast(state).to(device)
+        state.sync_labels()
         if len(state.generators) != world:
             raise UsageError(f"{store.shown(out)}: the checkpoint was written by {len(state.generators)} process(es); "
                              f"resume with the same number (now {world})")
@@ -241,7 +243,8 @@ def run_prepared(cfg: DistillConfig, buffer: store.Buffer, out: Path, prepared: 
                 if name in sf.names:
                     raise UsageError(f"{store.shown(out)}: already holds synset '{name}'; use --resume to continue "
                                      "it, --name for another, or another -o FILE")
-        state = initial_state(cfg, prepared, torch.Generator().manual_seed(cfg.seed), pool)
+        expert = expert_predictor(buffer, cfg.method, device) if cfg.learn_labels else None
+        state = initial_state(cfg, prepared, torch.Generator().manual_seed(cfg.seed), pool, expert)
         generator = torch.Generator().manual_seed(_rank_seed(cfg.seed, me))
         state.queues = [[] for _ in range(world)]
     distiller = Distiller(cfg, buffer.spec, source, prepared, state, generator)

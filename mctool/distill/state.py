@@ -12,6 +12,7 @@ import torch
 from mctool import store
 from mctool.distill.config import DistillConfig
 from mctool.distill.learnables import Value, averaged, learned_in, zero_like
+from mctool.labels import Predict, expert_logits, replace_misclassified
 from mctool.prepared import Prepared, sample_per_class
 
 
@@ -20,7 +21,8 @@ class State:
     """Everything a checkpoint holds: resuming from it continues the run bit for bit on CPU.
 
     The learned quantities are `values` and their momentum `velocities`, keyed by learnable
-    name (mctool.distill.learnables); `images` and `alpha` are views of two of them."""
+    name (mctool.distill.learnables); `images` and `alpha` are views of two of them. With learned
+    labels, `labels` is softmax of the learned logits `values["labels"]` (`sync_labels`)."""
 
     values: dict[str, Value]  # learnable name -> current value
     velocities: dict[str, Value]  # learnable name -> its momentum
@@ -52,6 +54,16 @@ class State:
         """The learnable step size α."""
         return float(self.values["alpha"])
 
+    def sync_labels(self) -> None:
+        """`labels` = softmax(learned label logits), when the labels are learned (what the synset
+        stores, evaluations train on and the best images keep; the same softmax as mctool.matching).
+        Under `--ema` the logits' average gives them, as the images' average gives the images."""
+        if "labels" not in self.values:
+            return
+        logits = self.shown("labels")
+        if isinstance(logits, torch.Tensor):
+            self.labels = torch.softmax(logits, dim=1)
+
     def to(self, device: torch.device) -> "State":
         """The same state with its tensors on `device` (generator states stay on the CPU)."""
         def moved(d: dict[str, Value]) -> dict[str, Value]:
@@ -69,9 +81,11 @@ def _rank_seed(seed: int, rank: int) -> int:
 
 
 def initial_state(cfg: DistillConfig, prepared: Prepared, generator: torch.Generator,
-                  pool: torch.Tensor | None = None) -> State:
+                  pool: torch.Tensor | None = None, expert: Predict | None = None) -> State:
     """Images from random real images of each class drawn from the training indices `pool`
-    (default: all) or noise, hard class-major labels, α = lr_init."""
+    (default: all) or noise, hard class-major labels, α = lr_init. With learned labels
+    (`expert` given: mctool.labels), DATM's rule: drawn images the expert misclassifies are
+    replaced by ones of the same class it gets right, and the label logits are its logits."""
     m = prepared.meta
     n = cfg.ipc * m.num_classes
     labels = torch.arange(m.num_classes).repeat_interleave(cfg.ipc)
@@ -83,15 +97,23 @@ def initial_state(cfg: DistillConfig, prepared: Prepared, generator: torch.Gener
         picks = sample_per_class(y, m.num_classes, cfg.ipc, generator)
         if pool is not None:
             picks = pool.cpu()[picks]
+        if expert is not None:
+            picks, _ = replace_misclassified(expert, prepared.train_x, prepared.train_y, picks, generator, pool)
         images = prepared.train_x[picks.to(device)]
     # Every learnable's initial value (mctool.distill.learnables): drawn here, or its own rule;
     # momentum starts at zero.
     drawn: dict[str, Value] = {"images": images.to(device)}
+    if cfg.learn_labels:
+        if expert is None:
+            raise ValueError("learned labels start from an expert's logits: pass `expert`")
+        drawn["labels"] = expert_logits(expert, drawn["images"]).float()
     values = {e.name: drawn[e.name] if e.initial is None else e.initial(cfg) for e in learned_in(cfg)}
     # `--ema`: each average starts at the initial value (no bias correction needed: learnables.ema_update).
     averages = {e.name: _clone(values[e.name]) for e in learned_in(cfg) if averaged(e, cfg)}
-    return State(values=values, velocities={k: zero_like(v) for k, v in values.items()}, labels=labels.to(device),
-                 iteration=0, generators=[], queues=[], averages=averages)
+    state = State(values=values, velocities={k: zero_like(v) for k, v in values.items()}, labels=labels.to(device),
+                  iteration=0, generators=[], queues=[], averages=averages)
+    state.sync_labels()
+    return state
 
 
 def _clone(value: Value) -> Value:

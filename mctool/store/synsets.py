@@ -46,7 +46,10 @@ class Learned:
 # each belongs to). A learnable with new state adds its entry here; reading, checking and writing
 # iterate over this table (docs/format.md).
 CHECKPOINT_LEARNED = (Learned("images_velocity", "images"), Learned("alpha_velocity", "scalar"),
-                      Learned("images_raw", "images", required=False))  # the raw images under `distill --ema`
+                      Learned("images_raw", "images", required=False),  # the raw images under `distill --ema`
+                      Learned("label_logits", "labels", required=False),
+                      Learned("label_logits_velocity", "labels", required=False),
+                      Learned("label_logits_raw", "labels", required=False))  # the raw logits under --ema
 
 
 @dataclass

@@ -29,6 +29,7 @@ def evaluate(
     name: Optional[str] = typer.Option(None, "--name", help="Synset to evaluate (default: the only or latest one)."),
     images: str = typer.Option("auto", "--images", help="final, best (kept by distill --eval-every), both, or auto: both when the synset keeps best images."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="'random': also evaluate ipc random real images per class on the same protocol (gives the gain)."),
+    buffer: Optional[Path] = typer.Option(None, "--buffer", help="The buffer the synset was distilled from: its first expert labels the random-real baseline for --baseline-labels expert (auto: for a soft-label synset)."),
     whole_data: Optional[float] = typer.Option(None, "--whole-data", help="Test accuracy of the architecture trained on the whole training set (fraction or %), for HLR (default: the experts' final accuracy stored with the synset)."),
     save: bool = typer.Option(True, "--save/--no-save", help="Store the results with the synset."),
     data_dir: Optional[Path] = DataDirOpt,
@@ -44,28 +45,31 @@ def evaluate(
         from mctool.evaluate import evaluate_file
 
         cfg = EvaluateConfig(**settings_from(EvaluateConfig, settings))
-        result = evaluate_file(file, cfg, name, baseline, images, save, whole_data, data_dir, device, reporter)
+        result = evaluate_file(file, cfg, name, baseline, images, save, whole_data, data_dir, device, reporter,
+                               buffer=buffer)
         if json_out:
             emit_json(result)
             return
         rows = []
         for r in result.results:
             what = r.kind if r.kind != "synset" else f"synset ({r.target}, iteration {r.iteration})"
-            rows.append([what, r.model, mean_std(r.mean, r.std, r.runs), " ".join(pct(a) for a in r.accuracies),
+            rows.append([what, r.labels, r.model, mean_std(r.mean, r.std, r.runs), " ".join(pct(a) for a in r.accuracies),
                          r.epochs, f"{r.seconds_per_run:.1f}"])
         ref = result.experts_reference
         if ref is not None:
-            rows.append(["experts (whole dataset)", "ConvNet", pct(ref.get("mean")), "", ref.get("epochs", ""), ""])
+            rows.append(["experts (whole dataset)", "hard", "ConvNet", pct(ref.get("mean")), "", ref.get("epochs", ""), ""])
         stdout.print(table(f"{file}: synset '{result.synset}' (ipc {result.ipc}, lr {result.lr:.4g})",
-                           ["set", "model", "test accuracy %", "per run %", "epochs", "s/run"], rows))
-        scores = [[s.target + (f" (selected on {result.selected_on})" if s.target == "best" else ""), s.model,
+                           ["set", "labels", "model", "test accuracy %", "per run %", "epochs", "s/run"], rows))
+        scores = [[s.target + (f" (selected on {result.selected_on})" if s.target == "best" else ""),
+                   s.labels + (f" (baseline {s.baseline_labels})" if s.baseline_labels not in (None, s.labels) else ""),
+                   s.model,
                    mean_std(s.mean, s.std, s.runs), pct(s.random_real) if s.random_real is not None else "",
                    _signed(s.gain, s.gain_std, s.runs), pct(s.whole_data) if s.whole_data is not None else "",
                    _signed(s.hlr, s.hlr_std, s.runs) if s.hlr is not None else s.note] for s in result.scores]
         if any(s.gain is not None or s.hlr is not None for s in result.scores):
             stdout.print(table("scores (gain = synthetic − random real, same protocol; HLR = whole data − "
                                f"synthetic{', whole data from ' + result.whole_data_source if result.whole_data_source else ''})",
-                               ["images", "model", "accuracy %", "random real %", "gain", "whole data %", "HLR"],
+                               ["images", "labels", "model", "accuracy %", "random real %", "gain", "whole data %", "HLR"],
                                scores))
 
     run(body, quiet, debug, interrupt_hint="nothing was stored; run the command again")
