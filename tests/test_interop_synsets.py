@@ -300,6 +300,11 @@ def test_output_rules(tmp_path: Path, data_dir: Path, buffer: Path) -> None:
     other.write_text("mine")
     assert_one_line_error(cli(*base, "-o", other), 2, "not an mctool synset file")
     assert other.read_text() == "mine"
+    # A companion that is a link to a device is refused, not read, nor taken as absent.
+    (folder / "labels_best.pt").unlink()
+    (folder / "labels_best.pt").symlink_to("/dev/zero")
+    assert_one_line_error(cli(*base, "-o", tmp_path / "z.h5"), 2, "not a regular file")
+    _no_output(tmp_path / "z.h5")
     # Options for synthetic sets are refused for a folder of experts.
     experts = tmp_path / "experts"
     experts.mkdir()

@@ -140,6 +140,8 @@ def _companion(folder: Path, kinds: tuple[str, ...], tag: str) -> Path | None:
         p = folder / (f"{kind}_{tag}.pt" if tag else f"{kind}.pt")
         if p.is_file():
             return p
+        if p.exists() or p.is_symlink():  # a folder, a device, a dangling link: not "absent"
+            raise UsageError(f"{p}: not a regular file")
     return None
 
 
