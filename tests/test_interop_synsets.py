@@ -188,6 +188,16 @@ def test_our_export_round_trips(tmp_path: Path, convex_buffer: Path, data_dir: P
         assert a["synsets"][name].attrs["lr"] == b["synsets"][name].attrs["lr"]
         assert a["model"].attrs["width"] == b["model"].attrs["width"] == 8
         assert a["dataset"].attrs["train_fingerprint"] == b["dataset"].attrs["train_fingerprint"]
+    # The mtt layout (images_best.pt, labels_best.pt, lr_best.pt + the de-whitened copy) comes back too.
+    mtt = tmp_path / "mtt"
+    r = cli("export", syn, "--format", "mtt", "-o", mtt, "--data-dir", data_dir, "--quiet")
+    assert r.exit_code == 0, r.output
+    r = cli("import", mtt / "images_best.pt", "-o", tmp_path / "back-mtt.h5", "--data-dir", data_dir, "--json",
+            "--quiet")
+    assert r.exit_code == 0, r.output
+    with h5py.File(syn) as a, h5py.File(tmp_path / "back-mtt.h5") as b:
+        name = list(a["synsets"])[0]
+        assert np.array_equal(a["synsets"][name]["images"][()], b["synsets"][name]["images"][()])
     # A file changed after the export is refused by its checksum.
     torch.save(torch.randn(10, C, H, W), exported / "images.pt")
     assert_one_line_error(cli("import", exported, "-o", tmp_path / "c.h5", "--data-dir", data_dir), 2, "SHA-256")
