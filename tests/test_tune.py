@@ -1,5 +1,5 @@
-"""A dataset nobody tuned: buffer-derived defaults (mctool/autoconfig.py), `distill --tune`
-(mctool/tune.py), folder: datasets in preset files, progress lines without a terminal."""
+"""A dataset nobody tuned: buffer-derived defaults (mctool/distill/autoconfig.py), `distill --tune`
+(mctool/distill/tune.py), folder: datasets in preset files, progress lines without a terminal."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from mctool import autoconfig, store
+from mctool import store
+from mctool.distill import autoconfig
 from mctool.distill import DistillConfig, check_buffer_matches, resolve_config
 from mctool.errors import UsageError
 from mctool.distill import load_preset
 from mctool.prepared import prepare_like
-from mctool.tune import (MIN_ITERATIONS, TuneConfig, plan_search, tune_prepared, tuning_val_size,
+from mctool.distill.tune import (MIN_ITERATIONS, TuneConfig, plan_search, tune_prepared, tuning_val_size,
                          write_result_preset)
 from tests.conftest import cli
 from tests.test_presets import TABLE
@@ -216,7 +217,7 @@ def test_preset_file_resolves_folder_dataset_against_its_own_folder(tmp_path: Pa
 
 
 def test_tuned_preset_names_a_folder_inside_its_folder_relatively(tmp_path: Path) -> None:
-    from mctool.tune import TuneResult
+    from mctool.distill.tune import TuneResult
 
     data = tmp_path / "mydata"
     cfg = dataclasses.asdict(DistillConfig(dataset=f"folder:{data}"))
@@ -293,7 +294,7 @@ def test_long_commands_say_they_started_before_importing_torch() -> None:
 def test_one_run_shows_no_spread() -> None:
     from mctool.cli.commands.evaluate import _signed
     from mctool.cli.render import mean_std
-    from mctool.tune import score_text
+    from mctool.distill.tune import score_text
 
     assert _signed(0.012, 0.0, runs=1) == "+1.20 (n = 1)" and _signed(0.012, 0.003, runs=3) == "+1.20 ± 0.30"
     assert mean_std(0.5, 0.0, 1) == "50.00 (n = 1)" and score_text(0.5, 0.0, 1) == "50.00 (n = 1)"
@@ -303,7 +304,7 @@ def test_one_run_shows_no_spread() -> None:
 def test_a_diverging_candidate_is_a_result_not_a_failure(convex_buffer: Path, data_dir: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """lr_img × 10 may blow the images up: that candidate is marked, the search goes on."""
-    from mctool import tune as tune_mod
+    from mctool.distill import tune as tune_mod
     from mctool.errors import TrainingDiverged
 
     real = tune_mod._Search.distil
@@ -324,7 +325,7 @@ def test_a_diverging_candidate_is_a_result_not_a_failure(convex_buffer: Path, da
 
 
 def test_horizon_scale() -> None:
-    from mctool.tune import horizon_scale
+    from mctool.distill.tune import horizon_scale
 
     assert horizon_scale(20, 100) == 0.2 and horizon_scale(20, 20) == 1.0 and horizon_scale(50, 10) == 1.0
     assert horizon_scale(0, 100) == 1.0

@@ -37,9 +37,9 @@ def print_presets(json_out: bool) -> None:
     cols = ["name", "source", *columns(DistillConfig)]
     builtin = dataclasses.asdict(DistillConfig())
     rows = [[p.name] + [p.values.get(c, "") for c in cols[1:]] for p in presets]
-    # Without a preset, the buffer's preprocessing is expected and mctool/autoconfig.py's rules
+    # Without a preset, the buffer's preprocessing is expected and mctool/distill/autoconfig.py's rules
     # derive the step settings from the buffer.
-    from mctool.autoconfig import RULED
+    from mctool.distill.autoconfig import RULED
 
     for key in ("zca", *RULED):
         builtin[key] = "buffer's"
@@ -71,7 +71,7 @@ def print_dry_run(report: Any) -> None:
         stdout.print(f"note: {note}")
 def print_tuning(result: Any) -> None:
     """The --tune table: every candidate's validation score, the winner marked, what was skipped."""
-    from mctool.tune import _show
+    from mctool.distill.tune import _show
 
     rows = []
     for i, c in enumerate(result.candidates):
@@ -134,7 +134,7 @@ def distill(
         if tune_only and not tune:
             raise UsageError("--tune-only needs --tune")
         if tune:
-            from mctool.tune import TuneConfig, run as run_tune
+            from mctool.distill.tune import TuneConfig, run as run_tune
 
             if resume:
                 raise UsageError("--tune starts a new run: drop --resume (or --tune to continue the checkpoint)")
