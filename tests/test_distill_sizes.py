@@ -145,3 +145,20 @@ def test_expert_epochs_equal_to_K_runs(tmp_path: Path, convex_buffer: Path, data
     r = cli("distill", "--buffer", convex_buffer, "-o", tmp_path / "o.h5", "--data-dir", data_dir, "--ipc", "1",
             "--syn-steps", "2", "--expert-epochs", "4", "--max-start-epoch", "2", "--iterations", "1", "--quiet")
     assert r.exit_code == 0, r.output
+
+
+def test_a_fixed_micro_batch_is_checked_as_given() -> None:
+    import torch
+
+    from mctool.distill import resolve_config
+    from mctool.distill.sizes import check_sizes, shape_without_buffer
+    from mctool.errors import UsageError
+
+    auto = resolve_config("tinyimagenet-ipc50", {})
+    shape = shape_without_buffer(auto)
+    check_sizes(auto, shape, torch.device("cpu"), available=16 * GIB)  # auto: chunks that fit
+    whole = resolve_config("tinyimagenet-ipc50", {"micro_batch": "0"})
+    with pytest.raises(UsageError, match=r"^--micro-batch 0: one iteration needs at least .*activations"):
+        check_sizes(whole, shape, torch.device("cpu"), available=16 * GIB, given={"micro_batch"})
+    fixed = resolve_config("tinyimagenet-ipc50", {"micro_batch": "100"})
+    check_sizes(fixed, shape, torch.device("cpu"), available=16 * GIB, given={"micro_batch"})

@@ -164,7 +164,7 @@ def check_sizes(cfg: Any, shape: RunShape, device: torch.device, data_loaded: bo
     if why.term == "parameter vectors" and mode == "constant":
         key = None
     if key == "micro_batch" and fixed is None:
-        key = "ipc"  # auto already took 1-image chunks: the images themselves are too many
+        key = None  # auto already takes 1-image chunks: one image's activations are too many (the network)
     head = ""
     if key is not None:
         from_preset = given is not None and key not in given and cfg.preset
