@@ -76,6 +76,8 @@ def test_authors_images_import_and_evaluate_beside_random_real(tmp_path: Path, d
     assert r.exit_code == 0 and json.loads(r.stdout)["already_imported"] and out.read_bytes() == before
     assert_one_line_error(cli("import", run / "images_best.pt", "-o", out, "--dataset", "mnist", "--no-zca",
                               "--data-dir", data_dir, "--name", "imported-500"), 2, "already holds a synset")
+    r = cli("inspect", out)
+    assert r.exit_code == 0 and "imported by `mctool import`, iteration 500" in " ".join(r.stdout.split())
     # Acceptance: evaluate scores the imported images with random real images beside them.
     r = cli("evaluate", out, "--name", "imported-best", "--baseline", "random", "--runs", "2", "--epochs", "2",
             "--data-dir", data_dir, "--json", "--quiet")
