@@ -103,7 +103,9 @@ def workload(cfg: Any, shape: RunShape, data_loaded: bool = False) -> Any:
 
     n = cfg.ipc * shape.classes
     return Workload(n_images=n, batch=min(cfg.batch_syn or n, n), syn_steps=cfg.syn_steps, num_classes=shape.classes,
-                    soft_labels=cfg.soft_labels, expert_vectors=shape.vectors,
+                    # learned labels (branch `labels`: cfg.learn_labels) are stored as probabilities too
+                    soft_labels=cfg.soft_labels or bool(getattr(cfg, "learn_labels", False)),
+                    expert_vectors=shape.vectors,
                     data_bytes=0 if data_loaded else shape.data_bytes)
 
 
