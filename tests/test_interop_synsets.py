@@ -317,6 +317,10 @@ def test_output_rules(tmp_path: Path, data_dir: Path, buffer: Path) -> None:
     (folder / "labels_best.pt").symlink_to("/dev/zero")
     assert_one_line_error(cli(*base, "-o", tmp_path / "z.h5"), 2, "not a regular file")
     _no_output(tmp_path / "z.h5")
+    device = tmp_path / "images_9.pt"
+    device.symlink_to("/dev/zero")
+    assert_one_line_error(cli("import", device, "--kind", "synset", "--dataset", "mnist", "--no-zca", "-o",
+                              tmp_path / "d.h5"), 2, "not a regular file")
     # Options for synthetic sets are refused for a folder of experts.
     experts = tmp_path / "experts"
     experts.mkdir()

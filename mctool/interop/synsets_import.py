@@ -228,6 +228,8 @@ def find(path: Path) -> Found:
             if found.images.name == path.name:
                 return found
         return _from_images_file(path)
+    if path.exists():  # a device, a FIFO, a socket: never opened
+        raise UsageError(f"{path}: not a regular file")
     raise UsageError(f"{path}: no such file or folder")
 
 
