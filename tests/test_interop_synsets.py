@@ -262,8 +262,11 @@ def test_storage_larger_than_the_tensor_is_refused_before_reading(tmp_path: Path
     big = torch.zeros(4_000_000)  # 16 MB storage of which the tensor views 62 KB
     torch.save(big[: 20 * C * H * W].view(20, C, H, W), tmp_path / "images_1.pt")
     found = Found("mtt-scripts", tmp_path / "images_1.pt", None, None, False, "1")
-    with pytest.raises(TorchFileError, match="storage declares 16000000 bytes"):
-        read_checked(found, SynsetImportConfig(lr=0.01), (C, H, W), CLASSES, limit=1 << 20)
+    for limit in (1 << 20, 1 << 30):  # refused whatever the memory: the storage is 250 times the tensor
+        with pytest.raises(TorchFileError, match="storage declares 16000000 bytes for a .* tensor of 62720 bytes"):
+            read_checked(found, SynsetImportConfig(lr=0.01), (C, H, W), CLASSES, limit=limit)
+    # A slice of a storage twice its size (a view saved as it was) is read.
+    torch.save(torch.randn(40, C, H, W)[:20], tmp_path / "images_1.pt")
     x = read_checked(found, SynsetImportConfig(lr=0.01), (C, H, W), CLASSES, limit=64 << 20)
     assert x.images.shape == (20, C, H, W) and x.ipc == 2
 

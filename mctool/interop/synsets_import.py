@@ -388,10 +388,14 @@ def read_tensor(path: Path, check: Callable[[tuple[int, ...], torch.dtype], None
         root = _one_tensor(tf)
         check(tuple(int(s) for s in root.shape), root.dtype)
         itemsize = torch.empty(0, dtype=root.dtype).element_size()
-        stored = root.storage.nbytes if isinstance(root, TensorRef) else root.numel() * itemsize
-        if max(stored, root.numel() * itemsize) > max_bytes:
-            raise TorchFileError(f"{path}: its storage declares {stored} bytes, more than the {max_bytes} "
-                                 f"its {_describe(tuple(root.shape))} tensor can need")
+        need = root.numel() * itemsize
+        stored = root.storage.nbytes if isinstance(root, TensorRef) else need
+        # Reading inflates the whole storage: one much larger than the tensor (a slice of a huge
+        # buffer, a deflate bomb) is refused, not read; the scripts save whole tensors (stored = need).
+        allowed = min(max_bytes, 4 * need + (1 << 20))
+        if need > max_bytes or stored > allowed:
+            raise TorchFileError(f"{path}: its storage declares {stored} bytes for a {_describe(tuple(root.shape))} "
+                                 f"tensor of {need} bytes (at most {allowed} are read)")
         return tf.read(root)
 
 
