@@ -157,6 +157,9 @@ SHAPES: dict[str, tuple[int, int, int]] = {
     "fashion-mnist": (1, 28, 28), "mnist": (1, 28, 28),
 }
 
+# Number of classes of each named dataset, known before anything is loaded.
+CLASSES: dict[str, int] = {"cifar10": 10, "cifar100": 100, "tinyimagenet": 200, "fashion-mnist": 10, "mnist": 10}
+
 
 def canonical_name(name: str) -> str:
     """The name a dataset is stored under (aliases resolved, folder paths made absolute), checked

@@ -19,6 +19,8 @@ transient, per iteration (freed at its end)
                 ``unrolled``: the graph of all N steps, c_u·N·A·s·B (chunks do not shrink it), and
                 the final backward's temporaries, c_b·A·s·m (one chunk at a time)
     workspaces  a fixed allowance for the libraries' buffers (and the CPU heap's fragmentation)
+    steps       the batch indices and DSA draws pre-sampled for every inner step (both passes and every
+                micro-batch must see the same ones): N·(o + b·B), o and b measured
 
 The activation constants c were calibrated by measurement (bench/memory.py: the peak of one
 inner step in a fresh process at two micro-batch sizes; CPU: ru_maxrss with the CLI's malloc
@@ -72,6 +74,12 @@ WORKSPACE_BYTES = {"cpu": 96 * 2**20, "cuda": 64 * 2**20}
 CALIBRATED = {"cpu": True, "cuda": False}  # False: that device type uses the CPU's factors
 ESTIMATE_ERROR = 1.5  # measured/estimated stayed within [1/1.5, 1.5] (single points; iterations 0.8–1.2)
 DEFAULT_SAFETY = {"cpu": 0.6, "cuda": 0.85}  # fraction of free memory an estimate may use
+# The per-step bookkeeping of distill's `batches`/`augmentation`: measured on the CPU (2026-12,
+# 20000 steps of CIFAR-shaped draws at B = 10, 100, 1000 images): 2.0–2.8 KB of Python and tensor
+# objects per step, plus 14–16 bytes per image (the int64 indices and one op's values; ops with
+# two values take 24).
+STEP_OVERHEAD_BYTES = 2560
+STEP_BYTES_PER_IMAGE = 24
 
 
 @dataclass(frozen=True)
@@ -186,7 +194,8 @@ def estimate_peak_bytes(profile: NetProfile, work: Workload, mode: str, micro_ba
         "labels": n * (work.num_classes * s if work.soft_labels else 8),
         "expert waypoints": work.expert_vectors * p * s,
     }
-    transient = {"image gradient": n * profile.in_elems * s, "workspaces": WORKSPACE_BYTES.get(dev, 0)}
+    transient = {"image gradient": n * profile.in_elems * s, "workspaces": WORKSPACE_BYTES.get(dev, 0),
+                 "inner steps' batches and augmentation draws": steps * (STEP_OVERHEAD_BYTES + STEP_BYTES_PER_IMAGE * b)}
     if mode == "unrolled":
         transient["parameter vectors"] = int((VECTOR_FACTOR + 2 * steps) * p * s)
         # Every chunk's graph is kept; the final backward's temporaries are one chunk's at a time.
@@ -305,3 +314,70 @@ def dry_run(profile: NetProfile, work: Workload, device: torch.device | str, mod
         auto = auto_micro_batch(profile, work, mode, device, free, safety, resident_loaded=False, impl=impl)
         out.append(DryRun(mode, whole, auto, free))
     return out
+
+
+# --------------------------------------------------------------------------- sizes checked before allocating
+
+
+def size_text(n: float) -> str:
+    """Bytes for people: '812 MB', '7.3 GB', '8.0 TB' (powers of 1000, as disks and options say)."""
+    for unit, scale in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+          "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'24GB', '80 GiB', '512MiB', '1.5T' → bytes; ValueError with the accepted forms otherwise."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", text)
+    unit = m.group(2).lower() if m else ""
+    if m is None or unit not in _UNITS:
+        raise ValueError(f"{text!r} is not a memory size (e.g. 24GB, 80GiB, 512MiB)")
+    value = float(m.group(1)) * _UNITS[unit]
+    if not (math.isfinite(value) and 1 <= value < 2**70):
+        raise ValueError(f"{text!r} is not a plausible memory size")
+    return int(value)
+
+
+def smallest_peak(profile: NetProfile, work: Workload, mode: str, device: torch.device | str,
+                  micro_batch: int | None = None, impl: str = "auto") -> Estimate:
+    """The least memory an iteration of these settings can take: at `micro_batch` when one is fixed,
+    else in 1-image chunks (whole batches for a network that mixes samples, which is never chunked)."""
+    if micro_batch is None:
+        micro_batch = work.batch if profile.coupling is not None else 1
+    return estimate_peak_bytes(profile, work, mode, micro_batch, device, impl)
+
+
+@dataclass(frozen=True)
+class TooLarge:
+    """Settings whose least possible iteration exceeds the memory there is, and the term that dominates."""
+
+    need: int  # bytes: the smallest peak estimate
+    available: int  # bytes: the memory it was compared with
+    term: str  # the estimate's largest term (a key of Estimate.resident/transient)
+    term_bytes: int
+    estimate: Estimate
+
+
+def check_fits(profile: NetProfile, work: Workload, mode: str, device: torch.device | str,
+               available: int | None = None, micro_batch: int | None = None, impl: str = "auto") -> TooLarge | None:
+    """None when these settings can run in `available` bytes (default: the device's free memory), else why not.
+
+    Refused only when even the smallest peak, divided by the model's worst error (ESTIMATE_ERROR),
+    exceeds the memory: a run that might fit is never refused. Nothing is allocated: the caller
+    checks this before the data, the images or the steps' draws exist."""
+    available = free_bytes(device) if available is None else available
+    if available is None:
+        return None
+    est = smallest_peak(profile, work, mode, device, micro_batch, impl)
+    if est.total_bytes <= available * ESTIMATE_ERROR:
+        return None
+    terms = {**est.resident, **est.transient}
+    term = max(terms, key=lambda k: terms[k])
+    return TooLarge(est.total_bytes, available, term, terms[term], est)

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import mctool.memory as mem
-from mctool.memory import (ESTIMATE_ERROR, MODES, Workload, auto_micro_batch, dry_run, estimate_peak_bytes,
-                           free_bytes, profile_network, split_bytes)
+from mctool.memory import (ESTIMATE_ERROR, MODES, STEP_BYTES_PER_IMAGE, STEP_OVERHEAD_BYTES, Workload,
+                           auto_micro_batch, check_fits, dry_run, estimate_peak_bytes, free_bytes, parse_size,
+                           profile_network, size_text, smallest_peak, split_bytes)
 from mctool.models import ModelSpec, build_model
 
 CPU = torch.device("cpu")
@@ -51,10 +52,13 @@ def test_estimate_monotone_in_the_right_variables() -> None:
         sizes = [total(mode, m) for m in (1, 10, 100, 500, 1000)]
         assert sizes == sorted(sizes) and sizes[0] < sizes[-1]  # grows with the micro-batch
         # Five times the images at the same micro-batch: only X, its momentum and gradient and the labels grow.
+        # (and the steps' pre-sampled indices and draws, which grow with the batch).
         grown = total(mode, 100, n_images=5000, batch=5000) - total(mode, 100)
-        assert grown == 4000 * (3 * 3 * 32 * 32 * 4 + 8)
+        assert grown == 4000 * (3 * 3 * 32 * 32 * 4 + 8) + 20 * 4000 * STEP_BYTES_PER_IMAGE
         assert total(mode, 2000) == total(mode, None)  # a chunk larger than the batch is the batch
-    assert total("constant", 100, syn_steps=80) == total("constant", 100)  # flat in N
+    # Flat in N but for the steps' bookkeeping (indices and DSA draws), which grows linearly.
+    assert total("constant", 100, syn_steps=80) - total("constant", 100) == \
+        60 * (STEP_OVERHEAD_BYTES + 1000 * STEP_BYTES_PER_IMAGE)
     assert total("adjoint", 100, syn_steps=80) > total("adjoint", 100)  # stored w_k
     assert total("adjoint", 100) > total("constant", 100)
     # Chunks shrink only the final backward's temporaries of unrolled, not its graph.
@@ -193,3 +197,34 @@ def test_estimate_within_stated_factor_of_a_measured_run(mode: str) -> None:
     work = Workload(n_images=n, batch=n, syn_steps=steps, num_classes=10)
     est = estimate_peak_bytes(cifar_profile(), work, mode, micro, CPU, impl="fastgrad").transient_bytes
     assert 1 / ESTIMATE_ERROR <= measured / est <= ESTIMATE_ERROR, (measured, est)
+
+
+def test_check_fits_refuses_only_what_cannot_fit() -> None:
+    prof = cifar_profile()
+    small = Workload(n_images=100, batch=100, syn_steps=20, num_classes=10)
+    assert check_fits(prof, small, "constant", CPU, available=8 * 10**9) is None
+    # --ipc 99999999999 on CIFAR-10: the images alone are 12 TB.
+    huge = Workload(n_images=99999999999 * 10, batch=99999999999 * 10, syn_steps=20, num_classes=10)
+    why = check_fits(prof, huge, "constant", CPU, available=8 * 10**9)
+    assert why is not None and why.term == "synthetic images and momentum"
+    assert why.term_bytes == 2 * 99999999999 * 10 * 3 * 32 * 32 * 4
+    # --syn-steps 10**9: the steps' pre-sampled draws alone are terabytes, even in 1-image chunks.
+    steps = Workload(n_images=100, batch=100, syn_steps=10**9, num_classes=10)
+    why = check_fits(prof, steps, "constant", CPU, available=8 * 10**9)
+    assert why is not None and why.term == "inner steps' batches and augmentation draws"
+    # The margin: a run whose smallest estimate is within ESTIMATE_ERROR of the memory is let through.
+    need = smallest_peak(prof, small, "constant", CPU).total_bytes
+    assert check_fits(prof, small, "constant", CPU, available=int(need / ESTIMATE_ERROR) + 1) is None
+    assert check_fits(prof, small, "constant", CPU, available=int(need / ESTIMATE_ERROR) - 1) is not None
+    # A fixed micro-batch is what the run will use: its estimate, not the 1-image one.
+    assert smallest_peak(prof, small, "constant", CPU, micro_batch=50).micro_batch == 50
+    assert smallest_peak(prof, small, "constant", CPU).micro_batch == 1
+
+
+def test_sizes_in_and_out() -> None:
+    assert parse_size("24GB") == 24 * 10**9 and parse_size("80 GiB") == 80 * 2**30
+    assert parse_size("1.5T") == 15 * 10**11 and parse_size("512MiB") == 512 * 2**20
+    for bad in ("", "GB", "-1GB", "12 parsecs", "nan", "1e999GB"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+    assert size_text(8 * 10**12) == "8.0 TB" and size_text(812 * 10**6) == "812.0 MB" and size_text(12) == "12 B"

@@ -22,6 +22,7 @@ run continues exactly where an uninterrupted one would be.
 from __future__ import annotations
 
 import math
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,8 @@ from mctool import store
 from mctool.augment import DSA, AugParams, StepAugment
 from mctool.distill.config import DistillConfig
 from mctool.distill.learnables import Value, averaged, ema_update, learned_in, step
+from mctool.distill.sizes import check_epochs, shape_of_buffer
+from mctool.distill.sizes import workload as shape_workload
 from mctool.distill.state import State
 from mctool.errors import UsageError
 from mctool.functional import FlatNet
@@ -110,14 +113,7 @@ class Distiller:
         self.mode = "unrolled" if cfg.method == "mtt" else cfg.grad
         self.micro_batch: int | None = None  # set by `choose_micro_batch`
         self.second_order = second_order_policy(cfg, self.device)
-        if cfg.max_start_epoch >= source.K:
-            raise UsageError(
-                f"--max-start-epoch {cfg.max_start_epoch:g} must be below the experts' K = {source.K}: pass "
-                f"--max-start-epoch {max(source.K - 1, 0)} or less, or train experts with --epochs "
-                f"{int(cfg.max_start_epoch) + 1} or more"
-            )
-        if cfg.min_start_epoch >= source.K:  # implied by the check above today; kept should that one clamp
-            raise UsageError(f"--min-start-epoch {cfg.min_start_epoch:g} must be below the experts' K = {source.K}")
+        check_epochs(cfg, source.K)
         if cfg.method == "mtt" and (cfg.expert_epochs != int(cfg.expert_epochs)):
             raise UsageError("--method mtt matches integer epochs: --expert-epochs must be a whole number")
 
@@ -227,15 +223,9 @@ def second_order_policy(cfg: DistillConfig, device: torch.device) -> str:
 
 
 def workload(cfg: DistillConfig, buffer: store.Buffer, data_bytes: int) -> Any:
-    """The memory model's description of one iteration of this run."""
-    from mctool.memory import Workload
-
-    n = cfg.ipc * buffer.data.num_classes
-    vectors = len(buffer.convex.meta.positions) if cfg.method == "mct" else buffer.require_experts().epochs + 1
-    return Workload(n_images=n, batch=cfg.batch_syn or n, syn_steps=cfg.syn_steps,
-                    num_classes=buffer.data.num_classes, soft_labels=cfg.soft_labels or cfg.learn_labels,
-                    expert_vectors=vectors,
-                    data_bytes=data_bytes)
+    """The memory model's description of one iteration of this run (mctool.distill.sizes, which the
+    checks before allocating and --dry-run use too)."""
+    return shape_workload(cfg, dataclasses.replace(shape_of_buffer(cfg, buffer), data_bytes=data_bytes))
 
 
 def choose_micro_batch(d: "Distiller", cfg: DistillConfig, buffer: store.Buffer, stored: dict[str, Any],

@@ -25,6 +25,7 @@ from mctool.distill.checkpoint import resume_name, _load_state, _synset, stored_
 from mctool.distill.config import (DistillConfig, buffer_note, check_buffer_matches, check_synset_name,
                                    missing_buffer_hint, resolve_config, synset_name)
 from mctool.distill.learnables import ALPHA_BOUND, IMAGE_BOUND, Value, learned_in
+from mctool.distill import sizes
 from mctool.distill.loop import MAX_BAD_FRACTION, MAX_BAD_IN_A_ROW, Distiller, ExpertSource, choose_micro_batch
 from mctool.distill.state import State, _rank_seed, initial_state
 from mctool.errors import Interrupted, TrainingDiverged, UsageError
@@ -209,6 +210,9 @@ def run_prepared(cfg: DistillConfig, buffer: store.Buffer, out: Path, prepared: 
     name = name or synset_name(cfg)
     check_synset_name(name)
     device = prepared.train_x.device
+    shape = sizes.shape_of_buffer(cfg, buffer)
+    sizes.check_epochs(cfg, shape.epochs)
+    sizes.check_sizes(cfg, shape, device, data_loaded=True)  # library callers (--tune) too
     notes: list[str] = []
     source = ExpertSource(buffer, cfg.method, device)
     if cfg.method == "mct" and len(source.positions) - 2 != cfg.interior:
@@ -297,6 +301,11 @@ def run(preset: str | None, overrides: dict[str, Any], buffer: Path, out: Path, 
         if cfg.method == "mct":
             buf.convex_experts()  # a buffer without /convex fails here, before the data is prepared
         dev = resolve_device(device)
+        # Every epoch setting against K, and every size the run would allocate against this device's
+        # memory, before the data is loaded or anything is allocated.
+        shape = sizes.shape_of_buffer(cfg, buf)
+        sizes.check_epochs(cfg, shape.epochs)
+        sizes.check_sizes(cfg, shape, dev, given={k for k, v in overrides.items() if v is not None})
         dist.init_from_env(dev)
         if not dist.is_main():
             reporter = Muted(reporter)

@@ -11,5 +11,7 @@ Modules (each with one job; only ``h5out`` touches the HDF5 artifact):
 * ``importer``   — streaming, resumable import of either into one mctool buffer.
 * ``h5out``      — the adapter onto the artifact store (create buffer, write rows, read synsets).
 * ``export``     — synsets as MTT / DD-Ranking tensor files and per-class PNG folders, and a loader.
+* ``synsets_import`` — synthetic sets made elsewhere (the scripts' ``images_*.pt``, DD-Ranking
+  folders, our exports), checked, into a synset file ``evaluate`` scores.
 * ``scores``     — gain over random real images and DD-Ranking's hard-label recovery (HLR).
 """

@@ -150,3 +150,67 @@ def keeps_best(path: Path, name: str | None = None) -> bool:
     """Whether synset `name` keeps best images."""
     with store.open_synsets(path) as sf:
         return sf.read(sf.pick(name), values=False).best is not None
+
+
+# --------------------------------------------------------------------------- synsets (for import)
+
+
+def check_synset_output(out: Path, name: str | None = None, sha256: dict[str, str] | None = None) -> bool:
+    """Refuse, before any work, an output an imported synset may not go to: a symbolic link (never
+    written through), a folder, a file that is not a synset file (a buffer, anything else), a file
+    holding another synset named `name`. True when it holds this same import (same files by SHA-256)."""
+    from mctool.errors import UsageError
+
+    if out.is_symlink():
+        raise UsageError(f"{out}: a symbolic link; mctool does not write through links (remove it or choose "
+                         "another -o)")
+    if out.exists():
+        if not out.is_file():
+            raise UsageError(f"{out}: exists and is not a file; choose another -o")
+        try:
+            with store.open_artifact(out) as f:
+                keys = set(f.keys())
+        except ArtifactError as exc:
+            raise UsageError(f"{out}: already exists and is not an mctool synset file ({exc}); choose another -o") \
+                from None
+        if "synsets" not in keys or keys & {"experts", "convex"}:
+            raise UsageError(f"{out}: already exists and holds {contents(out)}, not synthetic sets; choose another -o")
+        if name is not None:
+            with store.open_synsets(out) as sf:
+                if name in sf.names:
+                    if sf.read(name, values=False).source.get("sha256") == sha256:
+                        return True
+                    raise UsageError(f"{store.shown(out)}: already holds a synset named '{name}'; pass --name or "
+                                     "choose another -o")
+    store.check_writable(out)
+    return False
+
+
+def write_imported_synset(out: Path, name: str, images: torch.Tensor, labels: torch.Tensor, lr: float, ipc: int,
+                          iterations: int, meta: DatasetMeta, spec: ModelSpec, config: dict[str, Any],
+                          source: dict[str, Any], reference: dict[str, Any] | None) -> bool:
+    """Write an imported synset as a new file, or add it to a synset file of the same data and
+    model (atomically, either way). True when `out` already holds this same import (nothing written)."""
+    from mctool.errors import UsageError
+    from mctool.models import build_model, param_layout
+
+    if check_synset_output(out, name, source.get("sha256")):
+        return True
+    layout = param_layout(build_model(spec))
+    if out.exists():
+        with store.open_synsets(out) as sf:
+            if (sf.data.name, sf.data.zca, sf.data.train_fingerprint) != (meta.name, meta.zca, meta.train_fingerprint):
+                raise UsageError(f"{store.shown(out)}: its synsets are of {sf.data.name} "
+                                 f"({'ZCA' if sf.data.zca else 'normalised'}), not of these images' {meta.name} "
+                                 f"({'ZCA' if meta.zca else 'normalised'}); choose another -o")
+            if sf.spec != spec:
+                raise UsageError(f"{store.shown(out)}: its synsets are evaluated on ConvNet d{sf.spec.depth} "
+                                 f"w{sf.spec.width} {sf.spec.norm}, not d{spec.depth} w{spec.width} {spec.norm}; "
+                                 "choose another -o")
+    syn = store.Synset(name=name, images=images, labels=labels, lr=float(lr), ipc=ipc, method="imported",
+                       iterations=iterations, complete=True, config=config, source=source,
+                       experts_reference=reference, created=store.now_iso())
+    size = images.numel() * 4 + labels.numel() * 8
+    store.ensure_free_space(out, size, f"saving {name}")
+    store.save_synset(out, syn, meta, spec, layout, store.provenance(config, None, source), size)
+    return False

@@ -72,12 +72,13 @@ def _gib(n: int) -> str:
 def print_dry_run(report: Any) -> None:
     """The --dry-run table."""
     free = "unknown" if report.free_bytes is None else _gib(report.free_bytes)
+    what = "memory (--memory)" if getattr(report, "memory_given", False) else "free"
     rows = [[("* " if r.selected else "  ") + r.mode, _gib(r.whole_bytes),
              "?" if r.whole_fits is None else ("yes" if r.whole_fits else "no"),
              "whole steps" if r.micro_batch is None else f"{r.micro_batch} images", _gib(r.chunked_bytes),
              "yes" if r.fits else "NO"] for r in report.rows]
     stdout.print(table(f"{report.buffer}: one iteration on {report.device} ({report.images} images, {report.batch} per "
-                       f"inner step, {report.syn_steps} steps, second order {report.second_order}; free {free}, "
+                       f"inner step, {report.syn_steps} steps, second order {report.second_order}; {what} {free}, "
                        f"budget {100 * report.budget_fraction:.0f} % of it)",
                        ["--grad (* = selected)", "peak, whole steps", "fits", "--micro-batch auto", "peak then",
                         "fits"], rows))
@@ -117,7 +118,9 @@ def distill(
     out: Path = typer.Option(Path("synset.h5"), "-o", "--out", help="Output file for the synthetic set (a PNG grid is written beside it)."),
     name: Optional[str] = typer.Option(None, "--name", help="Synset name inside the file (default: the preset's name or METHOD-ipcN)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the synset's checkpoint in -o FILE with its stored settings."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the estimated peak memory of one iteration per gradient mode on this device, for these settings and buffer, and the micro-batch auto would choose; run nothing."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the estimated peak memory of one iteration per gradient mode on this device, for these settings and buffer, and the micro-batch auto would choose; run nothing. Without a buffer (none at buffer.h5): from the preset's dataset and its ConvNet (--width, --depth)."),
+    width: Optional[int] = typer.Option(None, "--width", min=1, help="With --dry-run and no buffer: the ConvNet's width (default 128, the paper's; a buffer's experts fix it otherwise)."),
+    memory: Optional[str] = typer.Option(None, "--memory", metavar="SIZE", help="With --dry-run: fit this much memory (e.g. 24GB, 80GiB) instead of this device's free memory; --device cuda then needs no GPU here."),
     tune: bool = typer.Option(False, "--tune", help="First search lr_img, max_start_epoch and syn_steps (those no option fixes) around the preset's or the buffer's settings: short distillations scored on a validation split held out of the training set, never the test split. Prints the table, writes the winner as a preset file (--tune-out), then distills with it."),
     tune_minutes: float = typer.Option(20.0, "--tune-minutes", help="Time budget of the --tune search; the run length per candidate is fitted to it and what does not fit is skipped (and said)."),
     tune_out: Optional[Path] = typer.Option(None, "--tune-out", help="Preset file --tune writes (default: tuned-DATASET-ipcN.toml beside -o)."),
@@ -147,12 +150,24 @@ def distill(
         if dry_run:
             from mctool.distill import dry_run as estimate
 
-            report = estimate(preset, settings_from(DistillConfig, settings), buffer, device)
+            size = None
+            if memory is not None:
+                from mctool.memory import parse_size
+
+                try:
+                    size = parse_size(memory)
+                except ValueError as exc:
+                    raise UsageError(f"--memory: {exc}") from None
+            report = estimate(preset, settings_from(DistillConfig, settings), buffer, device,
+                              default_buffer=buffer == DEFAULT_BUFFER, width=width, memory_size=size)
             if json_out:
                 emit_json(report)
                 return
             print_dry_run(report)
             return
+        if width is not None or memory is not None:
+            raise UsageError("--width and --memory are for --dry-run (a run's network comes from its buffer, its "
+                             "memory from the device)")
         from mctool.distill import run as run_distill
 
         overrides = settings_from(DistillConfig, settings)

@@ -82,10 +82,15 @@ def overview(s: dict[str, Any]) -> Tree:
                 text += f", {_size(allocated)}/expert allocated on disk"
         root.add(text)
     for y in s["synsets"]:
+        if y["method"] == "imported":  # made elsewhere (mctool import): no run settings of ours to show
+            how = f"imported by `mctool import`, iteration {y['iterations']} of its run"
+        else:
+            how = (f"{escape(y['method'])} ({escape(y['grad'])}, {escape(y['image_grad_units'])} step units), preset "
+                   f"{escape(y['preset']) or '-'}, {y['iterations']}/{y['iterations_target']} iterations"
+                   + (" (checkpoint: resumable)" if y["has_checkpoint"] and y['iterations'] < y['iterations_target']
+                      else ""))
         node = root.add(f"[bold]synset[/] '{escape(y['name'])}': ipc {y['ipc']}, images {y['images_shape']}, {y['labels']} labels, "
-                        f"learned lr {y['lr']:.4g}, {escape(y['method'])} ({escape(y['grad'])}, {escape(y['image_grad_units'])} "
-                        f"step units), preset {escape(y['preset']) or '-'}, {y['iterations']}/{y['iterations_target']} iterations"
-                        + (" (checkpoint: resumable)" if y["has_checkpoint"] and y['iterations'] < y['iterations_target'] else ""))
+                        f"learned lr {y['lr']:.4g}, {how}")
         best = y.get("best")
         if best:
             how = "selected on the TEST split (the authors' protocol)" if best["selected_on"] == "test" else \
