@@ -24,12 +24,14 @@ DISTILL_WORDS = {
     "eval_every": ">= 0 (0 = never)", "eval_runs": ">= 1", "eval_epochs": ">= 1", "val_size": ">= 0 (0 = automatic)",
     "seed": "in 0 … 2**63-1", "method": "mct or mtt", "grad": "one of constant, adjoint, unrolled",
     "step_units": "released or exact", "pix_init": "real or noise", "micro_batch": "auto or a whole number >= 0",
-    "second_order": "one of auto, fastgrad, autograd", "select_on": "validation or test"}
+    "second_order": "one of auto, fastgrad, autograd", "select_on": "validation or test",
+    "min_start_epoch": ">= 0", "start_upper_init": ">= 0 (0 = off)", "start_upper_iterations": ">= 0",
+    "ema": "in [0, 1) (0 = off)", "lr_label": "a number >= 0", "momentum_label": "in [0, 1)"}
 NUMERIC = [k for k in DISTILL_WORDS if isinstance(getattr(DistillConfig(), k), (int, float))]
 
 
 def test_every_checked_setting_declares_its_check() -> None:
-    assert len(NUMERIC) == 20
+    assert len(NUMERIC) == 26
     checked = {s.name for s in settings(DistillConfig) if s.info.check is not None}
     assert checked == set(DISTILL_WORDS)
     assert DistillConfig().problem() is None

@@ -73,7 +73,7 @@ def test_evaluate_beside_a_running_distill_is_refused_at_once(running_distill: P
 
 def test_distill_holds_its_output_for_the_whole_run(convex_buffer: Path, data_dir: Path, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    import mctool.distill as distill
+    from mctool.distill import runner as distill  # run() calls the runner module's run_prepared
 
     out = tmp_path / "syn.h5"
     seen = []
