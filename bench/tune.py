@@ -87,8 +87,8 @@ def main() -> None:
                "gain": ev["scores"][0]["gain"], "runs": a.runs, "epochs": a.epochs, "lr": syn["lr"],
                "seconds_distill": seconds, "accuracies": syn["accuracies"], "random_accuracies": real["accuracies"]}
         if variant == "tuned":
-            row["tune"] = {k: doc["tune"][k] for k in ("iterations", "val_images", "skipped", "notes", "seconds",
-                                                       "random_real", "probe")}
+            row["tune"] = {k: doc["tune"][k] for k in ("iterations", "horizons", "plan", "val_images", "skipped",
+                                                       "notes", "seconds", "random_real", "probe")}
             row["tune"]["candidates"] = doc["tune"]["candidates"]
         rows.append(row)
         print(f"{variant:9s} {100 * syn['mean']:.2f} ± {100 * syn['std']:.2f}  random real "
