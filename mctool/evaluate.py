@@ -111,6 +111,8 @@ class Score:
     hlr: float | None  # whole_data − synthetic (DD-Ranking's hard-label recovery), hard labels only
     hlr_std: float | None
     note: str = ""
+    random_real_std: float | None = None  # population std of the random real runs
+    random_real_runs: int = 0
 
 
 @dataclass
@@ -216,7 +218,9 @@ def scores(results: list[Evaluation], whole_data: float | None, soft_labels: boo
             hlr, hlr_std = hard_label_recovery(whole_data, r.accuracies)
         out.append(Score(target=r.target, model=r.model, mean=r.mean, std=r.std, runs=r.runs,
                          random_real=None if base is None else base.mean, gain=gain, gain_std=gain_std,
-                         whole_data=whole_data, hlr=hlr, hlr_std=hlr_std, note=note))
+                         whole_data=whole_data, hlr=hlr, hlr_std=hlr_std, note=note,
+                         random_real_std=None if base is None else base.std,
+                         random_real_runs=0 if base is None else base.runs))
     return out
 
 

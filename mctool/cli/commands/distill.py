@@ -69,6 +69,19 @@ def print_dry_run(report: Any) -> None:
             stdout.print(f"{r.mode}: {r.why}")
     for note in report.notes:
         stdout.print(f"note: {note}")
+def evaluation_line(ev: dict[str, Any]) -> str:
+    """One stored evaluation of the synset, as the run lists them (a resumed run lists those of its
+    earlier sittings and `mctool evaluate`'s too): which images, which iteration, mean ± std."""
+    score = f"{ev.get('model', '?')} {mean_std(ev.get('mean'), ev.get('std'), int(ev.get('runs') or 1))} %"
+    split = f"on the {ev.get('split', 'test')} split"
+    if ev.get("kind") == "random-real":
+        return f"evaluation of random real images (the baseline, by mctool evaluate): {score} {split}"
+    what = "the best images" if ev.get("target") == "best" else "the images"
+    if ev.get("iteration") is None:
+        return f"evaluation of {what} (iteration not recorded by the release that stored it): {score} {split}"
+    return f"evaluation of {what} at iteration {ev['iteration']}: {score} {split}"
+
+
 def print_tuning(result: Any) -> None:
     """The --tune table: the starting images, then every candidate's learning curve on the
     validation split, the winner marked, what was skipped, the closing notes."""
@@ -167,8 +180,7 @@ def distill(
         stdout.print(table(f"{out}: distilled", ["synset", "iterations", "loss (first)", "loss (last 20)",
                                                   "learned lr", "skipped", "seconds"], rows))
         for ev in result.evaluations:
-            stdout.print(f"evaluation ({ev.get('kind', 'synset')}) at iteration {ev.get('iteration', '?')}: "
-                         f"{ev['model']} {pct(ev.get('mean'))}% on the {ev.get('split', 'test')} split")
+            stdout.print(evaluation_line(ev))
         if result.best is not None:
             b = result.best
             stdout.print(f"best images: iteration {b['iteration']} ({pct(b['score'].get('mean'))}% on the "
