@@ -36,7 +36,7 @@ def first_update(buf: store.Buffer, prepared, cfg) -> torch.Tensor:
                   torch.Generator().manual_seed(cfg.seed + 1))
     before = state.images.clone()
     result = d.step()
-    assert result is not None and d.apply_update(result.grad_images, result.grad_alpha)
+    assert result is not None and d.apply_update(result.grads)
     return d.state.images - before
 
 

@@ -6,7 +6,7 @@
 Runs the real commands (`python -m mctool distill …`, `… evaluate … --baseline random`) in
 subprocesses, in this order: the borrowed preset's values given as options (a new user's
 first attempt on a dataset no preset is for), no preset at all (the buffer's defaults,
-mctool/autoconfig.py), `--tune` (search, then distil with the winner). Every synthetic set is
+mctool/distill/autoconfig.py), `--tune` (search, then distil with the winner). Every synthetic set is
 distilled for the same --iterations and evaluated with the same protocol (--runs networks ×
 --epochs, lr = the set's learned step size) against random real images of the same ipc
 (`--baseline random`: same seeds, same lr). Prints a table; writes JSON to

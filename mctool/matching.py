@@ -91,15 +91,30 @@ MODES = ("constant", "adjoint", "unrolled")
 Augment = Callable[..., torch.Tensor]
 
 
+# The learnables every mode differentiates L with respect to (keys of MatchResult.grads):
+# "images" X and "alpha" α. A new learnable (e.g. labels) adds its key here and its gradient
+# to each of the three `_match_*` functions below (see docs/method.md, "Learnables").
+LEARNED = ("images", "alpha")
+
+
 @dataclass
 class MatchResult:
     """Outcome of one trajectory-matching evaluation."""
 
     loss: float  # L = ‖w_N − θ_T‖² / D
-    grad_images: torch.Tensor  # dL/dX, shape of X (rows in no batch are 0)
-    grad_alpha: float  # dL/dα
+    grads: dict[str, torch.Tensor]  # dL/d(learnable), keyed as LEARNED; detached, shaped like the learnable
     start_distance: float  # D = ‖θ_s − θ_T‖², useful for logging
     second_order: list[str] = field(default_factory=list)  # implementations used ("fastgrad", "autograd")
+
+    @property
+    def grad_images(self) -> torch.Tensor:
+        """dL/dX, shape of X (rows in no batch are 0)."""
+        return self.grads["images"]
+
+    @property
+    def grad_alpha(self) -> float:
+        """dL/dα."""
+        return float(self.grads["alpha"])
 
 
 @dataclass
@@ -213,7 +228,7 @@ def _match_unrolled(
     alpha: float,
     batches: list[torch.Tensor],
     dist: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """MTT's exact gradient: one autograd graph over all N steps (`so` is unused).
 
     Micro-batches give the same numbers but every chunk's graph is kept: no memory saving.
@@ -231,7 +246,7 @@ def _match_unrolled(
         w = w - a * g
     loss = (w - theta_target).pow(2).sum() / dist
     grad_x, grad_a = torch.autograd.grad(loss, [x, a])
-    return loss.detach(), grad_x, grad_a
+    return loss.detach(), {"images": grad_x, "alpha": grad_a}
 
 
 def _match_constant(
@@ -242,7 +257,7 @@ def _match_constant(
     alpha: float,
     batches: list[torch.Tensor],
     dist: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """MCT's truncated two-pass gradient, memory flat in N (see module docstring)."""
     grad_sum, _ = _forward_pass(inp, theta_start, alpha, batches, False)
     residual = theta_start - alpha * grad_sum - theta_target
@@ -261,7 +276,7 @@ def _match_constant(
         w = torch.add(w, g, alpha=-alpha)
         del g
     grad_x.mul_(scale)
-    return loss, grad_x, grad_a
+    return loss, {"images": grad_x, "alpha": grad_a}
 
 
 def _match_adjoint(
@@ -272,7 +287,7 @@ def _match_adjoint(
     alpha: float,
     batches: list[torch.Tensor],
     dist: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Exact gradient by a hand-written reverse sweep over stored w_k (see module docstring)."""
     _, path = _forward_pass(inp, theta_start, alpha, batches, True)
     w_last = path.pop()
@@ -290,7 +305,7 @@ def _match_adjoint(
         grad_a -= torch.dot(g, lam)  # −g_kᵀ λ_{k+1}
         lam = torch.add(lam, hv, alpha=-alpha)  # λ_k = λ_{k+1} − ᾱ H_k λ_{k+1}
         del w, g, hv
-    return loss, grad_x, grad_a
+    return loss, {"images": grad_x, "alpha": grad_a}
 
 
 _IMPL = {"unrolled": _match_unrolled, "constant": _match_constant, "adjoint": _match_adjoint}
@@ -322,7 +337,8 @@ def match(
     fast_path: bool | str = "auto",
     micro_batch: int | None = None,
 ) -> MatchResult:
-    """Trajectory-matching loss L and dL/dX, dL/dα for one (start, target) pair.
+    """Trajectory-matching loss L and its gradients (dL/dX, dL/dα: `MatchResult.grads`) for one
+    (start, target) pair.
 
     Args:
         net: the student network as a function of a flat parameter vector.
@@ -385,11 +401,10 @@ def match(
     inp = _Inputs(net, images, labels.to(images.device), augment, micro_batch)
     so = SecondOrder(net, policy)
     with torch.enable_grad():  # the caller may be in no_grad (e.g. an eval context)
-        loss, grad_x, grad_a = _IMPL[mode](inp, so, theta_start, theta_target, alpha, batches, dist)
+        loss, grads = _IMPL[mode](inp, so, theta_start, theta_target, alpha, batches, dist)
     return MatchResult(
         loss=float(loss),
-        grad_images=grad_x.detach(),
-        grad_alpha=float(grad_a),
+        grads={k: g.detach() for k, g in grads.items()},
         start_distance=dist_value,
         second_order=sorted(so.used),
     )

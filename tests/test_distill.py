@@ -62,6 +62,45 @@ def test_resume_equals_uninterrupted(tmp_path: Path, convex_buffer: Path, data_d
     assert attrs_a["lr"] == attrs_b["lr"]
 
 
+def test_a_learnable_is_one_entry(tmp_path: Path, convex_buffer: Path, data_dir: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new learnable declared only in LEARNABLES (and its checkpoint entries in the store's
+    table), with a gradient from the match: updated with momentum, checkpointed, and resumed
+    bit for bit, with no other code changed."""
+    from mctool.distill import learnables
+    from mctool.store import synsets
+
+    shift = learnables.Learnable("shift", lr="lr_lr", momentum="momentum_lr", bound=lambda cfg: 10.0, stored=None,
+                                 velocity="shift_velocity", saved="shift", scalar=True, initial=lambda cfg: 1.0)
+    monkeypatch.setattr(learnables, "LEARNABLES", (*learnables.LEARNABLES, shift))
+    monkeypatch.setattr(synsets, "CHECKPOINT_LEARNED", (*synsets.CHECKPOINT_LEARNED,
+                                                        synsets.Learned("shift", "scalar", required=False),
+                                                        synsets.Learned("shift_velocity", "scalar", required=False)))
+    original = Distiller.step
+
+    def with_shift(self: Distiller):
+        r = original(self)
+        return dataclasses.replace(r, grads={**r.grads, "shift": torch.tensor(1e4 * self.state.values["shift"])})
+
+    monkeypatch.setattr(Distiller, "step", with_shift)
+    full, part = tmp_path / "full.h5", tmp_path / "part.h5"
+    assert run_distill(convex_buffer, full, data_dir, iterations=4).exit_code == 0
+    assert run_distill(convex_buffer, part, data_dir, iterations=2).exit_code == 0
+    value, velocity = 1.0, 0.0  # SGD with momentum 0.5 at lr_lr 1e-5 on the gradient 1e4 · value
+    for _ in range(2):
+        velocity = velocity * 0.5 + 1e4 * value
+        value = value - 1e-5 * velocity
+    with h5py.File(part) as f:
+        assert (f["synsets/mct-ipc2/checkpoint"].attrs["shift"], f["synsets/mct-ipc2/checkpoint"].attrs["shift_velocity"]) \
+            == (value, velocity)
+    r = run_distill(convex_buffer, part, data_dir, "--resume", iterations=4)
+    assert r.exit_code == 0, r.output
+    with h5py.File(full) as a, h5py.File(part) as b:
+        for key in ("shift", "shift_velocity", "alpha_velocity"):
+            assert a["synsets/mct-ipc2/checkpoint"].attrs[key] == b["synsets/mct-ipc2/checkpoint"].attrs[key]
+        assert np.array_equal(a["synsets/mct-ipc2/images"][()], b["synsets/mct-ipc2/images"][()])
+
+
 def test_interrupt_saves_checkpoint_and_resumes_exactly(tmp_path: Path, convex_buffer: Path, data_dir: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     full, part = tmp_path / "full.h5", tmp_path / "part.h5"
@@ -97,7 +136,7 @@ def test_non_finite_iterations_are_skipped_then_stop(tmp_path: Path, convex_buff
         if calls["n"] == 2:
             return dataclasses.replace(r, loss=float("nan"))
         if calls["n"] == 3:
-            return dataclasses.replace(r, grad_images=r.grad_images * float("inf"))
+            return dataclasses.replace(r, grads={**r.grads, "images": r.grad_images * float("inf")})
         return r
 
     monkeypatch.setattr(Distiller, "step", sometimes_nan)
@@ -123,13 +162,14 @@ def test_alpha_is_kept_positive() -> None:
     cfg = DistillConfig(lr_lr=1.0, momentum_lr=0.5)
     d = Distiller.__new__(Distiller)
     d.cfg = cfg
-    d.state = State(images=torch.zeros(2), labels=torch.zeros(2), alpha=0.01, images_velocity=torch.zeros(2),
-                    alpha_velocity=0.0, iteration=0, generators=[], queues=[])
-    d.apply_update(torch.zeros(2), 1e3)  # would make alpha hugely negative
-    assert d.state.alpha == pytest.approx(0.005) and d.state.alpha_velocity == 0.0
-    d.apply_update(torch.zeros(2), float("nan"))
+    d.state = State(values={"images": torch.zeros(2), "alpha": 0.01},
+                    velocities={"images": torch.zeros(2), "alpha": 0.0}, labels=torch.zeros(2), iteration=0,
+                    generators=[], queues=[])
+    d.apply_update({"images": torch.zeros(2), "alpha": 1e3})  # would make alpha hugely negative
+    assert d.state.alpha == pytest.approx(0.005) and d.state.velocities["alpha"] == 0.0
+    d.apply_update({"images": torch.zeros(2), "alpha": float("nan")})
     assert d.state.alpha == pytest.approx(0.0025)
-    d.apply_update(torch.zeros(2), -0.001)  # a normal step increases it
+    d.apply_update({"images": torch.zeros(2), "alpha": -0.001})  # a normal step increases it
     assert d.state.alpha == pytest.approx(0.0025 + 0.001)
 
 
@@ -229,12 +269,20 @@ def test_resume_with_nothing_left_says_so(tmp_path: Path, convex_buffer: Path, d
 def test_state_to_moves_every_tensor_field() -> None:
     # Resume broadcasts the checkpoint from the CPU and then moves it: a tensor field left
     # behind would mix devices on a GPU rank.
-    state = State(images=torch.zeros(2, 1, 2, 2), labels=torch.tensor([0, 1]), alpha=0.01,
-                  images_velocity=torch.zeros(2, 1, 2, 2), alpha_velocity=0.0, iteration=3,
-                  generators=[torch.Generator().get_state()], queues=[[0, 1]])
+    state = State(values={"images": torch.zeros(2, 1, 2, 2), "alpha": 0.01},
+                  velocities={"images": torch.zeros(2, 1, 2, 2), "alpha": 0.0}, labels=torch.tensor([0, 1]),
+                  iteration=3, generators=[torch.Generator().get_state()], queues=[[0, 1]])
     moved = state.to(torch.device("meta"))
-    tensors = [f.name for f in dataclasses.fields(State) if isinstance(getattr(state, f.name), torch.Tensor)]
-    assert tensors and all(getattr(moved, name).device.type == "meta" for name in tensors)
+
+    def tensors(s: State) -> list[torch.Tensor]:  # every tensor field, and every tensor in a dict field
+        out = []
+        for f in dataclasses.fields(State):
+            value = getattr(s, f.name)
+            out += [v for v in (value.values() if isinstance(value, dict) else [value]) if isinstance(v, torch.Tensor)]
+        return out
+
+    assert len(tensors(moved)) == len(tensors(state)) == 3 and all(t.device.type == "meta" for t in tensors(moved))
+    assert moved.alpha == 0.01 and moved.velocities["alpha"] == 0.0
     assert moved.generators[0].device.type == "cpu" and moved.iteration == 3 and moved.queues == [[0, 1]]
 
 

@@ -64,8 +64,9 @@ def released_image_gradient(net: FlatNet, images: torch.Tensor, labels: torch.Te
 def _distiller(cfg: DistillConfig, images: torch.Tensor) -> Distiller:
     d = Distiller.__new__(Distiller)
     d.cfg = cfg
-    d.state = State(images=images.clone(), labels=torch.zeros(images.shape[0]), alpha=0.01,
-                    images_velocity=torch.zeros_like(images), alpha_velocity=0.0, iteration=0, generators=[], queues=[])
+    d.state = State(values={"images": images.clone(), "alpha": 0.01},
+                    velocities={"images": torch.zeros_like(images), "alpha": 0.0}, labels=torch.zeros(images.shape[0]),
+                    iteration=0, generators=[], queues=[])
     return d
 
 
@@ -77,15 +78,15 @@ def test_constant_update_equals_the_released_code(fast_path: bool) -> None:
     reference = released_image_gradient(net, images, labels, theta_s, theta_t, alpha, batches)
     cfg = DistillConfig(lr_img=lr_img, momentum_img=0.5)  # step_units = "released" by default
     d = _distiller(cfg, images)
-    assert d.apply_update(r.grad_images, 0.0)
+    assert d.apply_update({"images": r.grad_images, "alpha": 0.0})
     torch.testing.assert_close(d.state.images, images - lr_img * reference, rtol=1e-10, atol=1e-12)
     # A second update with the same gradient: the momentum buffer holds released-unit gradients too.
-    assert d.apply_update(r.grad_images, 0.0)
+    assert d.apply_update({"images": r.grad_images, "alpha": 0.0})
     expected = images - lr_img * reference - lr_img * (0.5 * reference + reference)
     torch.testing.assert_close(d.state.images, expected, rtol=1e-10, atol=1e-12)
     # Exact units: twice the step (what mctool 0.1 took with Table A's lr_img).
     d = _distiller(dataclasses.replace(cfg, step_units="exact"), images)
-    assert d.apply_update(r.grad_images, 0.0)
+    assert d.apply_update({"images": r.grad_images, "alpha": 0.0})
     torch.testing.assert_close(d.state.images, images - 2 * lr_img * reference, rtol=1e-10, atol=1e-12)
 
 

@@ -267,8 +267,8 @@ def synset(name: str, ipc: int = 2, best: bool = True, checkpoint: bool = True, 
                                     selected_on="validation", score={"mean": 0.75, "runs": 1})
     if checkpoint:
         gens = [torch.Generator().manual_seed(s).get_state() for s in (1, 2)]
-        syn.checkpoint = store.Checkpoint(images_velocity=torch.randn(n, 1, 8, 8, generator=g), alpha_velocity=-0.5,
-                                          generators=gens, queues=[[1, 0], []])
+        syn.checkpoint = store.Checkpoint(learned={"images_velocity": torch.randn(n, 1, 8, 8, generator=g),
+                                                   "alpha_velocity": -0.5}, generators=gens, queues=[[1, 0], []])
     return syn
 
 
@@ -295,6 +295,30 @@ def assert_same_synset(got: store.Synset, want: store.Synset) -> None:
         assert torch.equal(got.best.labels, want.best.labels)
         assert (got.best.lr, got.best.iteration, got.best.selected_on, got.best.score) == \
                (want.best.lr, want.best.iteration, want.best.selected_on, want.best.score)
+
+
+def test_an_optional_checkpoint_entry_is_read_when_present(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A learnable's checkpoint state declared in CHECKPOINT_LEARNED only: written, read back and
+    checked (shape, finite) without other store code; absent (a run without it) is no error."""
+    from mctool.store import synsets
+    table = (*synsets.CHECKPOINT_LEARNED, synsets.Learned("labels_velocity", "labels", required=False))
+    monkeypatch.setattr(synsets, "CHECKPOINT_LEARNED", table)
+    p = tmp_path / "s.h5"
+    with_it, without = synset("with"), synset("without")
+    assert with_it.checkpoint is not None
+    n = 2 * DATA.num_classes
+    with_it.checkpoint.learned["labels_velocity"] = torch.full((n, DATA.num_classes), 0.25)
+    store.save_synset(p, with_it, DATA, SPEC, LAYOUT, prov(with_it))
+    store.save_synset(p, without, DATA, SPEC, LAYOUT, prov(without))
+    with store.open_synsets(p) as sf:
+        got = sf.read("with", checkpoint=True).checkpoint
+        assert got is not None and torch.equal(got.learned["labels_velocity"], torch.full((n, DATA.num_classes), 0.25))
+        other = sf.read("without", checkpoint=True).checkpoint
+        assert other is not None and set(other.learned) == {"images_velocity", "alpha_velocity"}
+    with h5py.File(p, "r+") as f:
+        f["synsets/with/checkpoint/labels_velocity"][0, 0] = float("nan")
+    with store.open_synsets(p) as sf, pytest.raises(ArtifactError, match="labels_velocity"):
+        sf.read("with", checkpoint=True)
 
 
 def test_synset_round_trip_with_best_and_checkpoint(tmp_path: Path) -> None:

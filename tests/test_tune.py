@@ -1,5 +1,5 @@
-"""A dataset nobody tuned: buffer-derived defaults (mctool/autoconfig.py), `distill --tune`
-(mctool/tune.py), folder: datasets in preset files, progress lines without a terminal."""
+"""A dataset nobody tuned: buffer-derived defaults (mctool/distill/autoconfig.py), `distill --tune`
+(mctool/distill/tune.py), folder: datasets in preset files, progress lines without a terminal."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from mctool import autoconfig, store
+from mctool import store
+from mctool.distill import autoconfig
 from mctool.distill import DistillConfig, check_buffer_matches, resolve_config
 from mctool.errors import UsageError
 from mctool.distill import load_preset
 from mctool.prepared import prepare_like
-from mctool.tune import (LR_DECADES, LR_DECADES_SMALL, NEIGHBOURS, TuneConfig, plan_search, tune_prepared,
+from mctool.distill.tune import (LR_DECADES, LR_DECADES_SMALL, NEIGHBOURS, TuneConfig, plan_search, tune_prepared,
                          tuning_val_size, write_result_preset)
 from tests.conftest import cli
 from tests.test_presets import TABLE
@@ -212,7 +213,7 @@ def test_tune_is_seeded_and_keeps_fixed_settings(convex_buffer: Path, data_dir: 
 def test_a_continued_candidate_is_the_run_it_would_have_been(convex_buffer: Path, data_dir: Path) -> None:
     """Halving continues a candidate from its checkpoint: its images at 7 iterations are those of
     one uninterrupted 7-iteration run (so its curve is a real run's curve)."""
-    from mctool import tune as tune_mod
+    from mctool.distill import tune as tune_mod
     from mctool.distill import run_prepared
 
     seen = {}
@@ -253,7 +254,7 @@ def test_the_budget_is_kept_on_a_clock_that_counts_work(convex_buffer: Path, dat
     it, so its time is work, whatever the machine's load): the search plans from the probe, skips
     what does not fit, and the watchdog stops what runs over; it ends within the budget plus one
     evaluation."""
-    from mctool import tune as tune_mod
+    from mctool.distill import tune as tune_mod
 
     budget_s = 400.0
     ticks = [0.0]
@@ -288,7 +289,7 @@ def test_a_tiny_real_budget_is_kept(convex_buffer: Path, data_dir: Path) -> None
 
 
 def test_budget_watchdog_asks_loops_to_stop(monkeypatch: pytest.MonkeyPatch) -> None:
-    from mctool import tune as tune_mod
+    from mctool.distill import tune as tune_mod
     from mctool.progress import Reporter
 
     now = [0.0]
@@ -392,7 +393,7 @@ def test_tune_out_never_writes_through_a_link(tmp_path: Path, convex_buffer: Pat
     is refused, the outside file untouched; one planted after the check is not followed either."""
     from mctool.distill import preset_schema
     from mctool.presets import write_preset
-    from mctool.tune import PRESET_MARK
+    from mctool.distill.tune import PRESET_MARK
 
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -463,7 +464,7 @@ def test_preset_file_resolves_folder_dataset_against_its_own_folder(tmp_path: Pa
 
 
 def test_tuned_preset_names_a_folder_inside_its_folder_relatively(tmp_path: Path) -> None:
-    from mctool.tune import TuneResult
+    from mctool.distill.tune import TuneResult
 
     data = tmp_path / "mydata"
     cfg = dataclasses.asdict(DistillConfig(dataset=f"folder:{data}"))
@@ -540,7 +541,7 @@ def test_long_commands_say_they_started_before_importing_torch() -> None:
 def test_one_run_shows_no_spread() -> None:
     from mctool.cli.commands.evaluate import _signed
     from mctool.cli.render import mean_std
-    from mctool.tune import score_text
+    from mctool.distill.tune import score_text
 
     assert _signed(0.012, 0.0, runs=1) == "+1.20 (n = 1)" and _signed(0.012, 0.003, runs=3) == "+1.20 ± 0.30"
     assert mean_std(0.5, 0.0, 1) == "50.00 (n = 1)" and score_text(0.5, 0.0, 1) == "50.00 (n = 1)"
@@ -550,7 +551,7 @@ def test_one_run_shows_no_spread() -> None:
 def test_a_diverging_candidate_is_a_result_not_a_failure(convex_buffer: Path, data_dir: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """lr_img × 100 may blow the images up: that candidate is marked and dropped, the search goes on."""
-    from mctool import tune as tune_mod
+    from mctool.distill import tune as tune_mod
     from mctool.errors import TrainingDiverged
 
     real = tune_mod.run_prepared
@@ -569,7 +570,7 @@ def test_a_diverging_candidate_is_a_result_not_a_failure(convex_buffer: Path, da
 
 
 def _result(start: float, curves: dict[float, list[float]], std: float = 0.002):
-    from mctool.tune import Candidate, TuneResult
+    from mctool.distill.tune import Candidate, TuneResult
 
     cands = []
     for lr, means in curves.items():
@@ -584,7 +585,7 @@ def _result(start: float, curves: dict[float, list[float]], std: float = 0.002):
 
 
 def test_closing_notes_name_the_cause_from_what_was_measured() -> None:
-    from mctool.tune import diagnose
+    from mctool.distill.tune import diagnose
 
     # The starting images best everywhere, experts no better than them: the experts.
     r = _result(0.80, {10.0: [0.70, 0.72], 100.0: [0.60]})
@@ -616,7 +617,7 @@ def test_tune_says_when_the_starting_images_score_best(convex_buffer: Path, data
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """The starting images are a candidate: when they beat every distilled set at every horizon
     the search says so, with the experts' accuracy as the evidence."""
-    from mctool import tune as tune_mod
+    from mctool.distill import tune as tune_mod
     from mctool.store.experts import ExpertsReference
 
     real = tune_mod._Search.score

@@ -30,15 +30,44 @@ _MAX_EXPERT = 1_000_000
 _GENERATOR_STATE_BYTES = int(torch.Generator().get_state().numel())
 
 
+@dataclass(frozen=True)
+class Learned:
+    """How a checkpoint stores one array or number of the learnables' state (a momentum, or a
+    learned value the synset does not store as it is): a dataset shaped like the images
+    ("images", [n, C, H, W]) or like soft labels ("labels", [n, classes]), or a float attribute
+    ("scalar")."""
+
+    name: str
+    shape: str  # "images", "labels" or "scalar"
+    required: bool = True  # False: absent from runs that do not learn it (and from earlier releases)
+
+
+# What a checkpoint may hold of the learnables (mctool/distill/learnables.py says which learnable
+# each belongs to). A learnable with new state adds its entry here; reading, checking and writing
+# iterate over this table (docs/format.md).
+CHECKPOINT_LEARNED = (Learned("images_velocity", "images"), Learned("alpha_velocity", "scalar"))
+
+
 @dataclass
 class Checkpoint:
     """What a distillation needs besides the images to continue bit for bit."""
 
-    images_velocity: torch.Tensor
-    alpha_velocity: float
+    learned: dict[str, torch.Tensor | float]  # CHECKPOINT_LEARNED name -> tensor ("images", "labels") or float
     generators: list[torch.Tensor]  # one CPU generator state (uint8) per rank
     queues: list[list[int]]  # per rank: experts left in the current shuffled pass
     run: dict[str, Any] = field(default_factory=dict)  # choices a resume must repeat (micro-batch, second order)
+
+    @property
+    def images_velocity(self) -> torch.Tensor:
+        """The images' momentum."""
+        value = self.learned["images_velocity"]
+        assert isinstance(value, torch.Tensor)
+        return value
+
+    @property
+    def alpha_velocity(self) -> float:
+        """The step size's momentum."""
+        return float(self.learned["alpha_velocity"])
 
 
 @dataclass
@@ -206,19 +235,27 @@ def _read_best(path: str | os.PathLike[str], g: h5py.Group, data: DatasetMeta, i
                       selected_on=r.str("selected_on", choices=SELECTED_ON), score=r.json("score", dict, {}))
 
 
+def _read_learned(r: Fields, entry: Learned, shape: list[int], values: bool) -> torch.Tensor | float:
+    """One CHECKPOINT_LEARNED entry, checked (finite, shaped); `values=False`: an array's shape only."""
+    if entry.shape == "scalar":
+        return r.float(entry.name)
+    if values:
+        return torch.from_numpy(r.array(entry.name, "f", shape, finite=True).astype(np.float32, copy=False))
+    ds = r.dataset(entry.name, "f", shape)
+    r.stored(entry.name, ds, math.prod(shape) * ds.dtype.itemsize)
+    return torch.empty(0)
+
+
 def _read_checkpoint(path: str | os.PathLike[str], g: h5py.Group, data: DatasetMeta, ipc: int,
                      values: bool) -> Checkpoint:
-    """The resumable state, checked: velocity shaped like the images, one valid CPU generator
-    state and one queue of expert indices per process. `values=False`: shapes only (the
-    velocity left empty)."""
+    """The resumable state, checked: the learnables' state (CHECKPOINT_LEARNED: arrays shaped
+    like the images or the soft labels, finite), one valid CPU generator state and one queue of
+    expert indices per process. `values=False`: shapes only (arrays left empty)."""
     r = Fields(path, g)
-    shape = [ipc * data.num_classes, *data.image_shape]
-    if values:
-        velocity = torch.from_numpy(r.array("images_velocity", "f", shape, finite=True).astype(np.float32, copy=False))
-    else:
-        ds = r.dataset("images_velocity", "f", shape)
-        r.stored("images_velocity", ds, math.prod(shape) * ds.dtype.itemsize)
-        velocity = torch.empty(0)
+    n = ipc * data.num_classes
+    shapes = {"images": [n, *data.image_shape], "labels": [n, data.num_classes], "scalar": []}
+    learned = {e.name: _read_learned(r, e, shapes[e.shape], values) for e in CHECKPOINT_LEARNED
+               if e.required or (e.name in g.attrs if e.shape == "scalar" else r.has(e.name))}
     ds = r.dataset("generators", "u", [None, _GENERATOR_STATE_BYTES])
     if not 1 <= ds.shape[0] <= _MAX_RANKS or ds.dtype != np.uint8:
         raise r.problem("generators", f"must hold one uint8 generator state per process, got {ds.dtype} "
@@ -235,8 +272,7 @@ def _read_checkpoint(path: str | os.PathLike[str], g: h5py.Group, data: DatasetM
                                         for e in q) for q in queues):
         raise r.problem("queues", f"must be {gens.shape[0]} list(s) of expert indices")
     r.int("world_size", 1, _MAX_RANKS, default=None)
-    return Checkpoint(images_velocity=velocity, alpha_velocity=r.float("alpha_velocity"),
-                      generators=[torch.from_numpy(s.copy()) for s in gens], queues=queues,
+    return Checkpoint(learned=learned, generators=[torch.from_numpy(s.copy()) for s in gens], queues=queues,
                       run=r.json("run", dict, {}))
 
 
@@ -290,9 +326,14 @@ def write_synset(f: h5py.File, syn: Synset, prov: dict[str, Any]) -> None:
                         "selected_on": syn.best.selected_on, "score": json.dumps(syn.best.score)})
     if syn.checkpoint is not None:
         c = g.create_group("checkpoint")
-        _tensor(c, "images_velocity", syn.checkpoint.images_velocity)
+        kinds = {e.name: e.shape for e in CHECKPOINT_LEARNED}
+        for key, value in syn.checkpoint.learned.items():
+            if kinds[key] == "scalar":
+                c.attrs[key] = float(value)
+            else:
+                assert isinstance(value, torch.Tensor)
+                _tensor(c, key, value.float())
         _tensor(c, "generators", torch.stack(syn.checkpoint.generators))
-        c.attrs["alpha_velocity"] = float(syn.checkpoint.alpha_velocity)
         c.attrs["queues"] = json.dumps(syn.checkpoint.queues)
         c.attrs["run"] = json.dumps(syn.checkpoint.run)
         c.attrs["world_size"] = len(syn.checkpoint.generators)

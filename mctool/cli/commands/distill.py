@@ -37,9 +37,9 @@ def print_presets(json_out: bool) -> None:
     cols = ["name", "source", *columns(DistillConfig)]
     builtin = dataclasses.asdict(DistillConfig())
     rows = [[p.name] + [p.values.get(c, "") for c in cols[1:]] for p in presets]
-    # Without a preset, the buffer's preprocessing is expected and mctool/autoconfig.py's rules
+    # Without a preset, the buffer's preprocessing is expected and mctool/distill/autoconfig.py's rules
     # derive the step settings from the buffer.
-    from mctool.autoconfig import RULED
+    from mctool.distill.autoconfig import RULED
 
     for key in ("zca", *RULED):
         builtin[key] = "buffer's"
@@ -69,6 +69,8 @@ def print_dry_run(report: Any) -> None:
             stdout.print(f"{r.mode}: {r.why}")
     for note in report.notes:
         stdout.print(f"note: {note}")
+
+
 def evaluation_line(ev: dict[str, Any]) -> str:
     """One stored evaluation of the synset, as the run lists them (a resumed run lists those of its
     earlier sittings and `mctool evaluate`'s too): which images, which iteration, mean ± std."""
@@ -85,7 +87,7 @@ def evaluation_line(ev: dict[str, Any]) -> str:
 def print_tuning(result: Any) -> None:
     """The --tune table: the starting images, then every candidate's learning curve on the
     validation split, the winner marked, what was skipped, the closing notes."""
-    from mctool.tune import _show, curve_text
+    from mctool.distill.tune import _show, curve_text
 
     rows = []
     if result.random_real is not None:
@@ -155,7 +157,7 @@ def distill(
         if tune_only and not tune:
             raise UsageError("--tune-only needs --tune")
         if tune:
-            from mctool.tune import TuneConfig, run as run_tune
+            from mctool.distill.tune import TuneConfig, run as run_tune
 
             if resume:
                 raise UsageError("--tune starts a new run: drop --resume (or --tune to continue the checkpoint)")

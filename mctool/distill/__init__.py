@@ -1,0 +1,33 @@
+"""MCT distillation: learn synthetic images by matching convexified expert trajectories.
+
+The package, by job:
+
+- config: DistillConfig (every setting, with its check), presets, what a buffer implies, resume rules;
+- learnables: what is learned (images, α), as data: update settings, bounds, stored names;
+- state: the run's State (the learnables' values and momentum, generators, queues, history);
+- loop: the experts, one iteration (positions, batches, augmentation, the match) and the update;
+- checkpoint: State <-> the stored synset and its checkpoint;
+- runner: a whole run (data, loop, checkpoints, periodic evaluations, pictures);
+- dryrun: `--dry-run`'s memory estimate;
+- autoconfig: settings for a buffer no preset was made for; tune: `--tune`'s search.
+
+`from mctool.distill import X` gives the names other modules use; the submodules hold the rest.
+"""
+
+from mctool.distill.checkpoint import stored_config
+from mctool.distill.config import (DistillConfig, buffer_defaults, buffer_note, check_buffer_matches,
+                                   check_synset_name, list_presets, load_preset, missing_buffer_hint, preset_schema,
+                                   resolve_config, synset_name)
+from mctool.distill.dryrun import DryRunReport, DryRunRow, dry_run
+from mctool.distill.learnables import ALPHA_BOUND, IMAGE_BOUND, LEARNABLES, Learnable, learned_in
+from mctool.distill.loop import (MAX_BAD_FRACTION, MAX_BAD_IN_A_ROW, Distiller, Expert, ExpertSource,
+                                 choose_micro_batch, second_order_policy, workload)
+from mctool.distill.runner import DistillResult, _Run, run, run_prepared
+from mctool.distill.state import State, initial_state
+
+__all__ = ["ALPHA_BOUND", "buffer_defaults", "buffer_note", "check_buffer_matches", "check_synset_name",
+           "choose_micro_batch", "DistillConfig", "Distiller", "DistillResult", "dry_run", "DryRunReport",
+           "DryRunRow", "Expert", "ExpertSource", "IMAGE_BOUND", "initial_state", "Learnable", "LEARNABLES",
+           "learned_in", "list_presets", "load_preset", "MAX_BAD_FRACTION", "MAX_BAD_IN_A_ROW", "missing_buffer_hint",
+           "preset_schema", "resolve_config", "_Run", "run", "run_prepared", "second_order_policy", "State",
+           "stored_config", "synset_name", "workload"]

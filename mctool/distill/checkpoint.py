@@ -1,0 +1,60 @@
+"""A run's state <-> the stored synset and its checkpoint (what a resume reads back)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from mctool import store
+from mctool.distill.config import DistillConfig
+from mctool.distill.learnables import Value, learned_in
+from mctool.distill.state import State
+from mctool.errors import ArtifactError, UsageError
+
+
+def _synset(name: str, cfg: DistillConfig, state: State, final: bool, source: dict[str, Any],
+            reference: dict[str, Any] | None) -> store.Synset:
+    """The synset (with its checkpoint) `state` is stored as: each learnable's value in its synset
+    field and/or checkpoint entry, its momentum in its checkpoint entry."""
+    entries = learned_in(cfg)
+    learned: dict[str, Value] = {e.velocity: state.velocities[e.name] for e in entries}
+    learned.update({e.saved: state.values[e.name] for e in entries if e.saved is not None})
+    checkpoint = store.Checkpoint(learned=learned, generators=state.generators, queues=state.queues, run=state.run)
+    stored = {"labels": state.labels, **{e.stored: state.values[e.name] for e in entries if e.stored is not None}}
+    return store.Synset(name=name, **stored, ipc=cfg.ipc,
+                        method=cfg.method, grad=cfg.grad, preset=cfg.preset, iterations=state.iteration,
+                        complete=final, skipped=state.skipped, config=dataclasses.asdict(cfg),
+                        evaluations=state.evaluations, experts_reference=reference, loss=state.losses,
+                        source=source, checkpoint=checkpoint, best=state.best)
+
+
+def _state_from(syn: store.Synset, cfg: DistillConfig, where: Path) -> State:
+    """The state a resume continues from (the inverse of `_synset`)."""
+    assert syn.checkpoint is not None
+    c = syn.checkpoint
+    values: dict[str, Value] = {}
+    velocities: dict[str, Value] = {}
+    for e in learned_in(cfg):
+        for key in (e.velocity, e.saved):
+            if key is not None and key not in c.learned:
+                raise ArtifactError(f"{store.shown(where)}: /synsets/{store.clean_text(syn.name)}/checkpoint lacks "
+                                    f"'{key}', which this run's settings learn")
+        values[e.name] = c.learned[e.saved] if e.saved is not None else getattr(syn, str(e.stored))
+        velocities[e.name] = c.learned[e.velocity]
+    return State(values=values, velocities=velocities, labels=syn.labels, iteration=syn.iterations,
+                 generators=c.generators, queues=c.queues, losses=list(syn.loss), skipped=syn.skipped,
+                 evaluations=list(syn.evaluations), best=syn.best, run=dict(c.run))
+
+
+def _load_state(out: Path, name: str, cfg: DistillConfig) -> State:
+    with store.open_synsets(out) as sf:
+        return _state_from(sf.read(sf.pick(name), checkpoint=True), cfg, out)
+
+
+def stored_config(out: Path, name: str) -> dict[str, Any]:
+    """The settings synset `name` of `out` was started with (for --resume)."""
+    if not out.exists():
+        raise UsageError(f"--resume: {store.shown(out)} does not exist (drop --resume to start a new run)")
+    with store.open_synsets(out) as sf:
+        return sf.read(sf.pick(name), values=False).config

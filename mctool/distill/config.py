@@ -1,0 +1,264 @@
+"""A distillation's settings: DistillConfig, presets, what a buffer implies, and the rules of resume.
+
+Presets fill a DistillConfig, options override, the artifact stores it (`config`). Without a
+preset, the buffer's dataset, preprocessing and waypoint count and mctool/distill/autoconfig.py's
+rules give the defaults. A resumed run keeps the stored settings except the resume-safe ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mctool import presets, store
+from mctool.augment import DEFAULT_STRATEGY
+from mctool.errors import UsageError
+from mctool.matching import MODES
+from mctool.secondorder import POLICIES
+from mctool.settings import legacy_values, option_name, preset_keys, required_keys, resume_safe, setting
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Every setting of a distillation run (presets fill it, options override, the artifact stores it)."""
+
+    dataset: str | None = setting(None, "The dataset the preset is for.", option=False, preset=True, required=True)
+    ipc: int = setting(10, "Images per class.", preset=True, column=True, required=True)
+    syn_steps: int = setting(20, "Inner SGD steps on the synthetic set (N).", preset=True, column=True,
+                             required=True)
+    expert_epochs: float = setting(3.0, "Target = start + expert_epochs (M), clamped to K.", preset=True,
+                                   column=True, required=True)
+    max_start_epoch: float = setting(25.0, "Start ~ U(0, max_start_epoch).", preset=True, column=True,
+                                     required=True)
+    lr_img: float = setting(1000.0, "Image learning rate (SGD, momentum 0.5), in the units of --step-units "
+                            "(default: the released code's, as Table A's values were tuned).", preset=True,
+                            column=True, required=True)
+    lr_lr: float = setting(1e-5, "Learning rate of the learnable step size alpha.", preset=True, column=True,
+                           required=True)
+    lr_init: float = setting(0.01, "Initial value of alpha.", preset=True, column=True, required=True)
+    iterations: int = setting(5000, "Distillation iterations.", preset=True, column=True, resume_safe=True)
+    batch_syn: int = setting(0, "Synthetic mini-batch per inner step (0 = all).", preset=True)
+    zca: bool = setting(True, "Expected preprocessing of the buffer (checked).", flags=("--zca/--no-zca",),
+                        preset=True, column=True)
+    interior: int = setting(2, "Interior waypoints expected in the buffer (default: the preset's, else the "
+                            "buffer's); a buffer with another count is used as it is, with a note.", preset=True)
+    depth: int = setting(0, "ConvNet depth the settings were made for (0 = any); a buffer whose experts have "
+                         "another depth is used as it is, with a note.", preset=True, resume_safe=True)
+    method: str = setting("mct", "mct (convexified, default) or mtt (raw trajectories, unrolled).")
+    grad: str = setting("constant", "constant (MCT's two-pass, default), adjoint (exact, flat memory) or "
+                        "unrolled (exact).")
+    step_units: str = setting("released", "Image-step units: released (the authors' released code: half the "
+                              "two-pass formula's gradient for --method mct; Table A's lr_img) or exact (the "
+                              "formulas as stated).", legacy="exact")
+    discrete: bool = setting(False, "Integer start epochs (ablation) instead of continuous.",
+                             flags=("--discrete/--continuous",))
+    pix_init: str = setting("real", "Initial images: real (random real images per class) or noise.",
+                            flags=("--init",))
+    soft_labels: bool = setting(False, "Labels from the expert's predictions.",
+                                flags=("--soft-labels/--hard-labels",))
+    augment: str = setting(DEFAULT_STRATEGY, "DSA ops joined by '_', or none.")
+    micro_batch: str = setting("auto", "Compute each inner step in chunks of N images: the same result up to float "
+                               "rounding, peak memory set by N instead of the number of images. auto (default): "
+                               "whole steps when they fit the device's free memory, else the largest N that fits; 0: "
+                               "whole steps. Refused for networks that mix samples (BatchNorm).", resume_safe=True,
+                               legacy="0", metavar="N|auto")
+    second_order: str = setting("auto", "The ConvNet's second-order step: fastgrad (hand-written sweep), autograd "
+                                "(double backward), or auto: on CUDA the faster of the two, measured on the first "
+                                "step; on the CPU fastgrad (measured faster there, bench/README.md, and "
+                                "deterministic, so --seed repeats bit for bit).", resume_safe=True, legacy="auto")
+    momentum_img: float = 0.5
+    momentum_lr: float = 0.5
+    checkpoint_every: int = setting(100, "Save a resumable checkpoint every N iterations.", resume_safe=True)
+    checkpoint_minutes: float = setting(0.0, "Also save one every M minutes (0 = only every N iterations).",
+                                        resume_safe=True, legacy=0.0)
+    eval_every: int = setting(0, "Evaluate every N iterations and at the end, keeping the best images (0 = "
+                              "never).", resume_safe=True)
+    eval_runs: int = setting(1, "Networks per periodic evaluation.", resume_safe=True)
+    eval_epochs: int = setting(300, "Epochs per periodic evaluation.", resume_safe=True)
+    select_on: str = setting("validation", "Where periodic evaluations score the images: validation (held out "
+                             "of the training set) or test (the authors' protocol; every output says so).",
+                             legacy="validation")
+    val_size: int = setting(0, "Training images held out for --select-on validation, the same share of every "
+                            "class (0 = 10 % of the training split, at most 5000).", legacy=0)
+    seed: int = setting(0, "Run seed (0 … 2**63-1).")
+    preset: str = ""
+
+    @property
+    def image_grad_scale(self) -> float:
+        """The factor between the gradient `match` returns and the image step's gradient."""
+        return 0.5 if self.method == "mct" and self.step_units == "released" else 1.0
+
+    def problem(self) -> tuple[str, str] | None:
+        """The first setting that cannot run, as (key, "must be …, got …"); NaN fails every check."""
+        finite = math.isfinite
+        checks = [
+            ("ipc", self.ipc >= 1, ">= 1"),
+            ("syn_steps", self.syn_steps >= 1, ">= 1"),
+            ("expert_epochs", finite(self.expert_epochs) and self.expert_epochs > 0, "> 0"),
+            ("max_start_epoch", finite(self.max_start_epoch) and self.max_start_epoch >= 0, ">= 0"),
+            ("lr_img", finite(self.lr_img) and self.lr_img > 0, "a number > 0"),
+            ("lr_lr", finite(self.lr_lr) and self.lr_lr >= 0, "a number >= 0"),
+            ("lr_init", finite(self.lr_init) and self.lr_init > 0, "a number > 0 (the initial step size)"),
+            ("momentum_img", 0 <= self.momentum_img < 1, "in [0, 1)"),
+            ("momentum_lr", 0 <= self.momentum_lr < 1, "in [0, 1)"),
+            ("iterations", self.iterations >= 0, ">= 0"),
+            ("batch_syn", self.batch_syn >= 0, ">= 0 (0 = all images)"),
+            ("interior", self.interior >= 0, ">= 0"),
+            ("depth", self.depth >= 0, ">= 0 (0 = any)"),
+            ("method", self.method in ("mct", "mtt"), "mct or mtt"),
+            ("grad", self.grad in MODES, f"one of {', '.join(MODES)}"),
+            ("step_units", self.step_units in ("released", "exact"), "released or exact"),
+            ("pix_init", self.pix_init in ("real", "noise"), "real or noise"),
+            ("micro_batch", self.micro_batch == "auto" or (self.micro_batch.isdigit()), "auto or a whole number >= 0"),
+            ("second_order", self.second_order in POLICIES, f"one of {', '.join(POLICIES)}"),
+            ("checkpoint_every", self.checkpoint_every >= 1, ">= 1"),
+            ("checkpoint_minutes", finite(self.checkpoint_minutes) and self.checkpoint_minutes >= 0,
+             ">= 0 (0 = off)"),
+            ("eval_every", self.eval_every >= 0, ">= 0 (0 = never)"),
+            ("eval_runs", self.eval_runs >= 1, ">= 1"),
+            ("eval_epochs", self.eval_epochs >= 1, ">= 1"),
+            ("select_on", self.select_on in ("validation", "test"), "validation or test"),
+            ("val_size", self.val_size >= 0, ">= 0 (0 = automatic)"),
+            ("seed", 0 <= self.seed <= 2**63 - 1, "in 0 … 2**63-1"),
+        ]
+        for key, ok, requirement in checks:
+            if not ok:
+                return key, f"must be {requirement}, got {getattr(self, key)!r}"
+        return None
+
+    def validate(self) -> None:
+        """Reject settings that cannot run, with one line naming the option."""
+        found = self.problem()
+        if found is not None:
+            key, why = found
+            raise UsageError(f"{option_name(DistillConfig, key)} {why}")
+
+
+def check_synset_name(name: str) -> None:
+    """A synset name becomes an HDF5 group name under /synsets: no paths, no empty names."""
+    if not name or "/" in name or name in (".", "..") or store.clean_text(name) != name:
+        raise UsageError(f"--name {store.clean_text(repr(name))}: a synset name may not be empty, '.' or '..', "
+                         "or contain '/' or control characters")
+
+
+def synset_name(cfg: DistillConfig) -> str:
+    """Default synset name: the preset's name, else method-ipcN."""
+    return cfg.preset or f"{cfg.method}-ipc{cfg.ipc}"
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def preset_schema() -> presets.Schema:
+    """What a distillation preset may and must hold: the settings marked so."""
+    return presets.Schema(preset_keys(DistillConfig), tuple(required_keys(DistillConfig)))
+
+
+def load_preset(name_or_path: str | Path) -> presets.Preset:
+    """A distillation preset by shipped name or .toml path."""
+    return presets.load_preset(name_or_path, preset_schema())
+
+
+def list_presets() -> list[presets.Preset]:
+    """Every shipped distillation preset."""
+    return presets.list_presets(preset_schema())
+
+
+def _fields() -> set[str]:
+    return {f.name for f in dataclasses.fields(DistillConfig)}
+
+
+def resolve_config(preset: str | None, overrides: dict[str, Any], buffer: store.Buffer | None = None,
+                   stored: dict[str, Any] | None = None) -> DistillConfig:
+    """The run's settings.
+
+    A new run: built-in defaults <- what the buffer implies (dataset, preprocessing, waypoint
+    count, when no preset says otherwise) <- the preset's values <- `overrides` that are not None.
+    A resumed run (`stored`: the synset's config): the stored settings (with the values older
+    releases implied for keys they did not store) <- `overrides`, which may differ only in the
+    settings a resume may change."""
+    values: dict[str, Any] = {}
+    p = load_preset(preset) if preset else None
+    if stored is not None:
+        values.update({k: v for k, v in stored.items() if k in _fields()})
+        for key, legacy in legacy_values(DistillConfig).items():
+            values.setdefault(key, legacy)
+    else:
+        if buffer is not None:
+            values.update(buffer_defaults(buffer, preset_given=p is not None, ipc=overrides.get("ipc")))
+        if p is not None:
+            values.update({k: v for k, v in p.values.items() if k in _fields()})
+            values["preset"] = p.name
+    given = {k: v for k, v in overrides.items() if v is not None and k in _fields()}
+    if stored is not None:
+        _check_resume_changes(values, given, p)
+    values.update(given)
+    cfg = DistillConfig(**values)
+    found = cfg.problem()
+    if p is not None and stored is None and found is not None and found[0] not in given and found[0] in p.values:
+        raise UsageError(f"{p.path}: {found[0]} {found[1]}")  # the preset's value, not an option's
+    cfg.validate()
+    return cfg
+
+
+def _check_resume_changes(stored: dict[str, Any], given: dict[str, Any], preset: Any) -> None:
+    safe = resume_safe(DistillConfig)
+    asked = dict(given)
+    if preset is not None:
+        asked = {**{k: v for k, v in preset.values.items() if k in _fields()}, **asked}
+    diff = [k for k, v in asked.items() if k not in safe and json.loads(json.dumps(v)) != stored.get(k)]
+    if diff:
+        raise UsageError("cannot resume with different settings: "
+                         + ", ".join(f"{k}={stored.get(k)!r} (now {asked[k]!r})" for k in diff[:4])
+                         + " — drop them (a resume keeps the run's settings) or start another --name")
+
+
+def buffer_defaults(buffer: store.Buffer, preset_given: bool, ipc: int | None = None) -> dict[str, Any]:
+    """Settings implied by the buffer: its dataset, and — when no preset says otherwise — its
+    preprocessing, waypoint count and the settings mctool/distill/autoconfig.py's rules derive from the
+    dataset and the experts for `ipc` (default: the built-in ipc)."""
+    from mctool.distill import autoconfig
+
+    values: dict[str, Any] = {"dataset": buffer.data.name}
+    if not preset_given:
+        values["zca"] = buffer.data.zca
+        if buffer.convex_state == "complete":
+            values["interior"] = len(buffer.convex.meta.positions) - 2
+        values.update(autoconfig.suggest(autoconfig.facts(buffer), ipc or DistillConfig.ipc).values)
+    return values
+
+
+def buffer_note(buffer: store.Buffer, cfg: DistillConfig, given: set[str]) -> str:
+    """The note a run without a preset logs: which settings the buffer's rules chose, and why."""
+    from mctool.distill import autoconfig
+
+    choice = autoconfig.suggest(autoconfig.facts(buffer), cfg.ipc)
+    return autoconfig.describe(choice, dataclasses.asdict(cfg), given)
+
+
+def check_buffer_matches(cfg: DistillConfig, buffer: store.Buffer) -> None:
+    """A preset for another dataset, or another preprocessing, cannot use this buffer."""
+    meta = buffer.data
+    if cfg.dataset and cfg.dataset != meta.name:
+        raise UsageError(f"{store.shown(buffer.path)}: holds experts for '{meta.name}' but the preset is for "
+                         f"'{cfg.dataset}'; drop --preset to use settings derived from the buffer, pass --preset "
+                         "with a preset file whose dataset is this one, or tune your own with `mctool distill --tune`")
+    if cfg.zca != meta.zca:
+        raise UsageError(f"{store.shown(buffer.path)}: experts were trained {'with' if meta.zca else 'without'} ZCA "
+                         f"but the settings ask {'for' if cfg.zca else 'against'} it (--zca/--no-zca)")
+
+
+def missing_buffer_hint(buffer: Path, dataset: str | None, default_buffer: bool) -> str:
+    """What to run first when there is no buffer, sized for this machine (CPU: a small buffer)."""
+    ds = dataset or "DATASET"
+    other = " (or pass --buffer FILE)" if default_buffer else ""
+    size = "--n 100" if torch.cuda.is_available() else "--n 2 --epochs 10 --width 32"
+    where = "" if torch.cuda.is_available() else " (sized for a CPU; the paper's buffers are --n 100 on GPUs)"
+    return (f"{store.shown(buffer)}: no such file — make experts first: `mctool experts {ds} {size} -o "
+            f"{store.shown(buffer)}`{where} then `mctool convexify {store.shown(buffer)}`{other}")

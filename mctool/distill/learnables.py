@@ -1,0 +1,99 @@
+"""The learnables of a distillation as data: what is learned, how it is updated, bounded and stored.
+
+Each `Learnable` names one learned quantity: its key in `State.values`/`State.velocities` and in
+`MatchResult.grads` (mctool.matching computes the gradient), the settings that hold its learning
+rate and momentum, the bound beyond which an update is refused (divergence, docs/method.md), and
+where the synset and its checkpoint store it (docs/format.md). The update (`Distiller.apply_update`),
+the checkpoint and resume (mctool.distill.checkpoint) and the best images iterate over
+`learned_in(cfg)`, so adding one is one entry here (with its initial value, unless it is drawn
+from the data like the images: mctool.distill.state) and its gradient in each `--grad` mode
+(mctool.matching); new checkpoint state also declares its entry in store.CHECKPOINT_LEARNED.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+
+from mctool.distill.config import DistillConfig
+
+# A learnable's value or momentum: a tensor, or a Python float for a scalar (α, updated in double).
+Value = Union[torch.Tensor, float]
+
+IMAGE_BOUND = 1e3  # |pixel| in the whitened/normalised space; real images stay within ~±10
+ALPHA_BOUND = 1e3  # α may grow to this multiple of lr_init
+
+
+def _one(cfg: DistillConfig) -> float:
+    return 1.0
+
+
+def _always(cfg: DistillConfig) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Learnable:
+    """One learned quantity (see the module docstring)."""
+
+    name: str  # key of State.values / State.velocities / MatchResult.grads
+    lr: str  # the DistillConfig setting holding its learning rate
+    momentum: str  # the DistillConfig setting holding its momentum
+    bound: Callable[[DistillConfig], float]  # an update taking any |value| beyond this is refused
+    stored: str | None  # the store.Synset (and store.BestImages) field holding its value; None: not in the synset
+    velocity: str  # the checkpoint entry (store.CHECKPOINT_LEARNED) holding its momentum
+    saved: str | None = None  # a checkpoint entry holding the value itself, when the synset stores another form
+    scalar: bool = False  # a Python float (updated in double precision), not a tensor
+    grad_scale: Callable[[DistillConfig], float] = _one  # factor from MatchResult's gradient to the step's
+    floor: float | None = None  # a step to or below floor × value is damped to that, and its momentum reset
+    active: Callable[[DistillConfig], bool] = _always  # learned in this run (off: absent from state and files)
+    initial: Callable[[DistillConfig], Value] | None = None  # its value at the start (None: drawn by initial_state)
+
+
+LEARNABLES: tuple[Learnable, ...] = (
+    Learnable("images", lr="lr_img", momentum="momentum_img", bound=lambda cfg: IMAGE_BOUND, stored="images",
+              velocity="images_velocity", grad_scale=lambda cfg: cfg.image_grad_scale),
+    # α is kept positive: a step that would halve it or flip its sign overshoots (damped, momentum reset).
+    Learnable("alpha", lr="lr_lr", momentum="momentum_lr", bound=lambda cfg: ALPHA_BOUND * cfg.lr_init,
+              stored="lr", velocity="alpha_velocity", scalar=True, floor=0.5, initial=lambda cfg: cfg.lr_init),
+)
+
+
+def learned_in(cfg: DistillConfig) -> list[Learnable]:
+    """The learnables this run learns, in update order."""
+    return [entry for entry in LEARNABLES if entry.active(cfg)]
+
+
+def zero_like(value: Value) -> Value:
+    """A momentum of zero for `value`."""
+    return torch.zeros_like(value) if isinstance(value, torch.Tensor) else 0.0
+
+
+def magnitude(value: Value) -> float:
+    """max |value| (NaN if any entry is NaN; 0 for an empty tensor)."""
+    if isinstance(value, torch.Tensor):
+        return float(value.abs().max()) if value.numel() else 0.0
+    return abs(float(value))
+
+
+def step(entry: Learnable, cfg: DistillConfig, value: Value, velocity: Value,
+         grad: Value) -> tuple[Value, Value] | None:
+    """SGD with momentum for one learnable: (value, velocity) after the step, or None when the
+    step leaves its bounds (non-finite or beyond `entry.bound`)."""
+    if entry.scalar:
+        grad = float(grad)  # MatchResult gives a 0-dim tensor
+    velocity = velocity * getattr(cfg, entry.momentum) + grad * entry.grad_scale(cfg)
+    new = value - getattr(cfg, entry.lr) * velocity
+    if entry.floor is not None:
+        assert entry.scalar, "a floor applies to scalar learnables"
+        floor = entry.floor * value
+        if not new > floor:  # also catches NaN
+            new, velocity = floor, zero_like(velocity)
+    size = magnitude(new)
+    if not (math.isfinite(size) and size <= entry.bound(cfg)):
+        return None
+    return new, velocity

@@ -1,0 +1,309 @@
+"""A distillation run: settings, data, the loop with its checkpoints and periodic evaluations, the output.
+
+With `--eval-every N`, the images are evaluated every N iterations and at the end, scored on
+a validation split held out of the training set (never the test split, unless
+`--select-on test` reproduces the authors' protocol), and the best ones are kept beside the
+final ones. Under torchrun every process draws its own trajectory per iteration; the
+gradients are averaged and rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mctool import distributed as dist
+from mctool import store
+from mctool.distill.checkpoint import _load_state, _synset, stored_config
+from mctool.distill.config import (DistillConfig, buffer_note, check_buffer_matches, check_synset_name,
+                                   missing_buffer_hint, resolve_config, synset_name)
+from mctool.distill.learnables import ALPHA_BOUND, IMAGE_BOUND, Value, learned_in
+from mctool.distill.loop import MAX_BAD_FRACTION, MAX_BAD_IN_A_ROW, Distiller, ExpertSource, choose_micro_batch
+from mctool.distill.state import State, _rank_seed, initial_state
+from mctool.errors import Interrupted, TrainingDiverged, UsageError
+from mctool.prepared import Prepared, auto_val_size, split_validation
+from mctool.progress import SIGNAL_NAMES, SILENT, Muted, Reporter
+
+_RESUME_HINT = "add --resume to the same command to continue"
+
+
+def _copy(value: Value) -> Value:
+    return value.clone() if isinstance(value, torch.Tensor) else value
+
+
+def state_bytes(state: State) -> int:
+    """Bytes of the learnables' tensor values (float32 as stored): a save writes about 3× this."""
+    return sum(4 * v.numel() for v in state.values.values() if isinstance(v, torch.Tensor))
+
+
+@dataclass
+class DistillResult:
+    """What `mctool distill` did."""
+
+    file: str
+    synset: str
+    iterations: int
+    alpha: float
+    loss_first: float | None
+    loss_last_mean: float | None
+    skipped_iterations: int
+    evaluations: list[dict[str, Any]]
+    seconds: float
+    config: dict[str, Any]
+    png: str | None = None
+    best: dict[str, Any] | None = None  # iteration, lr, selected_on, score of the best images
+    png_best: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+class _Run:
+    """One distillation's loop, checkpoints and periodic evaluations (rank-aware)."""
+
+    def __init__(self, distiller: Distiller, cfg: DistillConfig, buffer: store.Buffer, out: Path, name: str,
+                 reporter: Reporter, selection: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        self.d, self.cfg, self.buffer, self.out, self.name = distiller, cfg, buffer, out, name
+        self.reporter, self.selection = reporter, selection
+        self.source = buffer.source()
+        ref = buffer.reference()
+        self.reference = dataclasses.asdict(ref) if ref is not None else None
+
+    def checkpoint(self, final: bool) -> None:
+        state = self.d.state
+        gens = dist.gather(self.d.generator.get_state())
+        queues = dist.gather(list(self.d.queue))
+        if gens is not None and queues is not None:
+            state.generators, state.queues = gens, queues
+        if dist.is_main():
+            syn = _synset(self.name, self.cfg, state, final, self.source, self.reference)
+            prov = store.provenance(dataclasses.asdict(self.cfg), self.cfg.seed, self.source)
+            size = 3 * state_bytes(state) + 8 * len(state.losses)
+            store.ensure_free_space(self.out, size, f"saving {self.name}")
+            store.save_synset(self.out, syn, self.buffer.data, self.buffer.spec, self.buffer.layout, prov, size)
+
+    def evaluate(self) -> None:
+        """Score the current images on the selection split; keep them if they are the best so far."""
+        from mctool.evaluate import EvaluateConfig, evaluate_set
+
+        state, cfg = self.d.state, self.cfg
+        assert self.selection is not None
+        ecfg = EvaluateConfig(runs=cfg.eval_runs, epochs=cfg.eval_epochs, seed=cfg.seed, augment=cfg.augment)
+        ev = evaluate_set(state.images, state.labels, state.alpha, self.d.prepared, self.buffer.spec, ecfg,
+                          "synset", self.reporter, score_on=self.selection, split=cfg.select_on,
+                          stop_hint=f"checkpoint saved at iteration {state.iteration}; {_RESUME_HINT}")[0]
+        ev.iteration = state.iteration
+        state.evaluations.append(ev.to_dict())
+        best = state.best
+        better = best is None or ev.mean > float(best.score.get("mean", -1.0))
+        self.reporter.log(f"iteration {state.iteration}: {ev.model} {cfg.select_on} accuracy {ev.mean:.4f}"
+                          + (" (best so far)" if better else ""))
+        if better:
+            kept = {e.stored: _copy(state.values[e.name]) for e in learned_in(cfg) if e.stored is not None}
+            state.best = store.BestImages(**{"labels": state.labels.clone(), **kept}, iteration=state.iteration,
+                                          selected_on=cfg.select_on, score=ev.to_dict())
+
+    def loop(self) -> float:
+        """Run the remaining iterations; returns the seconds taken."""
+        d, cfg, reporter = self.d, self.cfg, self.reporter
+        state, device = d.state, d.device
+        reporter.task("distill", f"distill {self.name}", total=cfg.iterations)
+        reporter.update("distill", advance=state.iteration)
+        started = last_save = time.perf_counter()
+        first_iteration, bad_in_a_row, bad_here = state.iteration, 0, 0
+        evaluating = cfg.eval_every > 0 and dist.is_main()
+        try:
+            while state.iteration < cfg.iterations:
+                signum = reporter.should_stop()
+                if dist.any_flag(bool(signum), device):
+                    raise Interrupted(f"interrupted ({SIGNAL_NAMES.get(signum, 'by another process')}); checkpoint "
+                                      f"saved at iteration {state.iteration}; {_RESUME_HINT}", signum or 15)
+                if evaluating and state.iteration > first_iteration and state.iteration % cfg.eval_every == 0:
+                    self.evaluate()
+                if not self._iteration():
+                    state.skipped += 1
+                    bad_in_a_row, bad_here = bad_in_a_row + 1, bad_here + 1
+                    if bad_in_a_row >= MAX_BAD_IN_A_ROW:
+                        self._diverged(f"{MAX_BAD_IN_A_ROW} iterations in a row")
+                else:
+                    bad_in_a_row = 0
+                state.iteration += 1
+                due_time = cfg.checkpoint_minutes > 0 and time.perf_counter() - last_save >= 60 * cfg.checkpoint_minutes
+                if state.iteration < cfg.iterations and (state.iteration % cfg.checkpoint_every == 0 or
+                                                         dist.any_flag(due_time, device)):
+                    self.checkpoint(final=False)
+                    last_save = time.perf_counter()
+        except (KeyboardInterrupt, Interrupted):
+            reporter.done("distill")
+            self.checkpoint(final=False)  # the state is whole: updates are applied all at once
+            raise
+        reporter.done("distill")
+        ran = state.iteration - first_iteration
+        if bad_here >= 2 and bad_here > MAX_BAD_FRACTION * ran:
+            self._diverged(f"{bad_here} of {ran} iterations")
+        if evaluating and ran > 0:
+            self.evaluate()
+        self.checkpoint(final=True)
+        return time.perf_counter() - started
+
+    def _iteration(self) -> bool:
+        """One update; False when it was not applied (non-finite or out of bounds)."""
+        d, state, device = self.d, self.d.state, self.d.device
+        result = d.step()
+        entries = learned_in(self.cfg)
+        ok = result is not None and math.isfinite(result.loss) and all(
+            bool(torch.isfinite(result.grads[e.name]).all()) for e in entries)
+        if dist.any_flag(not ok, device):
+            return False  # skipped on every rank: the learnables keep their last good values
+        assert result is not None
+        # Tensors are averaged across ranks as they are; scalars and the loss in one float64 tensor.
+        grads: dict[str, Value] = {e.name: dist.all_mean_(result.grads[e.name]) for e in entries if not e.scalar}
+        scalars = [e.name for e in entries if e.scalar]
+        mean = dist.all_mean_(torch.tensor([float(result.grads[k]) for k in scalars] + [result.loss],
+                                           dtype=torch.float64, device=device))
+        grads.update({k: float(mean[i]) for i, k in enumerate(scalars)})
+        if not d.apply_update(grads):
+            return False
+        state.losses.append(float(mean[-1]))
+        recent = state.losses[-20:]
+        self.reporter.update("distill", advance=1, loss=sum(recent) / len(recent), alpha=state.alpha)
+        return True
+
+    def _diverged(self, how: str) -> None:
+        state = self.d.state
+        self.checkpoint(final=False)
+        raise TrainingDiverged(
+            f"the distillation diverged: {how} gave a non-finite loss or gradient, or images beyond "
+            f"±{IMAGE_BOUND:g} / a step size beyond {ALPHA_BOUND:g}× lr_init (last good state saved in "
+            f"{store.shown(self.out)} at iteration {state.iteration}); try a smaller --lr-img or --lr-lr")
+
+
+def _selection(cfg: DistillConfig, prepared: Prepared) -> tuple[tuple[torch.Tensor, torch.Tensor] | None,
+                                                                 torch.Tensor | None]:
+    """(the split periodic evaluations score on, the training indices distillation may use)."""
+    if cfg.eval_every == 0:
+        return None, None
+    if cfg.select_on == "test":
+        return (prepared.test_x, prepared.test_y), None
+    size = cfg.val_size or auto_val_size(prepared.train_y.numel())
+    keep, held = split_validation(prepared.train_y, prepared.meta.num_classes, size, cfg.seed)
+    if held.numel() == 0:
+        raise UsageError("--select-on validation needs a validation split, but the training split is too small; "
+                         "use --val-size or --select-on test")
+    held = held.to(prepared.train_x.device)
+    return (prepared.train_x[held], prepared.train_y[held]), keep
+
+
+def run_prepared(cfg: DistillConfig, buffer: store.Buffer, out: Path, prepared: Prepared, name: str | None = None,
+                 resume: bool = False, reporter: Reporter = SILENT) -> DistillResult:
+    """Distill (or resume) synset `name` of `out` from an open buffer and prepared data."""
+    cfg.validate()
+    check_buffer_matches(cfg, buffer)
+    name = name or synset_name(cfg)
+    check_synset_name(name)
+    device = prepared.train_x.device
+    notes: list[str] = []
+    source = ExpertSource(buffer, cfg.method, device)
+    if cfg.method == "mct" and len(source.positions) - 2 != cfg.interior:
+        notes.append(f"note: the settings expect {cfg.interior} interior waypoint(s) but {store.shown(buffer.path)} "
+                     f"has {len(source.positions) - 2} (positions {','.join(map(str, source.positions))}); using the "
+                     "buffer's")
+        reporter.log(notes[-1])
+    if cfg.depth and buffer.spec.depth != cfg.depth:
+        notes.append(f"note: the settings were made for depth-{cfg.depth} experts but {store.shown(buffer.path)} holds "
+                     f"depth-{buffer.spec.depth} ones; using them as they are")
+        reporter.log(notes[-1])
+    selection, pool = _selection(cfg, prepared)
+    if cfg.select_on != "test":
+        prepared = dataclasses.replace(prepared, test_x=prepared.test_x[:0], test_y=prepared.test_y[:0])
+    world, me = dist.world_size(), dist.rank()
+    if resume:
+        # Broadcast from the CPU: a pickled CUDA tensor unpickles onto rank 0's GPU on every rank.
+        state = _load_state(out, name, cfg) if dist.is_main() else None
+        state = dist.broadcast(state).to(device)
+        if len(state.generators) != world:
+            raise UsageError(f"{store.shown(out)}: the checkpoint was written by {len(state.generators)} process(es); "
+                             f"resume with the same number (now {world})")
+        if state.iteration >= cfg.iterations:
+            raise UsageError(f"{store.shown(out)}: synset '{name}' is already at iteration {state.iteration}; "
+                             f"raise --iterations above {state.iteration} to continue it")
+        generator = torch.Generator().manual_seed(0)
+        generator.set_state(state.generators[me])
+    else:
+        if out.exists() and dist.is_main():
+            with store.open_synsets(out) as sf:
+                if name in sf.names:
+                    raise UsageError(f"{store.shown(out)}: already holds synset '{name}'; use --resume to continue "
+                                     "it, --name for another, or another -o FILE")
+        state = initial_state(cfg, prepared, torch.Generator().manual_seed(cfg.seed), pool)
+        generator = torch.Generator().manual_seed(_rank_seed(cfg.seed, me))
+        state.queues = [[] for _ in range(world)]
+    distiller = Distiller(cfg, buffer.spec, source, prepared, state, generator)
+    distiller.queue = (store.check_queue(out, name, state.queues[me], source.indices, buffer.path)
+                       if state.queues else [])
+    distiller.micro_batch = choose_micro_batch(distiller, cfg, buffer, state.run, reporter)
+    state.run = {**state.run, "micro_batch": distiller.micro_batch or 0}
+    run = _Run(distiller, cfg, buffer, out, name, reporter, selection)
+    seconds = run.loop()
+    best = None
+    if state.best is not None:
+        best = {"iteration": state.best.iteration, "lr": state.best.lr, "selected_on": state.best.selected_on,
+                "score": state.best.score}
+    recent = state.losses[-20:]
+    return DistillResult(file=str(out), synset=name, iterations=state.iteration, alpha=state.alpha,
+                         loss_first=state.losses[0] if state.losses else None,
+                         loss_last_mean=sum(recent) / len(recent) if recent else None,
+                         skipped_iterations=state.skipped, evaluations=state.evaluations, seconds=seconds,
+                         config=dataclasses.asdict(cfg), best=best, notes=notes)
+
+
+def run(preset: str | None, overrides: dict[str, Any], buffer: Path, out: Path, name: str | None = None,
+        resume: bool = False, data_dir: Path | None = None, device: str = "auto", default_buffer: bool = False,
+        reporter: Reporter = SILENT) -> DistillResult | None:
+    """`mctool distill`: settings from the preset, the buffer and the options; the data; the
+    loop (under torchrun, one trajectory per process per iteration); the pictures. Under
+    torchrun only rank 0 returns the result (the others None)."""
+    from mctool.device import resolve_device
+    from mctool.plots import best_title, synset_grid, synset_png_path
+    from mctool.prepared import prepare_like
+
+    if name is not None:
+        check_synset_name(name)
+    probe = resolve_config(preset, overrides)  # bad settings fail before any file is opened
+    stored = stored_config(out, name or synset_name(probe)) if resume else None
+    if not buffer.exists():
+        raise UsageError(missing_buffer_hint(buffer, probe.dataset, default_buffer))
+    store.check_writable(out)
+    with store.open_buffer(buffer) as buf:
+        cfg = resolve_config(preset, overrides, buf, stored)
+        check_buffer_matches(cfg, buf)
+        if cfg.method == "mct":
+            buf.convex_experts()  # a buffer without /convex fails here, before the data is prepared
+        dev = resolve_device(device)
+        dist.init_from_env(dev)
+        if not dist.is_main():
+            reporter = Muted(reporter)
+        note = None
+        if preset is None and stored is None:
+            note = buffer_note(buf, cfg, {k for k, v in overrides.items() if v is not None})
+            reporter.log(note)
+        prepared = prepare_like(buf.data, data_dir, dev, reporter)
+        result = run_prepared(cfg, buf, out, prepared, name=name or synset_name(cfg), resume=resume,
+                              reporter=reporter)
+        if note is not None:
+            result.notes.insert(0, note)
+        main = dist.is_main()
+        dist.shutdown()
+    if main:
+        with store.open_synsets(out) as sf:
+            syn = sf.read(result.synset)
+        png = synset_png_path(out, result.synset)
+        result.png = str(synset_grid(syn.images, prepared.prep, cfg.ipc, png))
+        if syn.best is not None:
+            result.png_best = str(synset_grid(syn.best.images, prepared.prep, cfg.ipc,
+                                              png.with_name(f"{png.stem}-best.png"), best_title(syn.best)))
+    return result if main else None

@@ -1,0 +1,86 @@
+"""The state of a distillation: what a checkpoint holds, and how a run starts."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from mctool import store
+from mctool.distill.config import DistillConfig
+from mctool.distill.learnables import Value, learned_in, zero_like
+from mctool.prepared import Prepared, sample_per_class
+
+
+@dataclass
+class State:
+    """Everything a checkpoint holds: resuming from it continues the run bit for bit on CPU.
+
+    The learned quantities are `values` and their momentum `velocities`, keyed by learnable
+    name (mctool.distill.learnables); `images` and `alpha` are views of two of them."""
+
+    values: dict[str, Value]  # learnable name -> current value
+    velocities: dict[str, Value]  # learnable name -> its momentum
+    labels: torch.Tensor
+    iteration: int
+    generators: list[torch.Tensor]  # one CPU generator state per rank
+    queues: list[list[int]]  # per rank: experts left in the current shuffled pass
+    losses: list[float] = field(default_factory=list)
+    skipped: int = 0
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+    best: store.BestImages | None = None
+    run: dict[str, Any] = field(default_factory=dict)  # choices a resume repeats (micro-batch)
+
+    @property
+    def images(self) -> torch.Tensor:
+        """The synthetic images."""
+        value = self.values["images"]
+        assert isinstance(value, torch.Tensor)
+        return value
+
+    @property
+    def alpha(self) -> float:
+        """The learnable step size α."""
+        return float(self.values["alpha"])
+
+    def to(self, device: torch.device) -> "State":
+        """The same state with its tensors on `device` (generator states stay on the CPU)."""
+        def moved(d: dict[str, Value]) -> dict[str, Value]:
+            return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in d.items()}
+
+        best = self.best
+        if best is not None:
+            best = dataclasses.replace(best, images=best.images.to(device), labels=best.labels.to(device))
+        return dataclasses.replace(self, values=moved(self.values), velocities=moved(self.velocities),
+                                   labels=self.labels.to(device), best=best)
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, 0x5EED, rank]).generate_state(1, np.uint32)[0])
+
+
+def initial_state(cfg: DistillConfig, prepared: Prepared, generator: torch.Generator,
+                  pool: torch.Tensor | None = None) -> State:
+    """Images from random real images of each class drawn from the training indices `pool`
+    (default: all) or noise, hard class-major labels, α = lr_init."""
+    m = prepared.meta
+    n = cfg.ipc * m.num_classes
+    labels = torch.arange(m.num_classes).repeat_interleave(cfg.ipc)
+    device = prepared.train_x.device
+    if cfg.pix_init == "noise":
+        images = torch.randn(n, m.channels, m.height, m.width, generator=generator)
+    else:
+        y = prepared.train_y if pool is None else prepared.train_y[pool.to(device)]
+        picks = sample_per_class(y, m.num_classes, cfg.ipc, generator)
+        if pool is not None:
+            picks = pool.cpu()[picks]
+        images = prepared.train_x[picks.to(device)]
+    # Every learnable's initial value (mctool.distill.learnables): drawn here, or its own rule;
+    # momentum starts at zero.
+    drawn: dict[str, Value] = {"images": images.to(device)}
+    values = {e.name: drawn[e.name] if e.initial is None else e.initial(cfg) for e in learned_in(cfg)}
+    return State(values=values, velocities={k: zero_like(v) for k, v in values.items()}, labels=labels.to(device),
+                 iteration=0, generators=[], queues=[])
