@@ -2,19 +2,69 @@
 
 A field made with `setting(...)` carries its help text and how it is exposed: as a command-line
 option (and under which flags), as a preset key, as a column of `--list-presets`, and whether
-a resumed run may change it. The CLI builds its options from these fields, the preset loader
-its allowed keys, resume its list of keys that may differ — so adding a setting is one line.
+a resumed run may change it, and what its value must be (`check=`, from the small vocabulary
+below: `at_least`, `above`, `between`, `one_of`, or a `Check` of its own). The CLI builds its
+options from these fields, the preset loader its allowed keys, resume its list of keys that may
+differ, validation its checks — so adding a setting is one line.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 _KEY = "mctool"
 _NO_LEGACY: Any = type("NoLegacy", (), {"__repr__": lambda self: "<none>"})()
+
+
+@dataclass(frozen=True)
+class Check:
+    """What a setting's value must be: `ok(value)`, and the words that follow "must be" in the
+    message naming the setting. `message`, when given, is the whole message instead (formatted
+    with {option}, {value} and {words}). A value `ok` cannot compare (a wrong type) fails."""
+
+    ok: Callable[[Any], bool]
+    words: str
+    message: str | None = None
+
+
+def _number(v: Any) -> bool:
+    """An int, or a float that is neither NaN nor infinite (so NaN fails every numeric check)."""
+    if isinstance(v, bool):
+        return False
+    return isinstance(v, int) or (isinstance(v, float) and math.isfinite(v))
+
+
+def _show(x: Any) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def at_least(lo: float, words: str | None = None) -> Check:
+    """A finite number >= lo."""
+    return Check(lambda v: _number(v) and v >= lo, words or f">= {_show(lo)}")
+
+
+def above(lo: float, words: str | None = None) -> Check:
+    """A finite number > lo."""
+    return Check(lambda v: _number(v) and v > lo, words or f"> {_show(lo)}")
+
+
+def between(lo: float, hi: float, words: str | None = None, top_open: bool = False) -> Check:
+    """A finite number in [lo, hi] (or [lo, hi) with `top_open`)."""
+    if top_open:
+        return Check(lambda v: _number(v) and lo <= v < hi, words or f"in [{_show(lo)}, {_show(hi)})")
+    return Check(lambda v: _number(v) and lo <= v <= hi, words or f"in [{_show(lo)}, {_show(hi)}]")
+
+
+def one_of(*choices: Any, words: str | None = None, message: str | None = None) -> Check:
+    """One of `choices` ("a or b"; "one of a, b, c")."""
+    names = [str(c) for c in choices]
+    default = " or ".join(names) if len(names) == 2 else "one of " + ", ".join(names)
+    return Check(lambda v: v in choices, words or default, message)
 
 
 @dataclass(frozen=True)
@@ -30,6 +80,7 @@ class Info:
     resume_safe: bool = False  # a resumed run may change it
     legacy: Any = _NO_LEGACY  # value implied when a stored config (older release) lacks it
     metavar: str | None = None
+    check: Check | None = None  # what the value must be (None: anything of its type); None values are not checked
 
 
 def setting(default: Any, help: str, **info: Any) -> Any:
@@ -116,3 +167,40 @@ def option_name(cls: type, key: str) -> str:
 def legacy_values(cls: type) -> dict[str, Any]:
     """Values implied for keys that configs stored by older releases lack."""
     return {s.name: s.info.legacy for s in settings(cls) if s.info.legacy is not _NO_LEGACY}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A setting whose value fails its check."""
+
+    setting: Setting
+    value: Any
+
+    @property
+    def key(self) -> str:
+        """The setting's name (its preset key)."""
+        return self.setting.name
+
+    def message(self, template: str) -> str:
+        """The one-line message: the check's own, else `template` ({option}, {key}, {value}, {words})."""
+        check = self.setting.info.check
+        assert check is not None
+        return (check.message or template).format(option=self.setting.option_name, key=self.key, value=self.value,
+                                                  words=check.words)
+
+
+def first_problem(config: Any) -> Problem | None:
+    """The first setting of `config` (in declaration order) whose value fails its check; a value
+    of None (not stated) is not checked."""
+    for s in settings(type(config)):
+        check = s.info.check
+        value = getattr(config, s.name)
+        if check is None or value is None:
+            continue
+        try:
+            ok = bool(check.ok(value))
+        except (TypeError, ValueError, AttributeError):  # a value of the wrong type
+            ok = False
+        if not ok:
+            return Problem(s, value)
+    return None

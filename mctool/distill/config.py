@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,11 @@ from mctool.augment import DEFAULT_STRATEGY
 from mctool.errors import UsageError
 from mctool.matching import MODES
 from mctool.secondorder import POLICIES
-from mctool.settings import legacy_values, option_name, preset_keys, required_keys, resume_safe, setting
+from mctool.settings import (Check, above, at_least, between, first_problem, legacy_values, one_of, option_name,
+                             preset_keys, required_keys, resume_safe, setting)
+
+# --micro-batch: "auto" or a whole number of images (0 = whole steps).
+_MICRO_BATCH = Check(lambda v: v == "auto" or v.isdigit(), "auto or a whole number >= 0")
 
 
 @dataclass(frozen=True)
@@ -29,37 +32,43 @@ class DistillConfig:
     """Every setting of a distillation run (presets fill it, options override, the artifact stores it)."""
 
     dataset: str | None = setting(None, "The dataset the preset is for.", option=False, preset=True, required=True)
-    ipc: int = setting(10, "Images per class.", preset=True, column=True, required=True)
+    ipc: int = setting(10, "Images per class.", preset=True, column=True, required=True, check=at_least(1))
     syn_steps: int = setting(20, "Inner SGD steps on the synthetic set (N).", preset=True, column=True,
-                             required=True)
+                             required=True, check=at_least(1))
     expert_epochs: float = setting(3.0, "Target = start + expert_epochs (M), clamped to K.", preset=True,
-                                   column=True, required=True)
+                                   column=True, required=True, check=above(0))
     max_start_epoch: float = setting(25.0, "Start ~ U(0, max_start_epoch).", preset=True, column=True,
-                                     required=True)
+                                     required=True, check=at_least(0))
     lr_img: float = setting(1000.0, "Image learning rate (SGD, momentum 0.5), in the units of --step-units "
                             "(default: the released code's, as Table A's values were tuned).", preset=True,
-                            column=True, required=True)
+                            column=True, required=True, check=above(0, "a number > 0"))
     lr_lr: float = setting(1e-5, "Learning rate of the learnable step size alpha.", preset=True, column=True,
-                           required=True)
-    lr_init: float = setting(0.01, "Initial value of alpha.", preset=True, column=True, required=True)
-    iterations: int = setting(5000, "Distillation iterations.", preset=True, column=True, resume_safe=True)
-    batch_syn: int = setting(0, "Synthetic mini-batch per inner step (0 = all).", preset=True)
+                           required=True, check=at_least(0, "a number >= 0"))
+    lr_init: float = setting(0.01, "Initial value of alpha.", preset=True, column=True, required=True,
+                             check=above(0, "a number > 0 (the initial step size)"))
+    iterations: int = setting(5000, "Distillation iterations.", preset=True, column=True, resume_safe=True,
+                              check=at_least(0))
+    batch_syn: int = setting(0, "Synthetic mini-batch per inner step (0 = all).", preset=True,
+                             check=at_least(0, ">= 0 (0 = all images)"))
     zca: bool = setting(True, "Expected preprocessing of the buffer (checked).", flags=("--zca/--no-zca",),
                         preset=True, column=True)
     interior: int = setting(2, "Interior waypoints expected in the buffer (default: the preset's, else the "
-                            "buffer's); a buffer with another count is used as it is, with a note.", preset=True)
+                            "buffer's); a buffer with another count is used as it is, with a note.", preset=True,
+                            check=at_least(0))
     depth: int = setting(0, "ConvNet depth the settings were made for (0 = any); a buffer whose experts have "
-                         "another depth is used as it is, with a note.", preset=True, resume_safe=True)
-    method: str = setting("mct", "mct (convexified, default) or mtt (raw trajectories, unrolled).")
+                         "another depth is used as it is, with a note.", preset=True, resume_safe=True,
+                         check=at_least(0, ">= 0 (0 = any)"))
+    method: str = setting("mct", "mct (convexified, default) or mtt (raw trajectories, unrolled).",
+                          check=one_of("mct", "mtt"))
     grad: str = setting("constant", "constant (MCT's two-pass, default), adjoint (exact, flat memory) or "
-                        "unrolled (exact).")
+                        "unrolled (exact).", check=one_of(*MODES, words=f"one of {', '.join(MODES)}"))
     step_units: str = setting("released", "Image-step units: released (the authors' released code: half the "
                               "two-pass formula's gradient for --method mct; Table A's lr_img) or exact (the "
-                              "formulas as stated).", legacy="exact")
+                              "formulas as stated).", legacy="exact", check=one_of("released", "exact"))
     discrete: bool = setting(False, "Integer start epochs (ablation) instead of continuous.",
                              flags=("--discrete/--continuous",))
     pix_init: str = setting("real", "Initial images: real (random real images per class) or noise.",
-                            flags=("--init",))
+                            flags=("--init",), check=one_of("real", "noise"))
     soft_labels: bool = setting(False, "Labels from the expert's predictions.",
                                 flags=("--soft-labels/--hard-labels",))
     augment: str = setting(DEFAULT_STRATEGY, "DSA ops joined by '_', or none.")
@@ -67,26 +76,31 @@ class DistillConfig:
                                "rounding, peak memory set by N instead of the number of images. auto (default): "
                                "whole steps when they fit the device's free memory, else the largest N that fits; 0: "
                                "whole steps. Refused for networks that mix samples (BatchNorm).", resume_safe=True,
-                               legacy="0", metavar="N|auto")
+                               legacy="0", metavar="N|auto", check=_MICRO_BATCH)
     second_order: str = setting("auto", "The ConvNet's second-order step: fastgrad (hand-written sweep), autograd "
                                 "(double backward), or auto: on CUDA the faster of the two, measured on the first "
                                 "step; on the CPU fastgrad (measured faster there, bench/README.md, and "
-                                "deterministic, so --seed repeats bit for bit).", resume_safe=True, legacy="auto")
-    momentum_img: float = 0.5
-    momentum_lr: float = 0.5
-    checkpoint_every: int = setting(100, "Save a resumable checkpoint every N iterations.", resume_safe=True)
+                                "deterministic, so --seed repeats bit for bit).", resume_safe=True, legacy="auto",
+                                check=one_of(*POLICIES, words=f"one of {', '.join(POLICIES)}"))
+    momentum_img: float = setting(0.5, "Momentum of the image optimizer (SGD).", option=False,
+                                  check=between(0, 1, top_open=True))
+    momentum_lr: float = setting(0.5, "Momentum of the step size's optimizer (SGD).", option=False,
+                                 check=between(0, 1, top_open=True))
+    checkpoint_every: int = setting(100, "Save a resumable checkpoint every N iterations.", resume_safe=True,
+                                    check=at_least(1))
     checkpoint_minutes: float = setting(0.0, "Also save one every M minutes (0 = only every N iterations).",
-                                        resume_safe=True, legacy=0.0)
+                                        resume_safe=True, legacy=0.0, check=at_least(0, ">= 0 (0 = off)"))
     eval_every: int = setting(0, "Evaluate every N iterations and at the end, keeping the best images (0 = "
-                              "never).", resume_safe=True)
-    eval_runs: int = setting(1, "Networks per periodic evaluation.", resume_safe=True)
-    eval_epochs: int = setting(300, "Epochs per periodic evaluation.", resume_safe=True)
+                              "never).", resume_safe=True, check=at_least(0, ">= 0 (0 = never)"))
+    eval_runs: int = setting(1, "Networks per periodic evaluation.", resume_safe=True, check=at_least(1))
+    eval_epochs: int = setting(300, "Epochs per periodic evaluation.", resume_safe=True, check=at_least(1))
     select_on: str = setting("validation", "Where periodic evaluations score the images: validation (held out "
                              "of the training set) or test (the authors' protocol; every output says so).",
-                             legacy="validation")
+                             legacy="validation", check=one_of("validation", "test"))
     val_size: int = setting(0, "Training images held out for --select-on validation, the same share of every "
-                            "class (0 = 10 % of the training split, at most 5000).", legacy=0)
-    seed: int = setting(0, "Run seed (0 … 2**63-1).")
+                            "class (0 = 10 % of the training split, at most 5000).", legacy=0,
+                            check=at_least(0, ">= 0 (0 = automatic)"))
+    seed: int = setting(0, "Run seed (0 … 2**63-1).", check=between(0, 2**63 - 1, "in 0 … 2**63-1"))
     preset: str = ""
 
     @property
@@ -95,42 +109,10 @@ class DistillConfig:
         return 0.5 if self.method == "mct" and self.step_units == "released" else 1.0
 
     def problem(self) -> tuple[str, str] | None:
-        """The first setting that cannot run, as (key, "must be …, got …"); NaN fails every check."""
-        finite = math.isfinite
-        checks = [
-            ("ipc", self.ipc >= 1, ">= 1"),
-            ("syn_steps", self.syn_steps >= 1, ">= 1"),
-            ("expert_epochs", finite(self.expert_epochs) and self.expert_epochs > 0, "> 0"),
-            ("max_start_epoch", finite(self.max_start_epoch) and self.max_start_epoch >= 0, ">= 0"),
-            ("lr_img", finite(self.lr_img) and self.lr_img > 0, "a number > 0"),
-            ("lr_lr", finite(self.lr_lr) and self.lr_lr >= 0, "a number >= 0"),
-            ("lr_init", finite(self.lr_init) and self.lr_init > 0, "a number > 0 (the initial step size)"),
-            ("momentum_img", 0 <= self.momentum_img < 1, "in [0, 1)"),
-            ("momentum_lr", 0 <= self.momentum_lr < 1, "in [0, 1)"),
-            ("iterations", self.iterations >= 0, ">= 0"),
-            ("batch_syn", self.batch_syn >= 0, ">= 0 (0 = all images)"),
-            ("interior", self.interior >= 0, ">= 0"),
-            ("depth", self.depth >= 0, ">= 0 (0 = any)"),
-            ("method", self.method in ("mct", "mtt"), "mct or mtt"),
-            ("grad", self.grad in MODES, f"one of {', '.join(MODES)}"),
-            ("step_units", self.step_units in ("released", "exact"), "released or exact"),
-            ("pix_init", self.pix_init in ("real", "noise"), "real or noise"),
-            ("micro_batch", self.micro_batch == "auto" or (self.micro_batch.isdigit()), "auto or a whole number >= 0"),
-            ("second_order", self.second_order in POLICIES, f"one of {', '.join(POLICIES)}"),
-            ("checkpoint_every", self.checkpoint_every >= 1, ">= 1"),
-            ("checkpoint_minutes", finite(self.checkpoint_minutes) and self.checkpoint_minutes >= 0,
-             ">= 0 (0 = off)"),
-            ("eval_every", self.eval_every >= 0, ">= 0 (0 = never)"),
-            ("eval_runs", self.eval_runs >= 1, ">= 1"),
-            ("eval_epochs", self.eval_epochs >= 1, ">= 1"),
-            ("select_on", self.select_on in ("validation", "test"), "validation or test"),
-            ("val_size", self.val_size >= 0, ">= 0 (0 = automatic)"),
-            ("seed", 0 <= self.seed <= 2**63 - 1, "in 0 … 2**63-1"),
-        ]
-        for key, ok, requirement in checks:
-            if not ok:
-                return key, f"must be {requirement}, got {getattr(self, key)!r}"
-        return None
+        """The first setting that cannot run, as (key, "must be …, got …"): each setting's check is
+        declared with it (`check=`); NaN fails every numeric check."""
+        found = first_problem(self)
+        return None if found is None else (found.key, found.message("must be {words}, got {value!r}"))
 
     def validate(self) -> None:
         """Reject settings that cannot run, with one line naming the option."""

@@ -53,6 +53,7 @@ from mctool.errors import Interrupted, TrainingDiverged, UsageError
 from mctool.evaluate import EvaluateConfig, evaluate_set
 from mctool.prepared import Prepared, split_validation
 from mctool.progress import SILENT, Pace, Reporter, duration
+from mctool.settings import above, at_least, first_problem, setting
 
 PROBE_ITERATIONS = 3  # the first candidate's first iterations, timed after the first (warm-up)
 MIN_HORIZON = 4  # the first rung's horizon, at least (fewer when the full run is shorter)
@@ -71,22 +72,22 @@ _now = time.perf_counter  # the search's clock (tests replace it)
 class TuneConfig:
     """How long and how carefully to search."""
 
-    minutes: float = 20.0  # the whole search's budget, probe and starting images included
-    iterations: int = 0  # the first rung's horizon; 0 = fitted to the budget
-    eval_runs: int = 2
-    eval_epochs: int = 300
-    val_size: int = 0  # 0 = 10 % of the training split, at least 30 per class, at most a third
-    seed: int = 0
+    minutes: float = setting(20.0, "The whole search's budget in minutes, probe and starting images included.",
+                             flags=("--tune-minutes",), check=above(0))
+    iterations: int = setting(0, "The first rung's horizon in iterations (0 = fitted to the budget).",
+                              flags=("--tune-iterations",), check=at_least(0, ">= 0 (0 = fitted to the budget)"))
+    eval_runs: int = setting(2, "Networks trained to score each candidate.", flags=("--tune-runs",),
+                             check=at_least(1))
+    eval_epochs: int = setting(300, "Epochs per scoring network.", flags=("--tune-epochs",), check=at_least(2))
+    val_size: int = setting(0, "Validation images (0 = 10 % of the training split, at least 30 per class, at most "
+                            "a third).", flags=("--val-size",), check=at_least(0))
+    seed: int = setting(0, "Seed of the search.")
 
     def validate(self) -> None:
-        """One usage line for settings that cannot run."""
-        checks = [("--tune-minutes", math.isfinite(self.minutes) and self.minutes > 0, "> 0"),
-                  ("--tune-iterations", self.iterations >= 0, ">= 0 (0 = fitted to the budget)"),
-                  ("--tune-runs", self.eval_runs >= 1, ">= 1"), ("--tune-epochs", self.eval_epochs >= 2, ">= 2"),
-                  ("--val-size", self.val_size >= 0, ">= 0")]
-        for option, ok, need in checks:
-            if not ok:
-                raise UsageError(f"{option} must be {need}")
+        """One usage line for settings that cannot run (each setting's check is declared with it)."""
+        found = first_problem(self)
+        if found is not None:
+            raise UsageError(found.message("{option} must be {words}"))
 
 
 @dataclass

@@ -43,6 +43,7 @@ from mctool.interop.torchfile import open_torch_file
 from mctool.models import ModelSpec, build_model, param_layout
 from mctool.prepared import Prepared
 from mctool.progress import SILENT, Reporter
+from mctool.settings import above, at_least, first_problem, one_of, setting
 from mctool.train import accuracy
 
 ACCURACY_MODES = ("none", "first", "last")
@@ -54,33 +55,33 @@ COMPRESSED_FORMAT = "mct-compressed"
 class ImportConfig:
     """What the user states about the experts (None: from the folder name or the shapes)."""
 
-    dataset: str | None = None
-    zca: bool | None = None
-    zca_eps: float = 0.1
-    model: str | None = None  # the scripts' model name (ConvNet, ConvNetD4, ConvNetBN, ...)
-    depth: int | None = None
-    width: int | None = None
-    norm: str | None = None
-    epochs: int | None = None  # a check: refuse files whose experts have another K
-    variant: str | None = None  # compressed pairs: ip4, ip2, uni, dec, proj
-    accuracy: str = "last"  # test accuracy of the final weights: of every expert, the first, or none
+    dataset: str | None = setting(None, "Dataset the experts learned (default: from the scripts' folder name).")
+    zca: bool | None = setting(None, "Whether the experts saw ZCA-whitened images (default: from the folder name).",
+                               flags=("--zca/--no-zca",))
+    zca_eps: float = setting(0.1, "ZCA epsilon the scripts used.", check=above(0, "positive"))
+    model: str | None = setting(None, "The scripts' model name (ConvNet, ConvNetD4, ConvNetBN, ...).")
+    depth: int | None = setting(None, "ConvNet depth (checked against the files).", check=at_least(1, "at least 1"))
+    width: int | None = setting(None, "ConvNet width (checked against the files).", check=at_least(1, "at least 1"))
+    norm: str | None = setting(None, "The ConvNet's normalisation (default instancenorm).")
+    epochs: int | None = setting(None, "Expected K: files whose experts have another are refused.",
+                                 check=at_least(1, "at least 1"))
+    variant: str | None = setting(None, "Compressed pairs: ip4, ip2, uni, dec or proj.")
+    accuracy: str = setting("last", "Test accuracy of the final weights: of every expert (last), the first, or none.",
+                            check=one_of(*ACCURACY_MODES, message="unknown accuracy mode '{value}'; choose from "
+                                         + ", ".join(ACCURACY_MODES)))
     # How the experts were trained, recorded as stated (defaults: buffer.py's).
-    lr: float = 0.01
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    batch_size: int = 256
-    augment: str = DEFAULT_STRATEGY
+    lr: float = setting(0.01, "The experts' training learning rate, recorded as stated.")
+    momentum: float = setting(0.0, "The experts' training momentum, recorded as stated.")
+    weight_decay: float = setting(0.0, "The experts' weight decay, recorded as stated.")
+    batch_size: int = setting(256, "The experts' training batch size, recorded as stated.")
+    augment: str = setting(DEFAULT_STRATEGY, "The experts' DSA strategy, recorded as stated.")
 
     def validate(self) -> None:
-        """Settings that can be checked without files or data (one line, exit 2)."""
-        if self.accuracy not in ACCURACY_MODES:
-            raise UsageError(f"unknown accuracy mode '{self.accuracy}'; choose from {', '.join(ACCURACY_MODES)}")
-        for key in ("depth", "width", "epochs"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                raise UsageError(f"--{key} must be at least 1, got {value}")
-        if not self.zca_eps > 0:
-            raise UsageError(f"--zca-eps must be positive, got {self.zca_eps}")
+        """Settings that can be checked without files or data (one line, exit 2); each setting's
+        check is declared with it."""
+        found = first_problem(self)
+        if found is not None:
+            raise UsageError(found.message("{option} must be {words}, got {value}"))
 
 
 @dataclass(frozen=True)

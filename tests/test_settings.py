@@ -1,0 +1,92 @@
+"""Each setting's check is declared with it (mctool/settings.py): validation iterates over the
+settings, NaN fails every numeric check, and the messages are the one-liners they were."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+
+from mctool.distill import DistillConfig
+from mctool.distill.tune import TuneConfig
+from mctool.errors import UsageError
+from mctool.interop.importer import ImportConfig
+from mctool.settings import above, at_least, between, first_problem, one_of, settings
+
+# The requirement every checked DistillConfig setting states (what `problem()` said before the
+# checks moved into the declarations).
+DISTILL_WORDS = {
+    "ipc": ">= 1", "syn_steps": ">= 1", "expert_epochs": "> 0", "max_start_epoch": ">= 0", "lr_img": "a number > 0",
+    "lr_lr": "a number >= 0", "lr_init": "a number > 0 (the initial step size)", "momentum_img": "in [0, 1)",
+    "momentum_lr": "in [0, 1)", "iterations": ">= 0", "batch_syn": ">= 0 (0 = all images)", "interior": ">= 0",
+    "depth": ">= 0 (0 = any)", "checkpoint_every": ">= 1", "checkpoint_minutes": ">= 0 (0 = off)",
+    "eval_every": ">= 0 (0 = never)", "eval_runs": ">= 1", "eval_epochs": ">= 1", "val_size": ">= 0 (0 = automatic)",
+    "seed": "in 0 … 2**63-1", "method": "mct or mtt", "grad": "one of constant, adjoint, unrolled",
+    "step_units": "released or exact", "pix_init": "real or noise", "micro_batch": "auto or a whole number >= 0",
+    "second_order": "one of auto, fastgrad, autograd", "select_on": "validation or test"}
+NUMERIC = [k for k in DISTILL_WORDS if isinstance(getattr(DistillConfig(), k), (int, float))]
+
+
+def test_every_checked_setting_declares_its_check() -> None:
+    assert len(NUMERIC) == 20
+    checked = {s.name for s in settings(DistillConfig) if s.info.check is not None}
+    assert checked == set(DISTILL_WORDS)
+    assert DistillConfig().problem() is None
+
+
+@pytest.mark.parametrize("key", NUMERIC)
+def test_nan_fails_every_numeric_check(key: str) -> None:
+    cfg = dataclasses.replace(DistillConfig(), **{key: math.nan})
+    assert cfg.problem() == (key, f"must be {DISTILL_WORDS[key]}, got nan")
+    with pytest.raises(UsageError) as e:
+        cfg.validate()
+    option = "--" + key.replace("_", "-")
+    assert str(e.value) == f"{option} must be {DISTILL_WORDS[key]}, got nan"
+
+
+@pytest.mark.parametrize("key,bad", [("ipc", 0), ("lr_img", -1.0), ("momentum_img", 1.0), ("seed", 2**63),
+                                     ("seed", -1), ("method", "x"), ("grad", "exact"), ("micro_batch", "-1"),
+                                     ("second_order", "x"), ("select_on", "train"), ("pix_init", "zeros")])
+def test_a_bad_value_gives_the_one_liner(key: str, bad: object) -> None:
+    cfg = dataclasses.replace(DistillConfig(), **{key: bad})
+    assert cfg.problem() == (key, f"must be {DISTILL_WORDS[key]}, got {bad!r}")
+
+
+def test_wrong_types_fail_instead_of_raising() -> None:
+    assert first_problem(dataclasses.replace(DistillConfig(), micro_batch=3)).key == "micro_batch"  # type: ignore[union-attr]
+    assert first_problem(dataclasses.replace(DistillConfig(), ipc="ten")).key == "ipc"  # type: ignore[union-attr]
+    assert first_problem(dataclasses.replace(DistillConfig(), ipc=True)).key == "ipc"  # type: ignore[union-attr]
+
+
+def test_the_vocabulary() -> None:
+    assert (at_least(1).words, above(0).words, between(0, 1, top_open=True).words) == (">= 1", "> 0", "in [0, 1)")
+    assert (one_of("a", "b").words, one_of("a", "b", "c").words) == ("a or b", "one of a, b, c")
+    for check in (at_least(0), above(-1), between(-1, 1)):
+        assert check.ok(0) and not check.ok(math.nan) and not check.ok(math.inf)
+    assert between(0, 1).ok(1) and not between(0, 1, top_open=True).ok(1)
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({"minutes": math.nan}, "--tune-minutes must be > 0"), ({"minutes": 0.0}, "--tune-minutes must be > 0"),
+    ({"iterations": -1}, "--tune-iterations must be >= 0 (0 = fitted to the budget)"),
+    ({"eval_runs": 0}, "--tune-runs must be >= 1"), ({"eval_epochs": 1}, "--tune-epochs must be >= 2"),
+    ({"val_size": -1}, "--val-size must be >= 0")])
+def test_tune_config_messages(kw: dict, message: str) -> None:
+    with pytest.raises(UsageError) as e:
+        TuneConfig(**kw).validate()
+    assert str(e.value) == message
+    TuneConfig().validate()
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({"accuracy": "x"}, "unknown accuracy mode 'x'; choose from none, first, last"),
+    ({"depth": 0}, "--depth must be at least 1, got 0"), ({"width": -2}, "--width must be at least 1, got -2"),
+    ({"epochs": 0}, "--epochs must be at least 1, got 0"), ({"zca_eps": 0.0}, "--zca-eps must be positive, got 0.0"),
+    ({"zca_eps": math.nan}, "--zca-eps must be positive, got nan")])
+def test_import_config_messages(kw: dict, message: str) -> None:
+    with pytest.raises(UsageError) as e:
+        ImportConfig(**kw).validate()
+    assert str(e.value) == message
+    ImportConfig().validate()
+    ImportConfig(depth=None, width=None, epochs=None).validate()  # not stated: not checked
