@@ -176,11 +176,11 @@ def test_distill_table_and_json(monkeypatch: pytest.MonkeyPatch) -> None:
     # After a resume the stored evaluations include mctool evaluate's: said so, with their spread.
     assert ("evaluation of random real images (the baseline, by mctool evaluate): ConvNet 40.00 ± 1.00 % on the "
             "test split") in r.stdout and "iteration ?" not in r.stdout
-    assert "best images: iteration 3 (50.00% on the validation split); s-mct-ipc2-best.png" in r.stdout
+    assert "best images: iteration 3 (50.00 (n = 1) % on the validation split); s-mct-ipc2-best.png" in r.stdout
     assert "selected on test" not in r.stdout and "images: s-mct-ipc2.png" in r.stdout
     doc = json.loads(ok(cli("distill", "--json")).stdout)
     assert set(doc) == {"file", "synset", "iterations", "alpha", "loss_first", "loss_last_mean", "skipped_iterations",
-                        "evaluations", "seconds", "config", "png", "best", "png_best", "notes"}
+                        "evaluations", "seconds", "config", "png", "best", "png_best", "notes", "selection"}
     assert doc["best"]["selected_on"] == "validation" and doc["iterations"] == 4
 
 

@@ -195,6 +195,7 @@ def test_tune_halves_on_learning_curves_never_reads_the_test_split_and_writes_a_
     assert "<- chosen" in text and "starting images" in text
     p = load_preset(path)
     assert p.values["source"] == "tuned" and p.values["lr_img"] == result.best["lr_img"]
+    assert p.values["eval_share"] == 0.1  # the run it is for keeps its best images, the start included
     with store.open_buffer(convex_buffer) as buf:
         cfg = resolve_config(str(path), {}, buf)
         check_buffer_matches(cfg, buf)  # the dataset the preset names is the buffer's
@@ -239,7 +240,7 @@ def test_a_continued_candidate_is_the_run_it_would_have_been(convex_buffer: Path
     with store.open_buffer(convex_buffer) as buf:
         prepared = prepare_like(buf.data, data_dir, torch.device("cpu"))
         data, _ = tune_mod.split_for_tuning(prepared, result.val_images, 3)
-        cfg = dataclasses.replace(base, lr_img=win.values["lr_img"], iterations=7, eval_every=0,
+        cfg = dataclasses.replace(base, lr_img=win.values["lr_img"], iterations=7, eval_every=0, eval_share=0.0,
                                   checkpoint_every=8)
         out = Path(tempfile.mkdtemp()) / "one.h5"
         run_prepared(cfg, buf, out, data, name="tune")

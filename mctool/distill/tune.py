@@ -49,10 +49,12 @@ import torch
 
 from mctool import store
 from mctool.distill import DistillConfig, check_buffer_matches, run_prepared
+from mctool.distill.config import DEFAULT_EVAL_SHARE
 from mctool.errors import Interrupted, TrainingDiverged, UsageError
 from mctool.evaluate import EvaluateConfig, evaluate_set
 from mctool.prepared import Prepared, split_validation
 from mctool.progress import SILENT, Pace, Reporter, duration
+from mctool.scores import score_text
 from mctool.settings import above, at_least, first_problem, setting
 
 PROBE_ITERATIONS = 3  # the first candidate's first iterations, timed after the first (warm-up)
@@ -391,7 +393,7 @@ class _Search:
     def config(self, values: dict[str, Any], iterations: int) -> DistillConfig:
         """The base settings with `values`, for a short run without periodic evaluations, saved
         only at its end (the next rung resumes from there)."""
-        return dataclasses.replace(self.base, **values, iterations=iterations, eval_every=0,
+        return dataclasses.replace(self.base, **values, iterations=iterations, eval_every=0, eval_share=0.0,
                                    checkpoint_every=iterations + 1, checkpoint_minutes=0.0)
 
     def file(self, cand: Candidate) -> Path:
@@ -765,13 +767,6 @@ class TuneInterrupted(Interrupted):
         self.result = result
 
 
-def score_text(mean: float, std: float | None, runs: int) -> str:
-    """'74.10 ± 0.52' in percent; one run has no spread: '74.10 (n = 1)'."""
-    if runs <= 1 or std is None:
-        return f"{100 * mean:.2f} (n = {runs})"
-    return f"{100 * mean:.2f} ± {100 * std:.2f} (n = {runs})"
-
-
 def curve_text(cand: Candidate) -> str:
     """'4: 70.1, 8: 71.3, 16: 72.0' (validation %, by iteration)."""
     return ", ".join(f"{p['iteration']}: {100 * p['mean']:.1f}" for p in cand.curve)
@@ -855,6 +850,9 @@ def write_result_preset(result: TuneResult, path: Path) -> Path:
     from mctool.presets import write_preset
 
     values = preset_values(result)
+    if not values.get("eval_share"):
+        # The run it is for keeps its best images on validation, the starting ones included.
+        values["eval_share"] = DEFAULT_EVAL_SHARE
     values["source"] = "tuned"
     values["description"] = f"mctool distill --tune on {result.buffer}"
     ds = values.get("dataset", "")

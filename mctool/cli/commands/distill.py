@@ -9,7 +9,7 @@ from typing import Any, Optional
 import typer
 
 from mctool.cli.common import DataDirOpt, DebugOpt, DeviceOpt, JsonOpt, QuietOpt, emit_json, run, settings_from, with_settings
-from mctool.cli.render import mean_std, pct, stdout, table
+from mctool.cli.render import mean_std, stdout, table
 from mctool.distill import DistillConfig
 from mctool.errors import UsageError
 
@@ -185,9 +185,14 @@ def distill(
             stdout.print(evaluation_line(ev))
         if result.best is not None:
             b = result.best
-            stdout.print(f"best images: iteration {b['iteration']} ({pct(b['score'].get('mean'))}% on the "
+            score = mean_std(b["score"].get("mean"), b["score"].get("std"), int(b["score"].get("runs") or 1))
+            start = " — the starting images" if b["iteration"] == 0 else ""
+            stdout.print(f"best images: iteration {b['iteration']}{start} ({score} % on the "
                          f"{b['selected_on']} split{' — selected on test, as the authors do' if b['selected_on'] == 'test' else ''}); "
                          f"{result.png_best}")
+        for note in result.notes:
+            if note.startswith(("selection on", "the starting images scored best")):
+                stdout.print(note)
         stdout.print(f"images: {result.png}")
 
     run(body, quiet, debug, interrupt_hint="checkpoint saved: add --resume to the same command to continue")
