@@ -310,6 +310,8 @@ def test_budget_watchdog_asks_loops_to_stop(monkeypatch: pytest.MonkeyPatch) -> 
     watch = tune_mod._Budget(inner, deadline=10.0)
     assert watch.should_stop() == 0 and not watch.expired
     watch.task("distill", "distill tune", 10)
+    watch.update("distill", 3)  # a resumed run's jump to its iteration: not a step
+    assert "time" not in inner.lines[-1]
     now[0] = 1.0
     watch.update("distill", 1, loss=1.0)
     now[0] = 1.5

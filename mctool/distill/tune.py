@@ -173,7 +173,7 @@ class _Budget(_NoLogs):
 
     def update(self, key: str, advance: int = 0, **fields: Any) -> None:
         left = f"search {duration(max(0.0, self.deadline - _now()))} left"
-        if key == "distill" and advance > 0:
+        if key == "distill" and advance > 0 and fields:  # an iteration (a resume's jump has no figures)
             self.pace.step()
             each = self.pace.per_step()
             own = fields.get("time")  # the run's own pace and time left, when it gives them
