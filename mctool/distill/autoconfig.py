@@ -2,7 +2,7 @@
 
 `mctool distill` without `--preset` takes these from the buffer (its dataset's image size,
 classes and training-set size, the experts' K, learning rate and batch size) and says which
-it chose; `mctool distill --tune` searches around them (mctool/tune.py). The rules, each
+it chose; `mctool distill --tune` searches around them (mctool/distill/tune.py). The rules, each
 fitted to Table A of the MCT supplement (K = 50 experts; our Fashion-MNIST presets, tuned on
 K = 6 experts, as a fourth image size):
 
@@ -174,7 +174,7 @@ def describe(choice: Choice, cfg_values: dict[str, Any], given: set[str]) -> str
             parts.append(f"{key} {_num(cfg_values[key])} (your option)")
         else:
             parts.append(f"{key} {_num(choice.values[key])} ({choice.reasons.get(key, 'rule')})")
-    text = ("note: no --preset, so settings suit the buffer (rules from Table A, mctool/autoconfig.py; "
+    text = ("note: no --preset, so settings suit the buffer (rules from Table A, mctool/distill/autoconfig.py; "
             "`mctool distill --tune` searches around them): " + "; ".join(parts))
     if choice.warnings:
         text += ". " + " ".join(choice.warnings)
