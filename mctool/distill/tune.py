@@ -604,6 +604,10 @@ def diagnose(result: TuneResult, winner: Candidate, reference: float | None, ful
             notes.append(f"the chosen settings' score was still rising at iteration {top} "
                          f"({100 * curve[-2]['mean']:.1f} → {100 * last['mean']:.1f} %): more iterations should help; "
                          f"{more}")
+    if start is not None and curve[-1]["mean"] > start["mean"]:
+        notes.append(f"the chosen settings score {100 * curve[-1]['mean']:.1f} % at iteration {top}, "
+                     f"{100 * (curve[-1]['mean'] - start['mean']):+.1f} points over the starting images "
+                     f"({100 * start['mean']:.1f} %)")
     lrs = sorted({c.values["lr_img"] for c in scored})
     if lr_free and len(lrs) >= 3 and winner.values["lr_img"] in (lrs[0], lrs[-1]):
         end = "smallest" if winner.values["lr_img"] == lrs[0] else "largest"
