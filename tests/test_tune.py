@@ -661,3 +661,56 @@ def test_tune_says_when_the_starting_images_score_best(convex_buffer: Path, data
     assert result.random_real["mean"] == 0.99
     assert any("the starting images (iteration 0) scored best at every horizon: 99.0 %" in n
                and "the experts reach 50.0 %" in n for n in result.notes), result.notes
+
+
+@pytest.mark.parametrize("point", ["mkstemp", "fdopen", "fsync", "umask", "chmod", "replace", "after-replace",
+                                   "fsync-folder"])
+def test_a_kill_at_each_point_of_the_preset_write_leaves_old_or_new(tmp_path: Path, point: str) -> None:
+    """Issue 24 item 6, at exact points: the writer killed (SIGKILL, in a forked child) before or
+    after each step of the write leaves the old preset or the new one, whole; writing again works."""
+    import os
+    import signal
+
+    from mctool.distill.tune import PRESET_MARK
+    from mctool.presets import Schema, write_preset
+
+    schema = Schema({"ipc": int}, ())
+    comment = "Found by `mctool distill --tune` now"
+    new = write_preset(tmp_path / "reference.toml", {"ipc": 2}, comment, schema).read_text()
+    path = tmp_path / "tuned.toml"
+    old = f"{PRESET_MARK} earlier\nipc = 1\n"
+    path.write_text(old)
+    pid = os.fork()
+    if pid == 0:  # the child: dies at `point`
+        try:
+            def die(*args, **kwargs):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            if point == "mkstemp":
+                tempfile.mkstemp = die
+            elif point in ("after-replace", "fsync-folder"):
+                real_replace, real_open, real_fsync = os.replace, os.open, os.fsync
+                done = []
+
+                def replace(a, b):
+                    real_replace(a, b)
+                    done.append(True)
+                os.replace = replace
+                if point == "after-replace":
+                    os.open = lambda *a, **k: die() if done else real_open(*a, **k)
+                else:
+                    os.fsync = lambda fd: die() if done else real_fsync(fd)
+            else:
+                setattr(os, point, die)
+            write_preset(path, {"ipc": 2}, comment, schema, replaces=PRESET_MARK)
+        finally:
+            os._exit(3)  # not killed: the point was never reached
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+    assert path.read_text() in (old, new)  # never empty, never half-written
+    if point in ("after-replace", "fsync-folder"):
+        assert path.read_text() == new
+    else:
+        assert path.read_text() == old
+    write_preset(path, {"ipc": 2}, comment, schema, replaces=PRESET_MARK)  # the same write then succeeds
+    assert path.read_text() == new
