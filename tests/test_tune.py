@@ -663,11 +663,12 @@ def test_tune_says_when_the_starting_images_score_best(convex_buffer: Path, data
                and "the experts reach 50.0 %" in n for n in result.notes), result.notes
 
 
-@pytest.mark.parametrize("point", ["mkstemp", "fdopen", "fsync", "umask", "chmod", "replace", "after-replace",
-                                   "fsync-folder"])
+@pytest.mark.parametrize("point", ["mkdir", "read", "mkstemp", "fdopen", "fsync", "umask", "chmod", "replace",
+                                   "after-replace", "fsync-folder"])
 def test_a_kill_at_each_point_of_the_preset_write_leaves_old_or_new(tmp_path: Path, point: str) -> None:
     """Issue 24 item 6, at exact points: the writer killed (SIGKILL, in a forked child) before or
-    after each step of the write leaves the old preset or the new one, whole; writing again works."""
+    after each step of the write — `read` is the check that the old file is a preset --tune
+    wrote — leaves the old preset or the new one, whole; writing again works."""
     import os
     import signal
 
@@ -688,6 +689,8 @@ def test_a_kill_at_each_point_of_the_preset_write_leaves_old_or_new(tmp_path: Pa
 
             if point == "mkstemp":
                 tempfile.mkstemp = die
+            elif point == "mkdir":
+                Path.mkdir = die  # type: ignore[method-assign]
             elif point in ("after-replace", "fsync-folder"):
                 real_replace, real_open, real_fsync = os.replace, os.open, os.fsync
                 done = []
