@@ -80,15 +80,19 @@ def main() -> None:
         dres = doc["distill"] if variant == "tuned" else doc
         ev = mctool("evaluate", out, "--name", variant, "--baseline", "random", "--runs", a.runs,
                     "--epochs", a.epochs, "--seed", a.seed)
-        syn = next(r for r in ev["results"] if r["kind"] == "synset")
+        # The images the run returns: its best ones when it kept them (runs without a preset and
+        # --tune's final run select on validation, the starting images included), else the final.
+        target = "best" if any(r.get("target") == "best" for r in ev["results"]) else "final"
+        syn = next(r for r in ev["results"] if r["kind"] == "synset" and r.get("target", "final") == target)
+        score = next(x for x in ev["scores"] if x["target"] == target)
         real = next(r for r in ev["results"] if r["kind"] == "random-real")
         row = {"variant": variant, "settings": {k: dres["config"][k] for k in KEYS},
                "synset": [syn["mean"], syn["std"]], "random_real": [real["mean"], real["std"]],
-               "gain": ev["scores"][0]["gain"], "runs": a.runs, "epochs": a.epochs, "lr": syn["lr"],
+               "gain": score["gain"], "images": target, "runs": a.runs, "epochs": a.epochs, "lr": syn["lr"],
                "seconds_distill": seconds, "accuracies": syn["accuracies"], "random_accuracies": real["accuracies"]}
         if variant == "tuned":
-            row["tune"] = {k: doc["tune"][k] for k in ("iterations", "val_images", "skipped", "notes", "seconds",
-                                                       "random_real", "probe")}
+            row["tune"] = {k: doc["tune"][k] for k in ("iterations", "horizons", "plan", "val_images", "skipped",
+                                                       "notes", "seconds", "random_real", "probe")}
             row["tune"]["candidates"] = doc["tune"]["candidates"]
         rows.append(row)
         print(f"{variant:9s} {100 * syn['mean']:.2f} ± {100 * syn['std']:.2f}  random real "

@@ -86,6 +86,8 @@ class Score:
     note: str = ""
     labels: str = "hard"  # the synset's labels: hard or soft
     baseline_labels: str | None = None  # the random-real baseline's: hard, or soft (the expert's, same rule)
+    random_real_std: float | None = None  # population std of the random real runs
+    random_real_runs: int = 0
 
 
 @dataclass
@@ -201,7 +203,9 @@ def scores(results: list[Evaluation], whole_data: float | None, soft_labels: boo
         out.append(Score(target=r.target, model=r.model, mean=r.mean, std=r.std, runs=r.runs,
                          random_real=None if base is None else base.mean, gain=gain, gain_std=gain_std,
                          whole_data=whole_data, hlr=hlr, hlr_std=hlr_std, note=note.removesuffix("; "),
-                         labels=r.labels, baseline_labels=None if base is None else base.labels))
+                         labels=r.labels, baseline_labels=None if base is None else base.labels,
+                         random_real_std=None if base is None else base.std,
+                         random_real_runs=0 if base is None else base.runs))
     return out
 
 

@@ -50,3 +50,46 @@ class Muted(Reporter):
 
 
 SILENT = Reporter()
+
+
+class Pace:
+    """Seconds per step and time left of a loop, measured over its last `window` steps (the
+    speed of a busy machine changes; the first step, which pays for warm-up, soon drops out)."""
+
+    def __init__(self, window: int = 20, clock: Any = None) -> None:
+        import collections
+        import time
+
+        self.clock = clock or time.perf_counter
+        self.times: collections.deque[float] = collections.deque(maxlen=window + 1)
+
+    def step(self) -> None:
+        """One step ended now."""
+        self.times.append(self.clock())
+
+    def start(self) -> None:
+        """The loop (re)starts now: earlier steps no longer count (a resume, a pause)."""
+        self.times.clear()
+        self.times.append(self.clock())
+
+    def per_step(self) -> float | None:
+        """Seconds per step over the window (None before two time points)."""
+        if len(self.times) < 2:
+            return None
+        return (self.times[-1] - self.times[0]) / (len(self.times) - 1)
+
+    def text(self, remaining: int) -> str | None:
+        """'0.52 s/it, 3.1 min left' for `remaining` more steps (None before the first step)."""
+        each = self.per_step()
+        if each is None:
+            return None
+        return f"{each:.3g} s/it, {duration(each * max(0, remaining))} left"
+
+
+def duration(seconds: float) -> str:
+    """A duration for progress lines: '42 s', '3.1 min', '2.4 h'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -71,3 +71,10 @@ def whole_data_accuracy(reference: dict[str, Any] | None, override: float | None
         if mean is not None and not math.isnan(float(mean)):
             return float(mean), "experts"
     return None, "unknown"
+
+
+def score_text(mean: float, std: float | None, runs: int) -> str:
+    """'74.10 ± 0.52 (n = 2)' in percent; one run has no spread: '74.10 (n = 1)'."""
+    if runs <= 1 or std is None:
+        return f"{100 * mean:.2f} (n = {runs})"
+    return f"{100 * mean:.2f} ± {100 * std:.2f} (n = {runs})"

@@ -142,7 +142,9 @@ def distill_result(**changes: Any) -> DistillResult:
     values: dict[str, Any] = dict(
         file="s.h5", synset="mct-ipc2", iterations=4, alpha=0.0123, loss_first=2.5, loss_last_mean=1.25,
         skipped_iterations=1, seconds=3.25, config={"ipc": 2}, png="s-mct-ipc2.png", notes=[],
-        evaluations=[{"kind": "synset", "model": "ConvNet", "mean": 0.5, "iteration": 3, "split": "validation"}],
+        evaluations=[{"kind": "synset", "model": "ConvNet", "mean": 0.5, "iteration": 3, "split": "validation"},
+                     {"kind": "random-real", "model": "ConvNet", "mean": 0.4, "std": 0.01, "runs": 3,
+                      "split": "test"}],
         best={"iteration": 3, "lr": 0.02, "selected_on": "validation", "score": {"mean": 0.5}},
         png_best="s-mct-ipc2-best.png")
     values.update(changes)
@@ -172,12 +174,15 @@ def test_distill_table_and_json(monkeypatch: pytest.MonkeyPatch) -> None:
     patch(monkeypatch, mctool.distill, "run", distill_result())
     r = ok(cli("distill", "-o", "s.h5"))
     assert "s.h5: distilled" in r.stdout and "mct-ipc2" in r.stdout and "0.0123" in r.stdout
-    assert "evaluation (synset) at iteration 3: ConvNet 50.00% on the validation split" in r.stdout
-    assert "best images: iteration 3 (50.00% on the validation split); s-mct-ipc2-best.png" in r.stdout
+    assert "evaluation of the images at iteration 3: ConvNet 50.00 (n = 1) % on the validation split" in r.stdout
+    # After a resume the stored evaluations include mctool evaluate's: said so, with their spread.
+    assert ("evaluation of random real images (the baseline, by mctool evaluate): ConvNet 40.00 ± 1.00 % on the "
+            "test split") in r.stdout and "iteration ?" not in r.stdout
+    assert "best images: iteration 3 (50.00 (n = 1) % on the validation split); s-mct-ipc2-best.png" in r.stdout
     assert "selected on test" not in r.stdout and "images: s-mct-ipc2.png" in r.stdout
     doc = json.loads(ok(cli("distill", "--json")).stdout)
     assert set(doc) == {"file", "synset", "iterations", "alpha", "loss_first", "loss_last_mean", "skipped_iterations",
-                        "evaluations", "seconds", "config", "png", "best", "png_best", "notes"}
+                        "evaluations", "seconds", "config", "png", "best", "png_best", "notes", "selection"}
     assert doc["best"]["selected_on"] == "validation" and doc["iterations"] == 4
 
 
@@ -213,8 +218,9 @@ def evaluate_result(one_run: bool = False) -> EvaluateResult:
     best = evaluation("synset", [0.7, 0.7], "best", 3)
     base = evaluation("random-real", [0.4, 0.4], iteration=None)
     rows = [Score("final", "ConvNet", final.mean, final.std, final.runs, 0.4, final.mean - 0.4, None, 0.9,
-                  0.9 - final.mean, None),
-            Score("best", "ConvNet", 0.7, 0.0, 2, 0.4, 0.3, 0.0, 0.9, 0.2, 0.0)]
+                  0.9 - final.mean, None, random_real_std=0.0, random_real_runs=2),
+            Score("best", "ConvNet", 0.7, 0.0, 2, 0.4, 0.3, 0.0, 0.9, 0.2, 0.0, random_real_std=0.0,
+                  random_real_runs=2)]
     return EvaluateResult(file="s.h5", synset="mct-ipc2", ipc=2, lr=0.01, results=[final, best, base], scores=rows,
                           experts_reference={"mean": 0.9, "std": 0.01, "experts": 2, "epochs": 4},
                           whole_data_source="the experts' final test accuracy", selected_on="validation")
@@ -244,6 +250,8 @@ def test_evaluate_tables(monkeypatch: pytest.MonkeyPatch) -> None:
                  "whole data from the experts' final test accuracy", "best (selected on validation)", "+20.00",
                  "30.00"):
         assert text in r.stdout, text
+    # Every mean with its spread: random real and the experts too (issue 23).
+    assert "40.00 ± 0.00" in r.stdout and "90.00 ± 1.00" in r.stdout
     patch(monkeypatch, mctool.evaluate, "evaluate_file", evaluate_result(one_run=True))
     r = ok(cli("evaluate", "s.h5"))
     assert "60.00 (n = 1)" in r.stdout and "60.00 ± " not in r.stdout
@@ -259,7 +267,8 @@ def test_evaluate_json(monkeypatch: pytest.MonkeyPatch) -> None:
                 "seconds_per_run", "config", "split", "target", "iteration", "labels"):
         assert key in doc["results"][0], key
     assert set(doc["scores"][0]) == {"target", "model", "mean", "std", "runs", "random_real", "gain", "gain_std",
-                                     "whole_data", "hlr", "hlr_std", "note", "labels", "baseline_labels"}
+                                     "whole_data", "hlr", "hlr_std", "note", "labels", "baseline_labels",
+                                     "random_real_std", "random_real_runs"}
     assert doc["scores"][1]["hlr"] == pytest.approx(0.2) and doc["results"][2]["iteration"] is None
 
 

@@ -161,7 +161,10 @@ def resume_and_fresh(release: Path, data_dir: Path, fresh_options: tuple[str, ..
     assert doc["iterations"] == 5 and doc["synset"] == "mct-ipc2"
     assert doc["config"]["step_units"] == "exact"  # what 0.1.0 did, implied for its configs
     assert doc["evaluations"] == before["evaluations"]  # the stored 0.1.0 evaluations are still listed
-    ok(cli("distill", *common, "-o", release / "fresh.h5", "--step-units", "exact", *fresh_options))
+    # 0.1.0 kept its final images and held no validation split out: --eval-share 0, as the resumed
+    # run's stored config implies (runs without a preset now select on validation by default).
+    ok(cli("distill", *common, "-o", release / "fresh.h5", "--step-units", "exact", "--eval-share", "0",
+           *fresh_options))
     return before, stored_synset(release / "synset.h5"), stored_synset(release / "fresh.h5")
 
 

@@ -21,7 +21,7 @@ DISTILL_WORDS = {
     "lr_lr": "a number >= 0", "lr_init": "a number > 0 (the initial step size)", "momentum_img": "in [0, 1)",
     "momentum_lr": "in [0, 1)", "iterations": ">= 0", "batch_syn": ">= 0 (0 = all images)", "interior": ">= 0",
     "depth": ">= 0 (0 = any)", "checkpoint_every": ">= 1", "checkpoint_minutes": ">= 0 (0 = off)",
-    "eval_every": ">= 0 (0 = never)", "eval_runs": ">= 1", "eval_epochs": ">= 1", "val_size": ">= 0 (0 = automatic)",
+    "eval_every": ">= 0 (0 = never)", "eval_share": "in [0, 1) (0 = off)", "eval_runs": ">= 1", "eval_epochs": ">= 1", "val_size": ">= 0 (0 = automatic)",
     "seed": "in 0 … 2**63-1", "method": "mct or mtt", "grad": "one of constant, adjoint, unrolled",
     "step_units": "released or exact", "pix_init": "real or noise", "micro_batch": "auto or a whole number >= 0",
     "second_order": "one of auto, fastgrad, autograd", "select_on": "validation or test",
@@ -31,7 +31,7 @@ NUMERIC = [k for k in DISTILL_WORDS if isinstance(getattr(DistillConfig(), k), (
 
 
 def test_every_checked_setting_declares_its_check() -> None:
-    assert len(NUMERIC) == 26
+    assert len(NUMERIC) == 27
     checked = {s.name for s in settings(DistillConfig) if s.info.check is not None}
     assert checked == set(DISTILL_WORDS)
     assert DistillConfig().problem() is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,8 @@ from mctool.distill import DistillConfig, check_buffer_matches, resolve_config
 from mctool.errors import UsageError
 from mctool.distill import load_preset
 from mctool.prepared import prepare_like
-from mctool.distill.tune import (MIN_ITERATIONS, TuneConfig, plan_search, tune_prepared, tuning_val_size,
-                         write_result_preset)
+from mctool.distill.tune import (LR_DECADES, LR_DECADES_SMALL, NEIGHBOURS, TuneConfig, plan_search, tune_prepared,
+                         tuning_val_size, write_result_preset)
 from tests.conftest import cli
 from tests.test_presets import TABLE
 
@@ -108,19 +109,32 @@ def test_distill_without_preset_uses_and_names_the_rules(tmp_path: Path, convex_
 
 # ------------------------------------------------------------------ the search
 
+ALL = ("lr_img", "max_start_epoch", "syn_steps", "expert_epochs")
 
-def test_plan_fits_the_budget_and_says_what_it_dropped() -> None:
-    roomy = plan_search(3600, t_iteration=0.5, t_eval=10, free=("lr_img", "max_start_epoch", "syn_steps"))
-    assert roomy.stages == ("lr_img", "max_start_epoch", "syn_steps") and not roomy.dropped
-    assert MIN_ITERATIONS <= roomy.iterations <= 200 and roomy.estimate_s <= 3600
-    tight = plan_search(180, t_iteration=0.5, t_eval=10, free=("lr_img", "max_start_epoch", "syn_steps"))
-    assert tight.estimate_s <= 180 and tight.iterations >= MIN_ITERATIONS
-    assert tight.dropped == ("syn_steps",) and tight.stages == ("lr_img", "max_start_epoch")
-    hopeless = plan_search(10, t_iteration=0.5, t_eval=10, free=("lr_img", "max_start_epoch", "syn_steps"))
-    assert hopeless.stages == ("lr_img",) and len(hopeless.lr_factors) == 3 and hopeless.estimate_s > 10
-    assert hopeless.dropped == ("max_start_epoch", "syn_steps", "lr_img × 0.3 and × 3")
-    fixed = plan_search(3600, 0.5, 10, free=("syn_steps",))
-    assert fixed.stages == ("syn_steps",)
+
+def test_plan_fits_the_budget_reaches_the_run_and_says_what_it_dropped() -> None:
+    """The plan is fitted to the measured costs: within the budget; survivors at a quarter of the
+    full run when the budget allows; smaller searches (and said) when it does not."""
+    roomy = plan_search(3600, t_iteration=0.5, t_eval=10, free=ALL, full_iterations=400)
+    assert roomy.fits and roomy.estimate_s <= 3600 and not roomy.dropped
+    assert roomy.lr_factors == LR_DECADES and roomy.neighbours == NEIGHBOURS
+    assert roomy.top >= 100 and roomy.top <= 400  # a quarter of the full run at least
+    h = roomy.horizons
+    assert all(b == min(2 * a, 400) for a, b in zip(h, h[1:])) and h[0] >= 4  # h, 2h, 4h, …
+    tight = plan_search(300, t_iteration=0.5, t_eval=10, free=ALL, full_iterations=400)
+    assert tight.fits and tight.estimate_s <= 300 and tight.dropped  # fewer candidates, said
+    assert tight.top >= 100 or tight.lr_factors == LR_DECADES_SMALL
+    hopeless = plan_search(10, t_iteration=0.5, t_eval=10, free=ALL, full_iterations=400)
+    assert not hopeless.fits and hopeless.lr_factors == LR_DECADES_SMALL and hopeless.neighbours == ()
+    assert "lr_img × 0.01 and × 100" in hopeless.dropped
+    fixed = plan_search(3600, 0.5, 10, free=("syn_steps",), full_iterations=400)
+    assert fixed.lr_factors == (1.0,) and fixed.neighbours == ("syn_steps",)
+    short = plan_search(3600, 0.5, 10, free=ALL, full_iterations=10)
+    assert short.top == 10 and max(short.horizons) <= 10  # never beyond the run it tunes
+    # A budget that cannot reach a quarter of a long run: the farthest horizon it can, within a
+    # factor 2, with the richest search that gets there.
+    long = plan_search(600, 0.5, 10, free=ALL, full_iterations=100000)
+    assert long.fits and long.top < 25000 and long.estimate_s <= 600
     assert tuning_val_size(60000, 10) == 5000 and tuning_val_size(1347, 10) == 300 and tuning_val_size(90, 3) == 30
 
 
@@ -134,40 +148,54 @@ class _Poison:
         raise AssertionError("the test split was read")
 
 
-def _tune(convex_buffer: Path, data_dir: Path, poison: bool = True, fixed: frozenset = frozenset()):
+def _tune(convex_buffer: Path, data_dir: Path, poison: bool = True, fixed: frozenset = frozenset(),
+          minutes: float = 30, iterations: int = 2, full: int = 7, overrides: dict | None = None,
+          reporter=None):
     with store.open_buffer(convex_buffer) as buf:
-        base = resolve_config(None, {"ipc": 2, "syn_steps": 2, "iterations": 7, "seed": 3}, buf)
+        base = resolve_config(None, {"ipc": 2, "syn_steps": 2, "iterations": full, "seed": 3, **(overrides or {})},
+                              buf)
         prepared = prepare_like(buf.data, data_dir, torch.device("cpu"))
         if poison:
             prepared = dataclasses.replace(prepared, test_x=_Poison(), test_y=_Poison())
-        tcfg = TuneConfig(minutes=30, iterations=2, eval_runs=2, eval_epochs=2, seed=3)
-        return base, tune_prepared(base, buf, prepared, tcfg, set(fixed))
+        tcfg = TuneConfig(minutes=minutes, iterations=iterations, eval_runs=2, eval_epochs=2, seed=3)
+        kw = {} if reporter is None else {"reporter": reporter}
+        return base, tune_prepared(base, buf, prepared, tcfg, set(fixed), **kw)
 
 
-def test_tune_never_reads_the_test_split_and_writes_a_usable_preset(tmp_path: Path, convex_buffer: Path,
-                                                                     data_dir: Path) -> None:
+def test_tune_halves_on_learning_curves_never_reads_the_test_split_and_writes_a_usable_preset(
+        tmp_path: Path, convex_buffer: Path, data_dir: Path) -> None:
     base, result = _tune(convex_buffer, data_dir)
     stages = [c.stage for c in result.candidates]
-    assert stages[0] == "base" and {"lr_img", "max_start_epoch", "syn_steps"} <= set(stages)
+    assert {"lr_img", "max_start_epoch", "syn_steps", "expert_epochs"} <= set(stages)
     lrs = {c.values["lr_img"] for c in result.candidates if c.stage == "lr_img"}
-    assert {base.lr_img * 0.1, base.lr_img * 10} <= lrs and len(lrs) >= 4  # decades, then ×0.3 / ×3 of the best
-    scored = [c for c in result.candidates if c.mean is not None]
+    assert {base.lr_img * f for f in (0.01, 0.1, 1, 10, 100)} <= {float(f"{v:.2g}") for v in lrs} | lrs
+    assert result.horizons[:3] == [2, 4, 7]  # h = 2, doubled, capped at the full run's 7
+    # Successive halving: at each horizon at most the better half of the previous one goes on,
+    # and those are the best ones there.
+    bracket1 = [c for c in result.candidates if c.stage == "lr_img" and c.values["lr_img"] in
+                {float(f"{base.lr_img * f:.2g}") for f in (0.01, 0.1, 1, 10, 100)}]
+    assert len(bracket1) == 5
+    at = {h: [c for c in bracket1 if c.at(h)] for h in (2, 4, 7)}
+    assert len(at[2]) == 5 and len(at[4]) == 3 and len(at[7]) <= 2
+    ranked = sorted(at[2], key=lambda c: -c.at(2)["mean"])
+    assert set(map(id, at[4])) == set(map(id, ranked[:3]))
     win = result.candidates[result.best_index]
-    assert win.mean == max(c.mean for c in scored)
-    for key in ("max_start_epoch", "syn_steps"):
+    top = max(p["iteration"] for p in win.curve)
+    assert win.at(top)["mean"] == max(c.at(top)["mean"] for c in result.candidates if c.at(top))
+    for key in ALL:  # the settings as they were scored: no rescaling
         assert result.best[key] == win.values[key]
-    # The full run (7 iterations) covers the winner's lr × iterations (2 per candidate) in more steps.
-    assert result.best["lr_img"] == float(f"{win.values['lr_img'] * 2 / 7:.2g}")
-    assert result.best["lr_lr"] == float(f"{base.lr_lr * 2 / 7:.2g}") and any("× 2/7" in n for n in result.notes)
     assert result.best["iterations"] == 7  # the user's run length, not the candidates'
-    assert result.random_real is not None and 0 <= result.random_real["mean"] <= 1
+    start = result.random_real
+    assert start is not None and start["iteration"] == 0 and start["lr"] == base.lr_init
     assert result.val_images == 100  # 300 training images: 30 per class would be all; a third is held out
+    assert result.probe["seconds_per_iteration"] > 0 and result.probe["seconds_per_evaluation"] > 0
     path = write_result_preset(result, tmp_path / "tuned.toml")
     text = path.read_text()
     assert text.startswith("# Found by `mctool distill --tune`") and "never the test split" in text
-    assert "<- chosen" in text
+    assert "<- chosen" in text and "starting images" in text
     p = load_preset(path)
     assert p.values["source"] == "tuned" and p.values["lr_img"] == result.best["lr_img"]
+    assert p.values["eval_share"] == 0.1  # the run it is for keeps its best images, the start included
     with store.open_buffer(convex_buffer) as buf:
         cfg = resolve_config(str(path), {}, buf)
         check_buffer_matches(cfg, buf)  # the dataset the preset names is the buffer's
@@ -175,11 +203,149 @@ def test_tune_never_reads_the_test_split_and_writes_a_usable_preset(tmp_path: Pa
 
 
 def test_tune_is_seeded_and_keeps_fixed_settings(convex_buffer: Path, data_dir: Path) -> None:
-    _, a = _tune(convex_buffer, data_dir, fixed=frozenset({"syn_steps", "max_start_epoch"}))
-    _, b = _tune(convex_buffer, data_dir, poison=False, fixed=frozenset({"syn_steps", "max_start_epoch"}))
-    assert [c.mean for c in a.candidates] == [c.mean for c in b.candidates]
-    assert {c.stage for c in a.candidates} == {"base", "lr_img"}
+    fixed = frozenset({"syn_steps", "max_start_epoch", "expert_epochs"})
+    _, a = _tune(convex_buffer, data_dir, fixed=fixed)
+    _, b = _tune(convex_buffer, data_dir, poison=False, fixed=fixed)
+    assert [c.curve for c in a.candidates] == [c.curve for c in b.candidates]
+    assert {c.stage for c in a.candidates} == {"lr_img"}
     assert all(c.values["syn_steps"] == 2 for c in a.candidates)
+
+
+def test_a_continued_candidate_is_the_run_it_would_have_been(convex_buffer: Path, data_dir: Path) -> None:
+    """Halving continues a candidate from its checkpoint: its images at 7 iterations are those of
+    one uninterrupted 7-iteration run (so its curve is a real run's curve)."""
+    from mctool.distill import tune as tune_mod
+    from mctool.distill import run_prepared
+
+    seen = {}
+    real = tune_mod._Search.images
+
+    def images(self, cand):
+        out = real(self, cand)
+        seen[(cand.values["lr_img"], cand.values["max_start_epoch"], cand.values["syn_steps"],
+              cand.values["expert_epochs"], cand.reached)] = out
+        return out
+
+    import pytest as _pytest
+    mp = _pytest.MonkeyPatch()
+    mp.setattr(tune_mod._Search, "images", images)
+    try:
+        base, result = _tune(convex_buffer, data_dir, fixed=frozenset({"syn_steps", "max_start_epoch",
+                                                                       "expert_epochs"}))
+    finally:
+        mp.undo()
+    win = result.candidates[result.best_index]
+    key = (win.values["lr_img"], base.max_start_epoch, base.syn_steps, base.expert_epochs, 7)
+    assert key in seen  # the winner was continued to 7 (2 → 4 → 7)
+    with store.open_buffer(convex_buffer) as buf:
+        prepared = prepare_like(buf.data, data_dir, torch.device("cpu"))
+        data, _ = tune_mod.split_for_tuning(prepared, result.val_images, 3)
+        cfg = dataclasses.replace(base, lr_img=win.values["lr_img"], iterations=7, eval_every=0, eval_share=0.0,
+                                  checkpoint_every=8)
+        out = Path(tempfile.mkdtemp()) / "one.h5"
+        run_prepared(cfg, buf, out, data, name="tune")
+    with store.open_synsets(out) as sf:
+        syn = sf.read("tune")
+    assert torch.equal(syn.images, seen[key][0]) and syn.lr == seen[key][2]
+
+
+def test_the_budget_is_kept_on_a_clock_that_counts_work(convex_buffer: Path, data_dir: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A clock that advances one 'second' per reading (every iteration and evaluation epoch reads
+    it, so its time is work, whatever the machine's load): the search plans from the probe, skips
+    what does not fit, and the watchdog stops what runs over; it ends within the budget plus one
+    evaluation."""
+    from mctool.distill import tune as tune_mod
+
+    budget_s = 400.0
+    ticks = [0.0]
+
+    def clock() -> float:
+        # The machine gets three times busier once a third of the budget is spent: the plan,
+        # made from the probe, no longer fits; the guard and the watchdog must keep the budget.
+        ticks[0] += 1.0 if ticks[0] < budget_s / 3 else 3.0
+        return ticks[0]
+
+    monkeypatch.setattr(tune_mod, "_now", clock)
+    base, result = _tune(convex_buffer, data_dir, minutes=budget_s / 60, iterations=0, full=2000)
+    t_eval = 3 * result.probe["seconds_per_evaluation"]  # one evaluation, at the busier pace
+    assert result.seconds <= budget_s + t_eval, (result.seconds, t_eval)
+    assert result.seconds >= 0.5 * budget_s  # the budget was used, not left idle
+    assert result.skipped or any("budget" in c.note for c in result.candidates)  # it was binding
+    assert result.best_index >= 0 and result.horizons
+    assert any("of the full run's 2000 iterations" in n for n in result.notes)
+
+
+def test_a_tiny_real_budget_is_kept(convex_buffer: Path, data_dir: Path) -> None:
+    """Wall time: a 4-second budget on a 1000-iteration run ends within the budget and one
+    evaluation, on however busy a machine (the watchdog stops what runs over); on a machine so
+    busy that even the starting images' evaluation does not fit, it ends with the one line that
+    says so, as soon."""
+    import time
+
+    started = time.perf_counter()
+    try:
+        base, result = _tune(convex_buffer, data_dir, minutes=4 / 60, iterations=0, full=1000)
+    except UsageError as exc:
+        assert "--tune-minutes" in str(exc) and "the budget ran out" in str(exc)
+        assert time.perf_counter() - started <= 4 + 10.0  # the data and the temporary folder around it
+        return
+    wall = time.perf_counter() - started
+    slack = result.probe["seconds_per_evaluation"] + result.probe.get("seconds_startup", 0.0) + 1.0
+    assert result.seconds <= 4 + slack, (result.seconds, slack)
+    assert wall <= 4 + slack + 10.0  # preparing the data and the temporary folder around it
+
+
+def test_a_budget_too_small_to_measure_the_machine_is_one_line(convex_buffer: Path, data_dir: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from mctool.distill import tune as tune_mod
+
+    ticks = [0.0]
+
+    def clock() -> float:
+        ticks[0] += 1.0
+        return ticks[0]
+
+    monkeypatch.setattr(tune_mod, "_now", clock)
+    with pytest.raises(UsageError, match=r"^--tune-minutes 0\.1: the budget ran out while (measuring this machine|"
+                                         r"scoring the starting images)"):
+        _tune(convex_buffer, data_dir, minutes=0.1, iterations=0, full=1000)
+    assert ticks[0] < 6 + 40  # stopped at once: a few readings past the 6 'seconds'
+
+
+def test_budget_watchdog_asks_loops_to_stop(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mctool.distill import tune as tune_mod
+    from mctool.progress import Reporter
+
+    now = [0.0]
+    monkeypatch.setattr(tune_mod, "_now", lambda: now[0])
+
+    class Inner(Reporter):
+        signal = 0
+        lines: list = []
+
+        def should_stop(self) -> int:
+            return self.signal
+
+        def update(self, key, advance=0, **fields):
+            self.lines.append(fields)
+
+    inner = Inner()
+    watch = tune_mod._Budget(inner, deadline=10.0)
+    assert watch.should_stop() == 0 and not watch.expired
+    watch.task("distill", "distill tune", 10)
+    watch.update("distill", 3)  # a resumed run's jump to its iteration: not a step
+    assert "time" not in inner.lines[-1]
+    now[0] = 1.0
+    watch.update("distill", 1, loss=1.0)
+    now[0] = 1.5
+    watch.update("distill", 1, loss=1.0)
+    assert inner.lines[-1]["time"] == "0.75 s/it, search 8 s left"  # (1.5 - 0) / 2 steps
+    inner.signal = 2
+    assert watch.should_stop() == 2  # Ctrl-C passes through
+    inner.signal = 0
+    now[0] = 10.0
+    assert watch.should_stop() == tune_mod.BUDGET_STOP and watch.expired
 
 
 def test_distill_tune_cli(tmp_path: Path, convex_buffer: Path, data_dir: Path) -> None:
@@ -187,18 +353,126 @@ def test_distill_tune_cli(tmp_path: Path, convex_buffer: Path, data_dir: Path) -
     out = tmp_path / "s.h5"
     r = cli("distill", "--tune", "--tune-only", "--tune-minutes", "0.05", "--tune-epochs", "4", "--buffer",
             convex_buffer, "-o", out,
-            "--data-dir", data_dir, "--ipc", "2", "--syn-steps", "2", "--max-start-epoch", "1", "--iterations", "3")
+            "--data-dir", data_dir, "--ipc", "2", "--syn-steps", "2", "--max-start-epoch", "1", "--iterations", "40")
     assert r.exit_code == 0, r.output
     preset = tmp_path / "tuned-mnist-ipc2.toml"
     assert preset.is_file() and not out.exists()
     assert "validation" in r.stdout and "tuned preset:" in r.stdout and "* " in r.stdout
-    assert "skipped" in r.stdout or "dropped" in r.stderr or "too small" in r.stdout  # 3 s cannot hold the search
-    r2 = cli("distill", "--preset", preset, "--buffer", convex_buffer, "-o", out, "--data-dir", data_dir, "--quiet")
+    assert "starting images" in r.stdout and "successive halving" in r.stdout
+    assert "min of a 0.05 min budget" in r.stdout
+    assert "s per iteration" in r.stderr and "s per evaluation" in r.stderr  # the probe, measured
+    r2 = cli("distill", "--preset", preset, "--buffer", convex_buffer, "-o", out, "--data-dir", data_dir, "--quiet",
+             "--iterations", "2")
     assert r2.exit_code == 0, r2.output
     r3 = cli("distill", "--tune-only", "--buffer", convex_buffer)
     assert r3.exit_code == 2 and "--tune-only needs --tune" in r3.stderr
     r4 = cli("distill", "--tune", "--tune-epochs", "1", "--buffer", convex_buffer, "-o", out, "--data-dir", data_dir)
     assert r4.exit_code == 2 and "--tune-epochs must be >= 2" in r4.stderr
+
+
+# ------------------------------------------------------------------ the preset file --tune writes
+
+
+def _digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _tune_cli(tmp_path: Path, convex_buffer: Path, data_dir: Path, *extra):
+    return cli("distill", "--tune", "--tune-only", "--tune-minutes", "0.02", "--tune-epochs", "2", "--buffer",
+               convex_buffer, "-o", tmp_path / "s.h5", "--data-dir", data_dir, "--ipc", "1", "--syn-steps", "1",
+               "--iterations", "4", *extra)
+
+
+def test_tune_out_never_replaces_an_input_or_an_artifact(tmp_path: Path, convex_buffer: Path, data_dir: Path,
+                                                         buffer: Path) -> None:
+    """Issue 24 item 1: --tune-out naming the input buffer, another HDF5 artifact or any file
+    --tune did not write: one line, exit 2, before any work, the file untouched."""
+    import shutil
+
+    copy = tmp_path / "copy.h5"
+    shutil.copyfile(buffer, copy)
+    notes = tmp_path / "notes.toml"
+    notes.write_text("# my own notes\nlr_img = 3\n")
+    before = {p: _digest(p) for p in (convex_buffer, copy, notes)}
+    for target, says in ((convex_buffer, "an input or output of this command"),
+                         (copy, "is not a preset written by `mctool distill --tune`"),
+                         (notes, "is not a preset written by `mctool distill --tune`"),
+                         (tmp_path / "s.h5", "an input or output of this command")):
+        r = _tune_cli(tmp_path, convex_buffer, data_dir, "--tune-out", target)
+        assert r.exit_code == 2, r.output
+        assert says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "Traceback" not in r.output and "measuring" not in r.stderr  # refused before the search
+    assert {p: _digest(p) for p in before} == before
+    assert not (tmp_path / "s.h5").exists()
+    # A preset --tune wrote is replaced (rerunning the same command works).
+    own = tmp_path / "tuned.toml"
+    assert _tune_cli(tmp_path, convex_buffer, data_dir, "--tune-out", own).exit_code == 0
+    first = own.read_text()
+    r = _tune_cli(tmp_path, convex_buffer, data_dir, "--tune-out", own)
+    assert r.exit_code == 0, r.output
+    assert own.read_text() != first and own.read_text().startswith("# Found by `mctool distill --tune`")
+
+
+def test_tune_out_never_writes_through_a_link(tmp_path: Path, convex_buffer: Path, data_dir: Path) -> None:
+    """Issue 24 item 2: a symlink planted at the preset's path (dangling or to a file outside)
+    is refused, the outside file untouched; one planted after the check is not followed either."""
+    from mctool.distill import preset_schema
+    from mctool.presets import write_preset
+    from mctool.distill.tune import PRESET_MARK
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "precious.txt"
+    victim.write_text("keep me\n")
+    link = tmp_path / "tuned-mnist-ipc1.toml"  # the default path beside -o
+    link.symlink_to(victim)
+    r = _tune_cli(tmp_path, convex_buffer, data_dir)
+    assert r.exit_code == 2 and "symbolic link" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert victim.read_text() == "keep me\n" and link.is_symlink()
+    dangling = tmp_path / "dangling.toml"
+    dangling.symlink_to(outside / "new.toml")
+    r = _tune_cli(tmp_path, convex_buffer, data_dir, "--tune-out", dangling)
+    assert r.exit_code == 2 and not (outside / "new.toml").exists()
+    # The writer itself refuses a link (planted between the check and the write) — and even a
+    # link to a preset it wrote: it never writes through one.
+    own = outside / "own.toml"
+    own.write_text(PRESET_MARK + " earlier\n")
+    late = tmp_path / "late.toml"
+    late.symlink_to(own)
+    with pytest.raises(UsageError, match="symbolic link"):
+        write_preset(late, {"ipc": 1}, "Found by `mctool distill --tune` now", preset_schema(), replaces=PRESET_MARK)
+    assert own.read_text() == PRESET_MARK + " earlier\n"
+    assert not list(tmp_path.glob(".late.toml.*"))  # no temporary left behind
+
+
+def test_preset_write_is_atomic(tmp_path: Path) -> None:
+    """Issue 24 item 6: a kill at any point of the write leaves the old preset or the new one —
+    here right after the temporary file is written and before the rename (the process kills
+    itself in fsync): the old preset is intact; the same write then succeeds."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "tuned.toml"
+    old = "# Found by `mctool distill --tune` earlier\nipc = 1\n"
+    path.write_text(old)
+    code = f"""
+import os, signal
+from pathlib import Path
+from mctool.presets import Schema, write_preset
+if {{kill}}:
+    os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)
+write_preset(Path({str(path)!r}), {{{{"ipc": 2}}}}, "Found by `mctool distill --tune` now", Schema({{{{"ipc": int}}}}, ()),
+             replaces="# Found by `mctool distill --tune`")
+"""
+    killed = subprocess.run([sys.executable, "-c", code.format(kill=True)], capture_output=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr
+    assert path.read_text() == old  # not empty, not half-written: the old preset
+    done = subprocess.run([sys.executable, "-c", code.format(kill=False)], capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert path.read_text().endswith("ipc = 2\n") and path.read_text().startswith("# Found by")
+    assert oct(path.stat().st_mode & 0o777) != "0o600"  # an ordinary text file, not mkstemp's 0600
 
 
 # ------------------------------------------------------------------ folder: datasets and presets
@@ -303,38 +577,143 @@ def test_one_run_shows_no_spread() -> None:
 
 def test_a_diverging_candidate_is_a_result_not_a_failure(convex_buffer: Path, data_dir: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """lr_img × 10 may blow the images up: that candidate is marked, the search goes on."""
+    """lr_img × 100 may blow the images up: that candidate is marked and dropped, the search goes on."""
     from mctool.distill import tune as tune_mod
     from mctool.errors import TrainingDiverged
 
-    real = tune_mod._Search.distil
+    real = tune_mod.run_prepared
 
-    def distil(self, cfg):
+    def run_prepared(cfg, *a, **kw):
         if cfg.lr_img > 1000 and cfg.iterations > 0:
             raise TrainingDiverged("diverged")
-        return real(self, cfg)
+        return real(cfg, *a, **kw)
 
-    monkeypatch.setattr(tune_mod._Search, "distil", distil)
-    with store.open_buffer(convex_buffer) as buf:
-        base = resolve_config(None, {"ipc": 2, "syn_steps": 2, "lr_img": 200.0, "iterations": 7}, buf)
-        prepared = prepare_like(buf.data, data_dir, torch.device("cpu"))
-        result = tune_prepared(base, buf, prepared, TuneConfig(iterations=2, eval_runs=1, eval_epochs=2),
-                               {"syn_steps", "max_start_epoch"})
+    monkeypatch.setattr(tune_mod, "run_prepared", run_prepared)
+    _, result = _tune(convex_buffer, data_dir, poison=False, overrides={"lr_img": 200.0},
+                      fixed=frozenset({"syn_steps", "max_start_epoch", "expert_epochs"}))
     notes = {c.values["lr_img"]: c.note for c in result.candidates}
-    assert notes[2000.0] == "diverged" and result.candidates[result.best_index].values["lr_img"] != 2000.0
+    assert notes[2000.0].startswith("diverged") and notes[20000.0].startswith("diverged")
+    assert result.candidates[result.best_index].values["lr_img"] <= 1000
 
 
-def test_horizon_scale() -> None:
-    from mctool.distill.tune import horizon_scale
+def _result(start: float, curves: dict[float, list[float]], std: float = 0.002):
+    from mctool.distill.tune import Candidate, TuneResult
 
-    assert horizon_scale(20, 100) == 0.2 and horizon_scale(20, 20) == 1.0 and horizon_scale(50, 10) == 1.0
-    assert horizon_scale(0, 100) == 1.0
+    cands = []
+    for lr, means in curves.items():
+        c = Candidate(stage="lr_img", values={"lr_img": lr, "max_start_epoch": 1.0, "syn_steps": 2,
+                                              "expert_epochs": 1.0})
+        c.curve = [{"iteration": 10 * 2**k, "mean": m, "std": std, "runs": 2, "alpha": 0.01}
+                   for k, m in enumerate(means)]
+        cands.append(c)
+    return TuneResult(buffer="b.h5", dataset="x", ipc=10, base={}, best={}, best_index=0, candidates=cands,
+                      random_real={"mean": start, "std": std, "runs": 2, "lr": 0.01, "iteration": 0}, iterations=0,
+                      val_images=100, budget_s=60, seconds=1, probe={})
 
 
-def test_tune_says_when_the_experts_are_no_better_than_real_images(convex_buffer: Path, data_dir: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_closing_notes_name_the_cause_from_what_was_measured() -> None:
+    from mctool.distill.tune import diagnose
+
+    # The starting images best everywhere, experts no better than them: the experts.
+    r = _result(0.80, {10.0: [0.70, 0.72], 100.0: [0.60]})
+    notes = diagnose(r, r.candidates[0], reference=0.79, full_iterations=80, lr_free=True)
+    assert "starting images (iteration 0) scored best at every horizon" in notes[0]
+    assert "the experts reach 79.0 %" in notes[0] and "train the experts longer" in notes[0]
+    # … experts well above them, the smallest lr came closest: the lr.
+    notes = diagnose(r, r.candidates[0], reference=0.95, full_iterations=80, lr_free=True)
+    assert "the lr is likely too large" in notes[0] and "--lr-img 1" in notes[0]
+    # The chosen curve still rising at the last horizon: more iterations.
+    r = _result(0.60, {1.0: [0.55], 10.0: [0.61], 100.0: [0.62, 0.65, 0.70]})
+    notes = diagnose(r, r.candidates[2], reference=0.95, full_iterations=400, lr_free=True)
+    assert any("still rising at iteration 40" in n and "10× further" in n for n in notes), notes
+    assert not any("every horizon" in n for n in notes)
+    assert any("the largest that was scored" in n for n in notes)
+    # Peaked, then fell beyond the runs' spread: say where, and what to do.
+    r = _result(0.60, {10.0: [0.61], 100.0: [0.66, 0.70, 0.64]})
+    notes = diagnose(r, r.candidates[1], reference=0.95, full_iterations=40, lr_free=True)
+    assert any("peaked at iteration 20" in n and "fell to 64.0 % at 40" in n for n in notes), notes
+    # Within the noise: no story told.
+    r = _result(0.60, {100.0: [0.66, 0.663, 0.661]}, std=0.01)
+    assert diagnose(r, r.candidates[0], reference=0.95, full_iterations=40, lr_free=False) == [
+        "the chosen settings score 66.1 % at iteration 40, +6.1 points over the starting images (60.0 %)"]
+    # A horizon far short of the run is said.
+    notes = diagnose(r, r.candidates[0], reference=0.95, full_iterations=5000, lr_free=False)
+    assert any("saw 40 of the full run's 5000 iterations" in n for n in notes)
+
+
+def test_tune_says_when_the_starting_images_score_best(convex_buffer: Path, data_dir: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The starting images are a candidate: when they beat every distilled set at every horizon
+    the search says so, with the experts' accuracy as the evidence."""
+    from mctool.distill import tune as tune_mod
     from mctool.store.experts import ExpertsReference
 
-    monkeypatch.setattr(store.Buffer, "reference", lambda self: ExpertsReference(0.0, 0.0, 2, 4))
-    _, result = _tune(convex_buffer, data_dir, poison=False, fixed=frozenset({"syn_steps", "max_start_epoch"}))
-    assert any("the experts reach 0.0 %" in n and "train the experts longer" in n for n in result.notes)
+    real = tune_mod._Search.score
+
+    def score(self, images, labels, lr, kind="synset"):
+        mean, std, runs, seconds = real(self, images, labels, lr, kind)
+        return (0.99 if kind == "starting images" else min(mean, 0.9)), std, runs, seconds
+
+    monkeypatch.setattr(tune_mod._Search, "score", score)
+    monkeypatch.setattr(store.Buffer, "reference", lambda self: ExpertsReference(0.5, 0.0, 2, 4))
+    _, result = _tune(convex_buffer, data_dir, poison=False, fixed=frozenset({"syn_steps", "max_start_epoch",
+                                                                              "expert_epochs"}))
+    assert result.random_real["mean"] == 0.99
+    assert any("the starting images (iteration 0) scored best at every horizon: 99.0 %" in n
+               and "the experts reach 50.0 %" in n for n in result.notes), result.notes
+
+
+@pytest.mark.parametrize("point", ["mkdir", "read", "mkstemp", "fdopen", "fsync", "umask", "chmod", "replace",
+                                   "after-replace", "fsync-folder"])
+def test_a_kill_at_each_point_of_the_preset_write_leaves_old_or_new(tmp_path: Path, point: str) -> None:
+    """Issue 24 item 6, at exact points: the writer killed (SIGKILL, in a forked child) before or
+    after each step of the write — `read` is the check that the old file is a preset --tune
+    wrote — leaves the old preset or the new one, whole; writing again works."""
+    import os
+    import signal
+
+    from mctool.distill.tune import PRESET_MARK
+    from mctool.presets import Schema, write_preset
+
+    schema = Schema({"ipc": int}, ())
+    comment = "Found by `mctool distill --tune` now"
+    new = write_preset(tmp_path / "reference.toml", {"ipc": 2}, comment, schema).read_text()
+    path = tmp_path / "tuned.toml"
+    old = f"{PRESET_MARK} earlier\nipc = 1\n"
+    path.write_text(old)
+    pid = os.fork()
+    if pid == 0:  # the child: dies at `point`
+        try:
+            def die(*args, **kwargs):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            if point == "mkstemp":
+                tempfile.mkstemp = die
+            elif point == "mkdir":
+                Path.mkdir = die  # type: ignore[method-assign]
+            elif point in ("after-replace", "fsync-folder"):
+                real_replace, real_open, real_fsync = os.replace, os.open, os.fsync
+                done = []
+
+                def replace(a, b):
+                    real_replace(a, b)
+                    done.append(True)
+                os.replace = replace
+                if point == "after-replace":
+                    os.open = lambda *a, **k: die() if done else real_open(*a, **k)
+                else:
+                    os.fsync = lambda fd: die() if done else real_fsync(fd)
+            else:
+                setattr(os, point, die)
+            write_preset(path, {"ipc": 2}, comment, schema, replaces=PRESET_MARK)
+        finally:
+            os._exit(3)  # not killed: the point was never reached
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+    assert path.read_text() in (old, new)  # never empty, never half-written
+    if point in ("after-replace", "fsync-folder"):
+        assert path.read_text() == new
+    else:
+        assert path.read_text() == old
+    write_preset(path, {"ipc": 2}, comment, schema, replaces=PRESET_MARK)  # the same write then succeeds
+    assert path.read_text() == new

@@ -13,6 +13,9 @@ from mctool.settings import (Check, above, at_least, between, first_problem, one
                              required_keys, setting)
 
 
+DEFAULT_EVAL_SHARE = 0.1  # runs without a preset keep their best images; evaluations take at most this share
+AUTO_SELECT_MIN_ITERATIONS = 20  # shorter runs keep their final images unless --eval-every asks
+
 # --micro-batch: "auto" or a whole number of images (0 = whole steps).
 _MICRO_BATCH = Check(lambda v: v == "auto" or v.isdigit(), "auto or a whole number >= 0")
 
@@ -106,6 +109,12 @@ class DistillConfig:
                                         resume_safe=True, legacy=0.0, check=at_least(0, ">= 0 (0 = off)"))
     eval_every: int = setting(0, "Evaluate every N iterations and at the end, keeping the best images (0 = "
                               "never).", resume_safe=True, check=at_least(0, ">= 0 (0 = never)"))
+    eval_share: float = setting(0.0, "Without --eval-every: keep the best images on the validation split, the starting "
+                                "ones (iteration 0) included, evaluating at the start, at the end and as often as "
+                                "keeps the evaluations within this share of the run's time (measured; runs of 20 "
+                                "iterations or more). 0 = off (the final images). Default 0.1 without a preset and in "
+                                "the preset --tune writes, 0 with a preset.", preset=True, resume_safe=True,
+                                legacy=0.0, check=between(0, 1, "in [0, 1) (0 = off)", top_open=True))
     eval_runs: int = setting(1, "Networks per periodic evaluation.", resume_safe=True, check=at_least(1))
     eval_epochs: int = setting(300, "Epochs per periodic evaluation.", resume_safe=True, check=at_least(1))
     select_on: str = setting("validation", "Where periodic evaluations score the images: validation (held out "
@@ -116,6 +125,14 @@ class DistillConfig:
                             check=at_least(0, ">= 0 (0 = automatic)"))
     seed: int = setting(0, "Run seed (0 … 2**63-1).", check=between(0, 2**63 - 1, "in 0 … 2**63-1"))
     preset: str = ""
+
+    @property
+    def selecting(self) -> bool:
+        """Whether the run holds out a validation split to keep its best images on (periodic
+        evaluations, the starting images included). With --eval-share alone the evaluations are
+        made from AUTO_SELECT_MIN_ITERATIONS iterations on; the split does not depend on the run's
+        length, so a resume with more iterations continues the same run."""
+        return self.eval_every > 0 or self.eval_share > 0
 
     @property
     def image_grad_scale(self) -> float:

@@ -16,7 +16,8 @@ import torch
 
 from mctool import presets, store
 from mctool.errors import UsageError
-from mctool.configs.distill import DistillConfig, list_presets, load_preset, preset_schema  # noqa: F401 (re-exported)
+from mctool.configs.distill import (AUTO_SELECT_MIN_ITERATIONS, DEFAULT_EVAL_SHARE, DistillConfig,  # noqa: F401
+                                     list_presets, load_preset, preset_schema)  # (re-exported)
 from mctool.settings import legacy_values, resume_safe
 
 
@@ -50,7 +51,8 @@ def resolve_config(preset: str | None, overrides: dict[str, Any], buffer: store.
     """The run's settings.
 
     A new run: built-in defaults <- what the buffer implies (dataset, preprocessing, waypoint
-    count, when no preset says otherwise) <- the preset's values <- `overrides` that are not None.
+    count, when no preset says otherwise) <- the preset's values (none: eval_share
+    DEFAULT_EVAL_SHARE, the best images kept) <- `overrides` that are not None.
     A resumed run (`stored`: the synset's config): the stored settings (with the values older
     releases implied for keys they did not store) <- `overrides`, which may differ only in the
     settings a resume may change."""
@@ -66,6 +68,10 @@ def resolve_config(preset: str | None, overrides: dict[str, Any], buffer: store.
         if p is not None:
             values.update({k: v for k, v in p.values.items() if k in _fields()})
             values["preset"] = p.name
+        else:
+            # Never worse than the start, by default: a run whose settings nobody tuned keeps its
+            # best images on the validation split, the starting ones included.
+            values["eval_share"] = DEFAULT_EVAL_SHARE
     given = {k: v for k, v in overrides.items() if v is not None and k in _fields()}
     if stored is not None:
         _check_resume_changes(values, given, p)

@@ -1,9 +1,11 @@
 """A distillation run: settings, data, the loop with its checkpoints and periodic evaluations, the output.
 
-With `--eval-every N`, the images are evaluated every N iterations and at the end, scored on
-a validation split held out of the training set (never the test split, unless
-`--select-on test` reproduces the authors' protocol), and the best ones are kept beside the
-final ones. Under torchrun every process draws its own trajectory per iteration; the
+Selection (never worse than the start): with `--eval-every N` — or by default without a preset,
+`--eval-share 0.1`, where N is chosen from the measured costs so that evaluations take at most
+that share of the run — the starting images (iteration 0), every N-th iteration's and the final
+images are scored on a validation split held out of the training set (never the test split,
+unless `--select-on test` reproduces the authors' protocol), and the best ones are kept beside
+the final ones: a run that goes wrong returns what it started from, and says so. Under torchrun every process draws its own trajectory per iteration; the
 gradients are averaged and rank 0 writes.
 """
 
@@ -22,8 +24,8 @@ import torch
 from mctool import distributed as dist
 from mctool import store
 from mctool.distill.checkpoint import resume_name, _load_state, _synset, stored_config
-from mctool.distill.config import (DistillConfig, buffer_note, check_buffer_matches, check_synset_name,
-                                   missing_buffer_hint, resolve_config, synset_name)
+from mctool.distill.config import (AUTO_SELECT_MIN_ITERATIONS, DistillConfig, buffer_note, check_buffer_matches,
+                                   check_synset_name, missing_buffer_hint, resolve_config, synset_name)
 from mctool.distill.learnables import ALPHA_BOUND, IMAGE_BOUND, Value, learned_in
 from mctool.distill import sizes
 from mctool.distill.loop import MAX_BAD_FRACTION, MAX_BAD_IN_A_ROW, Distiller, ExpertSource, choose_micro_batch
@@ -31,9 +33,11 @@ from mctool.distill.state import State, _rank_seed, initial_state
 from mctool.errors import Interrupted, TrainingDiverged, UsageError
 from mctool.labels import expert_predictor
 from mctool.prepared import Prepared, auto_val_size, split_validation
-from mctool.progress import SIGNAL_NAMES, SILENT, Muted, Reporter
+from mctool.progress import SIGNAL_NAMES, SILENT, Muted, Reporter, duration
+from mctool.scores import score_text
 
 _RESUME_HINT = "add --resume to the same command to continue"
+AUTO_EVAL_PROBE = 3  # iterations timed (after the first) before the spacing of evaluations is chosen
 
 
 def _copy(value: Value) -> Value:
@@ -64,6 +68,7 @@ class DistillResult:
     best: dict[str, Any] | None = None  # iteration, lr, selected_on, score of the best images
     png_best: str | None = None
     notes: list[str] = field(default_factory=list)
+    selection: dict[str, Any] | None = None  # the best-images selection: evaluations and their measured cost
 
 
 class _Run:
@@ -76,6 +81,9 @@ class _Run:
         self.source = buffer.source()
         ref = buffer.reference()
         self.reference = dataclasses.asdict(ref) if ref is not None else None
+        self.selecting = False
+        self.evaluations, self.eval_seconds, self.last_eval = 0, 0.0, 0.0  # this sitting's selection cost
+        self.summary: dict[str, Any] | None = None
 
     def checkpoint(self, final: bool) -> None:
         state = self.d.state
@@ -96,39 +104,84 @@ class _Run:
 
         state, cfg = self.d.state, self.cfg
         assert self.selection is not None
+        started = time.perf_counter()
         ecfg = EvaluateConfig(runs=cfg.eval_runs, epochs=cfg.eval_epochs, seed=cfg.seed, augment=cfg.augment)
         ev = evaluate_set(state.shown("images"), state.labels, state.alpha, self.d.prepared, self.buffer.spec, ecfg,
                           "synset", self.reporter, score_on=self.selection, split=cfg.select_on,
                           stop_hint=f"checkpoint saved at iteration {state.iteration}; {_RESUME_HINT}")[0]
+        self.last_eval = time.perf_counter() - started
+        self.eval_seconds += self.last_eval
+        self.evaluations += 1
         ev.iteration = state.iteration
         state.evaluations.append(ev.to_dict())
         best = state.best
         better = best is None or ev.mean > float(best.score.get("mean", -1.0))
-        self.reporter.log(f"iteration {state.iteration}: {ev.model} {cfg.select_on} accuracy {ev.mean:.4f}"
-                          + (" (best so far)" if better else ""))
+        what = " (the starting images)" if state.iteration == 0 else ""
+        self.reporter.log(f"iteration {state.iteration}{what}: {ev.model} {cfg.select_on} accuracy "
+                          f"{score_text(ev.mean, ev.std, ev.runs)} %" + (" (best so far)" if better else ""))
         if better:
             kept = {e.stored: _copy(state.shown(e.name)) for e in learned_in(cfg) if e.stored is not None}
             state.best = store.BestImages(**{"labels": state.labels.clone(), **kept}, iteration=state.iteration,
                                           selected_on=cfg.select_on, score=ev.to_dict())
 
+    def _evaluated_at(self, iteration: int) -> bool:
+        """Whether this run's selection already scored its images at `iteration` (a resume)."""
+        return any(e.get("kind") == "synset" and e.get("iteration") == iteration and
+                   e.get("split") == self.cfg.select_on for e in self.d.state.evaluations)
+
+    def _auto_every(self, steps: list[float]) -> int:
+        """The spacing of evaluations that keeps them within eval_share of the run's time: from the
+        measured cost of the last evaluation and of an iteration (the first, warm-up, excluded)."""
+        share = self.cfg.eval_share
+        per_iteration = (steps[-1] - steps[0]) / max(1, len(steps) - 1)
+        per_eval = self.last_eval or _stored_eval_seconds(self.d.state.evaluations)
+        every = _nice_up(max(1, math.ceil(per_eval * (1 - share) / (share * max(per_iteration, 1e-9)))))
+        self.reporter.log(f"selection on {self.cfg.select_on}: an evaluation takes {per_eval:.3g} s, an iteration "
+                          f"{per_iteration:.3g} s; evaluating every {every} iterations (and at the end) keeps them "
+                          f"within {100 * share:g} % of the run")
+        return every
+
+    def _time_left(self, per_iteration: float | None, every: int) -> str | None:
+        """'0.52 s/it, 3.1 min left' (the evaluations still to come included)."""
+        if per_iteration is None:
+            return None
+        left = self.cfg.iterations - self.d.state.iteration
+        seconds = left * per_iteration
+        if self.selecting:
+            evals = (left // every if every else 0) + 1
+            seconds += evals * (self.last_eval or _stored_eval_seconds(self.d.state.evaluations))
+        return f"{per_iteration:.3g} s/it, {duration(seconds)} left"
+
     def loop(self) -> float:
-        """Run the remaining iterations; returns the seconds taken."""
+        """Run the remaining iterations; returns the seconds taken.
+
+        Selecting (--eval-every N, or --eval-share S from AUTO_SELECT_MIN_ITERATIONS iterations on):
+        the starting images are scored first (iteration 0, the bar to pass), then every N
+        iterations — with --eval-share, N is chosen after a few iterations from the measured costs
+        so that the evaluations take at most S of the run's time — and the final images at the end."""
         d, cfg, reporter = self.d, self.cfg, self.reporter
         state, device = d.state, d.device
         reporter.task("distill", f"distill {self.name}", total=cfg.iterations)
         reporter.update("distill", advance=state.iteration)
         started = last_save = time.perf_counter()
         first_iteration, bad_in_a_row, bad_here = state.iteration, 0, 0
-        evaluating = cfg.eval_every > 0 and dist.is_main()
+        self.selecting = dist.is_main() and self.selection is not None and (cfg.eval_every > 0 or (
+            cfg.eval_share > 0 and cfg.iterations >= AUTO_SELECT_MIN_ITERATIONS))
+        every = cfg.eval_every or int(state.run.get("eval_every", 0))  # 0 with eval_share: chosen once measured
+        steps: list[float] = []  # when each of this sitting's last iterations ended
         try:
+            if self.selecting and state.iteration == 0 and not self._evaluated_at(0):
+                self.evaluate()  # the starting images: the bar every later iteration must pass
             while state.iteration < cfg.iterations:
                 signum = reporter.should_stop()
                 if dist.any_flag(bool(signum), device):
                     raise Interrupted(f"interrupted ({SIGNAL_NAMES.get(signum, 'by another process')}); checkpoint "
                                       f"saved at iteration {state.iteration}; {_RESUME_HINT}", signum or 15)
-                if evaluating and state.iteration > first_iteration and state.iteration % cfg.eval_every == 0:
+                if self.selecting and every and state.iteration > first_iteration and state.iteration % every == 0:
                     self.evaluate()
-                if not self._iteration():
+                    steps.clear()  # the pace of iterations, not of evaluations
+                per_iteration = (steps[-1] - steps[0]) / (len(steps) - 1) if len(steps) > 1 else None
+                if not self._iteration(self._time_left(per_iteration, every)):
                     state.skipped += 1
                     bad_in_a_row, bad_here = bad_in_a_row + 1, bad_here + 1
                     if bad_in_a_row >= MAX_BAD_IN_A_ROW:
@@ -136,6 +189,10 @@ class _Run:
                 else:
                     bad_in_a_row = 0
                 state.iteration += 1
+                steps = (steps + [time.perf_counter()])[-21:]
+                if self.selecting and not every and len(steps) > AUTO_EVAL_PROBE:
+                    every = self._auto_every(steps)
+                    state.run = {**state.run, "eval_every": every}  # a resume keeps the spacing
                 due_time = cfg.checkpoint_minutes > 0 and time.perf_counter() - last_save >= 60 * cfg.checkpoint_minutes
                 if state.iteration < cfg.iterations and (state.iteration % cfg.checkpoint_every == 0 or
                                                          dist.any_flag(due_time, device)):
@@ -149,13 +206,19 @@ class _Run:
         ran = state.iteration - first_iteration
         if bad_here >= 2 and bad_here > MAX_BAD_FRACTION * ran:
             self._diverged(f"{bad_here} of {ran} iterations")
-        if evaluating and ran > 0:
+        if self.selecting and not self._evaluated_at(state.iteration):
             self.evaluate()
         self.checkpoint(final=True)
-        return time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        if self.selecting:
+            self.summary = {"evaluations": self.evaluations, "seconds": self.eval_seconds,
+                            "share": self.eval_seconds / seconds if seconds > 0 else 0.0, "every": every,
+                            "bound": cfg.eval_share if not cfg.eval_every else None, "split": cfg.select_on}
+        return seconds
 
-    def _iteration(self) -> bool:
-        """One update; False when it was not applied (non-finite or out of bounds)."""
+    def _iteration(self, pace: str | None = None) -> bool:
+        """One update; False when it was not applied (non-finite or out of bounds). `pace`: seconds
+        per iteration and time left, for the progress line."""
         d, state, device = self.d, self.d.state, self.d.device
         result = d.step()
         entries = learned_in(self.cfg)
@@ -174,22 +237,71 @@ class _Run:
             return False
         state.losses.append(float(mean[-1]))
         recent = state.losses[-20:]
-        self.reporter.update("distill", advance=1, loss=sum(recent) / len(recent), alpha=state.alpha)
+        fields: dict[str, Any] = {"loss": sum(recent) / len(recent), "alpha": state.alpha}
+        if pace is not None:
+            fields["time"] = pace
+        self.reporter.update("distill", advance=1, **fields)
         return True
 
     def _diverged(self, how: str) -> None:
         state = self.d.state
         self.checkpoint(final=False)
+        kept = "" if state.best is None else (
+            f"; its best images (iteration {state.best.iteration}"
+            + (", the starting images" if state.best.iteration == 0 else "") + ") are kept")
         raise TrainingDiverged(
             f"the distillation diverged: {how} gave a non-finite loss or gradient, or images beyond "
             f"±{IMAGE_BOUND:g} / a step size beyond {ALPHA_BOUND:g}× lr_init (last good state saved in "
-            f"{store.shown(self.out)} at iteration {state.iteration}); try a smaller --lr-img or --lr-lr")
+            f"{store.shown(self.out)} at iteration {state.iteration}{kept}); try a smaller --lr-img or --lr-lr")
+
+
+def _stored_eval_seconds(evaluations: list[dict[str, Any]]) -> float:
+    """The cost of the last stored evaluation (a resumed run's estimate before it measures one)."""
+    for e in reversed(evaluations):
+        if e.get("kind") == "synset" and e.get("seconds_per_run") is not None:
+            return float(e["seconds_per_run"]) * int(e.get("runs") or 1)
+    return 0.0
+
+
+def _nice_up(n: int) -> int:
+    """The smallest of 1, 2, 5, 10, 20, 50, … at least n (evaluations at round iterations)."""
+    scale = 1
+    while True:
+        for step in (1, 2, 5):
+            if step * scale >= n:
+                return step * scale
+        scale *= 10
+
+
+def selection_notes(summary: dict[str, Any], state: State, seconds: float) -> list[str]:
+    """What the selection cost (measured), and — when the starting images won — that the run
+    returns them."""
+    split = summary["split"]
+    bound = (f"bound {100 * summary['bound']:g} % besides the start and the end" if summary["bound"]
+             else f"every {summary['every']} iterations, --eval-every")
+    notes = [f"selection on {split}: {summary['evaluations']} evaluation(s) took {duration(summary['seconds'])}, "
+             f"{100 * summary['share']:.0f} % of this run's {duration(seconds)} ({bound})"]
+    best = state.best
+    if best is not None and best.iteration == 0 and state.iteration > 0:
+        later = [e for e in state.evaluations if e.get("kind") == "synset" and e.get("split") == split
+                 and (e.get("iteration") or 0) > 0]
+        top = max(later, key=lambda e: e["mean"]) if later else None
+        s = best.score
+        beaten = "" if top is None else (f", the distilled ones at most "
+                                         f"{score_text(top['mean'], top.get('std'), top.get('runs', 1))} % "
+                                         f"(iteration {top['iteration']})")
+        notes.append(f"the starting images scored best on {split}: "
+                     f"{score_text(s['mean'], s.get('std'), s.get('runs', 1))} % at iteration 0{beaten} — the run "
+                     "returns them as its best images (the final ones are kept beside them); these settings did not "
+                     "improve on the start: try `mctool distill --tune`, a smaller --lr-img, or check the experts "
+                     "(`mctool inspect`)")
+    return notes
 
 
 def _selection(cfg: DistillConfig, prepared: Prepared) -> tuple[tuple[torch.Tensor, torch.Tensor] | None,
                                                                  torch.Tensor | None]:
     """(the split periodic evaluations score on, the training indices distillation may use)."""
-    if cfg.eval_every == 0:
+    if not cfg.selecting:
         return None, None
     if cfg.select_on == "test":
         return (prepared.test_x, prepared.test_y), None
@@ -198,6 +310,11 @@ def _selection(cfg: DistillConfig, prepared: Prepared) -> tuple[tuple[torch.Tens
     if held.numel() == 0:
         raise UsageError("--select-on validation needs a validation split, but the training split is too small; "
                          "use --val-size or --select-on test")
+    if not cfg.eval_every and cfg.pix_init == "real":
+        # The default selection must not make a run impossible that would run without it.
+        left = torch.bincount(prepared.train_y.cpu()[keep], minlength=prepared.meta.num_classes)
+        if int(left.min()) < cfg.ipc:
+            raise UsageError("holding out a validation split would leave fewer than ipc training images in a class")
     held = held.to(prepared.train_x.device)
     return (prepared.train_x[held], prepared.train_y[held]), keep
 
@@ -224,7 +341,19 @@ def run_prepared(cfg: DistillConfig, buffer: store.Buffer, out: Path, prepared: 
         notes.append(f"note: the settings were made for depth-{cfg.depth} experts but {store.shown(buffer.path)} holds "
                      f"depth-{buffer.spec.depth} ones; using them as they are")
         reporter.log(notes[-1])
-    selection, pool = _selection(cfg, prepared)
+    try:
+        selection, pool = _selection(cfg, prepared)
+    except UsageError:
+        if cfg.eval_every:
+            raise  # asked for: say why it cannot be done
+        selection, pool = None, None  # the default selection: a note, not a failure
+        notes.append("note: the training split is too small to hold out a validation split: the run keeps its "
+                     "final images (--val-size, or --eval-share 0 to silence this)")
+        reporter.log(notes[-1])
+    if selection is not None and cfg.eval_share > 0 and not cfg.eval_every and cfg.iterations < AUTO_SELECT_MIN_ITERATIONS:
+        notes.append(f"note: a run of {cfg.iterations} iteration(s) keeps its final images: the best-images "
+                     f"selection starts at {AUTO_SELECT_MIN_ITERATIONS} iterations (two evaluations would cost more "
+                     "than the run); --eval-every N selects anyway")
     if cfg.select_on != "test":
         prepared = dataclasses.replace(prepared, test_x=prepared.test_x[:0], test_y=prepared.test_y[:0])
     world, me = dist.world_size(), dist.rank()
@@ -258,6 +387,10 @@ def run_prepared(cfg: DistillConfig, buffer: store.Buffer, out: Path, prepared: 
     state.run = {**state.run, "micro_batch": distiller.micro_batch or 0}
     run = _Run(distiller, cfg, buffer, out, name, reporter, selection)
     seconds = run.loop()
+    if run.summary is not None:
+        for note in selection_notes(run.summary, state, seconds):
+            notes.append(note)
+            reporter.log(note)
     best = None
     if state.best is not None:
         best = {"iteration": state.best.iteration, "lr": state.best.lr, "selected_on": state.best.selected_on,
@@ -267,7 +400,7 @@ def run_prepared(cfg: DistillConfig, buffer: store.Buffer, out: Path, prepared: 
                          loss_first=state.losses[0] if state.losses else None,
                          loss_last_mean=sum(recent) / len(recent) if recent else None,
                          skipped_iterations=state.skipped, evaluations=state.evaluations, seconds=seconds,
-                         config=dataclasses.asdict(cfg), best=best, notes=notes)
+                         config=dataclasses.asdict(cfg), best=best, notes=notes, selection=run.summary)
 
 
 def run(preset: str | None, overrides: dict[str, Any], buffer: Path, out: Path, name: str | None = None,

@@ -1,26 +1,37 @@
-"""`mctool distill --tune`: a short, budgeted search over the settings that matter most.
+"""`mctool distill --tune`: a search that keeps its budget and sees the run it tunes.
 
-Stages, each around the best so far (method: coordinate search on a coarse log grid):
-  1. lr_img × 0.1 and × 10, then one decade further while the best is at an end (at most two
-     more), then × 0.3 and × 3 around the best — the setting results depend on most, and the
-     one whose right value varies over decades with the image size;
-  2. max_start_epoch × ½, 1, 2 (below K);
-  3. syn_steps × ½, 1, 2.
-Every candidate is a short distillation from the same seed (same images at the start, same
-experts, starts and augmentations) scored by training `eval_runs` fresh networks on its images
-and measuring them on a validation split held out of the training set, class by class; the
-distillation never sees those images, and nothing here reads the test split. Same seeds for
-every candidate make the comparison paired: the differences are less noisy than the scores.
+Method: successive halving on learning curves, in two brackets (docs: README, "--tune").
 
-The budget is honest: a probe (three distillation iterations and six evaluation epochs,
-timed after the first of each) measures this machine first; the iterations per candidate are fitted so the planned
-candidates fit the budget (between MIN_ITERATIONS and MAX_ITERATIONS), and whole stages are
-dropped — and reported — when even that does not fit. A candidate whose estimated time would
-overrun the budget is skipped and reported. The search is cheap enough not to be resumable
-(20 minutes by default): interrupted, it writes the best settings found so far.
+* Every candidate is a distillation from the same seed (the same starting images, experts,
+  starts and augmentations), scored at fixed horizons by training `eval_runs` fresh networks
+  on its images and measuring them on a validation split held out of the training set, class
+  by class; the distillation never sees those images, and nothing here reads the test split.
+  Same seeds make the comparison paired: differences are less noisy than the scores.
+* The starting images (iteration 0) are a candidate too: scored first, they are the bar every
+  distilled set must pass, and the closing notes say when none did.
+* Bracket 1, lr_img by decades (× 0.01 … × 100 around the preset's or the buffer's value):
+  all run to the first horizon h and are scored; the better half continues to 2h, and so on
+  (h, 2h, 4h, …) until one survives. A candidate is continued, not restarted: it resumes its
+  own checkpoint, so its scores at the horizons form its learning curve.
+* Bracket 2, around the winner: max_start_epoch, syn_steps and expert_epochs × ½ and × 2, then
+  lr_img × 0.3 and × 3, halved the same way at the same horizons (the winner's scores there
+  are reused). Then the winner runs on alone, doubling its horizon, to read its curve further.
+* The budget is hard: a probe measures this machine first (a few iterations of the first
+  candidate, timed after the first one, and the starting images' evaluation: seconds per
+  iteration and per evaluation, measured, never assumed), the plan is fitted to what is left
+  (the brackets' sizes, h, how far the winner runs alone: the richest search whose survivors
+  reach a quarter of the full run, or the richest reaching at least half the horizon the budget
+  allows at all), work whose estimate would not fit is skipped (and said), and a watchdog stops
+  whatever still runs when the budget is spent: the search ends by `--tune-minutes`, give or
+  take one evaluation epoch or iteration. Interrupted, it writes the best settings so far.
+* The closing notes name a likely cause from what was measured: the starting images best at
+  every horizon (with the experts' accuracy against them: weak experts, or an lr too large
+  when the smallest lr tried came closest), a curve still rising at the last horizon (more
+  iterations), a curve that peaked and fell (the full run keeps its best images when it selects
+  on validation; a smaller lr or fewer iterations), a winner at the end of the lr range.
 
-Short runs favour settings that move fast (a larger lr_img): the winner is the best of a short
-horizon, which the notes say.
+The winner's settings are written as they were scored (no rescaling): the survivors' horizon
+is a real fraction of the full run, and its curve says how the run goes on.
 """
 
 from __future__ import annotations
@@ -38,27 +49,34 @@ import torch
 
 from mctool import store
 from mctool.distill import DistillConfig, check_buffer_matches, run_prepared
+from mctool.distill.config import DEFAULT_EVAL_SHARE
 from mctool.errors import Interrupted, TrainingDiverged, UsageError
 from mctool.evaluate import EvaluateConfig, evaluate_set
 from mctool.prepared import Prepared, split_validation
-from mctool.progress import SILENT, Reporter
+from mctool.progress import SILENT, Pace, Reporter, duration
+from mctool.scores import score_text
 from mctool.settings import above, at_least, first_problem, setting
 
-MIN_ITERATIONS = 20
-MAX_ITERATIONS = 200
-LR_FACTORS = (0.1, 0.3, 1.0, 3.0, 10.0)
-LR_FACTORS_SMALL = (0.1, 1.0, 10.0)
-EXTRA_DECADES = 2  # how far the lr stage may walk beyond ×0.1 … ×10 when the best is at an end
-TUNED = ("lr_img", "max_start_epoch", "syn_steps")
+PROBE_ITERATIONS = 3  # the first candidate's first iterations, timed after the first (warm-up)
+MIN_HORIZON = 4  # the first rung's horizon, at least (fewer when the full run is shorter)
+TOP_FRACTION = 0.25  # the survivors should reach this share of the full run when the budget allows
+PLAN_SHARE = 0.9  # the plan fills this share of the budget left: a busy machine's speed changes
+LR_DECADES = (1.0, 0.1, 10.0, 0.01, 100.0)  # the base first: the probe is its first iterations
+LR_DECADES_SMALL = (1.0, 0.1, 10.0)
+NEIGHBOURS = ("max_start_epoch", "syn_steps", "expert_epochs", "lr_img")  # bracket 2's pairs, by priority
+TUNED = ("lr_img", "max_start_epoch", "syn_steps", "expert_epochs")
+BUDGET_STOP = -1  # what should_stop() answers once the budget is spent (not a signal number)
+
+_now = time.perf_counter  # the search's clock (tests replace it)
 
 
 @dataclass(frozen=True)
 class TuneConfig:
     """How long and how carefully to search."""
 
-    minutes: float = setting(20.0, "The whole search's budget in minutes, probe and reference included.",
+    minutes: float = setting(20.0, "The whole search's budget in minutes, probe and starting images included.",
                              flags=("--tune-minutes",), check=above(0))
-    iterations: int = setting(0, "Distillation iterations per candidate (0 = fitted to the budget).",
+    iterations: int = setting(0, "The first rung's horizon in iterations (0 = fitted to the budget).",
                               flags=("--tune-iterations",), check=at_least(0, ">= 0 (0 = fitted to the budget)"))
     eval_runs: int = setting(2, "Networks trained to score each candidate.", flags=("--tune-runs",),
                              check=at_least(1))
@@ -76,16 +94,23 @@ class TuneConfig:
 
 @dataclass
 class Candidate:
-    """One scored setting."""
+    """One setting, its learning curve on the validation split, and what became of it."""
 
     stage: str
     values: dict[str, Any]  # the tuned settings
-    mean: float | None = None  # validation accuracy over eval_runs networks
+    mean: float | None = None  # validation accuracy at its last scored horizon
     std: float | None = None
     runs: int = 0
-    alpha: float | None = None  # the learned step size at the end of the short run
-    seconds: float = 0.0
-    note: str = ""
+    alpha: float | None = None  # the learned step size there
+    seconds: float = 0.0  # distilling and scoring it, in all
+    note: str = ""  # why it stopped early: diverged, not run, budget
+    curve: list[dict[str, Any]] = field(default_factory=list)  # {iteration, mean, std, runs, alpha} per horizon
+    reached: int = 0  # iterations distilled so far
+    dead: bool = False  # diverged, invalid or stopped: never continued
+
+    def at(self, iteration: int) -> dict[str, Any] | None:
+        """Its score at `iteration`, if it was scored there."""
+        return next((p for p in self.curve if p["iteration"] == iteration), None)
 
 
 @dataclass
@@ -99,8 +124,8 @@ class TuneResult:
     best: dict[str, Any]  # the winner: every setting of the winning DistillConfig
     best_index: int
     candidates: list[Candidate]
-    random_real: dict[str, Any] | None  # validation accuracy of the candidates' starting real images
-    iterations: int  # per candidate
+    random_real: dict[str, Any] | None  # the starting real images (iteration 0), same protocol, lr = lr_init
+    iterations: int  # the chosen candidate's last scored horizon
     val_images: int
     budget_s: float
     seconds: float
@@ -108,6 +133,8 @@ class TuneResult:
     skipped: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     preset: str | None = None  # the preset file written
+    horizons: list[int] = field(default_factory=list)  # the brackets' rungs, then the winner's own
+    plan: dict[str, Any] = field(default_factory=dict)
 
 
 class _NoLogs(Reporter):
@@ -129,6 +156,42 @@ class _NoLogs(Reporter):
         return self.inner.should_stop()
 
 
+class _Budget(_NoLogs):
+    """The watchdog: once the deadline has passed, every loop inside is asked to stop
+    (BUDGET_STOP); progress lines also show seconds per iteration and the search's time left."""
+
+    def __init__(self, inner: Reporter, deadline: float) -> None:
+        super().__init__(inner)
+        self.deadline = deadline
+        self.expired = False
+        self.pace = Pace(window=10, clock=lambda: _now())
+
+    def task(self, key: str, description: str, total: int | None) -> None:
+        if key == "distill":
+            self.pace.start()
+        super().task(key, description, total)
+
+    def update(self, key: str, advance: int = 0, **fields: Any) -> None:
+        left = f"search {duration(max(0.0, self.deadline - _now()))} left"
+        if key == "distill" and advance > 0 and fields:  # an iteration (a resume's jump has no figures)
+            self.pace.step()
+            each = self.pace.per_step()
+            own = fields.get("time")  # the run's own pace and time left, when it gives them
+            fields["time"] = f"{own}; {left}" if own else (f"{each:.3g} s/it, {left}" if each else left)
+        elif fields:
+            fields["time"] = left
+        super().update(key, advance, **fields)
+
+    def should_stop(self) -> int:
+        signum = self.inner.should_stop()
+        if signum:
+            return signum
+        if _now() >= self.deadline:
+            self.expired = True
+            return BUDGET_STOP
+        return 0
+
+
 class _Clock(_NoLogs):
     """Also notes when each step of each task ended, to time steady-state steps (the first step
     of a task pays for warm-up)."""
@@ -138,12 +201,12 @@ class _Clock(_NoLogs):
         self.times: dict[str, list[float]] = {}
 
     def task(self, key: str, description: str, total: int | None) -> None:
-        self.times[key] = [time.perf_counter()]
-        super().task(key, description, total)
+        self.times[key] = [_now()]
+        self.inner.task(key, description, total)
 
     def update(self, key: str, advance: int = 0, **fields: Any) -> None:
         if advance > 0 and key in self.times:
-            self.times[key].append(time.perf_counter())
+            self.times[key].append(_now())
         super().update(key, advance, **fields)
 
     def steady(self, prefix: str) -> tuple[float | None, float]:
@@ -181,66 +244,284 @@ def split_for_tuning(prepared: Prepared, size: int, seed: int) -> tuple[Prepared
     return tuning, (prepared.train_x[held], prepared.train_y[held])
 
 
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What fits the budget: the brackets' candidates, their horizons, the winner's own."""
+
+    lr_factors: tuple[float, ...]  # bracket 1 (the base's × 1 included)
+    neighbours: tuple[str, ...]  # bracket 2: × ½ and × 2 of each (lr_img: × 0.3 and × 3)
+    horizons: tuple[int, ...]  # the brackets' rungs: h, 2h, 4h, … (at most the full run)
+    extension: tuple[int, ...]  # the winner's further horizons, alone
+    estimate_s: float  # the plan's estimated seconds
+    fits: bool  # False: even the smallest search is estimated over the budget
+    dropped: tuple[str, ...] = ()
+
+    @property
+    def top(self) -> int:
+        """The last horizon the winner is scored at."""
+        return (self.extension or self.horizons)[-1]
+
+
+def _survivors(n: int, rung: int) -> int:
+    """Candidates still running at rung `rung` (0 = all n): the better half each time."""
+    return max(1, math.ceil(n / 2**rung))
+
+
+def _bracket_cost(n: int, horizons: tuple[int, ...]) -> tuple[float, int]:
+    """(iterations, evaluations) of one bracket of `n` candidates, each survivor continuing from
+    the previous horizon."""
+    iterations, evals, prev = 0.0, 0, 0
+    for k, h in enumerate(horizons):
+        s = _survivors(n, k)
+        iterations, evals, prev = iterations + s * (h - prev), evals + s, h
+    return iterations, evals
+
+
+def _horizons(first: int, rungs: int, full: int) -> tuple[int, ...]:
+    return tuple(sorted({min(first * 2**k, full) for k in range(rungs)}))
+
+
+def _cost(n1: int, n2: int, horizons: tuple[int, ...], extension: tuple[int, ...], t_iteration: float,
+          t_eval: float) -> float:
+    it1, ev1 = _bracket_cost(n1, horizons)
+    it2, ev2 = _bracket_cost(n2, horizons) if n2 > 1 else (0.0, 0)
+    if n2 > 1:  # the first bracket's winner is in the second: its part is done
+        it_w, ev_w = _bracket_cost(1, horizons)
+        it2, ev2 = it2 - it_w, ev2 - ev_w
+    it3 = (extension[-1] - horizons[-1]) if extension else 0
+    return (it1 + it2 + it3) * t_iteration + (ev1 + ev2 + len(extension)) * t_eval
+
+
+def plan_search(budget_s: float, t_iteration: float, t_eval: float, free: tuple[str, ...], full_iterations: int,
+                first: int = 0) -> Plan:
+    """The search to run in `budget_s` seconds, given the measured seconds per distillation
+    iteration (at the base syn_steps) and per evaluation (network training and the validation
+    pass, plus a run's start-up).
+
+    Options, richest first: lr_img at five decades (three when the budget is short), then 4, 3,
+    2, 1 or 0 pairs of neighbours. For each, the first horizon h is the largest that fits, for
+    each number of doublings the winner then runs alone; the option's horizon is the smallest
+    such plan reaching TOP_FRACTION of the full run (else the farthest). Chosen: the richest
+    option reaching TOP_FRACTION of the full run; when none does, the richest reaching half the
+    farthest horizon any option reaches; when nothing fits, the smallest search (the runtime
+    guard then skips what does not fit)."""
+    full = max(1, full_iterations)
+    h_min = min(MIN_HORIZON, full)
+    target = min(full, max(h_min, math.ceil(TOP_FRACTION * full)))
+    lr_free = "lr_img" in free
+    pairs = tuple(s for s in NEIGHBOURS if s in free)
+    options: list[tuple[tuple[float, ...], tuple[str, ...]]] = []
+    for lrf in ((LR_DECADES, LR_DECADES_SMALL) if lr_free else ((1.0,),)):
+        for p in range(len(pairs), -1, -1):
+            options.append((lrf, pairs[:p]))
+
+    def build(lrf: tuple[float, ...], nb: tuple[str, ...], h: int, extra: int) -> Plan:
+        n1, n2 = len(lrf), 1 + 2 * len(nb)
+        rungs = math.ceil(math.log2(max(n1, n2, 2))) + 1
+        horizons = _horizons(h, rungs, full)
+        extension = tuple(x for x in (min(horizons[-1] * 2**j, full) for j in range(1, extra + 1))
+                          if x > horizons[-1])
+        extension = tuple(sorted(set(extension)))
+        est = _cost(n1, n2, horizons, extension, t_iteration, t_eval)
+        dropped = tuple(f"{s} × ½ and × 2" if s != "lr_img" else "lr_img × 0.3 and × 3" for s in pairs if s not in nb)
+        if lr_free and lrf != LR_DECADES:
+            dropped = ("lr_img × 0.01 and × 100",) + dropped
+        return Plan(lrf, nb, horizons, extension, est, est <= budget_s, dropped)
+
+    def fitted(lrf: tuple[float, ...], nb: tuple[str, ...], extra: int) -> Plan | None:
+        """The plan with the largest first horizon that fits (None: not even h_min)."""
+        if first:
+            p = build(lrf, nb, first, extra)
+            return p if p.fits else None
+        if not build(lrf, nb, h_min, extra).fits:
+            return None
+        lo, hi = h_min, full
+        while lo < hi:  # the cost grows with h
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if build(lrf, nb, mid, extra).fits else (lo, mid - 1)
+        return build(lrf, nb, lo, extra)
+
+    chosen: list[Plan] = []
+    for lrf, nb in options:
+        best: Plan | None = None
+        for extra in range(0, 2 + math.ceil(math.log2(full))):
+            p = fitted(lrf, nb, extra)
+            if p is None:
+                break
+            if best is None or p.top > best.top:
+                best = p
+            if p.top >= target:
+                break
+        if best is not None:
+            chosen.append(best)
+    if not chosen:
+        lrf, nb = options[-1]
+        return build(lrf, nb, first or h_min, 0)
+    for p in chosen:
+        if p.top >= target:
+            return p
+    farthest = max(p.top for p in chosen)
+    return next(p for p in chosen if 2 * p.top >= farthest)
+
+
+# --------------------------------------------------------------------------- the search
+
+
 class _Search:
-    """The candidates' runs against one buffer, scored on one validation split."""
+    """The candidates' runs against one buffer, scored on one validation split, within the budget."""
 
     def __init__(self, base: DistillConfig, buffer: store.Buffer, data: Prepared,
-                 val: tuple[torch.Tensor, torch.Tensor], tcfg: TuneConfig, workdir: Path, reporter: Reporter) -> None:
+                 val: tuple[torch.Tensor, torch.Tensor], tcfg: TuneConfig, workdir: Path, watch: _Budget,
+                 started: float, budget: float, result: TuneResult) -> None:
         self.base, self.buffer, self.data, self.val, self.tcfg = base, buffer, data, val, tcfg
-        self.workdir, self.reporter, self.inner = workdir, reporter, _NoLogs(reporter)
+        self.workdir, self.watch, self.inner = workdir, watch, watch
+        self.started, self.budget, self.result = started, budget, result
         self.ecfg = EvaluateConfig(runs=tcfg.eval_runs, epochs=tcfg.eval_epochs, seed=tcfg.seed, augment=base.augment)
-        self.runs = 0
+        self.files: dict[int, Path] = {}
+        self.cut = False  # the budget stopped or skipped something
+        # Measured costs (refreshed by every run: the machine's load changes).
+        self.t_startup = 0.0  # a distillation's fixed cost (experts, network, checkpoint)
+        self.t_unit = 0.0  # seconds per iteration per inner step
+        self.t_eval = 0.0
+
+    def spent(self) -> float:
+        return _now() - self.started
 
     def config(self, values: dict[str, Any], iterations: int) -> DistillConfig:
-        """The base settings with `values`, for a short run without checkpoints or evaluations."""
-        return dataclasses.replace(self.base, **values, iterations=iterations, eval_every=0,
+        """The base settings with `values`, for a short run without periodic evaluations, saved
+        only at its end (the next rung resumes from there)."""
+        return dataclasses.replace(self.base, **values, iterations=iterations, eval_every=0, eval_share=0.0,
                                    checkpoint_every=iterations + 1, checkpoint_minutes=0.0)
 
-    def distil(self, cfg: DistillConfig) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-        """(images, labels, learned step size, seconds) of a short run."""
-        self.runs += 1
-        out = self.workdir / f"candidate-{self.runs}.h5"
-        try:
-            result = run_prepared(cfg, self.buffer, out, self.data, name="tune", reporter=self.inner)
-            with store.open_synsets(out) as sf:
-                syn = sf.read("tune")
-        finally:
-            out.unlink(missing_ok=True)
-        return syn.images, syn.labels, float(result.alpha), result.seconds
+    def file(self, cand: Candidate) -> Path:
+        return self.files.setdefault(id(cand), self.workdir / f"candidate-{len(self.files) + 1}.h5")
 
-    def score(self, images: torch.Tensor, labels: torch.Tensor, lr: float, kind: str = "synset",
-              ecfg: EvaluateConfig | None = None) -> tuple[float, float, int, float]:
-        """(mean, std, runs, seconds) of networks trained on the images, measured on the validation split."""
-        started = time.perf_counter()
-        ev = evaluate_set(images, labels, lr, self.data, self.buffer.spec, ecfg or self.ecfg, kind, self.inner,
-                          score_on=self.val, split="validation",
-                          stop_hint="tuning stopped; the best settings so far are kept")[0]
-        return ev.mean, ev.std, ev.runs, time.perf_counter() - started
-
-    def run(self, stage: str, values: dict[str, Any], iterations: int) -> Candidate:
-        """Distil and score one candidate."""
+    def new(self, stage: str, values: dict[str, Any]) -> Candidate:
+        """A candidate, listed in the result (unless the same settings are listed already)."""
+        for c in self.result.candidates:
+            if c.values == values:
+                return c
         cand = Candidate(stage=stage, values=dict(values))
-        started = time.perf_counter()
-        cfg = self.config(values, iterations)
+        self.result.candidates.append(cand)
+        return cand
+
+    def estimate(self, cand: Candidate, horizon: int) -> float:
+        steps = (horizon - cand.reached) * cand.values["syn_steps"]
+        return self.t_startup + steps * self.t_unit + self.t_eval
+
+    def distil(self, cand: Candidate, horizon: int) -> bool:
+        """Run `cand` on to `horizon` iterations (resuming its checkpoint); False when it diverged,
+        cannot run, or the budget stopped it (its note says which)."""
+        if horizon <= cand.reached:  # the probe's iterations may already have reached it
+            return True
+        cfg = self.config(cand.values, horizon)
         problem = cfg.problem()
         if problem is None and cfg.max_start_epoch >= _K(self.buffer, cfg):
             problem = ("max_start_epoch", "must be below K")
         if problem is not None:
-            cand.note = f"not run: {problem[0]} {problem[1]}"
-            return cand
+            cand.note, cand.dead = f"not run: {problem[0]} {problem[1]}", True
+            return False
+        started = _now()
         try:
-            images, labels, alpha, _ = self.distil(cfg)
+            run_prepared(cfg, self.buffer, self.file(cand), self.data, name="tune", resume=cand.reached > 0,
+                         reporter=self.inner)
         except TrainingDiverged:
-            cand.note = "diverged"  # a too-large lr_img: a result of the search, not a failure of it
-            cand.seconds = time.perf_counter() - started
-            return cand
+            cand.note, cand.dead = f"diverged before iteration {horizon}", True  # a result, not a failure
+            return False
+        except UsageError as exc:
+            cand.note, cand.dead = f"not run: {exc}", True
+            return False
+        except Interrupted:
+            cand.seconds += _now() - started
+            if not self.watch.expired:
+                raise
+            cand.note, cand.dead, self.cut = f"stopped by the budget before iteration {horizon}", True, True
+            return False
+        seconds = _now() - started
+        cand.seconds += seconds
+        steps = (horizon - cand.reached) * cand.values["syn_steps"]
+        if steps > 0 and self.t_unit > 0:
+            # Keep the start-up cost, rescale the per-step cost to what this run took.
+            self.t_unit = max(1e-6, (seconds - self.t_startup) / steps)
+        cand.reached = horizon
+        return True
+
+    def images(self, cand: Candidate) -> tuple[torch.Tensor, torch.Tensor, float]:
+        with store.open_synsets(self.file(cand)) as sf:
+            syn = sf.read("tune")
+        return syn.images, syn.labels, float(syn.lr)
+
+    def score(self, images: torch.Tensor, labels: torch.Tensor, lr: float, kind: str = "synset") \
+            -> tuple[float, float, int, float]:
+        """(mean, std, runs, seconds) of networks trained on the images, measured on the validation split."""
+        started = _now()
+        ev = evaluate_set(images, labels, lr, self.data, self.buffer.spec, self.ecfg, kind, self.inner,
+                          score_on=self.val, split="validation",
+                          stop_hint="tuning stopped; the best settings so far are kept")[0]
+        return ev.mean, ev.std, ev.runs, _now() - started
+
+    def advance(self, cand: Candidate, horizon: int) -> bool:
+        """Distil `cand` to `horizon` and score it there; False when it did not get there (dead,
+        or skipped because its estimate does not fit the budget left)."""
+        if cand.at(horizon) is not None:
+            return True
+        if cand.dead:
+            return False
+        est = self.estimate(cand, horizon)
+        if self.spent() + est > self.budget:
+            self.cut = True
+            self.result.skipped.append(f"{cand.stage} {_show(cand.values)} to iteration {horizon} (budget: "
+                                       f"{duration(self.spent())} of {duration(self.budget)} spent, ~{duration(est)} "
+                                       "needed)")
+            if not cand.curve:
+                cand.note = "skipped (budget)"
+            return False
+        if not self.distil(cand, horizon):
+            return False
+        images, labels, alpha = self.images(cand)
         cand.alpha = alpha
         if not all(math.isfinite(v) for v in (alpha, float(images.abs().max()))):
-            cand.note = "diverged"
-        else:
-            cand.mean, cand.std, cand.runs, _ = self.score(images, labels, alpha)
-        cand.seconds = time.perf_counter() - started
-        return cand
+            cand.note, cand.dead = f"diverged before iteration {horizon}", True
+            return False
+        try:
+            mean, std, runs, seconds = self.score(images, labels, alpha)
+        except Interrupted:
+            if not self.watch.expired:
+                raise
+            cand.note, cand.dead, self.cut = f"stopped by the budget while scored at iteration {horizon}", True, True
+            return False
+        self.t_eval = seconds
+        cand.seconds += seconds
+        cand.curve.append({"iteration": horizon, "mean": mean, "std": std, "runs": runs, "alpha": alpha})
+        cand.mean, cand.std, cand.runs = mean, std, runs
+        shown = score_text(mean, std, runs)
+        left = max(0.0, self.budget - self.spent())
+        self.watch.inner.log(f"tune: {cand.stage}: {_show(cand.values)} at iteration {horizon} → validation "
+                             f"{shown} %  [{cand.seconds:.0f} s; search {duration(left)} left]")
+        return True
+
+    def halving(self, cands: list[Candidate], horizons: tuple[int, ...]) -> Candidate | None:
+        """Successive halving: every candidate to the first horizon, the better half on to the next,
+        and so on; the best at the last rung every survivor reached (None: none was scored)."""
+        alive = list(cands)
+        winner = None
+        for k, h in enumerate(horizons):
+            alive = alive[:_survivors(len(cands), k)]
+            for c in alive:
+                self.advance(c, h)
+            complete = not self.cut  # every survivor scored, or dead for a reason of its own
+            scored = sorted((c for c in alive if c.at(h) is not None), key=lambda c: -c.at(h)["mean"])
+            if not scored:
+                break
+            if complete or winner is None:
+                winner = scored[0]
+            if not complete:
+                break
+            alive = scored
+        return winner
 
 
 def _K(buffer: store.Buffer, cfg: DistillConfig) -> int:
@@ -251,86 +532,92 @@ def _lr(v: float) -> float:
     return float(f"{v:.2g}")
 
 
-def _grid(stage: str, best: dict[str, Any], K: int, lr_factors: tuple[float, ...]) -> list[dict[str, Any]]:
-    """The candidates of one stage around the best values so far."""
-    out: list[dict[str, Any]] = []
-    if stage == "lr_img":
-        for f in lr_factors:
-            out.append({**best, "lr_img": float(f"{best['lr_img'] * f:.2g}")})
-    elif stage == "max_start_epoch":
-        s = best["max_start_epoch"]
-        for v in (s / 2, s, min(2 * s if s > 0 else 1.0, K - 1.0)):
-            if 0 <= v < K:
-                out.append({**best, "max_start_epoch": round(float(v), 2)})
-    elif stage == "syn_steps":
-        n = best["syn_steps"]
-        for v in (max(1, n // 2), n, 2 * n):
-            out.append({**best, "syn_steps": int(v)})
-    unique: list[dict[str, Any]] = []
-    for v in out:
-        if v not in unique:
-            unique.append(v)
-    return unique
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What fits the budget: stages, lr factors, iterations per candidate."""
-
-    stages: tuple[str, ...]
-    lr_factors: tuple[float, ...]
-    iterations: int
-    estimate_s: float  # the plan's estimated time
-    dropped: tuple[str, ...] = ()
-
-
-def plan_search(budget_s: float, t_iteration: float, t_eval: float, free: tuple[str, ...],
-                iterations: int = 0) -> Plan:
-    """The largest search that fits `budget_s` seconds, given the probe's seconds per
-    distillation iteration (at the base syn_steps) and per candidate's evaluation.
-
-    Iterations per candidate are fitted first (MAX_ITERATIONS down to MIN_ITERATIONS), then
-    stages are dropped from the end (syn_steps, then max_start_epoch), then the lr grid shrinks
-    to three values; what cannot fit even then runs at MIN_ITERATIONS and overruns."""
-    options: list[tuple[tuple[str, ...], tuple[float, ...]]] = []
-    stages = tuple(s for s in TUNED if s in free)
-    for cut in range(len(stages), 0, -1):
-        options.append((stages[:cut], LR_FACTORS))
-    if "lr_img" in stages:
-        options.append((("lr_img",), LR_FACTORS_SMALL))
-    if not options:
-        options.append(((), LR_FACTORS))
-
-    def cost(st: tuple[str, ...], lrf: tuple[float, ...]) -> tuple[float, int]:
-        """(iteration units at the base syn_steps, evaluations) of a plan (new candidates only)."""
-        units, evals = 1.0, 1  # the base candidate (or the lr stage's ×1), and the random-real reference
-        for s in st:
-            if s == "lr_img":
-                units, evals = units + len(lrf) - 1, evals + len(lrf) - 1
-            elif s == "max_start_epoch":
-                units, evals = units + 2, evals + 2
-            elif s == "syn_steps":
-                units, evals = units + 2.5, evals + 2  # ½ N and 2 N
-        return units, evals + 1
-
-    for st, lrf in options:
-        units, evals = cost(st, lrf)
-        if iterations:
-            it = iterations
+def neighbours(best: dict[str, Any], K: int, settings: tuple[str, ...], method: str = "mct") \
+        -> list[tuple[str, dict[str, Any]]]:
+    """Bracket 2's candidates around `best`: × ½ and × 2 of each setting (max_start_epoch below
+    K, whole numbers where the method needs them), lr_img × 0.3 and × 3."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    for key in settings:
+        v = best[key]
+        if key == "max_start_epoch":
+            values = [round(v / 2, 2), round(min(2 * v if v > 0 else 1.0, K - 1.0), 2)]
+        elif key == "syn_steps":
+            values = [max(1, v // 2), 2 * v]
+        elif key == "expert_epochs":
+            values = [v / 2, 2 * v] if method == "mct" else [max(1.0, float(v // 2)), 2.0 * v]
+            values = [round(min(x, float(K)), 2) for x in values]
         else:
-            it = int((budget_s - evals * t_eval) / max(units * t_iteration, 1e-9))
-            it = min(MAX_ITERATIONS, it)
-        if it >= MIN_ITERATIONS or iterations:
-            dropped = tuple(s for s in stages if s not in st)
-            if lrf != LR_FACTORS and "lr_img" in st:
-                dropped += ("lr_img × 0.3 and × 3",)
-            return Plan(st, lrf, it, units * it * t_iteration + evals * t_eval, dropped)
-    st, lrf = options[-1]
-    units, evals = cost(st, lrf)
-    dropped = tuple(s for s in stages if s not in st)
-    if lrf != LR_FACTORS and "lr_img" in st:
-        dropped += ("lr_img × 0.3 and × 3",)
-    return Plan(st, lrf, MIN_ITERATIONS, units * MIN_ITERATIONS * t_iteration + evals * t_eval, dropped)
+            values = [_lr(v * 0.3), _lr(v * 3.0)]
+        for x in values:
+            cand = {**best, key: x}
+            if x != v and cand not in [c for _, c in out]:
+                out.append((key, cand))
+    return out
+
+
+def diagnose(result: TuneResult, winner: Candidate, reference: float | None, full_iterations: int,
+             lr_free: bool) -> list[str]:
+    """The closing notes: the likely cause of what the curves show, from what was measured."""
+    notes: list[str] = []
+    start = result.random_real
+    scored = [c for c in result.candidates if c.curve]
+    horizons = sorted({p["iteration"] for c in scored for p in c.curve})
+    best_at = {h: max(p["mean"] for c in scored for p in c.curve if p["iteration"] == h) for h in horizons}
+    curve = winner.curve
+    top = curve[-1]["iteration"]
+
+    def margin(a: dict[str, Any], b: dict[str, Any]) -> float:
+        """A difference smaller than this is noise: half a point, or the runs' spread."""
+        return max(0.005, 0.5 * ((a.get("std") or 0.0) + (b.get("std") or 0.0)))
+
+    if start is not None and best_at and all(v <= start["mean"] for v in best_at.values()):
+        per = ", ".join(f"{100 * best_at[h]:.1f} at {h}" for h in horizons)
+        lrs = sorted({c.values["lr_img"] for c in scored})
+        smallest = min(scored, key=lambda c: c.values["lr_img"])
+        if reference is not None and reference <= start["mean"] + 0.02:
+            cause = (f"the experts reach {100 * reference:.1f} % (test, whole training set), no better than these "
+                     "images: distillation reproduces what the experts learned, so it cannot beat them; train the "
+                     "experts longer or with a larger --lr")
+        elif lr_free and len(lrs) > 1 and winner.values["lr_img"] == lrs[0] and smallest is winner:
+            cause = (f"the smallest lr_img tried ({lrs[0]:g}) came closest: the lr is likely too large — try "
+                     f"--lr-img {_lr(lrs[0] / 10):g}")
+        elif len(curve) >= 2 and curve[-1]["mean"] - curve[-2]["mean"] > margin(curve[-1], curve[-2]):
+            cause = f"the chosen settings' score was still rising at iteration {top}: more iterations may pass them"
+        else:
+            gap = "" if reference is None else (f" though the experts reach {100 * reference:.1f} % (test), "
+                                                f"{100 * (reference - start['mean']):.1f} points above them")
+            cause = (f"no setting improved on them within {top} iterations{gap}: the images per class may be too many "
+                     "for what the experts' trajectories can add")
+        notes.append(f"the starting images (iteration 0) scored best at every horizon: "
+                     f"{100 * start['mean']:.1f} % on validation against the best distilled {per} — {cause}")
+    if len(curve) >= 2:
+        peak = max(curve, key=lambda p: p["mean"])
+        last = curve[-1]
+        if peak is not last and peak["mean"] - last["mean"] > margin(peak, last):
+            notes.append(f"the chosen settings' score peaked at iteration {peak['iteration']} "
+                         f"({100 * peak['mean']:.1f} %) and fell to {100 * last['mean']:.1f} % at {top}: a longer run "
+                         "would likely fall further — select the images on validation (--eval-every) to keep the "
+                         f"best, or run about {peak['iteration']} iterations, or a smaller --lr-img")
+        elif last["mean"] - curve[-2]["mean"] > margin(last, curve[-2]):
+            more = (f"the full run's {full_iterations} iterations go {full_iterations / top:.3g}× further"
+                    if full_iterations > top else "consider more --iterations")
+            notes.append(f"the chosen settings' score was still rising at iteration {top} "
+                         f"({100 * curve[-2]['mean']:.1f} → {100 * last['mean']:.1f} %): more iterations should help; "
+                         f"{more}")
+    if start is not None and curve[-1]["mean"] > start["mean"]:
+        notes.append(f"the chosen settings score {100 * curve[-1]['mean']:.1f} % at iteration {top}, "
+                     f"{100 * (curve[-1]['mean'] - start['mean']):+.1f} points over the starting images "
+                     f"({100 * start['mean']:.1f} %)")
+    lrs = sorted({c.values["lr_img"] for c in scored})
+    if lr_free and len(lrs) >= 3 and winner.values["lr_img"] in (lrs[0], lrs[-1]):
+        end = "smallest" if winner.values["lr_img"] == lrs[0] else "largest"
+        notes.append(f"the chosen lr_img {winner.values['lr_img']:g} is the {end} that was scored: a better one may "
+                     "lie beyond")
+    if top < TOP_FRACTION * full_iterations:
+        notes.append(f"the search saw {top} of the full run's {full_iterations} iterations "
+                     f"({100 * top / full_iterations:.2g} %; the budget allowed no more): what happens later was not "
+                     "seen")
+    return notes
 
 
 def tune_prepared(base: DistillConfig, buffer: store.Buffer, prepared: Prepared, tcfg: TuneConfig,
@@ -342,183 +629,138 @@ def tune_prepared(base: DistillConfig, buffer: store.Buffer, prepared: Prepared,
     tcfg.validate()
     base.validate()
     check_buffer_matches(base, buffer)
-    started = time.perf_counter()
+    if base.iterations < 1:
+        raise UsageError("--tune needs --iterations >= 1: the length of the run it tunes")
+    started = _now()
     budget = 60.0 * tcfg.minutes
     size = tuning_val_size(prepared.train_y.numel(), prepared.meta.num_classes, tcfg.val_size)
     data, val = split_for_tuning(prepared, size, tcfg.seed)
     K = _K(buffer, base)
     free = tuple(s for s in TUNED if s not in fixed)
-    best_values = {k: getattr(base, k) for k in TUNED}
+    base_values = {k: getattr(base, k) for k in TUNED}
+    full = base.iterations
     result = TuneResult(buffer=store.shown(buffer.path), dataset=base.dataset or buffer.data.name, ipc=base.ipc,
-                        base=dict(best_values), best=dataclasses.asdict(base), best_index=-1, candidates=[],
+                        base=dict(base_values), best=dataclasses.asdict(base), best_index=-1, candidates=[],
                         random_real=None, iterations=0, val_images=int(val[1].numel()), budget_s=budget,
                         seconds=0.0, probe={})
+    probe_iterations = min(PROBE_ITERATIONS, tcfg.iterations or MIN_HORIZON, full)
     with tempfile.TemporaryDirectory(prefix="mctool-tune-") as tmp:
-        search = _Search(base, buffer, data, val, tcfg, Path(tmp), reporter)
-        # The probe: three iterations and six evaluation epochs at the base settings, timed after
-        # the first of each (which pays for warm-up).
-        reporter.log(f"tune: measuring this machine (3 distillation iterations, 6 evaluation epochs); budget "
-                     f"{tcfg.minutes:g} min, validation split of {result.val_images} training images")
-        clock = _Clock(reporter)
-        search.inner = clock
-        images, labels, alpha, t_distil = search.distil(search.config(best_values, 3))
-        probe_epochs = min(6, tcfg.eval_epochs)
-        _, _, _, t_probe_eval = search.score(images, labels, alpha, ecfg=dataclasses.replace(
-            search.ecfg, runs=1, epochs=probe_epochs))
-        search.inner = _NoLogs(reporter)
-        per_iteration, _ = clock.steady("distill")
-        per_epoch, epochs_total = clock.steady("eval-")
-        t_iteration = per_iteration if per_iteration is not None else t_distil / 3
-        t_test = max(0.0, t_probe_eval - epochs_total)  # building the network and the validation pass
-        epoch = per_epoch if per_epoch is not None else t_probe_eval / probe_epochs
-        t_eval = tcfg.eval_runs * (tcfg.eval_epochs * epoch + t_test)
-        result.probe = {"seconds_per_iteration": t_iteration, "seconds_per_evaluation": t_eval,
-                        "syn_steps": float(base.syn_steps)}
-        left = budget - (time.perf_counter() - started)
-        plan = plan_search(left, t_iteration, t_eval, free, tcfg.iterations)
-        result.iterations = plan.iterations
-        result.skipped += [f"stage {s} (budget)" for s in plan.dropped]
-        if plan.estimate_s > left * 1.05:
-            result.notes.append(f"the budget is too small even for {plan.iterations} iterations per candidate: "
-                                f"estimated {plan.estimate_s / 60:.1f} min")
-        reporter.log(f"tune: {t_iteration:.2f} s per iteration, {t_eval:.0f} s per evaluation "
-                     f"({tcfg.eval_runs} × {tcfg.eval_epochs} epochs) → {plan.iterations} iterations per candidate, "
-                     f"stages {', '.join(plan.stages) or 'none'}"
-                     + (f" (dropped: {', '.join(plan.dropped)})" if plan.dropped else "")
-                     + f", about {plan.estimate_s / 60:.1f} min")
-        done: dict[tuple[Any, ...], Candidate] = {}
-        t_unit = t_iteration / max(1, base.syn_steps)  # seconds per iteration per inner step
-        correction = [1.0]
-
-        def visit(stage: str, values: dict[str, Any]) -> None:
-            key = tuple(values[k] for k in TUNED)
-            if key in done:
-                return
-            # The probe's estimate, corrected by how the last candidate's estimate turned out
-            # (the machine's load changes).
-            est = (plan.iterations * t_unit * values["syn_steps"] + t_eval) * correction[0]
-            spent = time.perf_counter() - started
-            if done and spent + est > budget:
-                result.skipped.append(f"{stage} candidate {_show(values)} (budget: {spent / 60:.1f} of "
-                                      f"{tcfg.minutes:g} min spent, ~{est / 60:.1f} min needed)")
-                done[key] = Candidate(stage=stage, values=dict(values), note="skipped (budget)")
-                return
-            cand = search.run(stage, values, plan.iterations)
-            if cand.seconds > 0:
-                correction[0] = cand.seconds / (est / correction[0])
-            done[key] = cand
-            result.candidates.append(cand)
-            shown = score_text(cand.mean, cand.std, cand.runs) + " %" if cand.mean is not None else cand.note
-            reporter.log(f"tune {len(result.candidates)}: {stage}: {_show(values)} → validation {shown} "
-                         f"[{cand.seconds:.0f} s]")
-
-        def best_so_far() -> dict[str, Any]:
-            scored = [c for c in result.candidates if c.mean is not None]
-            if not scored:
-                return best_values
-            win = max(scored, key=lambda c: c.mean)  # max keeps the first of equals: the earlier candidate
-            result.best_index = result.candidates.index(win)
-            return dict(win.values)
-
-        def lr_stage() -> None:
-            # Decades first (×0.1, ×10); while the best lies at an end of what was tried, one more
-            # decade that way (at most EXTRA_DECADES, budget allowing); then ×0.3 and ×3 around
-            # the best when the plan has room for them.
-            start = best_so_far()
-            for f in (0.1, 10.0):
-                visit("lr_img", {**start, "lr_img": _lr(start["lr_img"] * f)})
-            for _ in range(EXTRA_DECADES):
-                best = best_so_far()
-                tried = [c.values["lr_img"] for c in result.candidates if c.mean is not None
-                         and all(c.values[k] == best[k] for k in TUNED if k != "lr_img")]
-                if best["lr_img"] == min(tried):
-                    visit("lr_img", {**best, "lr_img": _lr(best["lr_img"] * 0.1)})
-                elif best["lr_img"] == max(tried):
-                    visit("lr_img", {**best, "lr_img": _lr(best["lr_img"] * 10.0)})
-                else:
-                    break
-                if best_so_far() == best:
-                    break
-            if len(plan.lr_factors) > 3:
-                best = best_so_far()
-                for f in (0.3, 3.0):
-                    visit("lr_img", {**best, "lr_img": _lr(best["lr_img"] * f)})
-
+        watch = _Budget(reporter, started + budget)
+        search = _Search(base, buffer, data, val, tcfg, Path(tmp), watch, started, budget, result)
         try:
-            visit("base", best_values)
-            for stage in plan.stages:
-                if stage == "lr_img":
-                    lr_stage()
-                else:
-                    for values in _grid(stage, best_so_far(), K, plan.lr_factors):
-                        visit(stage, values)
-                best_values = best_so_far()
-            best_values = best_so_far()
-            win = result.candidates[result.best_index] if result.best_index >= 0 else None
-            if win is not None and win.alpha is not None:
-                # The reference: the real images every candidate started from (iteration 0),
-                # trained with the winner's step size — what distilling them gained.
-                rx, ry, _, _ = search.distil(search.config(best_values, 0))
-                mean, std, runs, _ = search.score(rx, ry, win.alpha, kind="random-real")
-                result.random_real = {"mean": mean, "std": std, "runs": runs, "lr": win.alpha}
-                ref = buffer.reference()
-                if ref is not None and ref.mean <= mean + 0.02:
-                    result.notes.append(
-                        f"the experts reach {100 * ref.mean:.1f} % (test, whole training set) — no better than the "
-                        f"{base.ipc} real images per class the candidates start from ({100 * mean:.1f} % on "
-                        "validation): distillation reproduces what the experts learned, so it cannot beat random "
-                        "real images here; train the experts longer or with a larger --lr first")
-                if win.mean is not None and win.mean <= mean:
-                    result.notes.append(
-                        "no candidate beat the real images it started from: distilling from these experts "
-                        "gains nothing at this horizon — check the experts (a whole-data accuracy well above "
-                        "what random real images reach: more epochs, a larger --lr) or keep random real images")
-                reporter.log(f"tune: the starting real images (ipc {base.ipc}) → validation "
-                             f"{score_text(mean, std, runs)} %")
+            reporter.log(f"tune: measuring this machine ({probe_iterations} iterations of the first candidate, then "
+                         f"the starting images scored by {tcfg.eval_runs} × {tcfg.eval_epochs} epochs); budget "
+                         f"{tcfg.minutes:g} min, validation split of {result.val_images} training images")
+            clock = _Clock(watch)
+            search.inner = clock
+            first = search.new("lr_img" if "lr_img" in free else "base", base_values)
+            t0 = _now()
+            if not search.distil(first, probe_iterations) and (watch.expired or first.note.startswith("not run")):
+                _raise_probe(first, search, tcfg)
+            t_probe = _now() - t0
+            per_iteration, _ = clock.steady("distill")
+            t_iteration = per_iteration if per_iteration is not None else t_probe / probe_iterations
+            # The starting images (iteration 0): the bar every candidate must pass, and the
+            # measured cost of one evaluation.
+            zero = search.workdir / "start.h5"
+            run_prepared(search.config(base_values, 0), buffer, zero, data, name="tune", reporter=clock)
+            with store.open_synsets(zero) as sf:
+                syn = sf.read("tune")
+            try:
+                mean, std, runs, t_eval = search.score(syn.images, syn.labels, float(syn.lr), kind="starting images")
+            except Interrupted:
+                if not watch.expired:
+                    raise
+                raise UsageError(f"--tune-minutes {tcfg.minutes:g}: the budget ran out while scoring the starting "
+                                 f"images ({tcfg.eval_runs} networks × {tcfg.eval_epochs} epochs); raise "
+                                 "--tune-minutes or lower --tune-epochs / --tune-runs") from None
+            search.inner = watch
+            result.random_real = {"mean": mean, "std": std, "runs": runs, "lr": float(syn.lr), "iteration": 0}
+            reporter.log(f"tune: the starting images (iteration 0, ipc {base.ipc}) → validation "
+                         f"{score_text(mean, std, runs)} %")
+            search.t_startup = max(0.0, t_probe - probe_iterations * t_iteration)
+            search.t_unit = t_iteration / max(1, base.syn_steps)
+            search.t_eval = t_eval
+            result.probe = {"seconds_per_iteration": t_iteration, "seconds_per_evaluation": t_eval,
+                            "seconds_startup": search.t_startup, "syn_steps": float(base.syn_steps)}
+            left = budget - search.spent()
+            plan = plan_search(PLAN_SHARE * left, t_iteration, t_eval + search.t_startup, free, full, tcfg.iterations)
+            result.plan = {"lr_factors": list(plan.lr_factors), "neighbours": list(plan.neighbours),
+                           "horizons": list(plan.horizons), "extension": list(plan.extension),
+                           "estimate_s": plan.estimate_s, "dropped": list(plan.dropped)}
+            result.skipped += [f"{d} (budget)" for d in plan.dropped]
+            if not plan.fits:
+                result.notes.append(f"the budget is too small even for the smallest search (estimated "
+                                    f"{plan.estimate_s / 60:.1f} min of {left / 60:.1f} left): what does not fit is "
+                                    "skipped")
+            reporter.log(f"tune: {t_iteration:.3g} s per iteration, {t_eval:.3g} s per evaluation → " + describe(plan)
+                         + f"; about {duration(plan.estimate_s)} of {duration(left)} left")
+
+            bracket1 = [first] + [search.new("lr_img", {**base_values, "lr_img": _lr(base.lr_img * f)})
+                                  for f in plan.lr_factors if f != 1.0]
+            winner = search.halving(bracket1, plan.horizons)
+            if winner is not None and plan.neighbours:
+                around = [search.new(stage, values)
+                          for stage, values in neighbours(winner.values, K, plan.neighbours, base.method)]
+                winner = search.halving([winner] + around, plan.horizons) or winner
+            if winner is not None:
+                for h in plan.extension:
+                    if not search.advance(winner, h):
+                        break
         except Interrupted as exc:
-            best_values = best_so_far()
+            chosen = _best_so_far(result)
             result.notes.append("interrupted: the best settings found so far")
-            result.best = _full_run(base, best_values, plan.iterations, fixed, result.notes)
-            result.seconds = time.perf_counter() - started
+            if chosen is not None:
+                _finish(result, chosen, base, buffer, "lr_img" in free)
+            result.seconds = search.spent()
             raise TuneInterrupted(result, exc.signum) from None
-    if result.best_index < 0:
-        raise UsageError("--tune: no candidate could be scored (every run diverged or was invalid); try "
-                         "--lr-img smaller than " + f"{base.lr_img:g}")
-    result.best = _full_run(base, best_values, plan.iterations, fixed, result.notes)
-    result.seconds = time.perf_counter() - started
+        result.horizons = sorted({p["iteration"] for c in result.candidates for p in c.curve})
+    if winner is None:
+        dead = "; ".join(f"{_show(c.values)}: {c.note}" for c in result.candidates if c.note)
+        raise UsageError("--tune: no candidate could be scored within the budget" + (f" ({dead})" if dead else "")
+                         + "; raise --tune-minutes, or try a smaller --lr-img if they diverged")
+    _finish(result, winner, base, buffer, "lr_img" in free)
+    result.seconds = _now() - started
     return result
 
 
-def horizon_scale(candidate_iterations: int, iterations: int) -> float:
-    """The factor from a candidate's lr_img (and lr_lr) to the full run's: candidate iterations /
-    full iterations, at most 1.
-
-    In the gradient-flow view an image's path depends on lr × iterations (its "time"), so short
-    candidates favour large steps: the winner is the best point at time lr_c × N_c. The full run
-    covers that same time in more, smaller steps — reaching the point that was validated, with
-    the stochastic matching averaged over more experts and starts, instead of running N / N_c
-    times further along the path than anything scored (on Fashion-MNIST, bench/README.md, the
-    unscaled winner of a 20-iteration search is 10× the preset's lr_img)."""
-    if candidate_iterations <= 0 or iterations <= candidate_iterations:
-        return 1.0
-    return candidate_iterations / iterations
+def _raise_probe(first: Candidate, search: _Search, tcfg: TuneConfig) -> None:
+    """The probe could not run: say why in one line."""
+    if search.watch.expired:
+        raise UsageError(f"--tune-minutes {tcfg.minutes:g}: the budget ran out while measuring this machine; raise "
+                         "--tune-minutes")
+    raise UsageError(f"--tune: the settings searched around cannot run: {first.note}")
 
 
-def _full_run(base: DistillConfig, values: dict[str, Any], candidate_iterations: int, fixed: set[str] | frozenset[str],
-              notes: list[str]) -> dict[str, Any]:
-    """The winner as settings of the full run: `horizon_scale` applied to the step sizes the
-    search chose (not to ones an option fixed), said in a note."""
-    out = dict(values)
-    f = horizon_scale(candidate_iterations, base.iterations)
-    if f < 1.0 and "lr_img" not in fixed:
-        out["lr_img"] = _lr(values["lr_img"] * f)
-        lr_lr = base.lr_lr if "lr_lr" in fixed else _lr(base.lr_lr * f)
-        out["lr_lr"] = lr_lr
-        notes.append(f"scored after {candidate_iterations} iterations per candidate; for the full run's "
-                     f"{base.iterations} iterations lr_img {values['lr_img']:g} → {out['lr_img']:g} and lr_lr "
-                     f"{base.lr_lr:g} → {lr_lr:g} (× {candidate_iterations}/{base.iterations}: the same lr × "
-                     "iterations, so the full run reaches the point that was scored instead of overshooting it)")
-    return dataclasses.asdict(dataclasses.replace(base, **out))
+def _best_so_far(result: TuneResult) -> Candidate | None:
+    """The best of the candidates scored at the farthest horizon any reached (an interrupted search)."""
+    scored = [c for c in result.candidates if c.curve]
+    if not scored:
+        return None
+    far = max(c.curve[-1]["iteration"] for c in scored)
+    return max((c for c in scored if c.at(far) is not None), key=lambda c: c.at(far)["mean"])
+
+
+def _finish(result: TuneResult, winner: Candidate, base: DistillConfig, buffer: store.Buffer, lr_free: bool) -> None:
+    result.best_index = result.candidates.index(winner)
+    result.iterations = winner.curve[-1]["iteration"] if winner.curve else 0
+    result.best = dataclasses.asdict(dataclasses.replace(base, **winner.values))
+    ref = buffer.reference()
+    result.notes += diagnose(result, winner, ref.mean if ref is not None else None, base.iterations, lr_free)
+
+
+def describe(plan: Plan) -> str:
+    """The plan in words, for the log and the preset's header."""
+    lrs = ", ".join(f"× {f:g}" for f in sorted(plan.lr_factors))
+    text = f"lr_img {lrs}"
+    if plan.neighbours:
+        text += ", then " + ", ".join(plan.neighbours) + " around the best"
+    text += f"; successive halving at iterations {', '.join(map(str, plan.horizons))}"
+    if plan.extension:
+        text += f", the winner alone to {', '.join(map(str, plan.extension))}"
+    if plan.dropped:
+        text += f" (dropped for the budget: {', '.join(plan.dropped)})"
+    return text
 
 
 class TuneInterrupted(Interrupted):
@@ -529,15 +771,16 @@ class TuneInterrupted(Interrupted):
         self.result = result
 
 
-def score_text(mean: float, std: float | None, runs: int) -> str:
-    """'74.10 ± 0.52' in percent; one run has no spread: '74.10 (n = 1)'."""
-    if runs <= 1 or std is None:
-        return f"{100 * mean:.2f} (n = {runs})"
-    return f"{100 * mean:.2f} ± {100 * std:.2f} (n = {runs})"
+def curve_text(cand: Candidate) -> str:
+    """'4: 70.1, 8: 71.3, 16: 72.0' (validation %, by iteration)."""
+    return ", ".join(f"{p['iteration']}: {100 * p['mean']:.1f}" for p in cand.curve)
 
 
 def _show(values: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+
+
+# --------------------------------------------------------------------------- the preset file
 
 
 def preset_values(result: TuneResult) -> dict[str, Any]:
@@ -548,23 +791,26 @@ def preset_values(result: TuneResult) -> dict[str, Any]:
     return {k: v for k, v in result.best.items() if k in keys and v is not None}
 
 
+PRESET_MARK = "# Found by `mctool distill --tune`"  # the first line of every preset --tune writes
+
+
 def preset_comment(result: TuneResult) -> str:
     """The header of the written preset: how it was found, on what, with which scores."""
-    lines = [f"Found by `mctool distill --tune` on {result.buffer} ({result.dataset}, ipc {result.ipc}), "
-             f"{store.now_iso()}.",
-             f"Search: lr_img, then max_start_epoch, then syn_steps around the buffer's settings; "
-             f"{result.iterations} distillation iterations per candidate, each scored by {_runs(result)} networks "
-             f"on {result.val_images} validation images held out of the training split (never the test split).",
+    lines = [f"{PRESET_MARK[2:]} on {result.buffer} ({result.dataset}, ipc {result.ipc}), {store.now_iso()}.",
+             "Search: successive halving — lr_img by decades, then max_start_epoch, syn_steps, expert_epochs around "
+             f"the best — at iterations {', '.join(map(str, result.horizons)) or '-'}; each score from {_runs(result)} "
+             f"networks on {result.val_images} validation images held out of the training split (never the test "
+             "split).",
              f"Budget {result.budget_s / 60:g} min, used {result.seconds / 60:.1f} min.",
-             "", "validation accuracy (%) per candidate:"]
-    for i, c in enumerate(result.candidates):
-        score = score_text(c.mean, c.std, c.runs) if c.mean is not None else c.note
-        mark = "  <- chosen" if i == result.best_index else ""
-        lines.append(f"  {c.stage:16s} {_show(c.values):60s} {score}{mark}")
+             "", "validation accuracy (%) per candidate, by iteration:"]
     if result.random_real is not None:
         rr = result.random_real
-        lines.append(f"  {'random real':16s} {'(the starting images, same protocol)':60s} "
+        lines.append(f"  {'starting images':16s} {'(iteration 0, the bar to pass)':60s} "
                      f"{score_text(rr['mean'], rr['std'], rr['runs'])}")
+    for i, c in enumerate(result.candidates):
+        score = curve_text(c) + (f" ({c.note})" if c.note else "") if c.curve else c.note
+        mark = "  <- chosen" if i == result.best_index else ""
+        lines.append(f"  {c.stage:16s} {_show(c.values):60s} {score}{mark}")
     for s in result.skipped:
         lines.append(f"skipped: {s}")
     for n in result.notes:
@@ -576,13 +822,41 @@ def _runs(result: TuneResult) -> int:
     return max((c.runs for c in result.candidates), default=0)
 
 
+def check_preset_target(path: Path, inputs: tuple[Path, ...] = ()) -> None:
+    """Refuse, before any work, a preset path that would replace something that is not a preset
+    --tune wrote: an input (the buffer, -o), a symlink, a folder, an HDF5 artifact, any other file."""
+    from mctool.presets import is_own_preset
+
+    shown = store.shown(path)
+    for other in inputs:
+        try:
+            same = path.exists() and other.exists() and path.samefile(other)
+        except OSError:
+            same = False
+        if same or path.expanduser().absolute() == other.expanduser().absolute():
+            raise UsageError(f"--tune-out {shown}: is {store.shown(other)}, an input or output of this command; "
+                             "name another .toml file")
+    if path.is_symlink():
+        raise UsageError(f"--tune-out {shown}: is a symbolic link; mctool does not write through links — remove it "
+                         "or name another file")
+    if path.is_dir():
+        raise UsageError(f"--tune-out {shown}: is a folder; name a .toml file")
+    if path.exists() and not is_own_preset(path, PRESET_MARK):
+        raise UsageError(f"--tune-out {shown}: exists and is not a preset written by `mctool distill --tune`; "
+                         "nothing was changed — name another file or remove it")
+
+
 def write_result_preset(result: TuneResult, path: Path) -> Path:
-    """Write the winner as a preset file `--preset PATH` reads back; a folder: dataset inside
-    the preset's folder is written relative to it (the two can move together)."""
+    """Write the winner as a preset file `--preset PATH` reads back (atomically, never through a
+    link, never over a file --tune did not write); a folder: dataset inside the preset's folder
+    is written relative to it (the two can move together)."""
     from mctool.distill import preset_schema
     from mctool.presets import write_preset
 
     values = preset_values(result)
+    if not values.get("eval_share"):
+        # The run it is for keeps its best images on validation, the starting ones included.
+        values["eval_share"] = DEFAULT_EVAL_SHARE
     values["source"] = "tuned"
     values["description"] = f"mctool distill --tune on {result.buffer}"
     ds = values.get("dataset", "")
@@ -597,7 +871,7 @@ def write_result_preset(result: TuneResult, path: Path) -> Path:
     order = ["source", "description", "dataset", "ipc"]
     ordered = {k: values[k] for k in order if k in values}
     ordered.update({k: v for k, v in values.items() if k not in ordered})
-    return write_preset(path, ordered, preset_comment(result), preset_schema())
+    return write_preset(path, ordered, preset_comment(result), preset_schema(), replaces=PRESET_MARK)
 
 
 @dataclass
@@ -637,8 +911,7 @@ def run(preset: str | None, overrides: dict[str, Any], buffer: Path, out: Path, 
         if cfg.method == "mct":
             buf.convex_experts()
         path = tune_out or default_preset_path(out, cfg.dataset or buf.data.name, cfg.ipc)
-        if path.exists() and path.is_dir():
-            raise UsageError(f"--tune-out {path}: is a folder; name a .toml file")
+        check_preset_target(path, (buffer, out) + ((Path(preset),) if preset and Path(preset).exists() else ()))
         given = {k for k, v in overrides.items() if v is not None}
         if preset is None:
             reporter.log(distill.buffer_note(buf, cfg, given))

@@ -87,25 +87,48 @@ def print_dry_run(report: Any) -> None:
             stdout.print(f"{r.mode}: {r.why}")
     for note in report.notes:
         stdout.print(f"note: {note}")
+
+
+def evaluation_line(ev: dict[str, Any]) -> str:
+    """One stored evaluation of the synset, as the run lists them (a resumed run lists those of its
+    earlier sittings and `mctool evaluate`'s too): which images, which iteration, mean ± std."""
+    score = f"{ev.get('model', '?')} {mean_std(ev.get('mean'), ev.get('std'), int(ev.get('runs') or 1))} %"
+    split = f"on the {ev.get('split', 'test')} split"
+    if ev.get("kind") == "random-real":
+        return f"evaluation of random real images (the baseline, by mctool evaluate): {score} {split}"
+    what = "the best images" if ev.get("target") == "best" else "the images"
+    if ev.get("iteration") is None:
+        return f"evaluation of {what} (iteration not recorded by the release that stored it): {score} {split}"
+    return f"evaluation of {what} at iteration {ev['iteration']}: {score} {split}"
+
+
 def print_tuning(result: Any) -> None:
-    """The --tune table: every candidate's validation score, the winner marked, what was skipped."""
-    from mctool.distill.tune import _show
+    """The --tune table: the starting images, then every candidate's learning curve on the
+    validation split, the winner marked, what was skipped, the closing notes."""
+    from mctool.distill.tune import _show, curve_text
 
     rows = []
-    for i, c in enumerate(result.candidates):
-        score = mean_std(c.mean, c.std, c.runs) if c.mean is not None else c.note
-        rows.append([("* " if i == result.best_index else "  ") + c.stage, _show(c.values), score,
-                     "?" if c.alpha is None else f"{c.alpha:.3g}", f"{c.seconds:.0f}"])
     if result.random_real is not None:
         rr = result.random_real
-        rows.append(["  random real", f"ipc {result.ipc}: the starting images", mean_std(rr["mean"], rr["std"], rr["runs"]), "", ""])
+        rows.append(["  starting images", f"ipc {result.ipc}: the bar to pass", 0,
+                     mean_std(rr["mean"], rr["std"], rr["runs"]), "", f"{rr['lr']:.3g}", ""])
+    for i, c in enumerate(result.candidates):
+        last = c.curve[-1] if c.curve else None
+        score = mean_std(last["mean"], last["std"], last["runs"]) if last else c.note
+        curve = curve_text(c) + (f" ({c.note})" if c.note and last else "")
+        rows.append([("* " if i == result.best_index else "  ") + c.stage, _show(c.values),
+                     last["iteration"] if last else "", score, curve,
+                     "?" if c.alpha is None else f"{c.alpha:.3g}", f"{c.seconds:.0f}"])
+    horizons = ", ".join(map(str, result.horizons)) or "-"
     stdout.print(table(f"--tune on {result.buffer}: validation accuracy (%) of {result.val_images} held-out training "
-                       f"images after {result.iterations} iterations per candidate (* = chosen)",
-                       ["stage", "settings", "validation", "learned lr", "seconds"], rows))
+                       f"images; successive halving at iterations {horizons} (* = chosen)",
+                       ["stage", "settings", "iteration", "validation", "curve (iteration: %)", "learned lr",
+                        "seconds"], rows))
     for s in result.skipped:
         stdout.print(f"skipped: {s}")
     for n in result.notes:
         stdout.print(f"note: {n}")
+    stdout.print(f"search: {result.seconds / 60:.1f} min of a {result.budget_s / 60:g} min budget")
     stdout.print(f"tuned preset: {result.preset}  (mctool distill --preset {result.preset})")
 
 
@@ -121,9 +144,9 @@ def distill(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the estimated peak memory of one iteration per gradient mode on this device, for these settings and buffer, and the micro-batch auto would choose; run nothing. Without a buffer (none at buffer.h5): from the preset's dataset and its ConvNet (--width, --depth)."),
     width: Optional[int] = typer.Option(None, "--width", min=1, help="With --dry-run and no buffer: the ConvNet's width (default 128, the paper's; a buffer's experts fix it otherwise)."),
     memory: Optional[str] = typer.Option(None, "--memory", metavar="SIZE", help="With --dry-run: fit this much memory (e.g. 24GB, 80GiB) instead of this device's free memory; --device cuda then needs no GPU here."),
-    tune: bool = typer.Option(False, "--tune", help="First search lr_img, max_start_epoch and syn_steps (those no option fixes) around the preset's or the buffer's settings: short distillations scored on a validation split held out of the training set, never the test split. Prints the table, writes the winner as a preset file (--tune-out), then distills with it."),
-    tune_minutes: float = typer.Option(20.0, "--tune-minutes", help="Time budget of the --tune search; the run length per candidate is fitted to it and what does not fit is skipped (and said)."),
-    tune_out: Optional[Path] = typer.Option(None, "--tune-out", help="Preset file --tune writes (default: tuned-DATASET-ipcN.toml beside -o)."),
+    tune: bool = typer.Option(False, "--tune", help="First search lr_img (by decades), then max_start_epoch, syn_steps and expert_epochs (those no option fixes) around the preset's or the buffer's settings: successive halving of distillations scored on a validation split held out of the training set (never the test split), the starting images included. Prints the table, writes the winner as a preset file (--tune-out), then distills with it."),
+    tune_minutes: float = typer.Option(20.0, "--tune-minutes", help="Time budget of the --tune search, in minutes (kept: measured first, planned to fit, stopped when spent); the final distillation comes after it."),
+    tune_out: Optional[Path] = typer.Option(None, "--tune-out", help="Preset file --tune writes (default: tuned-DATASET-ipcN.toml beside -o); it may replace only a preset --tune wrote (never an input, a link or another file)."),
     tune_only: bool = typer.Option(False, "--tune-only", help="With --tune: stop after writing the preset file."),
     tune_runs: int = typer.Option(2, "--tune-runs", help="With --tune: networks trained to score each candidate."),
     tune_epochs: int = typer.Option(300, "--tune-epochs", help="With --tune: epochs of each of those networks."),
@@ -199,13 +222,17 @@ def distill(
         stdout.print(table(f"{out}: distilled", ["synset", "iterations", "loss (first)", "loss (last 20)",
                                                   "learned lr", "skipped", "seconds"], rows))
         for ev in result.evaluations:
-            stdout.print(f"evaluation ({ev.get('kind', 'synset')}) at iteration {ev.get('iteration', '?')}: "
-                         f"{ev['model']} {pct(ev.get('mean'))}% on the {ev.get('split', 'test')} split")
+            stdout.print(evaluation_line(ev))
         if result.best is not None:
             b = result.best
-            stdout.print(f"best images: iteration {b['iteration']} ({pct(b['score'].get('mean'))}% on the "
+            score = mean_std(b["score"].get("mean"), b["score"].get("std"), int(b["score"].get("runs") or 1))
+            start = " — the starting images" if b["iteration"] == 0 else ""
+            stdout.print(f"best images: iteration {b['iteration']}{start} ({score} % on the "
                          f"{b['selected_on']} split{' — selected on test, as the authors do' if b['selected_on'] == 'test' else ''}); "
                          f"{result.png_best}")
+        for note in result.notes:
+            if note.startswith(("selection on", "the starting images scored best")):
+                stdout.print(note)
         stdout.print(f"images: {result.png}")
 
     run(body, quiet, debug, interrupt_hint="checkpoint saved: add --resume to the same command to continue")

@@ -23,6 +23,20 @@ def _signed(v: float | None, std: float | None = None, runs: int = 2) -> str:
     return f"{100 * v:+.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
 
 
+def _reference(ref: dict) -> str:
+    """The experts' accuracy: mean ± std over the experts (or n = 1)."""
+    return mean_std(ref.get("mean"), ref.get("std"), int(ref.get("experts") or 1))
+
+
+def _whole(value: float | None, source: str | None, ref: dict | None) -> str:
+    """The whole-data accuracy: the experts' mean ± std, or the value --whole-data gave."""
+    if value is None:
+        return ""
+    if source != "--whole-data" and ref is not None:  # the experts' final test accuracy
+        return _reference(ref)
+    return f"{pct(value)} (given)"
+
+
 @with_settings(EvaluateConfig, optional=False)
 def evaluate(
     file: Path = typer.Argument(Path("synset.h5"), metavar="FILE", help="File with a synthetic set (from `mctool distill`)."),
@@ -57,14 +71,15 @@ def evaluate(
                          r.epochs, f"{r.seconds_per_run:.1f}"])
         ref = result.experts_reference
         if ref is not None:
-            rows.append(["experts (whole dataset)", "hard", "ConvNet", pct(ref.get("mean")), "", ref.get("epochs", ""), ""])
+            rows.append(["experts (whole dataset)", "hard", "ConvNet", _reference(ref), "", ref.get("epochs", ""), ""])
         stdout.print(table(f"{file}: synset '{result.synset}' (ipc {result.ipc}, lr {result.lr:.4g})",
                            ["set", "labels", "model", "test accuracy %", "per run %", "epochs", "s/run"], rows))
         scores = [[s.target + (f" (selected on {result.selected_on})" if s.target == "best" else ""),
                    s.labels + (f" (baseline {s.baseline_labels})" if s.baseline_labels not in (None, s.labels) else ""),
                    s.model,
-                   mean_std(s.mean, s.std, s.runs), pct(s.random_real) if s.random_real is not None else "",
-                   _signed(s.gain, s.gain_std, s.runs), pct(s.whole_data) if s.whole_data is not None else "",
+                   mean_std(s.mean, s.std, s.runs),
+                   mean_std(s.random_real, s.random_real_std, s.random_real_runs) if s.random_real is not None else "",
+                   _signed(s.gain, s.gain_std, s.runs), _whole(s.whole_data, result.whole_data_source, ref),
                    _signed(s.hlr, s.hlr_std, s.runs) if s.hlr is not None else s.note] for s in result.scores]
         if any(s.gain is not None or s.hlr is not None for s in result.scores):
             stdout.print(table("scores (gain = synthetic − random real, same protocol; HLR = whole data − "

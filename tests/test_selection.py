@@ -1,0 +1,119 @@
+"""Never worse than the start (issue 23): a run without a preset (and `--tune`'s final run) keeps
+its best images on the validation split, the starting images (iteration 0) included; the cost of
+the checks is measured, bounded and said; progress lines give seconds per iteration and time left."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from mctool import store
+from mctool.distill import resolve_config, run_prepared
+from mctool.distill.runner import _nice_up, _Run
+from mctool.prepared import prepare_like
+from mctool.progress import Reporter
+from tests.helpers import cli
+
+# A small step-size and expert setting on the tests' tiny experts; --lr-img chooses the fate.
+SETTINGS = ["--ipc", "2", "--syn-steps", "3", "--expert-epochs", "1.5", "--max-start-epoch", "2", "--lr-lr", "1e-5",
+            "--lr-init", "0.01", "--eval-epochs", "50", "--seed", "3"]
+
+
+def _distill(buffer: Path, out: Path, data_dir: Path, *extra: str):
+    return cli("distill", "--buffer", buffer, "-o", out, "--data-dir", data_dir, *SETTINGS, *extra)
+
+
+def test_a_run_that_goes_wrong_returns_the_starting_images_and_says_so(tmp_path: Path, convex_buffer: Path,
+                                                                       data_dir: Path) -> None:
+    """lr_img 1e6 wrecks the images slowly (no divergence is detected: every update is applied):
+    the final images score below the starting ones on validation; the run keeps the starting
+    images as its best, which `export`/`evaluate` use, and says so."""
+    out = tmp_path / "s.h5"
+    r = _distill(convex_buffer, out, data_dir, "--lr-img", "1000000", "--iterations", "30", "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["skipped_iterations"] == 0  # not a divergence the bounds catch: a slow one
+    scored = {e["iteration"]: e["mean"] for e in doc["evaluations"] if e["split"] == "validation"}
+    assert 0 in scored and 30 in scored
+    assert scored[30] < scored[0]  # it did go wrong
+    assert doc["best"]["iteration"] == 0 and doc["best"]["score"]["mean"] >= max(scored.values())
+    assert any(n.startswith("the starting images scored best on validation: ") for n in doc["notes"])
+    assert "the starting images scored best on validation" in r.stderr
+    with store.open_synsets(out) as sf:
+        syn = sf.read(sf.pick(None))
+    assert syn.best is not None and syn.best.iteration == 0
+    assert not torch.equal(syn.best.images, syn.images)  # the final ones are kept beside them
+
+
+def test_presets_keep_their_final_images_and_short_runs_say_why(tmp_path: Path, convex_buffer: Path,
+                                                               data_dir: Path) -> None:
+    preset = tmp_path / "p.toml"
+    preset.write_text('dataset = "mnist"\nipc = 2\nsyn_steps = 3\nexpert_epochs = 1.5\nmax_start_epoch = 2.0\n'
+                      'lr_img = 100.0\nlr_lr = 1e-5\nlr_init = 0.01\nzca = false\ninterior = 1\n')
+    with store.open_buffer(convex_buffer) as buf:
+        zca = buf.data.zca
+    preset.write_text(preset.read_text().replace("zca = false", f"zca = {str(zca).lower()}"))
+    r = cli("distill", "--preset", preset, "--buffer", convex_buffer, "-o", tmp_path / "p.h5", "--data-dir", data_dir,
+            "--iterations", "20", "--json", "--quiet")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["config"]["eval_share"] == 0.0 and doc["best"] is None and doc["evaluations"] == []
+    assert doc["selection"] is None
+    r = _distill(convex_buffer, tmp_path / "short.h5", data_dir, "--lr-img", "100", "--iterations", "4", "--json",
+                 "--quiet")
+    doc = json.loads(r.stdout)
+    assert doc["config"]["eval_share"] == 0.1 and doc["best"] is None
+    assert any("a run of 4 iteration(s) keeps its final images" in n for n in doc["notes"])
+
+
+def test_the_cost_of_the_checks_is_measured_and_bounded(tmp_path: Path, convex_buffer: Path, data_dir: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The spacing comes from the measured costs (an evaluation, an iteration); the evaluations
+    made are the start, every N-th iteration and the end; their measured cost is reported."""
+    chosen: list[int] = []
+    real = _Run._auto_every
+
+    def spy(self, steps):
+        n = real(self, steps)
+        chosen.append(n)
+        # Consistent with the bound: N iterations cost at least (1 - share) / share evaluations.
+        per_iteration = (steps[-1] - steps[0]) / (len(steps) - 1)
+        assert n * per_iteration * self.cfg.eval_share >= self.last_eval * (1 - self.cfg.eval_share) * 0.999
+        return 1  # every iteration from here on, to see the schedule
+    monkeypatch.setattr(_Run, "_auto_every", spy)
+    with store.open_buffer(convex_buffer) as buf:
+        cfg = resolve_config(None, {"ipc": 2, "syn_steps": 3, "iterations": 22, "seed": 3, "eval_epochs": 5}, buf)
+        assert cfg.eval_share == 0.1
+        prepared = prepare_like(buf.data, data_dir, torch.device("cpu"))
+        result = run_prepared(cfg, buf, tmp_path / "s.h5", prepared)
+    assert len(chosen) == 1
+    its = [e["iteration"] for e in result.evaluations]
+    assert its == [0] + list(range(4, 23))  # start; chosen after 3 timed iterations (at 4), then every 1
+    sel = result.selection
+    assert sel["evaluations"] == len(its) and sel["seconds"] > 0 and 0 < sel["share"] < 1 and sel["bound"] == 0.1
+    assert any(n.startswith(f"selection on validation: {len(its)} evaluation(s) took ") for n in result.notes)
+    assert [_nice_up(n) for n in (1, 2, 3, 6, 11, 180, 201)] == [1, 2, 5, 10, 20, 200, 500]
+
+
+def test_progress_lines_give_seconds_per_iteration_and_time_left(tmp_path: Path, convex_buffer: Path,
+                                                                 data_dir: Path) -> None:
+    class Lines(Reporter):
+        def __init__(self) -> None:
+            self.fields: list[dict[str, Any]] = []
+
+        def update(self, key: str, advance: int = 0, **fields: Any) -> None:
+            if key == "distill" and fields:
+                self.fields.append(fields)
+
+    lines = Lines()
+    with store.open_buffer(convex_buffer) as buf:
+        cfg = resolve_config(None, {"ipc": 2, "syn_steps": 3, "iterations": 5, "seed": 3}, buf)
+        prepared = prepare_like(buf.data, data_dir, torch.device("cpu"))
+        run_prepared(cfg, buf, tmp_path / "s.h5", prepared, reporter=lines)
+    times = [f["time"] for f in lines.fields if "time" in f]
+    assert len(times) >= 3 and all(re.fullmatch(r"[0-9.e+-]+ s/it, [0-9.]+ (s|min|h) left", t) for t in times), times
