@@ -11,7 +11,6 @@ import difflib
 import os
 import stat
 import sys
-import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -109,15 +108,9 @@ def load_preset(name_or_path: str | Path, schema: Schema) -> Preset:
     return Preset(name=path.stem, path=str(path), values=values)
 
 
-def write_preset(path: Path, values: dict[str, Any], comment: str, schema: Schema, replaces: str | None = None) -> Path:
-    """Write a preset file (`values`: preset keys) that `load_preset` reads back; `comment`
-    becomes its header, one `#` line per line.
-
-    Atomic: a temporary file in the same folder, fsync, rename over `path`, fsync of the folder —
-    a kill at any point leaves the old file or the new one. Never through a link: the rename
-    replaces a name, and a link (or a folder) at `path` is refused. With `replaces`, an existing
-    `path` is replaced only when it is a plain file whose first line is `replaces` (a preset the
-    same writer wrote), checked again just before the rename."""
+def preset_text(values: dict[str, Any], comment: str, schema: Schema) -> str:
+    """The text of a preset file (`values`: preset keys) that `load_preset` reads back; `comment`
+    becomes its header, one `#` line per line."""
     keys = schema.all_keys()
     lines = [f"# {line}" for line in comment.splitlines()]
     for key, value in values.items():
@@ -130,25 +123,7 @@ def write_preset(path: Path, values: dict[str, Any], comment: str, schema: Schem
         else:
             text = repr(float(value)) if keys[key] is float else str(int(value))
         lines.append(f"{key} = {text}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _check_replaceable(path, replaces)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(name)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write("\n".join(lines) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a preset is an ordinary text file
-        _check_replaceable(path, replaces)  # a link or another file put there meanwhile
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_folder(path.parent)
-    return path
+    return "\n".join(lines) + "\n"
 
 
 def is_own_preset(path: Path, mark: str) -> bool:
@@ -162,33 +137,5 @@ def is_own_preset(path: Path, mark: str) -> bool:
             return False
         want = mark.encode()
         return os.read(fd, len(want)) == want
-    finally:
-        os.close(fd)
-
-
-def _check_replaceable(path: Path, mark: str | None) -> None:
-    from mctool.store import shown as show
-
-    shown = show(path)
-    if path.is_symlink():
-        raise UsageError(f"{shown}: is a symbolic link; mctool does not write through links — remove it or name "
-                         "another file")
-    if path.is_dir():
-        raise UsageError(f"{shown}: is a folder; name a .toml file")
-    if mark is not None and path.exists() and not is_own_preset(path, mark):
-        raise UsageError(f"{shown}: exists and is not a preset mctool wrote; nothing was changed — name another "
-                         "file or remove it")
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make a rename in `folder` durable (where the system allows opening a folder)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
     finally:
         os.close(fd)

@@ -846,12 +846,42 @@ def check_preset_target(path: Path, inputs: tuple[Path, ...] = ()) -> None:
                          "nothing was changed — name another file or remove it")
 
 
+def write_preset(path: Path, values: dict[str, Any], comment: str, schema: Any, replaces: str | None = None) -> Path:
+    """Write a preset file (mctool.presets.preset_text) with store.write_atomically: a kill at any
+    point leaves the old file or the new one, never through a link. With `replaces`, an existing
+    `path` is replaced only when it is a plain file whose first line is `replaces` (a preset the
+    same writer wrote), checked before the write and again just before the rename."""
+    from mctool.presets import preset_text
+
+    text = preset_text(values, comment, schema).encode("utf-8")
+    _check_replaceable(path, replaces)
+
+    def write(fh: Any) -> None:
+        fh.write(text)
+        _check_replaceable(path, replaces)  # a link or another file put there meanwhile
+
+    return store.write_atomically(path, write)
+
+
+def _check_replaceable(path: Path, mark: str | None) -> None:
+    from mctool.presets import is_own_preset
+
+    shown = store.shown(path)
+    if path.is_symlink():
+        raise UsageError(f"{shown}: is a symbolic link; mctool does not write through links — remove it or name "
+                         "another file")
+    if path.is_dir():
+        raise UsageError(f"{shown}: is a folder; name a .toml file")
+    if mark is not None and path.exists() and not is_own_preset(path, mark):
+        raise UsageError(f"{shown}: exists and is not a preset mctool wrote; nothing was changed — name another "
+                         "file or remove it")
+
+
 def write_result_preset(result: TuneResult, path: Path) -> Path:
     """Write the winner as a preset file `--preset PATH` reads back (atomically, never through a
     link, never over a file --tune did not write); a folder: dataset inside the preset's folder
     is written relative to it (the two can move together)."""
     from mctool.distill import preset_schema
-    from mctool.presets import write_preset
 
     values = preset_values(result)
     if not values.get("eval_share"):
