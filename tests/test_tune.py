@@ -14,9 +14,9 @@ import torch
 from mctool import store
 from mctool.distill import autoconfig
 from mctool.distill import DistillConfig, check_buffer_matches, resolve_config
-from mctool.errors import UsageError
+from mctool.core.errors import UsageError
 from mctool.distill import load_preset
-from mctool.prepared import prepare_like
+from mctool.data.prepared import prepare_like
 from mctool.distill.tune import (MIN_ITERATIONS, TuneConfig, plan_search, tune_prepared, tuning_val_size,
                          write_result_preset)
 from tests.conftest import cli
@@ -305,7 +305,7 @@ def test_a_diverging_candidate_is_a_result_not_a_failure(convex_buffer: Path, da
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """lr_img × 10 may blow the images up: that candidate is marked, the search goes on."""
     from mctool.distill import tune as tune_mod
-    from mctool.errors import TrainingDiverged
+    from mctool.core.errors import TrainingDiverged
 
     real = tune_mod._Search.distil
 

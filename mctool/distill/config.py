@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from mctool import presets, store
-from mctool.errors import UsageError
+from mctool.core.errors import UsageError
 from mctool.configs.distill import DistillConfig, list_presets, load_preset, preset_schema  # noqa: F401 (re-exported)
-from mctool.settings import legacy_values, resume_safe
+from mctool.core.settings import legacy_values, resume_safe
 
 
 def check_synset_name(name: str) -> None:
