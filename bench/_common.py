@@ -33,14 +33,14 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON output path (default: bench/results/<name>.json)")
     parser.add_argument("--system-malloc", action="store_true",
-                        help="keep glibc's default malloc (the CLI tunes it: mctool/allocator.py)")
+                        help="keep glibc's default malloc (the CLI tunes it: mctool/core/allocator.py)")
 
 
 def setup(args: argparse.Namespace) -> torch.device:
     """Apply --threads and --system-malloc, resolve --device (same rules as the CLI's)."""
-    from mctool.allocator import tune_malloc
-    from mctool.device import resolve_device
-    from mctool.errors import UsageError
+    from mctool.core.allocator import tune_malloc
+    from mctool.core.device import resolve_device
+    from mctool.core.errors import UsageError
 
     if not args.system_malloc:
         tune_malloc()  # as the CLI does, so the numbers are the ones users get
@@ -78,7 +78,7 @@ def contention_probe() -> dict[str, float]:
 
 def machine_info(device: torch.device) -> dict[str, Any]:
     """What the numbers were measured on; goes into every JSON file."""
-    from mctool.allocator import malloc_tuned
+    from mctool.core.allocator import malloc_tuned
 
     info: dict[str, Any] = {
         "date": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),

@@ -1,4 +1,4 @@
-"""Seconds per distillation iteration and peak memory of `mctool.matching.match`, by gradient mode.
+"""Seconds per distillation iteration and peak memory of `mctool.matching.loss.match`, by gradient mode.
 
 Setting: CIFAR-10 shape at ipc 10 — 100 synthetic images 3x32x32, ConvNet-3 width 128
 (P = 320,010), batch_syn = 100 (every image in every inner step: batches = [randperm(100)] * N),
@@ -6,7 +6,7 @@ DSA on (one op per inner step, drawn in advance and replayed as mctool/distill.p
 Distiller.augmentation does), α = 0.01, random θ_start and θ_target = θ_start + noise.
 
 For each mode (constant, adjoint, unrolled; "constant-autograd" is constant with autograd's
-double backward instead of mctool/fastgrad.py's hand-written ConvNet sweep) and syn_steps N
+double backward instead of mctool/matching/fastgrad.py's hand-written ConvNet sweep) and syn_steps N
 one `match` call (= one
 distillation iteration minus the image/α update, which is negligible) is timed in a FRESH
 subprocess, so that its peak memory can be read: on CPU ru_maxrss of the child after the run
@@ -24,7 +24,7 @@ A second table ("per-op") times, for each DSA op alone and without augmentation,
 plain gradient step (pass 1 of constant/adjoint) and one second-order step (pass 2 as match
 runs it, including the backward through the augmentation) — to locate augmentation hot spots.
 
-Both the children and the parent tune glibc malloc as the CLI does (mctool/allocator.py);
+Both the children and the parent tune glibc malloc as the CLI does (mctool/core/allocator.py);
 --system-malloc measures with the default allocator instead.
 
 Default: constant at N = 10,20,40,80; adjoint, unrolled and constant-autograd at N ≤ 20
@@ -57,13 +57,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
-from mctool.augment import DSA, AugParams, StepAugment  # noqa: E402
-from mctool.functional import FlatNet  # noqa: E402
-from mctool.allocator import release_free_memory, tune_malloc  # noqa: E402
-from mctool.matching import _Inputs, _second_order_step, match  # noqa: E402
-from mctool.memory import Workload, auto_micro_batch, estimate_peak_bytes, free_bytes, profile_network  # noqa: E402
+from mctool.data.augment import DSA, AugParams, StepAugment  # noqa: E402
+from mctool.models.functional import FlatNet  # noqa: E402
+from mctool.core.allocator import release_free_memory, tune_malloc  # noqa: E402
+from mctool.matching.loss import _Inputs, _second_order_step, match  # noqa: E402
+from mctool.matching.memory import Workload, auto_micro_batch, estimate_peak_bytes, free_bytes, profile_network  # noqa: E402
 from mctool.models import ModelSpec, build_model, default_depth  # noqa: E402
-from mctool.secondorder import SecondOrder  # noqa: E402
+from mctool.matching.secondorder import SecondOrder  # noqa: E402
 
 MARK = "BENCH-RESULT "
 
@@ -243,7 +243,7 @@ def _mem(r: dict[str, Any], device: torch.device) -> int:
 
 
 def resolve_micro(value: str | None, profile, work: Workload, device: torch.device, budget: int | None) -> int | None:
-    """--micro-batch N|auto for one problem (auto: mctool.memory within `budget` bytes)."""
+    """--micro-batch N|auto for one problem (auto: mctool.matching.memory within `budget` bytes)."""
     if value in (None, "", "0", "none"):
         return None
     if value != "auto":
@@ -327,7 +327,7 @@ def large_table(args: argparse.Namespace, device: torch.device, base: dict[str, 
         + [[r["shape"], r["kind"], r["n"], "whole", "-", "-", "-", _gib(r["estimated_bytes"]), "skipped"]
            for r in rows if "skipped" in r],
         title=f"constant mode, N = {steps}, DSA {'off' if args.no_augment else 'on'}, {device}: peak above the "
-              "baseline (problem built), estimate = mctool.memory transient terms")
+              "baseline (problem built), estimate = mctool.matching.memory transient terms")
     if overhead:
         _common.print_table(
             ["shape", "images", "micro-batch", "chunked s (each)", "whole s (each)", "median chunked/whole"],
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--micro-batch", default=None,
                         help="N or auto: compute each inner step in micro-batches of N images (auto: the largest "
-                             "that mctool.memory estimates to fit); default whole batches (--large: auto)")
+                             "that mctool.matching.memory estimates to fit); default whole batches (--large: auto)")
     parser.add_argument("--large", action="store_true",
                         help="instead of the CIFAR-10 table: the Tiny ImageNet ipc 10 and CIFAR-100 ipc 50 shapes "
                              "micro-batched, estimate vs measured peak, and chunked/unchunked time")

@@ -1,4 +1,4 @@
-"""Seconds per evaluation run of a synthetic set (`mctool.evaluate.evaluate_set`).
+"""Seconds per evaluation run of a synthetic set (`mctool.evaluate.evaluation.evaluate_set`).
 
 Protocol of `mctool evaluate` (method.md §8): a fresh ConvNet-3 width 128 trained on the
 synthetic set with SGD momentum 0.9, weight decay 5e-4, lr × 0.1 at the midpoint, DSA, batch
@@ -16,7 +16,7 @@ runs per model by default; the table shows that total too.
     python bench/evaluate.py --quick       # ipc 1,10, 5 epochs
     python bench/evaluate.py --epochs 1000 --ipc 10    # a real, unextrapolated run
 
---together R compares instead R runs trained together (`mctool.ensemble`, stacked parameters
+--together R compares instead R runs trained together (`mctool.training.ensemble`, stacked parameters
 and grouped convolutions) with the same R runs one after another, both through evaluate_set
 with the same seeds, measured interleaved (sequential, together, sequential, together …) in
 one process, on a CIFAR-10-shaped set with width 128 and a Fashion-MNIST-shaped set (1×28×28,
@@ -26,7 +26,7 @@ per-epoch cost is extrapolated to --target-epochs; the accuracies of both are co
     python bench/evaluate.py --together 5 --ipc 1,10,50 --epochs 10 --reps 2
 
 --kernels R times one SGD step of R ConvNets three ways, interleaved: R modules one after
-another; torch.func.vmap over functional_call with stacked parameters; mctool.ensemble's
+another; torch.func.vmap over functional_call with stacked parameters; mctool.training.ensemble's
 StackedNet (grouped convolutions). Batches 10 and 100 per network (--kernel-batches); widths
 128 and 32.
 
@@ -48,12 +48,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 from mctool.store import DatasetMeta  # noqa: E402
-from mctool.data import Dataset, Preprocessing  # noqa: E402
-from mctool.ensemble import plan_groups  # noqa: E402
-from mctool.evaluate import EvaluateConfig, evaluate_set  # noqa: E402
+from mctool.data.datasets import Dataset, Preprocessing  # noqa: E402
+from mctool.training.ensemble import plan_groups  # noqa: E402
+from mctool.evaluate.evaluation import EvaluateConfig, evaluate_set  # noqa: E402
 from mctool.models import ModelSpec, build_model  # noqa: E402
-from mctool.prepared import Prepared  # noqa: E402
-from mctool.train import accuracy  # noqa: E402
+from mctool.data.prepared import Prepared  # noqa: E402
+from mctool.training.train import accuracy  # noqa: E402
 
 CLASSES = 10
 
@@ -156,7 +156,7 @@ def compare_kernels(args: argparse.Namespace, device: torch.device, info: dict[s
     import torch.nn.functional as F
     from torch.func import functional_call, stack_module_state, vmap
 
-    from mctool.ensemble import StackedNet
+    from mctool.training.ensemble import StackedNet
 
     R = args.kernels
     results, rows = [], []

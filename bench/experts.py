@@ -1,10 +1,10 @@
-"""Expert-training throughput (images/s) of `mctool.train.train`, the loop `mctool experts` uses.
+"""Expert-training throughput (images/s) of `mctool.training.train.train`, the loop `mctool experts` uses.
 
 Protocol as `mctool experts`: default DSA (color_crop_cutout_flip_scale_rotate, one op per
 batch), plain SGD lr 0.01, batch 256, ConvNet-3 with instance norm. Configurations:
 
 * cifar-shaped: random 3x32x32 images, 10 classes (default 2,560 images, 1 epoch)
-* fashion-mnist: the real data set (mctool.prepared.prepare, ZCA eps 0.1), the first 5,120
+* fashion-mnist: the real data set (mctool.data.prepared.prepare, ZCA eps 0.1), the first 5,120
   training images, 1 epoch (no flip: the data set's meta says flip=False)
 
 for widths 32 and 128. Before each timed epoch one warm-up batch is trained (thread pools,
@@ -15,7 +15,7 @@ allocator), so the reported images/s excludes it. Test accuracy is not part of t
     python bench/experts.py --quick
     python bench/experts.py --widths 128 --cifar-images 5120 --epochs 2
 
---parallel E compares instead E experts trained together (`mctool.ensemble.train_many`,
+--parallel E compares instead E experts trained together (`mctool.training.ensemble.train_many`,
 stacked parameters and grouped convolutions; what `mctool experts --parallel E` would do)
 with the same E experts one after another, measured interleaved in one process, same seeds.
 
@@ -36,9 +36,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
-from mctool.augment import DSA  # noqa: E402
+from mctool.data.augment import DSA  # noqa: E402
 from mctool.models import ModelSpec, build_model  # noqa: E402
-from mctool.train import Schedule, train  # noqa: E402
+from mctool.training.train import Schedule, train  # noqa: E402
 
 
 def measure(spec: ModelSpec, x: torch.Tensor, y: torch.Tensor, flip: bool, epochs: int, batch: int,
@@ -66,7 +66,7 @@ def measure(spec: ModelSpec, x: torch.Tensor, y: torch.Tensor, flip: bool, epoch
 def measure_parallel(spec: ModelSpec, x: torch.Tensor, y: torch.Tensor, flip: bool, epochs: int, batch: int,
                      device: torch.device, augment: bool, reps: int, experts: int) -> dict[str, Any]:
     """`experts` networks trained together vs one after another (interleaved); images/s of each."""
-    from mctool.ensemble import train_many
+    from mctool.training.ensemble import train_many
 
     dsa = DSA(flip=flip) if augment else None
     schedule = Schedule(epochs=epochs, lr=0.01, momentum=0.0, weight_decay=0.0, batch_size=batch)
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         y = torch.randint(0, 10, (args.cifar_images,), generator=gen).to(device)
         datasets.append(("cifar-shaped (random)", x, y, ModelSpec(), True))
     if args.fmnist_images:
-        from mctool.prepared import prepare
+        from mctool.data.prepared import prepare
 
         t, prepared = _common.timed(
             lambda: prepare("fashion-mnist", None, zca=True, zca_eps=0.1, device=device), device)

@@ -38,7 +38,7 @@ CHILD_IMPORT = """
 import sys, json, torch
 from pathlib import Path
 from mctool.interop.importer import ImportConfig, resolve_source, plan_replay, import_replay
-from mctool.prepared import prepare
+from mctool.data.prepared import prepare
 folder, out = Path(sys.argv[1]), Path(sys.argv[2])
 cfg = ImportConfig(dataset="fashion-mnist", zca=False, accuracy="none")
 source = resolve_source(folder, cfg)

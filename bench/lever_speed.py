@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mctool import store  # noqa: E402
 from mctool.distill import Distiller, ExpertSource, initial_state, resolve_config  # noqa: E402
-from mctool.prepared import prepare_like  # noqa: E402
+from mctool.data.prepared import prepare_like  # noqa: E402
 
 # Named lever settings (DistillConfig overrides); a new lever adds one line. The learned soft
 # labels (branch `labels`) add theirs here once merged, e.g. "labels": {"learn_labels": True}.

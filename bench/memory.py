@@ -1,12 +1,12 @@
-"""Calibrate mctool/memory.py's per-image activation factors on this device, and check the model.
+"""Calibrate mctool/matching/memory.py's per-image activation factors on this device, and check the model.
 
-For each network shape and each kind of step, one `mctool.matching.match` call (or one plain
+For each network shape and each kind of step, one `mctool.matching.loss.match` call (or one plain
 gradient step, kind "first") runs in a FRESH subprocess at two micro-batch sizes m1 < m2 with
 n = B = m images, and the peak memory above the baseline (everything built, nothing run) is
 read: CPU the anonymous resident memory (RSS less file-backed pages), sampled every millisecond,
 above its value just before (malloc tuned as the CLI does, free heap trimmed first), CUDA torch.cuda.max_memory_allocated. The
 slope (peak(m2) − peak(m1)) / (m2 − m1), less the image gradient's I·s per image, divided by
-A·s (A = activation elements per image, mctool.memory.profile_network) is the factor of that
+A·s (A = activation elements per image, mctool.matching.memory.profile_network) is the factor of that
 kind; ``unrolled`` runs N = 1 and 3 and fits m·N (the graph kept per step, "unrolled") and m
 (the final backward's temporaries, "unrolled-backward") together. The intercept shows the fixed
 overhead (libraries' workspaces, P-vectors). The machine's heap makes single points noisy
@@ -17,10 +17,10 @@ through autograd (second-order steps without / with the Hessian-vector product),
 
     python bench/memory.py               # CIFAR (3x32x32, depth 3) and Tiny ImageNet (3x64x64, depth 4) shapes
     python bench/memory.py --quick       # CIFAR shape only
-    python bench/memory.py --device cuda # on a GPU: paste the printed table into mctool/memory.py
+    python bench/memory.py --device cuda # on a GPU: paste the printed table into mctool/matching/memory.py
 
 A last table runs whole iterations (constant and adjoint, micro-batched, N = 3, DSA on) and
-compares their measured peak with mctool.memory.estimate_peak_bytes.
+compares their measured peak with mctool.matching.memory.estimate_peak_bytes.
 """
 
 from __future__ import annotations
@@ -37,11 +37,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
-from mctool.allocator import release_free_memory, tune_malloc  # noqa: E402
-from mctool.augment import DSA, AugParams, StepAugment  # noqa: E402
-from mctool.functional import FlatNet  # noqa: E402
-from mctool.matching import _Inputs, _plain_grad, match  # noqa: E402
-from mctool.memory import (ACTIVATION_FACTORS, VECTOR_FACTOR, Workload, estimate_peak_bytes,  # noqa: E402
+from mctool.core.allocator import release_free_memory, tune_malloc  # noqa: E402
+from mctool.data.augment import DSA, AugParams, StepAugment  # noqa: E402
+from mctool.models.functional import FlatNet  # noqa: E402
+from mctool.matching.loss import _Inputs, _plain_grad, match  # noqa: E402
+from mctool.matching.memory import (ACTIVATION_FACTORS, VECTOR_FACTOR, Workload, estimate_peak_bytes,  # noqa: E402
                            profile_network)
 from mctool.models import ModelSpec, build_model, default_depth  # noqa: E402
 
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                         title=f"Activation factors on {device} (bytes per image / (A·4)); current table: "
                               f"{ {k: v for (d, k), v in ACTIVATION_FACTORS.items() if d == device.type} }, "
                               f"vectors {VECTOR_FACTOR}")
-    print("\nFor mctool/memory.py ACTIVATION_FACTORS (max over shapes):")
+    print("\nFor mctool/matching/memory.py ACTIVATION_FACTORS (max over shapes):")
     for kind, f in table.items():
         print(f'    ("{device.type}", "{kind}"): {f:.2f},')
     checks = [] if args.no_validate else validate(args, device)

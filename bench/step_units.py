@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mctool import store  # noqa: E402
 from mctool.distill import Distiller, ExpertSource, initial_state, resolve_config  # noqa: E402
-from mctool.prepared import prepare_like  # noqa: E402
+from mctool.data.prepared import prepare_like  # noqa: E402
 
 
 def first_update(buf: store.Buffer, prepared, cfg) -> torch.Tensor:

@@ -4,7 +4,7 @@ Builds CIFAR-10-shaped buffers (ConvNet-3 width 128 on 3x32x32, 10 classes: P = 
 parameters in L = 14 tensors, K = 50 epochs) holding 1 and E experts whose trajectories are
 random walks (file size does not depend on the values: no compression), written exactly as
 `mctool experts` writes them (atomic_write + DatasetMeta.write + write_model + ExpertRows +
-finish). Then runs the real `mctool.convex.convexify_file(buffer, ConvexifyConfig(interior=I),
+finish). Then runs the real `mctool.convexify.runner.convexify_file(buffer, ConvexifyConfig(interior=I),
 out=compact)` for each I and compares file sizes with the design's arithmetic (§3):
 
     full per expert     (K+1)·P·4 bytes
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 from mctool import store  # noqa: E402
-from mctool.convex import ConvexifyConfig, convexify_file  # noqa: E402
+from mctool.convexify.runner import ConvexifyConfig, convexify_file  # noqa: E402
 from mctool.models import ModelSpec, build_model, layer_sizes, param_layout  # noqa: E402
 
 AUTHORS_PICKLE_RATIO = 12.3  # the MCT authors' reported full/convex ratio (pickled tensors)

@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from mctool import store
-from mctool.convex import ConvexifyConfig, convexify_file
+from mctool.convexify.runner import ConvexifyConfig, convexify_file
 from mctool.distill import resolve_config, run_prepared
-from mctool.evaluate import EvaluateConfig, Evaluation, evaluate_set, random_real
+from mctool.evaluate.evaluation import EvaluateConfig, Evaluation, evaluate_set, random_real
 from mctool.experts import ExpertsConfig, run_prepared as run_experts
 from mctool.plots import synset_picture, synset_png_path
-from mctool.prepared import prepare, prepare_like
-from mctool.progress import SILENT, Reporter
+from mctool.data.prepared import prepare, prepare_like
+from mctool.core.progress import SILENT, Reporter
 
 DEMO_PRESET = "fashion-mnist-ipc10"
 
@@ -62,7 +62,7 @@ class DemoResult:
 def run(demo: DemoConfig, out_dir: Path, data_dir: Path | None, device: str = "auto",
         reporter: Reporter = SILENT) -> DemoResult:
     """Run every stage into `out_dir`; returns the final table's numbers."""
-    from mctool.device import resolve_device
+    from mctool.core.device import resolve_device
 
     dev = resolve_device(device)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -14,15 +14,15 @@ import numpy as np
 import torch
 
 from mctool import store
-from mctool.augment import DSA
+from mctool.data.augment import DSA
 from mctool.configs.experts import MAX_SEED, ExpertsConfig, check_seed  # noqa: F401 (re-exported)
-from mctool.errors import UsageError
-from mctool.functional import FlatNet
+from mctool.core.errors import UsageError
+from mctool.models.functional import FlatNet
 from mctool.models import ModelSpec, build_model, default_depth, layer_sizes, layout_of
-from mctool.prepared import Prepared
-from mctool.progress import SILENT, Muted, Reporter, stop_if_asked
-from mctool.train import Schedule, accuracy, train
-from mctool.trajectory import StreamingConvexifier
+from mctool.data.prepared import Prepared
+from mctool.core.progress import SILENT, Muted, Reporter, stop_if_asked
+from mctool.training.train import Schedule, accuracy, train
+from mctool.convexify.trajectory import StreamingConvexifier
 
 _RESUME_HINT = "finished experts are kept: run the same command again to resume"
 
@@ -207,7 +207,7 @@ def run_prepared(cfg: ExpertsConfig, out: Path, prepared: Prepared, reporter: Re
     Under torchrun each rank trains the experts of one round (by index, so the result does
     not depend on the number of processes) and rank 0, the only writer, stores them.
     """
-    from mctool import distributed as dist
+    from mctool.core import distributed as dist
 
     cfg.validate()
     cfg = dataclasses.replace(cfg, dataset=prepared.meta.name, depth=cfg.depth or default_depth(prepared.meta.height))
@@ -261,7 +261,7 @@ def run_prepared(cfg: ExpertsConfig, out: Path, prepared: Prepared, reporter: Re
 def _precheck(cfg: ExpertsConfig, out: Path) -> ExpertsConfig:
     """What can be refused before the data is loaded: an unknown dataset, a depth the images
     cannot take, a buffer made with other settings (or not a buffer at all)."""
-    from mctool.data import SHAPES, canonical_name
+    from mctool.data.datasets import SHAPES, canonical_name
 
     cfg = dataclasses.replace(cfg, dataset=canonical_name(cfg.dataset))
     shape = SHAPES.get(cfg.dataset)
@@ -286,10 +286,10 @@ def run(cfg: ExpertsConfig, out: Path, data_dir: Path | None = None, device: str
     """`mctool experts`: check the settings, join torchrun's process group, prepare the data
     (downloading it if asked), train and store the experts. Under torchrun only rank 0 returns
     the result (the others None)."""
-    from mctool import distributed as dist
-    from mctool.data import dataset_present, default_data_dir, load_dataset
-    from mctool.device import resolve_device
-    from mctool.prepared import prepare
+    from mctool.core import distributed as dist
+    from mctool.data.datasets import dataset_present, default_data_dir, load_dataset
+    from mctool.core.device import resolve_device
+    from mctool.data.prepared import prepare
 
     cfg.validate()  # before any download, cache or file
     if resume and not out.exists():

@@ -20,15 +20,15 @@ from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import make_grid, save_image
 
 from mctool import store
-from mctool.data import Preprocessing
-from mctool.device import resolve_device
-from mctool.errors import ArtifactError, UsageError
-from mctool.functional import FlatNet
+from mctool.data.datasets import Preprocessing
+from mctool.core.device import resolve_device
+from mctool.core.errors import ArtifactError, UsageError
+from mctool.models.functional import FlatNet
 from mctool.models import ModelSpec, build_model, layer_sizes
-from mctool.prepared import Prepared, prepare_like
-from mctool.progress import SILENT, Reporter
-from mctool.text import clean_text
-from mctool.trajectory import ConvexTrajectory
+from mctool.data.prepared import Prepared, prepare_like
+from mctool.core.progress import SILENT, Reporter
+from mctool.core.text import clean_text
+from mctool.convexify.trajectory import ConvexTrajectory
 
 # At most this many images per class in a synset grid (ipc 50 would be unreadably wide).
 MAX_PER_CLASS = 10

@@ -21,7 +21,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-from mctool.errors import UsageError
+from mctool.core.errors import UsageError
 
 _TEXT_KEYS = {"source": str, "description": str}
 

@@ -51,7 +51,7 @@ def _zygote_main() -> None:
 
     torch.set_num_threads(1)
     from mctool.cli import main  # noqa: F401
-    import mctool.convex, mctool.distill, mctool.evaluate, mctool.experts, mctool.plots  # noqa: E401,F401
+    import mctool.convexify.runner, mctool.distill, mctool.evaluate.evaluation, mctool.experts, mctool.plots  # noqa: E401,F401
 
     libc = ctypes.CDLL(None, use_errno=True)
     out = sys.stdout
@@ -384,7 +384,7 @@ class Tally:
 def _try_contents(path: Path) -> tuple[dict[str, Any] | None, str | None, bool]:
     """(contents, error, opened)."""
     from mctool import store
-    from mctool.errors import MctoolError
+    from mctool.core.errors import MctoolError
 
     if not path.exists():
         return None, None, True

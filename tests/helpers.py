@@ -7,7 +7,7 @@ from typing import Any
 
 from typer.testing import CliRunner
 
-from mctool.progress import Reporter
+from mctool.core.progress import Reporter
 
 
 def cli(*args: Any) -> Any:

@@ -7,7 +7,7 @@ import torch
 
 from mctool.models import zoo as archs
 import mctool.models as nets
-from mctool.errors import UsageError
+from mctool.core.errors import UsageError
 
 SHAPES = [(1, 28, 10), (3, 32, 10), (3, 64, 7)]  # channels, pixels, classes
 

@@ -1,4 +1,4 @@
-"""Tests for mctool.augment: parameter ranges, exact op definitions, replay, gradients."""
+"""Tests for mctool.data.augment: parameter ranges, exact op definitions, replay, gradients."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from mctool.augment import DEFAULT_STRATEGY, DSA, OPS, AugParams, crop_shift, cutout_size
-from mctool.errors import UsageError
+from mctool.data.augment import DEFAULT_STRATEGY, DSA, OPS, AugParams, crop_shift, cutout_size
+from mctool.core.errors import UsageError
 
 
 def gen(seed: int = 0) -> torch.Generator:

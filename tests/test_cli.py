@@ -117,10 +117,10 @@ def test_unknown_option_is_one_line_via_the_console_script_entry(monkeypatch: py
     costs seconds) without tuning this process's malloc."""
     import sys
 
-    import mctool.allocator
+    import mctool.core.allocator
     from mctool.cli import main
 
-    monkeypatch.setattr(mctool.allocator, "tune_malloc", lambda: False)
+    monkeypatch.setattr(mctool.core.allocator, "tune_malloc", lambda: False)
     monkeypatch.setattr(sys, "argv", ["mctool", "inspect", "x.h5", "--bogus"])
     with pytest.raises(SystemExit) as exc:
         main()
@@ -182,7 +182,7 @@ def test_first_signal_asks_the_library_to_stop_second_stops_at_once(capsys: pyte
     import typer
 
     from mctool.cli.common import run
-    from mctool.progress import stop_if_asked
+    from mctool.core.progress import stop_if_asked
 
     steps: list[int] = []
 

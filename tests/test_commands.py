@@ -16,17 +16,17 @@ from typing import Any
 import pytest
 
 import mctool.configs.distill
-import mctool.convex
+import mctool.convexify.runner
 import mctool.demo
 import mctool.distill
-import mctool.evaluate
+import mctool.evaluate.evaluation
 import mctool.experts
 import mctool.store
-from mctool.convex import ConvexifyConfig, ConvexifyResult
+from mctool.convexify.runner import ConvexifyConfig, ConvexifyResult
 from mctool.demo import DemoConfig, DemoResult
 from mctool.distill import DistillResult
-from mctool.errors import Interrupted, MctoolError, TrainingDiverged, UsageError
-from mctool.evaluate import EvaluateConfig, EvaluateResult, Evaluation, Score
+from mctool.core.errors import Interrupted, MctoolError, TrainingDiverged, UsageError
+from mctool.evaluate.evaluation import EvaluateConfig, EvaluateResult, Evaluation, Score
 from mctool.experts import ExpertsConfig, ExpertsResult, TrainedExpert
 from tests.helpers import assert_one_line_error, cli
 
@@ -120,7 +120,7 @@ CONVEX = ConvexifyResult(file="b.h5", experts=2, positions=[0, 2, 4], strategy="
 
 
 def test_convexify_options_table_and_json(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = patch(monkeypatch, mctool.convex, "convexify_file", CONVEX)
+    fake = patch(monkeypatch, mctool.convexify.runner, "convexify_file", CONVEX)
     r = ok(cli("convexify", "x.h5", "-o", "y.h5", "--interior", "3", "--beta", "uniform", "--smooth"))
     buffer, cfg, out, _ = fake.args
     assert (buffer, cfg, out) == (Path("x.h5"), ConvexifyConfig(interior=3, strategy="uniform", smooth=True),
@@ -227,7 +227,7 @@ def evaluate_result(one_run: bool = False) -> EvaluateResult:
 
 
 def test_evaluate_options_become_the_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    fake = patch(monkeypatch, mctool.evaluate, "evaluate_file", evaluate_result())
+    fake = patch(monkeypatch, mctool.evaluate.evaluation, "evaluate_file", evaluate_result())
     ok(cli("evaluate", "x.h5", "--runs", "1", "--epochs", "3", "--models", "ConvNet, MLP", "--lr", "0.5", "--seed",
            "9", "--baseline", "random", "--images", "best", "--whole-data", "0.9", "--no-save", "--name", "n",
            "--data-dir", tmp_path, "--device", "cpu"))
@@ -243,7 +243,7 @@ def test_evaluate_options_become_the_config(monkeypatch: pytest.MonkeyPatch, tmp
 
 
 def test_evaluate_tables(monkeypatch: pytest.MonkeyPatch) -> None:
-    patch(monkeypatch, mctool.evaluate, "evaluate_file", evaluate_result())
+    patch(monkeypatch, mctool.evaluate.evaluation, "evaluate_file", evaluate_result())
     r = ok(cli("evaluate", "s.h5"))
     for text in ("synset 'mct-ipc2' (ipc 2, lr 0.01)", "synset (final, iteration 4)", "synset (best, iteration 3)",
                  "60.00 ± 5.00", "55.00 65.00", "random-real", "experts (whole dataset)",
@@ -252,13 +252,13 @@ def test_evaluate_tables(monkeypatch: pytest.MonkeyPatch) -> None:
         assert text in r.stdout, text
     # Every mean with its spread: random real and the experts too (issue 23).
     assert "40.00 ± 0.00" in r.stdout and "90.00 ± 1.00" in r.stdout
-    patch(monkeypatch, mctool.evaluate, "evaluate_file", evaluate_result(one_run=True))
+    patch(monkeypatch, mctool.evaluate.evaluation, "evaluate_file", evaluate_result(one_run=True))
     r = ok(cli("evaluate", "s.h5"))
     assert "60.00 (n = 1)" in r.stdout and "60.00 ± " not in r.stdout
 
 
 def test_evaluate_json(monkeypatch: pytest.MonkeyPatch) -> None:
-    patch(monkeypatch, mctool.evaluate, "evaluate_file", evaluate_result())
+    patch(monkeypatch, mctool.evaluate.evaluation, "evaluate_file", evaluate_result())
     doc = json.loads(ok(cli("evaluate", "s.h5", "--json")).stdout)
     assert set(doc) == {"file", "synset", "ipc", "lr", "results", "scores", "experts_reference", "whole_data_source",
                         "selected_on"}
@@ -385,7 +385,7 @@ def test_library_failures_become_one_line_and_an_exit_code(monkeypatch: pytest.M
 
 def test_bad_option_values_never_reach_the_library(monkeypatch: pytest.MonkeyPatch) -> None:
     fakes = [patch(monkeypatch, mctool.experts, "run", EXPERTS), patch(monkeypatch, mctool.distill, "run", None),
-             patch(monkeypatch, mctool.evaluate, "evaluate_file", None)]
+             patch(monkeypatch, mctool.evaluate.evaluation, "evaluate_file", None)]
     for args in (["experts", "mnist", "--epochs", "many"], ["distill", "--ipc", "1.5"],
                  ["evaluate", "--runs", "x"], ["experts"]):
         r = cli(*args)

@@ -1,4 +1,4 @@
-"""mctool.convex.convexify_file on a real tiny buffer (the `buffer` fixture: 2 experts, K = 4).
+"""mctool.convexify.runner.convexify_file on a real tiny buffer (the `buffer` fixture: 2 experts, K = 4).
 
 Every test works on a copy; the fixture itself is never written.
 """
@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from mctool import store
-from mctool.convex import ConvexifyConfig, convexify_file
-from mctool.errors import ArtifactError, Interrupted, UsageError
-from mctool.progress import Reporter
-from mctool.trajectory import convexify
+from mctool.convexify.runner import ConvexifyConfig, convexify_file
+from mctool.core.errors import ArtifactError, Interrupted, UsageError
+from mctool.core.progress import Reporter
+from mctool.convexify.trajectory import convexify
 from tests.helpers import Recorder
 
 

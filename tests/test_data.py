@@ -1,4 +1,4 @@
-"""Tests for mctool.data: loaders on tiny fixtures in the exact shipped formats, and ZCA maths."""
+"""Tests for mctool.data.datasets: loaders on tiny fixtures in the exact shipped formats, and ZCA maths."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mctool import data
-from mctool.data import (
+from mctool.data import datasets as data
+from mctool.data.datasets import (
     DATASETS,
     Dataset,
     Preprocessing,
@@ -23,7 +23,7 @@ from mctool.data import (
     fit_preprocessing,
     load_dataset,
 )
-from mctool.errors import ArtifactError, DatasetNotFound, UsageError
+from mctool.core.errors import ArtifactError, DatasetNotFound, UsageError
 
 FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 

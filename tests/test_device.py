@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mctool.device import resolve_device
-from mctool.errors import UsageError
+from mctool.core.device import resolve_device
+from mctool.core.errors import UsageError
 
 
 @pytest.fixture

@@ -301,17 +301,17 @@ def test_periodic_selection_sees_only_its_split(tmp_path: Path, convex_buffer: P
                                                 monkeypatch: pytest.MonkeyPatch, select_on: str) -> None:
     """--eval-every scores on images held out of the training split and the distillation holds no test
     image, unless --select-on test (the authors' protocol), which every output then names."""
-    import mctool.evaluate
+    import mctool.evaluate.evaluation
     from PIL import Image
 
     seen: list[tuple[int, int, str]] = []
-    original = mctool.evaluate.evaluate_set
+    original = mctool.evaluate.evaluation.evaluate_set
 
     def spy(images, labels, lr, prepared, base, cfg, *args, score_on=None, split="test", **kwargs):
         seen.append((prepared.test_x.shape[0], score_on[0].shape[0], split))
         return original(images, labels, lr, prepared, base, cfg, *args, score_on=score_on, split=split, **kwargs)
 
-    monkeypatch.setattr(mctool.evaluate, "evaluate_set", spy)
+    monkeypatch.setattr(mctool.evaluate.evaluation, "evaluate_set", spy)
     out = tmp_path / "s.h5"
     r = run_distill(convex_buffer, out, data_dir, "--eval-every", "2", "--eval-runs", "1", "--eval-epochs", "1",
                     "--select-on", select_on, "--val-size", "50", "--json")

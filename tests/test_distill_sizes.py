@@ -10,7 +10,7 @@ from pathlib import Path
 import h5py
 import pytest
 
-from mctool import memory
+from mctool.matching import memory
 from tests.helpers import assert_one_line_error, cli
 from tests.test_dry_run import tiny_imagenet_buffer
 
@@ -103,7 +103,7 @@ def test_the_library_checks_sizes_too(convex_buffer: Path, data_dir: Path) -> No
     from mctool import store
     from mctool.distill import resolve_config
     from mctool.distill.sizes import check_sizes, shape_of_buffer
-    from mctool.errors import UsageError
+    from mctool.core.errors import UsageError
 
     with store.open_buffer(convex_buffer) as buf:
         cfg = resolve_config(None, {"ipc": 99999999999, "expert_epochs": 1.0, "max_start_epoch": 2.0}, buf)
@@ -152,7 +152,7 @@ def test_a_fixed_micro_batch_is_checked_as_given() -> None:
 
     from mctool.distill import resolve_config
     from mctool.distill.sizes import check_sizes, shape_without_buffer
-    from mctool.errors import UsageError
+    from mctool.core.errors import UsageError
 
     auto = resolve_config("tinyimagenet-ipc50", {})
     shape = shape_without_buffer(auto)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from mctool import store
-from mctool.convex import ConvexifyConfig, convexify_file
+from mctool.convexify.runner import ConvexifyConfig, convexify_file
 from tests.helpers import assert_one_line_error, cli
 
 TINY_EXPERTS = ["experts", "mnist", "--num-experts", "3", "--epochs", "2", "--width", "8", "--batch-size", "32",

@@ -36,7 +36,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_dry_run_reports_every_mode_and_auto_chunks_what_does_not_fit(tiny: Path, monkeypatch) -> None:
-    from mctool import memory
+    from mctool.matching import memory
 
     gib = 2**30
     monkeypatch.setattr(memory, "free_bytes", lambda device: 16 * gib)  # a 16 GiB device

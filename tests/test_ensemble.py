@@ -1,4 +1,4 @@
-"""Networks trained together (mctool.ensemble) equal the same networks trained one after another."""
+"""Networks trained together (mctool.training.ensemble) equal the same networks trained one after another."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from mctool.store import DatasetMeta
-from mctool.augment import DSA, OPS, AugParams
-from mctool.data import Dataset, Preprocessing
-from mctool.ensemble import (
+from mctool.data.augment import DSA, OPS, AugParams
+from mctool.data.datasets import Dataset, Preprocessing
+from mctool.training.ensemble import (
     StackedNet,
     _augment,
     group_sizes,
@@ -21,12 +21,12 @@ from mctool.ensemble import (
     train_stacked,
     training_bytes,
 )
-from mctool.errors import TrainingDiverged
-from mctool.evaluate import EvaluateConfig, evaluate_set
+from mctool.core.errors import TrainingDiverged
+from mctool.evaluate.evaluation import EvaluateConfig, evaluate_set
 from mctool.models import ModelSpec, build_model, spec_for
-from mctool.prepared import Prepared
-from mctool.progress import Reporter
-from mctool.train import Schedule, accuracy, train
+from mctool.data.prepared import Prepared
+from mctool.core.progress import Reporter
+from mctool.training.train import Schedule, accuracy, train
 from tests.devices import rtol
 
 F64 = torch.float64
@@ -346,7 +346,7 @@ def test_evaluate_set_together_equals_one_after_another(device: torch.device) ->
 def test_evaluate_set_default_is_sequential_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     # On the CPU R grouped kernels are slower than R plain ones (bench/README.md), so the
     # default keeps one network after another there.
-    import mctool.ensemble as ensemble
+    import mctool.training.ensemble as ensemble
 
     calls: list[int] = []
 

@@ -1,4 +1,4 @@
-"""mctool.evaluate: evaluate_set, random_real, scores and evaluate_file, on the tiny MNIST fixture."""
+"""mctool.evaluate.evaluation: evaluate_set, random_real, scores and evaluate_file, on the tiny MNIST fixture."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import mctool.evaluate as ev_mod
+import mctool.evaluate.evaluation as ev_mod
 from mctool import store
-from mctool.errors import UsageError
-from mctool.evaluate import EvaluateConfig, Evaluation, evaluate_file, evaluate_set, random_real, run_seed, scores
+from mctool.core.errors import UsageError
+from mctool.evaluate.evaluation import EvaluateConfig, Evaluation, evaluate_file, evaluate_set, random_real, run_seed, scores
 from mctool.models import ModelSpec, layout_of
 
 SPEC = ModelSpec(width=8, channels=1, num_classes=10, im_size=(28, 28))
@@ -21,7 +21,7 @@ TINY = EvaluateConfig(runs=2, epochs=2, seed=3)
 
 @pytest.fixture(scope="module")
 def prepared(data_dir: Path):
-    from mctool.prepared import prepare
+    from mctool.data.prepared import prepare
 
     return prepare("mnist", data_dir, zca=True, zca_eps=0.1, device=torch.device("cpu"))
 

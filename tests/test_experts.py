@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from mctool import store
-from mctool.errors import DiskFull
+from mctool.core.errors import DiskFull
 from mctool.experts import ExpertsConfig, expert_seed, model_spec, train_expert
-from mctool.functional import FlatNet
+from mctool.models.functional import FlatNet
 from mctool.models import build_model
-from mctool.train import accuracy
+from mctool.training.train import accuracy
 from tests.helpers import assert_one_line_error, cli
 
 # Tiny settings shared by the in-process runs (2 experts, K = 3).
@@ -87,7 +87,7 @@ def test_same_seed_is_bit_identical_other_seed_differs(tmp_path: Path, data_dir:
 
 @pytest.fixture(scope="module")
 def prepared(data_dir: Path):
-    from mctool.prepared import prepare
+    from mctool.data.prepared import prepare
 
     return prepare("mnist", data_dir, zca=True, zca_eps=0.1, device=torch.device("cpu"))
 

@@ -1,4 +1,4 @@
-"""Tests of mctool.fastgrad (the hand-written second-order ConvNet sweep) and mctool.allocator.
+"""Tests of mctool.matching.fastgrad (the hand-written second-order ConvNet sweep) and mctool.core.allocator.
 
 The sweep must give autograd's numbers: g = ∇_w ℓ, e = ∂/∂X [vᵀ∇_w ℓ] and h = ∇²_w ℓ · v,
 compared in float64 to 1e-10 on small ConvNets of depth 1–4 (1 or 3 channels, the 28 px
@@ -16,10 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mctool.augment import DSA
-from mctool.fastgrad import _unpool_masked, plan_for, second_order
-from mctool.functional import FlatNet
-from mctool.matching import match
+from mctool.data.augment import DSA
+from mctool.matching.fastgrad import _unpool_masked, plan_for, second_order
+from mctool.models.functional import FlatNet
+from mctool.matching.loss import match
 from mctool.models import ModelSpec, build_model, spec_for
 
 
@@ -125,7 +125,7 @@ def test_plan_only_for_the_instance_norm_convnet() -> None:
 @pytest.mark.parametrize("mode", ["constant", "adjoint"])
 def test_match_same_with_and_without_fast_path(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Whole matching iterations, with real DSA draws (some give channels-last batches)."""
-    import mctool.secondorder
+    import mctool.matching.secondorder
 
     calls: list[int] = []
 
@@ -133,7 +133,7 @@ def test_match_same_with_and_without_fast_path(mode: str, monkeypatch: pytest.Mo
         calls.append(1)
         return second_order(*args, **kwargs)
 
-    monkeypatch.setattr(mctool.secondorder, "second_order", counting)
+    monkeypatch.setattr(mctool.matching.secondorder, "second_order", counting)
     net, _, _, x, _ = small_problem(2, 3, 8, False, batch=6)
     labels = torch.arange(6) % 3
     gen = torch.Generator().manual_seed(1)
@@ -162,7 +162,7 @@ def test_match_same_with_and_without_fast_path(mode: str, monkeypatch: pytest.Mo
 def test_tune_malloc_applies_unless_the_user_opts_out(env: dict[str, str], expected: str) -> None:
     clean = {k: v for k, v in os.environ.items()
              if not k.startswith(("MALLOC_", "GLIBC_TUNABLES", "MCTOOL_SYSTEM_MALLOC", "LD_PRELOAD"))}
-    code = ("from mctool.allocator import tune_malloc, malloc_tuned, release_free_memory; "
+    code = ("from mctool.core.allocator import tune_malloc, malloc_tuned, release_free_memory; "
             "from mctool.store import versions; a = tune_malloc(); "
             "assert tune_malloc() == a == malloc_tuned(); release_free_memory(); "
             "assert versions()['malloc'] == ('tuned' if a else 'default'); print(a)")

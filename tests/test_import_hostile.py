@@ -24,9 +24,9 @@ def test_a_stop_request_ends_the_import_after_an_expert_and_the_rerun_resumes(tm
     import h5py
     import signal
 
-    from mctool.errors import Interrupted
+    from mctool.core.errors import Interrupted
     from mctool.interop.importer import ImportConfig, run
-    from mctool.progress import Reporter
+    from mctool.core.progress import Reporter
     from tests.interop_fixtures import make_experts, tiny_spec, write_replay_buffer
 
     class StopAfterFirst(Reporter):
@@ -53,8 +53,8 @@ def test_a_stop_request_ends_the_import_after_an_expert_and_the_rerun_resumes(tm
 def test_images_are_checked_from_their_headers_before_decoding(tmp_path: Path, monkeypatch) -> None:
     from PIL import Image
 
-    from mctool import data
-    from mctool.errors import UsageError
+    from mctool.data import datasets as data
+    from mctool.core.errors import UsageError
 
     converted: list[tuple[int, int]] = []
     real = Image.Image.convert
@@ -80,7 +80,7 @@ def test_images_are_checked_from_their_headers_before_decoding(tmp_path: Path, m
         data.load_dataset(f"folder:{tmp_path / 'pets'}")
     assert not converted
     monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 4096 * 4096)
-    monkeypatch.setattr("mctool.memory.free_bytes", lambda device: 1000)
+    monkeypatch.setattr("mctool.matching.memory.free_bytes", lambda device: 1000)
     with pytest.raises(UsageError, match=r"4 images of 8x8 pixels need about"):
         data.load_dataset(f"folder:{tmp_path / 'pets'}")
     assert not converted

@@ -2,9 +2,17 @@
 
 * h5py is imported only under mctool/store/ (the one place that reads or writes HDF5);
   typer and rich only under mctool/cli/.
-* Who may import whom: nothing outside the CLI imports mctool.cli; the store imports only
-  the errors, the models and the trajectory maths below it; the models import nothing of
-  mctool but the errors.
+* The top level shows the pipeline: directly under mctool/ live only the stages that are one
+  module (experts, demo), the pictures (plots) and the preset loader (presets); everything else
+  is in a package by layer (mctool/cli, configs, core, models, matching, store, data, training,
+  interop, and the stages convexify, distill, evaluate).
+* Who may import whom, bottom up (LAYERS): core imports nothing of mctool above it; the models
+  only core; the gradient engine (matching) only core, the models and the torch-free choices;
+  the convex trajectory's maths (convexify.trajectory) only core and the choices, since the
+  store and training read it; the store only core, the models and that trajectory maths; data
+  only core, the choices, the store and the memory model's free_bytes; training only those
+  below it; interop no stage; the torch-free settings (configs) no stage; nothing outside the
+  CLI imports mctool.cli.
 * No import cycle between mctool modules.
 
 Every import counts, wherever it is written: at module level, inside a function (a lazy
@@ -36,9 +44,29 @@ PACKAGE = ROOT / "mctool"
 # Each cycle is written as the sorted tuple of the modules on it.
 LAZY_CYCLES: set[tuple[str, str]] = set()
 
-STORE_MAY_IMPORT = ("mctool", "mctool.errors", "mctool.allocator", "mctool.models", "mctool.trajectory",
-                    "mctool.text", "mctool.store")
-MODELS_MAY_IMPORT = ("mctool.errors", "mctool.models")
+# Modules allowed directly under mctool/ (a new module joins a layer's package, or is a stage).
+TOP_LEVEL = {"mctool", "mctool.__main__", "mctool.experts", "mctool.demo", "mctool.plots", "mctool.presets"}
+
+STORE_MAY_IMPORT = ("mctool", "mctool.core", "mctool.models", "mctool.convexify.trajectory", "mctool.store")
+# Each layer (a package, or one module) -> what it may import besides itself (and its own modules).
+# "mctool" allows the root package only (its __version__). The stages above them (experts,
+# convexify.runner, distill, evaluate, demo, plots) may import any of these, never the CLI.
+LAYERS: dict[str, tuple[str, ...]] = {
+    "mctool.core": (),
+    "mctool.models": ("mctool.core",),  # the networks know nothing of data, files or training
+    "mctool.matching": ("mctool.core", "mctool.configs.choices", "mctool.models"),
+    "mctool.convexify.trajectory": ("mctool.core", "mctool.configs.choices"),
+    "mctool.store": STORE_MAY_IMPORT,
+    # datasets asks the memory model how much memory is free before it decodes a dataset
+    "mctool.data": ("mctool.core", "mctool.configs.choices", "mctool.store", "mctool.matching.memory"),
+    "mctool.training": ("mctool.core", "mctool.models", "mctool.store", "mctool.data", "mctool.convexify.trajectory"),
+    "mctool.interop": ("mctool", "mctool.core", "mctool.models", "mctool.store", "mctool.data", "mctool.training",
+                       "mctool.matching.memory"),
+    # torch-free at module level (tests/test_startup.py); the lazy imports borrow lower checks
+    "mctool.configs": ("mctool.core", "mctool.presets", "mctool.data", "mctool.training",
+                       "mctool.convexify.trajectory"),
+    "mctool.presets": ("mctool.core",),
+}
 
 
 @dataclass(frozen=True)
@@ -134,11 +162,12 @@ def under(module: str, *prefixes: str) -> bool:
 
 
 def layer(module: str) -> str:
-    """The layer a module belongs to (for the cycle rule)."""
-    for prefix in ("mctool.cli", "mctool.store", "mctool.models"):
-        if under(module, prefix):
-            return prefix
-    return "mctool.__main__" if module == "mctool.__main__" else "library"
+    """The layer a module belongs to (for the cycle rule): its package under mctool, or the
+    top-level module itself."""
+    parts = module.split(".")
+    if len(parts) > 1 and parts[1] not in ("__main__",) and (PACKAGE / parts[1]).is_dir():
+        return ".".join(parts[:2])
+    return module
 
 
 def violations(edges: list[Edge], allowed: tuple[str, ...], where: str) -> list[str]:
@@ -169,15 +198,19 @@ def test_nothing_outside_the_cli_imports_it(edges: list[Edge]) -> None:
     assert not bad, "only mctool.cli (and `python -m mctool`) may import mctool.cli:\n" + "\n".join(bad)
 
 
-def test_the_store_imports_only_what_lies_below_it(edges: list[Edge]) -> None:
-    bad = violations(edges, STORE_MAY_IMPORT, "mctool.store")
-    assert not bad, (f"mctool.store may import only {', '.join(STORE_MAY_IMPORT)} (never the library or the "
-                     "CLI):\n" + "\n".join(bad))
+def test_the_top_level_holds_only_the_stages() -> None:
+    flat = {name for name, path in all_modules().items() if path.parent == PACKAGE}
+    assert flat == TOP_LEVEL, (f"modules directly under mctool/ beside the stages: {sorted(flat - TOP_LEVEL)} (move "
+                               f"each into its layer's package); gone: {sorted(TOP_LEVEL - flat)} (update TOP_LEVEL)")
 
 
-def test_the_models_import_neither_store_nor_library(edges: list[Edge]) -> None:
-    bad = violations(edges, MODELS_MAY_IMPORT, "mctool.models")
-    assert not bad, f"mctool.models may import only {', '.join(MODELS_MAY_IMPORT)}:\n" + "\n".join(bad)
+@pytest.mark.parametrize("where", sorted(LAYERS))
+def test_each_layer_imports_only_what_lies_below_it(edges: list[Edge], where: str) -> None:
+    assert any(under(e.source, where) for e in edges), f"no module under {where}: the layout moved, update LAYERS"
+    allowed = (*LAYERS[where], where)
+    bad = violations(edges, allowed, where)
+    assert not bad, (f"{where} may import only {', '.join(allowed)} of mctool (never a stage or the CLI):\n"
+                     + "\n".join(bad))
 
 
 # --------------------------------------------------------------------------- cycles
@@ -263,9 +296,26 @@ def test_direction_rules_catch_an_upward_import() -> None:
 
     edges = [e("mctool.store.files", "mctool"), e("mctool.store.files", "mctool.store.fields"),
              e("mctool.store.meta", "mctool.models.convnet"), e("mctool.store.files", "mctool.experts"),
-             e("mctool.store.summary", "mctool.cli.render")]
+             e("mctool.store.summary", "mctool.cli.render"), e("mctool.store.convex", "mctool.convexify.trajectory"),
+             e("mctool.store.convex", "mctool.convexify.runner")]
     assert violations(edges, STORE_MAY_IMPORT, "mctool.store") == [
-        "x.py:1: mctool.store.files -> mctool.experts (lazy)", "x.py:1: mctool.store.summary -> mctool.cli.render (lazy)"]
+        "x.py:1: mctool.store.files -> mctool.experts (lazy)",
+        "x.py:1: mctool.store.summary -> mctool.cli.render (lazy)",
+        "x.py:1: mctool.store.convex -> mctool.convexify.runner (lazy)"]
+
+
+@pytest.mark.parametrize("where", sorted(LAYERS))
+def test_each_layer_rule_can_fail(where: str) -> None:
+    """Each layer importing a stage (the distill package) or the CLI is caught; importing itself
+    and what it is allowed is not."""
+    def e(b: str) -> Edge:
+        return Edge(f"{where}.x", b, "x.py", 1, True)
+
+    allowed = (*LAYERS[where], where)
+    fine = [e(f"{a}.y" if a != "mctool" else a) for a in allowed]
+    assert violations(fine, allowed, where) == []
+    wrong = [e("mctool.distill.runner"), e("mctool.cli.render"), e("mctool.evaluate.evaluation")]
+    assert len(violations(wrong, allowed, where)) == 3
 
 
 def test_no_module_level_import_cycle(edges: list[Edge]) -> None:

@@ -78,8 +78,8 @@ def test_export_command(tmp_path: Path, convex_buffer: Path, data_dir: Path, fmt
 
 
 def test_scores_for_evaluate() -> None:
-    from mctool.evaluate import Evaluation, scores
-    from mctool.scores import whole_data_accuracy
+    from mctool.evaluate.evaluation import Evaluation, scores
+    from mctool.evaluate.scores import whole_data_accuracy
 
     def ev(kind: str, accs: list[float]) -> Evaluation:
         return Evaluation(kind=kind, model="ConvNet", accuracies=accs, mean=sum(accs) / len(accs), std=0.0,

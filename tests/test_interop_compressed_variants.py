@@ -22,7 +22,7 @@ from mctool.interop.importer import ImportConfig, import_compressed, plan_compre
 from mctool.interop.torchfile import TorchFileError
 from mctool.models import build_model, param_layout
 from mctool.store.convex import read_convex, read_convex_expert
-from mctool.trajectory import ConvexTrajectory
+from mctool.convexify.trajectory import ConvexTrajectory
 from tests.conftest import cli
 from tests.interop_fixtures import (
     authors_point, make_experts, tiny_spec, write_ablation_pair, write_authors_pair,
@@ -34,7 +34,7 @@ FROZEN = 1  # conv1's bias
 
 @pytest.fixture(scope="module")
 def prepared(data_dir: Path):
-    from mctool.prepared import prepare
+    from mctool.data.prepared import prepare
 
     return prepare("mnist", data_dir, False, 0.1, torch.device("cpu"))
 

@@ -12,14 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from mctool.errors import UsageError
+from mctool.core.errors import UsageError
 from mctool.interop import h5out
 from mctool.interop.export import (
     META_NAME, SynsetData, class_folder, export_pngs, export_tensors, load_export, preprocessing_without_data,
     to_pixels,
 )
-from mctool.scores import hard_label_recovery, paired_gain, whole_data_accuracy
-from mctool.prepared import prepare_like
+from mctool.evaluate.scores import hard_label_recovery, paired_gain, whole_data_accuracy
+from mctool.data.prepared import prepare_like
 from tests.conftest import cli
 
 TINY = ["--ipc", "2", "--syn-steps", "2", "--expert-epochs", "1", "--max-start-epoch", "2", "--lr-img", "100",

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from mctool import store
-from mctool.convex import ConvexifyConfig, convexify_file
-from mctool.errors import UsageError
+from mctool.convexify.runner import ConvexifyConfig, convexify_file
+from mctool.core.errors import UsageError
 from mctool.interop.buffers import (
     BufferLayoutError, StatedModel, describe_numbers, folder_hints, infer_convnet, scan_replay_folder,
 )
@@ -20,9 +20,9 @@ from mctool.interop.importer import (
 )
 from mctool.interop.torchfile import TorchFileError
 from mctool.models import ModelSpec, build_model, param_layout
-from mctool.prepared import prepare
-from mctool.progress import Reporter
-from mctool.trajectory import convexify
+from mctool.data.prepared import prepare
+from mctool.core.progress import Reporter
+from mctool.convexify.trajectory import convexify
 from tests.conftest import cli
 from tests.interop_fixtures import (
     flat, make_experts, tiny_spec, write_authors_pair, write_replay_buffer,

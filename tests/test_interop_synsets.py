@@ -141,7 +141,7 @@ def test_soft_labels_and_logits(tmp_path: Path, data_dir: Path) -> None:
 
 
 def test_zca_pixels_are_whitened_with_the_datasets_zca(tmp_path: Path, data_dir: Path) -> None:
-    from mctool.prepared import prepare
+    from mctool.data.prepared import prepare
 
     folder = tmp_path / "zca"
     folder.mkdir()

@@ -4,7 +4,7 @@ The learnable is the label logits Z [n, classes]; the inner steps train on Y = s
 `unrolled` differentiates through everything (checked against central finite differences),
 `adjoint` must equal it to rounding, `constant` must equal an independent autograd
 re-derivation of its truncated objective (every w_k frozen), and both second-order
-implementations (mctool.fastgrad's sweep, autograd) must give the same label term.
+implementations (mctool.matching.fastgrad's sweep, autograd) must give the same label term.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mctool.fastgrad import plan_for, second_order
-from mctool.functional import FlatNet
-from mctool.matching import MODES, MatchResult, match
-from mctool.microbatch import chunks
+from mctool.matching.fastgrad import plan_for, second_order
+from mctool.models.functional import FlatNet
+from mctool.matching.loss import MODES, MatchResult, match
+from mctool.matching.microbatch import chunks
 from mctool.models import ModelSpec, build_model
-from mctool.secondorder import autograd_step
+from mctool.matching.secondorder import autograd_step
 
 CLASSES = 3
 
@@ -167,7 +167,7 @@ def test_bad_label_logits_raise() -> None:
 
 def test_misclassified_picks_are_replaced_by_right_ones_of_their_class() -> None:
     """DATM's rule with an expert that calls every image of the class of its first pixel's sign."""
-    from mctool.labels import replace_misclassified
+    from mctool.training.labels import replace_misclassified
 
     y = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
     x = torch.tensor([-1.0, 1.0, -1.0, 1.0, 1.0, -1.0, 1.0, -1.0]).view(8, 1)  # predicted 0 if x < 0
@@ -306,8 +306,8 @@ def test_evaluate_keeps_label_kinds_apart_and_labels_the_baseline_by_the_expert(
 
 
 def test_random_real_with_expert_labels(data_dir) -> None:
-    from mctool.evaluate import random_real
-    from mctool.prepared import prepare
+    from mctool.evaluate.evaluation import random_real
+    from mctool.data.prepared import prepare
 
     prepared = prepare("mnist", data_dir, zca=True, zca_eps=0.1, device=torch.device("cpu"))
     x_hard, y_hard = random_real(prepared, 2, seed=3)

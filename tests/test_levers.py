@@ -172,7 +172,7 @@ def test_ema_equals_an_independent_recomputation(tmp_path: Path, convex_buffer: 
     """The stored images are the EMA (decay 0.6) of the raw images after each applied update,
     started at the initial images; the raw ones are in the checkpoint; the best images and the
     periodic evaluation see the average."""
-    import mctool.evaluate
+    import mctool.evaluate.evaluation
 
     raw: list[torch.Tensor] = []
     original = Distiller.apply_update
@@ -186,14 +186,14 @@ def test_ema_equals_an_independent_recomputation(tmp_path: Path, convex_buffer: 
         return applied
 
     evaluated: list[torch.Tensor] = []
-    evaluate_set = mctool.evaluate.evaluate_set
+    evaluate_set = mctool.evaluate.evaluation.evaluate_set
 
     def eval_spy(images, *args, **kwargs):
         evaluated.append(images.clone())
         return evaluate_set(images, *args, **kwargs)
 
     monkeypatch.setattr(Distiller, "apply_update", spy)
-    monkeypatch.setattr(mctool.evaluate, "evaluate_set", eval_spy)
+    monkeypatch.setattr(mctool.evaluate.evaluation, "evaluate_set", eval_spy)
     out = tmp_path / "s.h5"
     r = distill(convex_buffer, out, data_dir, "--ema", "0.6", "--eval-every", "4", "--eval-runs", "1",
                 "--eval-epochs", "1", "--select-on", "test", "--json", iterations=5)

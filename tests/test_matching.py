@@ -1,4 +1,4 @@
-"""Tests of mctool.matching: the trajectory-matching loss and its three gradient modes.
+"""Tests of mctool.matching.loss: the trajectory-matching loss and its three gradient modes.
 
 Everything runs in float64 on tiny ConvNets so that the exact modes can be compared to
 1e-6 and against central finite differences.
@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mctool.functional import FlatNet
-from mctool.matching import MODES, MatchResult, match
+from mctool.models.functional import FlatNet
+from mctool.matching.loss import MODES, MatchResult, match
 from mctool.models import ModelSpec, build_model
 
 NUM_CLASSES = 3

@@ -1,4 +1,4 @@
-"""mctool.memory: the peak-memory model, free memory and the micro-batch `auto` picks."""
+"""mctool.matching.memory: the peak-memory model, free memory and the micro-batch `auto` picks."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import mctool.memory as mem
-from mctool.memory import (ESTIMATE_ERROR, MODES, STEP_BYTES_PER_IMAGE, STEP_OVERHEAD_BYTES, Workload,
+import mctool.matching.memory as mem
+from mctool.matching.memory import (ESTIMATE_ERROR, MODES, STEP_BYTES_PER_IMAGE, STEP_OVERHEAD_BYTES, Workload,
                            auto_micro_batch, check_fits, dry_run, estimate_peak_bytes, free_bytes, parse_size,
                            profile_network, size_text, smallest_peak, split_bytes)
 from mctool.models import ModelSpec, build_model
@@ -147,12 +147,12 @@ def test_dry_run_reports_every_mode() -> None:
 CHILD = r"""
 import json, os, sys, torch
 from pathlib import Path
-from mctool.allocator import release_free_memory, tune_malloc
+from mctool.core.allocator import release_free_memory, tune_malloc
 tune_malloc()
 torch.set_num_threads(1)
-from mctool.augment import DSA, StepAugment
-from mctool.functional import FlatNet
-from mctool.matching import match
+from mctool.data.augment import DSA, StepAugment
+from mctool.models.functional import FlatNet
+from mctool.matching.loss import match
 from mctool.models import ModelSpec, build_model
 n, micro, mode, steps = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 net = FlatNet(build_model(ModelSpec(width=128, num_classes=10), seed=0))

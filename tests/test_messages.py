@@ -60,10 +60,10 @@ def test_resume_takes_the_files_only_synset_and_says_so(tmp_path: Path, data_dir
 
 def test_an_unknown_option_points_to_the_subcommands_help(monkeypatch: pytest.MonkeyPatch,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
-    import mctool.allocator
+    import mctool.core.allocator
     from mctool.cli import main
 
-    monkeypatch.setattr(mctool.allocator, "tune_malloc", lambda: False)
+    monkeypatch.setattr(mctool.core.allocator, "tune_malloc", lambda: False)
     for argv, helps in ((["distill", "--bogus"], "`mctool distill --help`"), (["--bogus"], "`mctool --help`")):
         monkeypatch.setattr(sys, "argv", ["mctool", *argv])
         with pytest.raises(SystemExit) as exc:

@@ -1,4 +1,4 @@
-"""Micro-batched matching (mctool.matching's micro_batch, mctool.microbatch, StepAugment).
+"""Micro-batched matching (mctool.matching.loss's micro_batch, mctool.matching.microbatch, StepAugment).
 
 Chunked inner steps must give the unchunked numbers in every mode, with and without DSA,
 hard and soft labels, chunk sizes that do not divide the batch and duplicate indices within
@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mctool.augment import DSA, AugParams, StepAugment
-from mctool.fastgrad import plan_for, second_order
-from mctool.functional import FlatNet
-from mctool.matching import MODES, match
-from mctool.microbatch import accepts_rows, chunked_forward, chunks, couples_samples, sample_coupling
+from mctool.data.augment import DSA, AugParams, StepAugment
+from mctool.matching.fastgrad import plan_for, second_order
+from mctool.models.functional import FlatNet
+from mctool.matching.loss import MODES, match
+from mctool.matching.microbatch import accepts_rows, chunked_forward, chunks, couples_samples, sample_coupling
 from mctool.models import ModelSpec, build_model, model_names, spec_for
 
 CLASSES = 3
@@ -89,11 +89,11 @@ def test_micro_batch_at_least_the_batch_changes_nothing() -> None:
 
 def test_chunking_is_not_a_plain_mean_per_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
     """Guard: averaging each chunk by its own size (the easy mistake) is caught by the comparison."""
-    import mctool.matching
+    import mctool.matching.loss
 
     p = problem(seed=4)
     ref = run(p, "constant", None, False, False)
-    monkeypatch.setattr(mctool.matching, "ce_loss", lambda logits, y, total: F.cross_entropy(logits, y))
+    monkeypatch.setattr(mctool.matching.loss, "ce_loss", lambda logits, y, total: F.cross_entropy(logits, y))
     wrong = run(p, "constant", 3, False, False)
     assert rel_err(wrong.grad_images, ref.grad_images) > 1e-3
 

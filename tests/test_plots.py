@@ -30,8 +30,8 @@ from mctool.plots import (
     write_overview,
 )
 from mctool.store.synsets import BestImages
-from mctool.prepared import prepare
-from mctool.trajectory import ConvexTrajectory, convexify
+from mctool.data.prepared import prepare
+from mctool.convexify.trajectory import ConvexTrajectory, convexify
 
 CPU = torch.device("cpu")
 BLUE, ORANGE, GREEN = (31, 119, 180), (255, 127, 14), (44, 160, 44)  # series 1, 2, 3

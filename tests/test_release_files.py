@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from mctool import store
-from mctool.convex import ConvexifyConfig, convexify_file
+from mctool.convexify.runner import ConvexifyConfig, convexify_file
 from mctool.experts import ExpertsConfig, model_spec, train_expert
 from tests.helpers import cli
 
@@ -233,7 +233,7 @@ def test_experts_appends_a_third_expert(release: Path, data_dir: Path) -> None:
             np.testing.assert_array_equal(f["experts"][name][:2], rows, err_msg=name)
         third = f["experts/trajectories"][2]
     # The new row is the expert 2 today's code trains with the buffer's settings.
-    from mctool.prepared import prepare
+    from mctool.data.prepared import prepare
 
     cfg = ExpertsConfig(dataset="mnist", num_experts=3, epochs=4, width=8, batch_size=32, lr=0.05, seed=1)
     prepared = prepare("mnist", data_dir, zca=True, zca_eps=0.1, device=torch.device("cpu"))

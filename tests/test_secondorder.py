@@ -1,15 +1,15 @@
-"""mctool.secondorder: both implementations agree, and policy "auto" keeps the faster one."""
+"""mctool.matching.secondorder: both implementations agree, and policy "auto" keeps the faster one."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-import mctool.secondorder as so_mod
-from mctool.fastgrad import plan_for
-from mctool.functional import FlatNet
+import mctool.matching.secondorder as so_mod
+from mctool.matching.fastgrad import plan_for
+from mctool.models.functional import FlatNet
 from mctool.models import ModelSpec, build_model
-from mctool.secondorder import TIE_MARGIN, SecondOrder, autograd_step, choices, forget_choices, run_step
+from mctool.matching.secondorder import TIE_MARGIN, SecondOrder, autograd_step, choices, forget_choices, run_step
 
 
 def setup(norm: str = "instancenorm", batch: int = 5, seed: int = 0):

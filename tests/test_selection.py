@@ -15,8 +15,8 @@ import torch
 from mctool import store
 from mctool.distill import resolve_config, run_prepared
 from mctool.distill.runner import _nice_up, _Run
-from mctool.prepared import prepare_like
-from mctool.progress import Reporter
+from mctool.data.prepared import prepare_like
+from mctool.core.progress import Reporter
 from tests.helpers import cli
 
 # A small step-size and expert setting on the tests' tiny experts; --lr-img chooses the fate.

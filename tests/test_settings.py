@@ -1,4 +1,4 @@
-"""Each setting's check is declared with it (mctool/settings.py): validation iterates over the
+"""Each setting's check is declared with it (mctool/core/settings.py): validation iterates over the
 settings, NaN fails every numeric check, and the messages are the one-liners they were."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 
 from mctool.distill import DistillConfig
 from mctool.distill.tune import TuneConfig
-from mctool.errors import UsageError
+from mctool.core.errors import UsageError
 from mctool.interop.importer import ImportConfig
-from mctool.settings import above, at_least, between, first_problem, one_of, settings
+from mctool.core.settings import above, at_least, between, first_problem, one_of, settings
 
 # The requirement every checked DistillConfig setting states (what `problem()` said before the
 # checks moved into the declarations).

@@ -2,7 +2,7 @@
 units (method.md §6.6: its pass 2 applies half the two-pass formula's gradient).
 
 The reference here is written from the released code's description, independently of
-mctool.matching: pass 1 runs the inner SGD steps to get G = Σ g_k; pass 2 recomputes each g_k
+mctool.matching.loss: pass 1 runs the inner SGD steps to get G = Σ g_k; pass 2 recomputes each g_k
 with a graph and adds ∂/∂X [vᵀ g_k / D] — without the factor 2 of the formula, because the
 released code multiplies the gradient *tuple* by 2 (which repeats it) instead of the tensor.
 """
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from mctool.distill import DistillConfig, Distiller, State
-from mctool.functional import FlatNet
-from mctool.matching import match
+from mctool.models.functional import FlatNet
+from mctool.matching.loss import match
 from mctool.models import ModelSpec, build_model
 
 
@@ -107,6 +107,6 @@ def test_every_grad_mode_uses_the_same_units_under_mct_and_mtt_stays_exact() -> 
 
 def test_stored_config_says_which_units() -> None:
     assert dataclasses.asdict(DistillConfig())["step_units"] == "released"
-    from mctool.settings import legacy_values
+    from mctool.core.settings import legacy_values
 
     assert legacy_values(DistillConfig)["step_units"] == "exact"  # synsets written before the change

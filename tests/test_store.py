@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from mctool import store
-from mctool.errors import ArtifactError, FileBusy
+from mctool.core.errors import ArtifactError, FileBusy
 from mctool.models import ModelSpec, layer_sizes, layout_of
-from mctool.trajectory import convexify
+from mctool.convexify.trajectory import convexify
 
 K = 3  # epochs of the tiny experts
 DATA = store.DatasetMeta(name="tiny", num_classes=3, channels=1, height=8, width=8, zca=False, zca_eps=0.0,

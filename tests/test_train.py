@@ -1,4 +1,4 @@
-"""mctool.train: the one SGD loop, against a hand-written reference in float64."""
+"""mctool.training.train: the one SGD loop, against a hand-written reference in float64."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from mctool.augment import DSA
-from mctool.errors import TrainingDiverged, UsageError
-from mctool.train import Schedule, accuracy, train
+from mctool.data.augment import DSA
+from mctool.core.errors import TrainingDiverged, UsageError
+from mctool.training.train import Schedule, accuracy, train
 
 N, D, C = 10, 5, 3  # examples, features, classes: batches of 4 leave a last batch of 2
 

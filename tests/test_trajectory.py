@@ -1,4 +1,4 @@
-"""Tests for mctool.trajectory: β strategies, smoothing, reconstruction, streaming."""
+"""Tests for mctool.convexify.trajectory: β strategies, smoothing, reconstruction, streaming."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from mctool.errors import UsageError
-from mctool.trajectory import (
+from mctool.core.errors import UsageError
+from mctool.convexify.trajectory import (
     STRATEGIES,
     ConvexTrajectory,
     StreamingConvexifier,

@@ -15,9 +15,9 @@ import torch
 from mctool import store
 from mctool.distill import autoconfig
 from mctool.distill import DistillConfig, check_buffer_matches, resolve_config
-from mctool.errors import UsageError
+from mctool.core.errors import UsageError
 from mctool.distill import load_preset
-from mctool.prepared import prepare_like
+from mctool.data.prepared import prepare_like
 from mctool.distill.tune import (LR_DECADES, LR_DECADES_SMALL, NEIGHBOURS, TuneConfig, plan_search, tune_prepared,
                          tuning_val_size, write_result_preset)
 from tests.conftest import cli
@@ -315,7 +315,7 @@ def test_a_budget_too_small_to_measure_the_machine_is_one_line(convex_buffer: Pa
 
 def test_budget_watchdog_asks_loops_to_stop(monkeypatch: pytest.MonkeyPatch) -> None:
     from mctool.distill import tune as tune_mod
-    from mctool.progress import Reporter
+    from mctool.core.progress import Reporter
 
     now = [0.0]
     monkeypatch.setattr(tune_mod, "_now", lambda: now[0])
@@ -580,7 +580,7 @@ def test_a_diverging_candidate_is_a_result_not_a_failure(convex_buffer: Path, da
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """lr_img × 100 may blow the images up: that candidate is marked and dropped, the search goes on."""
     from mctool.distill import tune as tune_mod
-    from mctool.errors import TrainingDiverged
+    from mctool.core.errors import TrainingDiverged
 
     real = tune_mod.run_prepared
 

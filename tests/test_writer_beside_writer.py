@@ -14,7 +14,7 @@ import h5py
 import pytest
 
 from mctool import store
-from mctool.errors import FileBusy
+from mctool.core.errors import FileBusy
 from mctool.store import files
 from tests.damage import digest
 from tests.helpers import assert_one_line_error, cli
@@ -94,7 +94,7 @@ def test_scores_of_images_that_changed_meanwhile_are_not_stored(synset: Path, tm
     """The lost update as the issue saw it, without the lock: a checkpoint lands while evaluate
     trains. The scores are not stored against images the file no longer holds; the line says so
     and gives them."""
-    import mctool.evaluate as evaluate
+    import mctool.evaluate.evaluation as evaluate
 
     f = tmp_path / "syn.h5"
     f.write_bytes(synset.read_bytes())
@@ -172,8 +172,8 @@ def test_pictures_and_single_files_are_written_atomically_never_through_a_link(t
 
     import torch
 
-    from mctool.data import Preprocessing
-    from mctool.errors import ArtifactError
+    from mctool.data.datasets import Preprocessing
+    from mctool.core.errors import ArtifactError
     from mctool.plots import synset_grid
 
     victim = tmp_path / "victim.txt"

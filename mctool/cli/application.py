@@ -76,9 +76,9 @@ def main() -> None:
     """Console-script entry point: usage errors (unknown option, bad value) become one line too."""
     from typer.exceptions import TyperException
 
-    from mctool.allocator import tune_malloc
+    from mctool.core.allocator import tune_malloc
 
-    tune_malloc()  # before the command allocates its tensors (see mctool/allocator.py)
+    tune_malloc()  # before the command allocates its tensors (see mctool/core/allocator.py)
 
     if len(sys.argv) <= 1:
         app()  # no arguments: show the help

@@ -24,9 +24,9 @@ from typing import Any, Optional
 import typer
 
 from mctool.cli.render import RichReporter, error_line
-from mctool.errors import Interrupted, MctoolError
-from mctool.progress import SIGNAL_NAMES
-from mctool.settings import option_settings
+from mctool.core.errors import Interrupted, MctoolError
+from mctool.core.progress import SIGNAL_NAMES
+from mctool.core.settings import option_settings
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 _STOP_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)

@@ -12,8 +12,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from mctool.progress import Reporter
-from mctool.text import clean_text
+from mctool.core.progress import Reporter
+from mctool.core.text import clean_text
 
 # Not a terminal (a pipe, a file, CI): never crop lines to 80 columns.
 stdout = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 250)

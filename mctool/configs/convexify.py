@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mctool.configs.choices import STRATEGIES
-from mctool.errors import UsageError
-from mctool.settings import setting
+from mctool.core.errors import UsageError
+from mctool.core.settings import setting
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ class ConvexifyConfig:
 
     def resolve_positions(self, epochs: int) -> list[int]:
         """The waypoint positions p_0=0 < ... < p_{I+1}=K for K = `epochs`."""
-        from mctool.trajectory import parse_positions, uniform_positions
+        from mctool.convexify.trajectory import parse_positions, uniform_positions
 
         if self.strategy not in STRATEGIES:
             raise UsageError(f"unknown --beta '{self.strategy}'; choose from {', '.join(STRATEGIES)}")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from mctool import presets
 from mctool.configs.choices import DEFAULT_STRATEGY, MODES, POLICIES
-from mctool.errors import UsageError
-from mctool.settings import (Check, above, at_least, between, first_problem, one_of, option_name, preset_keys,
+from mctool.core.errors import UsageError
+from mctool.core.settings import (Check, above, at_least, between, first_problem, one_of, option_name, preset_keys,
                              required_keys, setting)
 
 

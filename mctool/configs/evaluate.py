@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING
 
 from mctool.configs.choices import DEFAULT_STRATEGY
 from mctool.configs.experts import check_seed
-from mctool.errors import UsageError
-from mctool.settings import setting
+from mctool.core.errors import UsageError
+from mctool.core.settings import setting
 
 if TYPE_CHECKING:
-    from mctool.train import Schedule
+    from mctool.training.train import Schedule
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class EvaluateConfig:
 
     def schedule(self, lr: float) -> Schedule:
         """One run's SGD schedule (building it checks the values: one usage line if bad)."""
-        from mctool.train import Schedule
+        from mctool.training.train import Schedule
 
         return Schedule(epochs=self.epochs, lr=lr, momentum=self.momentum, weight_decay=self.weight_decay,
                         batch_size=self.batch_size, decay_epoch=self.epochs // 2)

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from mctool.configs.choices import DEFAULT_STRATEGY, STRATEGIES
-from mctool.errors import UsageError
-from mctool.settings import setting
+from mctool.core.errors import UsageError
+from mctool.core.settings import setting
 
 MAX_SEED = 2**63 - 1
 
@@ -50,8 +50,8 @@ class ExpertsConfig:
     def validate(self) -> None:
         """Refuse settings that cannot train (one line, exit 2); needs no data, so callers check
         before any download or file. The depth is checked when the model is built."""
-        from mctool.augment import DSA
-        from mctool.train import Schedule
+        from mctool.data.augment import DSA
+        from mctool.training.train import Schedule
 
         Schedule(epochs=self.epochs, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
                  batch_size=self.batch_size)
@@ -78,7 +78,7 @@ class ExpertsConfig:
 
     def stream_positions(self) -> tuple[int, ...] | None:
         """Waypoint positions of a streaming (`--convexify`) buffer, else None."""
-        from mctool.trajectory import parse_positions, uniform_positions
+        from mctool.convexify.trajectory import parse_positions, uniform_positions
 
         if not self.convexify:
             return None

@@ -86,10 +86,10 @@ class Choice:
 def train_images(dataset: str) -> int | None:
     """The training-set size of a dataset, without decoding it (a folder: its files counted)."""
     if dataset.lower().startswith("folder:"):
-        from mctool.data import count_folder_images
+        from mctool.data.datasets import count_folder_images
 
         return count_folder_images(dataset[len("folder:"):], "train")
-    from mctool.data import SPLIT_SIZES
+    from mctool.data.datasets import SPLIT_SIZES
 
     split = SPLIT_SIZES.get(dataset)
     return None if split is None else split[0]

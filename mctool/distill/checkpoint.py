@@ -10,7 +10,7 @@ from mctool import store
 from mctool.distill.config import DistillConfig
 from mctool.distill.learnables import Value, averaged, learned_in
 from mctool.distill.state import State
-from mctool.errors import ArtifactError, UsageError
+from mctool.core.errors import ArtifactError, UsageError
 
 
 def _synset(name: str, cfg: DistillConfig, state: State, final: bool, source: dict[str, Any],

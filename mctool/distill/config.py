@@ -15,10 +15,10 @@ from typing import Any
 import torch
 
 from mctool import presets, store
-from mctool.errors import UsageError
+from mctool.core.errors import UsageError
 from mctool.configs.distill import (AUTO_SELECT_MIN_ITERATIONS, DEFAULT_EVAL_SHARE, DistillConfig,  # noqa: F401
                                      list_presets, load_preset, preset_schema)  # (re-exported)
-from mctool.settings import legacy_values, resume_safe
+from mctool.core.settings import legacy_values, resume_safe
 
 
 def check_synset_name(name: str) -> None:

@@ -11,7 +11,7 @@ import torch
 from mctool import store
 from mctool.distill.config import check_buffer_matches, missing_buffer_hint, resolve_config
 from mctool.distill.loop import second_order_policy
-from mctool.errors import UsageError
+from mctool.core.errors import UsageError
 
 
 @dataclass
@@ -51,7 +51,7 @@ def dry_run(preset: str | None, overrides: dict[str, Any], buffer: Path, device:
     choose, on this device's free memory or in `memory_size` bytes. Reads only the buffer's metadata
     (no data, no experts' values); with no buffer at the default path, the preset's dataset (shape and
     classes known without the data) and the ConvNet of the preset's depth (or --depth) and `width`."""
-    from mctool import memory
+    from mctool.matching import memory
     from mctool.distill import sizes
 
     probe = resolve_config(preset, overrides)
@@ -97,7 +97,7 @@ def dry_run(preset: str | None, overrides: dict[str, Any], buffer: Path, device:
 def _device(device: str, memory_size: int | None) -> torch.device:
     """The device to estimate for: this machine's, or — with --memory, which replaces its free
     memory — any CPU or CUDA device, present or not (asking whether a run fits a GPU elsewhere)."""
-    from mctool.device import resolve_device
+    from mctool.core.device import resolve_device
 
     if memory_size is not None and device != "auto":
         try:

@@ -1,13 +1,13 @@
 """The learnables of a distillation as data: what is learned, how it is updated, bounded and stored.
 
 Each `Learnable` names one learned quantity: its key in `State.values`/`State.velocities` and in
-`MatchResult.grads` (mctool.matching computes the gradient), the settings that hold its learning
+`MatchResult.grads` (mctool.matching.loss computes the gradient), the settings that hold its learning
 rate and momentum, the bound beyond which an update is refused (divergence, docs/method.md), and
 where the synset and its checkpoint store it (docs/format.md). The update (`Distiller.apply_update`),
 the checkpoint and resume (mctool.distill.checkpoint) and the best images iterate over
 `learned_in(cfg)`, so adding one is one entry here (with its initial value, unless it is drawn
 from the data like the images: mctool.distill.state) and its gradient in each `--grad` mode
-(mctool.matching); new checkpoint state also declares its entry in store.CHECKPOINT_LEARNED.
+(mctool.matching.loss); new checkpoint state also declares its entry in store.CHECKPOINT_LEARNED.
 A learnable opts in to `--ema` by naming its `ema_raw` checkpoint entry: the run then keeps an
 exponential moving average of it, which takes the value's place in the synset (`averaged`).
 """

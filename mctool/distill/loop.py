@@ -4,7 +4,7 @@ Per iteration (method.md §6): draw the next expert (shuffled passes without rep
 sample a real start c ~ U(0, max_start_epoch), target min(c + expert_epochs, K), rebuild
 θ_start and θ_target with ConvexTrajectory.at, run `syn_steps` SGD steps of the functional
 ConvNet on DSA-augmented synthetic mini-batches with the learnable step size α, and update
-the images and α from the matching loss (gradient mode: mctool.matching). `--method mtt`
+the images and α from the matching loss (gradient mode: mctool.matching.loss). `--method mtt`
 matches raw trajectories at integer epochs with the exact unrolled gradient (MTT).
 
 Step units: the released MCT code applies half the image gradient its formula states (a
@@ -31,20 +31,20 @@ import torch
 import torch.nn.functional as F
 
 from mctool import store
-from mctool.augment import DSA, AugParams, StepAugment
+from mctool.data.augment import DSA, AugParams, StepAugment
 from mctool.distill.config import DistillConfig
 from mctool.distill.learnables import Value, averaged, ema_update, learned_in, step
 from mctool.distill.sizes import check_epochs, shape_of_buffer
 from mctool.distill.sizes import workload as shape_workload
 from mctool.distill.state import State
-from mctool.errors import UsageError
-from mctool.functional import FlatNet
-from mctool.matching import MatchResult, match
-from mctool.microbatch import chunked_forward, sample_coupling
+from mctool.core.errors import UsageError
+from mctool.models.functional import FlatNet
+from mctool.matching.loss import MatchResult, match
+from mctool.matching.microbatch import chunked_forward, sample_coupling
 from mctool.models import ModelSpec, build_model
-from mctool.prepared import Prepared
-from mctool.progress import Reporter
-from mctool.trajectory import ConvexTrajectory
+from mctool.data.prepared import Prepared
+from mctool.core.progress import Reporter
+from mctool.convexify.trajectory import ConvexTrajectory
 
 # Divergence (docs/method.md, "Robustness"): an update whose loss, gradient or learnable is
 # non-finite or beyond its bound (mctool.distill.learnables) is not applied; too many such
@@ -232,7 +232,7 @@ def choose_micro_batch(d: "Distiller", cfg: DistillConfig, buffer: store.Buffer,
                        reporter: Reporter) -> int | None:
     """The images per chunk of every inner step (None: whole steps), from `--micro-batch`; a
     resumed `auto` run keeps the value its start chose (results must continue bit for bit)."""
-    from mctool.memory import auto_micro_batch, profile_network
+    from mctool.matching.memory import auto_micro_batch, profile_network
 
     n = d.state.images.shape[0]
     batch = cfg.batch_syn or n

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from mctool import distributed as dist
+from mctool.core import distributed as dist
 from mctool import store
 from mctool.distill.checkpoint import resume_name, _load_state, _synset, stored_config
 from mctool.distill.config import (AUTO_SELECT_MIN_ITERATIONS, DistillConfig, buffer_note, check_buffer_matches,
@@ -30,11 +30,11 @@ from mctool.distill.learnables import ALPHA_BOUND, IMAGE_BOUND, Value, learned_i
 from mctool.distill import sizes
 from mctool.distill.loop import MAX_BAD_FRACTION, MAX_BAD_IN_A_ROW, Distiller, ExpertSource, choose_micro_batch
 from mctool.distill.state import State, _rank_seed, initial_state
-from mctool.errors import Interrupted, TrainingDiverged, UsageError
-from mctool.labels import expert_predictor
-from mctool.prepared import Prepared, auto_val_size, split_validation
-from mctool.progress import SIGNAL_NAMES, SILENT, Muted, Reporter, duration
-from mctool.scores import score_text
+from mctool.core.errors import Interrupted, TrainingDiverged, UsageError
+from mctool.training.labels import expert_predictor
+from mctool.data.prepared import Prepared, auto_val_size, split_validation
+from mctool.core.progress import SIGNAL_NAMES, SILENT, Muted, Reporter, duration
+from mctool.evaluate.scores import score_text
 
 _RESUME_HINT = "add --resume to the same command to continue"
 AUTO_EVAL_PROBE = 3  # iterations timed (after the first) before the spacing of evaluations is chosen
@@ -100,7 +100,7 @@ class _Run:
 
     def evaluate(self) -> None:
         """Score the current images on the selection split; keep them if they are the best so far."""
-        from mctool.evaluate import EvaluateConfig, evaluate_set
+        from mctool.evaluate.evaluation import EvaluateConfig, evaluate_set
 
         state, cfg = self.d.state, self.cfg
         assert self.selection is not None
@@ -409,9 +409,9 @@ def run(preset: str | None, overrides: dict[str, Any], buffer: Path, out: Path, 
     """`mctool distill`: settings from the preset, the buffer and the options; the data; the
     loop (under torchrun, one trajectory per process per iteration); the pictures. Under
     torchrun only rank 0 returns the result (the others None)."""
-    from mctool.device import resolve_device
+    from mctool.core.device import resolve_device
     from mctool.plots import synset_picture, synset_png_path
-    from mctool.prepared import prepare_like
+    from mctool.data.prepared import prepare_like
 
     if name is not None:
         check_synset_name(name)

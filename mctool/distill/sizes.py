@@ -2,11 +2,11 @@
 
 * ``shape_of_buffer`` / ``shape_without_buffer``: the dataset's image shape and class count, the
   network, the expert vectors and the data on the device — from a buffer's metadata, or, for
-  ``--dry-run`` without a buffer, from the preset's dataset (``mctool.data.SHAPES``/``CLASSES``)
+  ``--dry-run`` without a buffer, from the preset's dataset (``mctool.data.datasets.SHAPES``/``CLASSES``)
   and the preset's or the options' ConvNet.
 * ``check_epochs``: every epoch setting against the experts' K, one rule for all of them.
 * ``check_sizes``: ipc × classes × image, the inner steps and the micro-batch against the
-  device's memory by the memory model behind ``--dry-run`` (mctool.memory), so that
+  device's memory by the memory model behind ``--dry-run`` (mctool.matching.memory), so that
   ``--ipc 99999999999`` or ``--syn-steps 1000000000`` is one line, exit 2, instead of an attempt
   to allocate terabytes.
 """
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from mctool import store
-from mctool.errors import UsageError
+from mctool.core.errors import UsageError
 from mctool.models import ModelSpec, default_depth
 
 PAPER_WIDTH = 128  # the ConvNet of MTT/MCT (method.md §2.1)
@@ -42,8 +42,8 @@ class RunShape:
 
 
 def _split_bytes(name: str, image_shape: tuple[int, int, int]) -> tuple[int, list[str]]:
-    from mctool import memory
-    from mctool.data import SPLIT_SIZES
+    from mctool.matching import memory
+    from mctool.data.datasets import SPLIT_SIZES
 
     split = SPLIT_SIZES.get(name)
     if split is None:
@@ -67,7 +67,7 @@ def shape_of_buffer(cfg: Any, buf: store.Buffer) -> RunShape:
 def shape_without_buffer(cfg: Any, width: int | None = None, depth: int | None = None) -> RunShape:
     """The run's shape from the settings alone: the preset's dataset (its shape and classes are known
     without the data), the ConvNet of the preset's depth (or --depth) and --width (default 128)."""
-    from mctool.data import CLASSES, SHAPES, canonical_name
+    from mctool.data.datasets import CLASSES, SHAPES, canonical_name
 
     if not cfg.dataset:
         raise UsageError("--dry-run without a buffer needs a dataset: pass --preset (e.g. --preset cifar10-ipc10), "
@@ -99,7 +99,7 @@ def shape_without_buffer(cfg: Any, width: int | None = None, depth: int | None =
 
 def workload(cfg: Any, shape: RunShape, data_loaded: bool = False) -> Any:
     """The memory model's description of one iteration (data counted unless already on the device)."""
-    from mctool.memory import Workload
+    from mctool.matching.memory import Workload
 
     n = cfg.ipc * shape.classes
     return Workload(n_images=n, batch=min(cfg.batch_syn or n, n), syn_steps=cfg.syn_steps, num_classes=shape.classes,
@@ -111,7 +111,7 @@ def workload(cfg: Any, shape: RunShape, data_loaded: bool = False) -> Any:
 
 def profile(shape: RunShape) -> Any:
     """The network's parameters and activations, counted on the meta device (nothing allocated)."""
-    from mctool import memory
+    from mctool.matching import memory
     from mctool.models import build_model
 
     with torch.device("meta"):
@@ -126,7 +126,7 @@ def check_epochs(cfg: Any, epochs: int) -> None:
     """Every epoch setting against the experts' K, by one rule: a setting past K is refused, naming
     the largest value that works (no setting is clamped silently)."""
     from mctool.distill.config import DistillConfig
-    from mctool.settings import option_name
+    from mctool.core.settings import option_name
 
     def refuse(key: str, value: float, bound: str, largest: float) -> None:
         longer = f", or train experts with --epochs {int(value) + 1} or more" if value < 10_000 else ""
@@ -152,9 +152,9 @@ def check_sizes(cfg: Any, shape: RunShape, device: torch.device, data_loaded: bo
     """Refuse, before anything is allocated, settings whose smallest iteration cannot fit the device's
     memory (by the memory model of --dry-run, with its error margin): one line naming the setting,
     and the preset when the value is the preset's (not in `given`, the options; None: not known)."""
-    from mctool import memory
+    from mctool.matching import memory
     from mctool.distill.config import DistillConfig
-    from mctool.settings import option_name
+    from mctool.core.settings import option_name
 
     work = workload(cfg, shape, data_loaded)
     mode = "unrolled" if cfg.method == "mtt" else cfg.grad

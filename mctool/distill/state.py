@@ -12,8 +12,8 @@ import torch
 from mctool import store
 from mctool.distill.config import DistillConfig
 from mctool.distill.learnables import Value, averaged, learned_in, zero_like
-from mctool.labels import Predict, expert_logits, replace_misclassified
-from mctool.prepared import Prepared, sample_per_class
+from mctool.training.labels import Predict, expert_logits, replace_misclassified
+from mctool.data.prepared import Prepared, sample_per_class
 
 
 @dataclass
@@ -56,7 +56,7 @@ class State:
 
     def sync_labels(self) -> None:
         """`labels` = softmax(learned label logits), when the labels are learned (what the synset
-        stores, evaluations train on and the best images keep; the same softmax as mctool.matching).
+        stores, evaluations train on and the best images keep; the same softmax as mctool.matching.loss).
         Under `--ema` the logits' average gives them, as the images' average gives the images."""
         if "labels" not in self.values:
             return
@@ -84,7 +84,7 @@ def initial_state(cfg: DistillConfig, prepared: Prepared, generator: torch.Gener
                   pool: torch.Tensor | None = None, expert: Predict | None = None) -> State:
     """Images from random real images of each class drawn from the training indices `pool`
     (default: all) or noise, hard class-major labels, α = lr_init. With learned labels
-    (`expert` given: mctool.labels), DATM's rule: drawn images the expert misclassifies are
+    (`expert` given: mctool.training.labels), DATM's rule: drawn images the expert misclassifies are
     replaced by ones of the same class it gets right, and the label logits are its logits."""
     m = prepared.meta
     n = cfg.ipc * m.num_classes

@@ -50,12 +50,12 @@ import torch
 from mctool import store
 from mctool.distill import DistillConfig, check_buffer_matches, run_prepared
 from mctool.distill.config import DEFAULT_EVAL_SHARE
-from mctool.errors import Interrupted, TrainingDiverged, UsageError
-from mctool.evaluate import EvaluateConfig, evaluate_set
-from mctool.prepared import Prepared, split_validation
-from mctool.progress import SILENT, Pace, Reporter, duration
-from mctool.scores import score_text
-from mctool.settings import above, at_least, first_problem, setting
+from mctool.core.errors import Interrupted, TrainingDiverged, UsageError
+from mctool.evaluate.evaluation import EvaluateConfig, evaluate_set
+from mctool.data.prepared import Prepared, split_validation
+from mctool.core.progress import SILENT, Pace, Reporter, duration
+from mctool.evaluate.scores import score_text
+from mctool.core.settings import above, at_least, first_problem, setting
 
 PROBE_ITERATIONS = 3  # the first candidate's first iterations, timed after the first (warm-up)
 MIN_HORIZON = 4  # the first rung's horizon, at least (fewer when the full run is shorter)
@@ -924,9 +924,9 @@ def run(preset: str | None, overrides: dict[str, Any], buffer: Path, out: Path, 
         device: str = "auto", default_buffer: bool = False, reporter: Reporter = SILENT) -> TuneRun:
     """Tune on `buffer`, write the winner as a preset file, then distil with it into `out`."""
     from mctool import distill
-    from mctool import distributed as dist
-    from mctool.device import resolve_device
-    from mctool.prepared import prepare_like
+    from mctool.core import distributed as dist
+    from mctool.core.device import resolve_device
+    from mctool.data.prepared import prepare_like
 
     if dist.world_size() > 1:
         raise UsageError("--tune runs in one process: start it without torchrun, then distil with --preset FILE "

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from mctool.errors import UsageError
+from mctool.core.errors import UsageError
 from mctool.interop.torchfile import Leaf, TorchFile, TorchFileError, open_torch_file
 from mctool.models import CONVNET_VARIANTS, ModelSpec
 from mctool.models.convnet import NORMS

@@ -11,7 +11,7 @@ File formats (method.md §5.5), one pair per original replay_buffer_{n}.pt:
 Conversion to mctool's /convex convention (docs/format.md): positions p_0 = 0, p_{j+1} = p_j +
 (points in segment j) − 1; waypoints [J, P] flat in layout order; β [K+1, L] with the value
 j + s_j(k) at p_j ≤ k ≤ p_{j+1}, where the later segment's value (exactly j + 0) is kept at a
-shared waypoint, as mctool.trajectory.convexify does. ``ip ≥ 3`` waypoints are the authors'
+shared waypoint, as mctool.convexify.trajectory.convexify does. ``ip ≥ 3`` waypoints are the authors'
 smoothed points (§5.3), recorded as smoothing "authors-code"; ``ip 2`` and the ablations are
 raw. The ablations' fractions are kept as the authors stored them (the decreasing one has
 β(0) ≠ 0, the projected one is not clamped), so reconstructions reproduce their runs.
@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from mctool.errors import UsageError
+from mctool.core.errors import UsageError
 from mctool.interop.buffers import (
     BufferLayoutError, Layout, NonFiniteError, Shape, as_list, check_snapshot, flat_snapshot, location,
     missing_numbers, require_folder,

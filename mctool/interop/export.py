@@ -55,8 +55,8 @@ from mctool import __version__
 from mctool.store import DatasetMeta, clean_text, now_iso, shown
 from mctool.store.files import _is_link
 from mctool.store.folders import Stage, staged_folder
-from mctool.data import Preprocessing
-from mctool.errors import UsageError
+from mctool.data.datasets import Preprocessing
+from mctool.core.errors import UsageError
 from mctool.interop.h5out import SynsetData, keeps_best, read_synset
 from mctool.models import ModelSpec
 from mctool.interop.torchfile import LoadedTensor, TensorRef, TorchFileError, open_torch_file
@@ -523,9 +523,9 @@ class ExportResult:
 def export_file(file: Path, fmt: str, out: Path | None = None, name: str | None = None, images: str = "auto",
                 zca_matrix: bool = False, data_dir: Path | None = None, reporter: Any = None) -> ExportResult:
     """`mctool export`: write the final or best images of a synset in a receiving layout."""
-    from mctool.errors import DatasetNotFound
-    from mctool.prepared import prepare_like
-    from mctool.progress import SILENT
+    from mctool.core.errors import DatasetNotFound
+    from mctool.data.prepared import prepare_like
+    from mctool.core.progress import SILENT
 
     reporter = reporter or SILENT
     if fmt not in FORMATS:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from mctool import store
-from mctool.errors import ArtifactError
+from mctool.core.errors import ArtifactError
 from mctool.models import Layout, ModelSpec, layer_sizes
 from mctool.store import DatasetMeta
 
@@ -129,7 +129,7 @@ def open_rows(out: Path, row_bytes: int) -> Iterator[RowWriter]:
 
 def read_synset(path: Path, name: str | None = None, images: str = "final") -> SynsetData:
     """The final (or best) images of synset `name` (default: the only or latest) of a synset file."""
-    from mctool.errors import UsageError
+    from mctool.core.errors import UsageError
 
     with store.open_synsets(path) as sf:
         synset = sf.pick(name)
@@ -159,7 +159,7 @@ def check_synset_output(out: Path, name: str | None = None, sha256: dict[str, st
     """Refuse, before any work, an output an imported synset may not go to: a symbolic link (never
     written through), a folder, a file that is not a synset file (a buffer, anything else), a file
     holding another synset named `name`. True when it holds this same import (same files by SHA-256)."""
-    from mctool.errors import UsageError
+    from mctool.core.errors import UsageError
 
     if out.is_symlink():
         raise UsageError(f"{out}: a symbolic link; mctool does not write through links (remove it or choose "
@@ -191,7 +191,7 @@ def write_imported_synset(out: Path, name: str, images: torch.Tensor, labels: to
                           source: dict[str, Any], reference: dict[str, Any] | None) -> bool:
     """Write an imported synset as a new file, or add it to a synset file of the same data and
     model (atomically, either way). True when `out` already holds this same import (nothing written)."""
-    from mctool.errors import UsageError
+    from mctool.core.errors import UsageError
     from mctool.models import build_model, param_layout
 
     if check_synset_output(out, name, source.get("sha256")):

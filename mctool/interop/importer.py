@@ -32,9 +32,9 @@ from typing import Any
 import torch
 
 from mctool.store import ConvexMeta, DatasetMeta
-from mctool.augment import DEFAULT_STRATEGY
-from mctool.errors import ArtifactError, UsageError
-from mctool.functional import FlatNet
+from mctool.data.augment import DEFAULT_STRATEGY
+from mctool.core.errors import ArtifactError, UsageError
+from mctool.models.functional import FlatNet
 from mctool.interop import h5out
 from mctool.interop.buffers import (
     REPLAY_PATTERN, BufferLayoutError, Layout, ReplayScan, StatedModel, as_list, check_expert, check_layout, describe_numbers, experts_of,
@@ -44,10 +44,10 @@ from mctool.interop.buffers import (
 from mctool.interop.compressed import CompressedScan, find_pairs, read_expert, scan_compressed
 from mctool.interop.torchfile import memory_limit, open_torch_file
 from mctool.models import ModelSpec, build_model, param_layout
-from mctool.prepared import Prepared
-from mctool.progress import SILENT, Reporter, stop_if_asked
-from mctool.settings import above, at_least, first_problem, one_of, setting
-from mctool.train import accuracy
+from mctool.data.prepared import Prepared
+from mctool.core.progress import SILENT, Reporter, stop_if_asked
+from mctool.core.settings import above, at_least, first_problem, one_of, setting
+from mctool.training.train import accuracy
 
 ACCURACY_MODES = ("none", "first", "last")
 _KEPT = "finished experts are kept: run the same command again to resume"
@@ -475,8 +475,8 @@ def run(folder: Path, out: Path, cfg: ImportConfig, kind: str = "auto", data_dir
     """`mctool import`: check every file, prepare the dataset the experts learned, stream the
     experts into `out` (resuming an interrupted import)."""
     from mctool import store
-    from mctool.device import resolve_device
-    from mctool.prepared import prepare
+    from mctool.core.device import resolve_device
+    from mctool.data.prepared import prepare
 
     source = resolve_source(folder, cfg)
     chosen = choose_kind(folder, kind)

@@ -35,11 +35,11 @@ from typing import Any, Callable
 
 import torch
 
-from mctool.errors import UsageError
+from mctool.core.errors import UsageError
 from mctool.interop.export import EXPORT_FORMAT, EXPORT_VERSION, META_NAME, _sha256
 from mctool.interop.torchfile import LoadedTensor, TensorRef, TorchFileError, open_torch_file
 from mctool.models import ModelSpec, default_depth
-from mctool.progress import SILENT, Reporter
+from mctool.core.progress import SILENT, Reporter
 
 SPACES = ("auto", "preprocessed", "pixels")
 FILES_FORMAT = "mtt-scripts"
@@ -294,7 +294,7 @@ def resolve(found: Found, cfg: SynsetImportConfig) -> Stated:
 
 
 def _canonical(name: str) -> str:
-    from mctool.data import canonical_name
+    from mctool.data.datasets import canonical_name
 
     return canonical_name(name)
 
@@ -401,7 +401,7 @@ def read_tensor(path: Path, check: Callable[[tuple[int, ...], torch.dtype], None
 
 def _limit_bytes() -> int:
     """What one imported tensor may take: half the free memory (the images are copied once)."""
-    from mctool.memory import free_bytes
+    from mctool.matching.memory import free_bytes
 
     free = free_bytes("cpu")
     return (free // 2) if free else (16 << 30)
@@ -567,9 +567,9 @@ def run(path: Path, out: Path, cfg: SynsetImportConfig, data_dir: Path | None = 
         reporter: Reporter = SILENT) -> SynsetImportResult:
     """`mctool import` of a synthetic set: find and check the files, load the dataset they are of
     (its fingerprint goes into /dataset), write one synset that `mctool evaluate` scores."""
-    from mctool.data import CLASSES, SHAPES
+    from mctool.data.datasets import CLASSES, SHAPES
     from mctool.interop import h5out
-    from mctool.prepared import prepare
+    from mctool.data.prepared import prepare
 
     cfg.validate()
     found = find(path)

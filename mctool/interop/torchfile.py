@@ -49,7 +49,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from mctool.errors import UsageError
+from mctool.core.errors import UsageError
 
 # A data.pkl larger than this is not a list of tensors (10 CIFAR experts need ~0.6 MB, 100
 # compressed Tiny ImageNet experts ~20 MB).
@@ -227,7 +227,7 @@ def _self_overlapping(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
 
 def memory_limit() -> int:
     """Bytes one read may allocate: half the memory available now (a fixed 4 GiB when unknown)."""
-    from mctool.memory import free_bytes
+    from mctool.matching.memory import free_bytes
 
     free = free_bytes("cpu")
     return max(free // 2, 1 << 20) if free is not None else _FALLBACK_MEMORY

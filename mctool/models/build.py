@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mctool.errors import UsageError
+from mctool.core.errors import UsageError
 from mctool.models.convnet import ConvNet
 from mctool.models.spec import ModelSpec
 from mctool.models.zoo import ARCHS

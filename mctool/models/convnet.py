@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mctool.errors import UsageError
+from mctool.core.errors import UsageError
 from mctool.models.spec import ModelSpec
 
 NORMS = ("instancenorm", "batchnorm", "layernorm", "groupnorm", "none")

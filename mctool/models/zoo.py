@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from mctool.errors import UsageError
+from mctool.core.errors import UsageError
 from mctool.models.spec import ModelSpec
 
 

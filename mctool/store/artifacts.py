@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import torch
 
-from mctool.errors import ArtifactError
+from mctool.core.errors import ArtifactError
 from mctool.models import Layout, ModelSpec, layer_sizes
 from mctool.store import convex as _convex
 from mctool.store import experts as _experts

@@ -11,11 +11,11 @@ import h5py
 import numpy as np
 import torch
 
-from mctool.errors import ArtifactError
+from mctool.core.errors import ArtifactError
 from mctool.models import Layout, layer_sizes
 from mctool.store.fields import MAX_EPOCHS, MAX_EXPERTS, Fields
 from mctool.store.files import require_group, shown
-from mctool.trajectory import STRATEGIES
+from mctool.convexify.trajectory import STRATEGIES
 
 SMOOTHING = ("none", "authors-code")
 # β is stored in float32: exactly i at waypoint i, and within [0, I+1] everywhere.

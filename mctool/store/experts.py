@@ -128,7 +128,7 @@ def read_trajectory(path: str | os.PathLike[str], f: h5py.File, info: ExpertsInf
 
 def require_trajectories_error(path: str | os.PathLike[str]) -> Exception:
     """The error for a buffer without full trajectories."""
-    from mctool.errors import ArtifactError
+    from mctool.core.errors import ArtifactError
 
     return ArtifactError(f"{shown(path)}: holds no full trajectories (convexified only); this needs a buffer "
                          "written by `mctool experts` without --convexify")

@@ -16,7 +16,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from mctool.errors import ArtifactError
+from mctool.core.errors import ArtifactError
 from mctool.store.files import clean_text, shown
 
 _MISSING: Any = object()

@@ -48,9 +48,9 @@ import numpy as np
 import torch
 
 from mctool import __version__
-from mctool.allocator import malloc_tuned
-from mctool.errors import ArtifactError, DiskFull, FileBusy
-from mctool.text import clean_text
+from mctool.core.allocator import malloc_tuned
+from mctool.core.errors import ArtifactError, DiskFull, FileBusy
+from mctool.core.text import clean_text
 
 FORMAT = "mctool"
 FORMAT_VERSION = 1

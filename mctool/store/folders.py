@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from mctool.store.files import _fsync_dir, _is_link, shown
-from mctool.errors import ArtifactError, FileBusy
+from mctool.core.errors import ArtifactError, FileBusy
 
 STAGE_SUFFIX = ".stage"
 OLD_SUFFIX = ".old"

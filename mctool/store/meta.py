@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import h5py
 
-from mctool.errors import UsageError
+from mctool.core.errors import UsageError
 from mctool.models import Layout, ModelSpec, layer_sizes, layout_json, layout_of
 from mctool.models.convnet import ACTS, NORMS, POOLS
 from mctool.store.fields import Fields

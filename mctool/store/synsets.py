@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import torch
 
-from mctool.errors import ArtifactError, FileBusy
+from mctool.core.errors import ArtifactError, FileBusy
 from mctool.store.fields import Fields
 from mctool.store.files import clean_text, create, reading, require_group, rewrite, shown
 from mctool.store.meta import DatasetMeta, write_dataset, write_model

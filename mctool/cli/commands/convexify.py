@@ -28,7 +28,7 @@ def convexify(
     """Turn each expert trajectory into I+2 waypoints plus per-layer step sizes beta (Algorithm A)."""
 
     def body(reporter):
-        from mctool.convex import convexify_file
+        from mctool.convexify.runner import convexify_file
 
         result = convexify_file(buffer, ConvexifyConfig(**settings_from(ConvexifyConfig, settings)), out, reporter)
         if json_out:

@@ -11,7 +11,7 @@ import typer
 from mctool.cli.common import DataDirOpt, DebugOpt, DeviceOpt, JsonOpt, QuietOpt, emit_json, run, settings_from, with_settings
 from mctool.cli.render import cell, mean_std, pct, stdout, table
 from mctool.configs.distill import DistillConfig
-from mctool.errors import UsageError
+from mctool.core.errors import UsageError
 
 EPILOG = ("Examples:\n\n  mctool distill --list-presets\n\n"
           "  mctool distill --preset cifar10-ipc10                 (reads buffer.h5, writes synset.h5)\n\n"
@@ -33,7 +33,7 @@ def print_presets(json_out: bool) -> None:
     from rich.text import Text
 
     from mctool.configs.distill import list_presets
-    from mctool.settings import columns
+    from mctool.core.settings import columns
 
     presets = list_presets()
     if json_out:
@@ -175,7 +175,7 @@ def distill(
 
             size = None
             if memory is not None:
-                from mctool.memory import parse_size
+                from mctool.matching.memory import parse_size
 
                 try:
                     size = parse_size(memory)

@@ -56,7 +56,7 @@ def evaluate(
     """Train fresh networks on the synthetic set: real test accuracy (mean ± std), gain over random real, HLR."""
 
     def body(reporter):
-        from mctool.evaluate import evaluate_file
+        from mctool.evaluate.evaluation import evaluate_file
 
         cfg = EvaluateConfig(**settings_from(EvaluateConfig, settings))
         result = evaluate_file(file, cfg, name, baseline, images, save, whole_data, data_dir, device, reporter,

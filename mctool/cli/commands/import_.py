@@ -59,7 +59,7 @@ def import_(
             _import_synset(reporter)
             return
         if syn_lr is not None or space != "auto" or name is not None:
-            from mctool.errors import UsageError
+            from mctool.core.errors import UsageError
 
             raise UsageError("--syn-lr, --space and --name are for synthetic sets; this is a folder of experts "
                              "(--kind synset to import it as a synthetic set)")

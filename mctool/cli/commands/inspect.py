@@ -131,7 +131,7 @@ def inspect(
 
         s = summarize(file)
         if png is not None:
-            from mctool.device import resolve_device
+            from mctool.core.device import resolve_device
             from mctool.plots import write_overview
 
             s["png"] = [str(p) for p in write_overview(file, png, data_dir, resolve_device(device),

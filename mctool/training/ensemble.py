@@ -4,7 +4,7 @@ An evaluation trains 5 fresh networks on 10–500 images; on a GPU one such step
 small to fill the device. Here the R networks' layers become one layer each: R convolutions
 one grouped convolution (groups = R), R norms one norm over R×C channels, R linear layers one
 batched matrix product. Each network keeps its own initial weights, its own CPU generator for
-shuffles and DSA draws — drawing exactly what `mctool.train.train` draws for it alone — and
+shuffles and DSA draws — drawing exactly what `mctool.training.train.train` draws for it alone — and
 its own SGD state, so the result equals training them one after another, up to the rounding
 of a differently ordered sum.
 
@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mctool.models import ConvNet, zoo
-from mctool.augment import DSA, AugParams
-from mctool.errors import TrainingDiverged
-from mctool.train import Schedule, train
+from mctool.data.augment import DSA, AugParams
+from mctool.core.errors import TrainingDiverged
+from mctool.training.train import Schedule, train
 
 # Called after every epoch of every network: (network index, epoch (1-based), mean loss).
 EpochHook = Callable[[int, int, float], None]

@@ -8,7 +8,7 @@ with ℓ = Σ_i CE_i / total (total = the whole batch's size; a micro-batch pass
 when asked (learned labels), the label term  e_y = ∂/∂y [vᵀ ∇_w ℓ]  [B, classes] as a fourth item.
 Two implementations give the same numbers up to rounding:
 
-``fastgrad``  mctool.fastgrad's hand-written forward-over-reverse sweep (ConvNets with instance
+``fastgrad``  mctool.matching.fastgrad's hand-written forward-over-reverse sweep (ConvNets with instance
               norm only: ``plan_for`` says which);
 ``autograd``  one backward with ``create_graph`` and one double backward of vᵀg.
 
@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from mctool.fastgrad import Plan, plan_for, second_order
+from mctool.matching.fastgrad import Plan, plan_for, second_order
 from mctool.configs.choices import POLICIES  # defined without torch for the CLI
-from mctool.functional import FlatNet
+from mctool.models.functional import FlatNet
 
 IMPLS = ("fastgrad", "autograd")
 TIE_MARGIN = 1.05  # autograd must be this much faster than fastgrad to be chosen
@@ -43,7 +43,7 @@ Step = tuple[torch.Tensor, ...]
 def ce_loss(logits: torch.Tensor, y: torch.Tensor, total: int) -> torch.Tensor:
     """Σ CE / total: the batch mean when `total` is the batch size, a chunk's share of it otherwise."""
     # F.cross_entropy takes int64 class indices and float probability targets alike.
-    # mctool.fastgrad writes this loss out by hand (_head): change both together.
+    # mctool.matching.fastgrad writes this loss out by hand (_head): change both together.
     if total == logits.shape[0]:
         return F.cross_entropy(logits, y)
     return F.cross_entropy(logits, y, reduction="sum") / total

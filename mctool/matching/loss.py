@@ -56,12 +56,12 @@ Cost per step: ``unrolled`` one forward + backward(create_graph) and, at the end
 backward of the whole graph; ``constant`` and ``adjoint`` one plain forward+backward (pass 1)
 plus one second-order step (pass 2 / reverse) that yields g_k, the image term and, for
 ``adjoint``, H_k λ. For the ConvNet of every preset (conv → instance norm → ReLU → average
-pooling) that step can be mctool.fastgrad's hand-written forward-over-reverse sweep or
-autograd's double backward; mctool.secondorder picks one (by measurement by default). Any
+pooling) that step can be mctool.matching.fastgrad's hand-written forward-over-reverse sweep or
+autograd's double backward; mctool.matching.secondorder picks one (by measurement by default). Any
 other network uses autograd.
 
 Micro-batching (``micro_batch``): with a network whose outputs are per-sample (no BatchNorm
-in train mode; mctool.microbatch), ℓ_k = Σ_chunks (1/|B_k|) Σ_{i ∈ chunk} CE_i, so g_k, H_k v
+in train mode; mctool.matching.microbatch), ℓ_k = Σ_chunks (1/|B_k|) Σ_{i ∈ chunk} CE_i, so g_k, H_k v
 and the image term of step k are sums over consecutive chunks of B_k, each chunk's loss
 divided by the whole |B_k|. ``constant`` and ``adjoint`` then hold one chunk's activations at
 a time (memory set by the chunk, not by |B_k|); ``unrolled`` gets the same numbers but keeps
@@ -69,7 +69,7 @@ every chunk's graph to the end, so its memory hardly shrinks (only the final bac
 temporaries are one chunk's at a time). The augmentation of a chunk is
 the step's own draw restricted to the chunk's rows (``augment(x, k, rows)``).
 
-Gradients are taken with ``torch.autograd.grad`` w.r.t. private leaves (or by mctool.fastgrad
+Gradients are taken with ``torch.autograd.grad`` w.r.t. private leaves (or by mctool.matching.fastgrad
 under ``no_grad``), so nothing is accumulated into ``images.grad`` or into the module's
 parameters. In modes ``constant`` and
 ``adjoint`` each step differentiates w.r.t. a leaf copy of its own batch X[B_k] and scatters the
@@ -86,10 +86,10 @@ from typing import Callable
 
 import torch
 
-from mctool.microbatch import accepts_rows, chunks, sample_coupling
+from mctool.matching.microbatch import accepts_rows, chunks, sample_coupling
 from mctool.configs.choices import MODES  # defined without torch for the CLI
-from mctool.secondorder import POLICIES, SecondOrder, ce_loss
-from mctool.functional import FlatNet
+from mctool.matching.secondorder import POLICIES, SecondOrder, ce_loss
+from mctool.models.functional import FlatNet
 
 # augment(x_batch, k) for step k's whole batch; augment(x_chunk, k, rows) for the samples at
 # positions `rows` (a slice) of step k's batch (needed only when micro-batching splits a batch).
@@ -397,11 +397,11 @@ def match(
             (called more than once per step by ``constant``/``adjoint``), or None. When
             micro-batches split a batch it is called as ``augment(x_chunk, k, rows)`` with
             `rows` the chunk's positions (a slice) in step k's batch, and must apply the
-            step's draw for exactly those samples (mctool.augment.StepAugment does).
+            step's draw for exactly those samples (mctool.data.augment.StepAugment does).
         mode: one of MODES; see the module docstring for the maths of each.
         fast_path: which implementation runs the second-order steps of ``constant``/``adjoint``
-            on a network mctool.fastgrad supports: "auto" (measure both on the first step of
-            each shape and keep the faster: mctool.secondorder), True or "fastgrad" (the
+            on a network mctool.matching.fastgrad supports: "auto" (measure both on the first step of
+            each shape and keep the faster: mctool.matching.secondorder), True or "fastgrad" (the
             hand-written sweep), False or "autograd" (autograd's double backward: tests,
             benchmarks). Other networks always use autograd.
         micro_batch: compute every inner step in consecutive chunks of at most this many
@@ -434,7 +434,7 @@ def match(
         check_micro_batch(net, micro_batch)  # coupling matters only when a batch is really split
         if augment is not None and not accepts_rows(augment):
             raise ValueError("micro-batches need an augmentation called as augment(x, k, rows) that applies "
-                             "step k's draw to the batch rows `rows` (mctool.augment.StepAugment)")
+                             "step k's draw to the batch rows `rows` (mctool.data.augment.StepAugment)")
     alpha = float(alpha)
     theta_start = theta_start.detach()
     theta_target = theta_target.detach()

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mctool.augment import DSA
-from mctool.errors import TrainingDiverged, UsageError
+from mctool.data.augment import DSA
+from mctool.core.errors import TrainingDiverged, UsageError
 
 
 @dataclass(frozen=True)

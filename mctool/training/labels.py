@@ -16,9 +16,9 @@ from collections.abc import Callable
 import torch
 
 from mctool import store
-from mctool.functional import FlatNet
+from mctool.models.functional import FlatNet
 from mctool.models import build_model
-from mctool.trajectory import ConvexTrajectory
+from mctool.convexify.trajectory import ConvexTrajectory
 
 Predict = Callable[[torch.Tensor], torch.Tensor]  # images -> logits [n, classes], no graph
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import signal
 from typing import Any
 
-from mctool.errors import Interrupted
+from mctool.core.errors import Interrupted
 
 SIGNAL_NAMES = {int(signal.SIGINT): "Ctrl-C", int(signal.SIGTERM): "SIGTERM", int(getattr(signal, "SIGHUP", 1)): "SIGHUP"}
 

@@ -8,9 +8,9 @@ from typing import Any
 
 from mctool import store
 from mctool.configs.convexify import ConvexifyConfig  # noqa: F401 (re-exported)
-from mctool.errors import ArtifactError, UsageError
-from mctool.progress import SILENT, Reporter, stop_if_asked
-from mctool.trajectory import convexify
+from mctool.core.errors import ArtifactError, UsageError
+from mctool.core.progress import SILENT, Reporter, stop_if_asked
+from mctool.convexify.trajectory import convexify
 
 
 @dataclass(frozen=True)

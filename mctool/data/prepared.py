@@ -7,11 +7,12 @@ from pathlib import Path
 
 import torch
 
-from mctool.allocator import release_free_memory
+from mctool.core.allocator import release_free_memory
 from mctool.store import DatasetMeta
-from mctool.data import Dataset, Preprocessing, dataset_present, default_data_dir, fit_preprocessing, load_dataset
-from mctool.errors import UsageError
-from mctool.progress import SILENT, Reporter
+from mctool.data.datasets import (Dataset, Preprocessing, dataset_present, default_data_dir, fit_preprocessing,
+                                  load_dataset)
+from mctool.core.errors import UsageError
+from mctool.core.progress import SILENT, Reporter
 
 
 @dataclass

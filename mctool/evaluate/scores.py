@@ -23,7 +23,7 @@ whole-data reference under its own recipe, while the experts' accuracy comes fro
 training (e.g. 50 epochs of plain SGD with DSA); DD-Ranking searches the random subset's learning
 rate, while mctool trains it with the synthetic set's (same protocol for both); and for a
 soft-label synset DD-Ranking gives the random images teacher soft labels, which mctool's random
-baseline does with `--baseline-labels expert` (the synset's expert, DATM's rule: mctool.labels);
+baseline does with `--baseline-labels expert` (the synset's expert, DATM's rule: mctool.training.labels);
 otherwise it uses their hard labels and the score says the comparison is not like with like.
 
 Accuracies are fractions in [0, 1] throughout (the CLI prints percentage points).
@@ -36,7 +36,7 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-from mctool.errors import UsageError
+from mctool.core.errors import UsageError
 
 
 def paired_gain(synset: Sequence[float], random: Sequence[float]) -> tuple[float, float | None, bool]:

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from mctool.errors import UsageError
+from mctool.core.errors import UsageError
 
 
 def resolve_device(name: str = "auto") -> torch.device:

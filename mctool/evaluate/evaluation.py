@@ -5,10 +5,10 @@ sets by (docs/method.md, "Scores"): the gain over random real images of the same
 same protocol, and DD-Ranking's hard-label recovery HLR = whole-data accuracy − synthetic accuracy.
 
 Soft labels (learned, `distill --learn-labels`, or the expert's, `--soft-labels`) are trained on
-with the soft-target cross-entropy, as DATM evaluates them (mctool.train takes float labels).
+with the soft-target cross-entropy, as DATM evaluates them (mctool.training.train takes float labels).
 Every result says which labels it trained on (`labels`: hard or soft), and the random-real
 baseline can be labelled by the synset's expert with the same rule as learned labels start from
-(`--baseline-labels`, mctool.labels), so that the gain compares like with like.
+(`--baseline-labels`, mctool.training.labels), so that the gain compares like with like.
 """
 
 from __future__ import annotations
@@ -24,15 +24,15 @@ import numpy as np
 import torch
 
 from mctool import store
-from mctool.augment import DSA
+from mctool.data.augment import DSA
 from mctool.configs.evaluate import EvaluateConfig  # noqa: F401 (re-exported)
-from mctool.ensemble import train_many
-from mctool.errors import FileBusy, UsageError
-from mctool.labels import Predict, expert_logits, expert_predictor, replace_misclassified
+from mctool.training.ensemble import train_many
+from mctool.core.errors import FileBusy, UsageError
+from mctool.training.labels import Predict, expert_logits, expert_predictor, replace_misclassified
 from mctool.models import ModelSpec, build_model, layout_of, spec_for
-from mctool.prepared import Prepared, sample_per_class
-from mctool.progress import SILENT, Reporter, stop_if_asked
-from mctool.train import accuracy
+from mctool.data.prepared import Prepared, sample_per_class
+from mctool.core.progress import SILENT, Reporter, stop_if_asked
+from mctool.training.train import accuracy
 
 _NOTHING_STORED = "nothing was stored; run the command again"
 
@@ -70,7 +70,7 @@ class Evaluation:
 
 @dataclass(frozen=True)
 class Score:
-    """One row of the scores table: a synset's accuracy with the field's comparisons (mctool/scores.py)."""
+    """One row of the scores table: a synset's accuracy with the field's comparisons (mctool/evaluate/scores.py)."""
 
     target: str  # final or best
     model: str
@@ -117,7 +117,7 @@ def evaluate_set(images: torch.Tensor, labels: torch.Tensor, lr: float, prepared
     """Train cfg.runs fresh networks of every model on (images, labels); one Evaluation per model.
 
     Accuracy is measured on `score_on` (default: the test split), named `split` in the result.
-    The runs of a model train together where `mctool.ensemble.train_many` decides so
+    The runs of a model train together where `mctool.training.ensemble.train_many` decides so
     (`cfg.together`: None = on GPUs, where it is faster), with the same results as one after
     another up to float rounding."""
     device = prepared.train_x.device
@@ -160,7 +160,7 @@ def random_real(prepared: Prepared, ipc: int, seed: int, pool: torch.Tensor | No
                 expert: Predict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`ipc` random real training images per class (the baseline every paper compares against),
     drawn from the training indices `pool` (default: all), with hard labels; with `expert`,
-    labelled by DATM's rule (mctool.labels: misclassified draws replaced by right ones of their
+    labelled by DATM's rule (mctool.training.labels: misclassified draws replaced by right ones of their
     class, labels the softmax of the expert's logits), as learned labels start."""
     gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 0xBA5E]).generate_state(1)[0]))
     y = prepared.train_y if pool is None else prepared.train_y[pool.to(prepared.train_y.device)]
@@ -178,7 +178,7 @@ def random_real(prepared: Prepared, ipc: int, seed: int, pool: torch.Tensor | No
 def scores(results: list[Evaluation], whole_data: float | None, soft_labels: bool = False) -> list[Score]:
     """Per (target, model): mean, the gain over random real of the same model, and HLR. Each
     row names the synset's labels and the baseline's; a gain between different kinds says so."""
-    from mctool.scores import hard_label_recovery, paired_gain
+    from mctool.evaluate.scores import hard_label_recovery, paired_gain
 
     baseline = {r.model: r for r in results if r.kind == "random-real"}
     out = []
@@ -216,9 +216,9 @@ def evaluate_file(file: Path, cfg: EvaluateConfig, name: str | None = None, base
     """`mctool evaluate`: train fresh networks on a synset's final (and best) images, optionally on
     random real images too (labelled as `cfg.baseline_labels` says, the expert read from `buffer`),
     report and store the results."""
-    from mctool.device import resolve_device
-    from mctool.prepared import prepare_like
-    from mctool.scores import whole_data_accuracy
+    from mctool.core.device import resolve_device
+    from mctool.data.prepared import prepare_like
+    from mctool.evaluate.scores import whole_data_accuracy
 
     if baseline not in (None, "random"):
         raise UsageError(f"unknown --baseline '{baseline}' (use: random)")

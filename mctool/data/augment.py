@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from mctool.configs.choices import DEFAULT_STRATEGY  # defined without torch for the CLI
-from mctool.errors import UsageError
+from mctool.core.errors import UsageError
 
 OPS = ("color", "crop", "cutout", "flip", "scale", "rotate")
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mctool.errors import ArtifactError, DatasetNotFound, UsageError
+from mctool.core.errors import ArtifactError, DatasetNotFound, UsageError
 
 DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "tinyimagenet", "fashion-mnist", "mnist")
 
@@ -245,7 +245,7 @@ def _tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torc
 def _save_atomic(obj: Any, path: Path) -> bool:
     """torch.save via a temporary file and rename (never through a link); False if the location
     is not writable."""
-    from mctool.errors import MctoolError
+    from mctool.core.errors import MctoolError
     from mctool.store.files import write_atomically
 
     try:
@@ -458,7 +458,7 @@ def _decode_one(path: Path, size: tuple[int, int] | None = None) -> tuple[np.nda
 
 def _check_decoded_size(n: int, h: int, w: int, where: Path) -> None:
     """Refuse, before decoding, a dataset whose decoded images would not fit in memory."""
-    from mctool.memory import free_bytes
+    from mctool.matching.memory import free_bytes
 
     need = n * 3 * h * w * _LOAD_BYTES_PER_VALUE
     free = free_bytes("cpu")

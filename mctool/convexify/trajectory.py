@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mctool.configs.choices import STRATEGIES  # defined without torch for the CLI
-from mctool.errors import UsageError
+from mctool.core.errors import UsageError
 
 # Tolerance for a reconstruction position just outside [0, K] (float round-off of callers).
 _POSITION_TOL = 1e-9

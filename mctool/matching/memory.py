@@ -42,9 +42,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mctool.fastgrad import plan_for
-from mctool.functional import FlatNet
-from mctool.microbatch import sample_coupling
+from mctool.matching.fastgrad import plan_for
+from mctool.models.functional import FlatNet
+from mctool.matching.microbatch import sample_coupling
 
 MODES = ("constant", "adjoint", "unrolled")
 
@@ -89,8 +89,8 @@ class NetProfile:
     num_params: int
     image_shape: tuple[int, int, int]  # C, H, W
     act_elems: int  # Σ leaf-module output elements per image
-    fastgrad: bool  # mctool.fastgrad's sweep applies
-    coupling: str | None  # why micro-batches are refused (mctool.microbatch.sample_coupling), or None
+    fastgrad: bool  # mctool.matching.fastgrad's sweep applies
+    coupling: str | None  # why micro-batches are refused (mctool.matching.microbatch.sample_coupling), or None
 
     @property
     def in_elems(self) -> int:

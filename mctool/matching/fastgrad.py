@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mctool.functional import FlatNet
+from mctool.models.functional import FlatNet
 from mctool.models import ConvNet
 
 
@@ -288,7 +288,7 @@ def _head(
     f, fd = h.flatten(1), hd.flatten(1)
     z = torch.addmm(params[f"{name}.bias"], f, A.t())
     zd = torch.addmm(tang[f"{name}.bias"], fd, A.t()).addmm_(f, VA.t())
-    # The loss is mctool.secondorder.ce_loss's plain F.cross_entropy (mean over the batch, or the
+    # The loss is mctool.matching.secondorder.ce_loss's plain F.cross_entropy (mean over the batch, or the
     # sum over a chunk divided by `total`; no label smoothing, no class weights): change both together.
     p = torch.softmax(z, dim=1)
     pzd = (p * zd).sum(1, keepdim=True)

@@ -2,7 +2,7 @@
 
 One inner step of trajectory matching works on the mean loss of a batch B_k. When every
 sample's output depends on that sample alone, ℓ_k = Σ_chunks (1/|B_k|) Σ_{i ∈ chunk} CE_i,
-so g_k, the image term and the Hessian-vector product are sums over chunks (mctool.matching).
+so g_k, the image term and the Hessian-vector product are sums over chunks (mctool.matching.loss).
 A network that mixes samples in its forward pass (BatchNorm's batch statistics) breaks this:
 chunking would silently change the maths, so it is refused instead.
 """
