@@ -288,17 +288,36 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "NO_COLOR": "1", "COLUMNS": "200"}
 
 
+# The child's peak memory, measured by a small launcher between the caller and mctool: a process's
+# ru_maxrss includes the memory of the process it was forked from (the copied or shared address
+# space counts until exec), so measured straight from a long test session the case would be
+# charged the session's own ~1 GB. The launcher (python -S, a few MB) forks, execs mctool, writes
+# the child's own ru_maxrss (KiB) to argv[1] and ends as the child ended (its code or its signal).
+_LAUNCHER = """
+import os, signal, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.executable, [sys.executable, "-m", "mctool", *sys.argv[2:]])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as fh:
+    fh.write(str(usage.ru_maxrss))
+if os.WIFSIGNALED(status):
+    signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+    os.kill(os.getpid(), os.WTERMSIG(status))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_case(case: Case, root: Path, data_dir: Path) -> Outcome:
     """Build the case under `root`, run it as a child process, judge how it ended."""
     root.mkdir(parents=True, exist_ok=True)
     argv, out = case.build(root, data_dir)
     started = time.perf_counter()
     with open(root / "stdout.txt", "w") as so, open(root / "stderr.txt", "w") as se:
-        proc = subprocess.Popen([sys.executable, "-m", "mctool", *argv], stdout=so, stderr=se, text=True, env=_env(),
-                                cwd=root, start_new_session=True)
-    # wait4 gives this child's own peak memory (RUSAGE_CHILDREN would be the largest of all so far).
+        proc = subprocess.Popen([sys.executable, "-S", "-c", _LAUNCHER, str(root / "maxrss.txt"), *argv], stdout=so,
+                                stderr=se, text=True, env=_env(), cwd=root, start_new_session=True)
     while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        pid, status, _ = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             break
         if time.perf_counter() - started > case.timeout:
@@ -311,7 +330,8 @@ def run_case(case: Case, root: Path, data_dir: Path) -> Outcome:
     proc.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.perf_counter() - started
     stderr = (root / "stderr.txt").read_text()
-    rss = usage.ru_maxrss / 1024  # KiB on Linux
+    peak = root / "maxrss.txt"
+    rss = int(peak.read_text()) / 1024 if peak.exists() else 0.0  # KiB on Linux
     lines = stderr.strip().splitlines()
     outcome = Outcome(case.name, False, "", seconds, rss, lines)
     if "internal error" in stderr or "Traceback" in stderr:

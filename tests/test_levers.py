@@ -210,10 +210,11 @@ def test_ema_equals_an_independent_recomputation(tmp_path: Path, convex_buffer: 
     np.testing.assert_allclose(s["images"], ema(5), rtol=0, atol=1e-5)
     assert np.array_equal(s["checkpoint/images_raw"], raw[-1].numpy())
     assert np.abs(s["images"] - s["checkpoint/images_raw"]).max() > 1e-3  # the average is not the raw value
-    # Evaluated at iteration 4 (before the 5th update) and at the end; the best kept is an average.
-    assert len(evaluated) == 2
-    np.testing.assert_allclose(evaluated[0].numpy(), ema(4), rtol=0, atol=1e-5)
-    np.testing.assert_allclose(evaluated[1].numpy(), ema(5), rtol=0, atol=1e-5)
+    # Evaluated at iteration 0 (the starting images: the average's start), 4 (before the 5th
+    # update) and at the end; the best kept is an average.
+    assert len(evaluated) == 3
+    for images, upto in zip(evaluated, (0, 4, 5)):
+        np.testing.assert_allclose(images.numpy(), ema(upto), rtol=0, atol=1e-5)
     best_iteration = json.loads(r.stdout)["best"]["iteration"]
     np.testing.assert_allclose(s["best/images"], ema(best_iteration), rtol=0, atol=1e-5)
     with h5py.File(out) as f:

@@ -664,8 +664,8 @@ def test_tune_says_when_the_starting_images_score_best(convex_buffer: Path, data
                and "the experts reach 50.0 %" in n for n in result.notes), result.notes
 
 
-@pytest.mark.parametrize("point", ["mkdir", "read", "open", "fsync", "chmod", "replace", "after-replace",
-                                   "fsync-folder"])
+@pytest.mark.parametrize("point", ["mkdir", "read", "open", "link", "fdopen", "fsync", "chmod", "chown", "replace",
+                                   "after-replace", "fsync-folder"])
 def test_a_kill_at_each_point_of_the_preset_write_leaves_old_or_new(tmp_path: Path, point: str) -> None:
     """Issue 24 item 6, at exact points: the writer killed (SIGKILL, in a forked child) before or
     after each step of the write — `read` is the check that the old file is a preset --tune
