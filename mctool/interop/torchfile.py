@@ -37,6 +37,7 @@ need the same memory anyway.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import pickle
 import re
@@ -316,12 +317,12 @@ class _Unpickler(pickle.Unpickler):
         return ref
 
 
-def _unpickle(data: bytes, path: Path) -> tuple[Any, dict[str, StorageRef]]:
-    """The pickled object with TensorRefs for tensors, and every storage it references."""
-    unpickler = _Unpickler(io.BytesIO(data))
+@contextlib.contextmanager
+def _pickle_problems(path: Path) -> Iterator[None]:
+    """Whatever unpickling a file raises, as one line about `path`: a class outside tensors in
+    lists is refused (nothing of it ran), too deep a nesting and any damage are said as such."""
     try:
-        root = unpickler.load()
-        check_tensors_in_lists(root, path)
+        yield
     except TorchFileError:
         raise
     except _Refused as exc:
@@ -332,6 +333,14 @@ def _unpickle(data: bytes, path: Path) -> tuple[Any, dict[str, StorageRef]]:
         raise TorchFileError(f"{path}: not a list of tensors (nesting too deep)") from None
     except Exception as exc:  # noqa: BLE001 - a damaged pickle can raise almost anything
         raise TorchFileError(f"{path}: damaged or not a torch file of tensors ({_one_line(exc)})") from None
+
+
+def _unpickle(data: bytes, path: Path) -> tuple[Any, dict[str, StorageRef]]:
+    """The pickled object with TensorRefs for tensors, and every storage it references."""
+    unpickler = _Unpickler(io.BytesIO(data))
+    with _pickle_problems(path):
+        root = unpickler.load()
+        check_tensors_in_lists(root, path)
     return root, unpickler.storages
 
 
@@ -647,25 +656,14 @@ def _legacy_prescan(path: Path, size: int) -> None:
     torch.load allocates every storage at its declared size before reading its bytes, so a few
     bytes could ask for terabytes. The structure (cycles, depth, size), the storages' declared
     bytes against the file's, and each tensor's size against memory are checked here."""
-    try:
-        with open(path, "rb") as f:
-            for _ in range(3):  # magic number, protocol version, system info
-                _PlainUnpickler(f).load()
-            unpickler = _Unpickler(f, legacy=True)
-            root = unpickler.load()
-            check_tensors_in_lists(root, path)
-            _PlainUnpickler(f).load()  # the storage keys
-            data_start = f.tell()
-    except TorchFileError:
-        raise
-    except _Refused as exc:
-        raise UnsafeTorchFile(
-            f"{path}: refused: the file asks to load '{exc}', which is not part of tensors in lists "
-            "(nothing from the file was run; mctool reads only lists of tensors)") from None
-    except RecursionError:
-        raise TorchFileError(f"{path}: not a list of tensors (nesting too deep)") from None
-    except Exception as exc:  # noqa: BLE001 - a damaged pickle can raise almost anything
-        raise TorchFileError(f"{path}: damaged or not a torch file of tensors ({_one_line(exc)})") from None
+    with _pickle_problems(path), open(path, "rb") as f:
+        for _ in range(3):  # magic number, protocol version, system info
+            _PlainUnpickler(f).load()
+        unpickler = _Unpickler(f, legacy=True)
+        root = unpickler.load()
+        check_tensors_in_lists(root, path)
+        _PlainUnpickler(f).load()  # the storage keys
+        data_start = f.tell()
     # Each storage follows as an 8-byte element count and its bytes.
     declared = sum(8 + ref.nbytes for ref in unpickler.storages.values())
     if declared > size - data_start:
