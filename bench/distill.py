@@ -2,7 +2,7 @@
 
 Setting: CIFAR-10 shape at ipc 10 — 100 synthetic images 3x32x32, ConvNet-3 width 128
 (P = 320,010), batch_syn = 100 (every image in every inner step: batches = [randperm(100)] * N),
-DSA on (one op per inner step, drawn in advance and replayed as mctool/distill.py's
+DSA on (one op per inner step, drawn in advance and replayed as mctool/distill/loop.py's
 Distiller.augmentation does), α = 0.01, random θ_start and θ_target = θ_start + noise.
 
 For each mode (constant, adjoint, unrolled; "constant-autograd" is constant with autograd's

@@ -9,9 +9,10 @@ Tensor layouts (each tensor file is a plain ``torch.save`` of one tensor):
   float32 [N, classes] soft labels = probabilities), ``lr_<tag>.pt`` (0-d tensor: the learned
   step size), and with ZCA ``images_zca_<tag>.pt``: the images mapped back to pixel space by the
   inverse ZCA — what MTT's distill.py names ``images_zca_*`` (not clamped, as theirs).
-* ``ddranking``: ``images.pt``, ``labels.pt``, ``lr.pt`` — the names DD-Ranking's README loads and
-  passes to ``compute_metrics(image_tensor=..., soft_labels=..., syn_lr=...)``. DD-Ranking
-  builds hard labels itself as class-major blocks of ipc, which is how mctool orders images.
+* ``ddranking``: ``images.pt``, ``labels.pt``, ``lr.pt`` — the names DD-Ranking's README loads; with
+  DD-Ranking 0.2.0 hard-label sets go to ``LabelRobustScoreHard(...).compute_metrics(image_tensor=...,
+  hard_labels=..., syn_lr=...)`` (docs/interop.md says what works there and what fails inside it).
+  Its labels are class-major blocks of ipc, which is how mctool orders images.
 
 Every export writes ``mctool_export.json``: which file is what, their SHA-256, the image space
 (ZCA or not, eps, fitted on which split, mean/std, class names) and the settings a receiver
