@@ -105,8 +105,8 @@ ROWS: list[tuple[str, Any]] = [
 # the ablation's protocol beside the reference "mct" (which also evaluates random real images),
 # with wall seconds per iteration (accuracy per hour, not per iteration). Each entry:
 # (title, options for a run of `iterations` iterations, options `mctool distill --help` must list).
-# A new lever adds one entry here — the learned soft labels (branch `labels`) add theirs once merged,
-# e.g. "labels": ("learned soft labels", lambda it: ("--learn-labels",), ("--learn-labels",)).
+# A new lever adds one entry here. A row whose options learn labels trains its evaluation networks on
+# soft labels, so its random-real baseline is labelled by the buffer's first expert (like with like).
 def _window(iterations: int) -> tuple[str, ...]:
     # DATM-style: start at epoch 0 with an upper end of 1 growing to --max-start-epoch over half the run.
     return ("--min-start-epoch", "0", "--start-upper-init", "1", "--start-upper-iterations",
@@ -125,7 +125,15 @@ LEVERS: dict[str, tuple[str, Any, tuple[str, ...]]] = {
     "batch-syn-100": ("--batch-syn 100", lambda it: ("--batch-syn", "100"), ()),
     "batch-syn-250": ("--batch-syn 250", lambda it: ("--batch-syn", "250"), ()),
     "window+ema": ("window + EMA", lambda it: (*_window(it), *_ema(it)), ("--start-upper-init", "--ema")),
+    "labels": ("learned soft labels (DATM)", lambda it: ("--learn-labels",), ("--learn-labels",)),
+    "all": ("window + EMA + learned soft labels", lambda it: (*_window(it), *_ema(it), "--learn-labels"),
+            ("--start-upper-init", "--ema", "--learn-labels")),
 }
+
+
+def learns_labels(name: str) -> bool:
+    """Whether a lever's distillation learns soft labels (its scores are soft-label scores)."""
+    return "--learn-labels" in LEVERS[name][1](1)
 
 FACTOR_TITLES = {"grad": "matching gradient (--grad)", "units": "step units (released code vs exact gradient)",
                  "images": "images kept (final vs best on validation)", "start": "start epochs",
@@ -259,7 +267,10 @@ def add_levers(plan: Plan, convex_stage: str) -> None:
                                       f"convex-i{REFERENCE['interior']}-mct.h5", "-o", f"{key}.h5", "--name", key,
                                       "--iterations", str(iterations), "--seed", SEED), f"{key}.h5",
                                      deps=(convex_stage,), requires=requires, resume_flag="--resume"))
-            baseline = ("--baseline", "random") if name == "mct" else ()
+            baseline: tuple[str, ...] = ("--baseline", "random") if name == "mct" else ()
+            if learns_labels(name):  # random real labelled by the same expert, by the rule learned labels start from
+                baseline = ("--baseline", "random", "--baseline-labels", "expert", "--buffer",
+                            f"convex-i{REFERENCE['interior']}-mct.h5")
             plan.stages.append(Stage(f"{key}-evaluate", "evaluate",
                                      (f"{key}.h5", "--runs", str(size.abl_eval_runs), "--epochs",
                                       str(size.abl_eval_epochs), *baseline, "--seed", SEED, "--no-save"),
