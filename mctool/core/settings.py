@@ -24,12 +24,13 @@ _NO_LEGACY: Any = type("NoLegacy", (), {"__repr__": lambda self: "<none>"})()
 @dataclass(frozen=True)
 class Check:
     """What a setting's value must be: `ok(value)`, and the words that follow "must be" in the
-    message naming the setting. `message`, when given, is the whole message instead (formatted
-    with {option}, {value} and {words}). A value `ok` cannot compare (a wrong type) fails."""
+    message naming the setting. `message`, when given, is the whole message instead: a template
+    (formatted with {option}, {value} and {words}) or a function of the value, for a message that
+    names what in the value is wrong. A value `ok` cannot compare (a wrong type) fails."""
 
     ok: Callable[[Any], bool]
     words: str
-    message: str | None = None
+    message: str | Callable[[Any], str] | None = None
 
 
 def _number(v: Any) -> bool:
@@ -185,6 +186,8 @@ class Problem:
         """The one-line message: the check's own, else `template` ({option}, {key}, {value}, {words})."""
         check = self.setting.info.check
         assert check is not None
+        if callable(check.message):
+            return check.message(self.value)
         return (check.message or template).format(option=self.setting.option_name, key=self.key, value=self.value,
                                                   words=check.words)
 

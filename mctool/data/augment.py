@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from mctool.configs.choices import DEFAULT_STRATEGY  # defined without torch for the CLI
+# Defined without torch for the CLI; OPS is re-exported.
+from mctool.configs.choices import DEFAULT_STRATEGY, OPS, augment_problem  # noqa: F401
 from mctool.core.errors import UsageError
 
-OPS = ("color", "crop", "cutout", "flip", "scale", "rotate")
 
 # ParamDiffAug values of the reference (method.md §3.1).
 PROB_FLIP = 0.5
@@ -100,16 +100,10 @@ class DSA:
     def __init__(self, strategy: str = DEFAULT_STRATEGY, flip: bool = True) -> None:
         self.strategy = strategy
         self.flip = flip
-        if strategy.lower() == "none":
-            ops: list[str] = []
-        else:
-            ops = strategy.split("_")
-            unknown = [o for o in ops if o not in OPS]
-            if unknown:
-                raise UsageError(
-                    f"unknown augmentation op {unknown[0]!r} in strategy {strategy!r}; "
-                    f"known ops: {', '.join(OPS)} (joined by '_'), or 'none'"
-                )
+        problem = augment_problem(strategy)
+        if problem is not None:
+            raise UsageError(problem)
+        ops: list[str] = [] if strategy.lower() == "none" else strategy.split("_")
         # Digit datasets (MNIST-like) must not be mirrored: flip=False removes the op
         # rather than making it a no-op, so the other ops keep a uniform share.
         self.ops: tuple[str, ...] = tuple(o for o in ops if flip or o != "flip")
