@@ -8,6 +8,8 @@ import math
 
 import pytest
 
+from mctool.configs.convexify import ConvexifyConfig
+from mctool.configs.experts import ExpertsConfig
 from mctool.distill import DistillConfig
 from mctool.distill.tune import TuneConfig
 from mctool.core.errors import UsageError
@@ -92,3 +94,58 @@ def test_import_config_messages(kw: dict, message: str) -> None:
     assert str(e.value) == message
     ImportConfig().validate()
     ImportConfig(depth=None, width=None, epochs=None).validate()  # not stated: not checked
+
+
+# The one-liners `experts` and `convexify` gave before their checks moved into the
+# declarations: per checked setting, a bad value and the message it gets.
+SEED_BAD = (2**63, f"--seed must be in 0 … {2**63 - 1} (2**63 − 1), got {2**63}")
+BAD = {
+    ExpertsConfig: {
+        "num_experts": (0, "--n must be >= 1, got 0"), "epochs": (0, "--epochs must be >= 1, got 0"),
+        "lr": (0.0, "--lr must be a finite number > 0, got 0.0"), "momentum": (1.0, "--momentum must be in [0, 1), got 1.0"),
+        "weight_decay": (-1.0, "--weight-decay must be a finite number >= 0, got -1.0"),
+        "batch_size": (0, "--batch-size must be >= 1, got 0"), "width": (0, "--width must be >= 1, got 0"),
+        "depth": (-1, "--depth must be >= 1 (0 = by image size), got -1"), "zca_eps": (0.0, "--zca-eps must be > 0, got 0.0"),
+        "augment": ("crop_foo", "unknown augmentation op 'foo' in strategy 'crop_foo'; known ops: color, crop, cutout, "
+                                "flip, scale, rotate (joined by '_'), or 'none'"),
+        "seed": SEED_BAD, "interior": (-1, "--interior must be >= 0, got -1"),
+        "beta": ("nope", "unknown --beta 'nope'; choose from mct, uniform, decreasing, projected")},
+    ConvexifyConfig: {
+        "interior": (-1, "--interior must be >= 0, got -1"),
+        "strategy": ("nope", "unknown --beta 'nope'; choose from mct, uniform, decreasing, projected")},
+}
+CASES = [(cls, key) for cls, table in BAD.items() for key in table]
+NUMERIC_CASES = [(cls, key) for cls, key in CASES if isinstance(BAD[cls][key][0], (int, float))]
+
+
+@pytest.mark.parametrize("cls", list(BAD), ids=lambda c: c.__name__)
+def test_these_configs_declare_every_check(cls: type) -> None:
+    assert {s.name for s in settings(cls) if s.info.check is not None} == set(BAD[cls])
+    cls().validate()
+
+
+@pytest.mark.parametrize("cls,key", CASES, ids=[f"{c.__name__}.{k}" for c, k in CASES])
+def test_a_bad_value_fails_its_declared_check(cls: type, key: str) -> None:
+    bad, message = BAD[cls][key]
+    cfg = dataclasses.replace(cls(), **{key: bad})
+    found = first_problem(cfg)
+    assert found is not None and found.key == key  # the declaration refuses it, no list apart
+    with pytest.raises(UsageError) as e:
+        cfg.validate()
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize("cls,key", NUMERIC_CASES, ids=[f"{c.__name__}.{k}" for c, k in NUMERIC_CASES])
+def test_nan_fails_these_numeric_checks(cls: type, key: str) -> None:
+    cfg = dataclasses.replace(cls(), **{key: math.nan})
+    with pytest.raises(UsageError, match=r", got nan$"):
+        cfg.validate()
+    assert first_problem(cfg).key == key  # type: ignore[union-attr]
+
+
+def test_the_experts_relations_between_settings() -> None:
+    with pytest.raises(UsageError, match="only apply with --convexify"):
+        ExpertsConfig(positions="0,2,4").validate()
+    with pytest.raises(UsageError, match="it ends at 5, not K=4"):
+        ExpertsConfig(convexify=True, epochs=4, positions="0,2,5").validate()
+    ExpertsConfig(convexify=True, epochs=4, positions="0,2,4", beta="uniform").validate()

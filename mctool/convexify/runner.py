@@ -65,6 +65,7 @@ def convexify_file(buffer: Path, cfg: ConvexifyConfig, out: Path | None = None,
 
     In place, the buffer is rewritten as a whole (a copy with the new /convex replaces it):
     a crash at any moment leaves the old buffer, never a mix."""
+    cfg.validate()  # before any file is opened
     in_place = out is None or out.resolve() == buffer.resolve()
     target = buffer if in_place else out
     assert target is not None
