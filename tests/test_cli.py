@@ -247,6 +247,21 @@ def test_experts_bad_settings_are_refused_before_any_file_is_written(tmp_path: P
     assert not out.exists()
 
 
+@pytest.mark.parametrize("args, message", [
+    (["evaluate", "--runs", "0"], "--runs must be >= 1, got 0"), (["evaluate", "--models", ","], "--models names no model"),
+    (["evaluate", "--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+    (["evaluate", "--seed", "-1"], "--seed must be in 0"),
+    (["evaluate", "--baseline-labels", "soft"], "--baseline-labels must be auto, hard or expert, got 'soft'"),
+    (["convexify", "--interior", "-1"], "--interior must be >= 0, got -1"),
+    (["convexify", "--beta", "nope"], "unknown --beta 'nope'"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_evaluate_and_convexify_refuse_bad_settings_before_opening_the_file(tmp_path: Path, args: list[str],
+                                                                            message: str) -> None:
+    missing = tmp_path / "missing.h5"  # the settings are refused before the file is looked at
+    assert_one_line_error(cli(args[0], missing, *args[1:]), 2, message)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_experts_with_nothing_to_do_counts_what_the_buffer_holds(tmp_path: Path, buffer: Path, data_dir: Path) -> None:
     r = cli("experts", "mnist", "--data-dir", data_dir, "--n", "1", "--epochs", "4", "--width", "8",
             "--batch-size", "32", "--lr", "0.05", "-o", buffer, "--seed", "1")

@@ -9,6 +9,7 @@ import math
 import pytest
 
 from mctool.configs.convexify import ConvexifyConfig
+from mctool.configs.evaluate import EvaluateConfig
 from mctool.configs.experts import ExpertsConfig
 from mctool.distill import DistillConfig
 from mctool.distill.tune import TuneConfig
@@ -96,7 +97,7 @@ def test_import_config_messages(kw: dict, message: str) -> None:
     ImportConfig(depth=None, width=None, epochs=None).validate()  # not stated: not checked
 
 
-# The one-liners `experts` and `convexify` gave before their checks moved into the
+# The one-liners `experts`, `convexify` and `evaluate` gave before their checks moved into the
 # declarations: per checked setting, a bad value and the message it gets.
 SEED_BAD = (2**63, f"--seed must be in 0 … {2**63 - 1} (2**63 − 1), got {2**63}")
 BAD = {
@@ -113,6 +114,10 @@ BAD = {
     ConvexifyConfig: {
         "interior": (-1, "--interior must be >= 0, got -1"),
         "strategy": ("nope", "unknown --beta 'nope'; choose from mct, uniform, decreasing, projected")},
+    EvaluateConfig: {
+        "models": ((), "--models names no model"), "runs": (0, "--runs must be >= 1, got 0"),
+        "epochs": (-1, "--epochs must be >= 0, got -1"), "lr": (0.0, "--lr must be a finite number > 0, got 0.0"),
+        "seed": SEED_BAD, "baseline_labels": ("soft", "--baseline-labels must be auto, hard or expert, got 'soft'")},
 }
 CASES = [(cls, key) for cls, table in BAD.items() for key in table]
 NUMERIC_CASES = [(cls, key) for cls, key in CASES if isinstance(BAD[cls][key][0], (int, float))]
@@ -149,3 +154,4 @@ def test_the_experts_relations_between_settings() -> None:
     with pytest.raises(UsageError, match="it ends at 5, not K=4"):
         ExpertsConfig(convexify=True, epochs=4, positions="0,2,5").validate()
     ExpertsConfig(convexify=True, epochs=4, positions="0,2,4", beta="uniform").validate()
+    assert EvaluateConfig(lr=None).validate() is None  # not stated: not checked

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mctool.configs.choices import DEFAULT_STRATEGY
-from mctool.configs.experts import check_seed
+from mctool.configs.experts import LR, SEED
 from mctool.core.errors import UsageError
-from mctool.core.settings import setting
+from mctool.core.settings import Check, at_least, first_problem, one_of, setting
 
 if TYPE_CHECKING:
     from mctool.training.train import Schedule
@@ -19,10 +19,11 @@ class EvaluateConfig:
     """The evaluation protocol: SGD(lr, momentum 0.9, wd 5e-4), lr × 0.1 at the midpoint, DSA."""
 
     models: tuple[str, ...] = setting(("ConvNet",), "Comma-separated: ConvNet, ConvNetBN, ResNet18, ResNet18BN, "
-                                      "VGG11, VGG11BN, AlexNet, LeNet, MLP, ...")
-    runs: int = setting(5, "Fresh networks per model.")
-    epochs: int = setting(1000, "Training epochs per network (lr x 0.1 at the midpoint).")
-    lr: float | None = setting(None, "Training lr (default: the synset's learned step size).")
+                                      "VGG11, VGG11BN, AlexNet, LeNet, MLP, ...",
+                                      check=Check(lambda v: len(v) > 0, "a model", "{option} names no model"))
+    runs: int = setting(5, "Fresh networks per model.", check=at_least(1))
+    epochs: int = setting(1000, "Training epochs per network (lr x 0.1 at the midpoint).", check=at_least(0))
+    lr: float | None = setting(None, "Training lr (default: the synset's learned step size).", check=LR)
     momentum: float = 0.9
     weight_decay: float = 5e-4
     batch_size: int = 256
@@ -30,11 +31,14 @@ class EvaluateConfig:
     together: bool | None = setting(None, "Train a model's runs together (stacked networks; the same results as one "
                                     "after another up to float rounding). Default: on GPUs only, where it is faster.",
                                     flags=("--together/--no-together",))
-    seed: int = setting(0, "Seed for network inits, shuffles, augmentation, baseline images (0 … 2**63-1).")
+    seed: int = setting(0, "Seed for network inits, shuffles, augmentation, baseline images (0 … 2**63-1).",
+                        check=SEED)
     baseline_labels: str = setting("auto", "Labels of the random-real baseline (--baseline random): hard, expert (the "
                                    "synset's buffer's first expert labels them by the rule learned labels start "
                                    "from: soft, like with like), or auto: expert for a soft-label synset, hard for a "
-                                   "hard-label one.")
+                                   "hard-label one.",
+                                   check=one_of("auto", "hard", "expert", words="auto, hard or expert",
+                                                message="{option} must be {words}, got '{value}'"))
 
     def schedule(self, lr: float) -> Schedule:
         """One run's SGD schedule (building it checks the values: one usage line if bad)."""
@@ -44,12 +48,9 @@ class EvaluateConfig:
                         batch_size=self.batch_size, decay_epoch=self.epochs // 2)
 
     def validate(self) -> None:
-        """Refuse settings that cannot run, before any data is prepared."""
-        if self.runs < 1:
-            raise UsageError(f"--runs must be >= 1, got {self.runs}")
-        check_seed(self.seed)
+        """Refuse settings that cannot run, before any data is prepared: each setting's check is
+        declared with it; the schedule checks the protocol's fixed fields (no options)."""
+        found = first_problem(self)
+        if found is not None:
+            raise UsageError(found.message("{option} must be {words}, got {value}"))
         self.schedule(self.lr if self.lr is not None else 0.01)
-        if not self.models:
-            raise UsageError("--models names no model")
-        if self.baseline_labels not in ("auto", "hard", "expert"):
-            raise UsageError(f"--baseline-labels must be auto, hard or expert, got '{self.baseline_labels}'")
