@@ -34,7 +34,10 @@ class EvaluateConfig:
     baseline_labels: str = setting("auto", "Labels of the random-real baseline (--baseline random): hard, expert (the "
                                    "synset's buffer's first expert labels them by the rule learned labels start "
                                    "from: soft, like with like), or auto: expert for a soft-label synset, hard for a "
-                                   "hard-label one.")
+                                   "hard-label one (hard with --labels hard).")
+    labels: str = setting("auto", "Labels the networks train on: auto (the synset's own: soft for a soft-label synset) "
+                          "or hard (the class of each image, the images being stored class by class: the hard-label "
+                          "score of a label-learning synset, apart from its soft one; HLR is then defined).")
 
     def schedule(self, lr: float) -> Schedule:
         """One run's SGD schedule (building it checks the values: one usage line if bad)."""
@@ -53,3 +56,5 @@ class EvaluateConfig:
             raise UsageError("--models names no model")
         if self.baseline_labels not in ("auto", "hard", "expert"):
             raise UsageError(f"--baseline-labels must be auto, hard or expert, got '{self.baseline_labels}'")
+        if self.labels not in ("auto", "hard"):  # soft: only what a soft-label synset stores (auto)
+            raise UsageError(f"--labels must be auto or hard, got '{self.labels}'")
