@@ -106,7 +106,9 @@ ROWS: list[tuple[str, Any]] = [
 # with wall seconds per iteration (accuracy per hour, not per iteration). Each entry:
 # (title, options for a run of `iterations` iterations, options `mctool distill --help` must list).
 # A new lever adds one entry here. A row whose options learn labels trains its evaluation networks on
-# soft labels, so its random-real baseline is labelled by the buffer's first expert (like with like).
+# soft labels, so its random-real baseline is labelled by the buffer's first expert (like with like);
+# its images are also scored with hard labels (`evaluate --labels hard`, stage `...-evaluate-hard`),
+# against the "mct" row's random real (hard): the field reports hard- and soft-label results apart.
 def _window(iterations: int) -> tuple[str, ...]:
     # DATM-style: start at epoch 0 with an upper end of 1 growing to --max-start-epoch over half the run.
     return ("--min-start-epoch", "0", "--start-upper-init", "1", "--start-upper-iterations",
@@ -275,8 +277,16 @@ def add_levers(plan: Plan, convex_stage: str) -> None:
                                      (f"{key}.h5", "--runs", str(size.abl_eval_runs), "--epochs",
                                       str(size.abl_eval_epochs), *baseline, "--seed", SEED, "--no-save"),
                                      f"{key}.json", deps=(f"{key}-distill",), capture=True))
+            hard = None
+            if learns_labels(name):  # the same images, hard labels: a stage of its own (the others' arguments kept)
+                hard = f"{key}-evaluate-hard"
+                plan.stages.append(Stage(hard, "evaluate",
+                                         (f"{key}.h5", "--labels", "hard", "--runs", str(size.abl_eval_runs),
+                                          "--epochs", str(size.abl_eval_epochs), "--seed", SEED, "--no-save"),
+                                         f"{key}-hard.json", deps=(f"{key}-distill",), requires=("--labels",),
+                                         capture=True))
             plan.levers.append({"lever": name, "ipc": ipc, "iterations": iterations, "distill": f"{key}-distill",
-                                "evaluate": f"{key}-evaluate"})
+                                "evaluate": f"{key}-evaluate", "evaluate_hard": hard})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,26 +364,41 @@ def summarize(plan: Plan, pipeline: Pipeline, experts_info: dict[str, Any] | Non
 
 
 def summarize_levers(plan: Plan, pipeline: Pipeline, status: Any) -> list[dict[str, Any]]:
-    """Each lever row: accuracy, gain over random real at its ipc, wall seconds per iteration (the
-    distill stage's wall time over all sittings / its iterations: includes startup and data loading)."""
+    """Each lever row, hard and soft labels apart: accuracy, the matching random real at its ipc and
+    the gain over it, wall seconds per iteration (the distill stage's wall time over all sittings /
+    its iterations: includes startup and data loading).
+
+    A row that learns labels gives two: `soft` (its evaluation, against its own random real, labelled
+    by the same expert) and `hard` (its `--labels hard` evaluation); every hard row is compared with
+    the "mct" row's random real (hard labels, same protocol and seeds)."""
     stages = pipeline.manifest.data["stages"]
-    results = {}
-    for row in plan.levers:
-        current = pipeline.is_current(row["evaluate"])
-        results[(row["lever"], row["ipc"])] = (
-            _result(pipeline.work, pipeline.by_name[row["evaluate"]].product) if current else None)
+
+    def result(stage: str | None) -> dict[str, Any] | None:
+        if stage is None or not pipeline.is_current(stage):
+            return None
+        return _result(pipeline.work, pipeline.by_name[stage].product)
+
+    hard_random = {row["ipc"]: _kind(result(row["evaluate"]), "random-real") for row in plan.levers
+                   if row["lever"] == "mct"}
     out = []
     for row in plan.levers:
-        syn = _pct(_kind(results[(row["lever"], row["ipc"])], "synset"))
-        rnd = _pct(_kind(results.get(("mct", row["ipc"])), "random-real"))
         d = stages.get(row["distill"], {})
         wall = d.get("wall_s") if pipeline.is_current(row["distill"]) else None
-        out.append({"lever": row["lever"], "ipc": row["ipc"], "iterations": row["iterations"], "result": syn,
-                    "random_real": rnd,
-                    "gain_over_random": round(syn["mean"] - rnd["mean"], 2) if syn and rnd else None,
-                    "wall_s_per_iteration": (round(wall / row["iterations"], 2) if wall is not None and row["iterations"]
-                                                 else None),
-                    "status": status(row["evaluate"])})
+        per = round(wall / row["iterations"], 2) if wall is not None and row["iterations"] else None
+        soft = learns_labels(row["lever"])
+        scored = [("soft" if soft else "hard", row["evaluate"])]
+        if row.get("evaluate_hard"):
+            scored.append(("hard", row["evaluate_hard"]))
+        for labels, stage in scored:
+            ev = result(stage)
+            syn = _pct(_kind(ev, "synset"))
+            base = _kind(ev, "random-real") if labels == "soft" else hard_random.get(row["ipc"])
+            rnd = _pct(base)
+            out.append({"lever": row["lever"], "ipc": row["ipc"], "labels": labels, "iterations": row["iterations"],
+                        "result": syn, "random_real": rnd,
+                        "random_real_labels": None if base is None else base.get("labels", "hard"),
+                        "gain_over_random": round(syn["mean"] - rnd["mean"], 2) if syn and rnd else None,
+                        "wall_s_per_iteration": per, "status": status(stage)})
     return out
 
 
@@ -430,14 +455,16 @@ def render(summary: dict[str, Any]) -> str:
     if summary.get("levers"):
         lines += ["", f"Levers: {size['lever_iterations'] or size['abl_iterations']} iterations each, evaluation "
                   f"{size['abl_eval_runs']} networks x {size['abl_eval_epochs']} epochs; wall s/iteration includes "
-                  "startup.", "",
-                  "| lever | ipc | distilled | random real | gain | wall s/iteration | status |",
-                  "|---|---:|---:|---:|---:|---:|---|"]
+                  "startup. Hard and soft labels apart: a soft row's random real is labelled by the same expert "
+                  "(its own evaluation), a hard row's is MCT's (hard labels); a row that learns labels is also "
+                  "scored with hard labels (`evaluate --labels hard`).", "",
+                  "| lever | labels | ipc | distilled | random real | gain | wall s/iteration | status |",
+                  "|---|---|---:|---:|---:|---:|---:|---|"]
         for row in summary["levers"]:
             gain = f"{row['gain_over_random']:+.2f}" if row["gain_over_random"] is not None else "—"
             per = f"{row['wall_s_per_iteration']:.2f}" if row["wall_s_per_iteration"] is not None else "—"
-            lines.append(f"| {LEVERS[row['lever']][0]} | {row['ipc']} | {_fmt(row['result'])} | "
-                         f"{_fmt(row['random_real'])} | {gain} | {per} | {row['status']} |")
+            lines.append(f"| {LEVERS[row['lever']][0]} | {row.get('labels', 'hard')} | {row['ipc']} | "
+                         f"{_fmt(row['result'])} | {_fmt(row['random_real'])} | {gain} | {per} | {row['status']} |")
     lines += ["", "Time per stage (wall seconds, all sittings): "
               + ", ".join(f"{k} {v:.0f}" for k, v in summary["seconds"].items()) + "."]
     lines += ["", "Goals: " + "; ".join(f"{k}: {v}" for k, v in summary["goals"].items()) + "."]
@@ -546,7 +573,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="preset name template, e.g. fashion-mnist-ipc{ipc}, or 'none'")
     p.add_argument("--distill-args", help="extra `mctool distill` options for every distillation (quoted)")
     p.add_argument("--lever", action="append", choices=sorted(LEVERS), metavar="NAME",
-                   help=f"add lever rows (beside the reference 'mct'): {', '.join(LEVERS)}; repeatable")
+                   help=f"add lever rows (beside the reference 'mct'): {', '.join(LEVERS)}; repeatable. A lever "
+                        "that learns labels gives a soft-label row (random real labelled by the same expert) and a "
+                        "hard-label row (evaluate --labels hard; random real: the mct row's)")
     p.add_argument("--lever-ipc", type=int, action="append", metavar="IPC",
                    help="ipc of the lever rows (default: the ablation's); repeatable")
     p.add_argument("--lever-iterations", type=int, help="distill iterations of each lever row (default: the ablation's)")

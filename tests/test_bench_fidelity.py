@@ -56,11 +56,18 @@ class FakeMctool:
         if cmd == "evaluate":
             ipc = 10 if "abl-" in argv[1] else int(argv[1].split("ipc")[1].split(".")[0])
             base = {1: 0.70, 10: 0.82, 50: 0.86}[ipc] + (0.01 if "interior-0" in argv[1] else 0.0)
+            # A learned-label synset scores soft (+0.04) unless evaluated with --labels hard (-0.02).
+            learned = any(f"lever-{n}-" in argv[1] for n in ("labels", "all"))
+            hard = not learned or "--labels" in argv
+            base += 0.0 if not learned else -0.02 if hard else 0.04
             res = [{"kind": "synset", "model": "ConvNet", "mean": base, "std": 0.01, "accuracies": [base - 0.01, base + 0.01],
-                    "epochs": int(argv[argv.index("--epochs") + 1])}]
+                    "epochs": int(argv[argv.index("--epochs") + 1]), "labels": "hard" if hard else "soft"}]
             if "--baseline" in argv:
-                res.append({"kind": "random-real", "model": "ConvNet", "mean": 0.5, "std": 0.02, "accuracies": [0.48, 0.52],
-                            "epochs": res[0]["epochs"]})
+                expert = "--baseline-labels" in argv and argv[argv.index("--baseline-labels") + 1] == "expert"
+                mean = 0.6 if expert else 0.5
+                res.append({"kind": "random-real", "model": "ConvNet", "mean": mean, "std": 0.02,
+                            "accuracies": [mean - 0.02, mean + 0.02], "epochs": res[0]["epochs"],
+                            "labels": "soft" if expert else "hard"})
             return Completed(0, json.dumps({"ipc": ipc, "results": res}), "")
         assert out is not None
         out.write_text(f"{cmd} done")
@@ -351,4 +358,61 @@ def test_lever_rows_pass_each_lever_and_record_time_per_iteration(tmp_path: Path
     assert rows[("window+ema", 10)]["status"].startswith("not available in this mctool: distill --ema")
     assert any("--batch-syn" in c for c in fake.calls) and not any("--ema" in c for c in fake.calls)
     table = fidelity.render(summary)
-    assert "| --batch-syn 100 | 10 | 82.00 ± 1.00 | 50.00 ± 2.00 | +32.00 | 0.00 | done |" in table
+    assert "| --batch-syn 100 | hard | 10 | 82.00 ± 1.00 | 50.00 ± 2.00 | +32.00 | 0.00 | done |" in table
+
+
+def test_label_levers_are_scored_with_hard_and_soft_labels_apart(tmp_path: Path) -> None:
+    """A lever that learns labels gets one more stage, `...-evaluate-hard` (`evaluate --labels hard`, no
+    baseline), and two summary rows: soft against its own expert-labelled random real, hard against the
+    mct row's. The stages that were there before keep their arguments (a stage's fingerprint is its
+    arguments: a running benchmark must not redo them)."""
+    argv = ["--quick", "--no-ablation", "--lever", "labels", "--lever", "ema", "--lever", "all",
+            "--lever-iterations", "40"]
+    plan = fidelity.build_plan(fidelity.resolve_size(fidelity.parser().parse_args(argv), fidelity.SIZES))
+    by = {s.name: s for s in plan.stages}
+    hard = sorted(n for n in by if n.endswith("-evaluate-hard"))
+    assert hard == ["lever-all-ipc10-evaluate-hard", "lever-labels-ipc10-evaluate-hard"]
+    assert [r["evaluate_hard"] for r in plan.levers] == [None, "lever-labels-ipc10-evaluate-hard", None,
+                                                         "lever-all-ipc10-evaluate-hard"]
+    h = by["lever-labels-ipc10-evaluate-hard"]
+    assert (h.command, h.args, h.product, h.deps, h.requires) == (
+        "evaluate", ("lever-labels-ipc10.h5", "--labels", "hard", "--runs", "2", "--epochs", "100", "--seed", "0",
+                     "--no-save"), "lever-labels-ipc10-hard.json", ("lever-labels-ipc10-distill",), ("--labels",))
+    # The arguments of the stages a benchmark may be running with, as they were before the hard stage came.
+    assert by["lever-labels-ipc10-distill"].args == (
+        "--preset", "fashion-mnist-ipc10", "--learn-labels", "--buffer", "convex-i2-mct.h5", "-o",
+        "lever-labels-ipc10.h5", "--name", "lever-labels-ipc10", "--iterations", "40", "--seed", "0")
+    assert by["lever-labels-ipc10-evaluate"].args == (
+        "lever-labels-ipc10.h5", "--runs", "2", "--epochs", "100", "--baseline", "random", "--baseline-labels",
+        "expert", "--buffer", "convex-i2-mct.h5", "--seed", "0", "--no-save")
+    assert by["lever-labels-ipc10-evaluate"].product == "lever-labels-ipc10.json"
+    assert by["lever-mct-ipc10-evaluate"].args == (
+        "lever-mct-ipc10.h5", "--runs", "2", "--epochs", "100", "--baseline", "random", "--seed", "0", "--no-save")
+    assert by["lever-ema-ipc10-evaluate"].args == (
+        "lever-ema-ipc10.h5", "--runs", "2", "--epochs", "100", "--seed", "0", "--no-save")
+
+    fake = FakeMctool(help_text=KNOWN + " --learn-labels --ema --start-upper-init --labels")
+    assert run(tmp_path, fake, *argv[1:]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    rows = {(r["lever"], r["labels"]): r for r in summary["levers"]}
+    assert [(r["lever"], r["labels"]) for r in summary["levers"]] == [
+        ("mct", "hard"), ("labels", "soft"), ("labels", "hard"), ("ema", "hard"), ("all", "soft"), ("all", "hard")]
+    soft, hard_row = rows[("labels", "soft")], rows[("labels", "hard")]
+    assert (soft["result"]["mean"], soft["random_real"]["mean"], soft["random_real_labels"]) == (86.0, 60.0, "soft")
+    assert soft["gain_over_random"] == 26.0
+    assert (hard_row["result"]["mean"], hard_row["random_real"]["mean"], hard_row["random_real_labels"]) == (
+        80.0, 50.0, "hard")
+    assert hard_row["gain_over_random"] == 30.0 and hard_row["status"] == "done"
+    assert rows[("ema", "hard")]["random_real"]["mean"] == 50.0 and rows[("mct", "hard")]["gain_over_random"] == 32.0
+    assert soft["wall_s_per_iteration"] == hard_row["wall_s_per_iteration"] is not None  # one distillation
+    assert sum("--labels" in c for c in fake.calls) == 2
+    table = fidelity.render(summary)
+    assert "| learned soft labels (DATM) | soft | 10 | 86.00 ± 1.00 | 60.00 ± 2.00 | +26.00 |" in table
+    assert "| learned soft labels (DATM) | hard | 10 | 80.00 ± 1.00 | 50.00 ± 2.00 | +30.00 |" in table
+    # An mctool without `evaluate --labels`: the hard rows say so; the soft ones stand.
+    fake = FakeMctool(help_text=KNOWN + " --learn-labels --ema --start-upper-init")
+    assert run(tmp_path / "older", fake, *argv[1:]) == 0
+    older = json.loads((tmp_path / "older" / "summary.json").read_text())
+    rows = {(r["lever"], r["labels"]): r for r in older["levers"]}
+    assert rows[("labels", "hard")]["result"] is None and rows[("labels", "soft")]["result"] is not None
+    assert rows[("labels", "hard")]["status"].startswith("not available in this mctool: evaluate --labels")

@@ -209,3 +209,89 @@ def test_best_images_are_required_when_asked_for(tmp_path: Path, prepared, data_
     auto = evaluate_file(path, dataclasses.replace(TINY, runs=1, epochs=1), save=False, data_dir=data_dir, device="cpu")
     assert [r.target for r in auto.results] == ["final"] and auto.whole_data_source is None
     assert auto.scores[0].hlr is None
+
+
+# --------------------------------------------------------------------------- --labels hard
+
+
+def test_labels_hard_trains_a_soft_label_synset_on_the_class_of_each_image(tmp_path: Path, prepared, data_dir: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--labels hard`: a soft-label synset's images train on the classes they are stored under, exactly as
+    the same images stored as a hard-label synset do (same seeds); HLR is then defined."""
+    from tests.helpers import Recorder
+
+    x, y = random_real(prepared, 1, seed=11)  # class-major: one image of each class
+    bx, by = random_real(prepared, 1, seed=12)
+    gen = torch.Generator().manual_seed(0)
+    soft = torch.softmax(4 * torch.randn(10, 10, generator=gen), 1)
+    soft_best = torch.softmax(4 * torch.randn(10, 10, generator=gen), 1)
+    away = int((soft.argmax(1) != torch.arange(10)).sum())
+    assert away > 0  # some rows peak elsewhere: the note counts them
+
+    def save(path: Path, labels: torch.Tensor, best_labels: torch.Tensor) -> Path:
+        syn = store.Synset(name="s", images=x, labels=labels, lr=0.02, ipc=1, iterations=4,
+                           experts_reference={"mean": 0.8, "std": 0.01, "experts": 2, "epochs": 4},
+                           best=store.BestImages(images=bx, labels=best_labels, lr=0.03, iteration=2,
+                                                 selected_on="validation", score={"mean": 0.5}))
+        store.save_synset(path, syn, prepared.meta, SPEC, layout_of(SPEC), store.provenance({"ipc": 1}, 0))
+        return path
+
+    soft_file = save(tmp_path / "soft.h5", soft, soft_best)
+    hard_file = save(tmp_path / "hard.h5", y, by)
+    trained: list[torch.Tensor] = []
+    real_train = ev_mod.train_many
+
+    def spy(models, images, labels, *args, **kwargs):
+        trained.append(labels.detach().cpu().clone())
+        return real_train(models, images, labels, *args, **kwargs)
+
+    monkeypatch.setattr(ev_mod, "train_many", spy)
+    cfg = dataclasses.replace(TINY, runs=2, epochs=1)
+    log = Recorder()
+    hard = evaluate_file(soft_file, dataclasses.replace(cfg, labels="hard"), baseline="random", save=False,
+                         data_dir=data_dir, device="cpu", reporter=log)
+    assert [t.tolist() for t in trained[:2]] == [list(range(10))] * 2 and all(t.dtype == torch.int64 for t in trained)
+    assert [(r.kind, r.target, r.labels) for r in hard.results] == [
+        ("synset", "final", "hard"), ("synset", "best", "hard"), ("random-real", "final", "hard")]
+    assert [(s.labels, s.baseline_labels, s.note) for s in hard.scores] == [("hard", "hard", "")] * 2
+    assert hard.scores[0].hlr == pytest.approx(0.8 - hard.results[0].mean)
+    assert any(f"{away} of 10 final images" in line for line in log.lines), log.lines
+    trained.clear()
+    same = evaluate_file(hard_file, cfg, baseline="random", save=False, data_dir=data_dir, device="cpu")
+    assert [r.accuracies for r in same.results] == [r.accuracies for r in hard.results]
+    assert same.results[0].config == dataclasses.asdict(cfg) and hard.results[0].config["labels"] == "hard"
+    # auto (the default): the soft labels the synset stores; no HLR for them.
+    trained.clear()
+    auto = evaluate_file(soft_file, cfg, images="final", save=False, data_dir=data_dir, device="cpu")
+    assert torch.equal(trained[0], soft) and auto.results[0].labels == "soft" and auto.scores[0].hlr is None
+    # --labels hard on a hard-label synset changes nothing.
+    again = evaluate_file(hard_file, dataclasses.replace(cfg, labels="hard"), baseline="random", save=False,
+                          data_dir=data_dir, device="cpu")
+    assert [r.accuracies for r in again.results] == [r.accuracies for r in same.results]
+    with pytest.raises(UsageError, match="--labels must be auto or hard, got 'soft'"):
+        evaluate_file(soft_file, dataclasses.replace(cfg, labels="soft"), data_dir=data_dir, device="cpu")
+
+
+def test_labels_hard_cli_json_and_usage(tmp_path: Path, prepared, data_dir: Path) -> None:
+    from tests.helpers import assert_one_line_error, cli
+
+    x, _ = random_real(prepared, 1, seed=11)
+    soft = torch.full((10, 10), 0.02).fill_diagonal_(0.82)
+    path = tmp_path / "learned.h5"
+    store.save_synset(path, store.Synset(name="s", images=x, labels=soft, lr=0.02, ipc=1), prepared.meta, SPEC,
+                      layout_of(SPEC), store.provenance({}, 0))
+    before = path.read_bytes()
+    base = ("evaluate", path, "--runs", "1", "--epochs", "1", "--data-dir", data_dir, "--device", "cpu", "--quiet",
+            "--no-save")
+    r = cli(*base, "--labels", "hard", "--baseline", "random", "--whole-data", "0.9", "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert [(e["kind"], e["labels"]) for e in doc["results"]] == [("synset", "hard"), ("random-real", "hard")]
+    assert doc["scores"][0]["labels"] == "hard" and doc["scores"][0]["hlr"] is not None
+    r = cli(*base, "--labels", "hard")
+    assert r.exit_code == 0 and "hard" in r.stdout and "soft" not in r.stdout, r.output
+    assert_one_line_error(cli(*base, "--labels", "soft"), 2, "--labels must be auto or hard")
+    # A soft-label (expert) baseline for a hard-label score needs its buffer, as for any synset.
+    assert_one_line_error(cli(*base, "--labels", "hard", "--baseline", "random", "--baseline-labels", "expert"), 2,
+                          "--buffer")
+    assert path.read_bytes() == before

@@ -295,6 +295,17 @@ def test_evaluate_keeps_label_kinds_apart_and_labels_the_baseline_by_the_expert(
     doc = json.loads(r.stdout)
     assert doc["results"][1]["labels"] == "hard"
     assert doc["scores"][0]["baseline_labels"] == "hard" and "not like with like" in doc["scores"][0]["note"]
+    # --labels hard: the same images on the classes they are stored under; the baseline follows (auto: hard).
+    r = cli(*base, "--labels", "hard", "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert [(e["kind"], e["labels"]) for e in doc["results"]] == [("synset", "hard"), ("random-real", "hard")]
+    assert doc["scores"][0]["baseline_labels"] == "hard" and "like with like" not in doc["scores"][0]["note"]
+    assert doc["scores"][0]["hlr"] is not None  # the experts' accuracy is the whole-data reference
+    r = cli(*base, "--labels", "hard", "--baseline-labels", "expert", "--buffer", convex_buffer, "--json")
+    assert r.exit_code == 0, r.output
+    score = json.loads(r.stdout)["scores"][0]
+    assert (score["labels"], score["baseline_labels"]) == ("hard", "soft") and "not like with like" in score["note"]
     r = cli(*base)  # the table shows the label kind per row
     assert r.exit_code == 0 and "labels" in r.stdout and "soft" in r.stdout
     assert_one_line_error(cli(*base, "--baseline-labels", "expert"), 2, "--buffer")

@@ -36,9 +36,14 @@ class EvaluateConfig:
     baseline_labels: str = setting("auto", "Labels of the random-real baseline (--baseline random): hard, expert (the "
                                    "synset's buffer's first expert labels them by the rule learned labels start "
                                    "from: soft, like with like), or auto: expert for a soft-label synset, hard for a "
-                                   "hard-label one.",
+                                   "hard-label one (hard with --labels hard).",
                                    check=one_of("auto", "hard", "expert", words="auto, hard or expert",
                                                 message="{option} must be {words}, got '{value}'"))
+    labels: str = setting("auto", "Labels the networks train on: auto (the synset's own: soft for a soft-label synset) "
+                          "or hard (the class of each image, the images being stored class by class: the hard-label "
+                          "score of a label-learning synset, apart from its soft one; HLR is then defined).",
+                          check=one_of("auto", "hard", words="auto or hard",
+                                       message="{option} must be {words}, got '{value}'"))
 
     def schedule(self, lr: float) -> Schedule:
         """One run's SGD schedule (building it checks the values: one usage line if bad)."""

@@ -9,6 +9,8 @@ with the soft-target cross-entropy, as DATM evaluates them (mctool.training.trai
 Every result says which labels it trained on (`labels`: hard or soft), and the random-real
 baseline can be labelled by the synset's expert with the same rule as learned labels start from
 (`--baseline-labels`, mctool.training.labels), so that the gain compares like with like.
+`--labels hard` trains a soft-label synset's images on the class each belongs to
+(store.image_classes), as the field reports label-learning methods' hard-label results apart.
 """
 
 from __future__ import annotations
@@ -237,14 +239,15 @@ def evaluate_file(file: Path, cfg: EvaluateConfig, name: str | None = None, base
     for m in cfg.models:
         layout_of(spec_for(m, spec))  # unknown or impossible models fail here, before any training
     targets = _targets(images, syn, file)
-    expert_buffer = _baseline_buffer(cfg.baseline_labels, syn, buffer) if baseline == "random" else None
+    soft = syn.soft_labels and cfg.labels == "auto"  # what the synset's networks train on
+    expert_buffer = _baseline_buffer(cfg.baseline_labels, soft, buffer) if baseline == "random" else None
     dev = resolve_device(device)
     expert = None
     if expert_buffer is not None:  # read (and a bad buffer refused) before any training
         with store.open_buffer(expert_buffer) as buf:
             _check_same_data(buf, data, spec)
             expert = expert_predictor(buf, syn.method, dev)
-    elif baseline == "random" and cfg.baseline_labels == "auto" and syn.soft_labels:
+    elif baseline == "random" and cfg.baseline_labels == "auto" and soft:
         reporter.log(f"note: the random-real baseline has hard labels: pass --buffer (the buffer '{syn.name}' was "
                      "distilled from) to label it by the synset's expert, like with like")
     prepared = prepare_like(data, data_dir, dev, reporter)
@@ -253,6 +256,8 @@ def evaluate_file(file: Path, cfg: EvaluateConfig, name: str | None = None, base
         x, y, lr_learned, iteration = ((syn.images, syn.labels, syn.lr, syn.iterations) if target == "final" else
                                        (syn.best.images, syn.best.labels, syn.best.lr, syn.best.iteration))  # type: ignore[union-attr]
         lr = cfg.lr if cfg.lr is not None else lr_learned
+        if not soft:
+            y = _hard(y, syn.ipc, target, reporter)
         for ev in evaluate_set(x, y, lr, prepared, spec, cfg, "synset", reporter):
             ev.target, ev.iteration = target, iteration
             results.append(ev)
@@ -267,18 +272,29 @@ def evaluate_file(file: Path, cfg: EvaluateConfig, name: str | None = None, base
             got = "; ".join(f"{r.model} {r.target if r.kind == 'synset' else r.kind} {r.mean:.4f}" for r in results)
             raise FileBusy(f"{exc} (scores: {got})") from None
     return EvaluateResult(file=str(file), synset=synset, ipc=syn.ipc, lr=cfg.lr if cfg.lr is not None else syn.lr,
-                          results=results, scores=scores(results, whole, syn.soft_labels), experts_reference=reference,
+                          results=results, scores=scores(results, whole, soft), experts_reference=reference,
                           whole_data_source=source,
                           selected_on=syn.best.selected_on if syn.best is not None and "best" in targets else None)
 
 
-def _baseline_buffer(choice: str, syn: store.Synset, buffer: Path | None) -> Path | None:
+def _hard(labels: torch.Tensor, ipc: int, target: str, reporter: Reporter) -> torch.Tensor:
+    """The class of each image (`--labels hard`), with a note when soft labels peak elsewhere."""
+    classes = store.image_classes(labels, ipc)
+    if labels.dim() == 2:
+        away = int((labels.argmax(1) != classes.to(labels.device)).sum())
+        if away:
+            reporter.log(f"note: --labels hard: {away} of {len(classes)} {target} images have soft labels peaking at "
+                         "another class than the one they are stored under (and train on)")
+    return classes
+
+
+def _baseline_buffer(choice: str, soft: bool, buffer: Path | None) -> Path | None:
     """The buffer whose first expert labels the random-real baseline (None: hard labels).
 
     Only a buffer named by --buffer is read (never the path recorded in the synset: nothing
-    outside the named files is opened). auto: the expert's for a soft-label synset when --buffer
-    names its buffer, else hard labels (with a note); expert: --buffer required."""
-    if choice == "hard" or (choice == "auto" and not syn.soft_labels):
+    outside the named files is opened). auto: the expert's when the synset trains on soft labels
+    (`soft`) and --buffer names its buffer, else hard labels (with a note); expert: --buffer required."""
+    if choice == "hard" or (choice == "auto" and not soft):
         return None
     if buffer is None:
         if choice == "auto":

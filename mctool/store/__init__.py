@@ -15,15 +15,16 @@ from mctool.store.files import (FORMAT, FORMAT_VERSION, append, check_writable, 
                                 require_group, rewrite, shown, temporaries, versions, write_atomically)
 from mctool.store.meta import DatasetMeta, read_dataset, read_model, write_dataset, write_model
 from mctool.store.summary import summarize
-from mctool.store.synsets import (BestImages, Checkpoint, Synset, add_evaluations, check_queue, save_synset,
-                                  synset_names)
+from mctool.store.synsets import (BestImages, Checkpoint, Synset, add_evaluations, check_queue, image_classes,
+                                  save_synset, synset_names)
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "STRATEGIES", "BestImages", "Buffer", "Checkpoint", "ConvexInfo", "ConvexMeta",
     "DatasetMeta", "ExpertRows", "ExpertsInfo", "ExpertsReference", "RowLayout", "Synset", "SynsetFile",
     "add_evaluations", "append", "check_queue", "check_writable", "clean_text", "complete", "contents",
     "copy_without_trajectories", "create", "create_buffer",
-    "create_convex", "drop_convex", "ensure_free_space", "final_accuracy", "holding", "now_iso", "open_artifact", "open_buffer",
+    "create_convex", "drop_convex", "ensure_free_space", "final_accuracy", "holding", "image_classes", "now_iso",
+    "open_artifact", "open_buffer",
     "open_synsets", "provenance", "read_convex_meta", "read_dataset", "read_model", "refuse_link", "regrow",
     "require_group",
     "rewrite", "rows_ready", "save_synset", "shown", "summarize", "synset_names", "temporaries", "versions", "write_convex_row",

@@ -116,6 +116,15 @@ class Synset:
         return self.labels.dim() == 2
 
 
+def image_classes(labels: torch.Tensor, ipc: int) -> torch.Tensor:
+    """The class each image of a synset belongs to (int64 [N]): its hard label, or for soft labels
+    [N, classes] the class of its block, images being stored class-major (ipc images of class 0,
+    then class 1, ...: how distill draws and keeps them, with hard or soft labels alike)."""
+    if labels.dim() == 1:
+        return labels
+    return torch.arange(labels.shape[1], device=labels.device).repeat_interleave(ipc)
+
+
 def synset_names(f: h5py.File, path: str | os.PathLike[str] | None = None) -> list[str]:
     """Names of the synthetic sets in the file (a /synsets that is not a group of groups, or a
     name mctool would not write, is refused)."""

@@ -12,7 +12,8 @@ from mctool.cli.render import mean_std, pct, stdout, table
 from mctool.configs.evaluate import EvaluateConfig
 
 EPILOG = ("Examples:\n\n  mctool evaluate synset.h5\n\n  mctool evaluate synset.h5 --runs 3 --epochs 300 --baseline random\n\n"
-          "  mctool evaluate synset.h5 --models ConvNet,ResNet18,VGG11,AlexNet,LeNet,MLP --json")
+          "  mctool evaluate synset.h5 --models ConvNet,ResNet18,VGG11,AlexNet,LeNet,MLP --json\n\n"
+          "  mctool evaluate learned.h5 --labels hard --baseline random")
 
 
 def _signed(v: float | None, std: float | None = None, runs: int = 2) -> str:
@@ -43,7 +44,7 @@ def evaluate(
     name: Optional[str] = typer.Option(None, "--name", help="Synset to evaluate (default: the only or latest one)."),
     images: str = typer.Option("auto", "--images", help="final, best (kept by distill --eval-every), both, or auto: both when the synset keeps best images."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="'random': also evaluate ipc random real images per class on the same protocol (gives the gain)."),
-    buffer: Optional[Path] = typer.Option(None, "--buffer", help="The buffer the synset was distilled from: its first expert labels the random-real baseline for --baseline-labels expert (auto: for a soft-label synset)."),
+    buffer: Optional[Path] = typer.Option(None, "--buffer", help="The buffer the synset was distilled from: its first expert labels the random-real baseline for --baseline-labels expert (auto: when the synset trains on soft labels, i.e. not with --labels hard)."),
     whole_data: Optional[float] = typer.Option(None, "--whole-data", help="Test accuracy of the architecture trained on the whole training set (fraction or %), for HLR (default: the experts' final accuracy stored with the synset)."),
     save: bool = typer.Option(True, "--save/--no-save", help="Store the results with the synset."),
     data_dir: Optional[Path] = DataDirOpt,
