@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mctool import presets
-from mctool.configs.choices import DEFAULT_STRATEGY, MODES, POLICIES
+from mctool.configs.choices import DEFAULT_STRATEGY, MODES, OPS, POLICIES, augment_problem
 from mctool.core.errors import UsageError
 from mctool.core.settings import (Check, above, at_least, between, first_problem, one_of, option_name, preset_keys,
                              required_keys, setting)
@@ -17,6 +17,8 @@ DEFAULT_EVAL_SHARE = 0.1  # runs without a preset keep their best images; evalua
 AUTO_SELECT_MIN_ITERATIONS = 20  # shorter runs keep their final images unless --eval-every asks
 
 # --micro-batch: "auto" or a whole number of images (0 = whole steps).
+# --augment: DSA ops joined by '_' (checked before any data is loaded; the words name the ops).
+_AUGMENT = Check(lambda v: augment_problem(v) is None, f"a DSA strategy (ops {', '.join(OPS)} joined by '_', or none)")
 _MICRO_BATCH = Check(lambda v: v == "auto" or v.isdigit(), "auto or a whole number >= 0")
 
 
@@ -88,7 +90,7 @@ class DistillConfig:
                               preset=True, legacy=2.0, check=at_least(0, "a number >= 0"))
     momentum_label: float = setting(0.9, "Momentum of the learned label logits.", preset=True, legacy=0.9,
                                   check=between(0, 1, top_open=True))
-    augment: str = setting(DEFAULT_STRATEGY, "DSA ops joined by '_', or none.")
+    augment: str = setting(DEFAULT_STRATEGY, "DSA ops joined by '_', or none.", check=_AUGMENT)
     micro_batch: str = setting("auto", "Compute each inner step in chunks of N images: the same result up to float "
                                "rounding, peak memory set by N instead of the number of images. auto (default): "
                                "whole steps when they fit the device's free memory, else the largest N that fits; 0: "
