@@ -276,7 +276,8 @@ def add_levers(plan: Plan, convex_stage: str) -> None:
             plan.stages.append(Stage(f"{key}-evaluate", "evaluate",
                                      (f"{key}.h5", "--runs", str(size.abl_eval_runs), "--epochs",
                                       str(size.abl_eval_epochs), *baseline, "--seed", SEED, "--no-save"),
-                                     f"{key}.json", deps=(f"{key}-distill",), capture=True))
+                                     f"{key}.json", deps=(f"{key}-distill",), capture=True,
+                                     requires=("--baseline-labels",) if learns_labels(name) else ()))
             hard = None
             if learns_labels(name):  # the same images, hard labels: a stage of its own (the others' arguments kept)
                 hard = f"{key}-evaluate-hard"
@@ -391,14 +392,17 @@ def summarize_levers(plan: Plan, pipeline: Pipeline, status: Any) -> list[dict[s
             scored.append(("hard", row["evaluate_hard"]))
         for labels, stage in scored:
             ev = result(stage)
-            syn = _pct(_kind(ev, "synset"))
+            got = (_kind(ev, "synset") or {}).get("labels", "hard")  # what the networks really trained on
+            wrong = ev is not None and got != labels  # e.g. an mctool that ignored --labels: not this row's score
+            syn = None if wrong else _pct(_kind(ev, "synset"))
             base = _kind(ev, "random-real") if labels == "soft" else hard_random.get(row["ipc"])
             rnd = _pct(base)
             out.append({"lever": row["lever"], "ipc": row["ipc"], "labels": labels, "iterations": row["iterations"],
                         "result": syn, "random_real": rnd,
                         "random_real_labels": None if base is None else base.get("labels", "hard"),
                         "gain_over_random": round(syn["mean"] - rnd["mean"], 2) if syn and rnd else None,
-                        "wall_s_per_iteration": per, "status": status(stage)})
+                        "wall_s_per_iteration": per,
+                        "status": f"trained on {got} labels, not {labels}" if wrong else status(stage)})
     return out
 
 

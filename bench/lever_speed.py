@@ -11,8 +11,8 @@ includes one-time costs (both are listed).
     OMP_NUM_THREADS=1 python bench/lever_speed.py BUFFER --preset P --lever ema --lever window
 
 A setting is `key=value,key=value` in DistillConfig keys (the options' names with '_'), or a
-named lever from LEVERS (the hook where new levers — the learned labels' options once merged —
-add their row). Results: a table, and JSON with --out.
+named lever from LEVERS (the hook where a new lever adds its row). Results: a table, and JSON
+with --out.
 """
 
 from __future__ import annotations
@@ -31,15 +31,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mctool import store  # noqa: E402
 from mctool.distill import Distiller, ExpertSource, initial_state, resolve_config  # noqa: E402
 from mctool.data.prepared import prepare_like  # noqa: E402
+from mctool.training.labels import expert_predictor  # noqa: E402
 
-# Named lever settings (DistillConfig overrides); a new lever adds one line. The learned soft
-# labels (branch `labels`) add theirs here once merged, e.g. "labels": {"learn_labels": True}.
+# Named lever settings (DistillConfig overrides); a new lever adds one line.
 LEVERS: dict[str, dict[str, Any]] = {
     "mct": {},
     "window": {"min_start_epoch": 0.0, "start_upper_init": 1.0, "start_upper_iterations": 1000},
     "ema": {"ema": 0.999},
     "batch-syn-100": {"batch_syn": 100},
     "batch-syn-250": {"batch_syn": 250},
+    "labels": {"learn_labels": True},
+    "all": {"min_start_epoch": 0.0, "start_upper_init": 1.0, "start_upper_iterations": 1000, "ema": 0.999,
+            "learn_labels": True},
 }
 
 
@@ -61,7 +64,8 @@ def time_setting(buf: store.Buffer, prepared: Any, preset: str | None, overrides
                  iterations: int) -> dict[str, Any]:
     """CPU and wall seconds of each of `iterations` iterations of this setting."""
     cfg = resolve_config(preset, overrides, buf)
-    state = initial_state(cfg, prepared, torch.Generator().manual_seed(cfg.seed))
+    expert = expert_predictor(buf, cfg.method, prepared.train_x.device) if cfg.learn_labels else None  # as distill
+    state = initial_state(cfg, prepared, torch.Generator().manual_seed(cfg.seed), expert=expert)
     state.queues = [[]]
     d = Distiller(cfg, buf.spec, ExpertSource(buf, cfg.method, prepared.train_x.device), prepared, state,
                   torch.Generator().manual_seed(cfg.seed + 1))

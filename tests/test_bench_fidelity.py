@@ -28,6 +28,7 @@ class FakeMctool:
         self.calls: list[list[str]] = []
         self.interrupt_at = interrupt  # first call whose argv contains this string exits 130
         self.help_text, self.reject = help_text, reject
+        self.ignores_labels = False  # an mctool that lists --labels but trains on the stored labels anyway
 
     def help(self, command: str) -> str:
         return self.help_text
@@ -58,7 +59,7 @@ class FakeMctool:
             base = {1: 0.70, 10: 0.82, 50: 0.86}[ipc] + (0.01 if "interior-0" in argv[1] else 0.0)
             # A learned-label synset scores soft (+0.04) unless evaluated with --labels hard (-0.02).
             learned = any(f"lever-{n}-" in argv[1] for n in ("labels", "all"))
-            hard = not learned or "--labels" in argv
+            hard = not learned or ("--labels" in argv and not self.ignores_labels)
             base += 0.0 if not learned else -0.02 if hard else 0.04
             res = [{"kind": "synset", "model": "ConvNet", "mean": base, "std": 0.01, "accuracies": [base - 0.01, base + 0.01],
                     "epochs": int(argv[argv.index("--epochs") + 1]), "labels": "hard" if hard else "soft"}]
@@ -391,7 +392,8 @@ def test_label_levers_are_scored_with_hard_and_soft_labels_apart(tmp_path: Path)
     assert by["lever-ema-ipc10-evaluate"].args == (
         "lever-ema-ipc10.h5", "--runs", "2", "--epochs", "100", "--seed", "0", "--no-save")
 
-    fake = FakeMctool(help_text=KNOWN + " --learn-labels --ema --start-upper-init --labels")
+    both = KNOWN + " --learn-labels --ema --start-upper-init --labels --baseline-labels"
+    fake = FakeMctool(help_text=both)
     assert run(tmp_path, fake, *argv[1:]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     rows = {(r["lever"], r["labels"]): r for r in summary["levers"]}
@@ -410,9 +412,17 @@ def test_label_levers_are_scored_with_hard_and_soft_labels_apart(tmp_path: Path)
     assert "| learned soft labels (DATM) | soft | 10 | 86.00 ± 1.00 | 60.00 ± 2.00 | +26.00 |" in table
     assert "| learned soft labels (DATM) | hard | 10 | 80.00 ± 1.00 | 50.00 ± 2.00 | +30.00 |" in table
     # An mctool without `evaluate --labels`: the hard rows say so; the soft ones stand.
-    fake = FakeMctool(help_text=KNOWN + " --learn-labels --ema --start-upper-init")
+    fake = FakeMctool(help_text=KNOWN + " --learn-labels --ema --start-upper-init --baseline-labels")
     assert run(tmp_path / "older", fake, *argv[1:]) == 0
     older = json.loads((tmp_path / "older" / "summary.json").read_text())
     rows = {(r["lever"], r["labels"]): r for r in older["levers"]}
     assert rows[("labels", "hard")]["result"] is None and rows[("labels", "soft")]["result"] is not None
     assert rows[("labels", "hard")]["status"].startswith("not available in this mctool: evaluate --labels")
+    # An mctool that lists --labels but trains on soft labels anyway: its "hard" rows are not hard scores.
+    fake = FakeMctool(help_text=both)
+    fake.ignores_labels = True
+    assert run(tmp_path / "ignoring", fake, *argv[1:]) == 0
+    ignoring = json.loads((tmp_path / "ignoring" / "summary.json").read_text())
+    rows = {(r["lever"], r["labels"]): r for r in ignoring["levers"]}
+    assert rows[("labels", "hard")]["result"] is None and rows[("labels", "soft")]["result"] is not None
+    assert rows[("labels", "hard")]["status"] == "trained on soft labels, not hard"

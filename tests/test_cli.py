@@ -252,6 +252,7 @@ def test_experts_bad_settings_are_refused_before_any_file_is_written(tmp_path: P
     (["evaluate", "--lr", "nan"], "--lr must be a finite number > 0, got nan"),
     (["evaluate", "--seed", "-1"], "--seed must be in 0"),
     (["evaluate", "--baseline-labels", "soft"], "--baseline-labels must be auto, hard or expert, got 'soft'"),
+    (["evaluate", "--labels", "soft"], "--labels must be auto or hard, got 'soft'"),
     (["convexify", "--interior", "-1"], "--interior must be >= 0, got -1"),
     (["convexify", "--beta", "nope"], "unknown --beta 'nope'"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
@@ -259,6 +260,13 @@ def test_evaluate_and_convexify_refuse_bad_settings_before_opening_the_file(tmp_
                                                                             message: str) -> None:
     missing = tmp_path / "missing.h5"  # the settings are refused before the file is looked at
     assert_one_line_error(cli(args[0], missing, *args[1:]), 2, message)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_distill_refuses_an_unknown_dsa_op_before_reading_the_buffer(tmp_path: Path) -> None:
+    r = cli("distill", "--buffer", tmp_path / "missing.h5", "-o", tmp_path / "s.h5", "--ipc", "1",
+            "--augment", "crop_foo")
+    assert_one_line_error(r, 2, "--augment must be a DSA strategy: unknown augmentation op 'foo' in strategy 'crop_foo'")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -296,7 +296,7 @@ def summary() -> dict[str, Any]:
                      "evaluations": [{"kind": "synset", "model": "ConvNet", "accuracies": [0.5], "mean": 0.5,
                                       "std": 0.0, "epochs": 3, "iteration": 3},
                                      {"kind": "random-real", "model": "ConvNet", "accuracies": [0.3, 0.5],
-                                      "mean": 0.4, "std": 0.1, "epochs": 3}],
+                                      "mean": 0.4, "std": 0.1, "epochs": 3, "labels": "soft"}],
                      "has_checkpoint": True, "grad": "constant", "image_grad_units": "released",
                      "best": {"iteration": 3, "lr": 0.02, "selected_on": "test", "score": {"mean": float("nan")}}}],
         "storage": {"full_bytes_per_expert": 84840, "file_bytes_per_expert": 4096.0, "file_size_per_expert": 6172.5,
@@ -313,8 +313,9 @@ def test_inspect_renders_the_summary(monkeypatch: pytest.MonkeyPatch) -> None:
                  "10.0% -> 80.0%", "waypoints at [0, 2, 4] (I = 1)", "beta range [0, 2]", "ratio 1.66x",
                  "synset '[bold]x'", "3/5 iterations (checkpoint: resumable)", "selected on the TEST split",
                  "evaluation ConvNet: 50.0% (n = 1), 3 epochs of iteration 3",
-                 "evaluation ConvNet: 40.0% ± 10.0% over 2 runs, 3 epochs, random real images (baseline)"):
+                 "evaluation ConvNet: 40.0% ± 10.0% over 2 runs, 3 epochs, random real images (baseline), soft labels"):
         assert text in r.stdout, text
+    assert "iteration 3, hard labels" not in r.stdout  # a record from before --labels says nothing of them
 
 
 def test_inspect_json_is_the_summary(monkeypatch: pytest.MonkeyPatch) -> None:

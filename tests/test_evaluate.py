@@ -295,3 +295,12 @@ def test_labels_hard_cli_json_and_usage(tmp_path: Path, prepared, data_dir: Path
     assert_one_line_error(cli(*base, "--labels", "hard", "--baseline", "random", "--baseline-labels", "expert"), 2,
                           "--buffer")
     assert path.read_bytes() == before
+    # An imported soft-label set's order is its maker's: which class each image was made for is unknown.
+    imported = tmp_path / "imported.h5"
+    store.save_synset(imported, store.Synset(name="s", images=x, labels=soft, lr=0.02, ipc=1, method="imported"),
+                      prepared.meta, SPEC, layout_of(SPEC), store.provenance({}, 0))
+    before = imported.read_bytes()
+    args = ("evaluate", imported, *base[2:])
+    assert_one_line_error(cli(*args, "--labels", "hard"), 2, "was imported with soft labels")
+    assert cli(*args).exit_code == 0  # its soft labels, as stored, still train
+    assert imported.read_bytes() == before

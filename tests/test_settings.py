@@ -30,7 +30,7 @@ DISTILL_WORDS = {
     "second_order": "one of auto, fastgrad, autograd", "select_on": "validation or test",
     "min_start_epoch": ">= 0", "start_upper_init": ">= 0 (0 = off)", "start_upper_iterations": ">= 0",
     "ema": "in [0, 1) (0 = off)", "lr_label": "a number >= 0", "momentum_label": "in [0, 1)",
-    "augment": "a DSA strategy (ops color, crop, cutout, flip, scale, rotate joined by '_', or none)"}
+    "augment": "a DSA strategy"}
 NUMERIC = [k for k in DISTILL_WORDS if isinstance(getattr(DistillConfig(), k), (int, float))]
 
 
@@ -53,11 +53,18 @@ def test_nan_fails_every_numeric_check(key: str) -> None:
 
 @pytest.mark.parametrize("key,bad", [("ipc", 0), ("lr_img", -1.0), ("momentum_img", 1.0), ("seed", 2**63),
                                      ("seed", -1), ("method", "x"), ("grad", "exact"), ("micro_batch", "-1"),
-                                     ("second_order", "x"), ("select_on", "train"), ("pix_init", "zeros"),
-                                     ("augment", "crop_foo")])
+                                     ("second_order", "x"), ("select_on", "train"), ("pix_init", "zeros")])
 def test_a_bad_value_gives_the_one_liner(key: str, bad: object) -> None:
     cfg = dataclasses.replace(DistillConfig(), **{key: bad})
     assert cfg.problem() == (key, f"must be {DISTILL_WORDS[key]}, got {bad!r}")
+
+
+def test_a_bad_augment_names_the_unknown_op() -> None:
+    cfg = dataclasses.replace(DistillConfig(), augment="crop_foo")
+    assert cfg.problem() == ("augment", "must be a DSA strategy: unknown augmentation op 'foo' in strategy "
+                                        "'crop_foo'; known ops: color, crop, cutout, flip, scale, rotate (joined by "
+                                        "'_'), or 'none'")
+    assert dataclasses.replace(DistillConfig(), augment="none").problem() is None
 
 
 def test_wrong_types_fail_instead_of_raising() -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mctool import presets
-from mctool.configs.choices import DEFAULT_STRATEGY, MODES, OPS, POLICIES, augment_problem
+from mctool.configs.choices import DEFAULT_STRATEGY, MODES, POLICIES, augment_problem
 from mctool.core.errors import UsageError
 from mctool.core.settings import (Check, above, at_least, between, first_problem, one_of, option_name, preset_keys,
                              required_keys, setting)
@@ -17,8 +17,10 @@ DEFAULT_EVAL_SHARE = 0.1  # runs without a preset keep their best images; evalua
 AUTO_SELECT_MIN_ITERATIONS = 20  # shorter runs keep their final images unless --eval-every asks
 
 # --micro-batch: "auto" or a whole number of images (0 = whole steps).
-# --augment: DSA ops joined by '_' (checked before any data is loaded; the words name the ops).
-_AUGMENT = Check(lambda v: augment_problem(v) is None, f"a DSA strategy (ops {', '.join(OPS)} joined by '_', or none)")
+# --augment: DSA ops joined by '_', checked before any data is loaded; the message is the one DSA
+# gives (it names the unknown op), after distill's "--augment must be a DSA strategy:".
+_AUGMENT = Check(lambda v: augment_problem(v) is None, "a DSA strategy",
+                 lambda v: f"must be a DSA strategy: {augment_problem(v)}")
 _MICRO_BATCH = Check(lambda v: v == "auto" or v.isdigit(), "auto or a whole number >= 0")
 
 

@@ -88,7 +88,7 @@ def initial_state(cfg: DistillConfig, prepared: Prepared, generator: torch.Gener
     replaced by ones of the same class it gets right, and the label logits are its logits."""
     m = prepared.meta
     n = cfg.ipc * m.num_classes
-    labels = torch.arange(m.num_classes).repeat_interleave(cfg.ipc)
+    labels = store.class_major_labels(m.num_classes, cfg.ipc)
     device = prepared.train_x.device
     if cfg.pix_init == "noise":
         images = torch.randn(n, m.channels, m.height, m.width, generator=generator)

@@ -240,6 +240,10 @@ def evaluate_file(file: Path, cfg: EvaluateConfig, name: str | None = None, base
         layout_of(spec_for(m, spec))  # unknown or impossible models fail here, before any training
     targets = _targets(images, syn, file)
     soft = syn.soft_labels and cfg.labels == "auto"  # what the synset's networks train on
+    if cfg.labels == "hard" and syn.soft_labels and syn.method.startswith("imported"):
+        # A distilled set is stored class by class; an imported soft-label set's order is its maker's.
+        raise UsageError(f"--labels hard: synset '{syn.name}' was imported with soft labels, so the class each "
+                         "image was made for is not known (mctool keeps that order only for sets it distils)")
     expert_buffer = _baseline_buffer(cfg.baseline_labels, soft, buffer) if baseline == "random" else None
     dev = resolve_device(device)
     expert = None

@@ -53,7 +53,7 @@ from typing import Any, BinaryIO
 import torch
 
 from mctool import __version__
-from mctool.store import DatasetMeta, clean_text, now_iso, shown
+from mctool.store import DatasetMeta, class_major_labels, clean_text, now_iso, shown
 from mctool.store.files import _is_link
 from mctool.store.folders import Stage, staged_folder
 from mctool.data.datasets import Preprocessing
@@ -345,7 +345,7 @@ def _labels_kind(labels: torch.Tensor) -> str:
 def _class_major(syn: SynsetData) -> bool:
     if _labels_kind(syn.labels) != "hard" or syn.ipc < 1:
         return False
-    expected = torch.arange(syn.meta.num_classes).repeat_interleave(syn.ipc)
+    expected = class_major_labels(syn.meta.num_classes, syn.ipc)
     return syn.labels.shape == expected.shape and bool(torch.equal(syn.labels.cpu(), expected))
 
 

@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 import torch
 
+from mctool import store
 from mctool.core.errors import UsageError
 from mctool.interop.export import EXPORT_FORMAT, EXPORT_VERSION, META_NAME, _sha256
 from mctool.interop.torchfile import LoadedTensor, TensorRef, TorchFileError, open_torch_file
@@ -475,7 +476,7 @@ def _labels(found: Found, n: int, classes: int, notes: list[str]) -> torch.Tenso
     if found.labels is None:
         notes.append(f"no labels file beside {found.images.name}: class-major labels (ipc images of class 0, then "
                      "class 1, ...), as MTT, MCT and DD-Ranking build them")
-        return torch.arange(classes).repeat_interleave(n // classes)
+        return store.class_major_labels(classes, n // classes)
     path = found.labels
 
     def labels_ok(shape: tuple[int, ...], dtype: torch.dtype) -> None:

@@ -15,13 +15,14 @@ from mctool.store.files import (FORMAT, FORMAT_VERSION, append, check_writable, 
                                 require_group, rewrite, shown, temporaries, versions, write_atomically)
 from mctool.store.meta import DatasetMeta, read_dataset, read_model, write_dataset, write_model
 from mctool.store.summary import summarize
-from mctool.store.synsets import (BestImages, Checkpoint, Synset, add_evaluations, check_queue, image_classes,
+from mctool.store.synsets import (BestImages, Checkpoint, Synset, add_evaluations, check_queue, class_major_labels,
+                                  image_classes,
                                   save_synset, synset_names)
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "STRATEGIES", "BestImages", "Buffer", "Checkpoint", "ConvexInfo", "ConvexMeta",
     "DatasetMeta", "ExpertRows", "ExpertsInfo", "ExpertsReference", "RowLayout", "Synset", "SynsetFile",
-    "add_evaluations", "append", "check_queue", "check_writable", "clean_text", "complete", "contents",
+    "add_evaluations", "append", "check_queue", "check_writable", "class_major_labels", "clean_text", "complete", "contents",
     "copy_without_trajectories", "create", "create_buffer",
     "create_convex", "drop_convex", "ensure_free_space", "final_accuracy", "holding", "image_classes", "now_iso",
     "open_artifact", "open_buffer",

@@ -116,13 +116,19 @@ class Synset:
         return self.labels.dim() == 2
 
 
+def class_major_labels(classes: int, ipc: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Hard labels of a class-major set (int64 [classes · ipc]): ipc images of class 0, then class 1, …
+    (how distill draws and keeps its images, and how MTT, MCT and DD-Ranking lay out theirs)."""
+    return torch.arange(classes, device=device).repeat_interleave(ipc)
+
+
 def image_classes(labels: torch.Tensor, ipc: int) -> torch.Tensor:
     """The class each image of a synset belongs to (int64 [N]): its hard label, or for soft labels
-    [N, classes] the class of its block, images being stored class-major (ipc images of class 0,
-    then class 1, ...: how distill draws and keeps them, with hard or soft labels alike)."""
+    [N, classes] the class of its block, images being stored class-major (a distilled synset,
+    with hard or soft labels alike; an imported soft-label set's order is not known)."""
     if labels.dim() == 1:
         return labels
-    return torch.arange(labels.shape[1], device=labels.device).repeat_interleave(ipc)
+    return class_major_labels(labels.shape[1], ipc, labels.device)
 
 
 def synset_names(f: h5py.File, path: str | os.PathLike[str] | None = None) -> list[str]:

@@ -105,13 +105,15 @@ def overview(s: dict[str, Any]) -> Tree:
 
 def _evaluated_what(ev: dict) -> str:
     """Which images an evaluation trained on, and where it was scored."""
+    # Evaluations stored since `evaluate --labels` say which labels they trained on: hard and soft apart.
+    labels = f", {ev['labels']} labels" if ev.get("labels") in ("hard", "soft") else ""
     if ev.get("kind") == "random-real":
-        return ", random real images (baseline)"
+        return f", random real images (baseline){labels}"
     what = f", {ev.get('target', 'final')} images" if ev.get("target") == "best" else ""
     what += f" of iteration {ev['iteration']}" if "iteration" in ev else ""
     if ev.get("split", "test") != "test":
         what += f", on the {escape(str(ev['split']))} split"
-    return what
+    return what + labels
 
 
 def inspect(
