@@ -24,6 +24,16 @@ Method: successive halving on learning curves, in two brackets (docs: README, "-
   allows at all), work whose estimate would not fit is skipped (and said), and a watchdog stops
   whatever still runs when the budget is spent: the search ends by `--tune-minutes`, give or
   take one evaluation epoch or iteration. Interrupted, it writes the best settings so far.
+* The final run (unless --tune-only) continues the winner: the winner's run is a prefix of it
+  (the same settings but its length and evaluations, the same seed and validation split), so it
+  goes on from the winner's checkpoint — the same images, bit for bit on the CPU, as starting
+  over — and records the search's scores of the starting images and of the winner's images when
+  they were measured its way (the final run's networks the first of the search's); otherwise it
+  starts over, and says why. Its predicted time (the iterations after the winner's, its
+  evaluations, its start-up: measured costs) is kept inside the budget when it is at most a third
+  of it: the plan fits the search and that run together, and while each rung runs the longest
+  final run it could end with is held back from the search (the watchdog's deadline moves with
+  it). A longer final run comes after the search; the plan line says how long.
 * The closing notes name a likely cause from what was measured: the starting images best at
   every horizon (with the experts' accuracy against them: weak experts, or an lr too large
   when the smallest lr tried came closest), a curve still rising at the last horizon (more
@@ -459,7 +469,7 @@ class _Search:
         if self.final is None:
             return
         runs = [self.final(c, horizon) for c in alive]
-        if self.leader is not None and alive != [self.leader]:
+        if self.leader is not None and not (len(alive) == 1 and alive[0] is self.leader):
             runs.append(self.final(self.leader, self.leader.reached))
         self.hold = max(runs, default=0.0)
         self.watch.deadline = self.started + self.budget - self.hold
@@ -729,14 +739,15 @@ def tune_prepared(base: DistillConfig, buffer: store.Buffer, prepared: Prepared,
 
 def _tune(base: DistillConfig, buffer: store.Buffer, prepared: Prepared, tcfg: TuneConfig,
           fixed: set[str] | frozenset[str], reporter: Reporter, final: DistillConfig | None,
-          workdir: Path) -> tuple[TuneResult, Handoff | None]:
-    """`tune_prepared`, its candidates' files in `workdir`; also what the final run may take over."""
+          workdir: Path, started: float | None = None) -> tuple[TuneResult, Handoff | None]:
+    """`tune_prepared`, its candidates' files in `workdir`, its budget counted from `started` (default:
+    now); also what the final run may take over."""
     tcfg.validate()
     base.validate()
     check_buffer_matches(base, buffer)
     if base.iterations < 1:
         raise UsageError("--tune needs --iterations >= 1: the length of the run it tunes")
-    started = _now()
+    started = _now() if started is None else started
     budget = 60.0 * tcfg.minutes
     size = tuning_val_size(prepared.train_y.numel(), prepared.meta.num_classes, tcfg.val_size)
     data, val = split_for_tuning(prepared, size, tcfg.seed)
@@ -1074,6 +1085,7 @@ def run(preset: str | None, overrides: dict[str, Any], buffer: Path, out: Path, 
     from mctool.core.device import resolve_device
     from mctool.data.prepared import prepare_like
 
+    begun = _now()  # the budget counts from here: opening the buffer and preparing the data are part of it
     if dist.world_size() > 1:
         raise UsageError("--tune runs in one process: start it without torchrun, then distil with --preset FILE "
                          "under torchrun")
@@ -1099,7 +1111,8 @@ def run(preset: str | None, overrides: dict[str, Any], buffer: Path, out: Path, 
             try:
                 # --val-size, when given, holds out the same split for the search as for the final run.
                 searched = dataclasses.replace(tcfg, seed=cfg.seed, val_size=tcfg.val_size or cfg.val_size)
-                result, handoff = _tune(cfg, buf, prepared, searched, set(given), reporter, final, Path(tmp))
+                result, handoff = _tune(cfg, buf, prepared, searched, set(given), reporter, final, Path(tmp),
+                                        begun)
             except TuneInterrupted as exc:
                 if exc.result.best_index >= 0:
                     exc.result.preset = str(write_result_preset(exc.result, path))
