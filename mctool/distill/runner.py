@@ -328,8 +328,12 @@ def selection_notes(summary: dict[str, Any], state: State, seconds: float) -> li
              else f"every {summary['every']} iterations, --eval-every")
     reused = (f"; {summary['reused']} more reused, measured by {summary['reused_by']}" if summary.get("reused")
               else "")
-    notes = [f"selection on {split}: {summary['evaluations']} evaluation(s) took {duration(summary['seconds'])}, "
-             f"{100 * summary['share']:.0f} % of this run's {duration(seconds)} ({bound}{reused})"]
+    if summary["evaluations"] or not summary.get("reused"):
+        notes = [f"selection on {split}: {summary['evaluations']} evaluation(s) took {duration(summary['seconds'])}, "
+                 f"{100 * summary['share']:.0f} % of this run's {duration(seconds)} ({bound}{reused})"]
+    else:
+        notes = [f"selection on {split}: no evaluation needed: {summary['reused']} reused, measured by "
+                 f"{summary['reused_by']}"]
     best = state.best
     if best is not None and best.iteration == 0 and state.iteration > 0:
         later = [e for e in state.evaluations if e.get("kind") == "synset" and e.get("split") == split
@@ -410,8 +414,9 @@ def run_prepared(cfg: DistillConfig, buffer: store.Buffer, out: Path, prepared: 
     if continuation is not None and (pool is None or not torch.equal(pool.cpu(), continuation.keep.cpu())
                                      or dist.world_size() != len(continuation.state.generators)):
         # Not the same training images to start from (another validation split, or none): not a prefix.
-        notes.append(f"note: {continuation.what} started from other training images than this run (another "
-                     "validation split): the run starts over")
+        why = "another validation split" if pool is not None else "this run holds out no validation split"
+        notes.append(f"note: {continuation.what} started from other training images than this run ({why}): the "
+                     "run starts over")
         reporter.log(notes[-1])
         continuation = None
     if cfg.select_on != "test":
