@@ -422,6 +422,44 @@ def test_the_budget_is_kept_on_a_clock_that_counts_work(convex_buffer: Path, dat
     assert any("of the full run's 2000 iterations" in n for n in result.notes)
 
 
+@pytest.mark.parametrize("full", [30, 2000])
+def test_a_short_final_run_is_kept_inside_the_budget(convex_buffer: Path, data_dir: Path,
+                                                     monkeypatch: pytest.MonkeyPatch, full: int) -> None:
+    """On a clock that counts work: when the final run is short (the iterations after the winner's
+    and its evaluations, predicted from the measured costs), the search and that run end within
+    the budget plus one evaluation, and the plan line says what it kept; when it is long, nothing
+    is kept and the plan line gives its predicted time instead."""
+    from mctool.distill import tune as tune_mod
+
+    budget_s = 400.0
+    ticks = [0.0]
+
+    def clock() -> float:
+        ticks[0] += 1.0
+        return ticks[0]
+
+    monkeypatch.setattr(tune_mod, "_now", clock)
+    log = _Lines()
+    with store.open_buffer(convex_buffer) as buf:
+        base = resolve_config(None, {"ipc": 2, "syn_steps": 2, "iterations": full, "seed": 3, "eval_epochs": 2,
+                                     "eval_share": 0.1}, buf)
+        prepared = prepare_like(buf.data, data_dir, torch.device("cpu"))
+        tcfg = TuneConfig(minutes=budget_s / 60, eval_runs=2, eval_epochs=2, seed=3)
+        result = tune_prepared(base, buf, prepared, tcfg, set(), log.reporter, final=base)
+    plan_line = next(line for line in log.lines if "s per evaluation →" in line)
+    win = result.candidates[result.best_index]
+    p = result.probe
+    t_eval = p["seconds_per_evaluation"]
+    per_iteration = p["seconds_per_iteration"] * win.values["syn_steps"] / p["syn_steps"]
+    final_s = tune_mod.final_seconds(base, win.reached, per_iteration, t_eval * 1 / 2, p["seconds_startup"], True)
+    if full == 30:
+        assert result.plan["reserve_s"] > 0 and "kept for the final run" in plan_line, plan_line
+        assert result.seconds + final_s <= budget_s + t_eval, (result.seconds, final_s)
+    else:
+        assert result.plan["reserve_s"] == 0 and "the final run then takes about" in plan_line, plan_line
+        assert result.seconds <= budget_s + t_eval
+
+
 def test_a_tiny_real_budget_is_kept(convex_buffer: Path, data_dir: Path) -> None:
     """Wall time: a 4-second budget on a 1000-iteration run ends within the budget and one
     evaluation, on however busy a machine (the watchdog stops what runs over); on a machine so

@@ -820,9 +820,10 @@ def _tune(base: DistillConfig, buffer: store.Buffer, prepared: Prepared, tcfg: T
                 return final_seconds(final, top, t_iteration, per_eval, search.t_startup, reuse0)
 
             predicted = final_top(plan.top)
-            if predicted <= FINAL_SHARE * left:
-                plan = plan_search(PLAN_SHARE * left, t_iteration, t_eval + search.t_startup, free, full,
-                                   tcfg.iterations, final_top)
+            kept = plan_search(PLAN_SHARE * left, t_iteration, t_eval + search.t_startup, free, full, tcfg.iterations,
+                               final_top)
+            if kept.fits and kept.reserve_s <= FINAL_SHARE * left:
+                plan = kept
                 search.final = final_time
                 final_line = (f", {duration(plan.reserve_s)} of it kept for the final run ({full - plan.top} "
                               f"iteration(s) after the winner's {plan.top}, and its evaluations)")
