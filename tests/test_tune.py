@@ -265,21 +265,24 @@ class _Lines:
         self.reporter = Keep()
 
 
+@pytest.mark.parametrize("levers", [{}, {"ema": 0.6, "start_upper_init": 0.5, "start_upper_iterations": 20}],
+                         ids=["mct", "ema-and-growing-window"])
 def test_the_final_run_continues_the_winner_exactly_as_a_restart(tmp_path: Path, convex_buffer: Path,
-                                                                 data_dir: Path) -> None:
+                                                                 data_dir: Path, levers: dict) -> None:
     """Issue 23: --tune's final run goes on from the winning candidate's checkpoint (its run is a
     prefix of the final one: same settings, seed and validation split) and reuses the search's
     scores of the starting images and of the winner's images (the same protocol: the first of the
     search's two networks is the final run's one). Continuing equals the restart that
     `distill --preset` makes, bit for bit on the CPU — both computed here, never against stored
-    numbers —: the same images, step size, losses, and the same scores at iterations 0 and 24."""
+    numbers —: the same images, step size, losses, and the same scores at iterations 0 and 24; with
+    an EMA of the images and a sampling window that grows past the continued iteration too."""
     from mctool.distill import tune as tune_mod
     from mctool.distill import run as run_distill
 
     # Only lr_img free (the others given): 5 candidates at 2, 4, 8, 16 of a 24-iteration run; the
     # search's validation split (a third of this tiny training split) given to the final run too.
     overrides = {"ipc": 2, "syn_steps": 2, "max_start_epoch": 1.0, "expert_epochs": 1.0, "iterations": 24,
-                 "seed": 3, "eval_epochs": 2, "eval_every": 24, "val_size": 100}
+                 "seed": 3, "eval_epochs": 2, "eval_every": 24, "val_size": 100, **levers}
     log = _Lines()
     tcfg = TuneConfig(minutes=30, iterations=2, eval_runs=2, eval_epochs=2)
     ran = tune_mod.run(None, overrides, convex_buffer, tmp_path / "a.h5", tcfg, data_dir=data_dir, device="cpu",
