@@ -249,6 +249,155 @@ def test_a_continued_candidate_is_the_run_it_would_have_been(convex_buffer: Path
     assert torch.equal(syn.images, seen[key][0]) and syn.lr == seen[key][2]
 
 
+class _Lines:
+    """A reporter that keeps the log lines."""
+
+    def __init__(self) -> None:
+        from mctool.core.progress import Reporter
+
+        lines: list[str] = []
+        self.lines = lines
+
+        class Keep(Reporter):
+            def log(self, message: str) -> None:
+                lines.append(message)
+
+        self.reporter = Keep()
+
+
+@pytest.mark.parametrize("levers", [{}, {"ema": 0.6, "start_upper_init": 0.5, "start_upper_iterations": 20}],
+                         ids=["mct", "ema-and-growing-window"])
+def test_the_final_run_continues_the_winner_exactly_as_a_restart(tmp_path: Path, convex_buffer: Path,
+                                                                 data_dir: Path, levers: dict) -> None:
+    """Issue 23: --tune's final run goes on from the winning candidate's checkpoint (its run is a
+    prefix of the final one: same settings, seed and validation split) and reuses the search's
+    scores of the starting images and of the winner's images (the same protocol: the first of the
+    search's two networks is the final run's one). Continuing equals the restart that
+    `distill --preset` makes, bit for bit on the CPU — both computed here, never against stored
+    numbers —: the same images, step size, losses, and the same scores at iterations 0 and 24; with
+    an EMA of the images and a sampling window that grows past the continued iteration too."""
+    from mctool.distill import tune as tune_mod
+    from mctool.distill import run as run_distill
+
+    # Only lr_img free (the others given): 5 candidates at 2, 4, 8, 16 of a 24-iteration run; the
+    # search's validation split (a third of this tiny training split) given to the final run too.
+    overrides = {"ipc": 2, "syn_steps": 2, "max_start_epoch": 1.0, "expert_epochs": 1.0, "iterations": 24,
+                 "seed": 3, "eval_epochs": 2, "eval_every": 24, "val_size": 100, **levers}
+    log = _Lines()
+    tcfg = TuneConfig(minutes=30, iterations=2, eval_runs=2, eval_epochs=2)
+    ran = tune_mod.run(None, overrides, convex_buffer, tmp_path / "a.h5", tcfg, data_dir=data_dir, device="cpu",
+                       reporter=log.reporter)
+    win = ran.tune.candidates[ran.tune.best_index]
+    assert win.reached == 16 < 24 and ran.tune.plan["reserve_s"] > 0  # the final run was kept in the budget
+    said = [line for line in log.lines if "the run continues candidate" in line]
+    assert len(said) == 1 and "from iteration 16" in said[0], "\n".join(log.lines)
+    assert any("measured by the search" in line and "iteration 0 (the starting images)" in line
+               for line in log.lines), log.lines
+    restart = run_distill(ran.tune.preset, overrides, convex_buffer, tmp_path / "b.h5", data_dir=data_dir,
+                          device="cpu")
+    a, b = ran.distill, restart
+    assert a.config == b.config and a.iterations == b.iterations == 24
+    with store.open_synsets(tmp_path / "a.h5") as sf:
+        sa = sf.read(a.synset)
+    with store.open_synsets(tmp_path / "b.h5") as sf:
+        sb = sf.read(b.synset)
+    assert torch.equal(sa.images, sb.images) and torch.equal(sa.labels, sb.labels) and sa.lr == sb.lr
+    assert list(sa.loss) == list(sb.loss) and len(sa.loss) == 24
+    by_a = {e["iteration"]: e for e in a.evaluations}
+    by_b = {e["iteration"]: e for e in b.evaluations}
+    assert set(by_b) == {0, 24} and set(by_a) == {0, 16, 24}  # 16: the winner's images, scored by the search
+    for it in (0, 24):
+        assert by_a[it]["accuracies"] == by_b[it]["accuracies"] and by_a[it]["runs"] == 1
+    best = max(a.evaluations, key=lambda e: e["mean"])
+    assert a.best is not None and a.best["iteration"] == best["iteration"]
+    assert a.selection is not None and a.selection["evaluations"] == 1 and a.selection["reused"] == 2
+
+
+def test_a_final_run_that_is_not_the_winners_continued_starts_over(tmp_path: Path, convex_buffer: Path,
+                                                                   data_dir: Path) -> None:
+    """Continuing only when the candidate's run is a prefix: another setting the trajectory depends
+    on, a shorter run, or other training images to start from (another validation split) start
+    over, and say so."""
+    from mctool.distill import tune as tune_mod
+    from mctool.distill import run_prepared
+    from mctool.distill.runner import Continuation
+
+    base = DistillConfig(ipc=2, syn_steps=2, iterations=10, seed=3)
+    longer = dataclasses.replace(base, iterations=40, eval_share=0.1, eval_runs=3, checkpoint_every=7)
+    assert tune_mod.continues(base, longer) and not tune_mod.continues(longer, base)
+    for key, value in (("lr_img", 2 * base.lr_img), ("seed", 4), ("syn_steps", 3), ("ema", 0.9)):
+        assert not tune_mod.continues(base, dataclasses.replace(longer, **{key: value})), key
+    log = _Lines()
+    handoff = tune_mod.Handoff(file=tmp_path / "none.h5", config=base, keep=torch.arange(3), scores={},
+                               ecfg=tune_mod.final_protocol(base), what="candidate 1 of the search")
+    assert tune_mod.continuation_of(handoff, dataclasses.replace(longer, lr_img=1.0), torch.device("cpu"),
+                                    log.reporter) is None
+    assert "starts over" in log.lines[-1] and "lr_img" in log.lines[-1]
+    # run_prepared: a prefix from other training images is not continued.
+    with store.open_buffer(convex_buffer) as buf:
+        cfg = resolve_config(None, {"ipc": 2, "syn_steps": 2, "iterations": 3, "seed": 3, "eval_every": 3,
+                                    "eval_epochs": 2}, buf)
+        prepared = prepare_like(buf.data, data_dir, torch.device("cpu"))
+        first = run_prepared(dataclasses.replace(cfg, iterations=2), buf, tmp_path / "p.h5", prepared, name="p")
+        from mctool.distill.checkpoint import _load_state
+        state = _load_state(tmp_path / "p.h5", "p", cfg)
+        other = Continuation(state=state, keep=torch.arange(5), what="candidate 2 of the search")
+        out = run_prepared(cfg, buf, tmp_path / "q.h5", prepared, name="q", continuation=other,
+                           reporter=log.reporter)
+    assert first.iterations == 2 and out.iterations == 3
+    assert any("started from other training images" in n and "starts over" in n for n in out.notes)
+    assert [e["iteration"] for e in out.evaluations] == [0, 3]  # measured, from the start
+
+
+def test_reused_scores_are_the_evaluation_the_final_run_would_measure(data_dir: Path, convex_buffer: Path) -> None:
+    """The first run of a two-network evaluation is, bit for bit on the CPU, the one-network
+    evaluation of the same protocol; another protocol is not reused."""
+    from mctool.distill import tune as tune_mod
+    from mctool.evaluate.evaluation import EvaluateConfig, evaluate_set
+
+    with store.open_buffer(convex_buffer) as buf:
+        prepared = prepare_like(buf.data, data_dir, torch.device("cpu"))
+        spec = buf.spec
+    x, y = prepared.train_x[:20], prepared.train_y[:20]
+    val = (prepared.train_x[20:80], prepared.train_y[20:80])
+    two = EvaluateConfig(runs=2, epochs=3, seed=5)
+    one = dataclasses.replace(two, runs=1)
+    cpu = torch.device("cpu")
+    ev2 = evaluate_set(x, y, 0.01, prepared, spec, two, score_on=val, split="validation")[0]
+    ev1 = evaluate_set(x, y, 0.01, prepared, spec, one, score_on=val, split="validation")[0]
+    assert tune_mod.reusable(two, one, cpu)
+    reused = tune_mod.reused_score(ev2, one, "validation")
+    assert reused["accuracies"] == ev1.accuracies and reused["mean"] == ev1.mean and reused["std"] == ev1.std
+    assert reused["seeds"] == ev1.seeds and reused["config"] == dataclasses.asdict(one)
+    assert not tune_mod.reusable(two, dataclasses.replace(one, epochs=4), cpu)
+    assert not tune_mod.reusable(one, two, cpu)  # fewer runs than wanted
+    assert not tune_mod.reusable(dataclasses.replace(two, together=True), one, cpu)  # stacked: other rounding
+    assert tune_mod.reusable(dataclasses.replace(two, together=True), dataclasses.replace(two, together=True), cpu)
+
+
+def test_the_plan_keeps_the_final_run_inside_the_budget() -> None:
+    """With the final run's predicted time (the iterations after the winner's, its evaluations),
+    the search and that run fit the budget together; the plan says what it kept."""
+    def final_s(top: int) -> float:
+        return 2.0 + (400 - top) * 0.5 + 10.0
+
+    plain = plan_search(900, 0.5, 10, free=ALL, full_iterations=400)
+    kept = plan_search(900, 0.5, 10, free=ALL, full_iterations=400, final_s=final_s)
+    assert plain.reserve_s == 0.0 and kept.reserve_s == final_s(kept.top) > 0
+    assert kept.fits and kept.estimate_s + kept.reserve_s <= 900
+    assert kept.estimate_s <= plain.estimate_s
+    # The prediction: the iterations after the winner's, the evaluations of a selecting run.
+    from mctool.distill.tune import final_seconds
+
+    cfg = DistillConfig(iterations=100, eval_share=0.1, eval_runs=1)
+    reused = final_seconds(cfg, 60, 1.0, 5.0, 2.0, True)
+    assert reused == pytest.approx(2.0 + 40 * 1.0 + 5.0 + 40 * 1.0 * 0.1 / 0.9)
+    assert final_seconds(cfg, 60, 1.0, 5.0, 2.0, False) == pytest.approx(reused + 5.0)
+    every = dataclasses.replace(cfg, eval_share=0.0, eval_every=10)
+    assert final_seconds(every, 60, 1.0, 5.0, 2.0, True) == pytest.approx(2.0 + 40 + 5.0 + 4 * 5.0)
+    assert final_seconds(dataclasses.replace(cfg, eval_share=0.0), 60, 1.0, 5.0, 2.0, False) == 42.0
+
+
 def test_the_budget_is_kept_on_a_clock_that_counts_work(convex_buffer: Path, data_dir: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """A clock that advances one 'second' per reading (every iteration and evaluation epoch reads
@@ -274,6 +423,44 @@ def test_the_budget_is_kept_on_a_clock_that_counts_work(convex_buffer: Path, dat
     assert result.skipped or any("budget" in c.note for c in result.candidates)  # it was binding
     assert result.best_index >= 0 and result.horizons
     assert any("of the full run's 2000 iterations" in n for n in result.notes)
+
+
+@pytest.mark.parametrize("full", [30, 2000])
+def test_a_short_final_run_is_kept_inside_the_budget(convex_buffer: Path, data_dir: Path,
+                                                     monkeypatch: pytest.MonkeyPatch, full: int) -> None:
+    """On a clock that counts work: when the final run is short (the iterations after the winner's
+    and its evaluations, predicted from the measured costs), the search and that run end within
+    the budget plus one evaluation, and the plan line says what it kept; when it is long, nothing
+    is kept and the plan line gives its predicted time instead."""
+    from mctool.distill import tune as tune_mod
+
+    budget_s = 400.0
+    ticks = [0.0]
+
+    def clock() -> float:
+        ticks[0] += 1.0
+        return ticks[0]
+
+    monkeypatch.setattr(tune_mod, "_now", clock)
+    log = _Lines()
+    with store.open_buffer(convex_buffer) as buf:
+        base = resolve_config(None, {"ipc": 2, "syn_steps": 2, "iterations": full, "seed": 3, "eval_epochs": 2,
+                                     "eval_share": 0.1}, buf)
+        prepared = prepare_like(buf.data, data_dir, torch.device("cpu"))
+        tcfg = TuneConfig(minutes=budget_s / 60, eval_runs=2, eval_epochs=2, seed=3)
+        result = tune_prepared(base, buf, prepared, tcfg, set(), log.reporter, final=base)
+    plan_line = next(line for line in log.lines if "s per evaluation →" in line)
+    win = result.candidates[result.best_index]
+    p = result.probe
+    t_eval = p["seconds_per_evaluation"]
+    per_iteration = p["seconds_per_iteration"] * win.values["syn_steps"] / p["syn_steps"]
+    final_s = tune_mod.final_seconds(base, win.reached, per_iteration, t_eval * 1 / 2, p["seconds_startup"], True)
+    if full == 30:
+        assert result.plan["reserve_s"] > 0 and "kept for the final run" in plan_line, plan_line
+        assert result.seconds + final_s <= budget_s + t_eval, (result.seconds, final_s)
+    else:
+        assert result.plan["reserve_s"] == 0 and "the final run then takes about" in plan_line, plan_line
+        assert result.seconds <= budget_s + t_eval
 
 
 def test_a_tiny_real_budget_is_kept(convex_buffer: Path, data_dir: Path) -> None:

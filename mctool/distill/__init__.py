@@ -25,7 +25,7 @@ _WHERE = {
     **dict.fromkeys(("ALPHA_BOUND", "IMAGE_BOUND", "LEARNABLES", "Learnable", "learned_in"), "learnables"),
     **dict.fromkeys(("MAX_BAD_FRACTION", "MAX_BAD_IN_A_ROW", "Distiller", "Expert", "ExpertSource",
                      "choose_micro_batch", "second_order_policy", "workload"), "loop"),
-    **dict.fromkeys(("DistillResult", "_Run", "run", "run_prepared"), "runner"),
+    **dict.fromkeys(("Continuation", "DistillResult", "_Run", "run", "run_prepared"), "runner"),
     **dict.fromkeys(("State", "initial_state"), "state"),
 }
 
@@ -41,7 +41,7 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = ["ALPHA_BOUND", "buffer_defaults", "buffer_note", "check_buffer_matches", "check_synset_name",
-           "choose_micro_batch", "DistillConfig", "Distiller", "DistillResult", "dry_run", "DryRunReport",
+           "choose_micro_batch", "Continuation", "DistillConfig", "Distiller", "DistillResult", "dry_run", "DryRunReport",
            "DryRunRow", "Expert", "ExpertSource", "IMAGE_BOUND", "initial_state", "Learnable", "LEARNABLES",
            "learned_in", "list_presets", "load_preset", "MAX_BAD_FRACTION", "MAX_BAD_IN_A_ROW", "missing_buffer_hint",
            "preset_schema", "resolve_config", "_Run", "run", "run_prepared", "second_order_policy", "State",

@@ -12,6 +12,7 @@ gradients are averaged and rank 0 writes.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import time
@@ -71,13 +72,35 @@ class DistillResult:
     selection: dict[str, Any] | None = None  # the best-images selection: evaluations and their measured cost
 
 
+@dataclass
+class Continuation:
+    """A prefix of this very run computed elsewhere (`--tune`'s winning candidate): the run goes on
+    from its state instead of starting over, which gives the same images bit for bit on the CPU.
+    Only for the settings it was computed with — the caller checks them (`--tune`: every setting
+    but those a resume may change); `run_prepared` checks that it started from the same training
+    images (the same validation split held out), else starts over and says so.
+
+    `scores`: evaluations already measured under this run's selection protocol (the same images,
+    validation split and networks), by iteration — 0 for the starting images, the state's own
+    iteration for its images — recorded instead of evaluated again."""
+
+    state: State
+    keep: torch.Tensor  # the training indices it distilled from: the complement of its validation split
+    scores: dict[int, dict[str, Any]] = field(default_factory=dict)
+    what: str = "a prefix of this run"  # for the log: "candidate 9 of the search"
+    by: str = "elsewhere"  # who measured `scores`: "the search"
+
+
 class _Run:
     """One distillation's loop, checkpoints and periodic evaluations (rank-aware)."""
 
     def __init__(self, distiller: Distiller, cfg: DistillConfig, buffer: store.Buffer, out: Path, name: str,
-                 reporter: Reporter, selection: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+                 reporter: Reporter, selection: tuple[torch.Tensor, torch.Tensor] | None,
+                 continued: Continuation | None = None, start: State | None = None) -> None:
         self.d, self.cfg, self.buffer, self.out, self.name = distiller, cfg, buffer, out, name
         self.reporter, self.selection = reporter, selection
+        self.continued, self.start = continued, start  # a continued run: its prefix, and its iteration-0 state
+        self.reused = 0  # evaluations recorded from `continued.scores` instead of measured
         self.source = buffer.source()
         ref = buffer.reference()
         self.reference = dataclasses.asdict(ref) if ref is not None else None
@@ -98,31 +121,52 @@ class _Run:
             store.ensure_free_space(self.out, size, f"saving {self.name}")
             store.save_synset(self.out, syn, self.buffer.data, self.buffer.spec, self.buffer.layout, prov, size)
 
-    def evaluate(self) -> None:
-        """Score the current images on the selection split; keep them if they are the best so far."""
+    def evaluate(self, at: State | None = None, reused: dict[str, Any] | None = None) -> None:
+        """Score the images of `at` (default: the current state) on the selection split — or record
+        `reused`, the same evaluation measured elsewhere —; keep them if they are the best so far."""
         from mctool.evaluate.evaluation import EvaluateConfig, evaluate_set
 
         state, cfg = self.d.state, self.cfg
+        at = at or state
         assert self.selection is not None
-        started = time.perf_counter()
-        ecfg = EvaluateConfig(runs=cfg.eval_runs, epochs=cfg.eval_epochs, seed=cfg.seed, augment=cfg.augment)
-        ev = evaluate_set(state.shown("images"), state.labels, state.alpha, self.d.prepared, self.buffer.spec, ecfg,
-                          "synset", self.reporter, score_on=self.selection, split=cfg.select_on,
-                          stop_hint=f"checkpoint saved at iteration {state.iteration}; {_RESUME_HINT}")[0]
-        self.last_eval = time.perf_counter() - started
-        self.eval_seconds += self.last_eval
-        self.evaluations += 1
-        ev.iteration = state.iteration
-        state.evaluations.append(ev.to_dict())
+        if reused is None:
+            started = time.perf_counter()
+            ecfg = EvaluateConfig(runs=cfg.eval_runs, epochs=cfg.eval_epochs, seed=cfg.seed, augment=cfg.augment)
+            ev = evaluate_set(at.shown("images"), at.labels, at.alpha, self.d.prepared, self.buffer.spec, ecfg,
+                              "synset", self.reporter, score_on=self.selection, split=cfg.select_on,
+                              stop_hint=f"checkpoint saved at iteration {state.iteration}; {_RESUME_HINT}")[0]
+            self.last_eval = time.perf_counter() - started
+            self.eval_seconds += self.last_eval
+            self.evaluations += 1
+            ev.iteration = at.iteration
+            scored = ev.to_dict()
+        else:
+            scored = {**reused, "iteration": at.iteration}
+            self.reused += 1
+        state.evaluations.append(scored)
         best = state.best
-        better = best is None or ev.mean > float(best.score.get("mean", -1.0))
-        what = " (the starting images)" if state.iteration == 0 else ""
-        self.reporter.log(f"iteration {state.iteration}{what}: {ev.model} {cfg.select_on} accuracy "
-                          f"{score_text(ev.mean, ev.std, ev.runs)} %" + (" (best so far)" if better else ""))
+        better = best is None or scored["mean"] > float(best.score.get("mean", -1.0))
+        what = " (the starting images)" if at.iteration == 0 else ""
+        how = "" if reused is None else f", measured by {self.continued.by if self.continued else 'another run'}"
+        self.reporter.log(f"iteration {at.iteration}{what}: {scored['model']} {cfg.select_on} accuracy "
+                          f"{score_text(scored['mean'], scored.get('std'), scored.get('runs', 1))} %{how}"
+                          + (" (best so far)" if better else ""))
         if better:
-            kept = {e.stored: _copy(state.shown(e.name)) for e in learned_in(cfg) if e.stored is not None}
-            state.best = store.BestImages(**{"labels": state.labels.clone(), **kept}, iteration=state.iteration,
-                                          selected_on=cfg.select_on, score=ev.to_dict())
+            kept = {e.stored: _copy(at.shown(e.name)) for e in learned_in(cfg) if e.stored is not None}
+            state.best = store.BestImages(**{"labels": at.labels.clone(), **kept}, iteration=at.iteration,
+                                          selected_on=cfg.select_on, score=scored)
+
+    def _catch_up(self) -> None:
+        """A continued run's selection before its first iteration: the starting images (always a
+        candidate: measured again unless their score is reused) and the continued state's images
+        (when their score is reused; the loop's schedule scores what follows)."""
+        assert self.continued is not None and self.start is not None
+        for at in (self.start, self.d.state):
+            if self._evaluated_at(at.iteration):
+                continue
+            reused = self.continued.scores.get(at.iteration)
+            if reused is not None or at.iteration == 0:
+                self.evaluate(at, reused)
 
     def _evaluated_at(self, iteration: int) -> bool:
         """Whether this run's selection already scored its images at `iteration` (a resume)."""
@@ -172,6 +216,8 @@ class _Run:
         try:
             if self.selecting and state.iteration == 0 and not self._evaluated_at(0):
                 self.evaluate()  # the starting images: the bar every later iteration must pass
+            elif self.selecting and self.continued is not None:
+                self._catch_up()  # the same bar for a run continued from a prefix computed elsewhere
             while state.iteration < cfg.iterations:
                 signum = reporter.should_stop()
                 if dist.any_flag(bool(signum), device):
@@ -213,7 +259,8 @@ class _Run:
         if self.selecting:
             self.summary = {"evaluations": self.evaluations, "seconds": self.eval_seconds,
                             "share": self.eval_seconds / seconds if seconds > 0 else 0.0, "every": every,
-                            "bound": cfg.eval_share if not cfg.eval_every else None, "split": cfg.select_on}
+                            "bound": cfg.eval_share if not cfg.eval_every else None, "split": cfg.select_on,
+                            "reused": self.reused, "reused_by": self.continued.by if self.continued else None}
         return seconds
 
     def _iteration(self, pace: str | None = None) -> bool:
@@ -279,8 +326,14 @@ def selection_notes(summary: dict[str, Any], state: State, seconds: float) -> li
     split = summary["split"]
     bound = (f"bound {100 * summary['bound']:g} % besides the start and the end" if summary["bound"]
              else f"every {summary['every']} iterations, --eval-every")
-    notes = [f"selection on {split}: {summary['evaluations']} evaluation(s) took {duration(summary['seconds'])}, "
-             f"{100 * summary['share']:.0f} % of this run's {duration(seconds)} ({bound})"]
+    reused = (f"; {summary['reused']} more reused, measured by {summary['reused_by']}" if summary.get("reused")
+              else "")
+    if summary["evaluations"] or not summary.get("reused"):
+        notes = [f"selection on {split}: {summary['evaluations']} evaluation(s) took {duration(summary['seconds'])}, "
+                 f"{100 * summary['share']:.0f} % of this run's {duration(seconds)} ({bound}{reused})"]
+    else:
+        notes = [f"selection on {split}: no evaluation needed: {summary['reused']} reused, measured by "
+                 f"{summary['reused_by']}"]
     best = state.best
     if best is not None and best.iteration == 0 and state.iteration > 0:
         later = [e for e in state.evaluations if e.get("kind") == "synset" and e.get("split") == split
@@ -320,8 +373,12 @@ def _selection(cfg: DistillConfig, prepared: Prepared) -> tuple[tuple[torch.Tens
 
 
 def run_prepared(cfg: DistillConfig, buffer: store.Buffer, out: Path, prepared: Prepared, name: str | None = None,
-                 resume: bool = False, reporter: Reporter = SILENT) -> DistillResult:
-    """Distill (or resume) synset `name` of `out` from an open buffer and prepared data."""
+                 resume: bool = False, reporter: Reporter = SILENT,
+                 continuation: Continuation | None = None) -> DistillResult:
+    """Distill (or resume) synset `name` of `out` from an open buffer and prepared data; with
+    `continuation`, go on from a prefix of this run computed elsewhere (see `Continuation`)."""
+    if resume and continuation is not None:
+        raise ValueError("a run either resumes its own checkpoint or continues a prefix computed elsewhere")
     cfg.validate()
     check_buffer_matches(cfg, buffer)
     name = name or synset_name(cfg)
@@ -354,9 +411,18 @@ def run_prepared(cfg: DistillConfig, buffer: store.Buffer, out: Path, prepared: 
         notes.append(f"note: a run of {cfg.iterations} iteration(s) keeps its final images: the best-images "
                      f"selection starts at {AUTO_SELECT_MIN_ITERATIONS} iterations (two evaluations would cost more "
                      "than the run); --eval-every N selects anyway")
+    if continuation is not None and (pool is None or not torch.equal(pool.cpu(), continuation.keep.cpu())
+                                     or dist.world_size() != len(continuation.state.generators)):
+        # Not the same training images to start from (another validation split, or none): not a prefix.
+        why = "another validation split" if pool is not None else "this run holds out no validation split"
+        notes.append(f"note: {continuation.what} started from other training images than this run ({why}): the "
+                     "run starts over")
+        reporter.log(notes[-1])
+        continuation = None
     if cfg.select_on != "test":
         prepared = dataclasses.replace(prepared, test_x=prepared.test_x[:0], test_y=prepared.test_y[:0])
     world, me = dist.world_size(), dist.rank()
+    start: State | None = None  # a continued run's iteration-0 state (its starting images, for the selection)
     if resume:
         # Broadcast from the CPU: a pickled CUDA tensor unpickles onto rank 0's GPU on every rank.
         state = _load_state(out, name, cfg) if dist.is_main() else None
@@ -380,12 +446,23 @@ def run_prepared(cfg: DistillConfig, buffer: store.Buffer, out: Path, prepared: 
         state = initial_state(cfg, prepared, torch.Generator().manual_seed(cfg.seed), pool, expert)
         generator = torch.Generator().manual_seed(_rank_seed(cfg.seed, me))
         state.queues = [[] for _ in range(world)]
+        if continuation is not None:
+            if state.iteration >= continuation.state.iteration or continuation.state.iteration > cfg.iterations:
+                raise ValueError(f"a continuation must be at an iteration in 1 … {cfg.iterations}")
+            start = state  # the starting images stay a candidate of the selection
+            state = copy.deepcopy(continuation.state).to(device)  # its owner keeps its own
+            state.sync_labels()
+            generator = torch.Generator().manual_seed(0)
+            generator.set_state(state.generators[me])
+            notes.append(f"the run continues {continuation.what} from iteration {state.iteration} (the same "
+                         f"settings and seed: the first {state.iteration} iterations are not run again)")
+            reporter.log(notes[-1])
     distiller = Distiller(cfg, buffer.spec, source, prepared, state, generator)
     distiller.queue = (store.check_queue(out, name, state.queues[me], source.indices, buffer.path)
                        if state.queues else [])
     distiller.micro_batch = choose_micro_batch(distiller, cfg, buffer, state.run, reporter)
     state.run = {**state.run, "micro_batch": distiller.micro_batch or 0}
-    run = _Run(distiller, cfg, buffer, out, name, reporter, selection)
+    run = _Run(distiller, cfg, buffer, out, name, reporter, selection, continuation, start)
     seconds = run.loop()
     if run.summary is not None:
         for note in selection_notes(run.summary, state, seconds):
@@ -405,10 +482,12 @@ def run_prepared(cfg: DistillConfig, buffer: store.Buffer, out: Path, prepared: 
 
 def run(preset: str | None, overrides: dict[str, Any], buffer: Path, out: Path, name: str | None = None,
         resume: bool = False, data_dir: Path | None = None, device: str = "auto", default_buffer: bool = False,
-        reporter: Reporter = SILENT) -> DistillResult | None:
+        reporter: Reporter = SILENT, prepared: Prepared | None = None,
+        continuation: Continuation | None = None) -> DistillResult | None:
     """`mctool distill`: settings from the preset, the buffer and the options; the data; the
     loop (under torchrun, one trajectory per process per iteration); the pictures. Under
-    torchrun only rank 0 returns the result (the others None)."""
+    torchrun only rank 0 returns the result (the others None). `prepared`: the buffer's data,
+    already prepared on this device (--tune's); `continuation`: see `run_prepared`."""
     from mctool.core.device import resolve_device
     from mctool.plots import synset_picture, synset_png_path
     from mctool.data.prepared import prepare_like
@@ -446,12 +525,13 @@ def run(preset: str | None, overrides: dict[str, Any], buffer: Path, out: Path, 
         if preset is None and stored is None:
             note = buffer_note(buf, cfg, {k for k, v in overrides.items() if v is not None})
             reporter.log(note)
-        prepared = prepare_like(buf.data, data_dir, dev, reporter)
+        if prepared is None:
+            prepared = prepare_like(buf.data, data_dir, dev, reporter)
         # The writer (rank 0) holds `out` for the whole run: another mctool's write (evaluate storing
         # scores) is refused with one line instead of being erased by the next checkpoint.
         with store.holding(out) if dist.is_main() else contextlib.nullcontext():
             result = run_prepared(cfg, buf, out, prepared, name=name or synset_name(cfg), resume=resume,
-                                  reporter=reporter)
+                                  reporter=reporter, continuation=continuation)
         if note is not None:
             result.notes.insert(0, note)
         main = dist.is_main()

@@ -24,6 +24,16 @@ Method: successive halving on learning curves, in two brackets (docs: README, "-
   allows at all), work whose estimate would not fit is skipped (and said), and a watchdog stops
   whatever still runs when the budget is spent: the search ends by `--tune-minutes`, give or
   take one evaluation epoch or iteration. Interrupted, it writes the best settings so far.
+* The final run (unless --tune-only) continues the winner: the winner's run is a prefix of it
+  (the same settings but its length and evaluations, the same seed and validation split), so it
+  goes on from the winner's checkpoint — the same images, bit for bit on the CPU, as starting
+  over — and records the search's scores of the starting images and of the winner's images when
+  they were measured its way (the final run's networks the first of the search's); otherwise it
+  starts over, and says why. Its predicted time (the iterations after the winner's, its
+  evaluations, its start-up: measured costs) is kept inside the budget when it is at most a third
+  of it: the plan fits the search and that run together, and while each rung runs the longest
+  final run it could end with is held back from the search (the watchdog's deadline moves with
+  it). A longer final run comes after the search; the plan line says how long.
 * The closing notes name a likely cause from what was measured: the starting images best at
   every horizon (with the experts' accuracy against them: weak experts, or an lr too large
   when the smallest lr tried came closest), a curve still rising at the last horizon (more
@@ -41,6 +51,7 @@ import math
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,10 +60,10 @@ import torch
 
 from mctool import store
 from mctool.distill import DistillConfig, check_buffer_matches, run_prepared
-from mctool.distill.config import DEFAULT_EVAL_SHARE
+from mctool.distill.config import AUTO_SELECT_MIN_ITERATIONS, DEFAULT_EVAL_SHARE
 from mctool.core.errors import Interrupted, TrainingDiverged, UsageError
-from mctool.evaluate.evaluation import EvaluateConfig, evaluate_set
-from mctool.data.prepared import Prepared, split_validation
+from mctool.evaluate.evaluation import EvaluateConfig, Evaluation, evaluate_set
+from mctool.data.prepared import Prepared, auto_val_size, split_validation
 from mctool.core.progress import SILENT, Pace, Reporter, duration
 from mctool.evaluate.scores import score_text
 from mctool.core.settings import above, at_least, first_problem, setting
@@ -66,6 +77,12 @@ LR_DECADES_SMALL = (1.0, 0.1, 10.0)
 NEIGHBOURS = ("max_start_epoch", "syn_steps", "expert_epochs", "lr_img")  # bracket 2's pairs, by priority
 TUNED = ("lr_img", "max_start_epoch", "syn_steps", "expert_epochs")
 BUDGET_STOP = -1  # what should_stop() answers once the budget is spent (not a signal number)
+FINAL_SHARE = 1 / 3  # the final run's predicted time is kept inside the budget when at most this share of it
+# Settings that do not change a run's trajectory — how long it runs, when it saves, how and where its
+# images are scored (which training images it starts from is checked on the indices) —: a run differing
+# from a candidate's only in these continues the candidate's run.
+TRAJECTORY_FREE = ("iterations", "checkpoint_every", "checkpoint_minutes", "eval_every", "eval_share", "eval_runs",
+                   "eval_epochs", "select_on", "val_size", "preset")
 
 _now = time.perf_counter  # the search's clock (tests replace it)
 
@@ -258,6 +275,7 @@ class Plan:
     estimate_s: float  # the plan's estimated seconds
     fits: bool  # False: even the smallest search is estimated over the budget
     dropped: tuple[str, ...] = ()
+    reserve_s: float = 0.0  # kept out of the search for the final run (its predicted time after `top`)
 
     @property
     def top(self) -> int:
@@ -296,10 +314,11 @@ def _cost(n1: int, n2: int, horizons: tuple[int, ...], extension: tuple[int, ...
 
 
 def plan_search(budget_s: float, t_iteration: float, t_eval: float, free: tuple[str, ...], full_iterations: int,
-                first: int = 0) -> Plan:
+                first: int = 0, final_s: Callable[[int], float] | None = None) -> Plan:
     """The search to run in `budget_s` seconds, given the measured seconds per distillation
     iteration (at the base syn_steps) and per evaluation (network training and the validation
-    pass, plus a run's start-up).
+    pass, plus a run's start-up). With `final_s` (the final run's predicted seconds when it
+    continues the winner from a given iteration), the search and that run fit together.
 
     Options, richest first: lr_img at five decades (three when the budget is short), then 4, 3,
     2, 1 or 0 pairs of neighbours. For each, the first horizon h is the largest that fits, for
@@ -329,7 +348,8 @@ def plan_search(budget_s: float, t_iteration: float, t_eval: float, free: tuple[
         dropped = tuple(f"{s} × ½ and × 2" if s != "lr_img" else "lr_img × 0.3 and × 3" for s in pairs if s not in nb)
         if lr_free and lrf != LR_DECADES:
             dropped = ("lr_img × 0.01 and × 100",) + dropped
-        return Plan(lrf, nb, horizons, extension, est, est <= budget_s, dropped)
+        reserve = final_s((extension or horizons)[-1]) if final_s is not None else 0.0
+        return Plan(lrf, nb, horizons, extension, est, est + reserve <= budget_s, dropped, reserve)
 
     def fitted(lrf: tuple[float, ...], nb: tuple[str, ...], extra: int) -> Plan | None:
         """The plan with the largest first horizon that fits (None: not even h_min)."""
@@ -367,6 +387,51 @@ def plan_search(budget_s: float, t_iteration: float, t_eval: float, free: tuple[
     return next(p for p in chosen if 2 * p.top >= farthest)
 
 
+# --------------------------------------------------------------------------- the final run
+
+
+def final_protocol(cfg: DistillConfig) -> EvaluateConfig:
+    """How a run with `cfg` scores its images when it selects them (runner._Run.evaluate)."""
+    return EvaluateConfig(runs=cfg.eval_runs, epochs=cfg.eval_epochs, seed=cfg.seed, augment=cfg.augment)
+
+
+def reusable(measured: EvaluateConfig, wanted: EvaluateConfig, device: torch.device) -> bool:
+    """Whether an evaluation measured with `measured` on `device` holds, in its first `wanted.runs`
+    runs, the one `wanted` would measure (on the same images and split): the same protocol and as
+    many runs, or more runs each trained alone (each seeded by its index alone, evaluation.run_seed;
+    stacked networks round differently)."""
+    from mctool.training.ensemble import together_by_default
+
+    alone = not (measured.together if measured.together is not None else together_by_default(device))
+    return (wanted.runs <= measured.runs and dataclasses.replace(measured, runs=wanted.runs) == wanted
+            and (wanted.runs == measured.runs or alone))
+
+
+def reused_score(ev: Evaluation, wanted: EvaluateConfig, split: str) -> dict[str, Any]:
+    """`ev`'s first `wanted.runs` runs as the evaluation `wanted` would have stored (see `reusable`)."""
+    accs = ev.accuracies[:wanted.runs]
+    return dataclasses.replace(ev, kind="synset", accuracies=accs, mean=statistics.fmean(accs),
+                               std=statistics.pstdev(accs), runs=wanted.runs, seeds=ev.seeds[:wanted.runs],
+                               config=dataclasses.asdict(wanted), split=split).to_dict()
+
+
+def final_seconds(final: DistillConfig, start: int, per_iteration: float, per_eval: float, startup: float,
+                  start_reused: bool) -> float:
+    """The predicted seconds of the final run when it continues the winner from iteration `start`:
+    its start-up, the iterations left, and — when it selects its images — the starting images'
+    evaluation (unless reused), the final one, and the periodic ones (--eval-every N, or as many
+    as keep within --eval-share of its time)."""
+    left = max(0, final.iterations - start)
+    seconds = startup + left * per_iteration
+    if final.eval_every > 0 or (final.eval_share > 0 and final.iterations >= AUTO_SELECT_MIN_ITERATIONS):
+        seconds += (1 + (0 if start_reused else 1)) * per_eval
+        if final.eval_every > 0:
+            seconds += left // final.eval_every * per_eval
+        else:
+            seconds += left * per_iteration * final.eval_share / (1 - final.eval_share)
+    return seconds
+
+
 # --------------------------------------------------------------------------- the search
 
 
@@ -386,6 +451,28 @@ class _Search:
         self.t_startup = 0.0  # a distillation's fixed cost (experts, network, checkpoint)
         self.t_unit = 0.0  # seconds per iteration per inner step
         self.t_eval = 0.0
+        self.evals: dict[tuple[int, int], Evaluation] = {}  # (id of a candidate, iteration) -> its score there
+        # The final run kept inside the budget (None: it comes after the search): its predicted
+        # seconds when it continues a candidate from an iteration.
+        self.final: Callable[[Candidate, int], float] | None = None
+        self.leader: Candidate | None = None  # what the search would choose if it stopped now
+        self.hold = 0.0  # seconds kept for the final run while the current rung runs
+        self.last: Evaluation | None = None  # the last score's whole evaluation
+        self.start_eval: Evaluation | None = None  # the starting images'
+        self.keep = torch.zeros(0, dtype=torch.long)  # the training indices the candidates distil from
+
+    def keep_for_final(self, alive: list[Candidate], horizon: int) -> None:
+        """Before candidates `alive` go on to `horizon`: keep the final run's time out of the search
+        — the longest final run the search could then end with: the leader's as it stands (the rung
+        may be cut), or any of `alive`'s continued from `horizon` (one of them may lead after it) —
+        and move the watchdog's deadline to match."""
+        if self.final is None:
+            return
+        runs = [self.final(c, horizon) for c in alive]
+        if self.leader is not None and not (len(alive) == 1 and alive[0] is self.leader):
+            runs.append(self.final(self.leader, self.leader.reached))
+        self.hold = max(runs, default=0.0)
+        self.watch.deadline = self.started + self.budget - self.hold
 
     def spent(self) -> float:
         return _now() - self.started
@@ -456,11 +543,13 @@ class _Search:
 
     def score(self, images: torch.Tensor, labels: torch.Tensor, lr: float, kind: str = "synset") \
             -> tuple[float, float, int, float]:
-        """(mean, std, runs, seconds) of networks trained on the images, measured on the validation split."""
+        """(mean, std, runs, seconds) of networks trained on the images, measured on the validation
+        split (the whole evaluation is kept as `self.last`)."""
         started = _now()
         ev = evaluate_set(images, labels, lr, self.data, self.buffer.spec, self.ecfg, kind, self.inner,
                           score_on=self.val, split="validation",
                           stop_hint="tuning stopped; the best settings so far are kept")[0]
+        self.last = ev
         return ev.mean, ev.std, ev.runs, _now() - started
 
     def advance(self, cand: Candidate, horizon: int) -> bool:
@@ -471,11 +560,12 @@ class _Search:
         if cand.dead:
             return False
         est = self.estimate(cand, horizon)
-        if self.spent() + est > self.budget:
+        if self.spent() + est + self.hold > self.budget:
             self.cut = True
+            kept = f", {duration(self.hold)} kept for the final run" if self.hold else ""
             self.result.skipped.append(f"{cand.stage} {_show(cand.values)} to iteration {horizon} (budget: "
-                                       f"{duration(self.spent())} of {duration(self.budget)} spent, ~{duration(est)} "
-                                       "needed)")
+                                       f"{duration(self.spent())} of {duration(self.budget)} spent{kept}, "
+                                       f"~{duration(est)} needed)")
             if not cand.curve:
                 cand.note = "skipped (budget)"
             return False
@@ -494,11 +584,12 @@ class _Search:
             cand.note, cand.dead, self.cut = f"stopped by the budget while scored at iteration {horizon}", True, True
             return False
         self.t_eval = seconds
+        self.evals[(id(cand), horizon)] = self.last
         cand.seconds += seconds
         cand.curve.append({"iteration": horizon, "mean": mean, "std": std, "runs": runs, "alpha": alpha})
         cand.mean, cand.std, cand.runs = mean, std, runs
         shown = score_text(mean, std, runs)
-        left = max(0.0, self.budget - self.spent())
+        left = max(0.0, self.budget - self.hold - self.spent())
         self.watch.inner.log(f"tune: {cand.stage}: {_show(cand.values)} at iteration {horizon} → validation "
                              f"{shown} %  [{cand.seconds:.0f} s; search {duration(left)} left]")
         return True
@@ -510,6 +601,7 @@ class _Search:
         winner = None
         for k, h in enumerate(horizons):
             alive = alive[:_survivors(len(cands), k)]
+            self.keep_for_final(alive, h)
             for c in alive:
                 self.advance(c, h)
             complete = not self.cut  # every survivor scored, or dead for a reason of its own
@@ -517,7 +609,7 @@ class _Search:
             if not scored:
                 break
             if complete or winner is None:
-                winner = scored[0]
+                winner = self.leader = scored[0]
             if not complete:
                 break
             alive = scored
@@ -620,18 +712,42 @@ def diagnose(result: TuneResult, winner: Candidate, reference: float | None, ful
     return notes
 
 
+@dataclass
+class Handoff:
+    """What the final run may take over from the search (valid while the search's files exist)."""
+
+    file: Path  # the winner's checkpoint (synset "tune")
+    config: DistillConfig  # the settings it ran with (iterations: where its checkpoint is)
+    keep: torch.Tensor  # the training indices the candidates distilled from (the rest: the validation split)
+    scores: dict[int, Evaluation]  # its evaluations by iteration; 0: the starting images'
+    ecfg: EvaluateConfig  # how they were measured
+    what: str  # "candidate 9 (syn_steps: …)"
+
+
 def tune_prepared(base: DistillConfig, buffer: store.Buffer, prepared: Prepared, tcfg: TuneConfig,
-                  fixed: set[str] | frozenset[str] = frozenset(), reporter: Reporter = SILENT) -> TuneResult:
+                  fixed: set[str] | frozenset[str] = frozenset(), reporter: Reporter = SILENT,
+                  final: DistillConfig | None = None) -> TuneResult:
     """Search the settings not in `fixed` around `base` on `buffer`, within the budget.
 
     Never reads `prepared`'s test split: candidates distil from the training split minus a
-    held-out validation split and are scored there."""
+    held-out validation split and are scored there. `final`: the run that follows with the
+    winner's settings (its protocol: length, evaluations), whose predicted time is kept inside the
+    budget when it is a small part of it (FINAL_SHARE)."""
+    with tempfile.TemporaryDirectory(prefix="mctool-tune-") as tmp:
+        return _tune(base, buffer, prepared, tcfg, fixed, reporter, final, Path(tmp))[0]
+
+
+def _tune(base: DistillConfig, buffer: store.Buffer, prepared: Prepared, tcfg: TuneConfig,
+          fixed: set[str] | frozenset[str], reporter: Reporter, final: DistillConfig | None,
+          workdir: Path, started: float | None = None) -> tuple[TuneResult, Handoff | None]:
+    """`tune_prepared`, its candidates' files in `workdir`, its budget counted from `started` (default:
+    now); also what the final run may take over."""
     tcfg.validate()
     base.validate()
     check_buffer_matches(base, buffer)
     if base.iterations < 1:
         raise UsageError("--tune needs --iterations >= 1: the length of the run it tunes")
-    started = _now()
+    started = _now() if started is None else started
     budget = 60.0 * tcfg.minutes
     size = tuning_val_size(prepared.train_y.numel(), prepared.meta.num_classes, tcfg.val_size)
     data, val = split_for_tuning(prepared, size, tcfg.seed)
@@ -644,84 +760,126 @@ def tune_prepared(base: DistillConfig, buffer: store.Buffer, prepared: Prepared,
                         random_real=None, iterations=0, val_images=int(val[1].numel()), budget_s=budget,
                         seconds=0.0, probe={})
     probe_iterations = min(PROBE_ITERATIONS, tcfg.iterations or MIN_HORIZON, full)
-    with tempfile.TemporaryDirectory(prefix="mctool-tune-") as tmp:
-        watch = _Budget(reporter, started + budget)
-        search = _Search(base, buffer, data, val, tcfg, Path(tmp), watch, started, budget, result)
+    watch = _Budget(reporter, started + budget)
+    search = _Search(base, buffer, data, val, tcfg, workdir, watch, started, budget, result)
+    search.keep = split_validation(prepared.train_y, prepared.meta.num_classes, size, tcfg.seed)[0]
+    try:
+        reporter.log(f"tune: measuring this machine ({probe_iterations} iterations of the first candidate, then "
+                     f"the starting images scored by {tcfg.eval_runs} × {tcfg.eval_epochs} epochs); budget "
+                     f"{tcfg.minutes:g} min, validation split of {result.val_images} training images")
+        clock = _Clock(watch)
+        search.inner = clock
+        first = search.new("lr_img" if "lr_img" in free else "base", base_values)
+        t0 = _now()
+        if not search.distil(first, probe_iterations) and (watch.expired or first.note.startswith("not run")):
+            _raise_probe(first, search, tcfg)
+        t_probe = _now() - t0
+        per_iteration, _ = clock.steady("distill")
+        t_iteration = per_iteration if per_iteration is not None else t_probe / probe_iterations
+        # The starting images (iteration 0): the bar every candidate must pass, and the
+        # measured cost of one evaluation.
+        zero = search.workdir / "start.h5"
+        run_prepared(search.config(base_values, 0), buffer, zero, data, name="tune", reporter=clock)
+        with store.open_synsets(zero) as sf:
+            syn = sf.read("tune")
         try:
-            reporter.log(f"tune: measuring this machine ({probe_iterations} iterations of the first candidate, then "
-                         f"the starting images scored by {tcfg.eval_runs} × {tcfg.eval_epochs} epochs); budget "
-                         f"{tcfg.minutes:g} min, validation split of {result.val_images} training images")
-            clock = _Clock(watch)
-            search.inner = clock
-            first = search.new("lr_img" if "lr_img" in free else "base", base_values)
-            t0 = _now()
-            if not search.distil(first, probe_iterations) and (watch.expired or first.note.startswith("not run")):
-                _raise_probe(first, search, tcfg)
-            t_probe = _now() - t0
-            per_iteration, _ = clock.steady("distill")
-            t_iteration = per_iteration if per_iteration is not None else t_probe / probe_iterations
-            # The starting images (iteration 0): the bar every candidate must pass, and the
-            # measured cost of one evaluation.
-            zero = search.workdir / "start.h5"
-            run_prepared(search.config(base_values, 0), buffer, zero, data, name="tune", reporter=clock)
-            with store.open_synsets(zero) as sf:
-                syn = sf.read("tune")
-            try:
-                mean, std, runs, t_eval = search.score(syn.images, syn.labels, float(syn.lr), kind="starting images")
-            except Interrupted:
-                if not watch.expired:
-                    raise
-                raise UsageError(f"--tune-minutes {tcfg.minutes:g}: the budget ran out while scoring the starting "
-                                 f"images ({tcfg.eval_runs} networks × {tcfg.eval_epochs} epochs); raise "
-                                 "--tune-minutes or lower --tune-epochs / --tune-runs") from None
-            search.inner = watch
-            result.random_real = {"mean": mean, "std": std, "runs": runs, "lr": float(syn.lr), "iteration": 0}
-            reporter.log(f"tune: the starting images (iteration 0, ipc {base.ipc}) → validation "
-                         f"{score_text(mean, std, runs)} %")
-            search.t_startup = max(0.0, t_probe - probe_iterations * t_iteration)
-            search.t_unit = t_iteration / max(1, base.syn_steps)
-            search.t_eval = t_eval
-            result.probe = {"seconds_per_iteration": t_iteration, "seconds_per_evaluation": t_eval,
-                            "seconds_startup": search.t_startup, "syn_steps": float(base.syn_steps)}
-            left = budget - search.spent()
-            plan = plan_search(PLAN_SHARE * left, t_iteration, t_eval + search.t_startup, free, full, tcfg.iterations)
-            result.plan = {"lr_factors": list(plan.lr_factors), "neighbours": list(plan.neighbours),
-                           "horizons": list(plan.horizons), "extension": list(plan.extension),
-                           "estimate_s": plan.estimate_s, "dropped": list(plan.dropped)}
-            result.skipped += [f"{d} (budget)" for d in plan.dropped]
-            if not plan.fits:
-                result.notes.append(f"the budget is too small even for the smallest search (estimated "
-                                    f"{plan.estimate_s / 60:.1f} min of {left / 60:.1f} left): what does not fit is "
-                                    "skipped")
-            reporter.log(f"tune: {t_iteration:.3g} s per iteration, {t_eval:.3g} s per evaluation → " + describe(plan)
-                         + f"; about {duration(plan.estimate_s)} of {duration(left)} left")
+            mean, std, runs, t_eval = search.score(syn.images, syn.labels, float(syn.lr), kind="starting images")
+        except Interrupted:
+            if not watch.expired:
+                raise
+            raise UsageError(f"--tune-minutes {tcfg.minutes:g}: the budget ran out while scoring the starting "
+                             f"images ({tcfg.eval_runs} networks × {tcfg.eval_epochs} epochs); raise "
+                             "--tune-minutes or lower --tune-epochs / --tune-runs") from None
+        search.inner = watch
+        search.start_eval = search.last
+        result.random_real = {"mean": mean, "std": std, "runs": runs, "lr": float(syn.lr), "iteration": 0}
+        reporter.log(f"tune: the starting images (iteration 0, ipc {base.ipc}) → validation "
+                     f"{score_text(mean, std, runs)} %")
+        search.t_startup = max(0.0, t_probe - probe_iterations * t_iteration)
+        search.t_unit = t_iteration / max(1, base.syn_steps)
+        search.t_eval = t_eval
+        result.probe = {"seconds_per_iteration": t_iteration, "seconds_per_evaluation": t_eval,
+                        "seconds_startup": search.t_startup, "syn_steps": float(base.syn_steps)}
+        left = budget - search.spent()
+        plan = plan_search(PLAN_SHARE * left, t_iteration, t_eval + search.t_startup, free, full, tcfg.iterations)
+        final_line = ""
+        if final is not None:
+            # The final run continues the winner (runner.Continuation): after the search it runs the
+            # iterations the winner did not, and its evaluations (the starting images' score reused
+            # when its protocol is the search's). Kept inside the budget when that is a small part of it.
+            reuse0 = (reusable(search.ecfg, final_protocol(final), prepared.train_x.device)
+                      and final.select_on == "validation"
+                      and size == (final.val_size or auto_val_size(prepared.train_y.numel())))
+            per_eval = t_eval * final.eval_runs * final.eval_epochs / (tcfg.eval_runs * tcfg.eval_epochs)
 
-            bracket1 = [first] + [search.new("lr_img", {**base_values, "lr_img": _lr(base.lr_img * f)})
-                                  for f in plan.lr_factors if f != 1.0]
-            winner = search.halving(bracket1, plan.horizons)
-            if winner is not None and plan.neighbours:
-                around = [search.new(stage, values)
-                          for stage, values in neighbours(winner.values, K, plan.neighbours, base.method)]
-                winner = search.halving([winner] + around, plan.horizons) or winner
-            if winner is not None:
-                for h in plan.extension:
-                    if not search.advance(winner, h):
-                        break
-        except Interrupted as exc:
-            chosen = _best_so_far(result)
-            result.notes.append("interrupted: the best settings found so far")
-            if chosen is not None:
-                _finish(result, chosen, base, buffer, "lr_img" in free)
-            result.seconds = search.spent()
-            raise TuneInterrupted(result, exc.signum) from None
-        result.horizons = sorted({p["iteration"] for c in result.candidates for p in c.curve})
+            def final_time(cand: Candidate, at: int) -> float:
+                per_iteration = search.t_unit * cand.values["syn_steps"]
+                return final_seconds(final, at, per_iteration, per_eval, search.t_startup, reuse0)
+
+            def final_top(top: int) -> float:
+                return final_seconds(final, top, t_iteration, per_eval, search.t_startup, reuse0)
+
+            predicted = final_top(plan.top)
+            kept = plan_search(PLAN_SHARE * left, t_iteration, t_eval + search.t_startup, free, full, tcfg.iterations,
+                               final_top)
+            if kept.fits and kept.reserve_s <= FINAL_SHARE * left:
+                plan = kept
+                search.final = final_time
+                final_line = (f", {duration(plan.reserve_s)} of it kept for the final run ({full - plan.top} "
+                              f"iteration(s) after the winner's {plan.top}, and its evaluations)")
+            else:
+                final_line = (f"; the final run then takes about {duration(predicted)} more ({full - plan.top} "
+                              f"iteration(s) after the winner's {plan.top}, and its evaluations: too long to fit "
+                              "the budget)")
+        result.plan = {"lr_factors": list(plan.lr_factors), "neighbours": list(plan.neighbours),
+                       "horizons": list(plan.horizons), "extension": list(plan.extension),
+                       "estimate_s": plan.estimate_s, "dropped": list(plan.dropped), "reserve_s": plan.reserve_s}
+        result.skipped += [f"{d} (budget)" for d in plan.dropped]
+        if not plan.fits:
+            result.notes.append(f"the budget is too small even for the smallest search (estimated "
+                                f"{plan.estimate_s / 60:.1f} min of {left / 60:.1f} left): what does not fit is "
+                                "skipped")
+        reporter.log(f"tune: {t_iteration:.3g} s per iteration, {t_eval:.3g} s per evaluation → " + describe(plan)
+                     + f"; about {duration(plan.estimate_s)} of {duration(left)} left" + final_line)
+
+        bracket1 = [first] + [search.new("lr_img", {**base_values, "lr_img": _lr(base.lr_img * f)})
+                              for f in plan.lr_factors if f != 1.0]
+        winner = search.halving(bracket1, plan.horizons)
+        if winner is not None and plan.neighbours:
+            around = [search.new(stage, values)
+                      for stage, values in neighbours(winner.values, K, plan.neighbours, base.method)]
+            winner = search.halving([winner] + around, plan.horizons) or winner
+        if winner is not None:
+            search.leader = winner
+            for h in plan.extension:
+                search.keep_for_final([winner], h)
+                if not search.advance(winner, h):
+                    break
+    except Interrupted as exc:
+        chosen = _best_so_far(result)
+        result.notes.append("interrupted: the best settings found so far")
+        if chosen is not None:
+            _finish(result, chosen, base, buffer, "lr_img" in free)
+        result.seconds = search.spent()
+        raise TuneInterrupted(result, exc.signum) from None
+    result.horizons = sorted({p["iteration"] for c in result.candidates for p in c.curve})
     if winner is None:
         dead = "; ".join(f"{_show(c.values)}: {c.note}" for c in result.candidates if c.note)
         raise UsageError("--tune: no candidate could be scored within the budget" + (f" ({dead})" if dead else "")
                          + "; raise --tune-minutes, or try a smaller --lr-img if they diverged")
     _finish(result, winner, base, buffer, "lr_img" in free)
     result.seconds = _now() - started
-    return result
+    handoff = None
+    if winner.reached > 0 and not winner.note.startswith(("diverged", "not run")):
+        scores = {h: search.evals[(id(winner), h)] for h in range(winner.reached + 1)
+                  if (id(winner), h) in search.evals}
+        if search.start_eval is not None:
+            scores[0] = search.start_eval
+        index = result.candidates.index(winner) + 1
+        handoff = Handoff(file=search.file(winner), config=search.config(winner.values, winner.reached),
+                          keep=search.keep, scores=scores, ecfg=search.ecfg,
+                          what=f"candidate {index} of the search ({winner.stage}: {_show(winner.values)})")
+    return result, handoff
 
 
 def _raise_probe(first: Candidate, search: _Search, tcfg: TuneConfig) -> None:
@@ -928,6 +1086,7 @@ def run(preset: str | None, overrides: dict[str, Any], buffer: Path, out: Path, 
     from mctool.core.device import resolve_device
     from mctool.data.prepared import prepare_like
 
+    begun = _now()  # the budget counts from here: opening the buffer and preparing the data are part of it
     if dist.world_size() > 1:
         raise UsageError("--tune runs in one process: start it without torchrun, then distil with --preset FILE "
                          "under torchrun")
@@ -935,30 +1094,74 @@ def run(preset: str | None, overrides: dict[str, Any], buffer: Path, out: Path, 
     probe = distill.resolve_config(preset, overrides)
     if not buffer.exists():
         raise UsageError(distill.missing_buffer_hint(buffer, probe.dataset, default_buffer))
-    with store.open_buffer(buffer) as buf:
-        cfg = distill.resolve_config(preset, overrides, buf)
-        distill.check_buffer_matches(cfg, buf)
-        if cfg.method == "mct":
-            buf.convex_experts()
-        path = tune_out or default_preset_path(out, cfg.dataset or buf.data.name, cfg.ipc)
-        check_preset_target(path, (buffer, out) + ((Path(preset),) if preset and Path(preset).exists() else ()))
-        given = {k for k, v in overrides.items() if v is not None}
-        if preset is None:
-            reporter.log(distill.buffer_note(buf, cfg, given))
-        prepared = prepare_like(buf.data, data_dir, resolve_device(device), reporter)
-        try:
-            result = tune_prepared(cfg, buf, prepared, dataclasses.replace(tcfg, seed=cfg.seed), set(given), reporter)
-        except TuneInterrupted as exc:
-            if exc.result.best_index >= 0:
-                exc.result.preset = str(write_result_preset(exc.result, path))
-                raise Interrupted(f"interrupted while tuning; the best settings so far are in {store.shown(path)} "
-                                  f"(use --preset {store.shown(path)})", exc.signum) from None
-            raise Interrupted("interrupted while tuning, before any candidate was scored; nothing was written",
-                              exc.signum) from None
-    result.preset = str(write_result_preset(result, path))
-    reporter.log(f"tune: the winner is in {store.shown(path)}; `mctool distill --preset {store.shown(path)}` uses it")
-    if tune_only:
-        return TuneRun(result)
-    drest = distill.run(str(path), overrides, buffer, out, name, False, data_dir, device, default_buffer,
-                        reporter=reporter)
+    with tempfile.TemporaryDirectory(prefix="mctool-tune-") as tmp:  # the candidates, until the final run ends
+        with store.open_buffer(buffer) as buf:
+            cfg = distill.resolve_config(preset, overrides, buf)
+            distill.check_buffer_matches(cfg, buf)
+            if cfg.method == "mct":
+                buf.convex_experts()
+            path = tune_out or default_preset_path(out, cfg.dataset or buf.data.name, cfg.ipc)
+            check_preset_target(path, (buffer, out) + ((Path(preset),) if preset and Path(preset).exists() else ()))
+            given = {k for k, v in overrides.items() if v is not None}
+            if preset is None:
+                reporter.log(distill.buffer_note(buf, cfg, given))
+            prepared = prepare_like(buf.data, data_dir, resolve_device(device), reporter)
+            # The final run's protocol, as the preset written below will give it (for its predicted time).
+            final = None if tune_only else dataclasses.replace(
+                cfg, eval_share=cfg.eval_share if "eval_share" in given else (cfg.eval_share or DEFAULT_EVAL_SHARE))
+            try:
+                # --val-size, when given, holds out the same split for the search as for the final run.
+                searched = dataclasses.replace(tcfg, seed=cfg.seed, val_size=tcfg.val_size or cfg.val_size)
+                result, handoff = _tune(cfg, buf, prepared, searched, set(given), reporter, final, Path(tmp),
+                                        begun)
+            except TuneInterrupted as exc:
+                if exc.result.best_index >= 0:
+                    exc.result.preset = str(write_result_preset(exc.result, path))
+                    raise Interrupted(f"interrupted while tuning; the best settings so far are in "
+                                      f"{store.shown(path)} (use --preset {store.shown(path)})", exc.signum) from None
+                raise Interrupted("interrupted while tuning, before any candidate was scored; nothing was written",
+                                  exc.signum) from None
+        result.preset = str(write_result_preset(result, path))
+        reporter.log(f"tune: the winner is in {store.shown(path)}; `mctool distill --preset {store.shown(path)}` "
+                     "uses it")
+        if tune_only:
+            return TuneRun(result)
+        with store.open_buffer(buffer) as buf:
+            after = distill.resolve_config(str(path), overrides, buf)  # what `distill --preset` resolves
+        continuation = continuation_of(handoff, after, prepared.train_x.device, reporter)
+        drest = distill.run(str(path), overrides, buffer, out, name, False, data_dir, device, default_buffer,
+                            reporter=reporter, prepared=prepared, continuation=continuation)
     return TuneRun(result, drest)
+
+
+def continues(candidate: DistillConfig, final: DistillConfig) -> bool:
+    """Whether a run with `final` settings is the run `candidate`'s settings started, longer: every
+    setting its trajectory depends on is the same (TRAJECTORY_FREE: those that are not), and it is no
+    shorter. No schedule depends on the total number of iterations (the sampling window grows over
+    --start-upper-iterations, the EMA and the momenta are in the state), so continuing equals
+    restarting bit for bit on the CPU (tests/test_tune.py)."""
+    same = dataclasses.replace(candidate, **{k: getattr(final, k) for k in TRAJECTORY_FREE})
+    return same == final and final.iterations >= candidate.iterations
+
+
+def continuation_of(handoff: Handoff | None, final: DistillConfig, device: torch.device,
+                    reporter: Reporter = SILENT) -> Any:
+    """The final run's `runner.Continuation` of the search's winner, with the scores it may reuse;
+    None (the run starts over, as it is said) when its settings are not the winner's."""
+    from mctool.distill.checkpoint import _load_state
+    from mctool.distill.runner import Continuation
+
+    if handoff is None:
+        return None
+    if not continues(handoff.config, final):
+        differ = [f.name for f in dataclasses.fields(DistillConfig) if f.name not in TRAJECTORY_FREE
+                  and getattr(final, f.name) != getattr(handoff.config, f.name)]
+        reporter.log(f"tune: the final run starts over: its settings differ from {handoff.what}'s "
+                     f"({', '.join(differ) or 'a shorter run'})")
+        return None
+    state = _load_state(handoff.file, "tune", handoff.config)
+    wanted = final_protocol(final)
+    scores: dict[int, dict[str, Any]] = {}
+    if final.select_on == "validation" and reusable(handoff.ecfg, wanted, device):
+        scores = {it: reused_score(ev, wanted, final.select_on) for it, ev in handoff.scores.items()}
+    return Continuation(state=state, keep=handoff.keep, scores=scores, what=handoff.what, by="the search")
