@@ -61,9 +61,11 @@ import torch
 from mctool import store
 from mctool.distill import DistillConfig, check_buffer_matches, run_prepared
 from mctool.distill.config import AUTO_SELECT_MIN_ITERATIONS, DEFAULT_EVAL_SHARE
+from mctool.distill.runner import (TRAJECTORY_FREE, continuation_problem, continues, selection_protocol,  # noqa: F401
+                                   val_split_size)
 from mctool.core.errors import Interrupted, TrainingDiverged, UsageError
 from mctool.evaluate.evaluation import EvaluateConfig, Evaluation, evaluate_set
-from mctool.data.prepared import Prepared, auto_val_size, split_validation
+from mctool.data.prepared import Prepared, split_validation
 from mctool.core.progress import SILENT, Pace, Reporter, duration
 from mctool.evaluate.scores import score_text
 from mctool.core.settings import above, at_least, first_problem, setting
@@ -78,11 +80,6 @@ NEIGHBOURS = ("max_start_epoch", "syn_steps", "expert_epochs", "lr_img")  # brac
 TUNED = ("lr_img", "max_start_epoch", "syn_steps", "expert_epochs")
 BUDGET_STOP = -1  # what should_stop() answers once the budget is spent (not a signal number)
 FINAL_SHARE = 1 / 3  # the final run's predicted time is kept inside the budget when at most this share of it
-# Settings that do not change a run's trajectory — how long it runs, when it saves, how and where its
-# images are scored (which training images it starts from is checked on the indices) —: a run differing
-# from a candidate's only in these continues the candidate's run.
-TRAJECTORY_FREE = ("iterations", "checkpoint_every", "checkpoint_minutes", "eval_every", "eval_share", "eval_runs",
-                   "eval_epochs", "select_on", "val_size", "preset")
 
 _now = time.perf_counter  # the search's clock (tests replace it)
 
@@ -390,21 +387,31 @@ def plan_search(budget_s: float, t_iteration: float, t_eval: float, free: tuple[
 # --------------------------------------------------------------------------- the final run
 
 
-def final_protocol(cfg: DistillConfig) -> EvaluateConfig:
-    """How a run with `cfg` scores its images when it selects them (runner._Run.evaluate)."""
-    return EvaluateConfig(runs=cfg.eval_runs, epochs=cfg.eval_epochs, seed=cfg.seed, augment=cfg.augment)
+def reuse_problem(measured: EvaluateConfig, wanted: EvaluateConfig, device: torch.device) -> str | None:
+    """Why an evaluation measured with `measured` on `device` does not hold, in its first
+    `wanted.runs` runs, the one `wanted` would measure on the same images and split (None: it does).
+    It does with the same protocol and as many runs, or more runs each trained alone (each seeded by
+    its index alone, evaluation.run_seed; stacked networks round differently)."""
+    from mctool.training.ensemble import together_by_default
+
+    if wanted.runs > measured.runs:
+        return f"it trains {wanted.runs} networks, the search {measured.runs}"
+    differ = [f.name for f in dataclasses.fields(EvaluateConfig)
+              if f.name != "runs" and getattr(measured, f.name) != getattr(wanted, f.name)]
+    if differ:
+        return "its networks are trained otherwise (" + ", ".join(
+            f"{k} {getattr(wanted, k)}, the search's {getattr(measured, k)}" for k in differ) + ")"
+    alone = not (measured.together if measured.together is not None else together_by_default(device))
+    if wanted.runs != measured.runs and not alone:
+        return (f"the search trained its {measured.runs} networks stacked together, which rounds otherwise than "
+                f"{wanted.runs} alone")
+    return None
 
 
 def reusable(measured: EvaluateConfig, wanted: EvaluateConfig, device: torch.device) -> bool:
-    """Whether an evaluation measured with `measured` on `device` holds, in its first `wanted.runs`
-    runs, the one `wanted` would measure (on the same images and split): the same protocol and as
-    many runs, or more runs each trained alone (each seeded by its index alone, evaluation.run_seed;
-    stacked networks round differently)."""
-    from mctool.training.ensemble import together_by_default
-
-    alone = not (measured.together if measured.together is not None else together_by_default(device))
-    return (wanted.runs <= measured.runs and dataclasses.replace(measured, runs=wanted.runs) == wanted
-            and (wanted.runs == measured.runs or alone))
+    """Whether an evaluation measured with `measured` on `device` holds the one `wanted` would
+    measure (see `reuse_problem`)."""
+    return reuse_problem(measured, wanted, device) is None
 
 
 def reused_score(ev: Evaluation, wanted: EvaluateConfig, split: str) -> dict[str, Any]:
@@ -416,20 +423,39 @@ def reused_score(ev: Evaluation, wanted: EvaluateConfig, split: str) -> dict[str
 
 
 def final_seconds(final: DistillConfig, start: int, per_iteration: float, per_eval: float, startup: float,
-                  start_reused: bool) -> float:
-    """The predicted seconds of the final run when it continues the winner from iteration `start`:
-    its start-up, the iterations left, and — when it selects its images — the starting images'
-    evaluation (unless reused), the final one, and the periodic ones (--eval-every N, or as many
-    as keep within --eval-share of its time)."""
+                  reused: bool) -> float:
+    """The predicted seconds of the final run when it continues the winner from iteration `start`
+    (0: it starts over): its start-up, the iterations left, and — when it selects its images — the
+    final evaluation, the periodic ones (--eval-every N, or as many as keep within --eval-share of
+    its time) and, unless `reused` (the search's scores), those of the starting images and of the
+    winner's images (--eval-share; --eval-every N when N divides `start`)."""
     left = max(0, final.iterations - start)
     seconds = startup + left * per_iteration
     if final.eval_every > 0 or (final.eval_share > 0 and final.iterations >= AUTO_SELECT_MIN_ITERATIONS):
-        seconds += (1 + (0 if start_reused else 1)) * per_eval
+        caught_up = 0 if reused else 1 + (start > 0 and (not final.eval_every or start % final.eval_every == 0))
+        seconds += (1 + caught_up) * per_eval
         if final.eval_every > 0:
             seconds += left // final.eval_every * per_eval
         else:
             seconds += left * per_iteration * final.eval_share / (1 - final.eval_share)
     return seconds
+
+
+def final_restart(final: DistillConfig, size: int, num_train: int) -> str | None:
+    """Why the final run will start over whatever the winner, for the plan (None: it can continue
+    it): it does not distil from the training images the candidates did (runner.run_prepared)."""
+    if not final.selecting:
+        return "it holds out no validation split (--eval-share 0)"
+    if final.select_on == "test":
+        return "it selects on the test split (--select-on test) and holds out no validation split"
+    if val_split_size(final, num_train) != size:
+        return f"another validation split; give --val-size {size}"
+    return None
+
+
+def _seconds(seconds: float) -> str:
+    """A planned duration ('under 1 s' rather than '0 s')."""
+    return "under 1 s" if seconds < 0.5 else duration(seconds)
 
 
 # --------------------------------------------------------------------------- the search
@@ -719,6 +745,7 @@ class Handoff:
     file: Path  # the winner's checkpoint (synset "tune")
     config: DistillConfig  # the settings it ran with (iterations: where its checkpoint is)
     keep: torch.Tensor  # the training indices the candidates distilled from (the rest: the validation split)
+    val_size: int  # the validation split's size asked (--val-size N holds out the same)
     scores: dict[int, Evaluation]  # its evaluations by iteration; 0: the starting images'
     ecfg: EvaluateConfig  # how they were measured
     what: str  # "candidate 9 (syn_steps: …)"
@@ -804,20 +831,26 @@ def _tune(base: DistillConfig, buffer: store.Buffer, prepared: Prepared, tcfg: T
         plan = plan_search(PLAN_SHARE * left, t_iteration, t_eval + search.t_startup, free, full, tcfg.iterations)
         final_line = ""
         if final is not None:
-            # The final run continues the winner (runner.Continuation): after the search it runs the
-            # iterations the winner did not, and its evaluations (the starting images' score reused
-            # when its protocol is the search's). Kept inside the budget when that is a small part of it.
-            reuse0 = (reusable(search.ecfg, final_protocol(final), prepared.train_x.device)
-                      and final.select_on == "validation"
-                      and size == (final.val_size or auto_val_size(prepared.train_y.numel())))
+            # The final run continues the winner (runner.Continuation) when it can: after the search
+            # it runs the iterations the winner did not, and its evaluations (the search's scores
+            # reused when its protocol is the search's); else it starts over. Kept inside the budget
+            # when that is a small part of it.
+            restart = final_restart(final, size, prepared.train_y.numel())
+            reuse = restart is None and reusable(search.ecfg, selection_protocol(final), prepared.train_x.device)
             per_eval = t_eval * final.eval_runs * final.eval_epochs / (tcfg.eval_runs * tcfg.eval_epochs)
+
+            def start_at(at: int) -> int:
+                """Where the final run starts when the winner reached `at` (runner.continuation_problem)."""
+                return 0 if restart is not None or 1 <= final.eval_every < at else at
 
             def final_time(cand: Candidate, at: int) -> float:
                 per_iteration = search.t_unit * cand.values["syn_steps"]
-                return final_seconds(final, at, per_iteration, per_eval, search.t_startup, reuse0)
+                start = start_at(at)
+                return final_seconds(final, start, per_iteration, per_eval, search.t_startup, reuse and start > 0)
 
             def final_top(top: int) -> float:
-                return final_seconds(final, top, t_iteration, per_eval, search.t_startup, reuse0)
+                start = start_at(top)
+                return final_seconds(final, start, t_iteration, per_eval, search.t_startup, reuse and start > 0)
 
             predicted = final_top(plan.top)
             kept = plan_search(PLAN_SHARE * left, t_iteration, t_eval + search.t_startup, free, full, tcfg.iterations,
@@ -825,12 +858,18 @@ def _tune(base: DistillConfig, buffer: store.Buffer, prepared: Prepared, tcfg: T
             if kept.fits and kept.reserve_s <= FINAL_SHARE * left:
                 plan = kept
                 search.final = final_time
-                final_line = (f", {duration(plan.reserve_s)} of it kept for the final run ({full - plan.top} "
-                              f"iteration(s) after the winner's {plan.top}, and its evaluations)")
+
+            def what(top: int) -> str:
+                if start_at(top) > 0:
+                    return f"{full - top} iteration(s) after the winner's {top}, and its evaluations"
+                why = restart or f"--eval-every {final.eval_every} scores iterations before the winner's {top}"
+                return f"all {full} iterations and its evaluations: the final run will start over: {why}"
+
+            if search.final is not None:
+                final_line = f", {_seconds(plan.reserve_s)} of it kept for the final run ({what(plan.top)})"
             else:
-                final_line = (f"; the final run then takes about {duration(predicted)} more ({full - plan.top} "
-                              f"iteration(s) after the winner's {plan.top}, and its evaluations: too long to fit "
-                              "the budget)")
+                final_line = (f"; the final run then takes about {_seconds(predicted)} more ({what(plan.top)}): too "
+                              "long to fit the budget")
         result.plan = {"lr_factors": list(plan.lr_factors), "neighbours": list(plan.neighbours),
                        "horizons": list(plan.horizons), "extension": list(plan.extension),
                        "estimate_s": plan.estimate_s, "dropped": list(plan.dropped), "reserve_s": plan.reserve_s}
@@ -877,7 +916,7 @@ def _tune(base: DistillConfig, buffer: store.Buffer, prepared: Prepared, tcfg: T
             scores[0] = search.start_eval
         index = result.candidates.index(winner) + 1
         handoff = Handoff(file=search.file(winner), config=search.config(winner.values, winner.reached),
-                          keep=search.keep, scores=scores, ecfg=search.ecfg,
+                          keep=search.keep, val_size=size, scores=scores, ecfg=search.ecfg,
                           what=f"candidate {index} of the search ({winner.stage}: {_show(winner.values)})")
     return result, handoff
 
@@ -1130,38 +1169,40 @@ def run(preset: str | None, overrides: dict[str, Any], buffer: Path, out: Path, 
             after = distill.resolve_config(str(path), overrides, buf)  # what `distill --preset` resolves
         continuation = continuation_of(handoff, after, prepared.train_x.device, reporter)
         drest = distill.run(str(path), overrides, buffer, out, name, False, data_dir, device, default_buffer,
-                            reporter=reporter, prepared=prepared, continuation=continuation)
+                            reporter=reporter, prepared=prepared, continuation=continuation,
+                            resume_hint=resume_command(path, buffer, out, name, data_dir))
     return TuneRun(result, drest)
 
 
-def continues(candidate: DistillConfig, final: DistillConfig) -> bool:
-    """Whether a run with `final` settings is the run `candidate`'s settings started, longer: every
-    setting its trajectory depends on is the same (TRAJECTORY_FREE: those that are not), and it is no
-    shorter. No schedule depends on the total number of iterations (the sampling window grows over
-    --start-upper-iterations, the EMA and the momenta are in the state), so continuing equals
-    restarting bit for bit on the CPU (tests/test_tune.py)."""
-    same = dataclasses.replace(candidate, **{k: getattr(final, k) for k in TRAJECTORY_FREE})
-    return same == final and final.iterations >= candidate.iterations
+def resume_command(preset: Path, buffer: Path, out: Path, name: str | None, data_dir: Path | None) -> str:
+    """What resumes --tune's final run once interrupted (`--tune --resume` is refused): the written
+    preset (the checkpoint holds the other settings)."""
+    extra = (f" --name {name}" if name else "") + (f" --data-dir {store.shown(data_dir)}" if data_dir else "")
+    return (f"continue it with `mctool distill --preset {store.shown(preset)} --buffer {store.shown(buffer)} "
+            f"-o {store.shown(out)}{extra} --resume`")
 
 
 def continuation_of(handoff: Handoff | None, final: DistillConfig, device: torch.device,
                     reporter: Reporter = SILENT) -> Any:
-    """The final run's `runner.Continuation` of the search's winner, with the scores it may reuse;
-    None (the run starts over, as it is said) when its settings are not the winner's."""
+    """The final run's `runner.Continuation` of the search's winner, with the scores it may reuse
+    (why not, said); None — the run starts over, as it is said — when the winner's run is not a
+    prefix of it (runner.continuation_problem; `run_prepared` checks the training images too)."""
     from mctool.distill.checkpoint import _load_state
     from mctool.distill.runner import Continuation
 
     if handoff is None:
         return None
-    if not continues(handoff.config, final):
-        differ = [f.name for f in dataclasses.fields(DistillConfig) if f.name not in TRAJECTORY_FREE
-                  and getattr(final, f.name) != getattr(handoff.config, f.name)]
-        reporter.log(f"tune: the final run starts over: its settings differ from {handoff.what}'s "
-                     f"({', '.join(differ) or 'a shorter run'})")
+    why = continuation_problem(handoff.config, final, handoff.what)
+    if why is not None:
+        reporter.log(f"tune: the final run starts over: {why}")
         return None
     state = _load_state(handoff.file, "tune", handoff.config)
-    wanted = final_protocol(final)
+    wanted = selection_protocol(final)
     scores: dict[int, dict[str, Any]] = {}
-    if final.select_on == "validation" and reusable(handoff.ecfg, wanted, device):
-        scores = {it: reused_score(ev, wanted, final.select_on) for it, ev in handoff.scores.items()}
-    return Continuation(state=state, keep=handoff.keep, scores=scores, what=handoff.what, by="the search")
+    if final.selecting and final.select_on == "validation":
+        if (why := reuse_problem(handoff.ecfg, wanted, device)) is None:
+            scores = {it: reused_score(ev, wanted, final.select_on) for it, ev in handoff.scores.items()}
+        else:
+            reporter.log(f"tune: the final run scores its images again, not reusing the search's scores: {why}")
+    return Continuation(state=state, config=handoff.config, keep=handoff.keep, val_size=handoff.val_size,
+                        scores=scores, what=handoff.what, by="the search")
