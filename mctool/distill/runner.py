@@ -5,8 +5,10 @@ Selection (never worse than the start): with `--eval-every N` — or by default 
 that share of the run — the starting images (iteration 0), every N-th iteration's and the final
 images are scored on a validation split held out of the training set (never the test split,
 unless `--select-on test` reproduces the authors' protocol), and the best ones are kept beside
-the final ones: a run that goes wrong returns what it started from, and says so. Under torchrun every process draws its own trajectory per iteration; the
-gradients are averaged and rank 0 writes.
+the final ones: a run that goes wrong returns what it started from, and says so (a resume that
+finds the starting images unscored draws them again from the seed). A run may continue a prefix
+of itself computed elsewhere (`Continuation`: --tune's winner). Under torchrun every process
+draws its own trajectory per iteration; the gradients are averaged and rank 0 writes.
 """
 
 from __future__ import annotations

@@ -25,15 +25,19 @@ Method: successive halving on learning curves, in two brackets (docs: README, "-
   whatever still runs when the budget is spent: the search ends by `--tune-minutes`, give or
   take one evaluation epoch or iteration. Interrupted, it writes the best settings so far.
 * The final run (unless --tune-only) continues the winner: the winner's run is a prefix of it
-  (the same settings but its length and evaluations, the same seed and validation split), so it
-  goes on from the winner's checkpoint — the same images, bit for bit on the CPU, as starting
-  over — and records the search's scores of the starting images and of the winner's images when
-  they were measured its way (the final run's networks the first of the search's); otherwise it
-  starts over, and says why. Its predicted time (the iterations after the winner's, its
-  evaluations, its start-up: measured costs) is kept inside the budget when it is at most a third
-  of it: the plan fits the search and that run together, and while each rung runs the longest
-  final run it could end with is held back from the search (the watchdog's deadline moves with
-  it). A longer final run comes after the search; the plan line says how long.
+  (the same settings but its length and evaluations, the same seed and validation split, and no
+  --eval-every N below the winner's iteration: runner.continuation_problem), so it goes on from
+  the winner's checkpoint — the same images, and with --eval-every the same best images, bit for
+  bit on the CPU, as starting over — and records the search's scores of the starting images and
+  of the winner's images when they were measured its way (the final run's networks the first of
+  the search's; else measured again, and it says why); otherwise it starts over, and says why.
+  With --eval-share its selection sees the starting images, the winner's and what follows. A final
+  run that will hold out another validation split (final_restart) is planned from iteration 0.
+  Its predicted time (the iterations left, its evaluations, its start-up: measured costs) is
+  kept inside the budget when it is at most a third of it: the plan fits the search and that run
+  together, and while each rung runs the longest final run it could end with is held back from
+  the search (the watchdog's deadline moves with it). A longer final run comes after the search;
+  the plan line says how long. Interrupted, it names the `distill --preset … --resume` command.
 * The closing notes name a likely cause from what was measured: the starting images best at
   every horizon (with the experts' accuracy against them: weak experts, or an lr too large
   when the smallest lr tried came closest), a curve still rising at the last horizon (more

@@ -235,4 +235,9 @@ def distill(
                 stdout.print(note)
         stdout.print(f"images: {result.png}")
 
-    run(body, quiet, debug, interrupt_hint="checkpoint saved: add --resume to the same command to continue")
+    hint = "checkpoint saved: add --resume to the same command to continue"
+    if tune:  # `--tune --resume` is refused: the final run resumes from the preset --tune wrote
+        hint = (f"a final run that had begun saved its checkpoint: continue it with `mctool distill --preset "
+                f"{tune_out or 'TUNED.toml'} --buffer {buffer} -o {out} --resume`"
+                + ("" if tune_out else " (TUNED.toml: the preset --tune wrote beside -o)"))
+    run(body, quiet, debug, interrupt_hint=hint)
