@@ -5,8 +5,8 @@ Selection (never worse than the start): with `--eval-every N` — or by default 
 that share of the run — the starting images (iteration 0), every N-th iteration's and the final
 images are scored on a validation split held out of the training set (never the test split,
 unless `--select-on test` reproduces the authors' protocol), and the best ones are kept beside
-the final ones: a run that goes wrong returns what it started from, and says so (a resume that
-finds the starting images unscored draws them again from the seed). A run may continue a prefix
+the final ones: a run that goes wrong returns what it started from, and says so (a resume of a
+continued run that finds the starting images unscored draws them again from the seed). A run may continue a prefix
 of itself computed elsewhere (`Continuation`: --tune's winner). Under torchrun every process
 draws its own trajectory per iteration; the gradients are averaged and rank 0 writes.
 """
@@ -212,7 +212,8 @@ class _Run:
     def _catch_up(self) -> None:
         """The selection's first candidates when the state is past iteration 0 without them: the
         starting images (always the bar to pass; their score reused when a continued run has it,
-        else measured on images rebuilt from the seed, as the run drew them), then — a continued run
+        else measured — a resume of a continued run draws them again from the seed, as the run
+        did), then — a continued run
         — its state's images: with --eval-every N when a restart would score them (N divides their
         iteration; the loop does), with --eval-share always (reused, or measured); the loop's
         schedule scores what follows."""
@@ -536,6 +537,9 @@ def run_prepared(cfg: DistillConfig, buffer: store.Buffer, out: Path, prepared: 
             start = state  # the starting images stay a candidate of the selection
             state = copy.deepcopy(continuation.state).to(device)  # its owner keeps its own
             state.sync_labels()
+            # A resume of this run may find its starting images unscored (stopped while scoring them):
+            # it then draws them again from the seed.
+            state.run = {**state.run, "continued_from": state.iteration}
             generator = torch.Generator().manual_seed(0)
             generator.set_state(state.generators[me])
             notes.append(f"the run continues {continuation.what} from iteration {state.iteration} (the same "
@@ -546,8 +550,11 @@ def run_prepared(cfg: DistillConfig, buffer: store.Buffer, out: Path, prepared: 
                        if state.queues else [])
     distiller.micro_batch = choose_micro_batch(distiller, cfg, buffer, state.run, reporter)
     state.run = {**state.run, "micro_batch": distiller.micro_batch or 0}
-    run = _Run(distiller, cfg, buffer, out, name, reporter, selection, continuation,
-               (lambda: start) if start is not None else starting, resume_hint)
+    # The starting images, for a state past iteration 0 that has not scored them: a continued run's
+    # (drawn above), or drawn again for a resume of one. Other runs score them at iteration 0, before
+    # any checkpoint (a resume of a run made before they were scored leaves it so).
+    rebuild = (lambda: start) if start is not None else starting if "continued_from" in state.run else None
+    run = _Run(distiller, cfg, buffer, out, name, reporter, selection, continuation, rebuild, resume_hint)
     seconds = run.loop()
     if run.summary is not None:
         for note in selection_notes(run.summary, state, seconds):
