@@ -540,7 +540,8 @@ def test_the_plan_knows_when_the_final_run_will_start_over() -> None:
     same = DistillConfig(eval_share=0.1, val_size=300)
     assert final_restart(same, 300, n) is None
     assert final_restart(dataclasses.replace(same, val_size=0), n // 10, n) is None  # the default size
-    assert final_restart(dataclasses.replace(same, val_size=0), 900, n) == "another validation split; give --val-size 900"
+    other = final_restart(dataclasses.replace(same, val_size=0), 900, n)
+    assert other == "another validation split; give --val-size 900"
     assert "--select-on test" in final_restart(dataclasses.replace(same, select_on="test"), 300, n)
     assert "no validation split" in final_restart(dataclasses.replace(same, eval_share=0.0), 300, n)
     assert final_restart(dataclasses.replace(same, eval_share=0.0, eval_every=5), 300, n) is None

@@ -5,10 +5,10 @@ Selection (never worse than the start): with `--eval-every N` — or by default 
 that share of the run — the starting images (iteration 0), every N-th iteration's and the final
 images are scored on a validation split held out of the training set (never the test split,
 unless `--select-on test` reproduces the authors' protocol), and the best ones are kept beside
-the final ones: a run that goes wrong returns what it started from, and says so (a resume of a
-continued run that finds the starting images unscored draws them again from the seed). A run may continue a prefix
-of itself computed elsewhere (`Continuation`: --tune's winner). Under torchrun every process
-draws its own trajectory per iteration; the gradients are averaged and rank 0 writes.
+the final ones: a run that goes wrong returns what it started from, and says so. A run may
+continue a prefix of itself computed elsewhere (`Continuation`: --tune's winner); a resume of it
+that finds the starting images unscored draws them again from the seed. Under torchrun every
+process draws its own trajectory per iteration; the gradients are averaged and rank 0 writes.
 """
 
 from __future__ import annotations
@@ -210,13 +210,12 @@ class _Run:
                                           selected_on=cfg.select_on, score=scored)
 
     def _catch_up(self) -> None:
-        """The selection's first candidates when the state is past iteration 0 without them: the
-        starting images (always the bar to pass; their score reused when a continued run has it,
-        else measured — a resume of a continued run draws them again from the seed, as the run
-        did), then — a continued run
-        — its state's images: with --eval-every N when a restart would score them (N divides their
-        iteration; the loop does), with --eval-share always (reused, or measured); the loop's
-        schedule scores what follows."""
+        """The selection's first candidates: the starting images (always the bar to pass; their
+        score reused when a continued run has it, else measured — a resume of a continued run draws
+        them again from the seed, as the run did); then a continued run's state's images — with
+        --eval-every N only when a restart would score them (N divides their iteration: the loop
+        does), with --eval-share always (reused, or measured). The loop's schedule scores what
+        follows."""
         state = self.d.state
         if not self._evaluated_at(0):
             start = state if state.iteration == 0 else (self.starting() if self.starting is not None else None)
