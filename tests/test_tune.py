@@ -463,6 +463,55 @@ def test_ctrl_c_while_a_continued_run_scores_its_starting_images_keeps_them_a_ca
     _same_selection(a, b, out, tmp_path / "b.h5")
 
 
+def test_an_interrupted_final_run_resumes_with_the_command_it_names(tmp_path: Path, convex_buffer: Path,
+                                                                    data_dir: Path) -> None:
+    """Ctrl-C while --tune's final run, continued from the winner, scores its starting images (not
+    reusable here: other epochs than the search's): the message names `mctool distill --preset …
+    --resume` (`--tune --resume` is refused), and that command finishes the run with the starting
+    images scored — the same evaluations and images, bit for bit on the CPU, as the restart."""
+    from mctool.core.errors import Interrupted
+    from mctool.core.progress import Reporter
+    from mctool.distill import tune as tune_mod
+    from mctool.distill import run as run_distill
+
+    class StopAfterContinuing(Reporter):
+        def __init__(self) -> None:
+            self.armed, self.lines = False, []
+
+        def log(self, message: str) -> None:
+            self.lines.append(message)
+            self.armed = self.armed or message.startswith("the run continues")
+
+        def should_stop(self) -> int:
+            return 2 if self.armed else 0
+
+    overrides = {"ipc": 2, "syn_steps": 2, "max_start_epoch": 1.0, "expert_epochs": 1.0, "iterations": 24,
+                 "seed": 3, "eval_epochs": 3, "eval_every": 24, "val_size": 100}
+    tcfg = TuneConfig(minutes=30, iterations=2, eval_runs=2, eval_epochs=2)
+    out, preset = tmp_path / "a.h5", tmp_path / "tuned.toml"
+    stop = StopAfterContinuing()
+    with pytest.raises(Interrupted) as stopped:
+        tune_mod.run(None, overrides, convex_buffer, out, tcfg, tune_out=preset, data_dir=data_dir, device="cpu",
+                     reporter=stop)
+    assert any("scores its images again" in line and "epochs 3, the search's 2" in line for line in stop.lines)
+    command = (f"mctool distill --preset {preset} --buffer {convex_buffer} -o {out} --data-dir {data_dir} "
+               "--resume")
+    assert f"continue it with `{command}`" in str(stopped.value), str(stopped.value)
+    r = cli(*command.split()[1:])
+    assert r.exit_code == 0, r.output
+    restart = run_distill(str(preset), overrides, convex_buffer, tmp_path / "b.h5", data_dir=data_dir,
+                          device="cpu")
+    with store.open_synsets(out) as sf:
+        names = sf.names
+        assert len(names) == 1
+        a = sf.read(names[0])
+    with store.open_synsets(tmp_path / "b.h5") as sf:
+        b = sf.read(restart.synset)
+    assert [e["iteration"] for e in a.evaluations] == [e["iteration"] for e in restart.evaluations] == [0, 24]
+    assert [e["accuracies"] for e in a.evaluations] == [e["accuracies"] for e in restart.evaluations]
+    assert torch.equal(a.images, b.images) and torch.equal(a.best.images, b.best.images)
+
+
 def test_reused_scores_are_the_evaluation_the_final_run_would_measure(data_dir: Path, convex_buffer: Path) -> None:
     """The first run of a two-network evaluation is, bit for bit on the CPU, the one-network
     evaluation of the same protocol; another protocol is not reused."""
