@@ -45,7 +45,8 @@ Method: successive halving on learning curves, in two brackets (docs: README, "-
   on validation; a smaller lr or fewer iterations), a winner at the end of the lr range.
 
 The winner's settings are written as they were scored (no rescaling): the survivors' horizon
-is a real fraction of the full run, and its curve says how the run goes on.
+is a real fraction of the full run, and its curve says how the run goes on. The plan's arithmetic
+is in tune_plan, the preset file's writing in tune_preset (their names are re-exported here).
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ import torch
 from mctool import store
 from mctool.distill import DistillConfig, check_buffer_matches, run_prepared
 from mctool.distill.config import AUTO_SELECT_MIN_ITERATIONS, DEFAULT_EVAL_SHARE
+from mctool.distill.tune_plan import (LR_DECADES, LR_DECADES_SMALL, MIN_HORIZON, NEIGHBOURS,  # noqa: F401
+                                      TOP_FRACTION, Plan, _survivors, describe, plan_search)
+from mctool.distill.tune_preset import (PRESET_MARK, check_preset_target, curve_text, default_preset_path,  # noqa: F401
+                                        preset_comment, preset_values, write_preset, write_result_preset, _show)
 from mctool.distill.runner import (TRAJECTORY_FREE, continuation_problem, continues, selection_protocol,  # noqa: F401
                                    val_split_size)
 from mctool.core.errors import Interrupted, TrainingDiverged, UsageError
@@ -75,12 +80,7 @@ from mctool.evaluate.scores import score_text
 from mctool.core.settings import above, at_least, first_problem, setting
 
 PROBE_ITERATIONS = 3  # the first candidate's first iterations, timed after the first (warm-up)
-MIN_HORIZON = 4  # the first rung's horizon, at least (fewer when the full run is shorter)
-TOP_FRACTION = 0.25  # the survivors should reach this share of the full run when the budget allows
 PLAN_SHARE = 0.9  # the plan fills this share of the budget left: a busy machine's speed changes
-LR_DECADES = (1.0, 0.1, 10.0, 0.01, 100.0)  # the base first: the probe is its first iterations
-LR_DECADES_SMALL = (1.0, 0.1, 10.0)
-NEIGHBOURS = ("max_start_epoch", "syn_steps", "expert_epochs", "lr_img")  # bracket 2's pairs, by priority
 TUNED = ("lr_img", "max_start_epoch", "syn_steps", "expert_epochs")
 BUDGET_STOP = -1  # what should_stop() answers once the budget is spent (not a signal number)
 FINAL_SHARE = 1 / 3  # the final run's predicted time is kept inside the budget when at most this share of it
@@ -260,132 +260,6 @@ def split_for_tuning(prepared: Prepared, size: int, seed: int) -> tuple[Prepared
     tuning = dataclasses.replace(prepared, train_x=prepared.train_x[keep], train_y=prepared.train_y[keep],
                                  test_x=empty_x, test_y=empty_y)
     return tuning, (prepared.train_x[held], prepared.train_y[held])
-
-
-# --------------------------------------------------------------------------- the plan
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What fits the budget: the brackets' candidates, their horizons, the winner's own."""
-
-    lr_factors: tuple[float, ...]  # bracket 1 (the base's × 1 included)
-    neighbours: tuple[str, ...]  # bracket 2: × ½ and × 2 of each (lr_img: × 0.3 and × 3)
-    horizons: tuple[int, ...]  # the brackets' rungs: h, 2h, 4h, … (at most the full run)
-    extension: tuple[int, ...]  # the winner's further horizons, alone
-    estimate_s: float  # the plan's estimated seconds
-    fits: bool  # False: even the smallest search is estimated over the budget
-    dropped: tuple[str, ...] = ()
-    reserve_s: float = 0.0  # kept out of the search for the final run (its predicted time after `top`)
-
-    @property
-    def top(self) -> int:
-        """The last horizon the winner is scored at."""
-        return (self.extension or self.horizons)[-1]
-
-
-def _survivors(n: int, rung: int) -> int:
-    """Candidates still running at rung `rung` (0 = all n): the better half each time."""
-    return max(1, math.ceil(n / 2**rung))
-
-
-def _bracket_cost(n: int, horizons: tuple[int, ...]) -> tuple[float, int]:
-    """(iterations, evaluations) of one bracket of `n` candidates, each survivor continuing from
-    the previous horizon."""
-    iterations, evals, prev = 0.0, 0, 0
-    for k, h in enumerate(horizons):
-        s = _survivors(n, k)
-        iterations, evals, prev = iterations + s * (h - prev), evals + s, h
-    return iterations, evals
-
-
-def _horizons(first: int, rungs: int, full: int) -> tuple[int, ...]:
-    return tuple(sorted({min(first * 2**k, full) for k in range(rungs)}))
-
-
-def _cost(n1: int, n2: int, horizons: tuple[int, ...], extension: tuple[int, ...], t_iteration: float,
-          t_eval: float) -> float:
-    it1, ev1 = _bracket_cost(n1, horizons)
-    it2, ev2 = _bracket_cost(n2, horizons) if n2 > 1 else (0.0, 0)
-    if n2 > 1:  # the first bracket's winner is in the second: its part is done
-        it_w, ev_w = _bracket_cost(1, horizons)
-        it2, ev2 = it2 - it_w, ev2 - ev_w
-    it3 = (extension[-1] - horizons[-1]) if extension else 0
-    return (it1 + it2 + it3) * t_iteration + (ev1 + ev2 + len(extension)) * t_eval
-
-
-def plan_search(budget_s: float, t_iteration: float, t_eval: float, free: tuple[str, ...], full_iterations: int,
-                first: int = 0, final_s: Callable[[int], float] | None = None) -> Plan:
-    """The search to run in `budget_s` seconds, given the measured seconds per distillation
-    iteration (at the base syn_steps) and per evaluation (network training and the validation
-    pass, plus a run's start-up). With `final_s` (the final run's predicted seconds when it
-    continues the winner from a given iteration), the search and that run fit together.
-
-    Options, richest first: lr_img at five decades (three when the budget is short), then 4, 3,
-    2, 1 or 0 pairs of neighbours. For each, the first horizon h is the largest that fits, for
-    each number of doublings the winner then runs alone; the option's horizon is the smallest
-    such plan reaching TOP_FRACTION of the full run (else the farthest). Chosen: the richest
-    option reaching TOP_FRACTION of the full run; when none does, the richest reaching half the
-    farthest horizon any option reaches; when nothing fits, the smallest search (the runtime
-    guard then skips what does not fit)."""
-    full = max(1, full_iterations)
-    h_min = min(MIN_HORIZON, full)
-    target = min(full, max(h_min, math.ceil(TOP_FRACTION * full)))
-    lr_free = "lr_img" in free
-    pairs = tuple(s for s in NEIGHBOURS if s in free)
-    options: list[tuple[tuple[float, ...], tuple[str, ...]]] = []
-    for lrf in ((LR_DECADES, LR_DECADES_SMALL) if lr_free else ((1.0,),)):
-        for p in range(len(pairs), -1, -1):
-            options.append((lrf, pairs[:p]))
-
-    def build(lrf: tuple[float, ...], nb: tuple[str, ...], h: int, extra: int) -> Plan:
-        n1, n2 = len(lrf), 1 + 2 * len(nb)
-        rungs = math.ceil(math.log2(max(n1, n2, 2))) + 1
-        horizons = _horizons(h, rungs, full)
-        extension = tuple(x for x in (min(horizons[-1] * 2**j, full) for j in range(1, extra + 1))
-                          if x > horizons[-1])
-        extension = tuple(sorted(set(extension)))
-        est = _cost(n1, n2, horizons, extension, t_iteration, t_eval)
-        dropped = tuple(f"{s} × ½ and × 2" if s != "lr_img" else "lr_img × 0.3 and × 3" for s in pairs if s not in nb)
-        if lr_free and lrf != LR_DECADES:
-            dropped = ("lr_img × 0.01 and × 100",) + dropped
-        reserve = final_s((extension or horizons)[-1]) if final_s is not None else 0.0
-        return Plan(lrf, nb, horizons, extension, est, est + reserve <= budget_s, dropped, reserve)
-
-    def fitted(lrf: tuple[float, ...], nb: tuple[str, ...], extra: int) -> Plan | None:
-        """The plan with the largest first horizon that fits (None: not even h_min)."""
-        if first:
-            p = build(lrf, nb, first, extra)
-            return p if p.fits else None
-        if not build(lrf, nb, h_min, extra).fits:
-            return None
-        lo, hi = h_min, full
-        while lo < hi:  # the cost grows with h
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if build(lrf, nb, mid, extra).fits else (lo, mid - 1)
-        return build(lrf, nb, lo, extra)
-
-    chosen: list[Plan] = []
-    for lrf, nb in options:
-        best: Plan | None = None
-        for extra in range(0, 2 + math.ceil(math.log2(full))):
-            p = fitted(lrf, nb, extra)
-            if p is None:
-                break
-            if best is None or p.top > best.top:
-                best = p
-            if p.top >= target:
-                break
-        if best is not None:
-            chosen.append(best)
-    if not chosen:
-        lrf, nb = options[-1]
-        return build(lrf, nb, first or h_min, 0)
-    for p in chosen:
-        if p.top >= target:
-            return p
-    farthest = max(p.top for p in chosen)
-    return next(p for p in chosen if 2 * p.top >= farthest)
 
 
 # --------------------------------------------------------------------------- the final run
@@ -950,20 +824,6 @@ def _finish(result: TuneResult, winner: Candidate, base: DistillConfig, buffer: 
     result.notes += diagnose(result, winner, ref.mean if ref is not None else None, base.iterations, lr_free)
 
 
-def describe(plan: Plan) -> str:
-    """The plan in words, for the log and the preset's header."""
-    lrs = ", ".join(f"× {f:g}" for f in sorted(plan.lr_factors))
-    text = f"lr_img {lrs}"
-    if plan.neighbours:
-        text += ", then " + ", ".join(plan.neighbours) + " around the best"
-    text += f"; successive halving at iterations {', '.join(map(str, plan.horizons))}"
-    if plan.extension:
-        text += f", the winner alone to {', '.join(map(str, plan.extension))}"
-    if plan.dropped:
-        text += f" (dropped for the budget: {', '.join(plan.dropped)})"
-    return text
-
-
 class TuneInterrupted(Interrupted):
     """The search was stopped; `result` holds what it found so far."""
 
@@ -972,152 +832,12 @@ class TuneInterrupted(Interrupted):
         self.result = result
 
 
-def curve_text(cand: Candidate) -> str:
-    """'4: 70.1, 8: 71.3, 16: 72.0' (validation %, by iteration)."""
-    return ", ".join(f"{p['iteration']}: {100 * p['mean']:.1f}" for p in cand.curve)
-
-
-def _show(values: dict[str, Any]) -> str:
-    return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
-
-
-# --------------------------------------------------------------------------- the preset file
-
-
-def preset_values(result: TuneResult) -> dict[str, Any]:
-    """The winner as preset keys (the settings a preset may hold)."""
-    from mctool.distill import preset_schema
-
-    keys = preset_schema().all_keys()
-    return {k: v for k, v in result.best.items() if k in keys and v is not None}
-
-
-PRESET_MARK = "# Found by `mctool distill --tune`"  # the first line of every preset --tune writes
-
-
-def preset_comment(result: TuneResult) -> str:
-    """The header of the written preset: how it was found, on what, with which scores."""
-    lines = [f"{PRESET_MARK[2:]} on {result.buffer} ({result.dataset}, ipc {result.ipc}), {store.now_iso()}.",
-             "Search: successive halving — lr_img by decades, then max_start_epoch, syn_steps, expert_epochs around "
-             f"the best — at iterations {', '.join(map(str, result.horizons)) or '-'}; each score from {_runs(result)} "
-             f"networks on {result.val_images} validation images held out of the training split (never the test "
-             "split).",
-             f"Budget {result.budget_s / 60:g} min, used {result.seconds / 60:.1f} min.",
-             "", "validation accuracy (%) per candidate, by iteration:"]
-    if result.random_real is not None:
-        rr = result.random_real
-        lines.append(f"  {'starting images':16s} {'(iteration 0, the bar to pass)':60s} "
-                     f"{score_text(rr['mean'], rr['std'], rr['runs'])}")
-    for i, c in enumerate(result.candidates):
-        score = curve_text(c) + (f" ({c.note})" if c.note else "") if c.curve else c.note
-        mark = "  <- chosen" if i == result.best_index else ""
-        lines.append(f"  {c.stage:16s} {_show(c.values):60s} {score}{mark}")
-    for s in result.skipped:
-        lines.append(f"skipped: {s}")
-    for n in result.notes:
-        lines.append(f"note: {n}")
-    return "\n".join(lines)
-
-
-def _runs(result: TuneResult) -> int:
-    return max((c.runs for c in result.candidates), default=0)
-
-
-def check_preset_target(path: Path, inputs: tuple[Path, ...] = ()) -> None:
-    """Refuse, before any work, a preset path that would replace something that is not a preset
-    --tune wrote: an input (the buffer, -o), a symlink, a folder, an HDF5 artifact, any other file."""
-    from mctool.presets import is_own_preset
-
-    shown = store.shown(path)
-    for other in inputs:
-        try:
-            same = path.exists() and other.exists() and path.samefile(other)
-        except OSError:
-            same = False
-        if same or path.expanduser().absolute() == other.expanduser().absolute():
-            raise UsageError(f"--tune-out {shown}: is {store.shown(other)}, an input or output of this command; "
-                             "name another .toml file")
-    if path.is_symlink():
-        raise UsageError(f"--tune-out {shown}: is a symbolic link; mctool does not write through links — remove it "
-                         "or name another file")
-    if path.is_dir():
-        raise UsageError(f"--tune-out {shown}: is a folder; name a .toml file")
-    if path.exists() and not is_own_preset(path, PRESET_MARK):
-        raise UsageError(f"--tune-out {shown}: exists and is not a preset written by `mctool distill --tune`; "
-                         "nothing was changed — name another file or remove it")
-
-
-def write_preset(path: Path, values: dict[str, Any], comment: str, schema: Any, replaces: str | None = None) -> Path:
-    """Write a preset file (mctool.presets.preset_text) with store.write_atomically: a kill at any
-    point leaves the old file or the new one, never through a link. With `replaces`, an existing
-    `path` is replaced only when it is a plain file whose first line is `replaces` (a preset the
-    same writer wrote), checked before the write and again just before the rename."""
-    from mctool.presets import preset_text
-
-    text = preset_text(values, comment, schema).encode("utf-8")
-    _check_replaceable(path, replaces)
-
-    def write(fh: Any) -> None:
-        fh.write(text)
-        _check_replaceable(path, replaces)  # a link or another file put there meanwhile
-
-    return store.write_atomically(path, write)
-
-
-def _check_replaceable(path: Path, mark: str | None) -> None:
-    from mctool.presets import is_own_preset
-
-    shown = store.shown(path)
-    if path.is_symlink():
-        raise UsageError(f"{shown}: is a symbolic link; mctool does not write through links — remove it or name "
-                         "another file")
-    if path.is_dir():
-        raise UsageError(f"{shown}: is a folder; name a .toml file")
-    if mark is not None and path.exists() and not is_own_preset(path, mark):
-        raise UsageError(f"{shown}: exists and is not a preset mctool wrote; nothing was changed — name another "
-                         "file or remove it")
-
-
-def write_result_preset(result: TuneResult, path: Path) -> Path:
-    """Write the winner as a preset file `--preset PATH` reads back (atomically, never through a
-    link, never over a file --tune did not write); a folder: dataset inside the preset's folder
-    is written relative to it (the two can move together)."""
-    from mctool.distill import preset_schema
-
-    values = preset_values(result)
-    if not values.get("eval_share"):
-        # The run it is for keeps its best images on validation, the starting ones included.
-        values["eval_share"] = DEFAULT_EVAL_SHARE
-    values["source"] = "tuned"
-    values["description"] = f"mctool distill --tune on {result.buffer}"
-    ds = values.get("dataset", "")
-    if isinstance(ds, str) and ds.lower().startswith("folder:"):
-        target = Path(ds[len("folder:"):])
-        here = path.expanduser().resolve().parent
-        try:
-            rel = target.relative_to(here)
-            values["dataset"] = f"folder:{rel.as_posix() or '.'}"
-        except ValueError:
-            values["dataset"] = f"folder:{target}"
-    order = ["source", "description", "dataset", "ipc"]
-    ordered = {k: values[k] for k in order if k in values}
-    ordered.update({k: v for k, v in values.items() if k not in ordered})
-    return write_preset(path, ordered, preset_comment(result), preset_schema(), replaces=PRESET_MARK)
-
-
 @dataclass
 class TuneRun:
     """`mctool distill --tune`: the search, and the distillation with its winner (unless --tune-only)."""
 
     tune: TuneResult
     distill: Any = None  # DistillResult
-
-
-def default_preset_path(out: Path, dataset: str, ipc: int) -> Path:
-    """tuned-DATASET-ipcN.toml beside the synset file (a folder dataset: its folder's name)."""
-    name = Path(dataset[len("folder:"):]).name if dataset.lower().startswith("folder:") else dataset
-    slug = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in name) or "dataset"
-    return out.parent / f"tuned-{slug}-ipc{ipc}.toml"
 
 
 def run(preset: str | None, overrides: dict[str, Any], buffer: Path, out: Path, tcfg: TuneConfig,

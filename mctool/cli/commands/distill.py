@@ -105,7 +105,7 @@ def evaluation_line(ev: dict[str, Any]) -> str:
 def print_tuning(result: Any) -> None:
     """The --tune table: the starting images, then every candidate's learning curve on the
     validation split, the winner marked, what was skipped, the closing notes."""
-    from mctool.distill.tune import _show, curve_text
+    from mctool.distill.tune_preset import _show, curve_text
 
     rows = []
     if result.random_real is not None:
