@@ -486,7 +486,8 @@ def run_prepared(cfg: DistillConfig, buffer: store.Buffer, out: Path, prepared: 
         why = continuation_problem(continuation.config, cfg, continuation.what)
         if why is None and (pool is None or not torch.equal(pool.cpu(), continuation.keep.cpu())):
             # Not the same training images to start from (another validation split, or none): not a prefix.
-            give = f"; give --val-size {continuation.val_size} to hold out its split" if continuation.val_size else ""
+            give = (f"; give --val-size {continuation.val_size} to hold out its split"
+                    if continuation.val_size and pool is not None else "")
             why = f"{continuation.what} started from other training images ({_split_why(cfg, pool)}{give})"
         elif why is None and dist.world_size() != len(continuation.state.generators):
             why = (f"{continuation.what} ran in {len(continuation.state.generators)} process(es), this run in "

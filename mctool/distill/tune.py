@@ -738,6 +738,8 @@ def _tune(base: DistillConfig, buffer: store.Buffer, prepared: Prepared, tcfg: T
                 search.final = final_time
 
             def what(top: int) -> str:
+                if start_at(top) > 0 and top >= full:
+                    return f"no iteration: the winner's {top} are the whole run; its evaluations"
                 if start_at(top) > 0:
                     return f"{full - top} iteration(s) after the winner's {top}, and its evaluations"
                 why = restart or f"--eval-every {final.eval_every} scores iterations before the winner's {top}"
