@@ -274,15 +274,17 @@ def test_the_final_run_continues_the_winner_exactly_as_a_restart(tmp_path: Path,
     scores of the starting images and of the winner's images (the same protocol: the first of the
     search's two networks is the final run's one). Continuing equals the restart that
     `distill --preset` makes, bit for bit on the CPU — both computed here, never against stored
-    numbers —: the same images, step size, losses, and the same scores at iterations 0 and 24; with
-    an EMA of the images and a sampling window that grows past the continued iteration too."""
+    numbers —: the same images, step size, losses, the same scores at iterations 0, 16 and 24 (the
+    search's reused scores equal the restart's measured ones: --eval-every 16 scores the winner's
+    iteration) and the same best images; with an EMA of the images and a sampling window that grows
+    past the continued iteration too."""
     from mctool.distill import tune as tune_mod
     from mctool.distill import run as run_distill
 
     # Only lr_img free (the others given): 5 candidates at 2, 4, 8, 16 of a 24-iteration run; the
     # search's validation split (a third of this tiny training split) given to the final run too.
     overrides = {"ipc": 2, "syn_steps": 2, "max_start_epoch": 1.0, "expert_epochs": 1.0, "iterations": 24,
-                 "seed": 3, "eval_epochs": 2, "eval_every": 24, "val_size": 100, **levers}
+                 "seed": 3, "eval_epochs": 2, "eval_every": 16, "val_size": 100, **levers}
     log = _Lines()
     tcfg = TuneConfig(minutes=30, iterations=2, eval_runs=2, eval_epochs=2)
     ran = tune_mod.run(None, overrides, convex_buffer, tmp_path / "a.h5", tcfg, data_dir=data_dir, device="cpu",
@@ -305,19 +307,22 @@ def test_the_final_run_continues_the_winner_exactly_as_a_restart(tmp_path: Path,
     assert list(sa.loss) == list(sb.loss) and len(sa.loss) == 24
     by_a = {e["iteration"]: e for e in a.evaluations}
     by_b = {e["iteration"]: e for e in b.evaluations}
-    assert set(by_b) == {0, 24} and set(by_a) == {0, 16, 24}  # 16: the winner's images, scored by the search
-    for it in (0, 24):
+    assert set(by_b) == set(by_a) == {0, 16, 24}  # 16: the winner's images, scored by the search
+    for it in (0, 16, 24):  # 0 and 16 reused (measured by the search), 24 measured; all measured by the restart
         assert by_a[it]["accuracies"] == by_b[it]["accuracies"] and by_a[it]["runs"] == 1
-    best = max(a.evaluations, key=lambda e: e["mean"])
-    assert a.best is not None and a.best["iteration"] == best["iteration"]
+        assert by_a[it]["seeds"] == by_b[it]["seeds"] and by_a[it]["config"] == by_b[it]["config"]
+    assert a.best is not None and b.best is not None and a.best["iteration"] == b.best["iteration"]
+    assert a.best["score"]["accuracies"] == b.best["score"]["accuracies"]
+    assert a.best["iteration"] == max(a.evaluations, key=lambda e: e["mean"])["iteration"]
+    assert torch.equal(sa.best.images, sb.best.images)
     assert a.selection is not None and a.selection["evaluations"] == 1 and a.selection["reused"] == 2
 
 
 def test_a_final_run_that_is_not_the_winners_continued_starts_over(tmp_path: Path, convex_buffer: Path,
                                                                    data_dir: Path) -> None:
     """Continuing only when the candidate's run is a prefix: another setting the trajectory depends
-    on, a shorter run, or other training images to start from (another validation split) start
-    over, and say so."""
+    on, a shorter run, --eval-every N scoring iterations before the candidate's, or other training
+    images to start from (another validation split) start over, and say so in one line."""
     from mctool.distill import tune as tune_mod
     from mctool.distill import run_prepared
     from mctool.distill.runner import Continuation
@@ -327,12 +332,20 @@ def test_a_final_run_that_is_not_the_winners_continued_starts_over(tmp_path: Pat
     assert tune_mod.continues(base, longer) and not tune_mod.continues(longer, base)
     for key, value in (("lr_img", 2 * base.lr_img), ("seed", 4), ("syn_steps", 3), ("ema", 0.9)):
         assert not tune_mod.continues(base, dataclasses.replace(longer, **{key: value})), key
+    # --eval-every N < the candidate's 10 iterations: a restart scores iteration N, whose images are gone.
+    assert not tune_mod.continues(base, dataclasses.replace(longer, eval_every=5))
+    assert tune_mod.continues(base, dataclasses.replace(longer, eval_every=10))
+    assert tune_mod.continues(base, dataclasses.replace(longer, eval_every=15))
     log = _Lines()
-    handoff = tune_mod.Handoff(file=tmp_path / "none.h5", config=base, keep=torch.arange(3), scores={},
-                               ecfg=tune_mod.final_protocol(base), what="candidate 1 of the search")
+    handoff = tune_mod.Handoff(file=tmp_path / "none.h5", config=base, keep=torch.arange(3), val_size=7, scores={},
+                               ecfg=tune_mod.selection_protocol(base), what="candidate 1 of the search")
     assert tune_mod.continuation_of(handoff, dataclasses.replace(longer, lr_img=1.0), torch.device("cpu"),
                                     log.reporter) is None
-    assert "starts over" in log.lines[-1] and "lr_img" in log.lines[-1]
+    assert log.lines[-1] == ("tune: the final run starts over: its settings differ from those of candidate 1 of the "
+                             "search: lr_img")
+    assert tune_mod.continuation_of(handoff, dataclasses.replace(longer, eval_every=4), torch.device("cpu"),
+                                    log.reporter) is None
+    assert "starts over" in log.lines[-1] and "--eval-every 4" in log.lines[-1]
     # run_prepared: a prefix from other training images is not continued.
     with store.open_buffer(convex_buffer) as buf:
         cfg = resolve_config(None, {"ipc": 2, "syn_steps": 2, "iterations": 3, "seed": 3, "eval_every": 3,
@@ -341,12 +354,162 @@ def test_a_final_run_that_is_not_the_winners_continued_starts_over(tmp_path: Pat
         first = run_prepared(dataclasses.replace(cfg, iterations=2), buf, tmp_path / "p.h5", prepared, name="p")
         from mctool.distill.checkpoint import _load_state
         state = _load_state(tmp_path / "p.h5", "p", cfg)
-        other = Continuation(state=state, keep=torch.arange(5), what="candidate 2 of the search")
+        other = Continuation(state=state, config=dataclasses.replace(cfg, iterations=2), keep=torch.arange(5),
+                             val_size=7, what="candidate 2 of the search")
         out = run_prepared(cfg, buf, tmp_path / "q.h5", prepared, name="q", continuation=other,
                            reporter=log.reporter)
     assert first.iterations == 2 and out.iterations == 3
-    assert any("started from other training images" in n and "starts over" in n for n in out.notes)
+    assert any("started from other training images" in n and "starts over" in n and "--val-size 7" in n
+               for n in out.notes), out.notes
     assert [e["iteration"] for e in out.evaluations] == [0, 3]  # measured, from the start
+
+
+def _candidate_run(buf, prepared, cfg: DistillConfig, reached: int, out: Path, scores: dict | None = None):
+    """A candidate's run as --tune makes it — `reached` iterations of `cfg` without evaluations, from
+    the training split minus the validation split `cfg` holds out — as a runner.Continuation."""
+    from mctool.distill import tune as tune_mod
+    from mctool.distill import run_prepared
+    from mctool.distill.checkpoint import _load_state
+    from mctool.distill.runner import Continuation, val_split_size
+    from mctool.data.prepared import split_validation
+
+    size = val_split_size(cfg, prepared.train_y.numel())
+    data, _ = tune_mod.split_for_tuning(prepared, size, cfg.seed)
+    short = dataclasses.replace(cfg, iterations=reached, eval_every=0, eval_share=0.0, checkpoint_every=reached + 1)
+    run_prepared(short, buf, out, data, name="tune")
+    keep = split_validation(prepared.train_y, prepared.meta.num_classes, size, cfg.seed)[0]
+    return Continuation(state=_load_state(out, "tune", short), config=short, keep=keep, val_size=size,
+                        scores=scores or {}, what="the candidate", by="the test")
+
+
+def _same_selection(a, b, fa: Path, fb: Path) -> None:
+    """Two runs' selections are the same, bit for bit: evaluations, best images, final images."""
+    assert [e["iteration"] for e in a.evaluations] == [e["iteration"] for e in b.evaluations]
+    assert [e["accuracies"] for e in a.evaluations] == [e["accuracies"] for e in b.evaluations]
+    assert a.best is not None and b.best is not None and a.best["iteration"] == b.best["iteration"]
+    with store.open_synsets(fa) as sf:
+        sa = sf.read(a.synset)
+    with store.open_synsets(fb) as sf:
+        sb = sf.read(b.synset)
+    assert torch.equal(sa.images, sb.images) and torch.equal(sa.best.images, sb.best.images)
+
+
+@pytest.mark.parametrize("every", [2, 4, 5])
+def test_a_continued_run_selects_as_a_restart_does_with_eval_every(tmp_path: Path, convex_buffer: Path,
+                                                                   data_dir: Path, every: int) -> None:
+    """Continuing a 4-iteration candidate to 6 iterations with --eval-every N gives the restart's
+    evaluations and best images, bit for bit on the CPU: N = 2 < 4 starts over (a restart scores
+    iteration 2, whose images the candidate's run did not keep), and says so; N = 4 scores the
+    candidate's images (the restart does); N = 5 does not record a score of them even when one is
+    handed over (the restart never scores iteration 4)."""
+    from mctool.distill import run_prepared
+
+    log = _Lines()
+    with store.open_buffer(convex_buffer) as buf:
+        cfg = resolve_config(None, {"ipc": 2, "syn_steps": 2, "iterations": 6, "seed": 3, "eval_every": every,
+                                    "eval_epochs": 2, "eval_runs": 1, "val_size": 100}, buf)
+        prepared = prepare_like(buf.data, data_dir, torch.device("cpu"))
+        # A score of the candidate's images that would win if it were recorded.
+        fake = {"kind": "synset", "model": "ConvNet", "mean": 2.0, "std": 0.0, "runs": 1, "accuracies": [2.0],
+                "split": "validation"}
+        cont = _candidate_run(buf, prepared, cfg, 4, tmp_path / "c.h5", scores={4: fake} if every == 5 else None)
+        a = run_prepared(cfg, buf, tmp_path / "a.h5", prepared, name="a", continuation=cont, reporter=log.reporter)
+        b = run_prepared(cfg, buf, tmp_path / "b.h5", prepared, name="b")
+    _same_selection(a, b, tmp_path / "a.h5", tmp_path / "b.h5")
+    continued = any("the run continues the candidate from iteration 4" in n for n in a.notes)
+    assert continued == (every != 2), a.notes
+    if every == 2:
+        assert any(n.startswith("note: the run starts over: --eval-every 2") for n in a.notes), a.notes
+    expected = {2: [0, 2, 4, 6], 4: [0, 4, 6], 5: [0, 5, 6]}[every]
+    assert [e["iteration"] for e in a.evaluations] == expected
+
+
+def test_ctrl_c_while_a_continued_run_scores_its_starting_images_keeps_them_a_candidate(
+        tmp_path: Path, convex_buffer: Path, data_dir: Path) -> None:
+    """Interrupted while it scores the starting images (before its first iteration), a continued run
+    saves its checkpoint at the candidate's iteration without them; --resume draws them again from
+    the seed and scores them: the resumed run's selection is the restart's, bit for bit on the CPU."""
+    from mctool.core.errors import Interrupted
+    from mctool.core.progress import Reporter
+    from mctool.distill import run_prepared
+
+    class StopAfterContinuing(Reporter):
+        def __init__(self) -> None:
+            self.armed = False
+
+        def log(self, message: str) -> None:
+            self.armed = self.armed or message.startswith("the run continues")
+
+        def should_stop(self) -> int:
+            return 2 if self.armed else 0  # SIGINT at the first safe point after the run continued
+
+    with store.open_buffer(convex_buffer) as buf:
+        cfg = resolve_config(None, {"ipc": 2, "syn_steps": 2, "iterations": 6, "seed": 3, "eval_every": 6,
+                                    "eval_epochs": 2, "eval_runs": 1, "val_size": 100}, buf)
+        prepared = prepare_like(buf.data, data_dir, torch.device("cpu"))
+        cont = _candidate_run(buf, prepared, cfg, 4, tmp_path / "c.h5")  # no scores: 0 is measured
+        out = tmp_path / "a.h5"
+        with pytest.raises(Interrupted) as stopped:
+            run_prepared(cfg, buf, out, prepared, name="a", continuation=cont, reporter=StopAfterContinuing(),
+                         resume_hint="continue it with `mctool distill --preset T.toml --resume`")
+        assert str(stopped.value).endswith("checkpoint saved at iteration 4; continue it with `mctool distill --preset "
+                                           "T.toml --resume`"), str(stopped.value)
+        with store.open_synsets(out) as sf:
+            saved = sf.read("a")
+        assert not [e for e in saved.evaluations if e.get("iteration") == 0]  # the bug's precondition
+        a = run_prepared(cfg, buf, out, prepared, name="a", resume=True)
+        b = run_prepared(cfg, buf, tmp_path / "b.h5", prepared, name="b")
+    assert [e["iteration"] for e in a.evaluations] == [0, 6]
+    _same_selection(a, b, out, tmp_path / "b.h5")
+
+
+def test_an_interrupted_final_run_resumes_with_the_command_it_names(tmp_path: Path, convex_buffer: Path,
+                                                                    data_dir: Path) -> None:
+    """Ctrl-C while --tune's final run, continued from the winner, scores its starting images (not
+    reusable here: other epochs than the search's): the message names `mctool distill --preset …
+    --resume` (`--tune --resume` is refused), and that command finishes the run with the starting
+    images scored — the same evaluations and images, bit for bit on the CPU, as the restart."""
+    from mctool.core.errors import Interrupted
+    from mctool.core.progress import Reporter
+    from mctool.distill import tune as tune_mod
+    from mctool.distill import run as run_distill
+
+    class StopAfterContinuing(Reporter):
+        def __init__(self) -> None:
+            self.armed, self.lines = False, []
+
+        def log(self, message: str) -> None:
+            self.lines.append(message)
+            self.armed = self.armed or message.startswith("the run continues")
+
+        def should_stop(self) -> int:
+            return 2 if self.armed else 0
+
+    overrides = {"ipc": 2, "syn_steps": 2, "max_start_epoch": 1.0, "expert_epochs": 1.0, "iterations": 24,
+                 "seed": 3, "eval_epochs": 3, "eval_every": 24, "val_size": 100}
+    tcfg = TuneConfig(minutes=30, iterations=2, eval_runs=2, eval_epochs=2)
+    out, preset = tmp_path / "a.h5", tmp_path / "tuned.toml"
+    stop = StopAfterContinuing()
+    with pytest.raises(Interrupted) as stopped:
+        tune_mod.run(None, overrides, convex_buffer, out, tcfg, tune_out=preset, data_dir=data_dir, device="cpu",
+                     reporter=stop)
+    assert any("scores its images again" in line and "epochs 3, the search's 2" in line for line in stop.lines)
+    command = (f"mctool distill --preset {preset} --buffer {convex_buffer} -o {out} --data-dir {data_dir} "
+               "--resume")
+    assert f"continue it with `{command}`" in str(stopped.value), str(stopped.value)
+    r = cli(*command.split()[1:])
+    assert r.exit_code == 0, r.output
+    restart = run_distill(str(preset), overrides, convex_buffer, tmp_path / "b.h5", data_dir=data_dir,
+                          device="cpu")
+    with store.open_synsets(out) as sf:
+        names = sf.names
+        assert len(names) == 1
+        a = sf.read(names[0])
+    with store.open_synsets(tmp_path / "b.h5") as sf:
+        b = sf.read(restart.synset)
+    assert [e["iteration"] for e in a.evaluations] == [e["iteration"] for e in restart.evaluations] == [0, 24]
+    assert [e["accuracies"] for e in a.evaluations] == [e["accuracies"] for e in restart.evaluations]
+    assert torch.equal(a.images, b.images) and torch.equal(a.best.images, b.best.images)
 
 
 def test_reused_scores_are_the_evaluation_the_final_run_would_measure(data_dir: Path, convex_buffer: Path) -> None:
@@ -370,6 +533,8 @@ def test_reused_scores_are_the_evaluation_the_final_run_would_measure(data_dir: 
     assert reused["accuracies"] == ev1.accuracies and reused["mean"] == ev1.mean and reused["std"] == ev1.std
     assert reused["seeds"] == ev1.seeds and reused["config"] == dataclasses.asdict(one)
     assert not tune_mod.reusable(two, dataclasses.replace(one, epochs=4), cpu)
+    assert "epochs 4, the search's 3" in tune_mod.reuse_problem(two, dataclasses.replace(one, epochs=4), cpu)
+    assert "3 networks, the search 2" in tune_mod.reuse_problem(two, dataclasses.replace(two, runs=3), cpu)
     assert not tune_mod.reusable(one, two, cpu)  # fewer runs than wanted
     assert not tune_mod.reusable(dataclasses.replace(two, together=True), one, cpu)  # stacked: other rounding
     assert tune_mod.reusable(dataclasses.replace(two, together=True), dataclasses.replace(two, together=True), cpu)
@@ -392,10 +557,43 @@ def test_the_plan_keeps_the_final_run_inside_the_budget() -> None:
     cfg = DistillConfig(iterations=100, eval_share=0.1, eval_runs=1)
     reused = final_seconds(cfg, 60, 1.0, 5.0, 2.0, True)
     assert reused == pytest.approx(2.0 + 40 * 1.0 + 5.0 + 40 * 1.0 * 0.1 / 0.9)
-    assert final_seconds(cfg, 60, 1.0, 5.0, 2.0, False) == pytest.approx(reused + 5.0)
+    # Not reused: the starting images and the winner's are measured again.
+    assert final_seconds(cfg, 60, 1.0, 5.0, 2.0, False) == pytest.approx(reused + 10.0)
+    # Starting over: all iterations, the starting images measured (the final images' score and
+    # the periodic ones as ever).
+    assert final_seconds(cfg, 0, 1.0, 5.0, 2.0, False) == pytest.approx(2.0 + 100 + 10.0 + 100 * 0.1 / 0.9)
     every = dataclasses.replace(cfg, eval_share=0.0, eval_every=10)
     assert final_seconds(every, 60, 1.0, 5.0, 2.0, True) == pytest.approx(2.0 + 40 + 5.0 + 4 * 5.0)
+    # --eval-every 10 scores the winner's iteration 60 (measured when not reused); 25 does not.
+    assert final_seconds(every, 60, 1.0, 5.0, 2.0, False) == pytest.approx(2.0 + 40 + 15.0 + 4 * 5.0)
+    every25 = dataclasses.replace(every, eval_every=25)
+    assert final_seconds(every25, 60, 1.0, 5.0, 2.0, False) == pytest.approx(2.0 + 40 + 10.0 + 1 * 5.0)
     assert final_seconds(dataclasses.replace(cfg, eval_share=0.0), 60, 1.0, 5.0, 2.0, False) == 42.0
+
+
+def test_an_interrupted_final_run_names_the_command_that_resumes_it() -> None:
+    """`--tune --resume` is refused: the final run's interruption names `distill --preset … --resume`."""
+    from mctool.distill.tune import resume_command
+
+    said = resume_command(Path("t/tuned.toml"), Path("b.h5"), Path("o/s.h5"), "mine", Path("data"))
+    assert said == ("continue it with `mctool distill --preset t/tuned.toml --buffer b.h5 -o o/s.h5 --name mine "
+                    "--data-dir data --resume`")
+
+
+def test_the_plan_knows_when_the_final_run_will_start_over() -> None:
+    """The final run can continue the winner only when it holds out the search's validation split:
+    it selects on validation, with the same split size (the seed is the same)."""
+    from mctool.distill.tune import final_restart
+
+    n = 3000
+    same = DistillConfig(eval_share=0.1, val_size=300)
+    assert final_restart(same, 300, n) is None
+    assert final_restart(dataclasses.replace(same, val_size=0), n // 10, n) is None  # the default size
+    other = final_restart(dataclasses.replace(same, val_size=0), 900, n)
+    assert other == "another validation split; give --val-size 900"
+    assert "--select-on test" in final_restart(dataclasses.replace(same, select_on="test"), 300, n)
+    assert "no validation split" in final_restart(dataclasses.replace(same, eval_share=0.0), 300, n)
+    assert final_restart(dataclasses.replace(same, eval_share=0.0, eval_every=5), 300, n) is None
 
 
 def test_the_budget_is_kept_on_a_clock_that_counts_work(convex_buffer: Path, data_dir: Path,
@@ -425,13 +623,17 @@ def test_the_budget_is_kept_on_a_clock_that_counts_work(convex_buffer: Path, dat
     assert any("of the full run's 2000 iterations" in n for n in result.notes)
 
 
-@pytest.mark.parametrize("full", [30, 2000])
+@pytest.mark.parametrize("full,val_size", [(30, 100), (2000, 100), (30, 0)],
+                         ids=["short", "long", "short-other-split"])
 def test_a_short_final_run_is_kept_inside_the_budget(convex_buffer: Path, data_dir: Path,
-                                                     monkeypatch: pytest.MonkeyPatch, full: int) -> None:
+                                                     monkeypatch: pytest.MonkeyPatch, full: int,
+                                                     val_size: int) -> None:
     """On a clock that counts work: when the final run is short (the iterations after the winner's
     and its evaluations, predicted from the measured costs), the search and that run end within
     the budget plus one evaluation, and the plan line says what it kept; when it is long, nothing
-    is kept and the plan line gives its predicted time instead."""
+    is kept and the plan line gives its predicted time instead. A final run that will hold out
+    another validation split than the search's (no --val-size on this small training split) will
+    start over: it is planned from iteration 0, and the plan line says so and how to avoid it."""
     from mctool.distill import tune as tune_mod
 
     budget_s = 400.0
@@ -445,17 +647,23 @@ def test_a_short_final_run_is_kept_inside_the_budget(convex_buffer: Path, data_d
     log = _Lines()
     with store.open_buffer(convex_buffer) as buf:
         base = resolve_config(None, {"ipc": 2, "syn_steps": 2, "iterations": full, "seed": 3, "eval_epochs": 2,
-                                     "eval_share": 0.1}, buf)
+                                     "eval_share": 0.1, "val_size": val_size}, buf)
         prepared = prepare_like(buf.data, data_dir, torch.device("cpu"))
-        tcfg = TuneConfig(minutes=budget_s / 60, eval_runs=2, eval_epochs=2, seed=3)
+        tcfg = TuneConfig(minutes=budget_s / 60, eval_runs=2, eval_epochs=2, seed=3, val_size=val_size)
         result = tune_prepared(base, buf, prepared, tcfg, set(), log.reporter, final=base)
     plan_line = next(line for line in log.lines if "s per evaluation →" in line)
     win = result.candidates[result.best_index]
     p = result.probe
     t_eval = p["seconds_per_evaluation"]
     per_iteration = p["seconds_per_iteration"] * win.values["syn_steps"] / p["syn_steps"]
-    final_s = tune_mod.final_seconds(base, win.reached, per_iteration, t_eval * 1 / 2, p["seconds_startup"], True)
-    if full == 30:
+    start = win.reached if val_size else 0
+    final_s = tune_mod.final_seconds(base, start, per_iteration, t_eval * 1 / 2, p["seconds_startup"], start > 0)
+    assert ("the final run will start over: another validation split; give --val-size "
+            f"{result.val_images}" in plan_line) == (not val_size), plan_line
+    assert "0 s of it" not in plan_line
+    if not val_size:  # planned from iteration 0: too long to keep in this budget
+        assert f"all {full} iterations" in plan_line and result.plan["reserve_s"] == 0, plan_line
+    elif full == 30:
         assert result.plan["reserve_s"] > 0 and "kept for the final run" in plan_line, plan_line
         assert result.seconds + final_s <= budget_s + t_eval, (result.seconds, final_s)
     else:

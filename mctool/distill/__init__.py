@@ -9,7 +9,8 @@ The package, by job:
 - checkpoint: State <-> the stored synset and its checkpoint;
 - runner: a whole run (data, loop, checkpoints, periodic evaluations, pictures);
 - dryrun: `--dry-run`'s memory estimate;
-- autoconfig: settings for a buffer no preset was made for; tune: `--tune`'s search.
+- autoconfig: settings for a buffer no preset was made for; tune: `--tune`'s search (tune_plan: what fits
+  the budget; tune_preset: the preset file it writes).
 
 `from mctool.distill import X` gives the names other modules use; the submodules hold the rest.
 """

@@ -5,8 +5,10 @@ Selection (never worse than the start): with `--eval-every N` — or by default 
 that share of the run — the starting images (iteration 0), every N-th iteration's and the final
 images are scored on a validation split held out of the training set (never the test split,
 unless `--select-on test` reproduces the authors' protocol), and the best ones are kept beside
-the final ones: a run that goes wrong returns what it started from, and says so. Under torchrun every process draws its own trajectory per iteration; the
-gradients are averaged and rank 0 writes.
+the final ones: a run that goes wrong returns what it started from, and says so. A run may
+continue a prefix of itself computed elsewhere (`Continuation`: --tune's winner); a resume of it
+that finds the starting images unscored draws them again from the seed. Under torchrun every
+process draws its own trajectory per iteration; the gradients are averaged and rank 0 writes.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -72,20 +75,66 @@ class DistillResult:
     selection: dict[str, Any] | None = None  # the best-images selection: evaluations and their measured cost
 
 
+# Settings that do not change a run's trajectory — how long it runs, when it saves, how and where its
+# images are scored (which training images it starts from is checked on the indices) —: a run differing
+# from a candidate's only in these may continue the candidate's run (`continuation_problem`).
+TRAJECTORY_FREE = ("iterations", "checkpoint_every", "checkpoint_minutes", "eval_every", "eval_share", "eval_runs",
+                   "eval_epochs", "select_on", "val_size", "preset")
+
+
+def continuation_problem(candidate: DistillConfig, final: DistillConfig, what: str = "the candidate") -> str | None:
+    """Why a run with `final` settings is not the run `candidate`'s settings started, longer (None:
+    it is). Its trajectory must depend on the same settings (all but TRAJECTORY_FREE), it must be no
+    shorter, and its selection must see what a restart's would: with --eval-every N smaller than
+    the candidate's iterations a restart scores iterations whose images a continuation never has.
+    No schedule depends on the total number of iterations (the sampling window grows over
+    --start-upper-iterations, the EMA and the momenta are in the state), so continuing equals
+    restarting bit for bit on the CPU (tests/test_tune.py)."""
+    differ = [f.name for f in dataclasses.fields(DistillConfig) if f.name not in TRAJECTORY_FREE
+              and getattr(final, f.name) != getattr(candidate, f.name)]
+    if differ:
+        return f"its settings differ from those of {what}: " + ", ".join(differ)
+    if final.iterations < candidate.iterations:
+        return f"it is shorter than {what} ({final.iterations} iterations, not {candidate.iterations})"
+    if 1 <= final.eval_every < candidate.iterations:
+        return (f"--eval-every {final.eval_every} scores images from before the {candidate.iterations} iterations "
+                f"of {what}, which only a restart has")
+    return None
+
+
+def continues(candidate: DistillConfig, final: DistillConfig) -> bool:
+    """Whether a run with `final` settings is the run `candidate`'s settings started, longer."""
+    return continuation_problem(candidate, final) is None
+
+
+def val_split_size(cfg: DistillConfig, num_train: int) -> int:
+    """The validation images a run with `cfg` holds out of `num_train` training images."""
+    return cfg.val_size or auto_val_size(num_train)
+
+
+def selection_protocol(cfg: DistillConfig) -> Any:
+    """How a run with `cfg` scores its images when it selects them (an EvaluateConfig)."""
+    from mctool.evaluate.evaluation import EvaluateConfig
+
+    return EvaluateConfig(runs=cfg.eval_runs, epochs=cfg.eval_epochs, seed=cfg.seed, augment=cfg.augment)
+
+
 @dataclass
 class Continuation:
     """A prefix of this very run computed elsewhere (`--tune`'s winning candidate): the run goes on
-    from its state instead of starting over, which gives the same images bit for bit on the CPU.
-    Only for the settings it was computed with — the caller checks them (`--tune`: every setting
-    but those a resume may change); `run_prepared` checks that it started from the same training
-    images (the same validation split held out), else starts over and says so.
+    from its state instead of starting over, which gives the same images — and, with --eval-every,
+    the same best images — bit for bit on the CPU. `run_prepared` checks that it is a prefix: the
+    same settings but TRAJECTORY_FREE (`continuation_problem`) and the same training images to
+    start from (the same validation split held out); else it starts over and says why.
 
     `scores`: evaluations already measured under this run's selection protocol (the same images,
     validation split and networks), by iteration — 0 for the starting images, the state's own
     iteration for its images — recorded instead of evaluated again."""
 
     state: State
+    config: DistillConfig  # the settings it ran with (iterations: the state's)
     keep: torch.Tensor  # the training indices it distilled from: the complement of its validation split
+    val_size: int = 0  # the validation split's size it held out (--val-size gives this run the same)
     scores: dict[int, dict[str, Any]] = field(default_factory=dict)
     what: str = "a prefix of this run"  # for the log: "candidate 9 of the search"
     by: str = "elsewhere"  # who measured `scores`: "the search"
@@ -96,10 +145,14 @@ class _Run:
 
     def __init__(self, distiller: Distiller, cfg: DistillConfig, buffer: store.Buffer, out: Path, name: str,
                  reporter: Reporter, selection: tuple[torch.Tensor, torch.Tensor] | None,
-                 continued: Continuation | None = None, start: State | None = None) -> None:
+                 continued: Continuation | None = None, starting: Callable[[], State] | None = None,
+                 resume_hint: str = _RESUME_HINT) -> None:
         self.d, self.cfg, self.buffer, self.out, self.name = distiller, cfg, buffer, out, name
-        self.reporter, self.selection = reporter, selection
-        self.continued, self.start = continued, start  # a continued run: its prefix, and its iteration-0 state
+        self.reporter, self.selection, self.resume_hint = reporter, selection, resume_hint
+        # A continued run's prefix, and how to rebuild the run's iteration-0 state (its starting
+        # images) when the state is past it and they were never scored: a continued run, or a resume
+        # of one interrupted before they were.
+        self.continued, self.starting = continued, starting
         self.reused = 0  # evaluations recorded from `continued.scores` instead of measured
         self.source = buffer.source()
         ref = buffer.reference()
@@ -124,17 +177,17 @@ class _Run:
     def evaluate(self, at: State | None = None, reused: dict[str, Any] | None = None) -> None:
         """Score the images of `at` (default: the current state) on the selection split — or record
         `reused`, the same evaluation measured elsewhere —; keep them if they are the best so far."""
-        from mctool.evaluate.evaluation import EvaluateConfig, evaluate_set
+        from mctool.evaluate.evaluation import evaluate_set
 
         state, cfg = self.d.state, self.cfg
         at = at or state
         assert self.selection is not None
         if reused is None:
             started = time.perf_counter()
-            ecfg = EvaluateConfig(runs=cfg.eval_runs, epochs=cfg.eval_epochs, seed=cfg.seed, augment=cfg.augment)
-            ev = evaluate_set(at.shown("images"), at.labels, at.alpha, self.d.prepared, self.buffer.spec, ecfg,
-                              "synset", self.reporter, score_on=self.selection, split=cfg.select_on,
-                              stop_hint=f"checkpoint saved at iteration {state.iteration}; {_RESUME_HINT}")[0]
+            ev = evaluate_set(at.shown("images"), at.labels, at.alpha, self.d.prepared, self.buffer.spec,
+                              selection_protocol(cfg), "synset", self.reporter, score_on=self.selection,
+                              split=cfg.select_on,
+                              stop_hint=f"checkpoint saved at iteration {state.iteration}; {self.resume_hint}")[0]
             self.last_eval = time.perf_counter() - started
             self.eval_seconds += self.last_eval
             self.evaluations += 1
@@ -157,16 +210,24 @@ class _Run:
                                           selected_on=cfg.select_on, score=scored)
 
     def _catch_up(self) -> None:
-        """A continued run's selection before its first iteration: the starting images (always a
-        candidate: measured again unless their score is reused) and the continued state's images
-        (when their score is reused; the loop's schedule scores what follows)."""
-        assert self.continued is not None and self.start is not None
-        for at in (self.start, self.d.state):
-            if self._evaluated_at(at.iteration):
-                continue
-            reused = self.continued.scores.get(at.iteration)
-            if reused is not None or at.iteration == 0:
-                self.evaluate(at, reused)
+        """The selection's first candidates: the starting images (always the bar to pass; their
+        score reused when a continued run has it, else measured — a resume of a continued run draws
+        them again from the seed, as the run did); then a continued run's state's images — with
+        --eval-every N only when a restart would score them (N divides their iteration: the loop
+        does), with --eval-share always (reused, or measured). The loop's schedule scores what
+        follows."""
+        state = self.d.state
+        if not self._evaluated_at(0):
+            start = state if state.iteration == 0 else (self.starting() if self.starting is not None else None)
+            if start is not None:
+                self.evaluate(start, self._reused(0))
+        if (self.continued is not None and state.iteration > 0 and not self.cfg.eval_every
+                and not self._evaluated_at(state.iteration)):
+            self.evaluate(reused=self._reused(state.iteration))
+
+    def _reused(self, iteration: int) -> dict[str, Any] | None:
+        """The score of this run's images at `iteration` measured elsewhere (a continued run's), if any."""
+        return self.continued.scores.get(iteration) if self.continued is not None else None
 
     def _evaluated_at(self, iteration: int) -> bool:
         """Whether this run's selection already scored its images at `iteration` (a resume)."""
@@ -214,17 +275,17 @@ class _Run:
         every = cfg.eval_every or int(state.run.get("eval_every", 0))  # 0 with eval_share: chosen once measured
         steps: list[float] = []  # when each of this sitting's last iterations ended
         try:
-            if self.selecting and state.iteration == 0 and not self._evaluated_at(0):
-                self.evaluate()  # the starting images: the bar every later iteration must pass
-            elif self.selecting and self.continued is not None:
-                self._catch_up()  # the same bar for a run continued from a prefix computed elsewhere
+            if self.selecting:
+                self._catch_up()  # the starting images: the bar every later iteration must pass
             while state.iteration < cfg.iterations:
                 signum = reporter.should_stop()
                 if dist.any_flag(bool(signum), device):
                     raise Interrupted(f"interrupted ({SIGNAL_NAMES.get(signum, 'by another process')}); checkpoint "
-                                      f"saved at iteration {state.iteration}; {_RESUME_HINT}", signum or 15)
-                if self.selecting and every and state.iteration > first_iteration and state.iteration % every == 0:
-                    self.evaluate()
+                                      f"saved at iteration {state.iteration}; {self.resume_hint}", signum or 15)
+                # Every N-th iteration's images (a resume stopped during their evaluation scores them now).
+                if (self.selecting and every and state.iteration > 0 and state.iteration % every == 0
+                        and not self._evaluated_at(state.iteration)):
+                    self.evaluate(reused=self._reused(state.iteration))
                     steps.clear()  # the pace of iterations, not of evaluations
                 per_iteration = (steps[-1] - steps[0]) / (len(steps) - 1) if len(steps) > 1 else None
                 if not self._iteration(self._time_left(per_iteration, every)):
@@ -253,7 +314,7 @@ class _Run:
         if bad_here >= 2 and bad_here > MAX_BAD_FRACTION * ran:
             self._diverged(f"{bad_here} of {ran} iterations")
         if self.selecting and not self._evaluated_at(state.iteration):
-            self.evaluate()
+            self.evaluate(reused=self._reused(state.iteration))
         self.checkpoint(final=True)
         seconds = time.perf_counter() - started
         if self.selecting:
@@ -358,7 +419,7 @@ def _selection(cfg: DistillConfig, prepared: Prepared) -> tuple[tuple[torch.Tens
         return None, None
     if cfg.select_on == "test":
         return (prepared.test_x, prepared.test_y), None
-    size = cfg.val_size or auto_val_size(prepared.train_y.numel())
+    size = val_split_size(cfg, prepared.train_y.numel())
     keep, held = split_validation(prepared.train_y, prepared.meta.num_classes, size, cfg.seed)
     if held.numel() == 0:
         raise UsageError("--select-on validation needs a validation split, but the training split is too small; "
@@ -372,11 +433,21 @@ def _selection(cfg: DistillConfig, prepared: Prepared) -> tuple[tuple[torch.Tens
     return (prepared.train_x[held], prepared.train_y[held]), keep
 
 
+def _split_why(cfg: DistillConfig, pool: torch.Tensor | None) -> str:
+    """Why a run holds out another validation split than a candidate's, or none."""
+    if pool is not None:
+        return "another validation split"
+    if cfg.select_on == "test":
+        return "this run selects on the test split and holds out none"
+    return "this run holds out no validation split"
+
+
 def run_prepared(cfg: DistillConfig, buffer: store.Buffer, out: Path, prepared: Prepared, name: str | None = None,
                  resume: bool = False, reporter: Reporter = SILENT,
-                 continuation: Continuation | None = None) -> DistillResult:
+                 continuation: Continuation | None = None, resume_hint: str = _RESUME_HINT) -> DistillResult:
     """Distill (or resume) synset `name` of `out` from an open buffer and prepared data; with
-    `continuation`, go on from a prefix of this run computed elsewhere (see `Continuation`)."""
+    `continuation`, go on from a prefix of this run computed elsewhere (see `Continuation`).
+    `resume_hint`: what an interruption's message says to continue the run."""
     if resume and continuation is not None:
         raise ValueError("a run either resumes its own checkpoint or continues a prefix computed elsewhere")
     cfg.validate()
@@ -411,17 +482,32 @@ def run_prepared(cfg: DistillConfig, buffer: store.Buffer, out: Path, prepared: 
         notes.append(f"note: a run of {cfg.iterations} iteration(s) keeps its final images: the best-images "
                      f"selection starts at {AUTO_SELECT_MIN_ITERATIONS} iterations (two evaluations would cost more "
                      "than the run); --eval-every N selects anyway")
-    if continuation is not None and (pool is None or not torch.equal(pool.cpu(), continuation.keep.cpu())
-                                     or dist.world_size() != len(continuation.state.generators)):
-        # Not the same training images to start from (another validation split, or none): not a prefix.
-        why = "another validation split" if pool is not None else "this run holds out no validation split"
-        notes.append(f"note: {continuation.what} started from other training images than this run ({why}): the "
-                     "run starts over")
-        reporter.log(notes[-1])
-        continuation = None
+    if continuation is not None:
+        why = continuation_problem(continuation.config, cfg, continuation.what)
+        if why is None and (pool is None or not torch.equal(pool.cpu(), continuation.keep.cpu())):
+            # Not the same training images to start from (another validation split, or none): not a prefix.
+            give = (f"; give --val-size {continuation.val_size} to hold out its split"
+                    if continuation.val_size and pool is not None else "")
+            why = f"{continuation.what} started from other training images ({_split_why(cfg, pool)}{give})"
+        elif why is None and dist.world_size() != len(continuation.state.generators):
+            why = (f"{continuation.what} ran in {len(continuation.state.generators)} process(es), this run in "
+                   f"{dist.world_size()}")
+        if why is not None:
+            notes.append(f"note: the run starts over: {why}")
+            reporter.log(notes[-1])
+            continuation = None
     if cfg.select_on != "test":
         prepared = dataclasses.replace(prepared, test_x=prepared.test_x[:0], test_y=prepared.test_y[:0])
     world, me = dist.world_size(), dist.rank()
+    expert = None
+
+    def starting() -> State:
+        """The run's iteration-0 state, drawn again from the seed (deterministic: as the run drew it)."""
+        nonlocal expert  # learned labels: the expert's, made once
+        if cfg.learn_labels and expert is None:
+            expert = expert_predictor(buffer, cfg.method, device)
+        return initial_state(cfg, prepared, torch.Generator().manual_seed(cfg.seed), pool, expert)
+
     start: State | None = None  # a continued run's iteration-0 state (its starting images, for the selection)
     if resume:
         # Broadcast from the CPU: a pickled CUDA tensor unpickles onto rank 0's GPU on every rank.
@@ -442,8 +528,7 @@ def run_prepared(cfg: DistillConfig, buffer: store.Buffer, out: Path, prepared: 
                 if name in sf.names:
                     raise UsageError(f"{store.shown(out)}: already holds synset '{name}'; use --resume to continue "
                                      "it, --name for another, or another -o FILE")
-        expert = expert_predictor(buffer, cfg.method, device) if cfg.learn_labels else None
-        state = initial_state(cfg, prepared, torch.Generator().manual_seed(cfg.seed), pool, expert)
+        state = starting()
         generator = torch.Generator().manual_seed(_rank_seed(cfg.seed, me))
         state.queues = [[] for _ in range(world)]
         if continuation is not None:
@@ -452,6 +537,9 @@ def run_prepared(cfg: DistillConfig, buffer: store.Buffer, out: Path, prepared: 
             start = state  # the starting images stay a candidate of the selection
             state = copy.deepcopy(continuation.state).to(device)  # its owner keeps its own
             state.sync_labels()
+            # A resume of this run may find its starting images unscored (stopped while scoring them):
+            # it then draws them again from the seed.
+            state.run = {**state.run, "continued_from": state.iteration}
             generator = torch.Generator().manual_seed(0)
             generator.set_state(state.generators[me])
             notes.append(f"the run continues {continuation.what} from iteration {state.iteration} (the same "
@@ -462,7 +550,11 @@ def run_prepared(cfg: DistillConfig, buffer: store.Buffer, out: Path, prepared: 
                        if state.queues else [])
     distiller.micro_batch = choose_micro_batch(distiller, cfg, buffer, state.run, reporter)
     state.run = {**state.run, "micro_batch": distiller.micro_batch or 0}
-    run = _Run(distiller, cfg, buffer, out, name, reporter, selection, continuation, start)
+    # The starting images, for a state past iteration 0 that has not scored them: a continued run's
+    # (drawn above), or drawn again for a resume of one. Other runs score them at iteration 0, before
+    # any checkpoint (a resume of a run made before they were scored leaves it so).
+    rebuild = (lambda: start) if start is not None else starting if "continued_from" in state.run else None
+    run = _Run(distiller, cfg, buffer, out, name, reporter, selection, continuation, rebuild, resume_hint)
     seconds = run.loop()
     if run.summary is not None:
         for note in selection_notes(run.summary, state, seconds):
@@ -483,11 +575,11 @@ def run_prepared(cfg: DistillConfig, buffer: store.Buffer, out: Path, prepared: 
 def run(preset: str | None, overrides: dict[str, Any], buffer: Path, out: Path, name: str | None = None,
         resume: bool = False, data_dir: Path | None = None, device: str = "auto", default_buffer: bool = False,
         reporter: Reporter = SILENT, prepared: Prepared | None = None,
-        continuation: Continuation | None = None) -> DistillResult | None:
+        continuation: Continuation | None = None, resume_hint: str = _RESUME_HINT) -> DistillResult | None:
     """`mctool distill`: settings from the preset, the buffer and the options; the data; the
     loop (under torchrun, one trajectory per process per iteration); the pictures. Under
     torchrun only rank 0 returns the result (the others None). `prepared`: the buffer's data,
-    already prepared on this device (--tune's); `continuation`: see `run_prepared`."""
+    already prepared on this device (--tune's); `continuation`, `resume_hint`: see `run_prepared`."""
     from mctool.core.device import resolve_device
     from mctool.plots import synset_picture, synset_png_path
     from mctool.data.prepared import prepare_like
@@ -531,7 +623,7 @@ def run(preset: str | None, overrides: dict[str, Any], buffer: Path, out: Path, 
         # scores) is refused with one line instead of being erased by the next checkpoint.
         with store.holding(out) if dist.is_main() else contextlib.nullcontext():
             result = run_prepared(cfg, buf, out, prepared, name=name or synset_name(cfg), resume=resume,
-                                  reporter=reporter, continuation=continuation)
+                                  reporter=reporter, continuation=continuation, resume_hint=resume_hint)
         if note is not None:
             result.notes.insert(0, note)
         main = dist.is_main()

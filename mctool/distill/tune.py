@@ -25,15 +25,19 @@ Method: successive halving on learning curves, in two brackets (docs: README, "-
   whatever still runs when the budget is spent: the search ends by `--tune-minutes`, give or
   take one evaluation epoch or iteration. Interrupted, it writes the best settings so far.
 * The final run (unless --tune-only) continues the winner: the winner's run is a prefix of it
-  (the same settings but its length and evaluations, the same seed and validation split), so it
-  goes on from the winner's checkpoint — the same images, bit for bit on the CPU, as starting
-  over — and records the search's scores of the starting images and of the winner's images when
-  they were measured its way (the final run's networks the first of the search's); otherwise it
-  starts over, and says why. Its predicted time (the iterations after the winner's, its
-  evaluations, its start-up: measured costs) is kept inside the budget when it is at most a third
-  of it: the plan fits the search and that run together, and while each rung runs the longest
-  final run it could end with is held back from the search (the watchdog's deadline moves with
-  it). A longer final run comes after the search; the plan line says how long.
+  (the same settings but its length and evaluations, the same seed and validation split, and no
+  --eval-every N below the winner's iteration: runner.continuation_problem), so it goes on from
+  the winner's checkpoint — the same images, and with --eval-every the same best images, bit for
+  bit on the CPU, as starting over — and records the search's scores of the starting images and
+  of the winner's images when they were measured its way (the final run's networks the first of
+  the search's; else measured again, and it says why); otherwise it starts over, and says why.
+  With --eval-share its selection sees the starting images, the winner's and what follows. A final
+  run that will hold out another validation split (final_restart) is planned from iteration 0.
+  Its predicted time (the iterations left, its evaluations, its start-up: measured costs) is
+  kept inside the budget when it is at most a third of it: the plan fits the search and that run
+  together, and while each rung runs the longest final run it could end with is held back from
+  the search (the watchdog's deadline moves with it). A longer final run comes after the search;
+  the plan line says how long. Interrupted, it names the `distill --preset … --resume` command.
 * The closing notes name a likely cause from what was measured: the starting images best at
   every horizon (with the experts' accuracy against them: weak experts, or an lr too large
   when the smallest lr tried came closest), a curve still rising at the last horizon (more
@@ -41,7 +45,8 @@ Method: successive halving on learning curves, in two brackets (docs: README, "-
   on validation; a smaller lr or fewer iterations), a winner at the end of the lr range.
 
 The winner's settings are written as they were scored (no rescaling): the survivors' horizon
-is a real fraction of the full run, and its curve says how the run goes on.
+is a real fraction of the full run, and its curve says how the run goes on. The plan's arithmetic
+is in tune_plan, the preset file's writing in tune_preset (their names are re-exported here).
 """
 
 from __future__ import annotations
@@ -61,28 +66,24 @@ import torch
 from mctool import store
 from mctool.distill import DistillConfig, check_buffer_matches, run_prepared
 from mctool.distill.config import AUTO_SELECT_MIN_ITERATIONS, DEFAULT_EVAL_SHARE
+from mctool.distill.tune_plan import (LR_DECADES, LR_DECADES_SMALL, MIN_HORIZON, NEIGHBOURS,  # noqa: F401
+                                      TOP_FRACTION, Plan, _survivors, describe, plan_search)
+from mctool.distill.tune_preset import (PRESET_MARK, check_preset_target, curve_text, default_preset_path,  # noqa: F401
+                                        preset_comment, preset_values, write_preset, write_result_preset, _show)
+from mctool.distill.runner import (TRAJECTORY_FREE, continuation_problem, continues, selection_protocol,  # noqa: F401
+                                   val_split_size)
 from mctool.core.errors import Interrupted, TrainingDiverged, UsageError
 from mctool.evaluate.evaluation import EvaluateConfig, Evaluation, evaluate_set
-from mctool.data.prepared import Prepared, auto_val_size, split_validation
+from mctool.data.prepared import Prepared, split_validation
 from mctool.core.progress import SILENT, Pace, Reporter, duration
 from mctool.evaluate.scores import score_text
 from mctool.core.settings import above, at_least, first_problem, setting
 
 PROBE_ITERATIONS = 3  # the first candidate's first iterations, timed after the first (warm-up)
-MIN_HORIZON = 4  # the first rung's horizon, at least (fewer when the full run is shorter)
-TOP_FRACTION = 0.25  # the survivors should reach this share of the full run when the budget allows
 PLAN_SHARE = 0.9  # the plan fills this share of the budget left: a busy machine's speed changes
-LR_DECADES = (1.0, 0.1, 10.0, 0.01, 100.0)  # the base first: the probe is its first iterations
-LR_DECADES_SMALL = (1.0, 0.1, 10.0)
-NEIGHBOURS = ("max_start_epoch", "syn_steps", "expert_epochs", "lr_img")  # bracket 2's pairs, by priority
 TUNED = ("lr_img", "max_start_epoch", "syn_steps", "expert_epochs")
 BUDGET_STOP = -1  # what should_stop() answers once the budget is spent (not a signal number)
 FINAL_SHARE = 1 / 3  # the final run's predicted time is kept inside the budget when at most this share of it
-# Settings that do not change a run's trajectory — how long it runs, when it saves, how and where its
-# images are scored (which training images it starts from is checked on the indices) —: a run differing
-# from a candidate's only in these continues the candidate's run.
-TRAJECTORY_FREE = ("iterations", "checkpoint_every", "checkpoint_minutes", "eval_every", "eval_share", "eval_runs",
-                   "eval_epochs", "select_on", "val_size", "preset")
 
 _now = time.perf_counter  # the search's clock (tests replace it)
 
@@ -261,150 +262,34 @@ def split_for_tuning(prepared: Prepared, size: int, seed: int) -> tuple[Prepared
     return tuning, (prepared.train_x[held], prepared.train_y[held])
 
 
-# --------------------------------------------------------------------------- the plan
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What fits the budget: the brackets' candidates, their horizons, the winner's own."""
-
-    lr_factors: tuple[float, ...]  # bracket 1 (the base's × 1 included)
-    neighbours: tuple[str, ...]  # bracket 2: × ½ and × 2 of each (lr_img: × 0.3 and × 3)
-    horizons: tuple[int, ...]  # the brackets' rungs: h, 2h, 4h, … (at most the full run)
-    extension: tuple[int, ...]  # the winner's further horizons, alone
-    estimate_s: float  # the plan's estimated seconds
-    fits: bool  # False: even the smallest search is estimated over the budget
-    dropped: tuple[str, ...] = ()
-    reserve_s: float = 0.0  # kept out of the search for the final run (its predicted time after `top`)
-
-    @property
-    def top(self) -> int:
-        """The last horizon the winner is scored at."""
-        return (self.extension or self.horizons)[-1]
-
-
-def _survivors(n: int, rung: int) -> int:
-    """Candidates still running at rung `rung` (0 = all n): the better half each time."""
-    return max(1, math.ceil(n / 2**rung))
-
-
-def _bracket_cost(n: int, horizons: tuple[int, ...]) -> tuple[float, int]:
-    """(iterations, evaluations) of one bracket of `n` candidates, each survivor continuing from
-    the previous horizon."""
-    iterations, evals, prev = 0.0, 0, 0
-    for k, h in enumerate(horizons):
-        s = _survivors(n, k)
-        iterations, evals, prev = iterations + s * (h - prev), evals + s, h
-    return iterations, evals
-
-
-def _horizons(first: int, rungs: int, full: int) -> tuple[int, ...]:
-    return tuple(sorted({min(first * 2**k, full) for k in range(rungs)}))
-
-
-def _cost(n1: int, n2: int, horizons: tuple[int, ...], extension: tuple[int, ...], t_iteration: float,
-          t_eval: float) -> float:
-    it1, ev1 = _bracket_cost(n1, horizons)
-    it2, ev2 = _bracket_cost(n2, horizons) if n2 > 1 else (0.0, 0)
-    if n2 > 1:  # the first bracket's winner is in the second: its part is done
-        it_w, ev_w = _bracket_cost(1, horizons)
-        it2, ev2 = it2 - it_w, ev2 - ev_w
-    it3 = (extension[-1] - horizons[-1]) if extension else 0
-    return (it1 + it2 + it3) * t_iteration + (ev1 + ev2 + len(extension)) * t_eval
-
-
-def plan_search(budget_s: float, t_iteration: float, t_eval: float, free: tuple[str, ...], full_iterations: int,
-                first: int = 0, final_s: Callable[[int], float] | None = None) -> Plan:
-    """The search to run in `budget_s` seconds, given the measured seconds per distillation
-    iteration (at the base syn_steps) and per evaluation (network training and the validation
-    pass, plus a run's start-up). With `final_s` (the final run's predicted seconds when it
-    continues the winner from a given iteration), the search and that run fit together.
-
-    Options, richest first: lr_img at five decades (three when the budget is short), then 4, 3,
-    2, 1 or 0 pairs of neighbours. For each, the first horizon h is the largest that fits, for
-    each number of doublings the winner then runs alone; the option's horizon is the smallest
-    such plan reaching TOP_FRACTION of the full run (else the farthest). Chosen: the richest
-    option reaching TOP_FRACTION of the full run; when none does, the richest reaching half the
-    farthest horizon any option reaches; when nothing fits, the smallest search (the runtime
-    guard then skips what does not fit)."""
-    full = max(1, full_iterations)
-    h_min = min(MIN_HORIZON, full)
-    target = min(full, max(h_min, math.ceil(TOP_FRACTION * full)))
-    lr_free = "lr_img" in free
-    pairs = tuple(s for s in NEIGHBOURS if s in free)
-    options: list[tuple[tuple[float, ...], tuple[str, ...]]] = []
-    for lrf in ((LR_DECADES, LR_DECADES_SMALL) if lr_free else ((1.0,),)):
-        for p in range(len(pairs), -1, -1):
-            options.append((lrf, pairs[:p]))
-
-    def build(lrf: tuple[float, ...], nb: tuple[str, ...], h: int, extra: int) -> Plan:
-        n1, n2 = len(lrf), 1 + 2 * len(nb)
-        rungs = math.ceil(math.log2(max(n1, n2, 2))) + 1
-        horizons = _horizons(h, rungs, full)
-        extension = tuple(x for x in (min(horizons[-1] * 2**j, full) for j in range(1, extra + 1))
-                          if x > horizons[-1])
-        extension = tuple(sorted(set(extension)))
-        est = _cost(n1, n2, horizons, extension, t_iteration, t_eval)
-        dropped = tuple(f"{s} × ½ and × 2" if s != "lr_img" else "lr_img × 0.3 and × 3" for s in pairs if s not in nb)
-        if lr_free and lrf != LR_DECADES:
-            dropped = ("lr_img × 0.01 and × 100",) + dropped
-        reserve = final_s((extension or horizons)[-1]) if final_s is not None else 0.0
-        return Plan(lrf, nb, horizons, extension, est, est + reserve <= budget_s, dropped, reserve)
-
-    def fitted(lrf: tuple[float, ...], nb: tuple[str, ...], extra: int) -> Plan | None:
-        """The plan with the largest first horizon that fits (None: not even h_min)."""
-        if first:
-            p = build(lrf, nb, first, extra)
-            return p if p.fits else None
-        if not build(lrf, nb, h_min, extra).fits:
-            return None
-        lo, hi = h_min, full
-        while lo < hi:  # the cost grows with h
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if build(lrf, nb, mid, extra).fits else (lo, mid - 1)
-        return build(lrf, nb, lo, extra)
-
-    chosen: list[Plan] = []
-    for lrf, nb in options:
-        best: Plan | None = None
-        for extra in range(0, 2 + math.ceil(math.log2(full))):
-            p = fitted(lrf, nb, extra)
-            if p is None:
-                break
-            if best is None or p.top > best.top:
-                best = p
-            if p.top >= target:
-                break
-        if best is not None:
-            chosen.append(best)
-    if not chosen:
-        lrf, nb = options[-1]
-        return build(lrf, nb, first or h_min, 0)
-    for p in chosen:
-        if p.top >= target:
-            return p
-    farthest = max(p.top for p in chosen)
-    return next(p for p in chosen if 2 * p.top >= farthest)
-
-
 # --------------------------------------------------------------------------- the final run
 
 
-def final_protocol(cfg: DistillConfig) -> EvaluateConfig:
-    """How a run with `cfg` scores its images when it selects them (runner._Run.evaluate)."""
-    return EvaluateConfig(runs=cfg.eval_runs, epochs=cfg.eval_epochs, seed=cfg.seed, augment=cfg.augment)
+def reuse_problem(measured: EvaluateConfig, wanted: EvaluateConfig, device: torch.device) -> str | None:
+    """Why an evaluation measured with `measured` on `device` does not hold, in its first
+    `wanted.runs` runs, the one `wanted` would measure on the same images and split (None: it does).
+    It does with the same protocol and as many runs, or more runs each trained alone (each seeded by
+    its index alone, evaluation.run_seed; stacked networks round differently)."""
+    from mctool.training.ensemble import together_by_default
+
+    if wanted.runs > measured.runs:
+        return f"it trains {wanted.runs} networks, the search {measured.runs}"
+    differ = [f.name for f in dataclasses.fields(EvaluateConfig)
+              if f.name != "runs" and getattr(measured, f.name) != getattr(wanted, f.name)]
+    if differ:
+        return "its networks are trained otherwise (" + ", ".join(
+            f"{k} {getattr(wanted, k)}, the search's {getattr(measured, k)}" for k in differ) + ")"
+    alone = not (measured.together if measured.together is not None else together_by_default(device))
+    if wanted.runs != measured.runs and not alone:
+        return (f"the search trained its {measured.runs} networks stacked together, which rounds otherwise than "
+                f"{wanted.runs} alone")
+    return None
 
 
 def reusable(measured: EvaluateConfig, wanted: EvaluateConfig, device: torch.device) -> bool:
-    """Whether an evaluation measured with `measured` on `device` holds, in its first `wanted.runs`
-    runs, the one `wanted` would measure (on the same images and split): the same protocol and as
-    many runs, or more runs each trained alone (each seeded by its index alone, evaluation.run_seed;
-    stacked networks round differently)."""
-    from mctool.training.ensemble import together_by_default
-
-    alone = not (measured.together if measured.together is not None else together_by_default(device))
-    return (wanted.runs <= measured.runs and dataclasses.replace(measured, runs=wanted.runs) == wanted
-            and (wanted.runs == measured.runs or alone))
+    """Whether an evaluation measured with `measured` on `device` holds the one `wanted` would
+    measure (see `reuse_problem`)."""
+    return reuse_problem(measured, wanted, device) is None
 
 
 def reused_score(ev: Evaluation, wanted: EvaluateConfig, split: str) -> dict[str, Any]:
@@ -416,20 +301,39 @@ def reused_score(ev: Evaluation, wanted: EvaluateConfig, split: str) -> dict[str
 
 
 def final_seconds(final: DistillConfig, start: int, per_iteration: float, per_eval: float, startup: float,
-                  start_reused: bool) -> float:
-    """The predicted seconds of the final run when it continues the winner from iteration `start`:
-    its start-up, the iterations left, and — when it selects its images — the starting images'
-    evaluation (unless reused), the final one, and the periodic ones (--eval-every N, or as many
-    as keep within --eval-share of its time)."""
+                  reused: bool) -> float:
+    """The predicted seconds of the final run when it continues the winner from iteration `start`
+    (0: it starts over): its start-up, the iterations left, and — when it selects its images — the
+    final evaluation, the periodic ones (--eval-every N, or as many as keep within --eval-share of
+    its time) and, unless `reused` (the search's scores), those of the starting images and of the
+    winner's images (--eval-share; --eval-every N when N divides `start`)."""
     left = max(0, final.iterations - start)
     seconds = startup + left * per_iteration
     if final.eval_every > 0 or (final.eval_share > 0 and final.iterations >= AUTO_SELECT_MIN_ITERATIONS):
-        seconds += (1 + (0 if start_reused else 1)) * per_eval
+        caught_up = 0 if reused else 1 + (start > 0 and (not final.eval_every or start % final.eval_every == 0))
+        seconds += (1 + caught_up) * per_eval
         if final.eval_every > 0:
             seconds += left // final.eval_every * per_eval
         else:
             seconds += left * per_iteration * final.eval_share / (1 - final.eval_share)
     return seconds
+
+
+def final_restart(final: DistillConfig, size: int, num_train: int) -> str | None:
+    """Why the final run will start over whatever the winner, for the plan (None: it can continue
+    it): it does not distil from the training images the candidates did (runner.run_prepared)."""
+    if not final.selecting:
+        return "it holds out no validation split (--eval-share 0)"
+    if final.select_on == "test":
+        return "it selects on the test split (--select-on test) and holds out no validation split"
+    if val_split_size(final, num_train) != size:
+        return f"another validation split; give --val-size {size}"
+    return None
+
+
+def _seconds(seconds: float) -> str:
+    """A planned duration ('under 1 s' rather than '0 s')."""
+    return "under 1 s" if seconds < 0.5 else duration(seconds)
 
 
 # --------------------------------------------------------------------------- the search
@@ -719,6 +623,7 @@ class Handoff:
     file: Path  # the winner's checkpoint (synset "tune")
     config: DistillConfig  # the settings it ran with (iterations: where its checkpoint is)
     keep: torch.Tensor  # the training indices the candidates distilled from (the rest: the validation split)
+    val_size: int  # the validation split's size asked (--val-size N holds out the same)
     scores: dict[int, Evaluation]  # its evaluations by iteration; 0: the starting images'
     ecfg: EvaluateConfig  # how they were measured
     what: str  # "candidate 9 (syn_steps: …)"
@@ -804,20 +709,26 @@ def _tune(base: DistillConfig, buffer: store.Buffer, prepared: Prepared, tcfg: T
         plan = plan_search(PLAN_SHARE * left, t_iteration, t_eval + search.t_startup, free, full, tcfg.iterations)
         final_line = ""
         if final is not None:
-            # The final run continues the winner (runner.Continuation): after the search it runs the
-            # iterations the winner did not, and its evaluations (the starting images' score reused
-            # when its protocol is the search's). Kept inside the budget when that is a small part of it.
-            reuse0 = (reusable(search.ecfg, final_protocol(final), prepared.train_x.device)
-                      and final.select_on == "validation"
-                      and size == (final.val_size or auto_val_size(prepared.train_y.numel())))
+            # The final run continues the winner (runner.Continuation) when it can: after the search
+            # it runs the iterations the winner did not, and its evaluations (the search's scores
+            # reused when its protocol is the search's); else it starts over. Kept inside the budget
+            # when that is a small part of it.
+            restart = final_restart(final, size, prepared.train_y.numel())
+            reuse = restart is None and reusable(search.ecfg, selection_protocol(final), prepared.train_x.device)
             per_eval = t_eval * final.eval_runs * final.eval_epochs / (tcfg.eval_runs * tcfg.eval_epochs)
+
+            def start_at(at: int) -> int:
+                """Where the final run starts when the winner reached `at` (runner.continuation_problem)."""
+                return 0 if restart is not None or 1 <= final.eval_every < at else at
 
             def final_time(cand: Candidate, at: int) -> float:
                 per_iteration = search.t_unit * cand.values["syn_steps"]
-                return final_seconds(final, at, per_iteration, per_eval, search.t_startup, reuse0)
+                start = start_at(at)
+                return final_seconds(final, start, per_iteration, per_eval, search.t_startup, reuse and start > 0)
 
             def final_top(top: int) -> float:
-                return final_seconds(final, top, t_iteration, per_eval, search.t_startup, reuse0)
+                start = start_at(top)
+                return final_seconds(final, start, t_iteration, per_eval, search.t_startup, reuse and start > 0)
 
             predicted = final_top(plan.top)
             kept = plan_search(PLAN_SHARE * left, t_iteration, t_eval + search.t_startup, free, full, tcfg.iterations,
@@ -825,12 +736,20 @@ def _tune(base: DistillConfig, buffer: store.Buffer, prepared: Prepared, tcfg: T
             if kept.fits and kept.reserve_s <= FINAL_SHARE * left:
                 plan = kept
                 search.final = final_time
-                final_line = (f", {duration(plan.reserve_s)} of it kept for the final run ({full - plan.top} "
-                              f"iteration(s) after the winner's {plan.top}, and its evaluations)")
+
+            def what(top: int) -> str:
+                if start_at(top) > 0 and top >= full:
+                    return f"no iteration: the winner's {top} are the whole run; its evaluations"
+                if start_at(top) > 0:
+                    return f"{full - top} iteration(s) after the winner's {top}, and its evaluations"
+                why = restart or f"--eval-every {final.eval_every} scores iterations before the winner's {top}"
+                return f"all {full} iterations and its evaluations: the final run will start over: {why}"
+
+            if search.final is not None:
+                final_line = f", {_seconds(plan.reserve_s)} of it kept for the final run ({what(plan.top)})"
             else:
-                final_line = (f"; the final run then takes about {duration(predicted)} more ({full - plan.top} "
-                              f"iteration(s) after the winner's {plan.top}, and its evaluations: too long to fit "
-                              "the budget)")
+                final_line = (f"; the final run then takes about {_seconds(predicted)} more ({what(plan.top)}): too "
+                              "long to fit the budget")
         result.plan = {"lr_factors": list(plan.lr_factors), "neighbours": list(plan.neighbours),
                        "horizons": list(plan.horizons), "extension": list(plan.extension),
                        "estimate_s": plan.estimate_s, "dropped": list(plan.dropped), "reserve_s": plan.reserve_s}
@@ -877,7 +796,7 @@ def _tune(base: DistillConfig, buffer: store.Buffer, prepared: Prepared, tcfg: T
             scores[0] = search.start_eval
         index = result.candidates.index(winner) + 1
         handoff = Handoff(file=search.file(winner), config=search.config(winner.values, winner.reached),
-                          keep=search.keep, scores=scores, ecfg=search.ecfg,
+                          keep=search.keep, val_size=size, scores=scores, ecfg=search.ecfg,
                           what=f"candidate {index} of the search ({winner.stage}: {_show(winner.values)})")
     return result, handoff
 
@@ -907,20 +826,6 @@ def _finish(result: TuneResult, winner: Candidate, base: DistillConfig, buffer: 
     result.notes += diagnose(result, winner, ref.mean if ref is not None else None, base.iterations, lr_free)
 
 
-def describe(plan: Plan) -> str:
-    """The plan in words, for the log and the preset's header."""
-    lrs = ", ".join(f"× {f:g}" for f in sorted(plan.lr_factors))
-    text = f"lr_img {lrs}"
-    if plan.neighbours:
-        text += ", then " + ", ".join(plan.neighbours) + " around the best"
-    text += f"; successive halving at iterations {', '.join(map(str, plan.horizons))}"
-    if plan.extension:
-        text += f", the winner alone to {', '.join(map(str, plan.extension))}"
-    if plan.dropped:
-        text += f" (dropped for the budget: {', '.join(plan.dropped)})"
-    return text
-
-
 class TuneInterrupted(Interrupted):
     """The search was stopped; `result` holds what it found so far."""
 
@@ -929,152 +834,12 @@ class TuneInterrupted(Interrupted):
         self.result = result
 
 
-def curve_text(cand: Candidate) -> str:
-    """'4: 70.1, 8: 71.3, 16: 72.0' (validation %, by iteration)."""
-    return ", ".join(f"{p['iteration']}: {100 * p['mean']:.1f}" for p in cand.curve)
-
-
-def _show(values: dict[str, Any]) -> str:
-    return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
-
-
-# --------------------------------------------------------------------------- the preset file
-
-
-def preset_values(result: TuneResult) -> dict[str, Any]:
-    """The winner as preset keys (the settings a preset may hold)."""
-    from mctool.distill import preset_schema
-
-    keys = preset_schema().all_keys()
-    return {k: v for k, v in result.best.items() if k in keys and v is not None}
-
-
-PRESET_MARK = "# Found by `mctool distill --tune`"  # the first line of every preset --tune writes
-
-
-def preset_comment(result: TuneResult) -> str:
-    """The header of the written preset: how it was found, on what, with which scores."""
-    lines = [f"{PRESET_MARK[2:]} on {result.buffer} ({result.dataset}, ipc {result.ipc}), {store.now_iso()}.",
-             "Search: successive halving — lr_img by decades, then max_start_epoch, syn_steps, expert_epochs around "
-             f"the best — at iterations {', '.join(map(str, result.horizons)) or '-'}; each score from {_runs(result)} "
-             f"networks on {result.val_images} validation images held out of the training split (never the test "
-             "split).",
-             f"Budget {result.budget_s / 60:g} min, used {result.seconds / 60:.1f} min.",
-             "", "validation accuracy (%) per candidate, by iteration:"]
-    if result.random_real is not None:
-        rr = result.random_real
-        lines.append(f"  {'starting images':16s} {'(iteration 0, the bar to pass)':60s} "
-                     f"{score_text(rr['mean'], rr['std'], rr['runs'])}")
-    for i, c in enumerate(result.candidates):
-        score = curve_text(c) + (f" ({c.note})" if c.note else "") if c.curve else c.note
-        mark = "  <- chosen" if i == result.best_index else ""
-        lines.append(f"  {c.stage:16s} {_show(c.values):60s} {score}{mark}")
-    for s in result.skipped:
-        lines.append(f"skipped: {s}")
-    for n in result.notes:
-        lines.append(f"note: {n}")
-    return "\n".join(lines)
-
-
-def _runs(result: TuneResult) -> int:
-    return max((c.runs for c in result.candidates), default=0)
-
-
-def check_preset_target(path: Path, inputs: tuple[Path, ...] = ()) -> None:
-    """Refuse, before any work, a preset path that would replace something that is not a preset
-    --tune wrote: an input (the buffer, -o), a symlink, a folder, an HDF5 artifact, any other file."""
-    from mctool.presets import is_own_preset
-
-    shown = store.shown(path)
-    for other in inputs:
-        try:
-            same = path.exists() and other.exists() and path.samefile(other)
-        except OSError:
-            same = False
-        if same or path.expanduser().absolute() == other.expanduser().absolute():
-            raise UsageError(f"--tune-out {shown}: is {store.shown(other)}, an input or output of this command; "
-                             "name another .toml file")
-    if path.is_symlink():
-        raise UsageError(f"--tune-out {shown}: is a symbolic link; mctool does not write through links — remove it "
-                         "or name another file")
-    if path.is_dir():
-        raise UsageError(f"--tune-out {shown}: is a folder; name a .toml file")
-    if path.exists() and not is_own_preset(path, PRESET_MARK):
-        raise UsageError(f"--tune-out {shown}: exists and is not a preset written by `mctool distill --tune`; "
-                         "nothing was changed — name another file or remove it")
-
-
-def write_preset(path: Path, values: dict[str, Any], comment: str, schema: Any, replaces: str | None = None) -> Path:
-    """Write a preset file (mctool.presets.preset_text) with store.write_atomically: a kill at any
-    point leaves the old file or the new one, never through a link. With `replaces`, an existing
-    `path` is replaced only when it is a plain file whose first line is `replaces` (a preset the
-    same writer wrote), checked before the write and again just before the rename."""
-    from mctool.presets import preset_text
-
-    text = preset_text(values, comment, schema).encode("utf-8")
-    _check_replaceable(path, replaces)
-
-    def write(fh: Any) -> None:
-        fh.write(text)
-        _check_replaceable(path, replaces)  # a link or another file put there meanwhile
-
-    return store.write_atomically(path, write)
-
-
-def _check_replaceable(path: Path, mark: str | None) -> None:
-    from mctool.presets import is_own_preset
-
-    shown = store.shown(path)
-    if path.is_symlink():
-        raise UsageError(f"{shown}: is a symbolic link; mctool does not write through links — remove it or name "
-                         "another file")
-    if path.is_dir():
-        raise UsageError(f"{shown}: is a folder; name a .toml file")
-    if mark is not None and path.exists() and not is_own_preset(path, mark):
-        raise UsageError(f"{shown}: exists and is not a preset mctool wrote; nothing was changed — name another "
-                         "file or remove it")
-
-
-def write_result_preset(result: TuneResult, path: Path) -> Path:
-    """Write the winner as a preset file `--preset PATH` reads back (atomically, never through a
-    link, never over a file --tune did not write); a folder: dataset inside the preset's folder
-    is written relative to it (the two can move together)."""
-    from mctool.distill import preset_schema
-
-    values = preset_values(result)
-    if not values.get("eval_share"):
-        # The run it is for keeps its best images on validation, the starting ones included.
-        values["eval_share"] = DEFAULT_EVAL_SHARE
-    values["source"] = "tuned"
-    values["description"] = f"mctool distill --tune on {result.buffer}"
-    ds = values.get("dataset", "")
-    if isinstance(ds, str) and ds.lower().startswith("folder:"):
-        target = Path(ds[len("folder:"):])
-        here = path.expanduser().resolve().parent
-        try:
-            rel = target.relative_to(here)
-            values["dataset"] = f"folder:{rel.as_posix() or '.'}"
-        except ValueError:
-            values["dataset"] = f"folder:{target}"
-    order = ["source", "description", "dataset", "ipc"]
-    ordered = {k: values[k] for k in order if k in values}
-    ordered.update({k: v for k, v in values.items() if k not in ordered})
-    return write_preset(path, ordered, preset_comment(result), preset_schema(), replaces=PRESET_MARK)
-
-
 @dataclass
 class TuneRun:
     """`mctool distill --tune`: the search, and the distillation with its winner (unless --tune-only)."""
 
     tune: TuneResult
     distill: Any = None  # DistillResult
-
-
-def default_preset_path(out: Path, dataset: str, ipc: int) -> Path:
-    """tuned-DATASET-ipcN.toml beside the synset file (a folder dataset: its folder's name)."""
-    name = Path(dataset[len("folder:"):]).name if dataset.lower().startswith("folder:") else dataset
-    slug = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in name) or "dataset"
-    return out.parent / f"tuned-{slug}-ipc{ipc}.toml"
 
 
 def run(preset: str | None, overrides: dict[str, Any], buffer: Path, out: Path, tcfg: TuneConfig,
@@ -1130,38 +895,40 @@ def run(preset: str | None, overrides: dict[str, Any], buffer: Path, out: Path, 
             after = distill.resolve_config(str(path), overrides, buf)  # what `distill --preset` resolves
         continuation = continuation_of(handoff, after, prepared.train_x.device, reporter)
         drest = distill.run(str(path), overrides, buffer, out, name, False, data_dir, device, default_buffer,
-                            reporter=reporter, prepared=prepared, continuation=continuation)
+                            reporter=reporter, prepared=prepared, continuation=continuation,
+                            resume_hint=resume_command(path, buffer, out, name, data_dir))
     return TuneRun(result, drest)
 
 
-def continues(candidate: DistillConfig, final: DistillConfig) -> bool:
-    """Whether a run with `final` settings is the run `candidate`'s settings started, longer: every
-    setting its trajectory depends on is the same (TRAJECTORY_FREE: those that are not), and it is no
-    shorter. No schedule depends on the total number of iterations (the sampling window grows over
-    --start-upper-iterations, the EMA and the momenta are in the state), so continuing equals
-    restarting bit for bit on the CPU (tests/test_tune.py)."""
-    same = dataclasses.replace(candidate, **{k: getattr(final, k) for k in TRAJECTORY_FREE})
-    return same == final and final.iterations >= candidate.iterations
+def resume_command(preset: Path, buffer: Path, out: Path, name: str | None, data_dir: Path | None) -> str:
+    """What resumes --tune's final run once interrupted (`--tune --resume` is refused): the written
+    preset (the checkpoint holds the other settings)."""
+    extra = (f" --name {name}" if name else "") + (f" --data-dir {store.shown(data_dir)}" if data_dir else "")
+    return (f"continue it with `mctool distill --preset {store.shown(preset)} --buffer {store.shown(buffer)} "
+            f"-o {store.shown(out)}{extra} --resume`")
 
 
 def continuation_of(handoff: Handoff | None, final: DistillConfig, device: torch.device,
                     reporter: Reporter = SILENT) -> Any:
-    """The final run's `runner.Continuation` of the search's winner, with the scores it may reuse;
-    None (the run starts over, as it is said) when its settings are not the winner's."""
+    """The final run's `runner.Continuation` of the search's winner, with the scores it may reuse
+    (why not, said); None — the run starts over, as it is said — when the winner's run is not a
+    prefix of it (runner.continuation_problem; `run_prepared` checks the training images too)."""
     from mctool.distill.checkpoint import _load_state
     from mctool.distill.runner import Continuation
 
     if handoff is None:
         return None
-    if not continues(handoff.config, final):
-        differ = [f.name for f in dataclasses.fields(DistillConfig) if f.name not in TRAJECTORY_FREE
-                  and getattr(final, f.name) != getattr(handoff.config, f.name)]
-        reporter.log(f"tune: the final run starts over: its settings differ from {handoff.what}'s "
-                     f"({', '.join(differ) or 'a shorter run'})")
+    why = continuation_problem(handoff.config, final, handoff.what)
+    if why is not None:
+        reporter.log(f"tune: the final run starts over: {why}")
         return None
     state = _load_state(handoff.file, "tune", handoff.config)
-    wanted = final_protocol(final)
+    wanted = selection_protocol(final)
     scores: dict[int, dict[str, Any]] = {}
-    if final.select_on == "validation" and reusable(handoff.ecfg, wanted, device):
-        scores = {it: reused_score(ev, wanted, final.select_on) for it, ev in handoff.scores.items()}
-    return Continuation(state=state, keep=handoff.keep, scores=scores, what=handoff.what, by="the search")
+    if final.selecting and final.select_on == "validation":
+        if (why := reuse_problem(handoff.ecfg, wanted, device)) is None:
+            scores = {it: reused_score(ev, wanted, final.select_on) for it, ev in handoff.scores.items()}
+        else:
+            reporter.log(f"tune: the final run scores its images again, not reusing the search's scores: {why}")
+    return Continuation(state=state, config=handoff.config, keep=handoff.keep, val_size=handoff.val_size,
+                        scores=scores, what=handoff.what, by="the search")

@@ -105,7 +105,7 @@ def evaluation_line(ev: dict[str, Any]) -> str:
 def print_tuning(result: Any) -> None:
     """The --tune table: the starting images, then every candidate's learning curve on the
     validation split, the winner marked, what was skipped, the closing notes."""
-    from mctool.distill.tune import _show, curve_text
+    from mctool.distill.tune_preset import _show, curve_text
 
     rows = []
     if result.random_real is not None:
@@ -235,4 +235,9 @@ def distill(
                 stdout.print(note)
         stdout.print(f"images: {result.png}")
 
-    run(body, quiet, debug, interrupt_hint="checkpoint saved: add --resume to the same command to continue")
+    hint = "checkpoint saved: add --resume to the same command to continue"
+    if tune:  # `--tune --resume` is refused: the final run resumes from the preset --tune wrote
+        hint = (f"a final run that had begun saved its checkpoint: continue it with `mctool distill --preset "
+                f"{tune_out or 'TUNED.toml'} --buffer {buffer} -o {out} --resume`"
+                + ("" if tune_out else " (TUNED.toml: the preset --tune wrote beside -o)"))
+    run(body, quiet, debug, interrupt_hint=hint)
