@@ -57,7 +57,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,7 @@ import torch
 from mctool import store
 from mctool.distill import DistillConfig, check_buffer_matches, run_prepared
 from mctool.distill.config import AUTO_SELECT_MIN_ITERATIONS, DEFAULT_EVAL_SHARE
+from mctool.distill.tune_result import Candidate, TuneResult  # noqa: F401
 from mctool.distill.tune_plan import (LR_DECADES, LR_DECADES_SMALL, MIN_HORIZON, NEIGHBOURS,  # noqa: F401
                                       TOP_FRACTION, Plan, _survivors, describe, plan_search)
 from mctool.distill.tune_preset import (PRESET_MARK, check_preset_target, curve_text, default_preset_path,  # noqa: F401
@@ -108,51 +109,6 @@ class TuneConfig:
         found = first_problem(self)
         if found is not None:
             raise UsageError(found.message("{option} must be {words}"))
-
-
-@dataclass
-class Candidate:
-    """One setting, its learning curve on the validation split, and what became of it."""
-
-    stage: str
-    values: dict[str, Any]  # the tuned settings
-    mean: float | None = None  # validation accuracy at its last scored horizon
-    std: float | None = None
-    runs: int = 0
-    alpha: float | None = None  # the learned step size there
-    seconds: float = 0.0  # distilling and scoring it, in all
-    note: str = ""  # why it stopped early: diverged, not run, budget
-    curve: list[dict[str, Any]] = field(default_factory=list)  # {iteration, mean, std, runs, alpha} per horizon
-    reached: int = 0  # iterations distilled so far
-    dead: bool = False  # diverged, invalid or stopped: never continued
-
-    def at(self, iteration: int) -> dict[str, Any] | None:
-        """Its score at `iteration`, if it was scored there."""
-        return next((p for p in self.curve if p["iteration"] == iteration), None)
-
-
-@dataclass
-class TuneResult:
-    """What the search did and found."""
-
-    buffer: str
-    dataset: str
-    ipc: int
-    base: dict[str, Any]  # the settings searched around
-    best: dict[str, Any]  # the winner: every setting of the winning DistillConfig
-    best_index: int
-    candidates: list[Candidate]
-    random_real: dict[str, Any] | None  # the starting real images (iteration 0), same protocol, lr = lr_init
-    iterations: int  # the chosen candidate's last scored horizon
-    val_images: int
-    budget_s: float
-    seconds: float
-    probe: dict[str, float]
-    skipped: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    preset: str | None = None  # the preset file written
-    horizons: list[int] = field(default_factory=list)  # the brackets' rungs, then the winner's own
-    plan: dict[str, Any] = field(default_factory=dict)
 
 
 class _NoLogs(Reporter):

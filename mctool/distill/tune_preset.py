@@ -4,15 +4,13 @@ atomically, never through a link nor over a file --tune did not write; the table
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mctool import store
 from mctool.core.errors import UsageError
 from mctool.distill.config import DEFAULT_EVAL_SHARE
 from mctool.evaluate.scores import score_text
-
-if TYPE_CHECKING:
-    from mctool.distill.tune import Candidate, TuneResult
+from mctool.distill.tune_result import Candidate, TuneResult
 
 
 def curve_text(cand: Candidate) -> str:
