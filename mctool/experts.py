@@ -294,7 +294,8 @@ def run(cfg: ExpertsConfig, out: Path, data_dir: Path | None = None, device: str
     cfg.validate()  # before any download, cache or file
     if resume and not out.exists():
         raise UsageError(f"--resume: {store.shown(out)} does not exist (drop --resume to start a new buffer)")
-    store.check_writable(out)
+    if dist.writes_output():  # rank 0 may already hold `out` for its run while another rank gets here
+        store.check_writable(out)
     cfg = _precheck(cfg, out)
     dev = resolve_device(device)
     dist.init_from_env(dev)

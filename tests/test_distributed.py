@@ -47,6 +47,23 @@ def single(*args: str | Path):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("env, writer", [({}, True), ({"WORLD_SIZE": "1", "RANK": "0"}, True),
+                                         ({"WORLD_SIZE": "2", "RANK": "0"}, True),
+                                         ({"WORLD_SIZE": "2", "RANK": "1"}, False)])
+def test_only_the_writer_rank_checks_the_output(monkeypatch: pytest.MonkeyPatch, env: dict[str, str],
+                                                writer: bool) -> None:
+    """Before the process group exists, torchrun's RANK says which process will write: only it checks
+    the output (rank 0 may already hold it for its run when a slower rank gets there, and the
+    slower rank's check would find the file busy: a resume under load failed so)."""
+    from mctool.core import distributed as dist
+
+    for key in ("WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert dist.writes_output() is writer
+
+
 @pytest.fixture(scope="module")
 def dist_buffer(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
     out = tmp_path_factory.mktemp("dist") / "dist.h5"

@@ -31,6 +31,15 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def writes_output() -> bool:
+    """Whether this process will be the writer (rank 0), known from torchrun's environment before
+    the process group exists: only it checks the output, which it may already hold while another
+    rank is still starting (so the others' check would find it busy)."""
+    if dist.is_initialized():
+        return is_main()
+    return int(os.environ.get("WORLD_SIZE", "1")) <= 1 or int(os.environ.get("RANK", "0")) == 0
+
+
 def init_from_env(device: torch.device) -> None:
     """Join the process group torchrun describes (gloo on CPU, NCCL on CUDA); no-op otherwise."""
     if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:

@@ -598,7 +598,8 @@ def run(preset: str | None, overrides: dict[str, Any], buffer: Path, out: Path, 
         stored = stored_config(out, name or derived)
     if not buffer.exists():
         raise UsageError(missing_buffer_hint(buffer, probe.dataset, default_buffer))
-    store.check_writable(out)
+    if dist.writes_output():  # rank 0 may already hold `out` for its run while another rank gets here
+        store.check_writable(out)
     with store.open_buffer(buffer) as buf:
         cfg = resolve_config(preset, overrides, buf, stored)
         check_buffer_matches(cfg, buf)
