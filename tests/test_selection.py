@@ -34,7 +34,8 @@ def test_a_run_that_goes_wrong_returns_the_starting_images_and_says_so(tmp_path:
     the final images score below the starting ones on validation; the run keeps the starting
     images as its best, which `export`/`evaluate` use, and says so."""
     out = tmp_path / "s.h5"
-    r = _distill(convex_buffer, out, data_dir, "--lr-img", "1000000", "--iterations", "30", "--json")
+    r = _distill(convex_buffer, out, data_dir, "--lr-img", "1000000", "--iterations", "30", "--lr-backoff", "0",
+                 "--json")  # the selection alone: no cut of lr_img (tests/test_backoff.py)
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert doc["skipped_iterations"] == 0  # not a divergence the bounds catch: a slow one

@@ -15,6 +15,8 @@ from mctool.core.settings import (Check, above, at_least, between, first_problem
 
 DEFAULT_EVAL_SHARE = 0.1  # runs without a preset keep their best images; evaluations take at most this share
 AUTO_SELECT_MIN_ITERATIONS = 20  # shorter runs keep their final images unless --eval-every asks
+DEFAULT_LR_BACKOFF = 0.1  # runs without a preset cut lr_img tenfold when their images fall below the start
+MAX_BACKOFFS = 3  # a run cuts lr_img at most this often (1000× with the default factor)
 
 # --micro-batch: "auto" or a whole number of images (0 = whole steps).
 # --augment: DSA ops joined by '_', checked before any data is loaded; the message is the one DSA
@@ -119,6 +121,12 @@ class DistillConfig:
                                 "iterations or more). 0 = off (the final images). Default 0.1 without a preset and in "
                                 "the preset --tune writes, 0 with a preset.", preset=True, resume_safe=True,
                                 legacy=0.0, check=between(0, 1, "in [0, 1) (0 = off)", top_open=True))
+    lr_backoff: float = setting(0.0, "When the run selects its images (--eval-every, --eval-share) and an evaluation "
+                                "scores them below the starting images, go back to the best images so far and "
+                                f"multiply lr_img by this factor (at most {MAX_BACKOFFS} times): an image learning "
+                                "rate that makes the images worse is cut instead of spending the rest of the run. "
+                                "0 = off. Default 0.1 without a preset, 0 with one.", preset=True, legacy=0.0,
+                                metavar="FACTOR", check=between(0, 1, "in [0, 1) (0 = off)", top_open=True))
     eval_runs: int = setting(1, "Networks per periodic evaluation.", resume_safe=True, check=at_least(1))
     eval_epochs: int = setting(300, "Epochs per periodic evaluation.", resume_safe=True, check=at_least(1))
     select_on: str = setting("validation", "Where periodic evaluations score the images: validation (held out "

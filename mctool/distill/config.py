@@ -16,8 +16,9 @@ import torch
 
 from mctool import presets, store
 from mctool.core.errors import UsageError
-from mctool.configs.distill import (AUTO_SELECT_MIN_ITERATIONS, DEFAULT_EVAL_SHARE, DistillConfig,  # noqa: F401
-                                     list_presets, load_preset, preset_schema)  # (re-exported)
+from mctool.configs.distill import (AUTO_SELECT_MIN_ITERATIONS, DEFAULT_EVAL_SHARE, DEFAULT_LR_BACKOFF,  # noqa: F401
+                                     MAX_BACKOFFS, DistillConfig, list_presets, load_preset,
+                                     preset_schema)  # (re-exported)
 from mctool.core.settings import legacy_values, resume_safe
 
 
@@ -52,7 +53,7 @@ def resolve_config(preset: str | None, overrides: dict[str, Any], buffer: store.
 
     A new run: built-in defaults <- what the buffer implies (dataset, preprocessing, waypoint
     count, when no preset says otherwise) <- the preset's values (none: eval_share
-    DEFAULT_EVAL_SHARE, the best images kept) <- `overrides` that are not None.
+    DEFAULT_EVAL_SHARE, the best images kept; lr_backoff DEFAULT_LR_BACKOFF) <- `overrides` that are not None.
     A resumed run (`stored`: the synset's config): the stored settings (with the values older
     releases implied for keys they did not store) <- `overrides`, which may differ only in the
     settings a resume may change."""
@@ -72,6 +73,8 @@ def resolve_config(preset: str | None, overrides: dict[str, Any], buffer: store.
             # Never worse than the start, by default: a run whose settings nobody tuned keeps its
             # best images on the validation split, the starting ones included.
             values["eval_share"] = DEFAULT_EVAL_SHARE
+            # ... and cuts an image learning rate that makes them worse than they started (runner.py).
+            values["lr_backoff"] = DEFAULT_LR_BACKOFF
     given = {k: v for k, v in overrides.items() if v is not None and k in _fields()}
     if stored is not None:
         _check_resume_changes(values, given, p)

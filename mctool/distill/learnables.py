@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Union
 
 import torch
 
@@ -58,11 +58,16 @@ class Learnable:
     # Opts in to `--ema`: the checkpoint entry (store.CHECKPOINT_LEARNED) holding the raw value while the
     # synset field `stored` and the entry `saved` hold the average (see `averaged`); None: never averaged.
     ema_raw: str | None = None
+    backs_off: bool = False  # its learning rate is the one `--lr-backoff` cuts (mctool.distill.runner)
+    # Its value in the best images (store.BestImages), which a `--lr-backoff` cut goes back to
+    # (None: the `stored` field as it is).
+    from_best: Callable[[Any], Value] | None = None
 
 
 LEARNABLES: tuple[Learnable, ...] = (
     Learnable("images", lr="lr_img", momentum="momentum_img", bound=lambda cfg: IMAGE_BOUND, stored="images",
-              velocity="images_velocity", grad_scale=lambda cfg: cfg.image_grad_scale, ema_raw="images_raw"),
+              velocity="images_velocity", grad_scale=lambda cfg: cfg.image_grad_scale, ema_raw="images_raw",
+              backs_off=True),
     # α is kept positive: a step that would halve it or flip its sign overshoots (damped, momentum reset).
     Learnable("alpha", lr="lr_lr", momentum="momentum_lr", bound=lambda cfg: ALPHA_BOUND * cfg.lr_init,
               stored="lr", velocity="alpha_velocity", scalar=True, floor=0.5, initial=lambda cfg: cfg.lr_init),
@@ -71,8 +76,19 @@ LEARNABLES: tuple[Learnable, ...] = (
     # released MCT code has no label gradient, so --step-units has nothing to halve here.
     Learnable("labels", lr="lr_label", momentum="momentum_label", bound=lambda cfg: LABEL_BOUND, stored=None,
               velocity="label_logits_velocity", saved="label_logits", active=lambda cfg: cfg.learn_labels,
-              ema_raw="label_logits_raw"),
+              ema_raw="label_logits_raw", from_best=lambda best: logits_of(best.labels)),
 )
+
+
+def logits_of(probabilities: torch.Tensor) -> torch.Tensor:
+    """Logits whose softmax gives `probabilities` back (up to rounding; zeros become ≈ e^-87)."""
+    return torch.log(probabilities.clamp_min(torch.finfo(probabilities.dtype).tiny))
+
+
+def best_value(entry: Learnable, best: Any) -> Value:
+    """`entry`'s value in the best images `best` (a store.BestImages): a copy, as a new value."""
+    value = entry.from_best(best) if entry.from_best is not None else getattr(best, str(entry.stored))
+    return value.clone() if isinstance(value, torch.Tensor) else float(value)
 
 
 def learned_in(cfg: DistillConfig) -> list[Learnable]:
@@ -110,14 +126,22 @@ def magnitude(value: Value) -> float:
     return abs(float(value))
 
 
+def learning_rate(entry: Learnable, cfg: DistillConfig, backoffs: int = 0) -> float:
+    """`entry`'s learning rate after `backoffs` cuts by `--lr-backoff` (only a learnable that
+    `backs_off` is cut)."""
+    lr = float(getattr(cfg, entry.lr))
+    return lr * cfg.lr_backoff ** backoffs if entry.backs_off and backoffs else lr
+
+
 def step(entry: Learnable, cfg: DistillConfig, value: Value, velocity: Value,
-         grad: Value) -> tuple[Value, Value] | None:
+         grad: Value, backoffs: int = 0) -> tuple[Value, Value] | None:
     """SGD with momentum for one learnable: (value, velocity) after the step, or None when the
-    step leaves its bounds (non-finite or beyond `entry.bound`)."""
+    step leaves its bounds (non-finite or beyond `entry.bound`). `backoffs`: how often the run
+    has cut the learning rate (`learning_rate`)."""
     if entry.scalar:
         grad = float(grad)  # MatchResult gives a 0-dim tensor
     velocity = velocity * getattr(cfg, entry.momentum) + grad * entry.grad_scale(cfg)
-    new = value - getattr(cfg, entry.lr) * velocity
+    new = value - learning_rate(entry, cfg, backoffs) * velocity
     if entry.floor is not None:
         assert entry.scalar, "a floor applies to scalar learnables"
         floor = entry.floor * value

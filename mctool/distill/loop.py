@@ -189,7 +189,8 @@ class Distiller:
         s = self.state
         stepped = {}
         for entry in learned_in(self.cfg):
-            out = step(entry, self.cfg, s.values[entry.name], s.velocities[entry.name], grads[entry.name])
+            out = step(entry, self.cfg, s.values[entry.name], s.velocities[entry.name], grads[entry.name],
+                       s.backoffs)
             if out is None:
                 return False
             stepped[entry.name] = out

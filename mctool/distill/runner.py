@@ -28,9 +28,11 @@ import torch
 from mctool.core import distributed as dist
 from mctool import store
 from mctool.distill.checkpoint import resume_name, _load_state, _synset, stored_config
-from mctool.distill.config import (AUTO_SELECT_MIN_ITERATIONS, DistillConfig, buffer_note, check_buffer_matches,
-                                   check_synset_name, missing_buffer_hint, resolve_config, synset_name)
-from mctool.distill.learnables import ALPHA_BOUND, IMAGE_BOUND, Value, learned_in
+from mctool.distill.config import (AUTO_SELECT_MIN_ITERATIONS, MAX_BACKOFFS, DistillConfig, buffer_note,
+                                   check_buffer_matches, check_synset_name, missing_buffer_hint, resolve_config,
+                                   synset_name)
+from mctool.distill.learnables import (ALPHA_BOUND, IMAGE_BOUND, LEARNABLES, Value, averaged, best_value,
+                                       learned_in, learning_rate, zero_like)
 from mctool.distill import sizes
 from mctool.distill.loop import MAX_BAD_FRACTION, MAX_BAD_IN_A_ROW, Distiller, ExpertSource, choose_micro_batch
 from mctool.distill.state import State, _rank_seed, initial_state
@@ -231,8 +233,7 @@ class _Run:
 
     def _evaluated_at(self, iteration: int) -> bool:
         """Whether this run's selection already scored its images at `iteration` (a resume)."""
-        return any(e.get("kind") == "synset" and e.get("iteration") == iteration and
-                   e.get("split") == self.cfg.select_on for e in self.d.state.evaluations)
+        return self._scored_at(iteration) is not None
 
     def _auto_every(self, steps: list[float]) -> int:
         """The spacing of evaluations that keeps them within eval_share of the run's time: from the
@@ -287,6 +288,8 @@ class _Run:
                         and not self._evaluated_at(state.iteration)):
                     self.evaluate(reused=self._reused(state.iteration))
                     steps.clear()  # the pace of iterations, not of evaluations
+                if cfg.lr_backoff > 0:
+                    self._back_off_if_worse(every)
                 per_iteration = (steps[-1] - steps[0]) / (len(steps) - 1) if len(steps) > 1 else None
                 if not self._iteration(self._time_left(per_iteration, every)):
                     state.skipped += 1
@@ -321,8 +324,71 @@ class _Run:
             self.summary = {"evaluations": self.evaluations, "seconds": self.eval_seconds,
                             "share": self.eval_seconds / seconds if seconds > 0 else 0.0, "every": every,
                             "bound": cfg.eval_share if not cfg.eval_every else None, "split": cfg.select_on,
-                            "reused": self.reused, "reused_by": self.continued.by if self.continued else None}
+                            "reused": self.reused, "reused_by": self.continued.by if self.continued else None,
+                            "backoffs": list(state.run.get("backoffs", []))}
         return seconds
+
+    def _back_off_if_worse(self, every: int) -> None:
+        """`--lr-backoff`: when this iteration's evaluation scored the images below the starting
+        images by more than the selection split's standard error (`_below_start`) — an evaluation
+        of the schedule (every `every` iterations), not the end of a shorter sitting —, go on from the best images so far (momenta reset, `--ema` averages restarted there)
+        with the image learning rate cut by the factor — at most MAX_BACKOFFS times. Decided on rank
+        0 (the only one that evaluates), carried out on every rank; a resume stopped between the
+        evaluation and the cut makes the cut (the state lists each cut with its iteration)."""
+        state, cfg = self.d.state, self.cfg
+        due = (self.selecting and every > 0 and state.iteration % every == 0 and state.best is not None
+               and state.backoffs < MAX_BACKOFFS
+               and all(b["iteration"] != state.iteration for b in state.run.get("backoffs", []))
+               and self._below_start(state.iteration))
+        if not dist.any_flag(due, self.d.device):
+            return
+        # Broadcast from the CPU: a pickled CUDA tensor unpickles onto rank 0's GPU on every rank.
+        best = state.best
+        if dist.world_size() > 1:
+            best = dist.broadcast(dataclasses.replace(best, images=best.images.cpu(), labels=best.labels.cpu())
+                                  if dist.is_main() and best is not None else None)
+        assert best is not None
+        device = self.d.device
+        values = {e.name: best_value(e, best) for e in learned_in(cfg)}
+        values = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in values.items()}
+        images = next(e for e in LEARNABLES if e.backs_off)
+        was, lr = learning_rate(images, cfg, state.backoffs), learning_rate(images, cfg, state.backoffs + 1)
+        if dist.is_main():
+            scored = self._scored_at(state.iteration)
+            start = self._scored_at(0)
+            assert scored is not None and start is not None
+            self.reporter.log(
+                f"iteration {state.iteration}: {cfg.select_on} accuracy "
+                f"{score_text(scored['mean'], scored.get('std'), scored.get('runs', 1))} % is below the starting "
+                f"images' {score_text(start['mean'], start.get('std'), start.get('runs', 1))} % by more than the "
+                f"split's standard error ({100 * self._margin(start['mean']):.2g} points): "
+                f"{images.lr} {was:.3g} → {lr:.3g} (--lr-backoff "
+                f"{cfg.lr_backoff:g}, cut {state.backoffs + 1} of at most {MAX_BACKOFFS}), going on from the best "
+                f"images (iteration {best.iteration})")
+        state.values = values
+        state.velocities = {k: zero_like(v) for k, v in values.items()}
+        state.averages = {e.name: _copy(values[e.name]) for e in learned_in(cfg) if averaged(e, cfg)}
+        state.sync_labels()
+        state.run = {**state.run, "backoffs": [*state.run.get("backoffs", []),
+                                               {"iteration": state.iteration, "from_iteration": best.iteration,
+                                                "lr_img_was": was, "lr_img": lr}]}
+
+    def _scored_at(self, iteration: int) -> dict[str, Any] | None:
+        """The selection's evaluation of the images at `iteration`, if any."""
+        found = [e for e in self.d.state.evaluations if e.get("kind") == "synset" and
+                 e.get("iteration") == iteration and e.get("split") == self.cfg.select_on]
+        return found[-1] if found else None
+
+    def _margin(self, accuracy: float) -> float:
+        assert self.selection is not None
+        return standard_error(accuracy, int(self.selection[1].numel()))
+
+    def _below_start(self, iteration: int) -> bool:
+        """Whether the images at `iteration` scored below the starting images by more than the
+        split's standard error (both scored)."""
+        scored, start = self._scored_at(iteration), self._scored_at(0)
+        return (iteration > 0 and scored is not None and start is not None
+                and scored["mean"] < start["mean"] - self._margin(start["mean"]))
 
     def _iteration(self, pace: str | None = None) -> bool:
         """One update; False when it was not applied (non-finite or out of bounds). `pace`: seconds
@@ -363,6 +429,13 @@ class _Run:
             f"{store.shown(self.out)} at iteration {state.iteration}{kept}); try a smaller --lr-img or --lr-lr")
 
 
+def standard_error(accuracy: float, n: int) -> float:
+    """The standard error of an accuracy near `accuracy` (a fraction) measured on `n` images
+    (binomial: √(p(1 − p)/n)): a score this far below another on the same split may be noise."""
+    p = min(max(accuracy, 0.0), 1.0)
+    return math.sqrt(p * (1 - p) / max(1, n))
+
+
 def _stored_eval_seconds(evaluations: list[dict[str, Any]]) -> float:
     """The cost of the last stored evaluation (a resumed run's estimate before it measures one)."""
     for e in reversed(evaluations):
@@ -395,6 +468,12 @@ def selection_notes(summary: dict[str, Any], state: State, seconds: float) -> li
     else:
         notes = [f"selection on {split}: no evaluation needed: {summary['reused']} reused, measured by "
                  f"{summary['reused_by']}"]
+    cuts = summary.get("backoffs") or []
+    if cuts:
+        lrs = " → ".join([f"{cuts[0]['lr_img_was']:.3g}"] + [f"{c['lr_img']:.3g}" for c in cuts])
+        notes.append(f"lr_img was cut {len(cuts)} time(s) (--lr-backoff), {lrs}, at iteration(s) "
+                     f"{', '.join(str(c['iteration']) for c in cuts)}: the images fell below the starting ones; "
+                     f"a run with --lr-img {cuts[-1]['lr_img']:.3g} from the start may do better")
     best = state.best
     if best is not None and best.iteration == 0 and state.iteration > 0:
         later = [e for e in state.evaluations if e.get("kind") == "synset" and e.get("split") == split

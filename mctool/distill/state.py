@@ -37,6 +37,11 @@ class State:
     run: dict[str, Any] = field(default_factory=dict)  # choices a resume repeats (micro-batch)
     averages: dict[str, Value] = field(default_factory=dict)  # learnable name -> its `--ema` average
 
+    @property
+    def backoffs(self) -> int:
+        """How often `--lr-backoff` has cut the image learning rate (each cut is listed in `run`)."""
+        return len(self.run.get("backoffs", []))
+
     def shown(self, name: str) -> Value:
         """What the run yields of learnable `name`: its `--ema` average when it has one, else its
         value (what the synset stores, periodic evaluations score and the best images keep)."""
