@@ -5,6 +5,7 @@ go in-process (with one thread, as torchrun gives each worker), which saves seco
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -118,3 +119,30 @@ def test_torchrun_levers_resume_bit_for_bit(dist_buffer: Path, data_dir: Path, t
             assert np.array_equal(ga[key][()], gb[key][()]), key
         assert not np.array_equal(ga["images"][()], ga["checkpoint/images_raw"][()])
         assert ga.attrs["lr"] == gb.attrs["lr"]
+
+
+def test_torchrun_lr_backoff_cuts_on_every_rank_and_resumes_bit_for_bit(dist_buffer: Path, data_dir: Path,
+                                                                        tmp_path: Path) -> None:
+    """`--lr-backoff` under torchrun: rank 0 scores the images and decides the cut, every rank
+    goes back to the best images (a rank left behind would hang the next collective or mix other
+    images into the averaged gradient); a sitting ending at the cut's evaluation, resumed, ends as
+    the uninterrupted run does."""
+    convexify_file(dist_buffer, ConvexifyConfig(interior=0), tmp_path / "c.h5")
+    args = ["distill", "--buffer", tmp_path / "c.h5", "--data-dir", data_dir, "--ipc", "2", "--syn-steps", "2",
+            "--expert-epochs", "1", "--max-start-epoch", "1", "--lr-img", "100000", "--eval-every", "3",
+            "--eval-epochs", "30", "--lr-backoff", "0.1", "--quiet"]
+    full, part = tmp_path / "full.h5", tmp_path / "part.h5"
+    r = torchrun(*args, "-o", full, "--iterations", "6", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with h5py.File(full) as f:
+        g = f["synsets"][sorted(f["synsets"])[0]]
+        cuts = json.loads(g["checkpoint"].attrs["run"])["backoffs"]
+    assert cuts and cuts[0]["iteration"] == 3, "the setting no longer wrecks the images: the test needs a cut"
+    assert torchrun(*args, "-o", part, "--iterations", "3", cwd=tmp_path).returncode == 0
+    r = torchrun(*args, "-o", part, "--iterations", "6", "--resume", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with h5py.File(full) as a, h5py.File(part) as b:
+        ga, gb = (f["synsets"][sorted(f["synsets"])[0]] for f in (a, b))
+        for key in ("images", "checkpoint/images_velocity", "checkpoint/generators", "best/images"):
+            assert np.array_equal(ga[key][()], gb[key][()]), key
+        assert json.loads(gb["checkpoint"].attrs["run"])["backoffs"] == cuts
