@@ -586,6 +586,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", metavar="STAGE", help="run only these stages (and what they need)")
     p.add_argument("--stop-after", metavar="STAGE", help="stop after this stage (e.g. experts)")
     p.add_argument("--list", action="store_true", help="show the stages, their state and commands; run nothing")
+    p.add_argument("--summary", action="store_true",
+                   help="write the summary tables from what the work folder holds; run no stage (a sitting "
+                        "without --only runs every stage still to run)")
     p.add_argument("--adopt", type=Path, action="append", default=[], metavar="WORK",
                    help="first take the stages finished in WORK, a copy of this work folder a second sitting "
                         "ran (e.g. ablation rows on the other core); repeatable")
@@ -661,6 +664,8 @@ def main(argv: list[str] | None = None, runner: Runner | None = None,
     if args.list:  # read-only: works while another run holds the folder
         print_plan(Pipeline(work, plan.stages, runner, extra=exec_args(args)))
         return 0
+    if args.summary and not (work / "manifest.json").is_file():
+        p.error(f"--summary: {work} is not a benchmark work folder (no manifest.json there)")
     work.mkdir(parents=True, exist_ok=True)
     try:
         with Lock(work):
@@ -668,6 +673,8 @@ def main(argv: list[str] | None = None, runner: Runner | None = None,
             m = pipeline.manifest.data
             if m.get("size_name", size.name) != size.name:
                 p.error(f"{work} holds the '{m['size_name']}' benchmark; use --size {m['size_name']} or another --work")
+            if args.summary:
+                return write_summary(pipeline, plan, runner, out, [])
             return run(pipeline, plan, runner, args, size, env, out, argv)
     except WorkBusy as exc:
         print(f"fidelity: error: {exc}", file=sys.stderr)
@@ -721,8 +728,15 @@ def run(pipeline: Pipeline, plan: Plan, runner: Runner, args: argparse.Namespace
     if pipeline.stop_requested or any(o.status == "interrupted" for o in outcomes):
         print("fidelity: interrupted; run the same command again to continue", file=sys.stderr)
         return INTERRUPTED_EXIT
+    return write_summary(pipeline, plan, runner, out, outcomes)
+
+
+def write_summary(pipeline: Pipeline, plan: Plan, runner: Runner, out: Path, outcomes: list[Any]) -> int:
+    """The tables of what the work folder holds, to `out` and the folder's summary.json, and printed;
+    1 when one of this sitting's `outcomes` failed."""
     summary = summarize(plan, pipeline, experts_summary(runner, pipeline.work))
-    summary.update({"work": str(pipeline.work), "sittings": m["sittings"], "written": now()})
+    summary.update({"work": str(pipeline.work), "sittings": pipeline.manifest.data.get("sittings", []),
+                    "written": now()})
     write_json(pipeline.work / "summary.json", summary)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, summary)

@@ -155,6 +155,24 @@ def test_interrupted_run_continues(tmp_path: Path) -> None:
     assert e["status"] == "done" and [a["resumed"] for a in e["attempts"]] == [False, True]
 
 
+def test_summary_runs_no_stage(tmp_path: Path) -> None:
+    """`--summary` writes the tables of what the folder holds (a sitting without --only would run
+    every stage still to run): nothing but the experts' inspect, no new sitting; a folder that is
+    no benchmark's is refused."""
+    assert run(tmp_path, FakeMctool(interrupt="abl-")) == 130  # the main rows done, the ablation's to run
+    sittings = len(manifest(tmp_path)["sittings"])
+    fake = FakeMctool()
+    assert run(tmp_path, fake, "--summary") == 0
+    assert [c[0] for c in fake.calls] == ["inspect"]
+    assert len(manifest(tmp_path)["sittings"]) == sittings
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert all(m["distilled"] is not None for m in summary["main"])
+    assert summary["ablation"] and all(a["result"] is None for a in summary["ablation"])
+    with pytest.raises(SystemExit) as e:
+        fidelity.main(["--quick", "--work", str(tmp_path / "none"), "--summary"], runner=FakeMctool())
+    assert e.value.code == 2 and not (tmp_path / "none").exists()
+
+
 def test_changed_setting_reruns_that_stage_and_what_depends_on_it(tmp_path: Path) -> None:
     assert run(tmp_path, FakeMctool(), "--no-ablation") == 0
     fake = FakeMctool()
