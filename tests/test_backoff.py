@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import h5py
 import pytest
 import torch
 
@@ -46,7 +47,8 @@ def test_learning_rate_after_cuts() -> None:
 def test_the_margin_is_the_splits_standard_error() -> None:
     assert standard_error(0.5, 100) == pytest.approx(0.05)
     assert standard_error(0.9, 400) == pytest.approx(0.015)
-    assert standard_error(1.0, 50) == 0.0 and standard_error(0.5, 0) == pytest.approx(0.5)  # no split: no division
+    assert standard_error(1.0, 50) == pytest.approx(1 / 50)  # at least one image: not every drop is a cut
+    assert standard_error(0.5, 0) == pytest.approx(1.0)  # no split: no division
 
 
 def test_a_drop_within_the_standard_error_is_no_cut() -> None:
@@ -119,7 +121,7 @@ def test_a_worsening_run_is_cut_and_goes_on_from_its_best_images(tmp_path: Path,
     assert "is below the starting images'" in r.stderr
 
 
-def test_off_with_zero_or_a_preset(tmp_path: Path, convex_buffer: Path, data_dir: Path) -> None:
+def test_off_with_zero(tmp_path: Path, convex_buffer: Path, data_dir: Path) -> None:
     r = _distill(convex_buffer, tmp_path / "s.h5", data_dir, "--iterations", "20", "--lr-backoff", "0", "--json",
                  "--quiet")
     assert r.exit_code == 0, r.output
@@ -129,37 +131,70 @@ def test_off_with_zero_or_a_preset(tmp_path: Path, convex_buffer: Path, data_dir
     assert min(scored[i] for i in (5, 10, 15)) < scored[0]  # it did go wrong, and nothing was cut
 
 
-@pytest.mark.parametrize("stop_before_cut", [False, True])
+def test_default_runs_repeat_at_any_pace(tmp_path: Path, convex_buffer: Path, data_dir: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --eval-every the spacing of the evaluations — and so the best images and the cuts —
+    comes from a count, not from the clock: a run whose clock jumps erratically repeats a plain one."""
+    args = [a for a in SETTINGS if a not in ("--eval-every", "5")] + ["--iterations", "40", "--json", "--quiet"]
+    first = cli("distill", "--buffer", convex_buffer, "-o", tmp_path / "a.h5", "--data-dir", data_dir, *args)
+    assert first.exit_code == 0, first.output
+    import mctool.distill.runner as runner
+
+    clock = {"t": 0.0, "n": 0}
+
+    def erratic() -> float:  # monotonic, with steps from a millisecond to a minute
+        clock["n"] += 1
+        clock["t"] += (0.001, 60.0, 0.5, 7.0)[clock["n"] * 7 % 4]
+        return clock["t"]
+
+    monkeypatch.setattr(runner.time, "perf_counter", erratic)
+    second = cli("distill", "--buffer", convex_buffer, "-o", tmp_path / "b.h5", "--data-dir", data_dir, *args)
+    assert second.exit_code == 0, second.output
+    a, b = json.loads(first.stdout), json.loads(second.stdout)
+    assert [e["iteration"] for e in a["evaluations"]] == [e["iteration"] for e in b["evaluations"]]
+    assert a["selection"]["backoffs"] == b["selection"]["backoffs"]
+    assert a["best"]["iteration"] == b["best"]["iteration"]
+    with store.open_synsets(tmp_path / "a.h5") as x, store.open_synsets(tmp_path / "b.h5") as y:
+        sa, sb = x.read(x.pick(None)), y.read(y.pick(None))
+    assert torch.equal(sa.images, sb.images) and sa.best is not None and sb.best is not None
+    assert torch.equal(sa.best.images, sb.best.images)
+
+
+@pytest.mark.parametrize("stop_before_cut, levers", [(False, ()), (True, ()), (False, ("--ema", "0.8", "--learn-labels"))])
 def test_resume_across_a_cut_is_bit_for_bit(tmp_path: Path, convex_buffer: Path, data_dir: Path,
-                                            monkeypatch: pytest.MonkeyPatch, stop_before_cut: bool) -> None:
+                                            monkeypatch: pytest.MonkeyPatch, stop_before_cut: bool,
+                                            levers: tuple[str, ...]) -> None:
     """A run stopped after the first cut — or between the evaluation that calls for it and the cut
-    itself — and resumed ends where an uninterrupted run ends, bit for bit (CPU)."""
+    itself — and resumed ends where an uninterrupted run ends, bit for bit (CPU); with the EMA and
+    learned labels, every learnable goes back to the best images' (the raw values too)."""
     whole = tmp_path / "whole.h5"
-    r = _distill(convex_buffer, whole, data_dir, "--iterations", "30", "--json", "--quiet")
+    r = _distill(convex_buffer, whole, data_dir, *levers, "--iterations", "30", "--json", "--quiet")
     assert r.exit_code == 0, r.output
     cuts = json.loads(r.stdout)["selection"]["backoffs"]
     assert cuts, "the setting no longer wrecks the images: the test needs a cut"
     first = cuts[0]["iteration"]
     part = tmp_path / "part.h5"
     stop_at = first if stop_before_cut else first + 2
-    original = _Run._back_off_if_worse
+    # Ctrl-C between the evaluation and the cut at `first`, or at the start of iteration first + 2.
+    hook = "_back_off_if_worse" if stop_before_cut else "_iteration"
+    original = getattr(_Run, hook)
 
-    def interrupt(self: _Run, every: int) -> None:  # Ctrl-C at the top of iteration `stop_at`
+    def interrupt(self: _Run, *args: Any) -> Any:
         if self.d.state.iteration == stop_at:
             raise KeyboardInterrupt
-        original(self, every)
+        return original(self, *args)
 
-    monkeypatch.setattr(_Run, "_back_off_if_worse", interrupt)
-    r = _distill(convex_buffer, part, data_dir, "--iterations", "30", "--quiet")
+    monkeypatch.setattr(_Run, hook, interrupt)
+    r = _distill(convex_buffer, part, data_dir, *levers, "--iterations", "30", "--quiet")
     assert r.exit_code != 0
-    monkeypatch.setattr(_Run, "_back_off_if_worse", original)
+    monkeypatch.setattr(_Run, hook, original)
     with store.open_synsets(part) as sf:
         stopped = sf.read(sf.pick(None), checkpoint=True)
     assert stopped.iterations == stop_at and stopped.checkpoint is not None
     made = stopped.checkpoint.run.get("backoffs", [])
     # Stopped between the evaluation that calls for the first cut and the cut: scored, not yet cut.
     assert (not made and any(e["iteration"] == first for e in stopped.evaluations)) if stop_before_cut else made
-    r = _distill(convex_buffer, part, data_dir, "--iterations", "30", "--resume", "--json", "--quiet")
+    r = _distill(convex_buffer, part, data_dir, *levers, "--iterations", "30", "--resume", "--json", "--quiet")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["selection"]["backoffs"] == cuts
     with store.open_synsets(whole) as a, store.open_synsets(part) as b:
@@ -168,3 +203,28 @@ def test_resume_across_a_cut_is_bit_for_bit(tmp_path: Path, convex_buffer: Path,
     assert x.best is not None and y.best is not None and torch.equal(x.best.images, y.best.images)
     assert x.checkpoint is not None and y.checkpoint is not None
     assert x.checkpoint.run["backoffs"] == y.checkpoint.run["backoffs"]
+    assert x.checkpoint.learned.keys() == y.checkpoint.learned.keys()
+    for key, value in x.checkpoint.learned.items():  # raw images and logits, momenta: all equal
+        other = y.checkpoint.learned[key]
+        assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, key
+    assert torch.equal(x.labels, y.labels)
+    if levers:
+        assert {"images_raw", "label_logits", "label_logits_raw"} <= set(x.checkpoint.learned)
+
+
+@pytest.mark.parametrize("run, says", [
+    ({"backoffs": 3}, "'backoffs' must be a list"), ({"backoffs": [{}] * 9}, "at most 3"),
+    ({"backoffs": [{"iteration": 5}]}, "not {iteration"), ({"eval_every": -2}, "'eval_every' must be a whole"),
+    ({"micro_batch": "x"}, "'micro_batch'")])
+def test_a_damaged_run_record_is_one_line(tmp_path: Path, convex_buffer: Path, data_dir: Path, run: dict,
+                                          says: str) -> None:
+    out = tmp_path / "s.h5"
+    r = _distill(convex_buffer, out, data_dir, "--iterations", "6", "--quiet")
+    assert r.exit_code == 0, r.output
+    with h5py.File(out, "r+") as f:
+        g = f["synsets"][sorted(f["synsets"])[0]]["checkpoint"]
+        g.attrs["run"] = json.dumps({**json.loads(g.attrs["run"]), **run})
+    before = out.read_bytes()
+    r = _distill(convex_buffer, out, data_dir, "--iterations", "8", "--resume")
+    assert_one_line_error(r, 2, says, after_progress=True)
+    assert out.read_bytes() == before

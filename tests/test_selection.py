@@ -5,6 +5,7 @@ the checks is measured, bounded and said; progress lines give seconds per iterat
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import torch
 
 from mctool import store
 from mctool.distill import resolve_config, run_prepared
-from mctool.distill.runner import _nice_up, _Run
+from mctool.distill.runner import FORWARD_COST, MATCH_STEP_COST, _nice_up, _Run, planned_every
 from mctool.data.prepared import prepare_like
 from mctool.core.progress import Reporter
 from tests.helpers import cli
@@ -72,21 +73,19 @@ def test_presets_keep_their_final_images_and_short_runs_say_why(tmp_path: Path, 
     assert any("a run of 4 iteration(s) keeps its final images" in n for n in doc["notes"])
 
 
-def test_the_cost_of_the_checks_is_measured_and_bounded(tmp_path: Path, convex_buffer: Path, data_dir: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """The spacing comes from the measured costs (an evaluation, an iteration); the evaluations
-    made are the start, every N-th iteration and the end; their measured cost is reported."""
+def test_the_cost_of_the_checks_is_planned_and_measured(tmp_path: Path, convex_buffer: Path, data_dir: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The spacing comes from a count of network passes (`planned_every`), so it is the same on every
+    machine and at every load; the evaluations made are the start, every N-th iteration and the
+    end; their measured cost is reported."""
     chosen: list[int] = []
-    real = _Run._auto_every
+    real = _Run._planned_every
 
-    def spy(self, steps):
-        n = real(self, steps)
+    def spy(self):
+        n = real(self)
         chosen.append(n)
-        # Consistent with the bound: N iterations cost at least (1 - share) / share evaluations.
-        per_iteration = (steps[-1] - steps[0]) / (len(steps) - 1)
-        assert n * per_iteration * self.cfg.eval_share >= self.last_eval * (1 - self.cfg.eval_share) * 0.999
-        return 1  # every iteration from here on, to see the schedule
-    monkeypatch.setattr(_Run, "_auto_every", spy)
+        return 2  # every second iteration from here on, to see the schedule
+    monkeypatch.setattr(_Run, "_planned_every", spy)
     with store.open_buffer(convex_buffer) as buf:
         cfg = resolve_config(None, {"ipc": 2, "syn_steps": 3, "iterations": 22, "seed": 3, "eval_epochs": 5}, buf)
         assert cfg.eval_share == 0.1
@@ -94,11 +93,27 @@ def test_the_cost_of_the_checks_is_measured_and_bounded(tmp_path: Path, convex_b
         result = run_prepared(cfg, buf, tmp_path / "s.h5", prepared)
     assert len(chosen) == 1
     its = [e["iteration"] for e in result.evaluations]
-    assert its == [0] + list(range(4, 23))  # start; chosen after 3 timed iterations (at 4), then every 1
+    assert its == list(range(0, 23, 2))  # start, every 2, the end
     sel = result.selection
     assert sel["evaluations"] == len(its) and sel["seconds"] > 0 and 0 < sel["share"] < 1 and sel["bound"] == 0.1
     assert any(n.startswith(f"selection on validation: {len(its)} evaluation(s) took ") for n in result.notes)
     assert [_nice_up(n) for n in (1, 2, 3, 6, 11, 180, 201)] == [1, 2, 5, 10, 20, 200, 500]
+
+
+def test_planned_spacing_counts_network_passes() -> None:
+    """N iterations cost at least (1 - share) / share evaluations, by the count: an evaluation
+    trains eval_runs × eval_epochs × images and scores the split; an iteration matches syn_steps ×
+    batch images at MATCH_STEP_COST each."""
+    cfg = resolve_config(None, {"ipc": 1, "syn_steps": 40, "eval_runs": 1, "eval_epochs": 300})
+    every, ratio = planned_every(cfg, 10, 135)
+    assert ratio == pytest.approx((300 * 10 + FORWARD_COST * 135) / (40 * 10 * MATCH_STEP_COST))
+    assert every == _nice_up(math.ceil(ratio * 9)) and every * cfg.eval_share >= ratio * (1 - cfg.eval_share)
+    # --batch-syn makes iterations cheaper, so evaluations come less often; a batch above the set is the set.
+    small = resolve_config(None, {"ipc": 50, "batch_syn": 100})
+    assert planned_every(small, 500, 1000)[1] == pytest.approx(5 * planned_every(resolve_config(None, {"ipc": 50}),
+                                                                                  500, 1000)[1])
+    assert planned_every(resolve_config(None, {"batch_syn": 999}), 100, 10) == planned_every(
+        resolve_config(None, {}), 100, 10)
 
 
 def test_progress_lines_give_seconds_per_iteration_and_time_left(tmp_path: Path, convex_buffer: Path,

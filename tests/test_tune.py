@@ -336,6 +336,10 @@ def test_a_final_run_that_is_not_the_winners_continued_starts_over(tmp_path: Pat
     assert not tune_mod.continues(base, dataclasses.replace(longer, eval_every=5))
     assert tune_mod.continues(base, dataclasses.replace(longer, eval_every=10))
     assert tune_mod.continues(base, dataclasses.replace(longer, eval_every=15))
+    # A run that may cut lr_img after its evaluations (--lr-backoff) is no prefix of a candidate that could not.
+    assert not tune_mod.continues(base, dataclasses.replace(longer, lr_backoff=0.1))
+    assert "--lr-backoff 0.1 may cut lr_img" in str(tune_mod.continuation_problem(
+        dataclasses.replace(base, lr_backoff=0.1), dataclasses.replace(longer, lr_backoff=0.1)))
     log = _Lines()
     handoff = tune_mod.Handoff(file=tmp_path / "none.h5", config=base, keep=torch.arange(3), val_size=7, scores={},
                                ecfg=tune_mod.selection_protocol(base), what="candidate 1 of the search")
@@ -348,7 +352,7 @@ def test_a_final_run_that_is_not_the_winners_continued_starts_over(tmp_path: Pat
     assert "starts over" in log.lines[-1] and "--eval-every 4" in log.lines[-1]
     # run_prepared: a prefix from other training images is not continued.
     with store.open_buffer(convex_buffer) as buf:
-        cfg = resolve_config(None, {"ipc": 2, "syn_steps": 2, "iterations": 3, "seed": 3, "eval_every": 3,
+        cfg = resolve_config(None, {"ipc": 2, "syn_steps": 2, "iterations": 3, "seed": 3, "lr_backoff": 0.0, "eval_every": 3,
                                     "eval_epochs": 2}, buf)
         prepared = prepare_like(buf.data, data_dir, torch.device("cpu"))
         first = run_prepared(dataclasses.replace(cfg, iterations=2), buf, tmp_path / "p.h5", prepared, name="p")
@@ -406,7 +410,7 @@ def test_a_continued_run_selects_as_a_restart_does_with_eval_every(tmp_path: Pat
 
     log = _Lines()
     with store.open_buffer(convex_buffer) as buf:
-        cfg = resolve_config(None, {"ipc": 2, "syn_steps": 2, "iterations": 6, "seed": 3, "eval_every": every,
+        cfg = resolve_config(None, {"ipc": 2, "syn_steps": 2, "iterations": 6, "seed": 3, "lr_backoff": 0.0, "eval_every": every,
                                     "eval_epochs": 2, "eval_runs": 1, "val_size": 100}, buf)
         prepared = prepare_like(buf.data, data_dir, torch.device("cpu"))
         # A score of the candidate's images that would win if it were recorded.
@@ -444,7 +448,7 @@ def test_ctrl_c_while_a_continued_run_scores_its_starting_images_keeps_them_a_ca
             return 2 if self.armed else 0  # SIGINT at the first safe point after the run continued
 
     with store.open_buffer(convex_buffer) as buf:
-        cfg = resolve_config(None, {"ipc": 2, "syn_steps": 2, "iterations": 6, "seed": 3, "eval_every": 6,
+        cfg = resolve_config(None, {"ipc": 2, "syn_steps": 2, "iterations": 6, "seed": 3, "lr_backoff": 0.0, "eval_every": 6,
                                     "eval_epochs": 2, "eval_runs": 1, "val_size": 100}, buf)
         prepared = prepare_like(buf.data, data_dir, torch.device("cpu"))
         cont = _candidate_run(buf, prepared, cfg, 4, tmp_path / "c.h5")  # no scores: 0 is measured
@@ -757,6 +761,8 @@ def test_distill_tune_cli(tmp_path: Path, convex_buffer: Path, data_dir: Path) -
     assert "starting images" in r.stdout and "successive halving" in r.stdout
     assert "min of a 0.25 min budget" in r.stdout
     assert "s per iteration" in r.stderr and "s per evaluation" in r.stderr  # the probe, measured
+    # --tune chooses lr_img: its preset does not cut it (--lr-backoff 0), so its final run may continue the winner.
+    assert load_preset(preset).values["lr_backoff"] == 0.0 and load_preset(preset).values["eval_share"] == 0.1
     r2 = cli("distill", "--preset", preset, "--buffer", convex_buffer, "-o", out, "--data-dir", data_dir, "--quiet",
              "--iterations", "2")
     assert r2.exit_code == 0, r2.output

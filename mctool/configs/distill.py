@@ -117,15 +117,17 @@ class DistillConfig:
                               "never).", resume_safe=True, check=at_least(0, ">= 0 (0 = never)"))
     eval_share: float = setting(0.0, "Without --eval-every: keep the best images on the validation split, the starting "
                                 "ones (iteration 0) included, evaluating at the start, at the end and as often as "
-                                "keeps the evaluations within this share of the run's time (measured; runs of 20 "
-                                "iterations or more). 0 = off (the final images). Default 0.1 without a preset and in "
+                                "keeps the evaluations within this share of the run's time (planned from a count of "
+                                "network passes, so the same on every machine; the measured cost is reported; runs of "
+                                "20 iterations or more). 0 = off (the final images). Default 0.1 without a preset and in "
                                 "the preset --tune writes, 0 with a preset.", preset=True, resume_safe=True,
                                 legacy=0.0, check=between(0, 1, "in [0, 1) (0 = off)", top_open=True))
     lr_backoff: float = setting(0.0, "When the run selects its images (--eval-every, --eval-share) and an evaluation "
-                                "scores them below the starting images, go back to the best images so far and "
-                                f"multiply lr_img by this factor (at most {MAX_BACKOFFS} times): an image learning "
-                                "rate that makes the images worse is cut instead of spending the rest of the run. "
-                                "0 = off. Default 0.1 without a preset, 0 with one.", preset=True, legacy=0.0,
+                                "scores them below the starting images by more than the split's standard error, go on "
+                                "from the best images so far with lr_img multiplied by this factor (at most "
+                                f"{MAX_BACKOFFS} times): an image learning rate that makes the images worse is cut "
+                                "instead of spending the rest of the run. 0 = off. Default 0.1 without a preset; 0 "
+                                "with one and under --tune (it chooses lr_img).", preset=True, legacy=0.0,
                                 metavar="FACTOR", check=between(0, 1, "in [0, 1) (0 = off)", top_open=True))
     eval_runs: int = setting(1, "Networks per periodic evaluation.", resume_safe=True, check=at_least(1))
     eval_epochs: int = setting(300, "Epochs per periodic evaluation.", resume_safe=True, check=at_least(1))

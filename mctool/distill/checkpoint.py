@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
 from mctool import store
-from mctool.distill.config import DistillConfig
+from mctool.distill.config import MAX_BACKOFFS, DistillConfig
 from mctool.distill.learnables import Value, averaged, learned_in
 from mctool.distill.state import State
 from mctool.core.errors import ArtifactError, UsageError
@@ -49,9 +50,32 @@ def _state_from(syn: store.Synset, cfg: DistillConfig, where: Path) -> State:
         else:
             values[e.name] = shown
         velocities[e.name] = c.learned[e.velocity]
+    problem = run_problem(c.run)
+    if problem is not None:
+        raise ArtifactError(f"{store.shown(where)}: /synsets/{store.clean_text(syn.name)}/checkpoint.run {problem}")
     return State(values=values, velocities=velocities, labels=syn.labels, iteration=syn.iterations,
                  generators=c.generators, queues=c.queues, losses=list(syn.loss), skipped=syn.skipped,
                  evaluations=list(syn.evaluations), best=syn.best, run=dict(c.run), averages=averages)
+
+
+def run_problem(run: dict[str, Any]) -> str | None:
+    """What is wrong with a checkpoint's `run` record (docs/format.md), or None: a resume repeats
+    these choices, so a damaged one must not pass silently (a long cut list would zero lr_img)."""
+    def whole(v: Any, low: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+    for key, low in (("micro_batch", 0), ("eval_every", 0), ("continued_from", 0)):
+        if key in run and not whole(run[key], low):
+            return f"'{key}' must be a whole number >= {low}, got {store.clean_text(repr(run[key]))[:40]}"
+    cuts = run.get("backoffs", [])
+    if not isinstance(cuts, list) or len(cuts) > MAX_BACKOFFS:
+        return f"'backoffs' must be a list of at most {MAX_BACKOFFS} cuts"
+    for cut in cuts:
+        if not (isinstance(cut, dict) and whole(cut.get("iteration"), 1) and whole(cut.get("from_iteration"), 0)
+                and all(isinstance(cut.get(k), (int, float)) and math.isfinite(cut[k]) and cut[k] > 0
+                        for k in ("lr_img_was", "lr_img"))):
+            return "'backoffs' holds a cut that is not {iteration, from_iteration, lr_img_was, lr_img}"
+    return None
 
 
 def _load_state(out: Path, name: str, cfg: DistillConfig) -> State:

@@ -43,7 +43,11 @@ from mctool.core.progress import SIGNAL_NAMES, SILENT, Muted, Reporter, duration
 from mctool.evaluate.scores import score_text
 
 _RESUME_HINT = "add --resume to the same command to continue"
-AUTO_EVAL_PROBE = 3  # iterations timed (after the first) before the spacing of evaluations is chosen
+# The cost model of `planned_every`, in plain training steps of one image: a matching inner step
+# costs about 3 (bench/README.md, "Matching cost": constant/plain 2.9-3.1), scoring an image
+# (forward only) about a third of one.
+MATCH_STEP_COST = 3.0
+FORWARD_COST = 1 / 3
 
 
 def _copy(value: Value) -> Value:
@@ -78,8 +82,9 @@ class DistillResult:
 
 
 # Settings that do not change a run's trajectory — how long it runs, when it saves, how and where its
-# images are scored (which training images it starts from is checked on the indices) —: a run differing
-# from a candidate's only in these may continue the candidate's run (`continuation_problem`).
+# images are scored (which training images it starts from is checked on the indices) — unless the run
+# cuts lr_img after its evaluations (`--lr-backoff`, checked apart): a run differing from a candidate's
+# only in these may continue the candidate's run (`continuation_problem`).
 TRAJECTORY_FREE = ("iterations", "checkpoint_every", "checkpoint_minutes", "eval_every", "eval_share", "eval_runs",
                    "eval_epochs", "select_on", "val_size", "preset")
 
@@ -89,9 +94,10 @@ def continuation_problem(candidate: DistillConfig, final: DistillConfig, what: s
     it is). Its trajectory must depend on the same settings (all but TRAJECTORY_FREE), it must be no
     shorter, and its selection must see what a restart's would: with --eval-every N smaller than
     the candidate's iterations a restart scores iterations whose images a continuation never has.
-    No schedule depends on the total number of iterations (the sampling window grows over
-    --start-upper-iterations, the EMA and the momenta are in the state), so continuing equals
-    restarting bit for bit on the CPU (tests/test_tune.py)."""
+    A run that may cut lr_img (`--lr-backoff` with a selection) starts over: its cuts follow
+    evaluations a continuation never made. No schedule depends on the total number of iterations
+    (the sampling window grows over --start-upper-iterations, the EMA and the momenta are in the
+    state), so continuing equals restarting bit for bit on the CPU (tests/test_tune.py)."""
     differ = [f.name for f in dataclasses.fields(DistillConfig) if f.name not in TRAJECTORY_FREE
               and getattr(final, f.name) != getattr(candidate, f.name)]
     if differ:
@@ -101,6 +107,9 @@ def continuation_problem(candidate: DistillConfig, final: DistillConfig, what: s
     if 1 <= final.eval_every < candidate.iterations:
         return (f"--eval-every {final.eval_every} scores images from before the {candidate.iterations} iterations "
                 f"of {what}, which only a restart has")
+    if final.lr_backoff > 0 and final.selecting:
+        return (f"--lr-backoff {final.lr_backoff:g} may cut lr_img before the {candidate.iterations} iterations of "
+                f"{what}, which only a restart does")
     return None
 
 
@@ -235,16 +244,15 @@ class _Run:
         """Whether this run's selection already scored its images at `iteration` (a resume)."""
         return self._scored_at(iteration) is not None
 
-    def _auto_every(self, steps: list[float]) -> int:
-        """The spacing of evaluations that keeps them within eval_share of the run's time: from the
-        measured cost of the last evaluation and of an iteration (the first, warm-up, excluded)."""
-        share = self.cfg.eval_share
-        per_iteration = (steps[-1] - steps[0]) / max(1, len(steps) - 1)
-        per_eval = self.last_eval or _stored_eval_seconds(self.d.state.evaluations)
-        every = _nice_up(max(1, math.ceil(per_eval * (1 - share) / (share * max(per_iteration, 1e-9)))))
-        self.reporter.log(f"selection on {self.cfg.select_on}: an evaluation takes {per_eval:.3g} s, an iteration "
-                          f"{per_iteration:.3g} s; evaluating every {every} iterations (and at the end) keeps them "
-                          f"within {100 * share:g} % of the run")
+    def _planned_every(self) -> int:
+        """The spacing of evaluations that keeps them within eval_share of the run (`planned_every`),
+        logged once; the same on every rank and machine."""
+        assert self.selection is not None
+        cfg, n = self.cfg, int(self.d.state.images.shape[0])
+        every, ratio = planned_every(cfg, n, int(self.selection[1].numel()))
+        self.reporter.log(f"selection on {cfg.select_on}: an evaluation costs about {ratio:.3g} iterations (a count of "
+                          f"network passes); evaluating every {every} iterations (and at the end) keeps them within "
+                          f"{100 * cfg.eval_share:g} % of the run")
         return every
 
     def _time_left(self, per_iteration: float | None, every: int) -> str | None:
@@ -271,9 +279,16 @@ class _Run:
         reporter.update("distill", advance=state.iteration)
         started = last_save = time.perf_counter()
         first_iteration, bad_in_a_row, bad_here = state.iteration, 0, 0
-        self.selecting = dist.is_main() and self.selection is not None and (cfg.eval_every > 0 or (
+        # Whether this run selects (the same on every rank; only rank 0 evaluates).
+        may_select = self.selection is not None and (cfg.eval_every > 0 or (
             cfg.eval_share > 0 and cfg.iterations >= AUTO_SELECT_MIN_ITERATIONS))
-        every = cfg.eval_every or int(state.run.get("eval_every", 0))  # 0 with eval_share: chosen once measured
+        self.selecting = dist.is_main() and may_select
+        # The spacing: --eval-every, else the one a resumed run chose (earlier builds measured it), else planned.
+        every = cfg.eval_every or int(state.run.get("eval_every", 0))
+        if may_select and not every:
+            every = self._planned_every() if dist.is_main() else planned_every(cfg, int(state.images.shape[0]),
+                                                                                int(self.selection[1].numel()))[0]
+            state.run = {**state.run, "eval_every": every}  # a resume keeps the spacing
         steps: list[float] = []  # when each of this sitting's last iterations ended
         try:
             if self.selecting:
@@ -288,7 +303,7 @@ class _Run:
                         and not self._evaluated_at(state.iteration)):
                     self.evaluate(reused=self._reused(state.iteration))
                     steps.clear()  # the pace of iterations, not of evaluations
-                if cfg.lr_backoff > 0:
+                if cfg.lr_backoff > 0 and may_select and state.iteration > 0 and state.iteration % every == 0:
                     self._back_off_if_worse(every)
                 per_iteration = (steps[-1] - steps[0]) / (len(steps) - 1) if len(steps) > 1 else None
                 if not self._iteration(self._time_left(per_iteration, every)):
@@ -300,9 +315,6 @@ class _Run:
                     bad_in_a_row = 0
                 state.iteration += 1
                 steps = (steps + [time.perf_counter()])[-21:]
-                if self.selecting and not every and len(steps) > AUTO_EVAL_PROBE:
-                    every = self._auto_every(steps)
-                    state.run = {**state.run, "eval_every": every}  # a resume keeps the spacing
                 due_time = cfg.checkpoint_minutes > 0 and time.perf_counter() - last_save >= 60 * cfg.checkpoint_minutes
                 if state.iteration < cfg.iterations and (state.iteration % cfg.checkpoint_every == 0 or
                                                          dist.any_flag(due_time, device)):
@@ -369,6 +381,10 @@ class _Run:
         state.velocities = {k: zero_like(v) for k, v in values.items()}
         state.averages = {e.name: _copy(values[e.name]) for e in learned_in(cfg) if averaged(e, cfg)}
         state.sync_labels()
+        if dist.world_size() > 1:  # every rank must go on from the same images, or the averaged gradients mix runs
+            digests = dist.gather(float(state.images.double().sum()))
+            if digests is not None and len(set(digests)) > 1:
+                raise RuntimeError(f"the ranks disagree after the --lr-backoff cut at iteration {state.iteration}")
         state.run = {**state.run, "backoffs": [*state.run.get("backoffs", []),
                                                {"iteration": state.iteration, "from_iteration": best.iteration,
                                                 "lr_img_was": was, "lr_img": lr}]}
@@ -429,11 +445,27 @@ class _Run:
             f"{store.shown(self.out)} at iteration {state.iteration}{kept}); try a smaller --lr-img or --lr-lr")
 
 
+def planned_every(cfg: DistillConfig, images: int, val_images: int) -> tuple[int, float]:
+    """(N, r): evaluating every N iterations keeps the evaluations within `cfg.eval_share` of the
+    run, by a count of network passes, so that the spacing — and with it the best images and the
+    `--lr-backoff` cuts — is the same on every machine and at every load (`--seed` repeats the
+    run); r is an evaluation's cost in iterations. An evaluation trains `eval_runs` networks for
+    `eval_epochs` epochs over the `images` and scores the `val_images`; an iteration takes
+    `syn_steps` matching steps on `batch_syn` (or all) images. The measured cost is reported at the
+    end of the run (`selection_notes`)."""
+    evaluation = cfg.eval_runs * (cfg.eval_epochs * images + FORWARD_COST * val_images)
+    iteration = cfg.syn_steps * min(cfg.batch_syn or images, images) * MATCH_STEP_COST
+    ratio = evaluation / max(iteration, 1e-9)
+    share = cfg.eval_share
+    return _nice_up(max(1, math.ceil(ratio * (1 - share) / share))), ratio
+
+
 def standard_error(accuracy: float, n: int) -> float:
     """The standard error of an accuracy near `accuracy` (a fraction) measured on `n` images
-    (binomial: √(p(1 − p)/n)): a score this far below another on the same split may be noise."""
-    p = min(max(accuracy, 0.0), 1.0)
-    return math.sqrt(p * (1 - p) / max(1, n))
+    (binomial: √(p(1 − p)/n), at least one image's 1/n): a score this far below another on the
+    same split may be noise."""
+    p, n = min(max(accuracy, 0.0), 1.0), max(1, n)
+    return max(math.sqrt(p * (1 - p) / n), 1 / n)  # at least one image: at p = 1 any drop is no noise
 
 
 def _stored_eval_seconds(evaluations: list[dict[str, Any]]) -> float:

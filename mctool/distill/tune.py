@@ -824,6 +824,10 @@ def run(preset: str | None, overrides: dict[str, Any], buffer: Path, out: Path, 
             path = tune_out or default_preset_path(out, cfg.dataset or buf.data.name, cfg.ipc)
             check_preset_target(path, (buffer, out) + ((Path(preset),) if preset and Path(preset).exists() else ()))
             given = {k for k, v in overrides.items() if v is not None}
+            if "lr_backoff" not in given:
+                # lr_img is what the search chooses: its runs and the final run (the preset written) do not
+                # cut it, so the final run may continue its winner (runner.continuation_problem).
+                cfg = dataclasses.replace(cfg, lr_backoff=0.0)
             if preset is None:
                 reporter.log(distill.buffer_note(buf, cfg, given))
             prepared = prepare_like(buf.data, data_dir, resolve_device(device), reporter)
