@@ -100,6 +100,17 @@ def test_torchrun_distill_writes_valid_synset(dist_buffer: Path, data_dir: Path,
     assert_one_line_error(r, 2, "same number")
 
 
+def _whole_and_resumed(args: list, tmp_path: Path, total: int, stop: int) -> tuple[Path, Path]:
+    """The same torchrun distillation in one sitting of `total` iterations (full.h5) and in two:
+    `stop` iterations, then --resume to `total` (part.h5)."""
+    full, part = tmp_path / "full.h5", tmp_path / "part.h5"
+    for out, sittings in ((full, [(total, ())]), (part, [(stop, ()), (total, ("--resume",))])):
+        for iterations, extra in sittings:
+            r = torchrun(*args, "-o", out, "--iterations", str(iterations), *extra, cwd=tmp_path)
+            assert r.returncode == 0, r.stderr[-3000:]
+    return full, part
+
+
 def test_torchrun_levers_resume_bit_for_bit(dist_buffer: Path, data_dir: Path, tmp_path: Path) -> None:
     """Sampling windows and the EMA under torchrun: every rank samples from the same window and
     averages the same (all-reduced) updates, and a resume continues bit for bit."""
@@ -107,12 +118,7 @@ def test_torchrun_levers_resume_bit_for_bit(dist_buffer: Path, data_dir: Path, t
     args = ["distill", "--buffer", tmp_path / "c.h5", "--data-dir", data_dir, "--ipc", "2", "--syn-steps", "2",
             "--expert-epochs", "1", "--max-start-epoch", "1.5", "--min-start-epoch", "0.25", "--start-upper-init",
             "0.5", "--start-upper-iterations", "3", "--ema", "0.8", "--quiet"]
-    full, part = tmp_path / "full.h5", tmp_path / "part.h5"
-    r = torchrun(*args, "-o", full, "--iterations", "4", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert torchrun(*args, "-o", part, "--iterations", "2", cwd=tmp_path).returncode == 0
-    r = torchrun(*args, "-o", part, "--iterations", "4", "--resume", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
+    full, part = _whole_and_resumed(args, tmp_path, total=4, stop=2)
     with h5py.File(full) as a, h5py.File(part) as b:
         ga, gb = (f["synsets"][sorted(f["synsets"])[0]] for f in (a, b))
         for key in ("images", "checkpoint/images_raw", "checkpoint/images_velocity", "checkpoint/generators"):
@@ -131,16 +137,11 @@ def test_torchrun_lr_backoff_cuts_on_every_rank_and_resumes_bit_for_bit(dist_buf
     args = ["distill", "--buffer", tmp_path / "c.h5", "--data-dir", data_dir, "--ipc", "2", "--syn-steps", "2",
             "--expert-epochs", "1", "--max-start-epoch", "1", "--lr-img", "100000", "--eval-every", "3",
             "--eval-epochs", "30", "--lr-backoff", "0.1", "--quiet"]
-    full, part = tmp_path / "full.h5", tmp_path / "part.h5"
-    r = torchrun(*args, "-o", full, "--iterations", "6", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
+    full, part = _whole_and_resumed(args, tmp_path, total=6, stop=3)
     with h5py.File(full) as f:
         g = f["synsets"][sorted(f["synsets"])[0]]
         cuts = json.loads(g["checkpoint"].attrs["run"])["backoffs"]
     assert cuts and cuts[0]["iteration"] == 3, "the setting no longer wrecks the images: the test needs a cut"
-    assert torchrun(*args, "-o", part, "--iterations", "3", cwd=tmp_path).returncode == 0
-    r = torchrun(*args, "-o", part, "--iterations", "6", "--resume", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
     with h5py.File(full) as a, h5py.File(part) as b:
         ga, gb = (f["synsets"][sorted(f["synsets"])[0]] for f in (a, b))
         for key in ("images", "checkpoint/images_velocity", "checkpoint/generators", "best/images"):
