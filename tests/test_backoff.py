@@ -135,7 +135,9 @@ def test_default_runs_repeat_at_any_pace(tmp_path: Path, convex_buffer: Path, da
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Without --eval-every the spacing of the evaluations — and so the best images and the cuts —
     comes from a count, not from the clock: a run whose clock jumps erratically repeats a plain one."""
-    args = [a for a in SETTINGS if a not in ("--eval-every", "5")] + ["--iterations", "40", "--json", "--quiet"]
+    # --eval-share 0.5: a planned spacing of 10, so evaluations (and a cut) come within the 40 iterations.
+    args = [a for a in SETTINGS if a not in ("--eval-every", "5")] + ["--iterations", "40", "--eval-share", "0.5",
+                                                                    "--json", "--quiet"]
     first = cli("distill", "--buffer", convex_buffer, "-o", tmp_path / "a.h5", "--data-dir", data_dir, *args)
     assert first.exit_code == 0, first.output
     import mctool.distill.runner as runner
@@ -152,6 +154,7 @@ def test_default_runs_repeat_at_any_pace(tmp_path: Path, convex_buffer: Path, da
     assert second.exit_code == 0, second.output
     a, b = json.loads(first.stdout), json.loads(second.stdout)
     assert [e["iteration"] for e in a["evaluations"]] == [e["iteration"] for e in b["evaluations"]]
+    assert len(a["evaluations"]) > 3 and a["selection"]["backoffs"], "the test needs evaluations between and a cut"
     assert a["selection"]["backoffs"] == b["selection"]["backoffs"]
     assert a["best"]["iteration"] == b["best"]["iteration"]
     with store.open_synsets(tmp_path / "a.h5") as x, store.open_synsets(tmp_path / "b.h5") as y:

@@ -17,6 +17,7 @@ from mctool.distill import autoconfig
 from mctool.distill import DistillConfig, check_buffer_matches, resolve_config
 from mctool.core.errors import UsageError
 from mctool.distill import load_preset
+from mctool.distill.runner import selection_every
 from mctool.data.prepared import prepare_like
 from mctool.distill.tune import (LR_DECADES, LR_DECADES_SMALL, NEIGHBOURS, TuneConfig, plan_search, tune_prepared,
                          tuning_val_size, write_result_preset)
@@ -336,6 +337,9 @@ def test_a_final_run_that_is_not_the_winners_continued_starts_over(tmp_path: Pat
     assert not tune_mod.continues(base, dataclasses.replace(longer, eval_every=5))
     assert tune_mod.continues(base, dataclasses.replace(longer, eval_every=10))
     assert tune_mod.continues(base, dataclasses.replace(longer, eval_every=15))
+    # Evaluations every N (planned for --eval-share) before the candidate's 10 iterations: as --eval-every N.
+    assert tune_mod.continues(base, longer) and tune_mod.continuation_problem(base, longer, every=10) is None
+    assert "evaluating every 5 iterations (--eval-share)" in str(tune_mod.continuation_problem(base, longer, every=5))
     # A run that may cut lr_img after its evaluations (--lr-backoff) is no prefix of a candidate that could not.
     assert not tune_mod.continues(base, dataclasses.replace(longer, lr_backoff=0.1))
     assert "--lr-backoff 0.1 may cut lr_img" in str(tune_mod.continuation_problem(
@@ -558,20 +562,23 @@ def test_the_plan_keeps_the_final_run_inside_the_budget() -> None:
     # The prediction: the iterations after the winner's, the evaluations of a selecting run.
     from mctool.distill.tune import final_seconds
 
+    def by_hand(iterations: int, start: int, every: int, reused: bool) -> float:
+        """Start-up, iterations, and the evaluations the loop makes, enumerated: the start's (unless
+        reused), each multiple of N in [start, end) (the winner's at `start` unless reused), the end."""
+        scored = [] if reused else [0]
+        scored += [k for k in range(max(start, 1), iterations) if every and k % every == 0
+                   and not (reused and k == start)]
+        return 2.0 + (iterations - start) * 1.0 + (len(scored) + 1) * 5.0
+
     cfg = DistillConfig(iterations=100, eval_share=0.1, eval_runs=1)
-    reused = final_seconds(cfg, 60, 1.0, 5.0, 2.0, True)
-    assert reused == pytest.approx(2.0 + 40 * 1.0 + 5.0 + 40 * 1.0 * 0.1 / 0.9)
-    # Not reused: the starting images and the winner's are measured again.
-    assert final_seconds(cfg, 60, 1.0, 5.0, 2.0, False) == pytest.approx(reused + 10.0)
-    # Starting over: all iterations, the starting images measured (the final images' score and
-    # the periodic ones as ever).
-    assert final_seconds(cfg, 0, 1.0, 5.0, 2.0, False) == pytest.approx(2.0 + 100 + 10.0 + 100 * 0.1 / 0.9)
-    every = dataclasses.replace(cfg, eval_share=0.0, eval_every=10)
-    assert final_seconds(every, 60, 1.0, 5.0, 2.0, True) == pytest.approx(2.0 + 40 + 5.0 + 4 * 5.0)
-    # --eval-every 10 scores the winner's iteration 60 (measured when not reused); 25 does not.
-    assert final_seconds(every, 60, 1.0, 5.0, 2.0, False) == pytest.approx(2.0 + 40 + 15.0 + 4 * 5.0)
-    every25 = dataclasses.replace(every, eval_every=25)
-    assert final_seconds(every25, 60, 1.0, 5.0, 2.0, False) == pytest.approx(2.0 + 40 + 10.0 + 1 * 5.0)
+    for start in (0, 60):
+        for n in (10, 20, 25, 50, 200):  # the spacing planned for --eval-share, given
+            for reused in (True, False) if start else (False,):
+                assert final_seconds(cfg, start, 1.0, 5.0, 2.0, reused, n) == pytest.approx(by_hand(100, start, n, reused))
+                every = dataclasses.replace(cfg, eval_share=0.0, eval_every=n)  # --eval-every N: the same schedule
+                assert final_seconds(every, start, 1.0, 5.0, 2.0, reused) == pytest.approx(by_hand(100, start, n, reused))
+    # --eval-every 10 from the winner's 60: it scores 60 (measured when not reused), 70, 80, 90 and the end.
+    assert final_seconds(dataclasses.replace(cfg, eval_every=10), 60, 1.0, 5.0, 2.0, False) == 2.0 + 40 + 6 * 5.0
     assert final_seconds(dataclasses.replace(cfg, eval_share=0.0), 60, 1.0, 5.0, 2.0, False) == 42.0
 
 
@@ -597,6 +604,7 @@ def test_the_plan_knows_when_the_final_run_will_start_over() -> None:
     assert other == "another validation split; give --val-size 900"
     assert "--select-on test" in final_restart(dataclasses.replace(same, select_on="test"), 300, n)
     assert "no validation split" in final_restart(dataclasses.replace(same, eval_share=0.0), 300, n)
+    assert "--lr-backoff 0.1 may cut" in final_restart(dataclasses.replace(same, lr_backoff=0.1), 300, n)
     assert final_restart(dataclasses.replace(same, eval_share=0.0, eval_every=5), 300, n) is None
 
 
@@ -627,11 +635,11 @@ def test_the_budget_is_kept_on_a_clock_that_counts_work(convex_buffer: Path, dat
     assert any("of the full run's 2000 iterations" in n for n in result.notes)
 
 
-@pytest.mark.parametrize("full,val_size", [(30, 100), (2000, 100), (30, 0)],
-                         ids=["short", "long", "short-other-split"])
+@pytest.mark.parametrize("full,val_size,share", [(30, 100, 0.02), (2000, 100, 0.02), (30, 0, 0.02), (30, 100, 0.1)],
+                         ids=["short", "long", "short-other-split", "short-scored-before"])
 def test_a_short_final_run_is_kept_inside_the_budget(convex_buffer: Path, data_dir: Path,
                                                      monkeypatch: pytest.MonkeyPatch, full: int,
-                                                     val_size: int) -> None:
+                                                     val_size: int, share: float) -> None:
     """On a clock that counts work: when the final run is short (the iterations after the winner's
     and its evaluations, predicted from the measured costs), the search and that run end within
     the budget plus one evaluation, and the plan line says what it kept; when it is long, nothing
@@ -650,8 +658,10 @@ def test_a_short_final_run_is_kept_inside_the_budget(convex_buffer: Path, data_d
     monkeypatch.setattr(tune_mod, "_now", clock)
     log = _Lines()
     with store.open_buffer(convex_buffer) as buf:
+        # --eval-share 0.02: evaluations planned every 50 iterations, none before the winner's (a continuation);
+        # 0.1: every 10, which scores iterations before the winner's: the final run starts over.
         base = resolve_config(None, {"ipc": 2, "syn_steps": 2, "iterations": full, "seed": 3, "eval_epochs": 2,
-                                     "eval_share": 0.1, "val_size": val_size}, buf)
+                                     "eval_share": share, "val_size": val_size, "lr_backoff": 0.0}, buf)  # as --tune
         prepared = prepare_like(buf.data, data_dir, torch.device("cpu"))
         tcfg = TuneConfig(minutes=budget_s / 60, eval_runs=2, eval_epochs=2, seed=3, val_size=val_size)
         result = tune_prepared(base, buf, prepared, tcfg, set(), log.reporter, final=base)
@@ -660,12 +670,17 @@ def test_a_short_final_run_is_kept_inside_the_budget(convex_buffer: Path, data_d
     p = result.probe
     t_eval = p["seconds_per_evaluation"]
     per_iteration = p["seconds_per_iteration"] * win.values["syn_steps"] / p["syn_steps"]
-    start = win.reached if val_size else 0
-    final_s = tune_mod.final_seconds(base, start, per_iteration, t_eval * 1 / 2, p["seconds_startup"], start > 0)
+    every = selection_every(dataclasses.replace(base, **win.values), prepared)  # the final run's spacing
+    start = win.reached if val_size and not 1 <= every < win.reached else 0
+    final_s = tune_mod.final_seconds(base, start, per_iteration, t_eval * 1 / 2, p["seconds_startup"], start > 0,
+                                     every)
     assert ("the final run will start over: another validation split; give --val-size "
             f"{result.val_images}" in plan_line) == (not val_size), plan_line
     assert "0 s of it" not in plan_line
-    if not val_size:  # planned from iteration 0: too long to keep in this budget
+    if share == 0.1:  # evaluations every 10 score iterations before the winner's: it starts over
+        assert f"evaluating every {every} iterations (--eval-share) scores iterations before the winner's" in plan_line
+        assert f"all {full} iterations" in plan_line and every < win.reached, plan_line
+    elif not val_size:  # planned from iteration 0: too long to keep in this budget
         assert f"all {full} iterations" in plan_line and result.plan["reserve_s"] == 0, plan_line
     elif full == 30:
         assert result.plan["reserve_s"] > 0 and "kept for the final run" in plan_line, plan_line

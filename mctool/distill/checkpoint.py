@@ -72,8 +72,8 @@ def run_problem(run: dict[str, Any]) -> str | None:
         return f"'backoffs' must be a list of at most {MAX_BACKOFFS} cuts"
     for cut in cuts:
         if not (isinstance(cut, dict) and whole(cut.get("iteration"), 1) and whole(cut.get("from_iteration"), 0)
-                and all(isinstance(cut.get(k), (int, float)) and math.isfinite(cut[k]) and cut[k] > 0
-                        for k in ("lr_img_was", "lr_img"))):
+                and all(isinstance(cut.get(k), (int, float)) and math.isfinite(cut[k]) and cut[k] >= 0
+                        for k in ("lr_img_was", "lr_img"))):  # >= 0: a tiny factor may underflow
             return "'backoffs' holds a cut that is not {iteration, from_iteration, lr_img_was, lr_img}"
     return None
 

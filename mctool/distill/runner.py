@@ -1,11 +1,12 @@
 """A distillation run: settings, data, the loop with its checkpoints and periodic evaluations, the output.
 
 Selection (never worse than the start): with `--eval-every N` — or by default without a preset,
-`--eval-share 0.1`, where N is chosen from the measured costs so that evaluations take at most
-that share of the run — the starting images (iteration 0), every N-th iteration's and the final
+`--eval-share 0.1`, where N is planned from a count of network passes so that evaluations take
+about that share of the run — the starting images (iteration 0), every N-th iteration's and the final
 images are scored on a validation split held out of the training set (never the test split,
 unless `--select-on test` reproduces the authors' protocol), and the best ones are kept beside
-the final ones: a run that goes wrong returns what it started from, and says so. A run may
+the final ones: a run that goes wrong returns what it started from, and says so; with
+`--lr-backoff` it also cuts an image learning rate that makes its images worse. A run may
 continue a prefix of itself computed elsewhere (`Continuation`: --tune's winner); a resume of it
 that finds the starting images unscored draws them again from the seed. Under torchrun every
 process draws its own trajectory per iteration; the gradients are averaged and rank 0 writes.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import dataclasses
 import math
 import time
@@ -89,11 +91,13 @@ TRAJECTORY_FREE = ("iterations", "checkpoint_every", "checkpoint_minutes", "eval
                    "eval_epochs", "select_on", "val_size", "preset")
 
 
-def continuation_problem(candidate: DistillConfig, final: DistillConfig, what: str = "the candidate") -> str | None:
+def continuation_problem(candidate: DistillConfig, final: DistillConfig, what: str = "the candidate",
+                         every: int | None = None) -> str | None:
     """Why a run with `final` settings is not the run `candidate`'s settings started, longer (None:
     it is). Its trajectory must depend on the same settings (all but TRAJECTORY_FREE), it must be no
-    shorter, and its selection must see what a restart's would: with --eval-every N smaller than
-    the candidate's iterations a restart scores iterations whose images a continuation never has.
+    shorter, and its selection must see what a restart's would: with evaluations every N < the
+    candidate's iterations — `every`, the final run's spacing (`selection_every`; default
+    --eval-every) — a restart scores iterations whose images a continuation never has.
     A run that may cut lr_img (`--lr-backoff` with a selection) starts over: its cuts follow
     evaluations a continuation never made. No schedule depends on the total number of iterations
     (the sampling window grows over --start-upper-iterations, the EMA and the momenta are in the
@@ -104,9 +108,11 @@ def continuation_problem(candidate: DistillConfig, final: DistillConfig, what: s
         return f"its settings differ from those of {what}: " + ", ".join(differ)
     if final.iterations < candidate.iterations:
         return f"it is shorter than {what} ({final.iterations} iterations, not {candidate.iterations})"
-    if 1 <= final.eval_every < candidate.iterations:
-        return (f"--eval-every {final.eval_every} scores images from before the {candidate.iterations} iterations "
-                f"of {what}, which only a restart has")
+    every = final.eval_every if every is None else every
+    if 1 <= every < candidate.iterations:
+        how = f"--eval-every {every}" if final.eval_every else f"evaluating every {every} iterations (--eval-share)"
+        return (f"{how} scores images from before the {candidate.iterations} iterations of {what}, which only a "
+                "restart has")
     if final.lr_backoff > 0 and final.selecting:
         return (f"--lr-backoff {final.lr_backoff:g} may cut lr_img before the {candidate.iterations} iterations of "
                 f"{what}, which only a restart does")
@@ -221,20 +227,16 @@ class _Run:
                                           selected_on=cfg.select_on, score=scored)
 
     def _catch_up(self) -> None:
-        """The selection's first candidates: the starting images (always the bar to pass; their
-        score reused when a continued run has it, else measured — a resume of a continued run draws
-        them again from the seed, as the run did); then a continued run's state's images — with
-        --eval-every N only when a restart would score them (N divides their iteration: the loop
-        does), with --eval-share always (reused, or measured). The loop's schedule scores what
-        follows."""
+        """The selection's first candidate: the starting images (always the bar to pass; their score
+        reused when a continued run has it, else measured — a resume of a continued run draws them
+        again from the seed, as the run did). The loop's schedule scores what follows — a continued
+        run's images only when a restart would (N divides their iteration), with --eval-every N or
+        the spacing planned for --eval-share alike."""
         state = self.d.state
         if not self._evaluated_at(0):
             start = state if state.iteration == 0 else (self.starting() if self.starting is not None else None)
             if start is not None:
                 self.evaluate(start, self._reused(0))
-        if (self.continued is not None and state.iteration > 0 and not self.cfg.eval_every
-                and not self._evaluated_at(state.iteration)):
-            self.evaluate(reused=self._reused(state.iteration))
 
     def _reused(self, iteration: int) -> dict[str, Any] | None:
         """The score of this run's images at `iteration` measured elsewhere (a continued run's), if any."""
@@ -250,9 +252,12 @@ class _Run:
         assert self.selection is not None
         cfg, n = self.cfg, int(self.d.state.images.shape[0])
         every, ratio = planned_every(cfg, n, int(self.selection[1].numel()))
+        none = "" if every < cfg.iterations else (
+            f"; a run of {cfg.iterations} iterations is scored at its start and its end only"
+            + (", so --lr-backoff cannot cut (--eval-every N scores sooner)" if cfg.lr_backoff > 0 else ""))
         self.reporter.log(f"selection on {cfg.select_on}: an evaluation costs about {ratio:.3g} iterations (a count of "
-                          f"network passes); evaluating every {every} iterations (and at the end) keeps them within "
-                          f"{100 * cfg.eval_share:g} % of the run")
+                          f"network passes); evaluating every {every} iterations (and at the end) keeps them at about "
+                          f"{100 * cfg.eval_share:g} % of the run{none}")
         return every
 
     def _time_left(self, per_iteration: float | None, every: int) -> str | None:
@@ -271,8 +276,8 @@ class _Run:
 
         Selecting (--eval-every N, or --eval-share S from AUTO_SELECT_MIN_ITERATIONS iterations on):
         the starting images are scored first (iteration 0, the bar to pass), then every N
-        iterations — with --eval-share, N is chosen after a few iterations from the measured costs
-        so that the evaluations take at most S of the run's time — and the final images at the end."""
+        iterations — with --eval-share, N is planned (`planned_every`) so that the evaluations take
+        about S of the run's time — and the final images at the end."""
         d, cfg, reporter = self.d, self.cfg, self.reporter
         state, device = d.state, d.device
         reporter.task("distill", f"distill {self.name}", total=cfg.iterations)
@@ -286,8 +291,7 @@ class _Run:
         # The spacing: --eval-every, else the one a resumed run chose (earlier builds measured it), else planned.
         every = cfg.eval_every or int(state.run.get("eval_every", 0))
         if may_select and not every:
-            every = self._planned_every() if dist.is_main() else planned_every(cfg, int(state.images.shape[0]),
-                                                                                int(self.selection[1].numel()))[0]
+            every = self._planned_every()  # on every rank (the others' reporter is muted)
             state.run = {**state.run, "eval_every": every}  # a resume keeps the spacing
         steps: list[float] = []  # when each of this sitting's last iterations ended
         try:
@@ -382,8 +386,8 @@ class _Run:
         state.averages = {e.name: _copy(values[e.name]) for e in learned_in(cfg) if averaged(e, cfg)}
         state.sync_labels()
         if dist.world_size() > 1:  # every rank must go on from the same images, or the averaged gradients mix runs
-            digests = dist.gather(float(state.images.double().sum()))
-            if digests is not None and len(set(digests)) > 1:
+            digests = dist.gather(hashlib.sha256(state.images.cpu().numpy().tobytes()).hexdigest())
+            if dist.any_flag(digests is not None and len(set(digests)) > 1, self.d.device):
                 raise RuntimeError(f"the ranks disagree after the --lr-backoff cut at iteration {state.iteration}")
         state.run = {**state.run, "backoffs": [*state.run.get("backoffs", []),
                                                {"iteration": state.iteration, "from_iteration": best.iteration,
@@ -458,6 +462,28 @@ def planned_every(cfg: DistillConfig, images: int, val_images: int) -> tuple[int
     ratio = evaluation / max(iteration, 1e-9)
     share = cfg.eval_share
     return _nice_up(max(1, math.ceil(ratio * (1 - share) / share))), ratio
+
+
+def selection_spacing(cfg: DistillConfig, images: int, val_images: int) -> int:
+    """The spacing of the selection's evaluations between a run's start and its end (0: none) with
+    `images` synthetic and `val_images` selection images: --eval-every, else `planned_every` for
+    --eval-share runs of AUTO_SELECT_MIN_ITERATIONS iterations or more — what the run's loop uses."""
+    if cfg.eval_every or not (cfg.eval_share > 0 and cfg.iterations >= AUTO_SELECT_MIN_ITERATIONS):
+        return cfg.eval_every
+    return planned_every(cfg, images, val_images)[0]
+
+
+def selection_images(cfg: DistillConfig, prepared: Prepared) -> int:
+    """How many images a run with `cfg` on `prepared` scores its selection on (its split's size)."""
+    if cfg.select_on == "test":
+        return int(prepared.test_y.numel())
+    size = val_split_size(cfg, prepared.train_y.numel())
+    return int(split_validation(prepared.train_y, prepared.meta.num_classes, size, cfg.seed)[1].numel())
+
+
+def selection_every(cfg: DistillConfig, prepared: Prepared) -> int:
+    """`selection_spacing` of a run with `cfg` on `prepared`, before it holds out its split."""
+    return selection_spacing(cfg, cfg.ipc * prepared.meta.num_classes, selection_images(cfg, prepared))
 
 
 def standard_error(accuracy: float, n: int) -> float:
@@ -594,7 +620,9 @@ def run_prepared(cfg: DistillConfig, buffer: store.Buffer, out: Path, prepared: 
                      f"selection starts at {AUTO_SELECT_MIN_ITERATIONS} iterations (two evaluations would cost more "
                      "than the run); --eval-every N selects anyway")
     if continuation is not None:
-        why = continuation_problem(continuation.config, cfg, continuation.what)
+        every = cfg.eval_every if selection is None else selection_spacing(cfg, cfg.ipc * prepared.meta.num_classes,
+                                                                            int(selection[1].numel()))
+        why = continuation_problem(continuation.config, cfg, continuation.what, every)
         if why is None and (pool is None or not torch.equal(pool.cpu(), continuation.keep.cpu())):
             # Not the same training images to start from (another validation split, or none): not a prefix.
             give = (f"; give --val-size {continuation.val_size} to hold out its split"

@@ -71,7 +71,8 @@ from mctool.distill.tune_plan import (LR_DECADES, LR_DECADES_SMALL, MIN_HORIZON,
                                       TOP_FRACTION, Plan, _survivors, describe, plan_search)
 from mctool.distill.tune_preset import (PRESET_MARK, check_preset_target, curve_text, default_preset_path,  # noqa: F401
                                         preset_comment, preset_values, write_preset, write_result_preset, _show)
-from mctool.distill.runner import (TRAJECTORY_FREE, continuation_problem, continues, selection_protocol,  # noqa: F401
+from mctool.distill.runner import (TRAJECTORY_FREE, continuation_problem, continues,  # noqa: F401
+                                   selection_every, selection_images, selection_protocol, selection_spacing,
                                    val_split_size)
 from mctool.core.errors import Interrupted, TrainingDiverged, UsageError
 from mctool.evaluate.evaluation import EvaluateConfig, Evaluation, evaluate_set
@@ -257,21 +258,21 @@ def reused_score(ev: Evaluation, wanted: EvaluateConfig, split: str) -> dict[str
 
 
 def final_seconds(final: DistillConfig, start: int, per_iteration: float, per_eval: float, startup: float,
-                  reused: bool) -> float:
+                  reused: bool, every: int | None = None) -> float:
     """The predicted seconds of the final run when it continues the winner from iteration `start`
     (0: it starts over): its start-up, the iterations left, and — when it selects its images — the
-    final evaluation, the periodic ones (--eval-every N, or as many as keep within --eval-share of
-    its time) and, unless `reused` (the search's scores), those of the starting images and of the
-    winner's images (--eval-share; --eval-every N when N divides `start`)."""
+    evaluations its loop makes: the starting images' unless `reused` (the search's scores), every
+    `every`-th iteration's from `start` on (the final run's spacing, runner.selection_spacing;
+    default --eval-every; the winner's own at `start` when N divides it, unless reused) and the end's."""
     left = max(0, final.iterations - start)
     seconds = startup + left * per_iteration
     if final.eval_every > 0 or (final.eval_share > 0 and final.iterations >= AUTO_SELECT_MIN_ITERATIONS):
-        caught_up = 0 if reused else 1 + (start > 0 and (not final.eval_every or start % final.eval_every == 0))
-        seconds += (1 + caught_up) * per_eval
-        if final.eval_every > 0:
-            seconds += left // final.eval_every * per_eval
-        else:
-            seconds += left * per_iteration * final.eval_share / (1 - final.eval_share)
+        every = final.eval_every if every is None else every
+        periodic = 0
+        if every > 0:  # multiples of N in [max(start, 1), iterations): the end is scored apart
+            periodic = (final.iterations - 1) // every - (max(start, 1) - 1) // every
+            periodic -= int(reused and start > 0 and start % every == 0)
+        seconds += ((0 if reused else 1) + periodic + 1) * per_eval
     return seconds
 
 
@@ -280,6 +281,8 @@ def final_restart(final: DistillConfig, size: int, num_train: int) -> str | None
     it): it does not distil from the training images the candidates did (runner.run_prepared)."""
     if not final.selecting:
         return "it holds out no validation split (--eval-share 0)"
+    if final.lr_backoff > 0:
+        return f"--lr-backoff {final.lr_backoff:g} may cut lr_img before the winner's iterations"
     if final.select_on == "test":
         return "it selects on the test split (--select-on test) and holds out no validation split"
     if val_split_size(final, num_train) != size:
@@ -670,21 +673,30 @@ def _tune(base: DistillConfig, buffer: store.Buffer, prepared: Prepared, tcfg: T
             # reused when its protocol is the search's); else it starts over. Kept inside the budget
             # when that is a small part of it.
             restart = final_restart(final, size, prepared.train_y.numel())
+            # The final run's spacing of evaluations, with the winner's settings (syn_steps changes it).
+            val_images, synthetic = selection_images(final, prepared), final.ipc * prepared.meta.num_classes
+
+            def spacing(values: dict[str, Any]) -> int:
+                return selection_spacing(dataclasses.replace(final, **values), synthetic, val_images)
+            every = spacing({})
             reuse = restart is None and reusable(search.ecfg, selection_protocol(final), prepared.train_x.device)
             per_eval = t_eval * final.eval_runs * final.eval_epochs / (tcfg.eval_runs * tcfg.eval_epochs)
 
-            def start_at(at: int) -> int:
+            def start_at(at: int, every: int = every) -> int:
                 """Where the final run starts when the winner reached `at` (runner.continuation_problem)."""
-                return 0 if restart is not None or 1 <= final.eval_every < at else at
+                return 0 if restart is not None or 1 <= every < at else at
 
             def final_time(cand: Candidate, at: int) -> float:
                 per_iteration = search.t_unit * cand.values["syn_steps"]
-                start = start_at(at)
-                return final_seconds(final, start, per_iteration, per_eval, search.t_startup, reuse and start > 0)
+                its = spacing(cand.values)
+                start = start_at(at, its)
+                return final_seconds(dataclasses.replace(final, **cand.values), start, per_iteration, per_eval,
+                                     search.t_startup, reuse and start > 0, its)
 
             def final_top(top: int) -> float:
                 start = start_at(top)
-                return final_seconds(final, start, t_iteration, per_eval, search.t_startup, reuse and start > 0)
+                return final_seconds(final, start, t_iteration, per_eval, search.t_startup, reuse and start > 0,
+                                     every)
 
             predicted = final_top(plan.top)
             kept = plan_search(PLAN_SHARE * left, t_iteration, t_eval + search.t_startup, free, full, tcfg.iterations,
@@ -698,7 +710,8 @@ def _tune(base: DistillConfig, buffer: store.Buffer, prepared: Prepared, tcfg: T
                     return f"no iteration: the winner's {top} are the whole run; its evaluations"
                 if start_at(top) > 0:
                     return f"{full - top} iteration(s) after the winner's {top}, and its evaluations"
-                why = restart or f"--eval-every {final.eval_every} scores iterations before the winner's {top}"
+                how = f"--eval-every {every}" if final.eval_every else f"evaluating every {every} iterations (--eval-share)"
+                why = restart or f"{how} scores iterations before the winner's {top}"
                 return f"all {full} iterations and its evaluations: the final run will start over: {why}"
 
             if search.final is not None:
@@ -853,7 +866,8 @@ def run(preset: str | None, overrides: dict[str, Any], buffer: Path, out: Path, 
             return TuneRun(result)
         with store.open_buffer(buffer) as buf:
             after = distill.resolve_config(str(path), overrides, buf)  # what `distill --preset` resolves
-        continuation = continuation_of(handoff, after, prepared.train_x.device, reporter)
+        continuation = continuation_of(handoff, after, prepared.train_x.device, reporter,
+                                       selection_every(after, prepared))
         drest = distill.run(str(path), overrides, buffer, out, name, False, data_dir, device, default_buffer,
                             reporter=reporter, prepared=prepared, continuation=continuation,
                             resume_hint=resume_command(path, buffer, out, name, data_dir))
@@ -869,16 +883,17 @@ def resume_command(preset: Path, buffer: Path, out: Path, name: str | None, data
 
 
 def continuation_of(handoff: Handoff | None, final: DistillConfig, device: torch.device,
-                    reporter: Reporter = SILENT) -> Any:
+                    reporter: Reporter = SILENT, every: int | None = None) -> Any:
     """The final run's `runner.Continuation` of the search's winner, with the scores it may reuse
     (why not, said); None — the run starts over, as it is said — when the winner's run is not a
-    prefix of it (runner.continuation_problem; `run_prepared` checks the training images too)."""
+    prefix of it (runner.continuation_problem; `every`: the final run's spacing of evaluations,
+    runner.selection_every; `run_prepared` checks the training images too)."""
     from mctool.distill.checkpoint import _load_state
     from mctool.distill.runner import Continuation
 
     if handoff is None:
         return None
-    why = continuation_problem(handoff.config, final, handoff.what)
+    why = continuation_problem(handoff.config, final, handoff.what, every)
     if why is not None:
         reporter.log(f"tune: the final run starts over: {why}")
         return None
