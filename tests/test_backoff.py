@@ -75,6 +75,8 @@ def test_best_values_are_copies_and_labels_come_back_as_logits() -> None:
 
 def test_defaults_with_and_without_a_preset_and_older_files() -> None:
     assert resolve_config(None, {}).lr_backoff == DEFAULT_LR_BACKOFF
+    assert resolve_config(None, {"eval_share": 0.0}).lr_backoff == 0.0  # off with the default selection
+    assert resolve_config(None, {"eval_share": 0.0, "eval_every": 10}).lr_backoff == DEFAULT_LR_BACKOFF
     assert resolve_config("fashion-mnist-ipc10", {}).lr_backoff == 0.0  # presets: MCT as published
     assert resolve_config(None, {}, stored={"ipc": 2}).lr_backoff == 0.0  # files of earlier releases: off
 
@@ -114,7 +116,8 @@ def test_a_worsening_run_is_cut_and_goes_on_from_its_best_images(tmp_path: Path,
     assert all(same and still for _, same, still in seen)
     scored = {e["iteration"]: e["mean"] for e in doc["evaluations"] if e["split"] == "validation"}
     for k, cut in enumerate(cuts):
-        assert cut["lr_img"] == pytest.approx(1e6 * 0.1 ** (k + 1)) and cut["lr_img_was"] == pytest.approx(1e6 * 0.1 ** k)
+        assert cut["lr_img"] == pytest.approx(1e6 * 0.1 ** (k + 1))
+        assert cut["lr_img_was"] == pytest.approx(1e6 * 0.1 ** k)
         assert scored[cut["iteration"]] < scored[0]  # below the start (by more than the standard error)
     assert doc["best"]["score"]["mean"] >= scored[0]
     assert any(n.startswith("lr_img was cut ") for n in doc["notes"])
@@ -163,7 +166,8 @@ def test_default_runs_repeat_at_any_pace(tmp_path: Path, convex_buffer: Path, da
     assert torch.equal(sa.best.images, sb.best.images)
 
 
-@pytest.mark.parametrize("stop_before_cut, levers", [(False, ()), (True, ()), (False, ("--ema", "0.8", "--learn-labels"))])
+@pytest.mark.parametrize("stop_before_cut, levers",
+                         [(False, ()), (True, ()), (False, ("--ema", "0.8", "--learn-labels"))])
 def test_resume_across_a_cut_is_bit_for_bit(tmp_path: Path, convex_buffer: Path, data_dir: Path,
                                             monkeypatch: pytest.MonkeyPatch, stop_before_cut: bool,
                                             levers: tuple[str, ...]) -> None:
@@ -213,6 +217,33 @@ def test_resume_across_a_cut_is_bit_for_bit(tmp_path: Path, convex_buffer: Path,
     assert torch.equal(x.labels, y.labels)
     if levers:
         assert {"images_raw", "label_logits", "label_logits_raw"} <= set(x.checkpoint.learned)
+
+
+def test_a_factor_without_a_selection_says_it_does_nothing(tmp_path: Path, convex_buffer: Path,
+                                                           data_dir: Path) -> None:
+    r = _distill(convex_buffer, tmp_path / "s.h5", data_dir, "--iterations", "3", "--eval-every", "0",
+                 "--eval-share", "0", "--lr-backoff", "0.1", "--json", "--quiet")
+    assert r.exit_code == 0, r.output
+    notes = json.loads(r.stdout)["notes"]
+    assert any("--lr-backoff 0.1 follows the evaluations of a run that selects" in n for n in notes)
+    # Not asked for: the default cut is off with the default selection, and nothing is said.
+    r = _distill(convex_buffer, tmp_path / "t.h5", data_dir, "--iterations", "3", "--eval-every", "0",
+                 "--eval-share", "0", "--json", "--quiet")
+    doc = json.loads(r.stdout)
+    assert doc["config"]["lr_backoff"] == 0.0 and not any("--lr-backoff" in n for n in doc["notes"])
+
+
+def test_a_resume_keeps_its_planned_spacing_and_says_so(tmp_path: Path, convex_buffer: Path, data_dir: Path) -> None:
+    """The spacing the first sitting planned stays (the run's schedule, and its cuts, are its own)."""
+    out = tmp_path / "s.h5"
+    args = [a for a in SETTINGS if a not in ("--eval-every", "5")]
+    r = cli("distill", "--buffer", convex_buffer, "-o", out, "--data-dir", data_dir, *args, "--eval-share", "0.5",
+            "--iterations", "20", "--quiet")
+    assert r.exit_code == 0, r.output
+    r = cli("distill", "--buffer", convex_buffer, "-o", out, "--data-dir", data_dir, *args, "--eval-share", "0.5",
+            "--iterations", "30", "--eval-epochs", "5", "--resume", "--json")
+    assert r.exit_code == 0, r.output
+    assert "as the run's first sitting planned (these settings would plan" in r.stderr
 
 
 @pytest.mark.parametrize("run, says", [

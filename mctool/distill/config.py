@@ -79,6 +79,9 @@ def resolve_config(preset: str | None, overrides: dict[str, Any], buffer: store.
     if stored is not None:
         _check_resume_changes(values, given, p)
     values.update(given)
+    if p is None and stored is None and "lr_backoff" not in given and not (values.get("eval_every")
+                                                                           or values.get("eval_share")):
+        values["lr_backoff"] = 0.0  # the default cut follows the default selection: off with it
     cfg = DistillConfig(**values)
     found = cfg.problem()
     if p is not None and stored is None and found is not None and found[0] not in given and found[0] in p.values:

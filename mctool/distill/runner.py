@@ -293,6 +293,12 @@ class _Run:
         if may_select and not every:
             every = self._planned_every()  # on every rank (the others' reporter is muted)
             state.run = {**state.run, "eval_every": every}  # a resume keeps the spacing
+        elif may_select and not cfg.eval_every and self.selecting:
+            assert self.selection is not None
+            now = planned_every(cfg, int(state.images.shape[0]), int(self.selection[1].numel()))[0]
+            if now != every:  # e.g. --eval-epochs changed on --resume: the run's schedule stays its own
+                reporter.log(f"selection on {cfg.select_on}: evaluating every {every} iterations as the run's first "
+                             f"sitting planned (these settings would plan {now})")
         steps: list[float] = []  # when each of this sitting's last iterations ended
         try:
             if self.selecting:
@@ -347,8 +353,9 @@ class _Run:
     def _back_off_if_worse(self, every: int) -> None:
         """`--lr-backoff`: when this iteration's evaluation scored the images below the starting
         images by more than the selection split's standard error (`_below_start`) — an evaluation
-        of the schedule (every `every` iterations), not the end of a shorter sitting —, go on from the best images so far (momenta reset, `--ema` averages restarted there)
-        with the image learning rate cut by the factor — at most MAX_BACKOFFS times. Decided on rank
+        of the schedule (every `every` iterations), not the end of a shorter sitting —, go on from
+        the best images so far (momenta reset, `--ema` averages restarted there) with the image
+        learning rate cut by the factor — at most MAX_BACKOFFS times. Decided on rank
         0 (the only one that evaluates), carried out on every rank; a resume stopped between the
         evaluation and the cut makes the cut (the state lists each cut with its iteration)."""
         state, cfg = self.d.state, self.cfg
@@ -614,6 +621,10 @@ def run_prepared(cfg: DistillConfig, buffer: store.Buffer, out: Path, prepared: 
         selection, pool = None, None  # the default selection: a note, not a failure
         notes.append("note: the training split is too small to hold out a validation split: the run keeps its "
                      "final images (--val-size, or --eval-share 0 to silence this)")
+        reporter.log(notes[-1])
+    if cfg.lr_backoff > 0 and not cfg.selecting:
+        notes.append(f"note: --lr-backoff {cfg.lr_backoff:g} follows the evaluations of a run that selects its images; "
+                     "this one does not (--eval-every N or --eval-share S)")
         reporter.log(notes[-1])
     if selection is not None and cfg.eval_share > 0 and not cfg.eval_every and cfg.iterations < AUTO_SELECT_MIN_ITERATIONS:
         notes.append(f"note: a run of {cfg.iterations} iteration(s) keeps its final images: the best-images "

@@ -710,7 +710,8 @@ def _tune(base: DistillConfig, buffer: store.Buffer, prepared: Prepared, tcfg: T
                     return f"no iteration: the winner's {top} are the whole run; its evaluations"
                 if start_at(top) > 0:
                     return f"{full - top} iteration(s) after the winner's {top}, and its evaluations"
-                how = f"--eval-every {every}" if final.eval_every else f"evaluating every {every} iterations (--eval-share)"
+                how = (f"--eval-every {every}" if final.eval_every
+                       else f"evaluating every {every} iterations (--eval-share)")
                 why = restart or f"{how} scores iterations before the winner's {top}"
                 return f"all {full} iterations and its evaluations: the final run will start over: {why}"
 
