@@ -126,8 +126,8 @@ class DistillConfig:
                                 "scores them below the starting images by more than the split's standard error, go on "
                                 "from the best images so far with lr_img multiplied by this factor (at most "
                                 f"{MAX_BACKOFFS} times): an image learning rate that makes the images worse is cut "
-                                "instead of spending the rest of the run. 0 = off. Default 0.1 without a preset; 0 "
-                                "with one and under --tune (it chooses lr_img).", preset=True, legacy=0.0,
+                                "instead of spending the rest of the run. 0 = off. Default 0.1 without a preset (0 with "
+                                "--eval-share 0); 0 with a preset and under --tune (it chooses lr_img).", preset=True, legacy=0.0,
                                 metavar="FACTOR", check=between(0, 1, "in [0, 1) (0 = off)", top_open=True))
     eval_runs: int = setting(1, "Networks per periodic evaluation.", resume_safe=True, check=at_least(1))
     eval_epochs: int = setting(300, "Epochs per periodic evaluation.", resume_safe=True, check=at_least(1))
