@@ -247,7 +247,7 @@ class _Run:
         return self._scored_at(iteration) is not None
 
     def _planned_every(self) -> int:
-        """The spacing of evaluations that keeps them within eval_share of the run (`planned_every`),
+        """The spacing of evaluations that keeps them at about eval_share of the run (`planned_every`),
         logged once; the same on every rank and machine."""
         assert self.selection is not None
         cfg, n = self.cfg, int(self.d.state.images.shape[0])
@@ -407,6 +407,7 @@ class _Run:
         return found[-1] if found else None
 
     def _margin(self, accuracy: float) -> float:
+        """`standard_error` on this run's selection split."""
         assert self.selection is not None
         return standard_error(accuracy, int(self.selection[1].numel()))
 
@@ -457,8 +458,8 @@ class _Run:
 
 
 def planned_every(cfg: DistillConfig, images: int, val_images: int) -> tuple[int, float]:
-    """(N, r): evaluating every N iterations keeps the evaluations within `cfg.eval_share` of the
-    run, by a count of network passes, so that the spacing — and with it the best images and the
+    """(N, r): evaluating every N iterations keeps the evaluations at about `cfg.eval_share` of the
+    run (at most, by a count of network passes), so that the spacing — and with it the best images and the
     `--lr-backoff` cuts — is the same on every machine and at every load (`--seed` repeats the
     run); r is an evaluation's cost in iterations. An evaluation trains `eval_runs` networks for
     `eval_epochs` epochs over the `images` and scores the `val_images`; an iteration takes
