@@ -631,6 +631,7 @@ def run_prepared(cfg: DistillConfig, buffer: store.Buffer, out: Path, prepared: 
         notes.append(f"note: a run of {cfg.iterations} iteration(s) keeps its final images: the best-images "
                      f"selection starts at {AUTO_SELECT_MIN_ITERATIONS} iterations (two evaluations would cost more "
                      "than the run); --eval-every N selects anyway")
+        reporter.log(notes[-1])
     if continuation is not None:
         every = cfg.eval_every if selection is None else selection_spacing(cfg, cfg.ipc * prepared.meta.num_classes,
                                                                             int(selection[1].numel()))
