@@ -252,8 +252,10 @@ def evaluate_file(file: Path, cfg: EvaluateConfig, name: str | None = None, base
             _check_same_data(buf, data, spec)
             expert = expert_predictor(buf, syn.method, dev)
     elif baseline == "random" and cfg.baseline_labels == "auto" and soft:
-        reporter.log(f"note: the random-real baseline has hard labels: pass --buffer (the buffer '{syn.name}' was "
-                     "distilled from) to label it by the synset's expert, like with like")
+        recorded = syn.source.get("file") if isinstance(syn.source.get("file"), str) else None
+        where = f", recorded as {store.shown(recorded)}" if recorded else ""  # named, never opened unasked
+        reporter.log(f"note: the random-real baseline has hard labels: pass --buffer FILE (the buffer synset "
+                     f"'{syn.name}' was distilled from{where}) to label it by the synset's expert, like with like")
     prepared = prepare_like(data, data_dir, dev, reporter)
     results: list[Evaluation] = []
     for target in targets:
