@@ -285,3 +285,10 @@ def test_a_synset_file_is_not_taken_for_a_buffer(tmp_path: Path, data_dir: Path,
     assert_one_line_error(cli("convexify", out), 2, "a synset file")
     assert_one_line_error(cli("experts", "mnist", "--data-dir", data_dir, "--epochs", "1", "--width", "4", "-o", out),
                           2, "a synset file")
+
+
+def test_table_cells_show_a_missing_value_as_a_dash() -> None:
+    """A run of 0 iterations has no loss: its table says '-', not the word 'None'."""
+    from mctool.cli.render import cell
+
+    assert cell(None) == "-" and cell(0.123456) == "0.1235" and cell(0) == "0" and cell("a\x1bb") == "a?b"
