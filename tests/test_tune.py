@@ -104,6 +104,10 @@ def test_distill_without_preset_uses_and_names_the_rules(tmp_path: Path, convex_
     assert cfg["lr_img"] == 50.0
     note = doc["notes"][0]
     assert note.startswith("note: no --preset") and "lr_img 50 (your option)" in note
+    # lr_lr's rule reads the rules' lr_img, not --lr-img: the note says so rather than imply 1e-5 · 50 / 1e3.
+    assert f"lr_lr {want['lr_lr']:g} (1e-5 · lr_img / 1e3, Table A; with the rules' lr_img {want['lr_img']:g}, " \
+           "not your option's)" in note
+    assert "expert_epochs, not your option's" not in note  # expert_epochs was not given
     assert f"syn_steps {want['syn_steps']}" in note and "--tune" in note
     assert "no --preset" in r.stderr
 
