@@ -33,6 +33,19 @@ def test_version_and_help() -> None:
         assert "<int>" in r.stdout or "<path>" in r.stdout  # options that take one still show it
 
 
+def test_distill_help_names_the_defaults_no_preset_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """distill's options default to "not given" (a preset or a resumed run fills them); those no
+    preset sets still say the value a new run takes."""
+    monkeypatch.setenv("COLUMNS", "400")  # one line per option
+    text = cli("distill", "--help").stdout
+    for option, default in (("--checkpoint-every", "100"), ("--eval-runs", "1"), ("--eval-epochs", "300"),
+                            ("--select-on", "validation"), ("--seed", "0")):
+        line = next(x for x in text.splitlines() if x.lstrip("│ ").startswith(f"{option} "))
+        assert f"(default {default})." in line, line
+    line = next(x for x in text.splitlines() if x.lstrip("│ ").startswith("--syn-steps "))  # a preset (or the buffer's rules) sets it
+    assert "default" not in line, line
+
+
 @pytest.mark.parametrize("kind", ["passwd", "truncated", "plain", "future", "missing", "directory"])
 def test_inspect_bad_files(tmp_path: Path, buffer: Path, kind: str) -> None:
     p = tmp_path / "f.h5"
