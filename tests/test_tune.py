@@ -1058,6 +1058,8 @@ def test_closing_notes_name_the_cause_from_what_was_measured() -> None:
     r = _result(0.60, {10.0: [0.61], 100.0: [0.66, 0.70, 0.64]})
     notes = diagnose(r, r.candidates[1], reference=0.95, full_iterations=40, lr_free=True)
     assert any("peaked at iteration 20" in n and "fell to 64.0 % at 40" in n for n in notes), notes
+    # The preset --tune writes selects (eval_share): the advice says so rather than ask for --eval-every.
+    assert any("the tuned preset's runs keep their best images on validation" in n for n in notes), notes
     # Within the noise: no story told.
     r = _result(0.60, {100.0: [0.66, 0.663, 0.661]}, std=0.01)
     assert diagnose(r, r.candidates[0], reference=0.95, full_iterations=40, lr_free=False) == [
