@@ -19,6 +19,9 @@ from mctool.data.prepared import prepare, prepare_like
 from mctool.core.progress import SILENT, Reporter
 
 DEMO_PRESET = "fashion-mnist-ipc10"
+# What an interrupted demo keeps: its experts (a later stage starts over on the next run, which
+# reuses them), not a distillation to --resume nor "nothing".
+_AGAIN = "the finished experts are kept: run the demo again (it reuses them and redoes the later stages)"
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,7 @@ def run(demo: DemoConfig, out_dir: Path, data_dir: Path | None, device: str = "a
     with store.open_buffer(small) as buf:
         cfg = resolve_config(DEMO_PRESET, {"iterations": demo.iterations, "seed": demo.seed}, buf)
         prepared = prepare_like(buf.data, data_dir, dev)
-        dres = run_prepared(cfg, buf, synset, prepared, reporter=reporter)
+        dres = run_prepared(cfg, buf, synset, prepared, reporter=reporter, resume_hint=_AGAIN)
         reference = buf.reference()
     with store.open_synsets(synset) as sf:
         syn = sf.read(dres.synset)
@@ -102,11 +105,11 @@ def run(demo: DemoConfig, out_dir: Path, data_dir: Path | None, device: str = "a
     t = time.perf_counter()
     reporter.log(f"[4/4] evaluate: {demo.eval_runs} runs x {demo.eval_epochs} epochs, distilled vs random real")
     ev = EvaluateConfig(runs=demo.eval_runs, epochs=demo.eval_epochs, seed=demo.seed)
-    results = evaluate_set(syn.images, syn.labels, syn.lr, prepared, spec, ev, "synset", reporter)
+    results = evaluate_set(syn.images, syn.labels, syn.lr, prepared, spec, ev, "synset", reporter, stop_hint=_AGAIN)
     for r in results:
         r.iteration = syn.iterations
     rx, ry = random_real(prepared, cfg.ipc, demo.seed)
-    results += evaluate_set(rx, ry, syn.lr, prepared, spec, ev, "random-real", reporter)
+    results += evaluate_set(rx, ry, syn.lr, prepared, spec, ev, "random-real", reporter, stop_hint=_AGAIN)
     store.add_evaluations(synset, dres.synset, [r.to_dict() for r in results])
     times["evaluate"] = time.perf_counter() - t
 

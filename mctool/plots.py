@@ -186,10 +186,15 @@ def synset_caption(syn: store.Synset, meta: store.DatasetMeta, best: bool = Fals
     else:
         which = (f"final images after {syn.iterations}{of} iterations" if syn.complete else
                  f"latest images of a run not finished: iteration {syn.iterations}{of}")
+    ema = syn.config.get("ema")
+    if isinstance(ema, (int, float)) and not isinstance(ema, bool) and 0 < ema < 1:
+        which += f" (their moving average, --ema {ema:g})"
     how = ("de-whitened for display" if meta.zca else "de-normalised for display") if dewhitened else \
         "each image min-max scaled (the dataset's preprocessing was not available)"
+    rows = "one row per class" + (" (the class each image was made for; its labels are learned)"
+                                  if syn.config.get("learn_labels") is True else "")
     return (f"Synthetic images ({syn.method.upper()} distillation), not real ones: {meta.name}, synset "
-            f"'{clean_text(syn.name)}', ipc {syn.ipc} ({per_class})\n{which}\none row per class; {how}")
+            f"'{clean_text(syn.name)}', ipc {syn.ipc} ({per_class})\n{which}\n{rows}; {how}")
 
 
 def class_labels(meta: store.DatasetMeta) -> list[str]:

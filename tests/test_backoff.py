@@ -204,6 +204,10 @@ def test_resume_across_a_cut_is_bit_for_bit(tmp_path: Path, convex_buffer: Path,
     r = _distill(convex_buffer, part, data_dir, *levers, "--iterations", "30", "--resume", "--json", "--quiet")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["selection"]["backoffs"] == cuts
+    # Its cost note counts this sitting's evaluations and time, and says so.
+    assert json.loads(r.stdout)["selection"]["from_iteration"] == stop_at
+    assert any("of this sitting's " in n and f", from iteration {stop_at} (" in n
+               for n in json.loads(r.stdout)["notes"]), json.loads(r.stdout)["notes"]
     with store.open_synsets(whole) as a, store.open_synsets(part) as b:
         x, y = a.read(a.pick(None), checkpoint=True), b.read(b.pick(None), checkpoint=True)
     assert torch.equal(x.images, y.images) and x.lr == y.lr

@@ -33,6 +33,19 @@ def test_version_and_help() -> None:
         assert "<int>" in r.stdout or "<path>" in r.stdout  # options that take one still show it
 
 
+def test_distill_help_names_the_defaults_no_preset_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """distill's options default to "not given" (a preset or a resumed run fills them); those no
+    preset sets still say the value a new run takes."""
+    monkeypatch.setenv("COLUMNS", "400")  # one line per option
+    text = cli("distill", "--help").stdout
+    for option, default in (("--checkpoint-every", "100"), ("--eval-runs", "1"), ("--eval-epochs", "300"),
+                            ("--select-on", "validation"), ("--seed", "0")):
+        line = next(x for x in text.splitlines() if x.lstrip("│ ").startswith(f"{option} "))
+        assert f"(default {default})." in line, line
+    line = next(x for x in text.splitlines() if x.lstrip("│ ").startswith("--syn-steps "))  # a preset (or the buffer's rules) sets it
+    assert "default" not in line, line
+
+
 @pytest.mark.parametrize("kind", ["passwd", "truncated", "plain", "future", "missing", "directory"])
 def test_inspect_bad_files(tmp_path: Path, buffer: Path, kind: str) -> None:
     p = tmp_path / "f.h5"
@@ -285,3 +298,10 @@ def test_a_synset_file_is_not_taken_for_a_buffer(tmp_path: Path, data_dir: Path,
     assert_one_line_error(cli("convexify", out), 2, "a synset file")
     assert_one_line_error(cli("experts", "mnist", "--data-dir", data_dir, "--epochs", "1", "--width", "4", "-o", out),
                           2, "a synset file")
+
+
+def test_table_cells_show_a_missing_value_as_a_dash() -> None:
+    """A run of 0 iterations has no loss: its table says '-', not the word 'None'."""
+    from mctool.cli.render import cell
+
+    assert cell(None) == "-" and cell(0.123456) == "0.1235" and cell(0) == "0" and cell("a\x1bb") == "a?b"

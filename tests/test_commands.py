@@ -316,6 +316,13 @@ def test_inspect_renders_the_summary(monkeypatch: pytest.MonkeyPatch) -> None:
                  "evaluation ConvNet: 40.0% ± 10.0% over 2 runs, 3 epochs, random real images (baseline), soft labels"):
         assert text in r.stdout, text
     assert "iteration 3, hard labels" not in r.stdout  # a record from before --labels says nothing of them
+    assert "learned" not in r.stdout.replace("learned lr", "") and "--ema" not in r.stdout  # a summary without them
+    levers = summary()
+    levers["synsets"][0].update(labels="soft", learned_labels=True, ema=0.999)
+    patch(monkeypatch, mctool.store, "summarize", levers)
+    r = ok(cli("inspect", "s.h5"))
+    for text in ("soft labels (learned, --learn-labels)", "--ema 0.999 (what is stored is the moving average)"):
+        assert text in r.stdout.replace("\n    ", " ").replace("\n", ""), text
 
 
 def test_inspect_json_is_the_summary(monkeypatch: pytest.MonkeyPatch) -> None:

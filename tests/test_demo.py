@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 from pathlib import Path
 
 import h5py
 import pytest
 
 import mctool.demo
+from mctool.core.errors import Interrupted
+from mctool.core.progress import Reporter
 from mctool.demo import DemoConfig, DemoResult, run
 from tests.conftest import make_tiny_mnist
 from tests.helpers import cli
@@ -67,3 +70,27 @@ def test_demo_command_reuses_finished_experts(first_run: tuple[Path, DemoResult]
     with h5py.File(out / "buffer.h5", "r") as f:
         assert f["experts/test_accuracy"].shape[0] == 1
         assert (f["experts/test_accuracy"][()] == accuracy).all()
+
+
+class _StopAt(Reporter):
+    """Asks to stop (Ctrl-C) from the moment the demo announces stage `stage` ("[3/4]", "[4/4]")."""
+
+    def __init__(self, stage: str) -> None:
+        self.stage, self.asked = stage, False
+
+    def log(self, message: str) -> None:
+        self.asked = self.asked or message.startswith(self.stage)
+
+    def should_stop(self) -> int:
+        return int(signal.SIGINT) if self.asked else 0
+
+
+@pytest.mark.parametrize("stage", ["[3/4]", "[4/4]"])
+def test_an_interrupted_demo_says_to_run_the_demo_again(tmp_path: Path, fashion_dir: Path, stage: str) -> None:
+    """Stopped while it distils or evaluates, the demo says what it keeps and how to go on: not
+    distill's `--resume` (the demo has none) nor evaluate's "nothing was stored"."""
+    with pytest.raises(Interrupted) as caught:
+        run(TINY, tmp_path / "demo", fashion_dir, "cpu", _StopAt(stage))
+    message = str(caught.value)
+    assert "run the demo again" in message and "--resume" not in message and "nothing was stored" not in message
+    assert (tmp_path / "demo" / "buffer.h5").exists()  # the experts the next run reuses

@@ -211,6 +211,33 @@ def test_best_images_are_required_when_asked_for(tmp_path: Path, prepared, data_
     assert auto.scores[0].hlr is None
 
 
+def test_best_images_that_are_the_final_ones_are_trained_once(tmp_path: Path, prepared, data_dir: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run whose final images scored best keeps them as its best too: `--images auto` reports
+    both rows, trained once (the same seeds would repeat the same numbers)."""
+    x, y = random_real(prepared, 1, seed=0)
+    path = tmp_path / "same.h5"
+    best = store.BestImages(images=x.clone(), labels=y.clone(), lr=0.01, iteration=7, selected_on="validation",
+                            score={"mean": 0.5})
+    store.save_synset(path, store.Synset(name="s", images=x, labels=y, lr=0.01, ipc=1, iterations=7, best=best),
+                      prepared.meta, SPEC, layout_of(SPEC), store.provenance({}, 0))
+    calls: list[str] = []
+    real = ev_mod.evaluate_set
+
+    def counted(*args, **kwargs):
+        calls.append(args[6] if len(args) > 6 else kwargs.get("kind", "synset"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ev_mod, "evaluate_set", counted)
+    cfg = dataclasses.replace(TINY, runs=1, epochs=1)
+    result = evaluate_file(path, cfg, save=False, data_dir=data_dir, device="cpu")
+    assert calls == ["synset"]
+    final, again = result.results
+    assert (final.target, again.target, final.iteration, again.iteration) == ("final", "best", 7, 7)
+    assert again.accuracies == final.accuracies == real(x, y, 0.01, prepared, SPEC, cfg)[0].accuracies
+    assert [s.target for s in result.scores] == ["final", "best"]
+
+
 # --------------------------------------------------------------------------- --labels hard
 
 

@@ -295,6 +295,9 @@ def test_evaluate_keeps_label_kinds_apart_and_labels_the_baseline_by_the_expert(
     doc = json.loads(r.stdout)
     assert doc["results"][1]["labels"] == "hard"
     assert doc["scores"][0]["baseline_labels"] == "hard" and "not like with like" in doc["scores"][0]["note"]
+    r = cli(*[a for a in base if a != "--quiet"])  # the note names the buffer the synset records
+    assert r.exit_code == 0 and "pass --buffer FILE (the buffer synset '" in r.stderr
+    assert f"recorded as {convex_buffer.resolve()})" in r.stderr.replace("\n", "")
     # --labels hard: the same images on the classes they are stored under; the baseline follows (auto: hard).
     r = cli(*base, "--labels", "hard", "--json")
     assert r.exit_code == 0, r.output

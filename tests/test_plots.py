@@ -148,6 +148,12 @@ def test_the_synset_caption_says_what_the_picture_shows() -> None:
     assert "latest images of a run not finished: iteration 120 of 500" in synset_caption(syn, meta)
     assert "(2 per class)" in synset_caption(syn, meta)
     assert "min-max scaled" in synset_caption(syn, meta, dewhitened=False)
+    assert "moving average" not in synset_caption(syn, meta) and "learned" not in synset_caption(syn, meta)
+    levers = _syn(config={"iterations": 500, "ema": 0.99, "learn_labels": True})
+    lines = synset_caption(levers, meta).splitlines()
+    assert lines[1] == "final images after 500 iterations (their moving average, --ema 0.99)"
+    assert lines[2] == ("one row per class (the class each image was made for; its labels are learned); "
+                        "de-normalised for display")
 
 
 def test_class_labels_name_every_row() -> None:

@@ -66,11 +66,11 @@ def test_presets_keep_their_final_images_and_short_runs_say_why(tmp_path: Path, 
     doc = json.loads(r.stdout)
     assert doc["config"]["eval_share"] == 0.0 and doc["best"] is None and doc["evaluations"] == []
     assert doc["selection"] is None
-    r = _distill(convex_buffer, tmp_path / "short.h5", data_dir, "--lr-img", "100", "--iterations", "4", "--json",
-                 "--quiet")
+    r = _distill(convex_buffer, tmp_path / "short.h5", data_dir, "--lr-img", "100", "--iterations", "4", "--json")
     doc = json.loads(r.stdout)
     assert doc["config"]["eval_share"] == 0.1 and doc["best"] is None
     assert any("a run of 4 iteration(s) keeps its final images" in n for n in doc["notes"])
+    assert "a run of 4 iteration(s) keeps its final images" in r.stderr  # said, not only in the JSON
 
 
 def test_the_cost_of_the_checks_is_planned_and_measured(tmp_path: Path, convex_buffer: Path, data_dir: Path,

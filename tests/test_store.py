@@ -513,3 +513,15 @@ def test_summarize_names_the_step_units_a_synset_was_made_with(tmp_path: Path) -
     store.save_synset(p, old, DATA, SPEC, LAYOUT, prov(old))
     units = {s["name"]: s["image_grad_units"] for s in store.summarize(p)["synsets"]}
     assert units == {"new": "released", "old": "exact"}
+
+
+def test_summarize_says_whether_labels_were_learned_and_images_averaged(tmp_path: Path) -> None:
+    p = tmp_path / "s.h5"
+    levers = dataclasses.replace(synset("levers", best=False), config={"ipc": 2, "learn_labels": True, "ema": 0.99})
+    store.save_synset(p, levers, DATA, SPEC, LAYOUT, prov(levers))
+    odd = dataclasses.replace(synset("odd", best=False), config={"ipc": 2, "learn_labels": "yes", "ema": float("nan")})
+    store.save_synset(p, odd, DATA, SPEC, LAYOUT, prov(odd))
+    old = synset("old", best=False)  # configs written before the levers existed: off
+    store.save_synset(p, old, DATA, SPEC, LAYOUT, prov(old))
+    seen = {s["name"]: (s["learned_labels"], s["ema"]) for s in store.summarize(p)["synsets"]}
+    assert seen == {"levers": (True, 0.99), "odd": (False, 0.0), "old": (False, 0.0)}

@@ -104,6 +104,10 @@ def test_distill_without_preset_uses_and_names_the_rules(tmp_path: Path, convex_
     assert cfg["lr_img"] == 50.0
     note = doc["notes"][0]
     assert note.startswith("note: no --preset") and "lr_img 50 (your option)" in note
+    # lr_lr's rule reads the rules' lr_img, not --lr-img: the note says so rather than imply 1e-5 · 50 / 1e3.
+    assert f"lr_lr {want['lr_lr']:g} (1e-5 · lr_img / 1e3, Table A; with the rules' lr_img {want['lr_img']:g}, " \
+           "not your option's)" in note
+    assert "expert_epochs, not your option's" not in note  # expert_epochs was not given
     assert f"syn_steps {want['syn_steps']}" in note and "--tune" in note
     assert "no --preset" in r.stderr
 
@@ -1054,6 +1058,8 @@ def test_closing_notes_name_the_cause_from_what_was_measured() -> None:
     r = _result(0.60, {10.0: [0.61], 100.0: [0.66, 0.70, 0.64]})
     notes = diagnose(r, r.candidates[1], reference=0.95, full_iterations=40, lr_free=True)
     assert any("peaked at iteration 20" in n and "fell to 64.0 % at 40" in n for n in notes), notes
+    # The preset --tune writes selects (eval_share): the advice says so rather than ask for --eval-every.
+    assert any("the tuned preset's runs keep their best images on validation" in n for n in notes), notes
     # Within the noise: no story told.
     r = _result(0.60, {100.0: [0.66, 0.663, 0.661]}, std=0.01)
     assert diagnose(r, r.candidates[0], reference=0.95, full_iterations=40, lr_free=False) == [

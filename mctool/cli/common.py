@@ -192,7 +192,12 @@ def with_settings(cls: type, optional: bool, exclude: tuple[str, ...] = ()) -> C
             annotation = Optional[str] if is_tuple else Optional[kind]
             default = None if optional else (",".join(s.default) if is_tuple else s.default)
             shown_default = not optional and s.default is not None
-            option = typer.Option(default, *s.flags, help=s.info.help, show_default=shown_default,
+            text = s.info.help
+            if optional and not s.info.preset and s.default is not None and kind is not bool \
+                    and "default" not in text.lower():
+                # No preset sets it: its built-in default is what a new run uses (a resume keeps its own).
+                text = f"{text.rstrip('.')} (default {','.join(s.default) if is_tuple else s.default})."
+            option = typer.Option(default, *s.flags, help=text, show_default=shown_default,
                                   metavar=s.info.metavar)
             added.append(inspect.Parameter(s.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=option,
                                            annotation=annotation))

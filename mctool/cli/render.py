@@ -28,7 +28,9 @@ def error_line(message: str) -> None:
 
 
 def cell(value: Any) -> str:
-    """A value as tables show it (floats to 4 significant digits, no control characters)."""
+    """A value as tables show it (floats to 4 significant digits, '-' for none, no control characters)."""
+    if value is None:  # e.g. the loss of a run of 0 iterations: not the word "None"
+        return "-"
     if isinstance(value, float):
         return f"{value:.4g}"
     return clean_text(str(value))

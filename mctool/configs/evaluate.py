@@ -35,8 +35,9 @@ class EvaluateConfig:
                         check=SEED)
     baseline_labels: str = setting("auto", "Labels of the random-real baseline (--baseline random): hard, expert (the "
                                    "synset's buffer's first expert labels them by the rule learned labels start "
-                                   "from: soft, like with like), or auto: expert for a soft-label synset, hard for a "
-                                   "hard-label one (hard with --labels hard).",
+                                   "from: soft, like with like), or auto: expert for a soft-label synset given its "
+                                   "--buffer (without: hard, with a note), hard for a hard-label one (hard with "
+                                   "--labels hard).",
                                    check=one_of("auto", "hard", "expert", words="auto, hard or expert",
                                                 message="{option} must be {words}, got '{value}'"))
     labels: str = setting("auto", "Labels the networks train on: auto (the synset's own: soft for a soft-label synset) "

@@ -45,6 +45,8 @@ _LR_D_RANGE = (784, 12288)
 
 # The settings the rules choose (the rest keep the built-in defaults or the buffer's values).
 RULED = ("syn_steps", "expert_epochs", "max_start_epoch", "lr_img", "lr_lr", "lr_init")
+# The ruled settings a rule computes from another (which it takes from the rules, not from an option).
+_RULE_INPUT = {"syn_steps": "expert_epochs", "max_start_epoch": "expert_epochs", "lr_lr": "lr_img"}
 
 
 @dataclass(frozen=True)
@@ -174,7 +176,11 @@ def describe(choice: Choice, cfg_values: dict[str, Any], given: set[str]) -> str
         if key in given:
             parts.append(f"{key} {_num(cfg_values[key])} (your option)")
         else:
-            parts.append(f"{key} {_num(choice.values[key])} ({choice.reasons.get(key, 'rule')})")
+            reason = choice.reasons.get(key, "rule")
+            source = _RULE_INPUT.get(key)
+            if source in given:  # the rule read its own value of the option's setting, not the option
+                reason += f"; with the rules' {source} {_num(choice.values[source])}, not your option's"
+            parts.append(f"{key} {_num(choice.values[key])} ({reason})")
     text = ("note: no --preset, so settings suit the buffer (rules from Table A, mctool/distill/autoconfig.py; "
             "`mctool distill --tune` searches around them): " + "; ".join(parts))
     if choice.warnings:

@@ -347,7 +347,8 @@ class _Run:
                             "share": self.eval_seconds / seconds if seconds > 0 else 0.0, "every": every,
                             "bound": cfg.eval_share if not cfg.eval_every else None, "split": cfg.select_on,
                             "reused": self.reused, "reused_by": self.continued.by if self.continued else None,
-                            "backoffs": list(state.run.get("backoffs", []))}
+                            "backoffs": list(state.run.get("backoffs", [])),
+                            "from_iteration": first_iteration}  # > 0: a resumed (or continued) run's sitting
         return seconds
 
     def _back_off_if_worse(self, every: int) -> None:
@@ -528,9 +529,13 @@ def selection_notes(summary: dict[str, Any], state: State, seconds: float) -> li
              else f"every {summary['every']} iterations, --eval-every")
     reused = (f"; {summary['reused']} more reused, measured by {summary['reused_by']}" if summary.get("reused")
               else "")
+    since = summary.get("from_iteration") or 0
+    # Counted over this sitting: a resumed run's earlier evaluations and time are not in it.
+    span = f"this run's {duration(seconds)}" if not since else \
+        f"this sitting's {duration(seconds)}, from iteration {since}"
     if summary["evaluations"] or not summary.get("reused"):
         notes = [f"selection on {split}: {summary['evaluations']} evaluation(s) took {duration(summary['seconds'])}, "
-                 f"{100 * summary['share']:.0f} % of this run's {duration(seconds)} ({bound}{reused})"]
+                 f"{100 * summary['share']:.0f} % of {span} ({bound}{reused})"]
     else:
         notes = [f"selection on {split}: no evaluation needed: {summary['reused']} reused, measured by "
                  f"{summary['reused_by']}"]
@@ -631,6 +636,7 @@ def run_prepared(cfg: DistillConfig, buffer: store.Buffer, out: Path, prepared: 
         notes.append(f"note: a run of {cfg.iterations} iteration(s) keeps its final images: the best-images "
                      f"selection starts at {AUTO_SELECT_MIN_ITERATIONS} iterations (two evaluations would cost more "
                      "than the run); --eval-every N selects anyway")
+        reporter.log(notes[-1])
     if continuation is not None:
         every = cfg.eval_every if selection is None else selection_spacing(cfg, cfg.ipc * prepared.meta.num_classes,
                                                                             int(selection[1].numel()))

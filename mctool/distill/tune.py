@@ -551,8 +551,9 @@ def diagnose(result: TuneResult, winner: Candidate, reference: float | None, ful
         if peak is not last and peak["mean"] - last["mean"] > margin(peak, last):
             notes.append(f"the chosen settings' score peaked at iteration {peak['iteration']} "
                          f"({100 * peak['mean']:.1f} %) and fell to {100 * last['mean']:.1f} % at {top}: a longer run "
-                         "would likely fall further — select the images on validation (--eval-every) to keep the "
-                         f"best, or run about {peak['iteration']} iterations, or a smaller --lr-img")
+                         "would likely fall further — the tuned preset's runs keep their best images on "
+                         "validation (its eval_share; --eval-every N scores more often), or run about "
+                         f"{peak['iteration']} iterations, or a smaller --lr-img")
         elif last["mean"] - curve[-2]["mean"] > margin(last, curve[-2]):
             more = (f"the full run's {full_iterations} iterations go {full_iterations / top:.3g}× further"
                     if full_iterations > top else "consider more --iterations")

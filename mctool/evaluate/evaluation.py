@@ -15,6 +15,7 @@ baseline can be labelled by the synset's expert with the same rule as learned la
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import statistics
 import time
@@ -252,14 +253,23 @@ def evaluate_file(file: Path, cfg: EvaluateConfig, name: str | None = None, base
             _check_same_data(buf, data, spec)
             expert = expert_predictor(buf, syn.method, dev)
     elif baseline == "random" and cfg.baseline_labels == "auto" and soft:
-        reporter.log(f"note: the random-real baseline has hard labels: pass --buffer (the buffer '{syn.name}' was "
-                     "distilled from) to label it by the synset's expert, like with like")
+        recorded = syn.source.get("file") if isinstance(syn.source.get("file"), str) else None
+        where = f", recorded as {store.shown(recorded)}" if recorded else ""  # named, never opened unasked
+        reporter.log(f"note: the random-real baseline has hard labels: pass --buffer FILE (the buffer synset "
+                     f"'{syn.name}' was distilled from{where}) to label it by the synset's expert, like with like")
     prepared = prepare_like(data, data_dir, dev, reporter)
     results: list[Evaluation] = []
     for target in targets:
         x, y, lr_learned, iteration = ((syn.images, syn.labels, syn.lr, syn.iterations) if target == "final" else
                                        (syn.best.images, syn.best.labels, syn.best.lr, syn.best.iteration))  # type: ignore[union-attr]
         lr = cfg.lr if cfg.lr is not None else lr_learned
+        if target == "best" and "final" in targets and _same_as_final(syn) and (cfg.lr is not None or
+                                                                                 lr_learned == syn.lr):
+            # The final images scored best: the same training (seeds included) would repeat the final rows.
+            reporter.log(f"the best images are the final ones (iteration {iteration}): their results are the final "
+                         "images'")
+            results += [dataclasses.replace(copy.deepcopy(ev), target="best") for ev in results if ev.target == "final"]
+            continue
         if not soft:
             y = _hard(y, syn.ipc, target, reporter)
         for ev in evaluate_set(x, y, lr, prepared, spec, cfg, "synset", reporter):
@@ -279,6 +289,14 @@ def evaluate_file(file: Path, cfg: EvaluateConfig, name: str | None = None, base
                           results=results, scores=scores(results, whole, soft), experts_reference=reference,
                           whole_data_source=source,
                           selected_on=syn.best.selected_on if syn.best is not None and "best" in targets else None)
+
+
+def _same_as_final(syn: store.Synset) -> bool:
+    """Whether the synset's best images are its final ones (iteration, images and labels)."""
+    b = syn.best
+    return (b is not None and b.iteration == syn.iterations
+            and b.images.shape == syn.images.shape and bool(torch.equal(b.images, syn.images))
+            and b.labels.shape == syn.labels.shape and bool(torch.equal(b.labels, syn.labels)))
 
 
 def _hard(labels: torch.Tensor, ipc: int, target: str, reporter: Reporter) -> torch.Tensor:

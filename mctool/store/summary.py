@@ -101,12 +101,22 @@ def _synset_facts(path: Path, f: h5py.File, data: DatasetMeta | None) -> list[di
             "has_checkpoint": "checkpoint" in g,
             "grad": syn.grad,
             "image_grad_units": clean_text(str(syn.config.get("step_units", "exact"))),  # before step_units: exact
+            # The levers that change what the stored images and labels are (absent: off, as in earlier files).
+            "learned_labels": syn.config.get("learn_labels") is True,
+            "ema": _positive(syn.config.get("ema")),
         }
         if syn.best is not None:
             entry["best"] = {"iteration": syn.best.iteration, "lr": syn.best.lr, "selected_on": syn.best.selected_on,
                              "score": syn.best.score}
         rows.append(entry)
     return rows
+
+
+def _positive(value: Any) -> float:
+    """A config number that is on when positive (a decay), else 0.0 (absent, off or not a number)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and float(value) > 0 and np.isfinite(value):
+        return float(value)
+    return 0.0
 
 
 def _mean_known(values: np.ndarray) -> float | None:

@@ -89,7 +89,10 @@ def overview(s: dict[str, Any]) -> Tree:
                    f"{escape(y['preset']) or '-'}, {y['iterations']}/{y['iterations_target']} iterations"
                    + (" (checkpoint: resumable)" if y["has_checkpoint"] and y['iterations'] < y['iterations_target']
                       else ""))
-        node = root.add(f"[bold]synset[/] '{escape(y['name'])}': ipc {y['ipc']}, images {y['images_shape']}, {y['labels']} labels, "
+        labels = f"{y['labels']} labels" + (" (learned, --learn-labels)" if y.get("learned_labels") else "")
+        if y.get("ema"):
+            how += f", --ema {y['ema']:g} (what is stored is the moving average)"
+        node = root.add(f"[bold]synset[/] '{escape(y['name'])}': ipc {y['ipc']}, images {y['images_shape']}, {labels}, "
                         f"learned lr {y['lr']:.4g}, {how}")
         best = y.get("best")
         if best:
