@@ -401,9 +401,10 @@ class _Run:
                                                 "lr_img_was": was, "lr_img": lr}]}
 
     def _scored_at(self, iteration: int) -> dict[str, Any] | None:
-        """The selection's evaluation of the images at `iteration`, if any."""
-        found = [e for e in self.d.state.evaluations if e.get("kind") == "synset" and
-                 e.get("iteration") == iteration and e.get("split") == self.cfg.select_on]
+        """The selection's evaluation of the images at `iteration`, if any (one stored without a
+        mean, which the store allows, is none: those images are scored again)."""
+        found = [e for e in self.d.state.evaluations if e.get("kind") == "synset" and e.get("mean") is not None
+                 and e.get("iteration") == iteration and e.get("split") == self.cfg.select_on]
         return found[-1] if found else None
 
     def _margin(self, accuracy: float) -> float:
@@ -543,7 +544,7 @@ def selection_notes(summary: dict[str, Any], state: State, seconds: float) -> li
     best = state.best
     if best is not None and best.iteration == 0 and state.iteration > 0:
         later = [e for e in state.evaluations if e.get("kind") == "synset" and e.get("split") == split
-                 and (e.get("iteration") or 0) > 0]
+                 and (e.get("iteration") or 0) > 0 and e.get("mean") is not None]
         top = max(later, key=lambda e: e["mean"]) if later else None
         s = best.score
         beaten = "" if top is None else (f", the distilled ones at most "
