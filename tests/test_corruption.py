@@ -349,6 +349,8 @@ DAMAGES = [
     Damage("best-images-nan", values("SYN/best/images", _set((0, 0, 1, 1), nan)), "/best/images", ("synset",),
            ("inspect-png", "evaluate")),
     Damage("best-labels-range", values("SYN/best/labels", _set(0, 10)), "/best/labels", ("synset",)),
+    Damage("best-labels-other-kind", data("SYN/best/labels", lambda a: np.eye(10, dtype=np.float32)[a]),
+           "/best/labels", ("synset",)),
     Damage("best-lr-nan", attr("SYN/best", "lr", nan), "'lr'", ("synset",)),
     Damage("best-selected-on", attr("SYN/best", "selected_on", "vibes"), "'selected_on'", ("synset",)),
     Damage("best-iteration-negative", attr("SYN/best", "iteration", -1), "'iteration'", ("synset",)),

@@ -249,6 +249,28 @@ def test_resume_with_learned_labels_equals_uninterrupted(tmp_path, convex_buffer
             assert not np.array_equal(a["best/labels"][()], a["labels"][()])
 
 
+def test_hard_labels_where_the_run_learns_them_are_one_line(tmp_path, convex_buffer, data_dir) -> None:
+    """A file whose synset and best images hold hard labels although its run learns them (a
+    `--lr-backoff` cut would take the best images' labels back as logits: an internal error) is refused."""
+    import h5py
+    import numpy as np
+
+    from tests.helpers import assert_one_line_error
+
+    out = tmp_path / "s.h5"
+    extra = ("--eval-every", "2", "--eval-epochs", "2")
+    assert _distill(convex_buffer, out, data_dir, *extra, iterations=2).exit_code == 0
+    with h5py.File(out, "r+") as f:
+        g = f["synsets/mct-ipc2"]
+        for key in ("labels", "best/labels"):
+            del g[key]
+            g[key] = np.repeat(np.arange(10), 2)
+    before = out.read_bytes()
+    r = _distill(convex_buffer, out, data_dir, *extra, "--resume", iterations=4)
+    assert_one_line_error(r, 2, "soft labels", after_progress=True)
+    assert out.read_bytes() == before
+
+
 @pytest.mark.parametrize("mode", ["unrolled", "adjoint"])
 def test_learned_labels_in_every_mode_and_mtt(tmp_path, buffer, convex_buffer, data_dir, mode) -> None:
     assert _distill(convex_buffer, tmp_path / f"{mode}.h5", data_dir, "--grad", mode, iterations=2).exit_code == 0

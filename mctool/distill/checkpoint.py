@@ -50,6 +50,9 @@ def _state_from(syn: store.Synset, cfg: DistillConfig, where: Path) -> State:
         else:
             values[e.name] = shown
         velocities[e.name] = c.learned[e.velocity]
+    if cfg.learn_labels and (syn.labels.dim() != 2 or (syn.best is not None and syn.best.labels.dim() != 2)):
+        raise ArtifactError(f"{store.shown(where)}: /synsets/{store.clean_text(syn.name)}/labels: hard labels, but "
+                            "its run learns them (--learn-labels keeps soft labels)")
     problem = run_problem(c.run)
     if problem is not None:
         raise ArtifactError(f"{store.shown(where)}: /synsets/{store.clean_text(syn.name)}/checkpoint.run {problem}")
