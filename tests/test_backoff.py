@@ -263,7 +263,12 @@ def test_a_resume_keeps_its_planned_spacing_and_says_so(tmp_path: Path, convex_b
 @pytest.mark.parametrize("run, says", [
     ({"backoffs": 3}, "'backoffs' must be a list"), ({"backoffs": [{}] * 9}, "at most 3"),
     ({"backoffs": [{"iteration": 5}]}, "not {iteration"), ({"eval_every": -2}, "'eval_every' must be a whole"),
-    ({"micro_batch": "x"}, "'micro_batch'")])
+    ({"micro_batch": "x"}, "'micro_batch'"),
+    ({"backoffs": [{"iteration": 50, "from_iteration": 0, "lr_img_was": 1e6, "lr_img": 1e5}]}, "not {iteration"),
+    ({"backoffs": [{"iteration": 5, "from_iteration": 6, "lr_img_was": 1e6, "lr_img": 1e5}]}, "not {iteration"),
+    ({"backoffs": [{"iteration": 5, "from_iteration": 0, "lr_img_was": 1e6, "lr_img": 1e5},
+                   {"iteration": 5, "from_iteration": 0, "lr_img_was": 1e5, "lr_img": 1e4}]}, "not {iteration"),
+    ({"backoffs": [{"iteration": 5, "from_iteration": 0, "lr_img_was": 1e6, "lr_img": True}]}, "not {iteration")])
 def test_a_damaged_run_record_is_one_line(tmp_path: Path, convex_buffer: Path, data_dir: Path, run: dict,
                                           says: str) -> None:
     out = tmp_path / "s.h5"

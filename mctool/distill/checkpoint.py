@@ -53,7 +53,7 @@ def _state_from(syn: store.Synset, cfg: DistillConfig, where: Path) -> State:
     if cfg.learn_labels and (syn.labels.dim() != 2 or (syn.best is not None and syn.best.labels.dim() != 2)):
         raise ArtifactError(f"{store.shown(where)}: /synsets/{store.clean_text(syn.name)}/labels: hard labels, but "
                             "its run learns them (--learn-labels keeps soft labels)")
-    problem = run_problem(c.run)
+    problem = run_problem(c.run, syn.iterations)
     if problem is not None:
         raise ArtifactError(f"{store.shown(where)}: /synsets/{store.clean_text(syn.name)}/checkpoint.run {problem}")
     return State(values=values, velocities=velocities, labels=syn.labels, iteration=syn.iterations,
@@ -61,11 +61,12 @@ def _state_from(syn: store.Synset, cfg: DistillConfig, where: Path) -> State:
                  evaluations=list(syn.evaluations), best=syn.best, run=dict(c.run), averages=averages)
 
 
-def run_problem(run: dict[str, Any]) -> str | None:
+def run_problem(run: dict[str, Any], iterations: int | None = None) -> str | None:
     """What is wrong with a checkpoint's `run` record (docs/format.md), or None: a resume repeats
-    these choices, so a damaged one must not pass silently (a long cut list would zero lr_img)."""
-    def whole(v: Any, low: int) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+    these choices, so a damaged one must not pass silently (a long cut list would zero lr_img).
+    `iterations`: the synset's, which no cut may lie beyond (each cut goes back to images before it)."""
+    def whole(v: Any, low: int, high: float = math.inf) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
 
     for key, low in (("micro_batch", 0), ("eval_every", 0), ("continued_from", 0)):
         if key in run and not whole(run[key], low):
@@ -73,11 +74,16 @@ def run_problem(run: dict[str, Any]) -> str | None:
     cuts = run.get("backoffs", [])
     if not isinstance(cuts, list) or len(cuts) > MAX_BACKOFFS:
         return f"'backoffs' must be a list of at most {MAX_BACKOFFS} cuts"
+    after = 0  # cuts are made at increasing iterations, up to the synset's
     for cut in cuts:
-        if not (isinstance(cut, dict) and whole(cut.get("iteration"), 1) and whole(cut.get("from_iteration"), 0)
-                and all(isinstance(cut.get(k), (int, float)) and math.isfinite(cut[k]) and cut[k] >= 0
+        at = cut.get("iteration") if isinstance(cut, dict) else None
+        if not (isinstance(cut, dict) and whole(at, after + 1, math.inf if iterations is None else iterations)
+                and whole(cut.get("from_iteration"), 0, at)
+                and all(isinstance(cut.get(k), (int, float)) and not isinstance(cut[k], bool)
+                        and math.isfinite(cut[k]) and cut[k] >= 0
                         for k in ("lr_img_was", "lr_img"))):  # >= 0: a tiny factor may underflow
             return "'backoffs' holds a cut that is not {iteration, from_iteration, lr_img_was, lr_img}"
+        after = at
     return None
 
 
