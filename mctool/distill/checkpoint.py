@@ -58,7 +58,8 @@ def _state_from(syn: store.Synset, cfg: DistillConfig, where: Path) -> State:
         raise ArtifactError(f"{store.shown(where)}: /synsets/{store.clean_text(syn.name)}/checkpoint.run {problem}")
     return State(values=values, velocities=velocities, labels=syn.labels, iteration=syn.iterations,
                  generators=c.generators, queues=c.queues, losses=list(syn.loss), skipped=syn.skipped,
-                 evaluations=list(syn.evaluations), best=syn.best, run=dict(c.run), averages=averages)
+                 evaluations=list(syn.evaluations), best=syn.best, run=dict(c.run), averages=averages,
+                 complete=syn.complete)
 
 
 def run_problem(run: dict[str, Any], iterations: int | None = None) -> str | None:

@@ -339,7 +339,11 @@ class _Run:
         if bad_here >= 2 and bad_here > MAX_BAD_FRACTION * ran:
             self._diverged(f"{bad_here} of {ran} iterations")
         if self.selecting and not self._evaluated_at(state.iteration):
-            self.evaluate(reused=self._reused(state.iteration))
+            try:
+                self.evaluate(reused=self._reused(state.iteration))
+            except (KeyboardInterrupt, Interrupted):
+                self.checkpoint(final=False)  # the iterations are done: a resume only scores their images
+                raise
         self.checkpoint(final=True)
         seconds = time.perf_counter() - started
         if self.selecting:
@@ -669,7 +673,7 @@ def run_prepared(cfg: DistillConfig, buffer: store.Buffer, out: Path, prepared: 
         if len(state.generators) != world:
             raise UsageError(f"{store.shown(out)}: the checkpoint was written by {len(state.generators)} process(es); "
                              f"resume with the same number (now {world})")
-        if state.iteration >= cfg.iterations:
+        if state.iteration > cfg.iterations or (state.iteration == cfg.iterations and state.complete):
             raise UsageError(f"{store.shown(out)}: synset '{name}' is already at iteration {state.iteration}; "
                              f"raise --iterations above {state.iteration} to continue it")
         generator = torch.Generator().manual_seed(0)
