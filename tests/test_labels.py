@@ -336,6 +336,7 @@ def test_evaluate_keeps_label_kinds_apart_and_labels_the_baseline_by_the_expert(
     garbage = tmp_path / "garbage.h5"
     garbage.write_bytes(b"not hdf5")
     assert_one_line_error(cli(*base, "--baseline-labels", "expert", "--buffer", garbage), 2, "garbage.h5")
+    assert_one_line_error(cli(*base, "--baseline-labels", "expert", "--buffer", tmp_path), 2, "is a directory")
 
 
 def test_random_real_with_expert_labels(data_dir) -> None:
