@@ -271,6 +271,26 @@ def test_hard_labels_where_the_run_learns_them_are_one_line(tmp_path, convex_buf
     assert out.read_bytes() == before
 
 
+@pytest.mark.parametrize("key", ["checkpoint/label_logits_raw", "checkpoint/images_raw", "checkpoint/label_logits",
+                                 "images"])
+def test_stored_values_beyond_the_runs_bounds_are_one_line(tmp_path, convex_buffer, data_dir, key) -> None:
+    """A checkpoint value no update could have made (beyond the bound an update is refused at, e.g.
+    logits of 3e38) is damage: one line, exit 2, the file untouched (it was a divergence, exit 1,
+    and the file rewritten)."""
+    import h5py
+
+    from tests.helpers import assert_one_line_error
+
+    out = tmp_path / "s.h5"
+    assert _distill(convex_buffer, out, data_dir, "--ema", "0.5", iterations=2).exit_code == 0
+    with h5py.File(out, "r+") as f:
+        f["synsets/mct-ipc2"][key][0, ...] = 3e38
+    before = out.read_bytes()
+    r = _distill(convex_buffer, out, data_dir, "--ema", "0.5", "--resume", iterations=4)
+    assert_one_line_error(r, 2, key.split("/")[-1], after_progress=True)
+    assert out.read_bytes() == before
+
+
 @pytest.mark.parametrize("mode", ["unrolled", "adjoint"])
 def test_learned_labels_in_every_mode_and_mtt(tmp_path, buffer, convex_buffer, data_dir, mode) -> None:
     assert _distill(convex_buffer, tmp_path / f"{mode}.h5", data_dir, "--grad", mode, iterations=2).exit_code == 0

@@ -9,7 +9,7 @@ from typing import Any
 
 from mctool import store
 from mctool.distill.config import MAX_BACKOFFS, DistillConfig
-from mctool.distill.learnables import Value, averaged, learned_in
+from mctool.distill.learnables import Value, averaged, learned_in, magnitude
 from mctool.distill.state import State
 from mctool.core.errors import ArtifactError, UsageError
 
@@ -49,6 +49,14 @@ def _state_from(syn: store.Synset, cfg: DistillConfig, where: Path) -> State:
             values[e.name], averages[e.name] = c.learned[str(e.ema_raw)], shown
         else:
             values[e.name] = shown
+        # No update goes beyond the bound (learnables.step), nor does an average of values within it: a
+        # value beyond is damage, not a state to resume (every update from it would be refused).
+        kept = {str(e.saved or e.stored): shown, **({str(e.ema_raw): values[e.name]} if averaged(e, cfg) else {})}
+        for key, value in kept.items():
+            if not e.scalar and not magnitude(value) <= e.bound(cfg):
+                where_in = "checkpoint/" if key in c.learned else ""
+                raise ArtifactError(f"{store.shown(where)}: /synsets/{store.clean_text(syn.name)}/{where_in}{key}: "
+                                    f"holds values beyond ±{e.bound(cfg):g}, which no update of this run makes")
         velocities[e.name] = c.learned[e.velocity]
     if cfg.learn_labels and (syn.labels.dim() != 2 or (syn.best is not None and syn.best.labels.dim() != 2)):
         raise ArtifactError(f"{store.shown(where)}: /synsets/{store.clean_text(syn.name)}/labels: hard labels, but "
