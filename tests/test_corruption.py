@@ -370,6 +370,7 @@ DAMAGES = [
     Damage("checkpoint-generators-short", data("SYN/checkpoint/generators", lambda a: a[:, :100]),
            "/checkpoint/generators", SYNSETS),
     Damage("checkpoint-queues-json", attr("SYN/checkpoint", "queues", "[["), "'queues'", SYNSETS),
+    Damage("checkpoint-world-size", attr("SYN/checkpoint", "world_size", 2), "'world_size'", SYNSETS),
     Damage("checkpoint-run-deep", attr("SYN/checkpoint", "run", "[" * 100_000), "'run'", SYNSETS),
     Damage("checkpoint-queues-count", attr("SYN/checkpoint", "queues", "[[0], [1]]"), "'queues'", SYNSETS),
     Damage("checkpoint-queues-negative", attr("SYN/checkpoint", "queues", "[[-1]]"), "'queues'", SYNSETS),

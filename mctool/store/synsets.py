@@ -317,7 +317,9 @@ def _read_checkpoint(path: str | os.PathLike[str], g: h5py.Group, data: DatasetM
             isinstance(q, list) and all(isinstance(e, int) and not isinstance(e, bool) and 0 <= e < _MAX_EXPERT
                                         for e in q) for q in queues):
         raise r.problem("queues", f"must be {gens.shape[0]} list(s) of expert indices")
-    r.int("world_size", 1, _MAX_RANKS, default=None)
+    ranks = r.int("world_size", 1, _MAX_RANKS, default=None)
+    if ranks is not None and ranks != gens.shape[0]:  # one generator state per process that wrote it
+        raise r.problem("world_size", f"says {ranks} process(es), but 'generators' holds {gens.shape[0]} state(s)")
     return Checkpoint(learned=learned, generators=[torch.from_numpy(s.copy()) for s in gens], queues=queues,
                       run=r.json("run", dict, {}))
 
