@@ -264,6 +264,7 @@ def test_a_resume_keeps_its_planned_spacing_and_says_so(tmp_path: Path, convex_b
     ({"backoffs": 3}, "'backoffs' must be a list"), ({"backoffs": [{}] * 9}, "at most 3"),
     ({"backoffs": [{"iteration": 5}]}, "not {iteration"), ({"eval_every": -2}, "'eval_every' must be a whole"),
     ({"micro_batch": "x"}, "'micro_batch'"),
+    ({"continued_from": 50}, "'continued_from' must be a whole number >= 0 and at most"),
     ({"backoffs": [{"iteration": 50, "from_iteration": 0, "lr_img_was": 1e6, "lr_img": 1e5}]}, "not {iteration"),
     ({"backoffs": [{"iteration": 5, "from_iteration": 6, "lr_img_was": 1e6, "lr_img": 1e5}]}, "not {iteration"),
     ({"backoffs": [{"iteration": 5, "from_iteration": 0, "lr_img_was": 1e6, "lr_img": 1e5},

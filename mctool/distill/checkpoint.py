@@ -78,8 +78,11 @@ def run_problem(run: dict[str, Any], iterations: int | None = None) -> str | Non
         return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
 
     for key, low in (("micro_batch", 0), ("eval_every", 0), ("continued_from", 0)):
-        if key in run and not whole(run[key], low):
-            return f"'{key}' must be a whole number >= {low}, got {store.clean_text(repr(run[key]))[:40]}"
+        # A continued run went on from an iteration it has reached.
+        high = iterations if key == "continued_from" and iterations is not None else math.inf
+        if key in run and not whole(run[key], low, high):
+            most = "" if high == math.inf else f" and at most the synset's iterations ({high})"
+            return f"'{key}' must be a whole number >= {low}{most}, got {store.clean_text(repr(run[key]))[:40]}"
     cuts = run.get("backoffs", [])
     if not isinstance(cuts, list) or len(cuts) > MAX_BACKOFFS:
         return f"'backoffs' must be a list of at most {MAX_BACKOFFS} cuts"
