@@ -120,4 +120,10 @@ def stored_config(out: Path, name: str) -> dict[str, Any]:
     if not out.exists():
         raise UsageError(f"--resume: {store.shown(out)} does not exist (drop --resume to start a new run)")
     with store.open_synsets(out) as sf:
-        return sf.read(sf.pick(name), values=False).config
+        config = sf.read(sf.pick(name), values=False).config
+    # The switches must be JSON booleans: the text "false" is true to Python and would resume another run.
+    for f in dataclasses.fields(DistillConfig):
+        if isinstance(f.default, bool) and f.name in config and not isinstance(config[f.name], bool):
+            raise ArtifactError(f"{store.shown(out)}: /synsets/{store.clean_text(name)} attribute 'config': "
+                                f"'{f.name}' must be true or false, got {store.clean_text(repr(config[f.name]))[:40]}")
+    return config
