@@ -271,6 +271,30 @@ def test_hard_labels_where_the_run_learns_them_are_one_line(tmp_path, convex_buf
     assert out.read_bytes() == before
 
 
+@pytest.mark.parametrize("setting, entry", [("learn_labels", "label_logits"), ("ema", "images_raw")])
+def test_a_checkpoint_holding_what_the_settings_do_not_learn_is_one_line(tmp_path, convex_buffer, data_dir, setting,
+                                                                         entry) -> None:
+    """Stored settings that say a learnable is not learned (or not averaged) while the checkpoint
+    holds its state disagree with the file: one line, not a resume of another run (the stored soft
+    labels kept fixed, the raw images dropped)."""
+    import json
+
+    import h5py
+
+    from tests.helpers import assert_one_line_error, cli
+
+    out = tmp_path / "s.h5"
+    assert _distill(convex_buffer, out, data_dir, "--ema", "0.5", iterations=2).exit_code == 0
+    with h5py.File(out, "r+") as f:
+        g = f["synsets/mct-ipc2"]
+        g.attrs["config"] = json.dumps({**json.loads(g.attrs["config"]), setting: False if setting == "learn_labels"
+                                        else 0.0})
+    before = out.read_bytes()
+    r = cli("distill", "--buffer", convex_buffer, "-o", out, "--data-dir", data_dir, "--resume", "--iterations", "4")
+    assert_one_line_error(r, 2, f"'{entry}'", after_progress=True)
+    assert out.read_bytes() == before
+
+
 @pytest.mark.parametrize("key", ["checkpoint/label_logits_raw", "checkpoint/images_raw", "checkpoint/label_logits",
                                  "images"])
 def test_stored_values_beyond_the_runs_bounds_are_one_line(tmp_path, convex_buffer, data_dir, key) -> None:

@@ -58,6 +58,11 @@ def _state_from(syn: store.Synset, cfg: DistillConfig, where: Path) -> State:
                 raise ArtifactError(f"{store.shown(where)}: /synsets/{store.clean_text(syn.name)}/{where_in}{key}: "
                                     f"holds values beyond ±{e.bound(cfg):g}, which no update of this run makes")
         velocities[e.name] = c.learned[e.velocity]
+    expected = {key for e in learned_in(cfg) for key in (e.velocity, e.saved, e.ema_raw if averaged(e, cfg) else None)}
+    stray = sorted(set(c.learned) - expected)
+    if stray:  # the stored settings and the checkpoint disagree: resuming would run another run
+        raise ArtifactError(f"{store.shown(where)}: /synsets/{store.clean_text(syn.name)}/checkpoint holds "
+                            f"'{stray[0]}', which the synset's stored settings do not learn")
     if cfg.learn_labels and (syn.labels.dim() != 2 or (syn.best is not None and syn.best.labels.dim() != 2)):
         raise ArtifactError(f"{store.shown(where)}: /synsets/{store.clean_text(syn.name)}/labels: hard labels, but "
                             "its run learns them (--learn-labels keeps soft labels)")
