@@ -354,6 +354,7 @@ DAMAGES = [
     Damage("best-lr-nan", attr("SYN/best", "lr", nan), "'lr'", ("synset",)),
     Damage("best-selected-on", attr("SYN/best", "selected_on", "vibes"), "'selected_on'", ("synset",)),
     Damage("best-iteration-negative", attr("SYN/best", "iteration", -1), "'iteration'", ("synset",)),
+    Damage("best-iteration-beyond", attr("SYN/best", "iteration", 10**9), "'iteration'", ("synset",)),
     Damage("best-score-list", attr("SYN/best", "score", "[]"), "'score'", ("synset",)),
     Damage("best-score-mean", attr("SYN/best", "score", '{"mean": "x"}'), "'score'", ("synset",)),
     Damage("best-score-mean-null", attr("SYN/best", "score", '{"mean": null}'), "'score'", ("synset",)),

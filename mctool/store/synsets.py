@@ -229,6 +229,9 @@ def read_synset(path: str | os.PathLike[str], f: h5py.File, name: str, data: Dat
     )
     if r.has("best"):
         syn.best = _read_best(path, require_group(path, f, f"synsets/{name}/best"), data, ipc, values)
+        if syn.best.iteration > iterations:  # images of an iteration the run has not reached
+            raise Fields(path, g["best"]).problem("iteration", f"is {syn.best.iteration}, beyond the synset's "
+                                                               f"{iterations} iterations")
         if syn.best.labels.dim() != labels.dim():  # one run keeps one kind (its labels are learned or not)
             raise ArtifactError(f"{shown(path)}: /synsets/{clean_text(name)}/best/labels: "
                                 f"{'soft' if syn.best.labels.dim() == 2 else 'hard'} labels where the synset's are "
