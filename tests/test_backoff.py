@@ -62,6 +62,20 @@ def test_a_drop_within_the_standard_error_is_no_cut() -> None:
     assert not run._below_start(0) and not run._below_start(30)  # the start itself; an iteration not scored
 
 
+def test_an_evaluation_without_a_mean_is_not_a_score() -> None:
+    """A stored evaluation may have a null or no mean (the store allows it): the selection takes it
+    for unscored (a resume scores those images again) instead of failing on it."""
+    run = object.__new__(_Run)
+    run.cfg = resolve_config(None, {})
+    run.selection = (torch.zeros(100, 1, 2, 2), torch.zeros(100, dtype=torch.long))
+    evaluations = [{"kind": "synset", "split": "validation", "iteration": 0, "mean": None},
+                   {"kind": "synset", "split": "validation", "iteration": 10}]
+    run.d = SimpleNamespace(state=SimpleNamespace(evaluations=evaluations))  # type: ignore[assignment]
+    assert not run._evaluated_at(0) and not run._evaluated_at(10) and not run._below_start(10)
+    evaluations.append({"kind": "synset", "split": "validation", "iteration": 0, "mean": 0.5})
+    assert run._evaluated_at(0) and run._scored_at(0) == evaluations[-1]
+
+
 def test_best_values_are_copies_and_labels_come_back_as_logits() -> None:
     probs = torch.softmax(torch.randn(6, 10, dtype=torch.float64) * 4, dim=1)
     best = store.BestImages(images=torch.randn(6, 1, 4, 4), labels=probs, lr=0.02, iteration=5,
@@ -253,7 +267,13 @@ def test_a_resume_keeps_its_planned_spacing_and_says_so(tmp_path: Path, convex_b
 @pytest.mark.parametrize("run, says", [
     ({"backoffs": 3}, "'backoffs' must be a list"), ({"backoffs": [{}] * 9}, "at most 3"),
     ({"backoffs": [{"iteration": 5}]}, "not {iteration"), ({"eval_every": -2}, "'eval_every' must be a whole"),
-    ({"micro_batch": "x"}, "'micro_batch'")])
+    ({"micro_batch": "x"}, "'micro_batch'"),
+    ({"continued_from": 50}, "'continued_from' must be a whole number >= 0 and at most"),
+    ({"backoffs": [{"iteration": 50, "from_iteration": 0, "lr_img_was": 1e6, "lr_img": 1e5}]}, "not {iteration"),
+    ({"backoffs": [{"iteration": 5, "from_iteration": 6, "lr_img_was": 1e6, "lr_img": 1e5}]}, "not {iteration"),
+    ({"backoffs": [{"iteration": 5, "from_iteration": 0, "lr_img_was": 1e6, "lr_img": 1e5},
+                   {"iteration": 5, "from_iteration": 0, "lr_img_was": 1e5, "lr_img": 1e4}]}, "not {iteration"),
+    ({"backoffs": [{"iteration": 5, "from_iteration": 0, "lr_img_was": 1e6, "lr_img": True}]}, "not {iteration")])
 def test_a_damaged_run_record_is_one_line(tmp_path: Path, convex_buffer: Path, data_dir: Path, run: dict,
                                           says: str) -> None:
     out = tmp_path / "s.h5"

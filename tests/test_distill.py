@@ -259,6 +259,22 @@ def test_resume_after_evaluate(tmp_path: Path, convex_buffer: Path, data_dir: Pa
     assert "at iteration 2" in r.stdout  # the stored evaluation says which images it measured
 
 
+@pytest.mark.parametrize("value", ["false", 1, None])
+def test_a_stored_switch_that_is_not_a_boolean_is_one_line(tmp_path: Path, convex_buffer: Path, data_dir: Path,
+                                                           value: object) -> None:
+    """The stored settings' on/off switches are JSON booleans: the text "false" (true to Python) would
+    resume another run than the one started (expert soft labels, learned labels...)."""
+    out = tmp_path / "s.h5"
+    assert run_distill(convex_buffer, out, data_dir, iterations=2).exit_code == 0
+    with h5py.File(out, "r+") as f:
+        g = f["synsets"][sorted(f["synsets"])[0]]
+        g.attrs["config"] = json.dumps({**json.loads(g.attrs["config"]), "soft_labels": value})
+    before = out.read_bytes()
+    r = run_distill(convex_buffer, out, data_dir, "--resume", iterations=3)
+    assert_one_line_error(r, 2, "'soft_labels' must be true or false")
+    assert str(out) in r.stderr and out.read_bytes() == before
+
+
 def test_resume_with_nothing_left_says_so(tmp_path: Path, convex_buffer: Path, data_dir: Path) -> None:
     out = tmp_path / "s.h5"
     assert run_distill(convex_buffer, out, data_dir, iterations=2).exit_code == 0

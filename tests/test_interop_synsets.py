@@ -205,6 +205,12 @@ def test_our_export_round_trips(tmp_path: Path, convex_buffer: Path, data_dir: P
     torch.save(torch.randn(10, C, H, W), exported / "images.pt")
     assert_one_line_error(cli("import", exported, "-o", tmp_path / "c.h5", "--data-dir", data_dir), 2, "SHA-256")
     _no_output(tmp_path / "c.h5")
+    # A description nested too deeply for Python's JSON parser: one line, to import and to export over.
+    (exported / "mctool_export.json").write_text("[" * 100_000)
+    assert_one_line_error(cli("import", exported, "-o", tmp_path / "d.h5", "--data-dir", data_dir), 2, "unreadable")
+    _no_output(tmp_path / "d.h5")
+    assert_one_line_error(cli("export", syn, "--format", "ddranking", "-o", exported, "--data-dir", data_dir), 2,
+                          "not an earlier mctool export")
 
 
 # --------------------------------------------------------------------------- hostile files

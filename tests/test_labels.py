@@ -249,6 +249,72 @@ def test_resume_with_learned_labels_equals_uninterrupted(tmp_path, convex_buffer
             assert not np.array_equal(a["best/labels"][()], a["labels"][()])
 
 
+def test_hard_labels_where_the_run_learns_them_are_one_line(tmp_path, convex_buffer, data_dir) -> None:
+    """A file whose synset and best images hold hard labels although its run learns them (a
+    `--lr-backoff` cut would take the best images' labels back as logits: an internal error) is refused."""
+    import h5py
+    import numpy as np
+
+    from tests.helpers import assert_one_line_error
+
+    out = tmp_path / "s.h5"
+    extra = ("--eval-every", "2", "--eval-epochs", "2")
+    assert _distill(convex_buffer, out, data_dir, *extra, iterations=2).exit_code == 0
+    with h5py.File(out, "r+") as f:
+        g = f["synsets/mct-ipc2"]
+        for key in ("labels", "best/labels"):
+            del g[key]
+            g[key] = np.repeat(np.arange(10), 2)
+    before = out.read_bytes()
+    r = _distill(convex_buffer, out, data_dir, *extra, "--resume", iterations=4)
+    assert_one_line_error(r, 2, "soft labels", after_progress=True)
+    assert out.read_bytes() == before
+
+
+@pytest.mark.parametrize("setting, entry", [("learn_labels", "label_logits"), ("ema", "images_raw")])
+def test_a_checkpoint_holding_what_the_settings_do_not_learn_is_one_line(tmp_path, convex_buffer, data_dir, setting,
+                                                                         entry) -> None:
+    """Stored settings that say a learnable is not learned (or not averaged) while the checkpoint
+    holds its state disagree with the file: one line, not a resume of another run (the stored soft
+    labels kept fixed, the raw images dropped)."""
+    import json
+
+    import h5py
+
+    from tests.helpers import assert_one_line_error, cli
+
+    out = tmp_path / "s.h5"
+    assert _distill(convex_buffer, out, data_dir, "--ema", "0.5", iterations=2).exit_code == 0
+    with h5py.File(out, "r+") as f:
+        g = f["synsets/mct-ipc2"]
+        g.attrs["config"] = json.dumps({**json.loads(g.attrs["config"]), setting: False if setting == "learn_labels"
+                                        else 0.0})
+    before = out.read_bytes()
+    r = cli("distill", "--buffer", convex_buffer, "-o", out, "--data-dir", data_dir, "--resume", "--iterations", "4")
+    assert_one_line_error(r, 2, f"'{entry}'", after_progress=True)
+    assert out.read_bytes() == before
+
+
+@pytest.mark.parametrize("key", ["checkpoint/label_logits_raw", "checkpoint/images_raw", "checkpoint/label_logits",
+                                 "images"])
+def test_stored_values_beyond_the_runs_bounds_are_one_line(tmp_path, convex_buffer, data_dir, key) -> None:
+    """A checkpoint value no update could have made (beyond the bound an update is refused at, e.g.
+    logits of 3e38) is damage: one line, exit 2, the file untouched (it was a divergence, exit 1,
+    and the file rewritten)."""
+    import h5py
+
+    from tests.helpers import assert_one_line_error
+
+    out = tmp_path / "s.h5"
+    assert _distill(convex_buffer, out, data_dir, "--ema", "0.5", iterations=2).exit_code == 0
+    with h5py.File(out, "r+") as f:
+        f["synsets/mct-ipc2"][key][0, ...] = 3e38
+    before = out.read_bytes()
+    r = _distill(convex_buffer, out, data_dir, "--ema", "0.5", "--resume", iterations=4)
+    assert_one_line_error(r, 2, key.split("/")[-1], after_progress=True)
+    assert out.read_bytes() == before
+
+
 @pytest.mark.parametrize("mode", ["unrolled", "adjoint"])
 def test_learned_labels_in_every_mode_and_mtt(tmp_path, buffer, convex_buffer, data_dir, mode) -> None:
     assert _distill(convex_buffer, tmp_path / f"{mode}.h5", data_dir, "--grad", mode, iterations=2).exit_code == 0
@@ -317,6 +383,7 @@ def test_evaluate_keeps_label_kinds_apart_and_labels_the_baseline_by_the_expert(
     garbage = tmp_path / "garbage.h5"
     garbage.write_bytes(b"not hdf5")
     assert_one_line_error(cli(*base, "--baseline-labels", "expert", "--buffer", garbage), 2, "garbage.h5")
+    assert_one_line_error(cli(*base, "--baseline-labels", "expert", "--buffer", tmp_path), 2, "is a directory")
 
 
 def test_random_real_with_expert_labels(data_dir) -> None:

@@ -133,3 +133,44 @@ def test_progress_lines_give_seconds_per_iteration_and_time_left(tmp_path: Path,
         run_prepared(cfg, buf, tmp_path / "s.h5", prepared, reporter=lines)
     times = [f["time"] for f in lines.fields if "time" in f]
     assert len(times) >= 3 and all(re.fullmatch(r"[0-9.e+-]+ s/it, [0-9.]+ (s|min|h) left", t) for t in times), times
+
+
+def test_stopped_while_scoring_the_final_images_the_run_is_saved_and_resumes(
+        tmp_path: Path, convex_buffer: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C during the evaluation of the last iteration's images (after the loop) saves the
+    checkpoint the message names (before, nothing was saved: a run shorter than --checkpoint-every
+    lost all its iterations); the same command with --resume scores them and ends where an
+    uninterrupted run ends, bit for bit on the CPU."""
+    from mctool.evaluate import evaluation
+
+    args = ("--lr-img", "100", "--iterations", "6", "--eval-every", "4", "--eval-epochs", "5", "--quiet")
+    whole, part = tmp_path / "whole.h5", tmp_path / "part.h5"
+    assert _distill(convex_buffer, whole, data_dir, *args).exit_code == 0
+    original = evaluation.evaluate_set
+    calls = [0]
+
+    def stop_at_the_end(*a: Any, **k: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 3:  # iteration 0, 4, then the final images (iteration 6)
+            raise KeyboardInterrupt
+        return original(*a, **k)
+
+    monkeypatch.setattr(evaluation, "evaluate_set", stop_at_the_end)
+    r = _distill(convex_buffer, part, data_dir, *args)
+    assert r.exit_code == 130 and "checkpoint saved" in r.stderr, r.output
+    monkeypatch.setattr(evaluation, "evaluate_set", original)
+    with store.open_synsets(part) as sf:
+        stopped = sf.read(sf.pick(None), checkpoint=True)
+    assert stopped.iterations == 6 and not stopped.complete
+    assert [e["iteration"] for e in stopped.evaluations] == [0, 4]
+    r = _distill(convex_buffer, part, data_dir, *args, "--resume")
+    assert r.exit_code == 0, r.output
+    with store.open_synsets(whole) as a, store.open_synsets(part) as b:
+        x, y = a.read(a.pick(None)), b.read(b.pick(None))
+    assert y.complete and [e["iteration"] for e in y.evaluations] == [0, 4, 6]
+    assert [e["mean"] for e in x.evaluations] == [e["mean"] for e in y.evaluations]
+    assert torch.equal(x.images, y.images) and x.best is not None and y.best is not None
+    assert x.best.iteration == y.best.iteration and torch.equal(x.best.images, y.best.images)
+    # A finished run stays finished: --resume with the same --iterations is refused as before.
+    r = _distill(convex_buffer, part, data_dir, *args, "--resume")
+    assert r.exit_code == 2 and "raise --iterations above 6" in r.stderr

@@ -9,7 +9,7 @@ from typing import Any
 
 from mctool import store
 from mctool.distill.config import MAX_BACKOFFS, DistillConfig
-from mctool.distill.learnables import Value, averaged, learned_in
+from mctool.distill.learnables import Value, averaged, learned_in, magnitude
 from mctool.distill.state import State
 from mctool.core.errors import ArtifactError, UsageError
 
@@ -49,32 +49,58 @@ def _state_from(syn: store.Synset, cfg: DistillConfig, where: Path) -> State:
             values[e.name], averages[e.name] = c.learned[str(e.ema_raw)], shown
         else:
             values[e.name] = shown
+        # No update goes beyond the bound (learnables.step), nor does an average of values within it: a
+        # value beyond is damage, not a state to resume (every update from it would be refused).
+        kept = {str(e.saved or e.stored): shown, **({str(e.ema_raw): values[e.name]} if averaged(e, cfg) else {})}
+        for key, value in kept.items():
+            if not e.scalar and not magnitude(value) <= e.bound(cfg):
+                where_in = "checkpoint/" if key in c.learned else ""
+                raise ArtifactError(f"{store.shown(where)}: /synsets/{store.clean_text(syn.name)}/{where_in}{key}: "
+                                    f"holds values beyond ±{e.bound(cfg):g}, which no update of this run makes")
         velocities[e.name] = c.learned[e.velocity]
-    problem = run_problem(c.run)
+    expected = {key for e in learned_in(cfg) for key in (e.velocity, e.saved, e.ema_raw if averaged(e, cfg) else None)}
+    stray = sorted(set(c.learned) - expected)
+    if stray:  # the stored settings and the checkpoint disagree: resuming would run another run
+        raise ArtifactError(f"{store.shown(where)}: /synsets/{store.clean_text(syn.name)}/checkpoint holds "
+                            f"'{stray[0]}', which the synset's stored settings do not learn")
+    if cfg.learn_labels and (syn.labels.dim() != 2 or (syn.best is not None and syn.best.labels.dim() != 2)):
+        raise ArtifactError(f"{store.shown(where)}: /synsets/{store.clean_text(syn.name)}/labels: hard labels, but "
+                            "its run learns them (--learn-labels keeps soft labels)")
+    problem = run_problem(c.run, syn.iterations)
     if problem is not None:
         raise ArtifactError(f"{store.shown(where)}: /synsets/{store.clean_text(syn.name)}/checkpoint.run {problem}")
     return State(values=values, velocities=velocities, labels=syn.labels, iteration=syn.iterations,
                  generators=c.generators, queues=c.queues, losses=list(syn.loss), skipped=syn.skipped,
-                 evaluations=list(syn.evaluations), best=syn.best, run=dict(c.run), averages=averages)
+                 evaluations=list(syn.evaluations), best=syn.best, run=dict(c.run), averages=averages,
+                 complete=syn.complete)
 
 
-def run_problem(run: dict[str, Any]) -> str | None:
+def run_problem(run: dict[str, Any], iterations: int | None = None) -> str | None:
     """What is wrong with a checkpoint's `run` record (docs/format.md), or None: a resume repeats
-    these choices, so a damaged one must not pass silently (a long cut list would zero lr_img)."""
-    def whole(v: Any, low: int) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+    these choices, so a damaged one must not pass silently (a long cut list would zero lr_img).
+    `iterations`: the synset's, which no cut may lie beyond (each cut goes back to images before it)."""
+    def whole(v: Any, low: int, high: float = math.inf) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
 
     for key, low in (("micro_batch", 0), ("eval_every", 0), ("continued_from", 0)):
-        if key in run and not whole(run[key], low):
-            return f"'{key}' must be a whole number >= {low}, got {store.clean_text(repr(run[key]))[:40]}"
+        # A continued run went on from an iteration it has reached.
+        high = iterations if key == "continued_from" and iterations is not None else math.inf
+        if key in run and not whole(run[key], low, high):
+            most = "" if high == math.inf else f" and at most the synset's iterations ({high})"
+            return f"'{key}' must be a whole number >= {low}{most}, got {store.clean_text(repr(run[key]))[:40]}"
     cuts = run.get("backoffs", [])
     if not isinstance(cuts, list) or len(cuts) > MAX_BACKOFFS:
         return f"'backoffs' must be a list of at most {MAX_BACKOFFS} cuts"
+    after = 0  # cuts are made at increasing iterations, up to the synset's
     for cut in cuts:
-        if not (isinstance(cut, dict) and whole(cut.get("iteration"), 1) and whole(cut.get("from_iteration"), 0)
-                and all(isinstance(cut.get(k), (int, float)) and math.isfinite(cut[k]) and cut[k] >= 0
+        at = cut.get("iteration") if isinstance(cut, dict) else None
+        if not (isinstance(cut, dict) and whole(at, after + 1, math.inf if iterations is None else iterations)
+                and whole(cut.get("from_iteration"), 0, at)
+                and all(isinstance(cut.get(k), (int, float)) and not isinstance(cut[k], bool)
+                        and math.isfinite(cut[k]) and cut[k] >= 0
                         for k in ("lr_img_was", "lr_img"))):  # >= 0: a tiny factor may underflow
             return "'backoffs' holds a cut that is not {iteration, from_iteration, lr_img_was, lr_img}"
+        after = at
     return None
 
 
@@ -99,4 +125,10 @@ def stored_config(out: Path, name: str) -> dict[str, Any]:
     if not out.exists():
         raise UsageError(f"--resume: {store.shown(out)} does not exist (drop --resume to start a new run)")
     with store.open_synsets(out) as sf:
-        return sf.read(sf.pick(name), values=False).config
+        config = sf.read(sf.pick(name), values=False).config
+    # The switches must be JSON booleans: the text "false" is true to Python and would resume another run.
+    for f in dataclasses.fields(DistillConfig):
+        if isinstance(f.default, bool) and f.name in config and not isinstance(config[f.name], bool):
+            raise ArtifactError(f"{store.shown(out)}: /synsets/{store.clean_text(name)} attribute 'config': "
+                                f"'{f.name}' must be true or false, got {store.clean_text(repr(config[f.name]))[:40]}")
+    return config

@@ -339,7 +339,11 @@ class _Run:
         if bad_here >= 2 and bad_here > MAX_BAD_FRACTION * ran:
             self._diverged(f"{bad_here} of {ran} iterations")
         if self.selecting and not self._evaluated_at(state.iteration):
-            self.evaluate(reused=self._reused(state.iteration))
+            try:
+                self.evaluate(reused=self._reused(state.iteration))
+            except (KeyboardInterrupt, Interrupted):
+                self.checkpoint(final=False)  # the iterations are done: a resume only scores their images
+                raise
         self.checkpoint(final=True)
         seconds = time.perf_counter() - started
         if self.selecting:
@@ -402,9 +406,10 @@ class _Run:
                                                 "lr_img_was": was, "lr_img": lr}]}
 
     def _scored_at(self, iteration: int) -> dict[str, Any] | None:
-        """The selection's evaluation of the images at `iteration`, if any."""
-        found = [e for e in self.d.state.evaluations if e.get("kind") == "synset" and
-                 e.get("iteration") == iteration and e.get("split") == self.cfg.select_on]
+        """The selection's evaluation of the images at `iteration`, if any (one stored without a
+        mean, which the store allows, is none: those images are scored again)."""
+        found = [e for e in self.d.state.evaluations if e.get("kind") == "synset" and e.get("mean") is not None
+                 and e.get("iteration") == iteration and e.get("split") == self.cfg.select_on]
         return found[-1] if found else None
 
     def _margin(self, accuracy: float) -> float:
@@ -548,7 +553,7 @@ def selection_notes(summary: dict[str, Any], state: State, seconds: float) -> li
     best = state.best
     if best is not None and best.iteration == 0 and state.iteration > 0:
         later = [e for e in state.evaluations if e.get("kind") == "synset" and e.get("split") == split
-                 and (e.get("iteration") or 0) > 0]
+                 and (e.get("iteration") or 0) > 0 and e.get("mean") is not None]
         top = max(later, key=lambda e: e["mean"]) if later else None
         s = best.score
         beaten = "" if top is None else (f", the distilled ones at most "
@@ -674,7 +679,7 @@ def run_prepared(cfg: DistillConfig, buffer: store.Buffer, out: Path, prepared: 
         if len(state.generators) != world:
             raise UsageError(f"{store.shown(out)}: the checkpoint was written by {len(state.generators)} process(es); "
                              f"resume with the same number (now {world})")
-        if state.iteration >= cfg.iterations:
+        if state.iteration > cfg.iterations or (state.iteration == cfg.iterations and state.complete):
             raise UsageError(f"{store.shown(out)}: synset '{name}' is already at iteration {state.iteration}; "
                              f"raise --iterations above {state.iteration} to continue it")
         generator = torch.Generator().manual_seed(0)

@@ -36,6 +36,9 @@ class State:
     best: store.BestImages | None = None
     run: dict[str, Any] = field(default_factory=dict)  # choices a resume repeats (micro-batch)
     averages: dict[str, Value] = field(default_factory=dict)  # learnable name -> its `--ema` average
+    # Whether the stored run had finished (not saved: the synset's `complete`); a resume of one stopped
+    # while scoring its last images (at its last iteration, not complete) only scores and saves them.
+    complete: bool = False
 
     @property
     def backoffs(self) -> int:

@@ -323,7 +323,7 @@ def _baseline_buffer(choice: str, soft: bool, buffer: Path | None) -> Path | Non
             return None
         raise UsageError("--baseline-labels expert needs the buffer the synset was distilled from: pass --buffer FILE "
                          "(or use --baseline-labels hard)")
-    if not buffer.is_file():
+    if not buffer.exists():  # anything else (a folder, a damaged file) is store.open_buffer's one line
         raise UsageError(f"--buffer: {store.shown(buffer)} does not exist")
     return buffer
 

@@ -229,7 +229,7 @@ def _listed(folder: Path) -> set[str] | None:
         if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_META_BYTES:
             return None
         doc = json.loads(meta.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: nested too deeply for the parser
         return None
     if not isinstance(doc, dict) or doc.get("format") != EXPORT_FORMAT:
         return None
@@ -482,7 +482,7 @@ def load_export(folder: Path) -> Exported:
         raise UsageError(f"{folder}: no {META_NAME}: not an mctool export")
     try:
         doc = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: nested too deeply for the parser
         raise UsageError(f"{meta_path}: unreadable ({exc})") from None
     if doc.get("format") != EXPORT_FORMAT or int(doc.get("version", 0)) > EXPORT_VERSION:
         raise UsageError(f"{meta_path}: not an mctool export this version understands")

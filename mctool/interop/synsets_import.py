@@ -162,7 +162,7 @@ def _read_json(path: Path) -> dict[str, Any]:
         if size > _MAX_JSON_BYTES:
             raise UsageError(f"{path}: {size} bytes: too large for an export description")
         doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: nested too deeply for the parser
         raise UsageError(f"{path}: unreadable ({' '.join(str(exc).split())[:160]})") from None
     if not isinstance(doc, dict) or doc.get("format") != EXPORT_FORMAT:
         raise UsageError(f"{path}: not an mctool export description")

@@ -138,6 +138,8 @@ class Fields:
             value = json.loads(text)
         except ValueError:
             raise self.problem(key, "is not valid JSON") from None
+        except RecursionError:  # e.g. 100,000 '[': Python's parser recurses once per level
+            raise self.problem(key, "is not valid JSON (nested too deeply)") from None
         if value is None and default is not _MISSING:
             return default
         if not isinstance(value, kind):

@@ -229,6 +229,13 @@ def read_synset(path: str | os.PathLike[str], f: h5py.File, name: str, data: Dat
     )
     if r.has("best"):
         syn.best = _read_best(path, require_group(path, f, f"synsets/{name}/best"), data, ipc, values)
+        if syn.best.iteration > iterations:  # images of an iteration the run has not reached
+            raise Fields(path, g["best"]).problem("iteration", f"is {syn.best.iteration}, beyond the synset's "
+                                                               f"{iterations} iterations")
+        if syn.best.labels.dim() != labels.dim():  # one run keeps one kind (its labels are learned or not)
+            raise ArtifactError(f"{shown(path)}: /synsets/{clean_text(name)}/best/labels: "
+                                f"{'soft' if syn.best.labels.dim() == 2 else 'hard'} labels where the synset's are "
+                                f"{'soft' if syn.soft_labels else 'hard'}")
     if r.has("checkpoint"):
         state = _read_checkpoint(path, require_group(path, f, f"synsets/{name}/checkpoint"), data, ipc, values)
         if checkpoint:
@@ -238,20 +245,43 @@ def read_synset(path: str | os.PathLike[str], f: h5py.File, name: str, data: Dat
     return syn
 
 
+# An evaluation's numbers that readers compute with (the runner's selection, the tables): each a
+# number (a whole one for the counts) or absent/null, never text or a boolean.
+_EVALUATION_NUMBERS = ("mean", "std")
+_EVALUATION_COUNTS = ("runs", "epochs", "iteration")
+
+
+def _evaluation_problem(ev: Any) -> str | None:
+    """What makes `ev` no evaluation object (a key holding a value of the wrong type), or None."""
+    if not isinstance(ev, dict):
+        return "is not an object"
+    for key in _EVALUATION_NUMBERS + _EVALUATION_COUNTS:
+        v = ev.get(key)
+        kinds = (int, float) if key in _EVALUATION_NUMBERS else int
+        if v is not None and (isinstance(v, bool) or not isinstance(v, kinds)):
+            return f"'{key}' is {clean_text(repr(v))[:40]}"
+    return None
+
+
 def _evaluations(r: Fields) -> list[dict[str, Any]]:
     evaluations = r.json("evaluations", list, [])
     for ev in evaluations:
-        mean = ev.get("mean") if isinstance(ev, dict) else None
-        if not isinstance(ev, dict) or not (mean is None or isinstance(mean, (int, float))):
-            raise r.problem("evaluations", "must be a list of evaluation objects")
+        problem = _evaluation_problem(ev)
+        if problem is not None:
+            raise r.problem("evaluations", f"must be a list of evaluation objects ({problem})")
     return evaluations
 
 
 def _read_best(path: str | os.PathLike[str], g: h5py.Group, data: DatasetMeta, ipc: int, values: bool) -> BestImages:
     r = Fields(path, g)
     images, labels = _images_and_labels(r, data, ipc, values)
+    score = r.json("score", dict, {})
+    # The evaluation that selected them: its mean is the bar a later evaluation must pass.
+    problem = _evaluation_problem(score) or ("'mean' is null" if "mean" in score and score["mean"] is None else None)
+    if problem is not None:
+        raise r.problem("score", f"must be the evaluation that selected them ({problem})")
     return BestImages(images=images, labels=labels, lr=r.float("lr", positive=True), iteration=r.int("iteration", 0),
-                      selected_on=r.str("selected_on", choices=SELECTED_ON), score=r.json("score", dict, {}))
+                      selected_on=r.str("selected_on", choices=SELECTED_ON), score=score)
 
 
 def _read_learned(r: Fields, entry: Learned, shape: list[int], values: bool) -> torch.Tensor | float:
@@ -290,7 +320,9 @@ def _read_checkpoint(path: str | os.PathLike[str], g: h5py.Group, data: DatasetM
             isinstance(q, list) and all(isinstance(e, int) and not isinstance(e, bool) and 0 <= e < _MAX_EXPERT
                                         for e in q) for q in queues):
         raise r.problem("queues", f"must be {gens.shape[0]} list(s) of expert indices")
-    r.int("world_size", 1, _MAX_RANKS, default=None)
+    ranks = r.int("world_size", 1, _MAX_RANKS, default=None)
+    if ranks is not None and ranks != gens.shape[0]:  # one generator state per process that wrote it
+        raise r.problem("world_size", f"says {ranks} process(es), but 'generators' holds {gens.shape[0]} state(s)")
     return Checkpoint(learned=learned, generators=[torch.from_numpy(s.copy()) for s in gens], queues=queues,
                       run=r.json("run", dict, {}))
 
