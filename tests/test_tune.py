@@ -946,7 +946,8 @@ def test_dataset_mismatch_says_how_to_proceed(convex_buffer: Path) -> None:
 def test_progress_heartbeat_without_figures(capsys: pytest.CaptureFixture[str],
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """A long epoch of figure-less steps still prints the step count every `line_every` seconds
-    (never more often than HEARTBEAT_MIN); figures are repeated on such lines once known."""
+    (never more often than HEARTBEAT_MIN); the last figures are repeated on such lines once known,
+    marked as the last ones (they are not the current step's)."""
     from mctool.cli import render
 
     clock = [0.0]
@@ -961,7 +962,7 @@ def test_progress_heartbeat_without_figures(capsys: pytest.CaptureFixture[str],
     clock[0] = 95.0
     rep.update("expert", advance=1)
     assert capsys.readouterr().err.splitlines() == ["expert 0: 61/100, epoch 1/2, loss 0.5",
-                                                    "expert 0: 62/100, epoch 1/2, loss 0.5"]
+                                                    "expert 0: 62/100 (last figures: epoch 1/2, loss 0.5)"]
     fast = render.RichReporter(line_every=0.0)
     clock[0] = 96.0
     fast.task("t", "t", total=None)

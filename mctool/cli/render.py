@@ -98,7 +98,9 @@ class RichReporter(Reporter):
             if not self.bars and not self.quiet and due:
                 line.shown = True
                 total = f"/{line.total}" if line.total else ""
-                info = "".join(f", {_label(k)} {cell(v)}" for k, v in line.fields.items())
+                shown = ", ".join(f"{_label(k)} {cell(v)}" for k, v in line.fields.items())
+                # A heartbeat repeats the last figures, marked as such: they are not the current step's.
+                info = "" if not shown else f", {shown}" if fields else f" (last figures: {shown})"
                 self.log(f"{line.description}: {line.completed}{total}{info}")
         if self.bars and key in self.tasks:
             if fields:
