@@ -316,6 +316,12 @@ def test_inspect_renders_the_summary(monkeypatch: pytest.MonkeyPatch) -> None:
                  "evaluation ConvNet: 40.0% ± 10.0% over 2 runs, 3 epochs, random real images (baseline), soft labels"):
         assert text in r.stdout, text
     assert "iteration 3, hard labels" not in r.stdout  # a record from before --labels says nothing of them
+    one_epoch = summary()
+    one_epoch["experts"]["epochs"] = 1
+    patch(monkeypatch, mctool.store, "summarize", one_epoch)
+    assert "K = 1 epoch," in ok(cli("inspect", "s.h5")).stdout  # not "1 epochs"
+    patch(monkeypatch, mctool.store, "summarize", summary())
+    r = ok(cli("inspect", "s.h5"))
     assert "learned" not in r.stdout.replace("learned lr", "") and "--ema" not in r.stdout  # a summary without them
     levers = summary()
     levers["synsets"][0].update(labels="soft", learned_labels=True, ema=0.999)

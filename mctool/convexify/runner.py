@@ -10,6 +10,7 @@ from mctool import store
 from mctool.configs.convexify import ConvexifyConfig  # noqa: F401 (re-exported)
 from mctool.core.errors import ArtifactError, UsageError
 from mctool.core.progress import SILENT, Reporter, stop_if_asked
+from mctool.core.text import count
 from mctool.convexify.trajectory import convexify
 
 
@@ -84,7 +85,7 @@ def convexify_file(buffer: Path, cfg: ConvexifyConfig, out: Path | None = None,
         prov = store.provenance({"interior": len(positions) - 2, "positions": positions, "strategy": cfg.strategy,
                                  "smooth": cfg.smooth}, None, buf.source())
         if len(positions) == info.epochs + 1:
-            reporter.log(f"note: with K = {info.epochs} epochs and {len(positions) - 2} interior waypoints every "
+            reporter.log(f"note: with K = {count(info.epochs, 'epoch')} and {len(positions) - 2} interior waypoints every "
                          "epoch is a waypoint, so the convexified experts are no smaller; use fewer "
                          "--interior waypoints or experts with more epochs")
         meta = store.ConvexMeta(tuple(positions), cfg.strategy, cfg.smooth)

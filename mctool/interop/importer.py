@@ -34,6 +34,7 @@ import torch
 from mctool.store import ConvexMeta, DatasetMeta
 from mctool.data.augment import DEFAULT_STRATEGY
 from mctool.core.errors import ArtifactError, UsageError
+from mctool.core.text import count
 from mctool.models.functional import FlatNet
 from mctool.interop import h5out
 from mctool.interop.buffers import (
@@ -184,7 +185,7 @@ def plan_replay(folder: Path, cfg: ImportConfig, source: Source, meta: DatasetMe
     spec, layout, notes = _spec(first_snapshot_shapes(first), meta, _stated(cfg, source), first)
     scan = scan_replay_folder(folder, layout)
     if cfg.epochs is not None and scan.epochs != cfg.epochs:
-        raise UsageError(f"{folder}: the experts have K = {scan.epochs} epochs ({scan.epochs + 1} snapshots), "
+        raise UsageError(f"{folder}: the experts have K = {count(scan.epochs, 'epoch')} ({scan.epochs + 1} snapshots), "
                          f"not the {cfg.epochs} stated")
     return ReplayPlan(scan, spec, layout, tuple(notes))
 
@@ -205,7 +206,7 @@ def plan_compressed(folder: Path, cfg: ImportConfig, source: Source, meta: Datas
     spec, layout, notes = _spec(shapes, meta, _stated(cfg, source), pairs[0][1], rows_held=len(waypoints))
     scan = scan_compressed(folder, variant, layout)
     if cfg.epochs is not None and scan.epochs != cfg.epochs:
-        raise UsageError(f"{folder}: the compressed experts span K = {scan.epochs} epochs, not the {cfg.epochs} "
+        raise UsageError(f"{folder}: the compressed experts span K = {count(scan.epochs, 'epoch')}, not the {cfg.epochs} "
                          "stated")
     return CompressedPlan(scan, spec, layout, tuple(notes) + scan.notes)
 

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from mctool.core.errors import ArtifactError
+from mctool.core.text import count
 from mctool.models import Layout, layer_sizes
 from mctool.store.fields import MAX_EPOCHS, MAX_EXPERTS, Fields
 from mctool.store.files import require_group, shown
@@ -90,7 +91,7 @@ def read_convex(path: str | os.PathLike[str], f: h5py.File, layout: Layout,
     meta = read_convex_meta(path, f)
     r.provenance()
     if experts_epochs is not None and meta.epochs != experts_epochs:
-        raise r.problem("positions", f"end at {meta.epochs} but the experts have K = {experts_epochs} epochs")
+        raise r.problem("positions", f"end at {meta.epochs} but the experts have K = {count(experts_epochs, 'epoch')}")
     done_ds = r.dataset("done", "b", [None])
     rows = done_ds.shape[0]
     if rows > MAX_EXPERTS:

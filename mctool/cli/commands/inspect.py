@@ -11,6 +11,7 @@ from rich.tree import Tree
 
 from mctool.cli.common import DataDirOpt, DebugOpt, DeviceOpt, JsonOpt, QuietOpt, emit_json, run
 from mctool.cli.render import stdout
+from mctool.core.text import count
 
 EPILOG = ("Examples:\n\n  mctool inspect buffer.h5\n\n  mctool inspect synset.h5 --json | python -m json.tool\n\n"
           "  mctool inspect buffer.h5 --png overview.png")
@@ -51,7 +52,7 @@ def overview(s: dict[str, Any]) -> Tree:
                  f"{m['num_layers']} layers, P = {m['num_params']:,} parameters")
     e = s["experts"]
     if e:
-        node = root.add(f"[bold]experts[/] {e['done']}/{e['rows']} done, K = {e['epochs']} epochs, lr {e['lr']:g}, "
+        node = root.add(f"[bold]experts[/] {e['done']}/{e['rows']} done, K = {count(e['epochs'], 'epoch')}, lr {e['lr']:g}, "
                         f"seed {e['seed']}" + ("" if e["has_trajectories"] else ", no full trajectories stored"))
         if e["done"]:
             node.add(f"test accuracy θ_0 -> θ_K (mean): {_pct(e['test_accuracy_first'])} -> {_pct(e['test_accuracy_last'])}")
