@@ -24,7 +24,7 @@ from typing import Any, Optional
 import typer
 
 from mctool.cli.render import RichReporter, error_line
-from mctool.core.errors import Interrupted, MctoolError
+from mctool.core.errors import Interrupted, MctoolError, is_disk_full
 from mctool.core.progress import SIGNAL_NAMES
 from mctool.core.settings import option_settings
 
@@ -125,9 +125,8 @@ def run(body: Callable[[RichReporter], Any], quiet: bool, debug: bool, interrupt
                 reporter.close()
                 if debug:
                     raise
-                if exc.errno == errno.ENOSPC:
-                    error_line(f"disk full while writing{' ' + str(exc.filename) if exc.filename else ''}; "
-                               "free space and run the same command again (finished work is kept)")
+                if is_disk_full(exc):
+                    error_line(_disk_full_line(exc))
                 elif exc.errno == errno.EACCES:
                     error_line(f"permission denied{': ' + str(exc.filename) if exc.filename else ''}")
                 else:
@@ -137,13 +136,23 @@ def run(body: Callable[[RichReporter], Any], quiet: bool, debug: bool, interrupt
                 reporter.close()
                 if debug:
                     raise
-                error_line(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback "
-                           "and please report it)")
+                if is_disk_full(exc):  # HDF5 and torch.save report a full disk as a RuntimeError
+                    error_line(_disk_full_line(exc))
+                else:
+                    error_line(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the "
+                               "traceback and please report it)")
                 code = EXIT_FAILURE
     finally:
         reporter.close()
         sys.unraisablehook = original_hook
     raise typer.Exit(code)
+
+
+def _disk_full_line(exc: BaseException) -> str:
+    """The one line for a write that met a full disk (HDF5's own text names only a temporary)."""
+    name = getattr(exc, "filename", None) if isinstance(exc, OSError) and exc.errno == errno.ENOSPC else None
+    return (f"disk full while writing{' ' + str(name) if name else ''}; free space and run the same command again "
+            "(finished work is kept)")
 
 
 def _finite(data: Any) -> Any:
