@@ -251,12 +251,11 @@ def _check_global_heaps(path: Path) -> None:
     objects: index (2), reference count (2), reserved (4), size (8), data padded to 8 bytes —
     object 0 is the free space, its size counting its own header. Bytes that merely look like
     a collection's signature (not version 1, or a size that does not fit the file) are not one."""
-    import mmap
-
     size = path.stat().st_size
     if size < 16:
         return
-    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
+    with open(path, "rb") as fh:
+        m = _FileBytes(fh.fileno(), size)
         spans = [(0, size)] if size <= _HEAP_SCAN_WHOLE else [(0, _HEAP_WINDOW), (size - _HEAP_WINDOW, size)]
         for lo, hi in spans:
             at = m.find(b"GCOL", lo, hi)
@@ -265,6 +264,45 @@ def _check_global_heaps(path: Path) -> None:
                 if m[at + 4] == 1 and 4096 <= length <= size - at:
                     _walk_collection(path, m, at, at + length)
                 at = m.find(b"GCOL", at + 4, hi)
+
+
+class _FileBytes:
+    """A file's bytes by offset, read through a window of plain reads, never mapped: on tmpfs a
+    fault on a mapped page the file has not written yet (an expert buffer's rows to come) takes
+    a page of memory, and on a full tmpfs kills the process with SIGBUS; a read returns zeros."""
+
+    WINDOW = 4 << 20
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd, self.size = fd, size
+        self.lo, self.buf = 0, b""
+
+    def _load(self, lo: int, hi: int) -> int:
+        """Make bytes [lo, hi) part of the window; returns their offset in it."""
+        if lo < self.lo or hi > self.lo + len(self.buf):
+            self.lo, self.buf = lo, os.pread(self.fd, max(self.WINDOW, hi - lo), lo)
+        return lo - self.lo
+
+    def __getitem__(self, key: int | slice) -> Any:
+        if isinstance(key, int):
+            return self[key:key + 1][0]
+        lo, hi = max(key.start, 0), min(key.stop, self.size)
+        at = self._load(lo, hi)
+        return self.buf[at:at + max(hi - lo, 0)]
+
+    def find(self, sub: bytes, lo: int, hi: int) -> int:
+        """Where `sub` first starts within [lo, hi), or -1 (as bytes.find)."""
+        hi = min(hi, self.size)
+        while lo < hi:
+            end = min(hi, lo + self.WINDOW)
+            at = self._load(lo, end)
+            found = self.buf.find(sub, at, at + end - lo)
+            if found >= 0:
+                return self.lo + found
+            if end >= hi:
+                break
+            lo = end - len(sub) + 1  # a match may straddle the window's end
+        return -1
 
 
 def _walk_collection(path: Path, m: Any, begin: int, end: int) -> None:
