@@ -101,3 +101,64 @@ def test_a_sparse_artifact_opens_on_a_full_tmpfs(tmpfs: Path) -> None:
     fill(tmpfs)
     r = mctool("inspect", path)
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+
+
+# --------------------------------------------------------------------------- the disk filling up while writing
+
+# The free-space check passed (as when another process fills the disk right after it): a
+# subprocess told there is plenty of room meets the full disk in HDF5's own writes.
+_ROOMY = ("import shutil, sys; usage = shutil.disk_usage; "
+          "shutil.disk_usage = lambda p: usage(p)._replace(free=1 << 40); "
+          "sys.argv = ['mctool', *sys.argv[1:]]; from mctool.cli.launch import main; main()")
+
+
+def mctool_past_the_check(*args: object) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", _ROOMY, *map(str, args)], capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+@pytest.mark.parametrize("leave", [8 << 10, 24 << 10])
+def test_hdf5_meeting_a_full_disk_is_one_line_and_exit_1(tmpfs: Path, buffer: Path, leave: int) -> None:
+    """HDF5 (2.0) reports a full disk as a RuntimeError with the errno in its text, prints
+    tracebacks of the datasets it could not close, and crashed (SIGSEGV) at exit flushing the
+    temporary again: now one line, exit 1, the input unchanged, no temporary left."""
+    source = tmpfs / "b.h5"
+    source.write_bytes(buffer.read_bytes())
+    before = sha(source)
+    fill(tmpfs, leave)
+    r = mctool_past_the_check("convexify", source, "-o", tmpfs / "c.h5", "--interior", "1", "--quiet")
+    assert r.returncode == 1, (r.returncode, r.stderr[-3000:])
+    assert r.stderr.splitlines() == ["mctool: error: disk full while writing; free space and run the same command "
+                                     "again (finished work is kept)"], r.stderr[-3000:]
+    assert sha(source) == before
+    assert sorted(p.name for p in tmpfs.iterdir()) == ["b.h5", "filler"]
+    assert mctool("inspect", source).returncode == 0
+
+
+def test_a_full_disk_met_closing_an_object_is_not_printed(capsys: pytest.CaptureFixture) -> None:
+    """h5py reports a flush that fails while it closes a dataset as an unraisable error (and
+    prints its traceback first through sys.excepthook); the command's one line says it all."""
+    import typer
+
+    from mctool.cli import common
+
+    class Dataset:
+        def __del__(self) -> None:
+            raise RuntimeError("Can't decrement id ref count (file write failed: errno = 28, error message = "
+                               "'No space left on device')")
+
+    def body(reporter: object) -> None:
+        Dataset()  # dropped at once: its error goes to the unraisable hook
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError as exc:
+            sys.excepthook(type(exc), exc, exc.__traceback__)  # as Cython's full-traceback report does
+            raise
+
+    with pytest.raises(typer.Exit) as ended:
+        common.run(body, quiet=True, debug=False)
+    assert ended.value.exit_code == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "mctool: error: disk full while writing; free space and run the same command again (finished work is kept)"]
+    assert common.ended_on_full_disk()

@@ -729,17 +729,42 @@ def _temporary(target: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def _closing(f: h5py.File) -> Iterator[None]:
+    """Close `f`, the HDF5 file of a temporary, after the body; when the body or the close fails
+    (a full disk), abandon it instead: HDF5 (2.0) keeps a file whose flush failed open and
+    flushes it again at exit, where a write failing once more crashes the process (SIGSEGV)
+    after mctool said what went wrong. The temporary is discarded, so its descriptor is pointed
+    at an anonymous file in memory first, where HDF5's last writes (metadata) cannot fail."""
+    fd = f.id.get_vfd_handle()  # asked now: after a failed flush, asking HDF5 crashes
+    inode = (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
+    try:
+        yield
+        f.flush()  # what fails on a full disk fails here, while the file is still whole in HDF5
+        f.close()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) == inode:  # still HDF5's descriptor of the temporary
+                spare = os.memfd_create("mctool-abandoned")  # Linux; elsewhere the plain close
+                try:
+                    os.dup2(spare, fd)
+                finally:
+                    os.close(spare)
+        with contextlib.suppress(Exception):
+            f.close()
+        raise
+
+
+@contextlib.contextmanager
 def create(path: str | os.PathLike[str]) -> Iterator[h5py.File]:
     """Write a new artifact at `path` (replacing what is there: callers decide whether they may)."""
     target = Path(path)
     check_writable(target)
     with _temporary(target) as tmp, _writer_lock(target, WAIT_S):
         f = h5py.File(tmp, "w")
-        try:
+        with _closing(f):
             stamp(f)
             yield f
-        finally:
-            f.close()
         _finish(tmp, target)
 
 
@@ -769,10 +794,8 @@ def rewrite(path: str | os.PathLike[str], extra_bytes: int = 0) -> Iterator[h5py
     with _temporary(target) as tmp, _writer_lock(target, WAIT_S):
         shutil.copyfile(target, tmp)
         f = _open_h5(tmp, "r+")
-        try:
+        with _closing(f):
             yield f
-        finally:
-            f.close()
         _finish(tmp, target)
 
 
