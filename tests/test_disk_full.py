@@ -188,3 +188,27 @@ def test_an_expert_row_the_disk_could_not_hold_is_not_marked_done(tmpfs: Path, d
     assert r.returncode == 0, r.stderr[-3000:]
     with h5py.File(out, "r") as f:
         assert f["experts/done"][()].all()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("how", ["create", "rewrite"])
+def test_a_write_lost_while_closing_an_object_keeps_the_file(tmp_path: Path, how: str) -> None:
+    """h5py reports a full disk met while it closes a dataset (its buffered data written) only
+    as an unraisable error; the write then went on and the temporary could take the file's
+    place without that data. Now the create or rewrite fails and the file there is unchanged."""
+
+    class Closing:  # what h5py's dataset does when its buffer cannot be written
+        def __del__(self) -> None:
+            raise OSError(28, "Write through metadata accumulator failed (file write failed: errno = 28)")
+
+    path = tmp_path / "a.h5"
+    with store.create(path) as f:
+        f.create_dataset("x", data=np.arange(3.0))
+    before = sha(path)
+    opener = store.create(path) if how == "create" else store.rewrite(path)
+    with pytest.raises(OSError, match="accumulator"):
+        with opener as f:
+            f.create_dataset("y", data=np.arange(5.0))
+            Closing()
+    assert sha(path) == before
+    assert store.temporaries(path) == []

@@ -49,7 +49,7 @@ import torch
 
 from mctool import __version__
 from mctool.core.allocator import malloc_tuned
-from mctool.core.errors import ArtifactError, DiskFull, FileBusy
+from mctool.core.errors import ArtifactError, DiskFull, FileBusy, is_disk_full
 from mctool.core.text import clean_text
 
 FORMAT = "mctool"
@@ -737,8 +737,22 @@ def _closing(f: h5py.File) -> Iterator[None]:
     at an anonymous file in memory first, where HDF5's last writes (metadata) cannot fail."""
     fd = f.id.get_vfd_handle()  # asked now: after a failed flush, asking HDF5 crashes
     inode = (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
+    lost: list[BaseException] = []
+    previous = sys.unraisablehook
+
+    def watch(unraisable: Any) -> None:  # h5py only reports what fails while it closes an object
+        if unraisable.exc_value is not None and is_disk_full(unraisable.exc_value):
+            lost.append(unraisable.exc_value)
+        previous(unraisable)
+
+    sys.unraisablehook = watch
     try:
-        yield
+        try:
+            yield
+        finally:
+            sys.unraisablehook = previous
+        if lost:  # a write the disk could not hold: the temporary must not take the file's place
+            raise lost[0]
         f.flush()  # what fails on a full disk fails here, while the file is still whole in HDF5
         f.close()
     except BaseException:
