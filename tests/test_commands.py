@@ -377,6 +377,12 @@ def test_demo_json_and_bad_seed(monkeypatch: pytest.MonkeyPatch) -> None:
 # --------------------------------------------------------------------------- failures
 
 
+def _raised_during(error: BaseException, context: BaseException) -> BaseException:
+    """`error` as Python leaves it when raised while `context` was being handled."""
+    error.__context__ = context
+    return error
+
+
 @pytest.mark.parametrize("error, code, line", [
     (UsageError("bad input"), 2, "mctool: error: bad input"),
     (TrainingDiverged("loss became nan"), 1, "mctool: error: loss became nan"),
@@ -385,7 +391,16 @@ def test_demo_json_and_bad_seed(monkeypatch: pytest.MonkeyPatch) -> None:
      "mctool: error: interrupted (SIGTERM); finished experts are kept"),
     (RuntimeError("a bug"), 1, "mctool: error: internal error: RuntimeError: a bug (rerun with --debug"),
     (OSError(28, "No space left on device", "b.h5"), 1, "mctool: error: disk full while writing b.h5"),
-], ids=["usage", "diverged", "runtime", "interrupted", "bug", "enospc"])
+    # HDF5 (h5py 3.16, HDF5 2.0) on a real full tmpfs: the errno only in the text, a temporary's name.
+    (RuntimeError("Disable slist on flush dest failure failed (file write failed: time = Mon Dec  7 18:34:19 2026\n, "
+                  "filename = '/mnt/x/.b.h5.7789.l.tmp', file descriptor = 4, errno = 28, error message = 'No space "
+                  "left on device', buf = 0x55d2, total write size = 40, bytes this sub-write = 40, offset = 10506)"),
+     1, "mctool: error: disk full while writing; free space and run the same command again"),
+    # torch.save on a full disk: an "enforce fail" raised while Python's OSError(28) was being handled.
+    (_raised_during(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),
+                    OSError(28, "No space left on device")),
+     1, "mctool: error: disk full while writing; free space and run the same command again"),
+], ids=["usage", "diverged", "runtime", "interrupted", "bug", "enospc", "enospc-hdf5", "enospc-torch"])
 def test_library_failures_become_one_line_and_an_exit_code(monkeypatch: pytest.MonkeyPatch, error: BaseException,
                                                            code: int, line: str) -> None:
     patch(monkeypatch, mctool.experts, "run", error)

@@ -14,7 +14,7 @@ import typer
 
 from mctool import __version__
 from mctool.cli.commands import convexify, demo, distill, evaluate, experts, export, import_, inspect
-from mctool.cli.common import EXIT_OK, EXIT_USAGE
+from mctool.cli.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, ended_on_full_disk
 from mctool.cli.render import error_line, stdout
 
 
@@ -92,9 +92,10 @@ def main() -> None:
     except KeyboardInterrupt:  # outside a command body (e.g. while importing)
         error_line("interrupted")
         code = 130
-    if isinstance(code, int) and code >= 128:
+    if isinstance(code, int) and (code >= 128 or (code == EXIT_FAILURE and ended_on_full_disk())):
         # Every file is closed by now; leave without interpreter teardown, where a late signal
-        # would turn the documented exit code into death by that signal.
+        # would turn the documented exit code into death by that signal, and where HDF5 crashes
+        # flushing again a temporary it could not close on a full disk (the temporary is gone).
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -24,7 +24,7 @@ from typing import Any, Optional
 import typer
 
 from mctool.cli.render import RichReporter, error_line
-from mctool.core.errors import Interrupted, MctoolError
+from mctool.core.errors import Interrupted, MctoolError, is_disk_full
 from mctool.core.progress import SIGNAL_NAMES
 from mctool.core.settings import option_settings
 
@@ -80,14 +80,41 @@ class StopSignals:
 
 def _silence_dropped_interrupts(previous: Callable[[Any], None]) -> Callable[[Any], None]:
     """An unraisable hook that keeps quiet about a KeyboardInterrupt Python dropped (one raised
-    while a `__del__` ran): the command reports the interrupt in its one line."""
+    while a `__del__` ran), and about a full disk met there (h5py closing a dataset whose flush
+    failed): the command reports either in its one line."""
 
     def hook(unraisable: Any) -> None:
         if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
             return
+        if unraisable.exc_value is not None and is_disk_full(unraisable.exc_value):
+            _full_disk.set()
+            return
         previous(unraisable)
 
     return hook
+
+
+def _quiet_about_full_disk(previous: Callable[..., None]) -> Callable[..., None]:
+    """An excepthook that keeps quiet about a full disk: h5py (through Cython) prints the
+    traceback of an error met while closing a dataset with it, before the unraisable hook."""
+
+    def hook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
+        if is_disk_full(exc):
+            _full_disk.set()
+            return
+        previous(exc_type, exc, tb)
+
+    return hook
+
+
+# Set once a command met a full disk: the entry point then leaves without interpreter teardown,
+# where HDF5 (2.0) flushes again a file whose close failed and crashes (SIGSEGV) after the line.
+_full_disk = threading.Event()
+
+
+def ended_on_full_disk() -> bool:
+    """Whether a command of this process stopped on a full disk."""
+    return _full_disk.is_set()
 
 
 def run(body: Callable[[RichReporter], Any], quiet: bool, debug: bool, interrupt_hint: str = "") -> Any:
@@ -95,8 +122,9 @@ def run(body: Callable[[RichReporter], Any], quiet: bool, debug: bool, interrupt
     reporter = RichReporter(quiet=quiet)
     code = EXIT_OK
     signals = StopSignals(reporter)
-    original_hook = sys.unraisablehook
+    original_hook, original_excepthook = sys.unraisablehook, sys.excepthook
     sys.unraisablehook = _silence_dropped_interrupts(original_hook)
+    sys.excepthook = _quiet_about_full_disk(original_excepthook)
     try:
         with signals:
             try:
@@ -125,9 +153,9 @@ def run(body: Callable[[RichReporter], Any], quiet: bool, debug: bool, interrupt
                 reporter.close()
                 if debug:
                     raise
-                if exc.errno == errno.ENOSPC:
-                    error_line(f"disk full while writing{' ' + str(exc.filename) if exc.filename else ''}; "
-                               "free space and run the same command again (finished work is kept)")
+                if is_disk_full(exc):
+                    _full_disk.set()
+                    error_line(_disk_full_line(exc))
                 elif exc.errno == errno.EACCES:
                     error_line(f"permission denied{': ' + str(exc.filename) if exc.filename else ''}")
                 else:
@@ -137,13 +165,24 @@ def run(body: Callable[[RichReporter], Any], quiet: bool, debug: bool, interrupt
                 reporter.close()
                 if debug:
                     raise
-                error_line(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback "
-                           "and please report it)")
+                if is_disk_full(exc):  # HDF5 and torch.save report a full disk as a RuntimeError
+                    _full_disk.set()
+                    error_line(_disk_full_line(exc))
+                else:
+                    error_line(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the "
+                               "traceback and please report it)")
                 code = EXIT_FAILURE
     finally:
         reporter.close()
-        sys.unraisablehook = original_hook
+        sys.unraisablehook, sys.excepthook = original_hook, original_excepthook
     raise typer.Exit(code)
+
+
+def _disk_full_line(exc: BaseException) -> str:
+    """The one line for a write that met a full disk (HDF5's own text names only a temporary)."""
+    name = getattr(exc, "filename", None) if isinstance(exc, OSError) and exc.errno == errno.ENOSPC else None
+    return (f"disk full while writing{' ' + str(name) if name else ''}; free space and run the same command again "
+            "(finished work is kept)")
 
 
 def _finite(data: Any) -> Any:

@@ -1,5 +1,7 @@
 """The error types the CLI turns into one clear line and an exit code."""
 
+import errno
+
 
 class MctoolError(Exception):
     """A failure the user can act on; the CLI prints the message, not a traceback."""
@@ -42,3 +44,21 @@ class Interrupted(MctoolError):
         super().__init__(message)
         self.signum = signum
         self.exit_code = 128 + signum
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc` (or an error it was raised from) says the disk is full: an OSError with
+    errno ENOSPC, or what HDF5 (through h5py) and torch.save raise when a write fails there —
+    an OSError or RuntimeError whose text alone holds the errno ("Can't close file (file write
+    failed: ..., errno = 28, error message = 'No space left on device', ...)")."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return True
+        if isinstance(exc, (OSError, RuntimeError)):
+            text = str(exc)
+            if f"errno = {errno.ENOSPC}," in text or "No space left on device" in text:
+                return True
+        exc = exc.__cause__ or exc.__context__
+    return False

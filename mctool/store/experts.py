@@ -9,7 +9,9 @@ are first rewritten, as a whole and atomically, into the preallocated layout.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -230,12 +232,37 @@ def _copy_rows(ds: h5py.Dataset, group: h5py.Group, name: str, rows: int) -> Non
         new[i] = ds[i]
 
 
+# The open datasets of writes that failed (a full disk): HDF5 (2.0) crashes (SIGSEGV) closing a
+# dataset whose flush failed, so they stay open until the process ends (the CLI then leaves
+# without teardown).
+_ABANDONED: list[dict[str, h5py.Dataset]] = []
+
+
 class ExpertRows:
     """Writes finished experts into a buffer opened with `store.append` (rows preallocated)."""
 
     def __init__(self, f: h5py.File) -> None:
         self.f = f
         self.streaming = is_streaming(f)
+        self._open: dict[str, h5py.Dataset] = {}
+
+    def _ds(self, name: str) -> h5py.Dataset:
+        """Dataset `name`, kept open while the rows are written: HDF5 holds a small write in the
+        dataset's buffer until the dataset is closed, and h5py only prints (never raises) what
+        fails then — on a full disk a row was lost and still marked done. An open dataset's
+        buffer is written by `f.flush()`, which raises."""
+        if name not in self._open:
+            self._open[name] = self.f[name]
+        return self._open[name]
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        try:
+            yield
+        except BaseException:
+            _ABANDONED.append(self._open)
+            self._open = {}
+            raise
 
     @property
     def epochs(self) -> int:
@@ -248,7 +275,8 @@ class ExpertRows:
 
     def write_snapshot(self, e: int, k: int, flat: torch.Tensor) -> None:
         """Store snapshot k of expert e (not yet done: `finish` marks the row)."""
-        self.f["experts/trajectories"][e, k] = flat.detach().to("cpu", torch.float32).numpy()
+        with self._writing():
+            self._ds("experts/trajectories")[e, k] = flat.detach().to("cpu", torch.float32).numpy()
 
     def finish(self, e: int, seed: int, test_accuracy: list[float], train_loss: list[float],
                trajectory: torch.Tensor | None = None, waypoints: torch.Tensor | None = None,
@@ -257,22 +285,23 @@ class ExpertRows:
 
         A streamed row has two flags: /convex/done first, then /experts/done, the one that
         commits the row (readers count a streamed /convex row only where both are set)."""
-        g = self.f["experts"]
-        if trajectory is not None:
-            g["trajectories"][e] = trajectory.detach().to("cpu", torch.float32).numpy()
-        g["seeds"][e] = seed
-        g["test_accuracy"][e] = np.asarray(test_accuracy, dtype=np.float32)
-        g["train_loss"][e] = np.asarray(train_loss, dtype=np.float32)
-        if self.streaming:
-            assert waypoints is not None and beta is not None
-            self.f["convex/waypoints"][e] = waypoints.to("cpu", torch.float32).numpy()
-            self.f["convex/beta"][e] = beta.to("cpu", torch.float32).numpy()
-        self.f.flush()
-        if self.streaming:
-            self.f["convex/done"][e] = True
+        with self._writing():
+            ds = self._ds
+            if trajectory is not None:
+                ds("experts/trajectories")[e] = trajectory.detach().to("cpu", torch.float32).numpy()
+            ds("experts/seeds")[e] = seed
+            ds("experts/test_accuracy")[e] = np.asarray(test_accuracy, dtype=np.float32)
+            ds("experts/train_loss")[e] = np.asarray(train_loss, dtype=np.float32)
+            if self.streaming:
+                assert waypoints is not None and beta is not None
+                ds("convex/waypoints")[e] = waypoints.to("cpu", torch.float32).numpy()
+                ds("convex/beta")[e] = beta.to("cpu", torch.float32).numpy()
             self.f.flush()
-        g["done"][e] = True
-        self.f.flush()
+            if self.streaming:
+                ds("convex/done")[e] = True
+                self.f.flush()
+            ds("experts/done")[e] = True
+            self.f.flush()
 
 
 def copy_without_trajectories(src: h5py.File, dst: h5py.File, trajectories_in: str) -> None:

@@ -49,7 +49,7 @@ import torch
 
 from mctool import __version__
 from mctool.core.allocator import malloc_tuned
-from mctool.core.errors import ArtifactError, DiskFull, FileBusy
+from mctool.core.errors import ArtifactError, DiskFull, FileBusy, is_disk_full
 from mctool.core.text import clean_text
 
 FORMAT = "mctool"
@@ -251,12 +251,11 @@ def _check_global_heaps(path: Path) -> None:
     objects: index (2), reference count (2), reserved (4), size (8), data padded to 8 bytes —
     object 0 is the free space, its size counting its own header. Bytes that merely look like
     a collection's signature (not version 1, or a size that does not fit the file) are not one."""
-    import mmap
-
     size = path.stat().st_size
     if size < 16:
         return
-    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
+    with open(path, "rb") as fh:
+        m = _FileBytes(fh.fileno(), size)
         spans = [(0, size)] if size <= _HEAP_SCAN_WHOLE else [(0, _HEAP_WINDOW), (size - _HEAP_WINDOW, size)]
         for lo, hi in spans:
             at = m.find(b"GCOL", lo, hi)
@@ -265,6 +264,45 @@ def _check_global_heaps(path: Path) -> None:
                 if m[at + 4] == 1 and 4096 <= length <= size - at:
                     _walk_collection(path, m, at, at + length)
                 at = m.find(b"GCOL", at + 4, hi)
+
+
+class _FileBytes:
+    """A file's bytes by offset, read through a window of plain reads, never mapped: on tmpfs a
+    fault on a mapped page the file has not written yet (an expert buffer's rows to come) takes
+    a page of memory, and on a full tmpfs kills the process with SIGBUS; a read returns zeros."""
+
+    WINDOW = 4 << 20
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd, self.size = fd, size
+        self.lo, self.buf = 0, b""
+
+    def _load(self, lo: int, hi: int) -> int:
+        """Make bytes [lo, hi) part of the window; returns their offset in it."""
+        if lo < self.lo or hi > self.lo + len(self.buf):
+            self.lo, self.buf = lo, os.pread(self.fd, max(self.WINDOW, hi - lo), lo)
+        return lo - self.lo
+
+    def __getitem__(self, key: int | slice) -> Any:
+        if isinstance(key, int):
+            return self[key:key + 1][0]
+        lo, hi = max(key.start, 0), min(key.stop, self.size)
+        at = self._load(lo, hi)
+        return self.buf[at:at + max(hi - lo, 0)]
+
+    def find(self, sub: bytes, lo: int, hi: int) -> int:
+        """Where `sub` first starts within [lo, hi), or -1 (as bytes.find)."""
+        hi = min(hi, self.size)
+        while lo < hi:
+            end = min(hi, lo + self.WINDOW)
+            at = self._load(lo, end)
+            found = self.buf.find(sub, at, at + end - lo)
+            if found >= 0:
+                return self.lo + found
+            if end >= hi:
+                break
+            lo = end - len(sub) + 1  # a match may straddle the window's end
+        return -1
 
 
 def _walk_collection(path: Path, m: Any, begin: int, end: int) -> None:
@@ -691,17 +729,56 @@ def _temporary(target: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def _closing(f: h5py.File) -> Iterator[None]:
+    """Close `f`, the HDF5 file of a temporary, after the body; when the body or the close fails
+    (a full disk), abandon it instead: HDF5 (2.0) keeps a file whose flush failed open and
+    flushes it again at exit, where a write failing once more crashes the process (SIGSEGV)
+    after mctool said what went wrong. The temporary is discarded, so its descriptor is pointed
+    at an anonymous file in memory first, where HDF5's last writes (metadata) cannot fail."""
+    fd = f.id.get_vfd_handle()  # asked now: after a failed flush, asking HDF5 crashes
+    inode = (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
+    lost: list[BaseException] = []
+    previous = sys.unraisablehook
+
+    def watch(unraisable: Any) -> None:  # h5py only reports what fails while it closes an object
+        if unraisable.exc_value is not None and is_disk_full(unraisable.exc_value):
+            lost.append(unraisable.exc_value)
+        previous(unraisable)
+
+    sys.unraisablehook = watch
+    try:
+        try:
+            yield
+        finally:
+            sys.unraisablehook = previous
+        if lost:  # a write the disk could not hold: the temporary must not take the file's place
+            raise lost[0]
+        f.flush()  # what fails on a full disk fails here, while the file is still whole in HDF5
+        f.close()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) == inode:  # still HDF5's descriptor of the temporary
+                spare = os.memfd_create("mctool-abandoned")  # Linux; elsewhere the plain close
+                try:
+                    os.dup2(spare, fd)
+                finally:
+                    os.close(spare)
+        with contextlib.suppress(Exception):
+            f.close()
+        raise
+
+
+@contextlib.contextmanager
 def create(path: str | os.PathLike[str]) -> Iterator[h5py.File]:
     """Write a new artifact at `path` (replacing what is there: callers decide whether they may)."""
     target = Path(path)
     check_writable(target)
     with _temporary(target) as tmp, _writer_lock(target, WAIT_S):
         f = h5py.File(tmp, "w")
-        try:
+        with _closing(f):
             stamp(f)
             yield f
-        finally:
-            f.close()
         _finish(tmp, target)
 
 
@@ -731,10 +808,8 @@ def rewrite(path: str | os.PathLike[str], extra_bytes: int = 0) -> Iterator[h5py
     with _temporary(target) as tmp, _writer_lock(target, WAIT_S):
         shutil.copyfile(target, tmp)
         f = _open_h5(tmp, "r+")
-        try:
+        with _closing(f):
             yield f
-        finally:
-            f.close()
         _finish(tmp, target)
 
 
