@@ -12,7 +12,8 @@ import hashlib
 import os
 import subprocess
 import sys
-import uuid
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,14 +28,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _mount(size: str) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    where = Path(f"/mnt/mctool-test-{uuid.uuid4().hex[:8]}")
-    where.mkdir(parents=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root and mount(8)")
+    where = Path(tempfile.mkdtemp(prefix="mctool-tmpfs-"))
     try:
         if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
                           capture_output=True).returncode != 0:
-            pytest.skip("cannot mount a tmpfs here")
+            pytest.skip("cannot mount a tmpfs here (a container without the privilege)")
         try:
             yield where
         finally:
