@@ -197,3 +197,29 @@ def test_pictures_and_single_files_are_written_atomically_never_through_a_link(t
     assert store.temporaries(target) == []
     with pytest.raises(ArtifactError, match="folder"):
         store.write_atomically(tmp_path, b"x")
+
+
+@pytest.mark.parametrize("failure", [
+    OSError(28, "No space left on device"),
+    RuntimeError("Can't close file (file write failed: time = now, filename = 'x', file descriptor = 3, errno = 28, "
+                 "error message = 'No space left on device')"),  # how HDF5 reports it through h5py
+])
+def test_scores_that_cannot_be_stored_on_a_full_disk_are_in_the_line(synset: Path, tmp_path: Path, data_dir: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     failure: Exception) -> None:
+    """The networks trained, then storing their scores met a full disk: one line that says so and
+    gives the scores (the work is not lost with the write), exit 1, the file unchanged."""
+    import mctool.evaluate.evaluation as evaluate
+
+    f = tmp_path / "syn.h5"
+    f.write_bytes(synset.read_bytes())
+    before = f.read_bytes()
+
+    def full(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(evaluate.store, "add_evaluations", full)
+    r = cli("evaluate", f, "--data-dir", data_dir, "--runs", "1", "--epochs", "1", "--quiet")
+    assert_one_line_error(r, 1, "disk full while storing the scores")
+    assert "scores: ConvNet final" in r.stderr and "--no-save" in r.stderr
+    assert f.read_bytes() == before

@@ -30,7 +30,7 @@ from mctool import store
 from mctool.data.augment import DSA
 from mctool.configs.evaluate import EvaluateConfig  # noqa: F401 (re-exported)
 from mctool.training.ensemble import train_many
-from mctool.core.errors import FileBusy, UsageError
+from mctool.core.errors import DiskFull, FileBusy, UsageError, is_disk_full
 from mctool.training.labels import Predict, expert_logits, expert_predictor, replace_misclassified
 from mctool.models import ModelSpec, build_model, layout_of, spec_for
 from mctool.data.prepared import Prepared, sample_per_class
@@ -280,11 +280,18 @@ def evaluate_file(file: Path, cfg: EvaluateConfig, name: str | None = None, base
         lr = cfg.lr if cfg.lr is not None else syn.lr
         results += evaluate_set(bx, by, lr, prepared, spec, cfg, "random-real", reporter)
     if save:
+        # Saving can fail after the networks trained (another writer, a full disk): the work is not
+        # lost with it, the scores go in the message.
+        got = "; ".join(f"{r.model} {r.target if r.kind == 'synset' else r.kind} {r.mean:.4f}" for r in results)
         try:
             store.add_evaluations(file, synset, [r.to_dict() for r in results], scored=syn)
-        except FileBusy as exc:  # the work is not lost with it: the scores go in the message
-            got = "; ".join(f"{r.model} {r.target if r.kind == 'synset' else r.kind} {r.mean:.4f}" for r in results)
-            raise FileBusy(f"{exc} (scores: {got})") from None
+        except (FileBusy, DiskFull) as exc:
+            raise type(exc)(f"{exc} (scores: {got})") from None
+        except (OSError, RuntimeError) as exc:
+            if not is_disk_full(exc):
+                raise
+            raise DiskFull(f"disk full while storing the scores in {store.shown(file)}; free space and run the same "
+                           f"command again, or add --no-save (scores: {got})") from None
     return EvaluateResult(file=str(file), synset=synset, ipc=syn.ipc, lr=cfg.lr if cfg.lr is not None else syn.lr,
                           results=results, scores=scores(results, whole, soft), experts_reference=reference,
                           whole_data_source=source,
