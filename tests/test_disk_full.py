@@ -9,6 +9,7 @@ are skipped); the others simulate it.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import subprocess
 import sys
@@ -82,13 +83,118 @@ def test_the_heap_scan_finds_what_bytes_find_finds(tmp_path: Path, monkeypatch: 
     path.write_bytes(bytes(data))
     monkeypatch.setattr(files._FileBytes, "WINDOW", window)
     with open(path, "rb") as fh:
-        view = files._FileBytes(fh.fileno(), len(data))
+        view = files._FileBytes(fh, len(data))
         for lo in range(0, 700, 7):
             for hi in (lo + 3, lo + 4, lo + 9, lo + 70, 700, 800):
                 assert view.find(b"GCOL", lo, hi) == bytes(data).find(b"GCOL", lo, min(hi, 700)), (lo, hi)
         for lo, hi in ((0, 16), (60, 70), (690, 700), (695, 720)):
             assert view[lo:hi] == bytes(data[lo:min(hi, 700)])
         assert view[62] == data[62]
+
+
+def test_the_heap_scan_reads_a_window_once_however_many_signatures_it_holds(tmp_path: Path) -> None:
+    """A file of false signatures (one every 256 bytes) is read once per window, not once per
+    signature (a crafted file made `inspect` read 64 GiB for 8 MiB)."""
+    data = bytearray(8 << 20)
+    data[::256] = b"G" * len(data[::256])
+    for at in range(0, len(data), 256):
+        data[at:at + 4] = b"GCOL"
+    path = tmp_path / "gcol"
+    path.write_bytes(bytes(data))
+
+    class Counting(io.FileIO):
+        reads = 0
+
+        def read(self, n: int = -1) -> bytes:
+            Counting.reads += 1
+            return super().read(n)
+
+    with Counting(path, "rb") as fh:
+        view = files._FileBytes(fh, len(data))
+        hits, at = 0, view.find(b"GCOL", 0, len(data))
+        while at >= 0:
+            hits, at = hits + 1, view.find(b"GCOL", at + 4, len(data))
+    assert hits == len(data) // 256
+    assert Counting.reads <= 2 * len(data) // files._FileBytes.WINDOW + 2
+
+
+def test_a_file_ending_in_a_signature_opens(tmp_path: Path) -> None:
+    """"GCOL" in the last 4 bytes is no collection (no room for its header): not an internal error."""
+    path = tmp_path / "tail.h5"
+    with store.create(path) as f:
+        f["x"] = np.arange(3)
+    with open(path, "ab") as fh:
+        fh.write(b"GCOL")
+    files._check_global_heaps(path)  # no IndexError
+
+
+def test_a_write_with_another_hdf5_driver_still_works(tmp_path: Path) -> None:
+    """HDF5_DRIVER picks another file driver (no POSIX descriptor to ask for): writes still work."""
+    path = tmp_path / "core.h5"
+    code = ("import sys; from mctool import store\n"
+            "with store.create(sys.argv[1]) as f:\n    f['x'] = [1, 2, 3]\n"
+            "with store.rewrite(sys.argv[1]) as f:\n    f['y'] = [4]\n")
+    for driver in ("core", "stdio"):
+        path.unlink(missing_ok=True)
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HDF5_DRIVER": driver}
+        r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env,
+                           timeout=300)
+        assert r.returncode == 0, (driver, r.stderr)
+        with h5py.File(path, "r") as f:
+            assert list(f["x"][()]) == [1, 2, 3] and list(f["y"][()]) == [4]
+
+
+def test_what_counts_as_a_full_disk() -> None:
+    """ENOSPC, or HDF5's text of it on an error without an errno, itself or what it was raised
+    from — not an error with another errno whose text (a file name) holds the words, nor one
+    whose disk-full context was hidden (`raise ... from None`)."""
+    from mctool.core.errors import is_disk_full
+
+    hdf5 = "file write failed: errno = 28, error message = 'No space left on device', buf = 0x1"
+    assert is_disk_full(OSError(28, "No space left on device"))
+    assert is_disk_full(RuntimeError(hdf5)) and is_disk_full(OSError(hdf5))
+    assert not is_disk_full(OSError(2, f"Unable to open file (name = '/x/{hdf5}/a.h5')"))
+    assert not is_disk_full(RuntimeError("No space left on device (in a message, no errno)"))
+
+    def raised(error: BaseException, during: BaseException, hide: bool) -> BaseException:
+        try:
+            try:
+                raise during
+            except BaseException:
+                if hide:
+                    raise error from None
+                raise error
+        except BaseException as exc:
+            return exc
+        raise AssertionError
+
+    assert is_disk_full(raised(RuntimeError("enforce fail"), OSError(28, "full"), hide=False))
+    assert not is_disk_full(raised(RuntimeError("a bug in a handler"), OSError(28, "full"), hide=True))
+    cause = RuntimeError("wrapped")
+    cause.__cause__ = OSError(28, "full")
+    assert is_disk_full(cause)
+
+
+def test_the_full_disk_verdict_is_per_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A command that met a full disk does not make the next one in the same process leave
+    without teardown (the entry point's os._exit is for the command that met it)."""
+    import typer
+
+    from mctool.cli import common
+
+    def full(_reporter: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(typer.Exit):
+        common.run(full, quiet=True, debug=False)
+    assert common.ended_on_full_disk()
+
+    def bug(_reporter: object) -> None:
+        raise RuntimeError("a bug")
+
+    with pytest.raises(typer.Exit):
+        common.run(bug, quiet=True, debug=False)
+    assert not common.ended_on_full_disk()
 
 
 def test_a_sparse_artifact_opens_on_a_full_tmpfs(tmpfs: Path) -> None:

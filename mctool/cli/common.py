@@ -24,7 +24,7 @@ from typing import Any, Optional
 import typer
 
 from mctool.cli.render import RichReporter, error_line
-from mctool.core.errors import Interrupted, MctoolError, is_disk_full
+from mctool.core.errors import DiskFull, Interrupted, MctoolError, is_disk_full
 from mctool.core.progress import SIGNAL_NAMES
 from mctool.core.settings import option_settings
 
@@ -122,6 +122,7 @@ def run(body: Callable[[RichReporter], Any], quiet: bool, debug: bool, interrupt
     reporter = RichReporter(quiet=quiet)
     code = EXIT_OK
     signals = StopSignals(reporter)
+    _full_disk.clear()  # a verdict on this command only (tests run several in one process)
     original_hook, original_excepthook = sys.unraisablehook, sys.excepthook
     sys.unraisablehook = _silence_dropped_interrupts(original_hook)
     sys.excepthook = _quiet_about_full_disk(original_excepthook)
@@ -140,6 +141,8 @@ def run(body: Callable[[RichReporter], Any], quiet: bool, debug: bool, interrupt
                 reporter.close()
                 if debug:
                     raise
+                if isinstance(exc, DiskFull):  # met after HDF5 may have failed a write: leave without teardown
+                    _full_disk.set()
                 error_line(str(exc))
                 code = exc.exit_code
             except KeyboardInterrupt:

@@ -50,15 +50,19 @@ def is_disk_full(exc: BaseException) -> bool:
     """Whether `exc` (or an error it was raised from) says the disk is full: an OSError with
     errno ENOSPC, or what HDF5 (through h5py) and torch.save raise when a write fails there —
     an OSError or RuntimeError whose text alone holds the errno ("Can't close file (file write
-    failed: ..., errno = 28, error message = 'No space left on device', ...)")."""
+    failed: ..., errno = 28, error message = 'No space left on device', ...)"). An OSError with
+    another errno is not, whatever its text (a file name may hold those words)."""
     seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            return True
-        if isinstance(exc, (OSError, RuntimeError)):
-            text = str(exc)
-            if f"errno = {errno.ENOSPC}," in text or "No space left on device" in text:
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno is not None:
+            if current.errno == errno.ENOSPC:
                 return True
-        exc = exc.__cause__ or exc.__context__
+        elif isinstance(current, (OSError, RuntimeError)):
+            text = str(current)
+            if f"errno = {errno.ENOSPC}, error message = 'No space left on device'" in text:
+                return True
+        # what it was raised from: its cause, or the error being handled unless hidden (`from None`)
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
     return False

@@ -255,13 +255,13 @@ def _check_global_heaps(path: Path) -> None:
     if size < 16:
         return
     with open(path, "rb") as fh:
-        m = _FileBytes(fh.fileno(), size)
+        m = _FileBytes(fh, size)
         spans = [(0, size)] if size <= _HEAP_SCAN_WHOLE else [(0, _HEAP_WINDOW), (size - _HEAP_WINDOW, size)]
         for lo, hi in spans:
             at = m.find(b"GCOL", lo, hi)
             while at >= 0:
                 length = int.from_bytes(m[at + 8:at + 16], "little") if at + 16 <= size else 0
-                if m[at + 4] == 1 and 4096 <= length <= size - at:
+                if at + 16 <= size and m[at + 4] == 1 and 4096 <= length <= size - at:
                     _walk_collection(path, m, at, at + length)
                 at = m.find(b"GCOL", at + 4, hi)
 
@@ -273,14 +273,16 @@ class _FileBytes:
 
     WINDOW = 4 << 20
 
-    def __init__(self, fd: int, size: int) -> None:
-        self.fd, self.size = fd, size
+    def __init__(self, fh: BinaryIO, size: int) -> None:
+        self.fh, self.size = fh, size
         self.lo, self.buf = 0, b""
 
     def _load(self, lo: int, hi: int) -> int:
-        """Make bytes [lo, hi) part of the window; returns their offset in it."""
+        """Make bytes [lo, hi) part of the window (as far as the file holds them); returns their
+        offset in it."""
         if lo < self.lo or hi > self.lo + len(self.buf):
-            self.lo, self.buf = lo, os.pread(self.fd, max(self.WINDOW, hi - lo), lo)
+            self.fh.seek(lo)
+            self.lo, self.buf = lo, self.fh.read(max(self.WINDOW, hi - lo))
         return lo - self.lo
 
     def __getitem__(self, key: int | slice) -> Any:
@@ -291,17 +293,23 @@ class _FileBytes:
         return self.buf[at:at + max(hi - lo, 0)]
 
     def find(self, sub: bytes, lo: int, hi: int) -> int:
-        """Where `sub` first starts within [lo, hi), or -1 (as bytes.find)."""
+        """Where `sub` first lies wholly within [lo, hi), or -1 (as bytes.find). Searches the
+        window already read while `lo` is in it: a file full of false signatures costs one read
+        per window, not one per signature."""
+        n = len(sub)
+        if not 0 < n <= self.WINDOW:
+            raise ValueError(f"cannot search for {n} bytes")
         hi = min(hi, self.size)
-        while lo < hi:
-            end = min(hi, lo + self.WINDOW)
-            at = self._load(lo, end)
-            found = self.buf.find(sub, at, at + end - lo)
+        while hi - lo >= n:
+            if not (self.lo <= lo and lo + n <= self.lo + len(self.buf)):
+                self._load(lo, min(hi, lo + self.WINDOW))
+                if len(self.buf) < n:  # the file ended before its stated size (it shrank)
+                    return -1
+            end = min(hi, self.lo + len(self.buf))
+            found = self.buf.find(sub, lo - self.lo, end - self.lo)
             if found >= 0:
                 return self.lo + found
-            if end >= hi:
-                break
-            lo = end - len(sub) + 1  # a match may straddle the window's end
+            lo = end - n + 1  # a match may straddle the window's end; lo advances by ≥ 1
         return -1
 
 
@@ -735,8 +743,11 @@ def _closing(f: h5py.File) -> Iterator[None]:
     flushes it again at exit, where a write failing once more crashes the process (SIGSEGV)
     after mctool said what went wrong. The temporary is discarded, so its descriptor is pointed
     at an anonymous file in memory first, where HDF5's last writes (metadata) cannot fail."""
-    fd = f.id.get_vfd_handle()  # asked now: after a failed flush, asking HDF5 crashes
-    inode = (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
+    fd, inode = -1, None
+    if f.driver == "sec2":  # HDF5's default; another driver (HDF5_DRIVER) has no POSIX descriptor
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            fd = f.id.get_vfd_handle()  # asked now: after a failed flush, asking HDF5 crashes
+            inode = (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
     lost: list[BaseException] = []
     previous = sys.unraisablehook
 
@@ -758,7 +769,7 @@ def _closing(f: h5py.File) -> Iterator[None]:
     except BaseException:
         with contextlib.suppress(Exception):
             st = os.fstat(fd)
-            if (st.st_dev, st.st_ino) == inode:  # still HDF5's descriptor of the temporary
+            if inode is not None and (st.st_dev, st.st_ino) == inode:  # still HDF5's descriptor of the temporary
                 spare = os.memfd_create("mctool-abandoned")  # Linux; elsewhere the plain close
                 try:
                     os.dup2(spare, fd)
