@@ -6,10 +6,12 @@ class, no preset, no IDX files. Reads the four IDX files of Debian's `dataset-fa
 (or any folder that holds them):
 
     python bench/fmnist_folder.py OUT_DIR [--train-per-class 1000] [--test-per-class 1000] \
-        [--source /usr/share/datasets/fashion-mnist] [--seed 0]
+        [--source /usr/share/datasets/fashion-mnist] [--seed 0] [--size 28]
 
 Writes OUT_DIR/train/<class name>/<index>.png and OUT_DIR/test/<class name>/<index>.png
 (8-bit greyscale 28×28, exactly the IDX bytes), a class-balanced random subset of each split.
+`--size S` shrinks every image to S×S by averaging (PIL's box filter): the same photographs at an
+image size no preset or Table A entry has (e.g. 14 or 8, to check the lr_img size rule's guess).
 """
 
 from __future__ import annotations
@@ -43,7 +45,10 @@ def main() -> None:
     parser.add_argument("--test-per-class", type=int, default=1000)
     parser.add_argument("--source", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", type=int, default=28, help="side of the written images (box-filtered from 28)")
     args = parser.parse_args()
+    if not 1 <= args.size <= 28:
+        raise SystemExit("error: --size must be between 1 and 28")
     from PIL import Image  # Pillow comes with torchvision
 
     rng = np.random.default_rng(args.seed)
@@ -57,9 +62,13 @@ def main() -> None:
             folder = args.out / split / name
             folder.mkdir(parents=True, exist_ok=True)
             for i in chosen:
-                Image.fromarray(images[i], mode="L").save(folder / f"{i:05d}.png")
+                image = Image.fromarray(images[i], mode="L")
+                if args.size != 28:
+                    image = image.resize((args.size, args.size), Image.Resampling.BOX)
+                image.save(folder / f"{i:05d}.png")
             counts[split] += chosen.size
-    print(f"{args.out}: {counts['train']} training and {counts['test']} test images, 10 classes, 28x28 greyscale")
+    side = args.size
+    print(f"{args.out}: {counts['train']} training and {counts['test']} test images, 10 classes, {side}x{side} greyscale")
 
 
 if __name__ == "__main__":
