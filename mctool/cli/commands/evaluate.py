@@ -42,7 +42,7 @@ def _whole(value: float | None, source: str | None, ref: dict | None) -> str:
 def evaluate(
     file: Path = typer.Argument(Path("synset.h5"), metavar="FILE", help="File with a synthetic set (from `mctool distill`)."),
     name: Optional[str] = typer.Option(None, "--name", help="Synset to evaluate (default: the only or latest one)."),
-    images: str = typer.Option("auto", "--images", help="final, best (kept by distill --eval-every), both, or auto: both when the synset keeps best images."),
+    images: str = typer.Option("auto", "--images", help="final, best (kept by distill --eval-every, or by --eval-share: the default without a preset), both, or auto: both when the synset keeps best images."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="'random': also evaluate ipc random real images per class on the same protocol (gives the gain)."),
     buffer: Optional[Path] = typer.Option(None, "--buffer", help="The buffer the synset was distilled from: its first expert labels the random-real baseline for --baseline-labels expert (auto: when the synset trains on soft labels, i.e. not with --labels hard)."),
     whole_data: Optional[float] = typer.Option(None, "--whole-data", help="Test accuracy of the architecture trained on the whole training set (fraction or %), for HLR (default: the experts' final accuracy stored with the synset)."),

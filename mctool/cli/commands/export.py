@@ -23,7 +23,7 @@ def export(
     fmt: str = typer.Option(..., "--format", "-f", help="mtt (MTT/FTD/DATM/TESLA file names), ddranking (DD-Ranking's), or png (de-whitened images per class)."),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Folder to write (default: FILE's name + -FORMAT); must be absent, empty or an earlier export, which is replaced as a whole."),
     name: Optional[str] = typer.Option(None, "--name", help="Synset to export (default: the only or latest one)."),
-    images: str = typer.Option("auto", "--images", help="final, best (kept by distill --eval-every), or auto: best when the synset keeps them, else final."),
+    images: str = typer.Option("auto", "--images", help="final, best (kept by distill --eval-every, or by --eval-share: the default without a preset), or auto: best when the synset keeps them, else final."),
     zca_matrix: bool = typer.Option(False, "--zca-matrix", help="Also write zca.pt (mean, transform, inverse) so receivers can de-whiten exactly (37 MB for CIFAR)."),
     data_dir: Optional[Path] = DataDirOpt,
     json_out: bool = JsonOpt,
