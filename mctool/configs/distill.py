@@ -90,9 +90,9 @@ class DistillConfig:
                                  "right), learned with the images through the matching loss; the synset stores their "
                                  "softmax. Off: MCT as published. Not with --soft-labels.",
                                  flags=("--learn-labels/--no-learn-labels",), preset=True, legacy=False)
-    lr_label: float = setting(2.0, "Learning rate of the learned label logits (SGD with --momentum-label).",
+    lr_label: float = setting(2.0, "Learning rate of the learned label logits (SGD with --momentum-label); default 2.",
                               preset=True, legacy=2.0, check=at_least(0, "a number >= 0"))
-    momentum_label: float = setting(0.9, "Momentum of the learned label logits.", preset=True, legacy=0.9,
+    momentum_label: float = setting(0.9, "Momentum of the learned label logits; default 0.9.", preset=True, legacy=0.9,
                                   check=between(0, 1, top_open=True))
     augment: str = setting(DEFAULT_STRATEGY, "DSA ops joined by '_', or none.", check=_AUGMENT)
     micro_batch: str = setting("auto", "Compute each inner step in chunks of N images: the same result up to float "
