@@ -4,6 +4,7 @@ denied", "in use by another process" and "damaged" are three different lines."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -225,3 +226,27 @@ def test_permission_denied_as_another_user(data_dir: Path) -> None:
             assert says in lines[0] and "damaged" not in lines[0] and "in use" not in lines[0], lines[0]
     finally:
         shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize("err", [errno.EACCES, errno.EPERM])
+def test_permission_denied_exits_2_wherever_it_is_met(err: int, capsys: pytest.CaptureFixture[str]) -> None:
+    """A bare OSError of permission (e.g. a PNG written into a read-only folder) gets the store's
+    line and exit code 2 (bad input), not 1; other OSErrors stay runtime failures (1)."""
+    import typer
+
+    from mctool.cli import common
+
+    def denied(_reporter: object) -> None:
+        raise OSError(err, os.strerror(err), "out/x.png")
+
+    with pytest.raises(typer.Exit) as stopped:
+        common.run(denied, quiet=True, debug=False)
+    assert stopped.value.exit_code == 2
+    assert capsys.readouterr().err.strip() == "mctool: error: permission denied: out/x.png"
+
+    def other(_reporter: object) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO), "out/x.png")
+
+    with pytest.raises(typer.Exit) as stopped:
+        common.run(other, quiet=True, debug=False)
+    assert stopped.value.exit_code == 1

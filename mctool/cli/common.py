@@ -159,11 +159,13 @@ def run(body: Callable[[RichReporter], Any], quiet: bool, debug: bool, interrupt
                 if is_disk_full(exc):
                     _full_disk.set()
                     error_line(_disk_full_line(exc))
-                elif exc.errno == errno.EACCES:
+                    code = EXIT_FAILURE
+                elif exc.errno in (errno.EACCES, errno.EPERM):  # a path the user named: exit 2, as the store's
                     error_line(f"permission denied{': ' + str(exc.filename) if exc.filename else ''}")
+                    code = EXIT_USAGE
                 else:
                     error_line(f"{exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}")
-                code = EXIT_FAILURE
+                    code = EXIT_FAILURE
             except Exception as exc:  # a bug: still one line, the traceback only with --debug
                 reporter.close()
                 if debug:
