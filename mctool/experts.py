@@ -51,7 +51,7 @@ class ExpertsResult:
 def model_spec(cfg: ExpertsConfig, prepared: Prepared) -> ModelSpec:
     """The expert architecture on this dataset's image shape."""
     m = prepared.meta
-    return ModelSpec(arch="ConvNet", depth=cfg.depth or default_depth(m.height), width=cfg.width, norm=cfg.norm,
+    return ModelSpec(arch="ConvNet", depth=cfg.depth or default_depth(m.height, m.width), width=cfg.width, norm=cfg.norm,
                      channels=m.channels, num_classes=m.num_classes, im_size=(m.height, m.width))
 
 
@@ -160,6 +160,27 @@ def _create(out: Path, cfg: ExpertsConfig, prepared: Prepared, spec: ModelSpec) 
                         _experts_attrs(cfg, prepared), streaming)
 
 
+def resolved_depth(cfg: ExpertsConfig, height: int, width: int, held: dict[str, Any] | None) -> int:
+    """--depth; else the depth of the experts the buffer already holds (`held`: its stored config),
+    so that a buffer keeps its architecture when the default changes (6–11 px images had depth 3
+    before 0.2); else the default for the image size."""
+    if cfg.depth:
+        return cfg.depth
+    stored = (held or {}).get("depth")
+    if isinstance(stored, int) and not isinstance(stored, bool) and stored > 0:
+        return stored
+    return default_depth(height, width)
+
+
+def _held_config(out: Path) -> dict[str, Any] | None:
+    """The stored settings of the finished experts in `out`, if it is a buffer that holds any."""
+    if not out.exists():
+        return None
+    with store.open_buffer(out) as buf:
+        info = buf.require_experts()
+        return info.config if info.done.any() else None
+
+
 def check_compatible(out: Path, stored: dict[str, Any], cfg: ExpertsConfig) -> None:
     """Refuse to append experts trained with different settings."""
     mine = json.loads(json.dumps(cfg.compat()))
@@ -210,7 +231,9 @@ def run_prepared(cfg: ExpertsConfig, out: Path, prepared: Prepared, reporter: Re
     from mctool.core import distributed as dist
 
     cfg.validate()
-    cfg = dataclasses.replace(cfg, dataset=prepared.meta.name, depth=cfg.depth or default_depth(prepared.meta.height))
+    m = prepared.meta
+    held = _held_config(out) if dist.is_main() and not cfg.depth else None
+    cfg = dataclasses.replace(cfg, dataset=m.name, depth=dist.broadcast(resolved_depth(cfg, m.height, m.width, held)))
     spec = model_spec(cfg, prepared)
     layout_of(spec)  # a depth too large for the images fails here, before the file exists
     done_before: list[int] = []
@@ -267,7 +290,7 @@ def _precheck(cfg: ExpertsConfig, out: Path) -> ExpertsConfig:
     shape = SHAPES.get(cfg.dataset)
     if shape is not None:
         c, h, w = shape
-        layout_of(ModelSpec(depth=cfg.depth or default_depth(h), width=cfg.width, norm=cfg.norm, channels=c,
+        layout_of(ModelSpec(depth=cfg.depth or default_depth(h, w), width=cfg.width, norm=cfg.norm, channels=c,
                             im_size=(h, w)))
     if out.exists():
         with store.open_buffer(out) as buf:
@@ -276,8 +299,8 @@ def _precheck(cfg: ExpertsConfig, out: Path) -> ExpertsConfig:
                 raise UsageError(f"{store.shown(out)}: a compact file of `mctool convexify -o`; add experts to the "
                                  f"buffer it was made from ({store.shown(info.trajectories_in)}) and convexify again")
             if info.done.any():
-                resolved = dataclasses.replace(cfg, depth=cfg.depth or default_depth(buf.data.height))
-                check_compatible(out, info.config, resolved)
+                depth = resolved_depth(cfg, buf.data.height, buf.data.width, info.config)
+                check_compatible(out, info.config, dataclasses.replace(cfg, depth=depth))
     return cfg
 
 

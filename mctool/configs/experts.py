@@ -39,7 +39,8 @@ class ExpertsConfig:
     batch_size: int = setting(256, "Training batch size.", check=at_least(1))
     width: int = setting(128, "ConvNet width (channels).", check=at_least(1))
     depth: int = setting(0, "ConvNet depth (0: 3 up to 64 px — the MCT authors' Tiny ImageNet setting; MTT used "
-                         "--depth 4 there — and 5 above).", check=at_least(0, ">= 1 (0 = by image size)"))
+                         "--depth 4 there — 5 above, and 2 for 6–11 px, whose maps a third block would "
+                         "shrink to 2×2; a buffer keeps the depth of the experts it holds).", check=at_least(0, ">= 1 (0 = by image size)"))
     norm: str = "instancenorm"
     zca: bool = setting(True, "ZCA whitening (Table A) or mean/std normalisation.", flags=("--zca/--no-zca",))
     zca_eps: float = setting(0.1, "ZCA epsilon (kornia's ZCAWhitening eps; the reference's 0.1).", check=above(0))

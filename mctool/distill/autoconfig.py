@@ -19,10 +19,12 @@ K = 6 experts, as a fourth image size):
   on the trajectory.
 * lr_img = 1e3 · (D / 3072)^1.66, D = channels × height × width: through Table A's 1e3 at
   3×32×32 and 1e4 at 3×64×64 and our 1e2 at 1×28×28 (three points on one power law, in the
-  released code's step units). Below D = 784 the law is extrapolated (on 1×8×8 digits,
-  bench/README.md, lr_img 100 wrecked the images and 10 did far better: the trend holds);
-  above D = 12288 it is clamped to 1e4, with nothing measured beyond. Either way the note says
-  the value is a guess — use `--tune`.
+  released code's step units). Below D = 784 the law is extrapolated: measured at ipc 1 on
+  Fashion-MNIST shrunk to 1×14×14 (the rule's 10 within a point of the best decade, 100) and
+  to 1×8×8 with the default depth-2 ConvNet (the rule's 1.6 +27 over random real, 16 +28,
+  0.016 +9; bench/README.md, "The lr_img size rule below 28×28" — a depth-3 net, whose last
+  block sees 2×2 maps there, needed 100× less); above D = 12288 it is clamped to 1e4, with
+  nothing measured beyond. Either way the note says the value is a guess — use `--tune`.
 * lr_lr = 1e-5 · lr_img / 1e3: Table A's 1e-5 at lr_img 1e3 and 1e-4 at 1e4, ours 1e-6 at 1e2.
 * lr_init = the experts' learning rate (Table A's 1e-2 is the MTT buffers' 0.01): the
   learned step size starts where the experts' steps were.

@@ -79,7 +79,7 @@ def shape_without_buffer(cfg: Any, width: int | None = None, depth: int | None =
     shape, classes = SHAPES[name], CLASSES[name]
     if width is not None and not 1 <= width <= 4096:
         raise UsageError(f"--width must be between 1 and 4096, got {width}")
-    d = depth or cfg.depth or default_depth(shape[1])
+    d = depth or cfg.depth or default_depth(shape[1], shape[2])
     if not 1 <= d <= 8 or shape[1] >> d < 1:
         raise UsageError(f"--depth {d}: a ConvNet for {shape[1]}×{shape[2]} images has depth 1 to "
                          f"{min(8, int(math.log2(shape[1])))}")

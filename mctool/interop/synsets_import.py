@@ -308,7 +308,7 @@ def model_spec(found: Found, cfg: SynsetImportConfig, channels: int, classes: in
     from mctool.models.build import CONVNET_VARIANTS
     from mctool.models.convnet import NORMS
 
-    base = ModelSpec(channels=channels, num_classes=classes, im_size=size, depth=default_depth(size[0]))
+    base = ModelSpec(channels=channels, num_classes=classes, im_size=size, depth=default_depth(size[0], size[1]))
     origin = "the scripts' default ConvNet"
     stored = (found.description or {}).get("model")
     if isinstance(stored, dict):
