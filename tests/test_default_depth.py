@@ -53,20 +53,21 @@ TINY = ("--epochs", "1", "--width", "4", "--batch-size", "8", "--quiet", "--seed
 
 def test_experts_on_8px_images_default_to_depth_2_and_a_depth_3_buffer_keeps_3(tmp_path: Path) -> None:
     data = f"folder:{_tiny_folder(tmp_path / 'd')}"
+    tiny = (*TINY, "--data-dir", tmp_path / "cache")  # the fitted ZCA is cached under the data folder
     fresh = tmp_path / "fresh.h5"
-    r = cli("experts", data, "--n", "1", "-o", fresh, *TINY)
+    r = cli("experts", data, "--n", "1", "-o", fresh, *tiny)
     assert r.exit_code == 0, r.output
     assert _depth(fresh) == 2
     # A buffer of depth-3 experts (what earlier releases made for 8 px images): adding experts
     # without --depth keeps depth 3 instead of refusing "made with other settings".
     old = tmp_path / "old.h5"
-    assert cli("experts", data, "--n", "1", "--depth", "3", "-o", old, *TINY).exit_code == 0
-    r = cli("experts", data, "--n", "2", "-o", old, *TINY)
+    assert cli("experts", data, "--n", "1", "--depth", "3", "-o", old, *tiny).exit_code == 0
+    r = cli("experts", data, "--n", "2", "-o", old, *tiny)
     assert r.exit_code == 0, r.output
     with h5py.File(old, "r") as f:
         assert f["experts/done"][:].tolist() == [True, True]
         assert json.loads(f["experts"].attrs["config"])["depth"] == 3
     assert _depth(old) == 3
     # An explicit other depth is still refused with the one line that names it.
-    r = cli("experts", data, "--n", "3", "--depth", "2", "-o", old, *TINY)
+    r = cli("experts", data, "--n", "3", "--depth", "2", "-o", old, *tiny)
     assert r.exit_code == 2 and "depth=3 (now 2)" in r.output
