@@ -28,6 +28,7 @@ def test_depth_is_the_deepest_whose_last_block_sees_3x3(side: int) -> None:
 def test_the_smaller_side_decides() -> None:
     assert default_depth(28, 8) == default_depth(8, 28) == default_depth(8) == 2
     assert default_depth(28) == default_depth(32) == default_depth(64) == 3 and default_depth(65) == 5
+    assert default_depth(128, 48) == 5  # 3 or 5 by the height, as before; only the shrinking reads the width
 
 
 def _tiny_folder(root: Path, side: int = 8) -> Path:
