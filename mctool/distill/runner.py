@@ -88,7 +88,7 @@ class DistillResult:
 # cuts lr_img after its evaluations (`--lr-backoff`, checked apart): a run differing from a candidate's
 # only in these may continue the candidate's run (`continuation_problem`).
 TRAJECTORY_FREE = ("iterations", "checkpoint_every", "checkpoint_minutes", "eval_every", "eval_share", "eval_runs",
-                   "eval_epochs", "select_on", "val_size", "preset")
+                   "eval_epochs", "select_on", "val_size", "select_margin", "preset")
 
 
 def continuation_problem(candidate: DistillConfig, final: DistillConfig, what: str = "the candidate",
@@ -215,12 +215,17 @@ class _Run:
             self.reused += 1
         state.evaluations.append(scored)
         best = state.best
-        better = best is None or scored["mean"] > float(best.score.get("mean", -1.0))
+        bar = None if best is None else float(best.score.get("mean", -1.0))
+        margin = 0.0 if best is None or best.iteration != 0 else cfg.select_margin * self._margin(bar or 0.0)
+        better = bar is None or scored["mean"] > bar + margin
         what = " (the starting images)" if at.iteration == 0 else ""
         how = "" if reused is None else f", measured by {self.continued.by if self.continued else 'another run'}"
+        within = (f" (above the starting images by no more than --select-margin {cfg.select_margin:g} standard "
+                  f"error(s), {100 * margin:.2g} points: the start is kept)"
+                  if bar is not None and not better and scored["mean"] > bar else "")
         self.reporter.log(f"iteration {at.iteration}{what}: {scored['model']} {cfg.select_on} accuracy "
                           f"{score_text(scored['mean'], scored.get('std'), scored.get('runs', 1))} %{how}"
-                          + (" (best so far)" if better else ""))
+                          + (" (best so far)" if better else within))
         if better:
             kept = {e.stored: _copy(at.shown(e.name)) for e in learned_in(cfg) if e.stored is not None}
             state.best = store.BestImages(**{"labels": at.labels.clone(), **kept}, iteration=at.iteration,
@@ -352,6 +357,7 @@ class _Run:
                             "bound": cfg.eval_share if not cfg.eval_every else None, "split": cfg.select_on,
                             "reused": self.reused, "reused_by": self.continued.by if self.continued else None,
                             "backoffs": list(state.run.get("backoffs", [])),
+                            "select_margin": cfg.select_margin, "start_margin": self._start_margin(),
                             "from_iteration": first_iteration}  # > 0: a resumed (or continued) run's sitting
         return seconds
 
@@ -413,9 +419,15 @@ class _Run:
         return found[-1] if found else None
 
     def _margin(self, accuracy: float) -> float:
-        """`standard_error` on this run's selection split."""
+        """`standard_error` on this run's selection split (what --lr-backoff and --select-margin count)."""
         assert self.selection is not None
         return standard_error(accuracy, int(self.selection[1].numel()))
+
+    def _start_margin(self) -> float | None:
+        """By how much (a fraction) later images had to score above the starting images to replace
+        them (--select-margin standard errors; None: the start was not scored)."""
+        start = self._scored_at(0)
+        return None if start is None else self.cfg.select_margin * self._margin(start["mean"])
 
     def _below_start(self, iteration: int) -> bool:
         """Whether the images at `iteration` scored below the starting images by more than the
@@ -559,11 +571,18 @@ def selection_notes(summary: dict[str, Any], state: State, seconds: float) -> li
         beaten = "" if top is None else (f", the distilled ones at most "
                                          f"{score_text(top['mean'], top.get('std'), top.get('runs', 1))} % "
                                          f"(iteration {top['iteration']})")
-        notes.append(f"the starting images scored best on {split}: "
+        margin = summary.get("start_margin") or 0.0
+        verdict = "scored best"
+        if top is not None and top["mean"] > s["mean"]:
+            # Above the start, but by no more than the split can tell apart (--select-margin).
+            verdict = "are kept"
+            beaten += (f", above them by no more than --select-margin {summary.get('select_margin', 0):g} standard "
+                       f"error(s) of the split ({100 * margin:.2g} points)")
+        notes.append(f"the starting images {verdict} on {split}: "
                      f"{score_text(s['mean'], s.get('std'), s.get('runs', 1))} % at iteration 0{beaten} — the run "
                      "returns them as its best images (the final ones are kept beside them); these settings did not "
-                     "improve on the start: try `mctool distill --tune`, a smaller --lr-img, or check the experts "
-                     "(`mctool inspect`)")
+                     "improve on the start by more than its evaluations can tell: try `mctool distill --tune`, a "
+                     "smaller --lr-img, a larger --val-size or --eval-runs, or check the experts (`mctool inspect`)")
     return notes
 
 

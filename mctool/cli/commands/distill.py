@@ -231,7 +231,8 @@ def distill(
                          f"{b['selected_on']} split{' — selected on test, as the authors do' if b['selected_on'] == 'test' else ''}); "
                          f"{result.png_best}")
         for note in result.notes:
-            if note.startswith(("selection on", "the starting images scored best", "lr_img was cut")):
+            if note.startswith(("selection on", "the starting images scored best", "the starting images are kept",
+                                "lr_img was cut")):
                 stdout.print(note)
         stdout.print(f"images: {result.png}")
 
