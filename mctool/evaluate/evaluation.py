@@ -124,7 +124,8 @@ def evaluate_set(images: torch.Tensor, labels: torch.Tensor, lr: float, prepared
 
     `runs` names the runs to train (default: all, 0 … cfg.runs − 1), each seeded as it would be
     among all (run_seed), so that runs trained on different images (the random-real baseline's
-    draws) merge into one Evaluation (merge_runs). Accuracy is measured on `score_on` (default: the test split), named `split` in the result.
+    draws) merge into one Evaluation (merge_runs). Accuracy is measured on `score_on` (default:
+    the test split), named `split` in the result.
     The runs of a model train together where `mctool.training.ensemble.train_many` decides so
     (`cfg.together`: None = on GPUs, where it is faster), with the same results as one after
     another up to float rounding."""
