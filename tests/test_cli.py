@@ -265,6 +265,7 @@ def test_experts_bad_settings_are_refused_before_any_file_is_written(tmp_path: P
     (["evaluate", "--lr", "nan"], "--lr must be a finite number > 0, got nan"),
     (["evaluate", "--seed", "-1"], "--seed must be in 0"),
     (["evaluate", "--baseline-labels", "soft"], "--baseline-labels must be auto, hard or expert, got 'soft'"),
+    (["evaluate", "--baseline-draws", "all"], "--baseline-draws must be per-run or one, got 'all'"),
     (["evaluate", "--labels", "soft"], "--labels must be auto or hard, got 'soft'"),
     (["convexify", "--interior", "-1"], "--interior must be >= 0, got -1"),
     (["convexify", "--beta", "nope"], "unknown --beta 'nope'"),

@@ -127,6 +127,7 @@ BAD = {
         "models": ((), "--models names no model"), "runs": (0, "--runs must be >= 1, got 0"),
         "epochs": (-1, "--epochs must be >= 0, got -1"), "lr": (0.0, "--lr must be a finite number > 0, got 0.0"),
         "seed": SEED_BAD, "baseline_labels": ("soft", "--baseline-labels must be auto, hard or expert, got 'soft'"),
+        "baseline_draws": ("two", "--baseline-draws must be per-run or one, got 'two'"),
         "labels": ("soft", "--labels must be auto or hard, got 'soft'")},
 }
 CASES = [(cls, key) for cls, table in BAD.items() for key in table]

@@ -8,7 +8,9 @@ Soft labels (learned, `distill --learn-labels`, or the expert's, `--soft-labels`
 with the soft-target cross-entropy, as DATM evaluates them (mctool.training.train takes float labels).
 Every result says which labels it trained on (`labels`: hard or soft), and the random-real
 baseline can be labelled by the synset's expert with the same rule as learned labels start from
-(`--baseline-labels`, mctool.training.labels), so that the gain compares like with like.
+(`--baseline-labels`, mctool.training.labels), so that the gain compares like with like, and
+each baseline run trains on its own random draw (`--baseline-draws per-run`, the default), so that
+random real's spread includes which images were drawn, as the synset's starting images were a draw.
 `--labels hard` trains a soft-label synset's images on the class each belongs to
 (store.image_classes), as the field reports label-learning methods' hard-label results apart.
 """
@@ -19,6 +21,7 @@ import copy
 import dataclasses
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,10 +119,13 @@ def run_seed(seed: int, model_index: int, run: int) -> int:
 def evaluate_set(images: torch.Tensor, labels: torch.Tensor, lr: float, prepared: Prepared, base: ModelSpec,
                  cfg: EvaluateConfig, kind: str = "synset", reporter: Reporter = SILENT,
                  score_on: tuple[torch.Tensor, torch.Tensor] | None = None, split: str = "test",
-                 stop_hint: str = _NOTHING_STORED) -> list[Evaluation]:
+                 stop_hint: str = _NOTHING_STORED, runs: Sequence[int] | None = None) -> list[Evaluation]:
     """Train cfg.runs fresh networks of every model on (images, labels); one Evaluation per model.
 
-    Accuracy is measured on `score_on` (default: the test split), named `split` in the result.
+    `runs` names the runs to train (default: all, 0 … cfg.runs − 1), each seeded as it would be
+    among all (run_seed), so that runs trained on different images (the random-real baseline's
+    draws) merge into one Evaluation (merge_runs). Accuracy is measured on `score_on` (default:
+    the test split), named `split` in the result.
     The runs of a model train together where `mctool.training.ensemble.train_many` decides so
     (`cfg.together`: None = on GPUs, where it is faster), with the same results as one after
     another up to float rounding."""
@@ -128,44 +134,58 @@ def evaluate_set(images: torch.Tensor, labels: torch.Tensor, lr: float, prepared
     test_x, test_y = score_on if score_on is not None else (prepared.test_x, prepared.test_y)
     dsa = DSA(cfg.augment, flip=prepared.meta.flip) if cfg.augment != "none" else None
     schedule = cfg.schedule(lr)
+    indices = list(range(cfg.runs)) if runs is None else list(runs)
     results = []
     for mi, name in enumerate(cfg.models):
         spec = spec_for(name, base)
         started = time.perf_counter()
-        seeds = [run_seed(cfg.seed, mi, r) for r in range(cfg.runs)]
+        seeds = [run_seed(cfg.seed, mi, r) for r in indices]
         models = [build_model(spec, seed=seed).to(device) for seed in seeds]
         gens = [torch.Generator().manual_seed(seed) for seed in seeds]
-        keys = [f"eval-{name}-{r}" for r in range(cfg.runs)]
-        for r, key in enumerate(keys):
+        keys = [f"eval-{name}-{r}" for r in indices]
+        for r, key in zip(indices, keys):
             reporter.task(key, f"evaluate {kind} {name} run {r + 1}/{cfg.runs}", total=cfg.epochs)
 
-        def on_epoch(r: int, epoch: int, loss: float) -> None:
-            reporter.update(keys[r], advance=1, loss=loss)
+        def on_epoch(i: int, epoch: int, loss: float) -> None:
+            reporter.update(keys[i], advance=1, loss=loss)
             stop_if_asked(reporter, stop_hint)
 
         train_many(models, images, labels, schedule, dsa, gens, together=cfg.together, on_epoch=on_epoch)
         accs = []
-        for r, model in enumerate(models):
-            reporter.done(keys[r])
+        for i, model in enumerate(models):
+            reporter.done(keys[i])
             accs.append(accuracy(model, test_x, test_y))
-            reporter.log(f"{kind} {name} run {r + 1}/{cfg.runs}: {split} accuracy {accs[-1]:.4f}")
+            reporter.log(f"{kind} {name} run {indices[i] + 1}/{cfg.runs}: {split} accuracy {accs[-1]:.4f}")
         del models  # before the next model's networks are built
         results.append(Evaluation(
             kind=kind, model=name, accuracies=accs, mean=statistics.fmean(accs), std=statistics.pstdev(accs),
-            runs=cfg.runs, epochs=cfg.epochs, lr=lr, seeds=seeds, seed=cfg.seed, images=int(images.shape[0]),
-            date=store.now_iso(), seconds_per_run=(time.perf_counter() - started) / max(1, cfg.runs),
+            runs=len(indices), epochs=cfg.epochs, lr=lr, seeds=seeds, seed=cfg.seed, images=int(images.shape[0]),
+            date=store.now_iso(), seconds_per_run=(time.perf_counter() - started) / max(1, len(indices)),
             config=dataclasses.asdict(cfg), split=split, labels="soft" if labels.dim() == 2 else "hard",
         ))
     return results
 
 
+def merge_runs(parts: Sequence[Evaluation]) -> Evaluation:
+    """One model's Evaluations of different runs (given in run order) as one: accuracies and seeds
+    concatenated, mean and std over them all, seconds per run averaged over the runs."""
+    accs = [a for p in parts for a in p.accuracies]
+    return dataclasses.replace(
+        parts[-1], accuracies=accs, mean=statistics.fmean(accs), std=statistics.pstdev(accs), runs=len(accs),
+        seeds=[s for p in parts for s in p.seeds],
+        seconds_per_run=sum(p.seconds_per_run * p.runs for p in parts) / max(1, sum(p.runs for p in parts)))
+
+
 def random_real(prepared: Prepared, ipc: int, seed: int, pool: torch.Tensor | None = None,
-                expert: Predict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                expert: Predict | None = None, draw: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """`ipc` random real training images per class (the baseline every paper compares against),
     drawn from the training indices `pool` (default: all), with hard labels; with `expert`,
     labelled by DATM's rule (mctool.training.labels: misclassified draws replaced by right ones of their
-    class, labels the softmax of the expert's logits), as learned labels start."""
-    gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 0xBA5E]).generate_state(1)[0]))
+    class, labels the softmax of the expert's logits), as learned labels start. `draw` r > 0 is
+    another draw under the same seed (`evaluate --baseline-draws per-run`: run r's); draw 0 is the
+    one releases up to 0.2.0 made."""
+    words = [seed, 0xBA5E] if draw == 0 else [seed, 0xBA5E, draw]
+    gen = torch.Generator().manual_seed(int(np.random.SeedSequence(words).generate_state(1)[0]))
     y = prepared.train_y if pool is None else prepared.train_y[pool.to(prepared.train_y.device)]
     sel = sample_per_class(y, prepared.meta.num_classes, ipc, gen)
     if pool is not None:
@@ -217,8 +237,8 @@ def evaluate_file(file: Path, cfg: EvaluateConfig, name: str | None = None, base
                   data_dir: Path | None = None, device: str = "auto", reporter: Reporter = SILENT,
                   buffer: Path | None = None) -> EvaluateResult:
     """`mctool evaluate`: train fresh networks on a synset's final (and best) images, optionally on
-    random real images too (labelled as `cfg.baseline_labels` says, the expert read from `buffer`),
-    report and store the results."""
+    random real images too (labelled as `cfg.baseline_labels` says, the expert read from `buffer`;
+    a draw per run or one as `cfg.baseline_draws` says), report and store the results."""
     from mctool.core.device import resolve_device
     from mctool.data.prepared import prepare_like
     from mctool.evaluate.scores import whole_data_accuracy
@@ -276,9 +296,13 @@ def evaluate_file(file: Path, cfg: EvaluateConfig, name: str | None = None, base
             ev.target, ev.iteration = target, iteration
             results.append(ev)
     if baseline == "random":
-        bx, by = random_real(prepared, syn.ipc, cfg.seed, expert=expert)
         lr = cfg.lr if cfg.lr is not None else syn.lr
-        results += evaluate_set(bx, by, lr, prepared, spec, cfg, "random-real", reporter)
+        # per-run: run r trains on draw r (its own random images, its usual network seed), so that
+        # random real's spread includes the draw; one: every run on draw 0.
+        draws = [[r] for r in range(cfg.runs)] if cfg.baseline_draws == "per-run" else [list(range(cfg.runs))]
+        per_draw = [evaluate_set(*random_real(prepared, syn.ipc, cfg.seed, expert=expert, draw=d), lr, prepared, spec,
+                                 cfg, "random-real", reporter, runs=runs) for d, runs in enumerate(draws)]
+        results += [merge_runs(parts) for parts in zip(*per_draw)]  # one Evaluation per model, runs in order
     if save:
         # Saving can fail after the networks trained (another writer, a full disk): the work is not
         # lost with it, the scores go in the message.

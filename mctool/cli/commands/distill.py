@@ -11,7 +11,9 @@ import typer
 from mctool.cli.common import DataDirOpt, DebugOpt, DeviceOpt, JsonOpt, QuietOpt, emit_json, run, settings_from, with_settings
 from mctool.cli.render import cell, mean_std, pct, stdout, table
 from mctool.configs.distill import DistillConfig
+from mctool.configs.evaluate import baseline_draws
 from mctool.core.errors import UsageError
+from mctool.core.text import count
 
 EPILOG = ("Examples:\n\n  mctool distill --list-presets\n\n"
           "  mctool distill --preset cifar10-ipc10                 (reads buffer.h5, writes synset.h5)\n\n"
@@ -95,7 +97,9 @@ def evaluation_line(ev: dict[str, Any]) -> str:
     score = f"{ev.get('model', '?')} {mean_std(ev.get('mean'), ev.get('std'), int(ev.get('runs') or 1))} %"
     split = f"on the {ev.get('split', 'test')} split"
     if ev.get("kind") == "random-real":
-        return f"evaluation of random real images (the baseline, by mctool evaluate): {score} {split}"
+        draws = baseline_draws(ev.get("config"), ev.get("runs"))
+        return (f"evaluation of random real images (the baseline, by mctool evaluate"
+                f"{', ' + count(draws, 'draw') if draws > 1 else ''}): {score} {split}")
     what = "the best images" if ev.get("target") == "best" else "the images"
     if ev.get("iteration") is None:
         return f"evaluation of {what} (iteration not recorded by the release that stored it): {score} {split}"
