@@ -1,8 +1,7 @@
 """`--select-margin` (issue 23): a run that selects its images replaces the starting images only
 with images that score above them by more than K standard errors of the selection split — on a
-small split with one network, the luckiest later score is noise, and the start is the safe
-answer. On by default without a preset (and in the preset --tune writes), off with a preset and
-for files of earlier releases."""
+small split with one network, the luckiest later score may be noise. Off by default (0: the
+highest score wins, as before): a margin of 1 did no better on two small datasets (bench/README.md)."""
 
 from __future__ import annotations
 
@@ -17,7 +16,6 @@ import torch
 
 from mctool import store
 from mctool.distill import resolve_config
-from mctool.distill.config import DEFAULT_SELECT_MARGIN
 from mctool.distill.runner import TRAJECTORY_FREE, _Run, standard_error
 from mctool.distill.state import State
 from mctool.evaluate import evaluation
@@ -80,11 +78,13 @@ def test_a_score_below_the_start_never_replaces_it_and_says_nothing_of_the_margi
     assert run.d.state.best.iteration == 0 and "kept" not in run.reporter.lines[-1]
 
 
-def test_defaults_with_and_without_a_preset_and_older_files() -> None:
-    assert resolve_config(None, {}).select_margin == DEFAULT_SELECT_MARGIN == 1.0
-    assert resolve_config("fashion-mnist-ipc10", {}).select_margin == 0.0  # presets: the authors' selection
+def test_off_by_default_everywhere() -> None:
+    """Measured no better than the highest score on two small datasets (bench/README.md), so the
+    default stays what it was: the highest score wins, with or without a preset, in older files."""
+    assert resolve_config(None, {}).select_margin == 0.0
+    assert resolve_config("fashion-mnist-ipc10", {}).select_margin == 0.0
     assert resolve_config(None, {}, stored={"ipc": 2}).select_margin == 0.0  # files of earlier releases
-    assert resolve_config(None, {"select_margin": 0.0}).select_margin == 0.0
+    assert resolve_config(None, {"select_margin": 1.5}).select_margin == 1.5
     # It decides which images are kept, not the trajectory: --tune's final run may continue its winner.
     assert "select_margin" in TRAJECTORY_FREE
 
@@ -115,7 +115,7 @@ def test_a_run_whose_images_are_not_clearly_better_returns_the_start_and_says_wh
     r = cli("distill", "--buffer", convex_buffer, "-o", out, "--data-dir", data_dir, "--ipc", "2", "--syn-steps", "3",
             "--expert-epochs", "1.5", "--max-start-epoch", "2", "--lr-lr", "1e-5", "--lr-init", "0.01",
             "--eval-epochs", "2", "--seed", "3", "--lr-img", "100", "--iterations", "20", "--eval-every", "10",
-            "--json")
+            "--select-margin", "1", "--json")
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     scored = {e["iteration"]: e["mean"] for e in doc["evaluations"]}
@@ -133,6 +133,7 @@ def test_a_run_whose_images_are_not_clearly_better_returns_the_start_and_says_wh
     r = cli("distill", "--buffer", convex_buffer, "-o", tmp_path / "m0.h5", "--data-dir", data_dir, "--ipc", "2",
             "--syn-steps", "3", "--expert-epochs", "1.5", "--max-start-epoch", "2", "--lr-lr", "1e-5", "--lr-init",
             "0.01", "--eval-epochs", "2", "--seed", "3", "--lr-img", "100", "--iterations", "20", "--eval-every",
-            "10", "--select-margin", "0", "--json")
+            "10", "--json")
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["best"]["iteration"] == 20  # the highest score, as before
+    doc = json.loads(r.stdout)
+    assert doc["best"]["iteration"] == 20 and doc["selection"]["select_margin"] == 0.0  # the default: the highest

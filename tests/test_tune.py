@@ -318,11 +318,7 @@ def test_the_final_run_continues_the_winner_exactly_as_a_restart(tmp_path: Path,
         assert by_a[it]["seeds"] == by_b[it]["seeds"] and by_a[it]["config"] == by_b[it]["config"]
     assert a.best is not None and b.best is not None and a.best["iteration"] == b.best["iteration"]
     assert a.best["score"]["accuracies"] == b.best["score"]["accuracies"]
-    # The tuned preset's --select-margin: later images replace the start only when clearly better.
-    margin = a.selection["start_margin"] if a.selection else None
-    assert a.config["select_margin"] == 1.0 and margin is not None and margin > 0
-    passing = [e for e in a.evaluations if e["iteration"] == 0 or e["mean"] > by_a[0]["mean"] + margin]
-    assert a.best["iteration"] == max(passing, key=lambda e: e["mean"])["iteration"]
+    assert a.best["iteration"] == max(a.evaluations, key=lambda e: e["mean"])["iteration"]
     assert torch.equal(sa.best.images, sb.best.images)
     assert a.selection is not None and a.selection["evaluations"] == 1 and a.selection["reused"] == 2
 

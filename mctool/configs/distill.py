@@ -16,7 +16,6 @@ from mctool.core.settings import (Check, above, at_least, between, first_problem
 DEFAULT_EVAL_SHARE = 0.1  # runs without a preset keep their best images; evaluations take at most this share
 AUTO_SELECT_MIN_ITERATIONS = 20  # shorter runs keep their final images unless --eval-every asks
 DEFAULT_LR_BACKOFF = 0.1  # runs without a preset cut lr_img tenfold when their images fall below the start
-DEFAULT_SELECT_MARGIN = 1.0  # runs without a preset replace their starting images only when clearly beaten
 MAX_BACKOFFS = 3  # a run cuts lr_img at most this often (1000× with the default factor)
 
 # --micro-batch: "auto" or a whole number of images (0 = whole steps).
@@ -134,9 +133,9 @@ class DistillConfig:
                                    "(iteration 0) only when they score above them by more than this many standard "
                                    "errors of the selection split, so that a run whose evaluations cannot tell its "
                                    "images from the start (a small split, one network) returns the start instead of "
-                                   "the luckiest score. 0 = the highest score wins. Default "
-                                   f"{DEFAULT_SELECT_MARGIN:g} without a preset and in the preset --tune writes, 0 "
-                                   "with a preset.", preset=True, legacy=0.0, metavar="SE",
+                                   "the luckiest score. 0 (the default) = the highest score wins; a margin of 1 "
+                                   "did no better on two small datasets (bench/README.md, \"The selection's "
+                                   "margin\").", preset=True, legacy=0.0, metavar="SE",
                                    check=between(0, 10, "in [0, 10]"))
     eval_runs: int = setting(1, "Networks per periodic evaluation.", resume_safe=True, check=at_least(1))
     eval_epochs: int = setting(300, "Epochs per periodic evaluation.", resume_safe=True, check=at_least(1))

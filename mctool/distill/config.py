@@ -17,7 +17,7 @@ import torch
 from mctool import presets, store
 from mctool.core.errors import UsageError
 from mctool.configs.distill import (AUTO_SELECT_MIN_ITERATIONS, DEFAULT_EVAL_SHARE, DEFAULT_LR_BACKOFF,  # noqa: F401
-                                     DEFAULT_SELECT_MARGIN, MAX_BACKOFFS, DistillConfig, list_presets, load_preset,
+                                     MAX_BACKOFFS, DistillConfig, list_presets, load_preset,
                                      preset_schema)  # (re-exported)
 from mctool.core.settings import legacy_values, resume_safe
 
@@ -44,8 +44,7 @@ def resolve_config(preset: str | None, overrides: dict[str, Any], buffer: store.
 
     A new run: built-in defaults <- what the buffer implies (dataset, preprocessing, waypoint
     count, when no preset says otherwise) <- the preset's values (none: eval_share
-    DEFAULT_EVAL_SHARE, the best images kept; lr_backoff DEFAULT_LR_BACKOFF; select_margin
-    DEFAULT_SELECT_MARGIN) <- `overrides` that are not None.
+    DEFAULT_EVAL_SHARE, the best images kept; lr_backoff DEFAULT_LR_BACKOFF) <- `overrides` that are not None.
     A resumed run (`stored`: the synset's config): the stored settings (with the values older
     releases implied for keys they did not store) <- `overrides`, which may differ only in the
     settings a resume may change."""
@@ -67,8 +66,6 @@ def resolve_config(preset: str | None, overrides: dict[str, Any], buffer: store.
             values["eval_share"] = DEFAULT_EVAL_SHARE
             # ... and cuts an image learning rate that makes them worse than they started (runner.py).
             values["lr_backoff"] = DEFAULT_LR_BACKOFF
-            # ... and replaces the starting images only with images that beat them by more than noise.
-            values["select_margin"] = DEFAULT_SELECT_MARGIN
     given = {k: v for k, v in overrides.items() if v is not None and k in _fields()}
     if stored is not None:
         _check_resume_changes(values, given, p)

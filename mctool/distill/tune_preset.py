@@ -8,7 +8,7 @@ from typing import Any
 
 from mctool import store
 from mctool.core.errors import UsageError
-from mctool.distill.config import DEFAULT_EVAL_SHARE, DEFAULT_SELECT_MARGIN
+from mctool.distill.config import DEFAULT_EVAL_SHARE
 from mctool.evaluate.scores import score_text
 from mctool.distill.tune_result import Candidate, TuneResult
 
@@ -126,8 +126,6 @@ def write_result_preset(result: TuneResult, path: Path) -> Path:
     if not values.get("eval_share"):
         # The run it is for keeps its best images on validation, the starting ones included.
         values["eval_share"] = DEFAULT_EVAL_SHARE
-    if not values.get("select_margin"):
-        values["select_margin"] = DEFAULT_SELECT_MARGIN  # ... and keeps the start unless clearly beaten
     values["source"] = "tuned"
     values["description"] = f"mctool distill --tune on {result.buffer}"
     ds = values.get("dataset", "")
