@@ -209,7 +209,7 @@ def test_bad_inputs(tmp_path: Path, convex_buffer: Path, buffer: Path, data_dir:
     assert_one_line_error(run_distill(convex_buffer, tmp_path / "o.h5", data_dir, "--grad", "magic"), 2, "--grad")
     for bad, message in ((["--lr-img", "nan"], "--lr-img must be a number > 0"),
                          (["--lr-img", "-100"], "--lr-img must be a number > 0"),
-                         (["--init", "zeros"], "--init must be real or noise"),
+                         (["--init", "zeros"], "--init must be one of real, correct, noise"),
                          (["--name", "a/b"], "may not"), (["--name", ".."], "may not")):
         assert_one_line_error(run_distill(convex_buffer, tmp_path / "o.h5", data_dir, *bad), 2, message)
     assert not (tmp_path / "o.h5").exists()

@@ -26,7 +26,7 @@ DISTILL_WORDS = {
     "depth": ">= 0 (0 = any)", "checkpoint_every": ">= 1", "checkpoint_minutes": ">= 0 (0 = off)",
     "eval_every": ">= 0 (0 = never)", "eval_share": "in [0, 1) (0 = off)", "eval_runs": ">= 1", "eval_epochs": ">= 1", "val_size": ">= 0 (0 = automatic)",
     "seed": "in 0 … 2**63-1", "method": "mct or mtt", "grad": "one of constant, adjoint, unrolled",
-    "step_units": "released or exact", "pix_init": "real or noise", "micro_batch": "auto or a whole number >= 0",
+    "step_units": "released or exact", "pix_init": "one of real, correct, noise", "micro_batch": "auto or a whole number >= 0",
     "second_order": "one of auto, fastgrad, autograd", "select_on": "validation or test",
     "min_start_epoch": ">= 0", "start_upper_init": ">= 0 (0 = off)", "start_upper_iterations": ">= 0",
     "ema": "in [0, 1) (0 = off)", "lr_backoff": "in [0, 1) (0 = off)", "select_margin": "in [0, 10]", "lr_label": "a number >= 0", "momentum_label": "in [0, 1)",

@@ -81,8 +81,11 @@ class DistillConfig:
                               "formulas as stated).", legacy="exact", check=one_of("released", "exact"))
     discrete: bool = setting(False, "Integer start epochs (ablation) instead of continuous.",
                              flags=("--discrete/--continuous",))
-    pix_init: str = setting("real", "Initial images: real (random real images per class) or noise.",
-                            flags=("--init",), check=one_of("real", "noise"))
+    pix_init: str = setting("real", "Initial images: real (random real images per class), correct (the same, with "
+                            "every image the buffer's first expert misclassifies replaced by one of its class the "
+                            "expert gets right: DATM's rule, as --learn-labels starts) or noise.",
+                            flags=("--init",), check=one_of("real", "correct", "noise",
+                                                            words="one of real, correct, noise"))
     soft_labels: bool = setting(False, "Labels from the expert's predictions.",
                                 flags=("--soft-labels/--hard-labels",))
     learn_labels: bool = setting(False, "Learned soft labels (DATM): label logits initialised from the buffer's first "

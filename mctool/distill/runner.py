@@ -598,7 +598,7 @@ def _selection(cfg: DistillConfig, prepared: Prepared) -> tuple[tuple[torch.Tens
     if held.numel() == 0:
         raise UsageError("--select-on validation needs a validation split, but the training split is too small; "
                          "use --val-size or --select-on test")
-    if not cfg.eval_every and cfg.pix_init == "real":
+    if not cfg.eval_every and cfg.pix_init != "noise":
         # The default selection must not make a run impossible that would run without it.
         left = torch.bincount(prepared.train_y.cpu()[keep], minlength=prepared.meta.num_classes)
         if int(left.min()) < cfg.ipc:
@@ -684,8 +684,8 @@ def run_prepared(cfg: DistillConfig, buffer: store.Buffer, out: Path, prepared: 
 
     def starting() -> State:
         """The run's iteration-0 state, drawn again from the seed (deterministic: as the run drew it)."""
-        nonlocal expert  # learned labels: the expert's, made once
-        if cfg.learn_labels and expert is None:
+        nonlocal expert  # learned labels and --init correct: the expert's, made once
+        if (cfg.learn_labels or cfg.pix_init == "correct") and expert is None:
             expert = expert_predictor(buffer, cfg.method, device)
         return initial_state(cfg, prepared, torch.Generator().manual_seed(cfg.seed), pool, expert)
 

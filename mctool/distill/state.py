@@ -91,9 +91,9 @@ def _rank_seed(seed: int, rank: int) -> int:
 def initial_state(cfg: DistillConfig, prepared: Prepared, generator: torch.Generator,
                   pool: torch.Tensor | None = None, expert: Predict | None = None) -> State:
     """Images from random real images of each class drawn from the training indices `pool`
-    (default: all) or noise, hard class-major labels, α = lr_init. With learned labels
-    (`expert` given: mctool.training.labels), DATM's rule: drawn images the expert misclassifies are
-    replaced by ones of the same class it gets right, and the label logits are its logits."""
+    (default: all) or noise, hard class-major labels, α = lr_init. With `expert` (learned labels,
+    `--init correct`: mctool.training.labels), DATM's rule: drawn images the expert misclassifies are
+    replaced by ones of the same class it gets right; learned label logits start as its logits."""
     m = prepared.meta
     n = cfg.ipc * m.num_classes
     labels = store.class_major_labels(m.num_classes, cfg.ipc)
