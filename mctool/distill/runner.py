@@ -581,8 +581,9 @@ def selection_notes(summary: dict[str, Any], state: State, seconds: float) -> li
         notes.append(f"the starting images {verdict} on {split}: "
                      f"{score_text(s['mean'], s.get('std'), s.get('runs', 1))} % at iteration 0{beaten} — the run "
                      "returns them as its best images (the final ones are kept beside them); these settings did not "
-                     "improve on the start by more than its evaluations can tell: try `mctool distill --tune`, a "
-                     "smaller --lr-img, a larger --val-size or --eval-runs, or check the experts (`mctool inspect`)")
+                     f"improve on the start{' by more than the margin' if verdict == 'are kept' else ''}: try "
+                     "`mctool distill --tune`, a smaller --lr-img, a larger --val-size or --eval-runs, or check the "
+                     "experts (`mctool inspect`)")
     return notes
 
 
