@@ -1,5 +1,5 @@
 """`mctool evaluate --baseline-draws per-run|one`: the random-real baseline's runs each on their own
-random draw of real images (the default), or all on one draw (releases up to 0.2.0)."""
+random draw of real images (the default), or all on one draw (earlier releases)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 
 import mctool.evaluate.evaluation as ev_mod
 from mctool import store
-from mctool.configs.evaluate import baseline_draws
+from mctool.configs.evaluate import draw_count
 from mctool.data.prepared import sample_per_class
 from mctool.evaluate.evaluation import EvaluateConfig, evaluate_file, evaluate_set, random_real, run_seed
 from mctool.models import ModelSpec, layout_of
@@ -65,7 +65,7 @@ def test_one_run_per_run_equals_one(synset: Path, prepared, data_dir: Path) -> N
 
 def test_draws_differ_and_draw_zero_is_the_single_draw(prepared) -> None:
     x0, y0 = random_real(prepared, 2, seed=3, draw=0)
-    x, y = random_real(prepared, 2, seed=3)  # the draw releases up to 0.2.0 made
+    x, y = random_real(prepared, 2, seed=3)  # the draw earlier releases made
     assert torch.equal(x0, x) and torch.equal(y0, y)
     # ... from the generator those releases seeded: (seed, 0xBA5E), the run index not in it.
     gen = torch.Generator().manual_seed(int(np.random.SeedSequence([3, 0xBA5E]).generate_state(1)[0]))
@@ -162,7 +162,7 @@ def test_a_record_without_the_setting_is_one_draw(tmp_path: Path) -> None:
     with store.open_synsets(path) as sf:
         (old,) = [e for e in sf.read("mct-ipc2").evaluations if e["kind"] == "random-real"]
     assert "baseline_draws" not in old["config"] and old["runs"] == 2
-    assert baseline_draws(old["config"], old["runs"]) == 1
+    assert draw_count(old["config"], old["runs"]) == 1
     r = cli("inspect", path)
     assert r.exit_code == 0, r.output
     line = next(t for t in r.stdout.splitlines() if "random real images" in t)
@@ -170,5 +170,5 @@ def test_a_record_without_the_setting_is_one_draw(tmp_path: Path) -> None:
     # Anything else read from a file counts as one draw, never a failure.
     for config, runs in (({"baseline_draws": "per-run"}, "2"), ({"baseline_draws": "per-run"}, True), ("x", 2),
                          (None, 2), ({"baseline_draws": "one"}, 5)):
-        assert baseline_draws(config, runs) == 1
-    assert baseline_draws({"baseline_draws": "per-run"}, 3) == 3
+        assert draw_count(config, runs) == 1
+    assert draw_count({"baseline_draws": "per-run"}, 3) == 3

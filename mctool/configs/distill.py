@@ -82,8 +82,8 @@ class DistillConfig:
     discrete: bool = setting(False, "Integer start epochs (ablation) instead of continuous.",
                              flags=("--discrete/--continuous",))
     pix_init: str = setting("real", "Initial images: real (random real images per class), correct (the same, with "
-                            "every image the buffer's first expert misclassifies replaced by one of its class the "
-                            "expert gets right: DATM's rule, as --learn-labels starts) or noise.",
+                            "the images the buffer's first expert misclassifies replaced by ones of their class it "
+                            "gets right, where any are left: DATM's rule, as --learn-labels starts) or noise.",
                             flags=("--init",), check=one_of("real", "correct", "noise",
                                                             words="one of real, correct, noise"))
     soft_labels: bool = setting(False, "Labels from the expert's predictions.",

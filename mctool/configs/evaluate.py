@@ -43,8 +43,8 @@ class EvaluateConfig:
                                                 message="{option} must be {words}, got '{value}'"))
     baseline_draws: str = setting("per-run", "Random real images of the baseline (--baseline random): per-run: each "
                                   "of the --runs networks trains on its own random draw (run r's draw), so random "
-                                  "real's ± includes which images were drawn; one: all train on one draw (releases "
-                                  "up to 0.2.0).",
+                                  "real's ± includes which images were drawn (on GPUs the runs then train one after "
+                                  "another, not stacked); one: all train on one draw (earlier releases).",
                                   check=one_of("per-run", "one", words="per-run or one",
                                                message="{option} must be {words}, got '{value}'"))
     labels: str = setting("auto", "Labels the networks train on: auto (the synset's own: soft for a soft-label synset) "
@@ -69,10 +69,10 @@ class EvaluateConfig:
         self.schedule(self.lr if self.lr is not None else 0.01)
 
 
-def baseline_draws(config: object, runs: object) -> int:
+def draw_count(config: object, runs: object) -> int:
     """How many random draws of real images a random-real evaluation with `config` (its stored
     protocol) and `runs` networks trained on: one per run with baseline_draws per-run, else one
-    (records from releases up to 0.2.0 lack the setting: one draw). Read from files: anything
+    (records from earlier releases lack the setting: one draw). Read from files: anything
     else than a mapping and a positive int counts as one draw."""
     per_run = isinstance(config, Mapping) and config.get("baseline_draws") == "per-run"
     return runs if per_run and isinstance(runs, int) and not isinstance(runs, bool) and runs > 1 else 1

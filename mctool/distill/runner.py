@@ -85,7 +85,8 @@ class DistillResult:
 
 # Settings that do not change a run's trajectory — how long it runs, when it saves, how and where its
 # images are scored (which training images it starts from is checked on the indices) — unless the run
-# cuts lr_img after its evaluations (`--lr-backoff`, checked apart): a run differing from a candidate's
+# cuts lr_img after its evaluations (`--lr-backoff`, checked apart; with it, `select_margin` decides which
+# images a cut goes on from): a run differing from a candidate's
 # only in these may continue the candidate's run (`continuation_problem`).
 TRAJECTORY_FREE = ("iterations", "checkpoint_every", "checkpoint_minutes", "eval_every", "eval_share", "eval_runs",
                    "eval_epochs", "select_on", "val_size", "select_margin", "preset")
@@ -573,7 +574,7 @@ def selection_notes(summary: dict[str, Any], state: State, seconds: float) -> li
                                          f"(iteration {top['iteration']})")
         margin = summary.get("start_margin") or 0.0
         verdict = "scored best"
-        if top is not None and top["mean"] > s["mean"]:
+        if top is not None and s["mean"] < top["mean"] <= s["mean"] + margin:
             # Above the start, but by no more than the split can tell apart (--select-margin).
             verdict = "are kept"
             beaten += (f", above them by no more than --select-margin {summary.get('select_margin', 0):g} standard "
@@ -653,10 +654,11 @@ def run_prepared(cfg: DistillConfig, buffer: store.Buffer, out: Path, prepared: 
         notes.append("note: the training split is too small to hold out a validation split: the run keeps its "
                      "final images (--val-size, or --eval-share 0 to silence this)")
         reporter.log(notes[-1])
-    if cfg.lr_backoff > 0 and not cfg.selecting:
-        notes.append(f"note: --lr-backoff {cfg.lr_backoff:g} follows the evaluations of a run that selects its images; "
-                     "this one does not (--eval-every N or --eval-share S)")
-        reporter.log(notes[-1])
+    for option, value in (("--lr-backoff", cfg.lr_backoff), ("--select-margin", cfg.select_margin)):
+        if value > 0 and not cfg.selecting:
+            notes.append(f"note: {option} {value:g} follows the evaluations of a run that selects its images; "
+                         "this one does not (--eval-every N or --eval-share S)")
+            reporter.log(notes[-1])
     if selection is not None and cfg.eval_share > 0 and not cfg.eval_every and cfg.iterations < AUTO_SELECT_MIN_ITERATIONS:
         notes.append(f"note: a run of {cfg.iterations} iteration(s) keeps its final images: the best-images "
                      f"selection starts at {AUTO_SELECT_MIN_ITERATIONS} iterations (two evaluations would cost more "

@@ -183,7 +183,7 @@ def random_real(prepared: Prepared, ipc: int, seed: int, pool: torch.Tensor | No
     labelled by DATM's rule (mctool.training.labels: misclassified draws replaced by right ones of their
     class, labels the softmax of the expert's logits), as learned labels start. `draw` r > 0 is
     another draw under the same seed (`evaluate --baseline-draws per-run`: run r's); draw 0 is the
-    one releases up to 0.2.0 made."""
+    one earlier releases made."""
     words = [seed, 0xBA5E] if draw == 0 else [seed, 0xBA5E, draw]
     gen = torch.Generator().manual_seed(int(np.random.SeedSequence(words).generate_state(1)[0]))
     y = prepared.train_y if pool is None else prepared.train_y[pool.to(prepared.train_y.device)]

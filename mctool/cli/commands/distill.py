@@ -11,7 +11,7 @@ import typer
 from mctool.cli.common import DataDirOpt, DebugOpt, DeviceOpt, JsonOpt, QuietOpt, emit_json, run, settings_from, with_settings
 from mctool.cli.render import cell, mean_std, pct, stdout, table
 from mctool.configs.distill import DistillConfig
-from mctool.configs.evaluate import baseline_draws
+from mctool.configs.evaluate import draw_count
 from mctool.core.errors import UsageError
 from mctool.core.text import count
 
@@ -97,7 +97,7 @@ def evaluation_line(ev: dict[str, Any]) -> str:
     score = f"{ev.get('model', '?')} {mean_std(ev.get('mean'), ev.get('std'), int(ev.get('runs') or 1))} %"
     split = f"on the {ev.get('split', 'test')} split"
     if ev.get("kind") == "random-real":
-        draws = baseline_draws(ev.get("config"), ev.get("runs"))
+        draws = draw_count(ev.get("config"), ev.get("runs"))
         return (f"evaluation of random real images (the baseline, by mctool evaluate"
                 f"{', ' + count(draws, 'draw') if draws > 1 else ''}): {score} {split}")
     what = "the best images" if ev.get("target") == "best" else "the images"

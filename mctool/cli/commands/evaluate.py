@@ -9,7 +9,7 @@ import typer
 
 from mctool.cli.common import DataDirOpt, DebugOpt, DeviceOpt, JsonOpt, QuietOpt, emit_json, run, settings_from, with_settings
 from mctool.cli.render import mean_std, pct, stdout, table
-from mctool.configs.evaluate import EvaluateConfig, baseline_draws
+from mctool.configs.evaluate import EvaluateConfig, draw_count
 from mctool.core.text import count
 
 EPILOG = ("Examples:\n\n  mctool evaluate synset.h5\n\n  mctool evaluate synset.h5 --runs 3 --epochs 300 --baseline random\n\n"
@@ -69,7 +69,7 @@ def evaluate(
         rows = []
         for r in result.results:
             what = f"synset ({r.target}, iteration {r.iteration})" if r.kind == "synset" else \
-                f"{r.kind} ({count(baseline_draws(r.config, r.runs), 'draw')})"
+                f"{r.kind} ({count(draw_count(r.config, r.runs), 'draw')})"
             rows.append([what, r.labels, r.model, mean_std(r.mean, r.std, r.runs), " ".join(pct(a) for a in r.accuracies),
                          r.epochs, f"{r.seconds_per_run:.1f}"])
         ref = result.experts_reference

@@ -11,7 +11,7 @@ from rich.tree import Tree
 
 from mctool.cli.common import DataDirOpt, DebugOpt, DeviceOpt, JsonOpt, QuietOpt, emit_json, run
 from mctool.cli.render import stdout
-from mctool.configs.evaluate import baseline_draws
+from mctool.configs.evaluate import draw_count
 from mctool.core.text import count
 
 EPILOG = ("Examples:\n\n  mctool inspect buffer.h5\n\n  mctool inspect synset.h5 --json | python -m json.tool\n\n"
@@ -113,7 +113,7 @@ def _evaluated_what(ev: dict) -> str:
     # Evaluations stored since `evaluate --labels` say which labels they trained on: hard and soft apart.
     labels = f", {ev['labels']} labels" if ev.get("labels") in ("hard", "soft") else ""
     if ev.get("kind") == "random-real":
-        draws = baseline_draws(ev.get("config"), ev.get("runs"))
+        draws = draw_count(ev.get("config"), ev.get("runs"))
         return f", random real images (baseline{', ' + count(draws, 'draw') if draws > 1 else ''}){labels}"
     what = f", {ev.get('target', 'final')} images" if ev.get("target") == "best" else ""
     what += f" of iteration {ev['iteration']}" if "iteration" in ev else ""
