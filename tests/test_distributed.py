@@ -65,6 +65,50 @@ def test_only_the_writer_rank_checks_the_output(monkeypatch: pytest.MonkeyPatch,
     assert dist.writes_output() is writer
 
 
+def _rank_start(rank: int, world: int, rendezvous: str, out: str) -> None:
+    """One process of `test_every_rank_takes_rank_zeros_start`: a start of its own (images and
+    label logits that depend on the rank, as an expert's float predictions may), then
+    `shared_start`; what it ends with goes to out/rank<r>.pt."""
+    import torch.distributed as tdist
+
+    from mctool.distill.runner import shared_start
+    from mctool.distill.state import State
+
+    tdist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
+    try:
+        logits = torch.randn(4, 2, generator=torch.Generator().manual_seed(rank))
+        values = {"images": torch.full((4, 1, 2, 2), float(rank)), "alpha": 0.01 * (rank + 1), "labels": logits}
+        state = State(values=values, velocities={"images": torch.zeros(4, 1, 2, 2), "alpha": 0.0,
+                                                 "labels": torch.zeros(4, 2)},
+                      labels=torch.softmax(logits, dim=1), iteration=0, generators=[], queues=[])
+        state = shared_start(state, torch.device("cpu"))
+        torch.save({"images": state.images, "alpha": state.alpha, "logits": state.values["labels"],
+                    "labels": state.labels}, Path(out) / f"rank{rank}.pt")
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_every_rank_takes_rank_zeros_start(tmp_path: Path) -> None:
+    """Under torchrun every rank starts from rank 0's starting state: `--init correct` and
+    `--learn-labels` start from an expert's float predictions, which may differ in the last bits
+    between GPUs, and ranks that started apart would average the gradients of different runs.
+    Two gloo processes with starts of their own end with rank 0's (images, α, label logits and
+    the labels made from them); one process keeps its own."""
+    import torch.multiprocessing as mp
+
+    from mctool.distill.runner import shared_start
+
+    mp.spawn(_rank_start, args=(2, f"file://{tmp_path / 'rendezvous'}", str(tmp_path)), nprocs=2)
+    zero, one = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert float(zero["images"].max()) == 0.0  # rank 0 kept its own start
+    for key in ("images", "logits", "labels"):
+        assert torch.equal(one[key], zero[key]), key
+    assert one["alpha"] == zero["alpha"]
+    assert torch.equal(one["labels"], torch.softmax(zero["logits"], dim=1))
+    alone = object()
+    assert shared_start(alone, torch.device("cpu")) is alone  # type: ignore[arg-type]  # no torchrun: untouched
+
+
 @pytest.fixture(scope="module")
 def dist_buffer(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
     out = tmp_path_factory.mktemp("dist") / "dist.h5"

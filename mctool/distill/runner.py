@@ -588,6 +588,22 @@ def selection_notes(summary: dict[str, Any], state: State, seconds: float) -> li
     return notes
 
 
+def shared_start(state: State, device: torch.device) -> State:
+    """Rank 0's starting `state` on every rank (under torchrun; the state itself otherwise).
+
+    Every rank draws the same images from the seed, but `--init correct` and `--learn-labels` also
+    take the expert's float predictions, which on GPUs may differ in the last bits between ranks:
+    at a near-tie the ranks would start from other images or label logits and average the
+    gradients of different runs. Done for every multi-rank run, not only for those: once per run,
+    as cheap as the draw, and no start rule added later can let the ranks drift apart."""
+    if dist.world_size() <= 1:
+        return state
+    # Broadcast from the CPU: a pickled CUDA tensor unpickles onto rank 0's GPU on every rank.
+    state = dist.broadcast(state.to(torch.device("cpu")) if dist.is_main() else None).to(device)
+    state.sync_labels()  # each rank's labels from the shared logits, as a resume makes them
+    return state
+
+
 def _selection(cfg: DistillConfig, prepared: Prepared) -> tuple[tuple[torch.Tensor, torch.Tensor] | None,
                                                                  torch.Tensor | None]:
     """(the split periodic evaluations score on, the training indices distillation may use)."""
@@ -712,7 +728,8 @@ def run_prepared(cfg: DistillConfig, buffer: store.Buffer, out: Path, prepared: 
                 if name in sf.names:
                     raise UsageError(f"{store.shown(out)}: already holds synset '{name}'; use --resume to continue "
                                      "it, --name for another, or another -o FILE")
-        state = starting()
+        # Every rank draws (a failing draw fails on each), then all take rank 0's (`shared_start`).
+        state = shared_start(starting(), device)
         generator = torch.Generator().manual_seed(_rank_seed(cfg.seed, me))
         state.queues = [[] for _ in range(world)]
         if continuation is not None:
