@@ -65,6 +65,106 @@ def test_only_the_writer_rank_checks_the_output(monkeypatch: pytest.MonkeyPatch,
     assert dist.writes_output() is writer
 
 
+def _rank_start(rank: int, world: int, rendezvous: str, out: str) -> None:
+    """One process of `test_every_rank_takes_rank_zeros_start`: a start of its own (images and
+    label logits that depend on the rank, as an expert's float predictions may), then
+    `shared_start`; what it ends with goes to out/rank<r>.pt."""
+    import torch.distributed as tdist
+
+    from mctool.distill.runner import shared_start
+    from mctool.distill.state import State
+
+    tdist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
+    try:
+        logits = torch.randn(4, 2, generator=torch.Generator().manual_seed(rank))
+        values = {"images": torch.full((4, 1, 2, 2), float(rank)), "alpha": 0.01 * (rank + 1), "labels": logits}
+        state = State(values=values, velocities={"images": torch.zeros(4, 1, 2, 2), "alpha": 0.0,
+                                                 "labels": torch.zeros(4, 2)},
+                      labels=torch.softmax(logits, dim=1), iteration=0, generators=[], queues=[])
+        state = shared_start(state, torch.device("cpu"))
+        torch.save({"images": state.images, "alpha": state.alpha, "logits": state.values["labels"],
+                    "labels": state.labels}, Path(out) / f"rank{rank}.pt")
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_every_rank_takes_rank_zeros_start(tmp_path: Path) -> None:
+    """Under torchrun every rank starts from rank 0's starting state: `--init correct` and
+    `--learn-labels` start from an expert's float predictions, which may differ in the last bits
+    between GPUs, and ranks that started apart would average the gradients of different runs.
+    Two gloo processes with starts of their own end with rank 0's (images, α, label logits and
+    the labels made from them); one process keeps its own."""
+    import torch.multiprocessing as mp
+
+    from mctool.distill.runner import shared_start
+
+    mp.spawn(_rank_start, args=(2, f"file://{tmp_path / 'rendezvous'}", str(tmp_path)), nprocs=2)
+    zero, one = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert float(zero["images"].max()) == 0.0  # rank 0 kept its own start
+    for key in ("images", "logits", "labels"):
+        assert torch.equal(one[key], zero[key]), key
+    assert one["alpha"] == zero["alpha"]
+    assert torch.equal(one["labels"], torch.softmax(zero["logits"], dim=1))
+    alone = object()
+    assert shared_start(alone, torch.device("cpu")) is alone  # type: ignore[arg-type]  # no torchrun: untouched
+
+
+def _rank_distill(rank: int, port: int, buffer: str, data_dir: str, out: str) -> None:
+    """One rank of `test_distill_ranks_start_from_rank_zeros_images_and_labels`: `distill --init
+    correct --learn-labels` as torchrun starts it, with an expert of its own (rank 0's gets every
+    third training image wrong, rank 1's all right: as float predictions may differ between GPUs at
+    a near-tie); the state each rank starts from goes to out/rank<r>.pt."""
+    from mctool.data.prepared import prepare_like
+    from mctool.distill import runner
+    from tests.test_init_correct import _wrong_on_every_third
+
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+
+    def expert(buf: store.Buffer, method: str, device: torch.device) -> object:
+        prepared = prepare_like(buf.data, Path(data_dir), device)
+        if rank == 0:
+            return _wrong_on_every_third(prepared)
+        classes = prepared.meta.num_classes
+        return lambda images: torch.zeros(images.shape[0], classes)  # class 0 for all: labels of its own
+
+    class Recording(runner.Distiller):  # type: ignore[misc,valid-type]
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)
+            torch.save({"images": self.state.images, "logits": self.state.values["labels"],
+                        "labels": self.state.labels}, Path(out) / f"rank{rank}.pt")
+
+    runner.expert_predictor, runner.Distiller = expert, Recording
+    r = cli("distill", "--buffer", buffer, "-o", Path(out) / "s.h5", "--data-dir", data_dir, "--ipc", "3",
+            "--syn-steps", "2", "--expert-epochs", "1", "--max-start-epoch", "1", "--iterations", "0",
+            "--init", "correct", "--learn-labels", "--seed", "2", "--device", "cpu", "--quiet")
+    assert r.exit_code == 0, r.output
+
+
+def test_distill_ranks_start_from_rank_zeros_images_and_labels(tmp_path: Path, convex_buffer: Path,
+                                                                data_dir: Path) -> None:
+    """Under torchrun every rank starts from rank 0's starting state (`runner.shared_start`):
+    `--init correct` and `--learn-labels` start from an expert's float predictions, which may differ
+    in the last bits between GPUs, and ranks that started apart would average the gradients of
+    different runs. Two gloo processes whose experts disagree start from rank 0's images and
+    label logits."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_distill, args=(port, str(convex_buffer), str(data_dir), str(tmp_path)), nprocs=2)
+    zero, one = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for key in ("images", "logits", "labels"):
+        assert torch.equal(one[key], zero[key]), key
+    with store.open_synsets(tmp_path / "s.h5") as sf:
+        syn = sf.read(sf.pick(None))
+    assert torch.equal(syn.images, zero["images"])  # what rank 0 wrote: its own start
+
+
 @pytest.fixture(scope="module")
 def dist_buffer(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
     out = tmp_path_factory.mktemp("dist") / "dist.h5"

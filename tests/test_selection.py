@@ -15,7 +15,9 @@ import torch
 
 from mctool import store
 from mctool.distill import resolve_config, run_prepared
-from mctool.distill.runner import FORWARD_COST, MATCH_STEP_COST, _nice_up, _Run, planned_every
+from mctool.distill.runner import (FORWARD_COST, MATCH_STEP_COST, _nice_up, _Run, planned_every,
+                                   selection_protocol, selection_scored, standard_error)
+from mctool.evaluate.scores import score_text
 from mctool.data.prepared import prepare_like
 from mctool.core.progress import Reporter
 from tests.helpers import cli
@@ -174,3 +176,68 @@ def test_stopped_while_scoring_the_final_images_the_run_is_saved_and_resumes(
     # A finished run stays finished: --resume with the same --iterations is refused as before.
     r = _distill(convex_buffer, part, data_dir, *args, "--resume")
     assert r.exit_code == 2 and "raise --iterations above 6" in r.stderr
+
+
+def test_evaluate_s_scores_beside_the_run_are_not_the_selection_s(tmp_path: Path, convex_buffer: Path,
+                                                                  data_dir: Path) -> None:
+    """`mctool evaluate` stores its scores in the synset's evaluations, which `--resume` reads back:
+    with `--select-on test` they are on the selection's split, under another protocol (here 2
+    networks of 3 epochs, not 1 of 50). The resumed run measures its margin from its own score of
+    the starting images and names its own best later score, never evaluate's."""
+    out = tmp_path / "s.h5"
+    first = ["--lr-img", "1000000", "--select-on", "test", "--eval-every", "2", "--select-margin", "1", "--json",
+             "--quiet"]  # lr_img 1e6 wrecks the images: the starting ones stay the best
+    r = _distill(convex_buffer, out, data_dir, *first, "--iterations", "2")
+    assert r.exit_code == 0, r.output
+    own = {e["iteration"]: e for e in json.loads(r.stdout)["evaluations"]}
+    assert sorted(own) == [0, 2] and all(e["split"] == "test" for e in own.values())
+    r = cli("evaluate", out, "--runs", "2", "--epochs", "3", "--data-dir", data_dir, "--quiet")
+    assert r.exit_code == 0, r.output
+    with store.open_synsets(out) as sf:
+        syn = sf.read(sf.pick(None))
+    theirs = syn.evaluations[len(own):]
+    assert syn.best is not None and syn.best.iteration == 0, "the images no longer go wrong: the test needs them to"
+    assert {(e["target"], e["iteration"], e["split"]) for e in theirs} == {("final", 2, "test"), ("best", 0, "test")}
+    with store.open_buffer(convex_buffer) as buf:
+        tests = int(prepare_like(buf.data, data_dir, torch.device("cpu")).test_y.numel())  # the selection's split
+    their = {e["iteration"]: e for e in theirs}
+
+    def below(scores: dict[int, dict[str, Any]]) -> bool:  # --lr-backoff's test at iteration 2
+        return scores[2]["mean"] < scores[0]["mean"] - standard_error(scores[0]["mean"], tests)
+
+    # evaluate's scores would decide otherwise than the run's own (else the test could not tell them apart)
+    assert their[0]["mean"] != own[0]["mean"] and below(their) != below(own)
+
+    r = _distill(convex_buffer, out, data_dir, *first, "--iterations", "3", "--resume")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    # The resumed sitting's --lr-backoff test at iteration 2 (the first sitting's end) and its margin:
+    # the run's own scores.
+    assert [c["iteration"] for c in doc["selection"]["backoffs"]] == ([2] if below(own) else [])
+    assert doc["selection"]["start_margin"] == pytest.approx(standard_error(own[0]["mean"], tests))
+    mine = [e for e in doc["evaluations"] if e.get("selection")]
+    assert [e["iteration"] for e in mine] == [0, 2, 3] and all(e.get("selection") is None for e in theirs)
+    assert doc["best"]["iteration"] == 0
+    top = max((e for e in mine if e["iteration"] > 0), key=lambda e: e["mean"])
+    (note,) = [n for n in doc["notes"] if n.startswith("the starting images ")]
+    assert f"the distilled ones at most {score_text(top['mean'], top['std'], top['runs'])} % " \
+           f"(iteration {top['iteration']})" in note, note
+
+
+def test_which_stored_evaluations_are_the_selection_s() -> None:
+    """The selection's own entries carry its mark, whatever runs and epochs they had (--eval-runs
+    and --eval-epochs may change on --resume); an unmarked entry (earlier releases) counts only
+    when it records no other protocol than the selection's; evaluate's never carry the mark."""
+    cfg = resolve_config(None, {"select_on": "test", "seed": 3})
+    p = selection_protocol(cfg)
+    legacy = {"kind": "synset", "split": "test", "model": "ConvNet", "runs": p.runs, "epochs": p.epochs,
+              "seed": 3, "target": "final", "config": {"augment": p.augment, "lr": None}, "mean": 0.5}
+    assert selection_scored(legacy, cfg)
+    assert selection_scored({"kind": "synset", "split": "test", "mean": 0.5}, cfg)  # records no protocol
+    for other in ({"runs": 5}, {"epochs": 1000}, {"seed": 0}, {"model": "MLP"}, {"target": "best"},
+                  {"config": {"augment": "none", "lr": None}}, {"config": {"augment": p.augment, "lr": 0.01}}):
+        assert not selection_scored({**legacy, **other}, cfg), other
+    assert selection_scored({**legacy, "runs": 5, "epochs": 7, "selection": True}, cfg)
+    assert not selection_scored({**legacy, "selection": False}, cfg)
+    assert not selection_scored({**legacy, "split": "validation", "selection": True}, cfg)
+    assert not selection_scored({**legacy, "kind": "random-real"}, cfg)

@@ -137,6 +137,29 @@ def selection_protocol(cfg: DistillConfig) -> Any:
     return EvaluateConfig(runs=cfg.eval_runs, epochs=cfg.eval_epochs, seed=cfg.seed, augment=cfg.augment)
 
 
+def selection_scored(e: dict[str, Any], cfg: DistillConfig) -> bool:
+    """Whether stored evaluation `e` is a score of the selection of a run with `cfg` — not one that
+    `mctool evaluate` stored beside it (the same list: a resume reads both back), possibly on the
+    same split under another protocol. The selection marks its own (`selection`: true); an entry
+    without the mark (files of earlier releases) counts unless it records another protocol than
+    `selection_protocol(cfg)`'s: another model, runs, epochs, seed, augmentation or lr, or the best
+    images (the selection scores each iteration's images as they are: target final). A marked entry
+    counts whatever its runs and epochs: --eval-runs and --eval-epochs may change on --resume,
+    and the run's earlier scores stay its own (method.md, "changes where a cut may come")."""
+    if e.get("kind") != "synset" or e.get("split") != cfg.select_on:
+        return False
+    if "selection" in e:
+        return e["selection"] is True
+    p = selection_protocol(cfg)
+    config = e.get("config") if isinstance(e.get("config"), dict) else {}
+    recorded = {"model": e.get("model", p.models[0]), "runs": e.get("runs", p.runs),
+                "epochs": e.get("epochs", p.epochs), "seed": e.get("seed", p.seed),
+                "augment": config.get("augment", p.augment), "lr": config.get("lr"),
+                "target": e.get("target", "final")}
+    return recorded == {"model": p.models[0], "runs": p.runs, "epochs": p.epochs, "seed": p.seed,
+                        "augment": p.augment, "lr": None, "target": "final"}
+
+
 @dataclass
 class Continuation:
     """A prefix of this very run computed elsewhere (`--tune`'s winning candidate): the run goes on
@@ -214,6 +237,7 @@ class _Run:
         else:
             scored = {**reused, "iteration": at.iteration}
             self.reused += 1
+        scored["selection"] = True  # the selection's own, apart from `mctool evaluate`'s (`selection_scored`)
         state.evaluations.append(scored)
         best = state.best
         bar = None if best is None else float(best.score.get("mean", -1.0))
@@ -274,7 +298,8 @@ class _Run:
         seconds = left * per_iteration
         if self.selecting:
             evals = (left // every if every else 0) + 1
-            seconds += evals * (self.last_eval or _stored_eval_seconds(self.d.state.evaluations))
+            seconds += evals * (self.last_eval or _stored_eval_seconds(
+                [e for e in self.d.state.evaluations if selection_scored(e, self.cfg)]))
         return f"{per_iteration:.3g} s/it, {duration(seconds)} left"
 
     def loop(self) -> float:
@@ -415,8 +440,8 @@ class _Run:
     def _scored_at(self, iteration: int) -> dict[str, Any] | None:
         """The selection's evaluation of the images at `iteration`, if any (one stored without a
         mean, which the store allows, is none: those images are scored again)."""
-        found = [e for e in self.d.state.evaluations if e.get("kind") == "synset" and e.get("mean") is not None
-                 and e.get("iteration") == iteration and e.get("split") == self.cfg.select_on]
+        found = [e for e in self.d.state.evaluations if selection_scored(e, self.cfg) and e.get("mean") is not None
+                 and e.get("iteration") == iteration]
         return found[-1] if found else None
 
     def _margin(self, accuracy: float) -> float:
@@ -539,9 +564,9 @@ def _nice_up(n: int) -> int:
         scale *= 10
 
 
-def selection_notes(summary: dict[str, Any], state: State, seconds: float) -> list[str]:
+def selection_notes(summary: dict[str, Any], state: State, seconds: float, cfg: DistillConfig) -> list[str]:
     """What the selection cost (measured), and — when the starting images won — that the run
-    returns them."""
+    returns them (beside the selection's own scores, never `mctool evaluate`'s: `selection_scored`)."""
     split = summary["split"]
     bound = (f"bound {100 * summary['bound']:g} % besides the start and the end" if summary["bound"]
              else f"every {summary['every']} iterations, --eval-every")
@@ -565,7 +590,7 @@ def selection_notes(summary: dict[str, Any], state: State, seconds: float) -> li
                      f"a run with --lr-img {cuts[-1]['lr_img']:.3g} from the start may do better")
     best = state.best
     if best is not None and best.iteration == 0 and state.iteration > 0:
-        later = [e for e in state.evaluations if e.get("kind") == "synset" and e.get("split") == split
+        later = [e for e in state.evaluations if selection_scored(e, cfg)
                  and (e.get("iteration") or 0) > 0 and e.get("mean") is not None]
         top = max(later, key=lambda e: e["mean"]) if later else None
         s = best.score
@@ -586,6 +611,22 @@ def selection_notes(summary: dict[str, Any], state: State, seconds: float) -> li
                      "`mctool distill --tune`, a smaller --lr-img, a larger --val-size or --eval-runs, or check the "
                      "experts (`mctool inspect`)")
     return notes
+
+
+def shared_start(state: State, device: torch.device) -> State:
+    """Rank 0's starting `state` on every rank (under torchrun; the state itself otherwise).
+
+    Every rank draws the same images from the seed, but `--init correct` and `--learn-labels` also
+    take the expert's float predictions, which on GPUs may differ in the last bits between ranks:
+    at a near-tie the ranks would start from other images or label logits and average the
+    gradients of different runs. Done for every multi-rank run, not only for those: once per run,
+    as cheap as the draw, and no start rule added later can let the ranks drift apart."""
+    if dist.world_size() <= 1:
+        return state
+    # Broadcast from the CPU: a pickled CUDA tensor unpickles onto rank 0's GPU on every rank.
+    state = dist.broadcast(state.to(torch.device("cpu")) if dist.is_main() else None).to(device)
+    state.sync_labels()  # each rank's labels from the shared logits, as a resume makes them
+    return state
 
 
 def _selection(cfg: DistillConfig, prepared: Prepared) -> tuple[tuple[torch.Tensor, torch.Tensor] | None,
@@ -712,7 +753,8 @@ def run_prepared(cfg: DistillConfig, buffer: store.Buffer, out: Path, prepared: 
                 if name in sf.names:
                     raise UsageError(f"{store.shown(out)}: already holds synset '{name}'; use --resume to continue "
                                      "it, --name for another, or another -o FILE")
-        state = starting()
+        # Every rank draws (a failing draw fails on each), then all take rank 0's (`shared_start`).
+        state = shared_start(starting(), device)
         generator = torch.Generator().manual_seed(_rank_seed(cfg.seed, me))
         state.queues = [[] for _ in range(world)]
         if continuation is not None:
@@ -741,7 +783,7 @@ def run_prepared(cfg: DistillConfig, buffer: store.Buffer, out: Path, prepared: 
     run = _Run(distiller, cfg, buffer, out, name, reporter, selection, continuation, rebuild, resume_hint)
     seconds = run.loop()
     if run.summary is not None:
-        for note in selection_notes(run.summary, state, seconds):
+        for note in selection_notes(run.summary, state, seconds, cfg):
             notes.append(note)
             reporter.log(note)
     best = None
