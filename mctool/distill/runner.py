@@ -105,7 +105,9 @@ def continuation_problem(candidate: DistillConfig, final: DistillConfig, what: s
     evaluations a continuation never made. No schedule depends on the total number of iterations
     (the sampling window grows over --start-upper-iterations, the EMA and the momenta are in the
     state), so continuing equals restarting bit for bit on the CPU (tests/test_tune.py)."""
-    differ = [f.name for f in dataclasses.fields(DistillConfig) if f.name not in TRAJECTORY_FREE
+    # With --init-draws N > 1 the evaluations' networks score the starting draws: they choose the start.
+    free = [k for k in TRAJECTORY_FREE if final.init_draws == 1 or k not in ("eval_runs", "eval_epochs")]
+    differ = [f.name for f in dataclasses.fields(DistillConfig) if f.name not in free
               and getattr(final, f.name) != getattr(candidate, f.name)]
     if differ:
         return f"its settings differ from those of {what}: " + ", ".join(differ)
