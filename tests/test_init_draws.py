@@ -149,3 +149,15 @@ def test_its_networks_are_part_of_the_trajectory() -> None:
     assert why is not None and "eval_runs" in why
     assert continuation_problem(DistillConfig(ipc=2, iterations=10),
                                 DistillConfig(ipc=2, iterations=20, eval_runs=2)) is None
+
+
+def test_no_image_left_to_score_on_is_a_usage_error(convex_buffer: Path, data_dir: Path) -> None:
+    """Draws that cover every training image the run may use leave nothing to score them on: one
+    line naming the option, not an internal error."""
+    from mctool.core.errors import UsageError
+
+    cfg, prepared, pool, buf = _setup(convex_buffer, data_dir, 2)
+    labels = store.class_major_labels(prepared.meta.num_classes, cfg.ipc)
+    choose = draw_chooser(prepared, buf.spec, selection_protocol(cfg), cfg.lr_init, labels, pool[:6], SILENT)
+    with pytest.raises(UsageError, match="--init-draws 2: no training image is left"):
+        choose([pool[:3], pool[3:6]])

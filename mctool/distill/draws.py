@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from mctool.core.errors import UsageError
 from mctool.core.progress import Reporter
 from mctool.data.prepared import Prepared
 from mctool.models.spec import ModelSpec
@@ -69,7 +70,8 @@ def draw_chooser(prepared: Prepared, spec: ModelSpec, protocol: Any, lr: float, 
         started = time.perf_counter()
         rest = scoring_indices(int(prepared.train_y.numel()), draws, pool).to(prepared.train_x.device)
         if rest.numel() == 0:
-            raise ValueError("no training image is left outside the starting draws to score them on")
+            raise UsageError(f"--init-draws {len(draws)}: no training image is left outside the draws to score "
+                             "them on; give fewer draws or a smaller --ipc")
         held = (prepared.train_x[rest], prepared.train_y[rest])
         scores = []
         for i, picks in enumerate(draws):
