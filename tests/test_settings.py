@@ -29,13 +29,13 @@ DISTILL_WORDS = {
     "step_units": "released or exact", "pix_init": "one of real, correct, noise", "micro_batch": "auto or a whole number >= 0",
     "second_order": "one of auto, fastgrad, autograd", "select_on": "validation or test",
     "min_start_epoch": ">= 0", "start_upper_init": ">= 0 (0 = off)", "start_upper_iterations": ">= 0",
-    "ema": "in [0, 1) (0 = off)", "lr_backoff": "in [0, 1) (0 = off)", "select_margin": "in [0, 10]", "lr_label": "a number >= 0", "momentum_label": "in [0, 1)",
+    "ema": "in [0, 1) (0 = off)", "lr_backoff": "in [0, 1) (0 = off)", "select_margin": "in [0, 10]", "init_draws": "in 1 … 64", "lr_label": "a number >= 0", "momentum_label": "in [0, 1)",
     "augment": "a DSA strategy"}
 NUMERIC = [k for k in DISTILL_WORDS if isinstance(getattr(DistillConfig(), k), (int, float))]
 
 
 def test_every_checked_setting_declares_its_check() -> None:
-    assert len(NUMERIC) == 29
+    assert len(NUMERIC) == 30
     checked = {s.name for s in settings(DistillConfig) if s.info.check is not None}
     assert checked == set(DISTILL_WORDS)
     assert DistillConfig().problem() is None

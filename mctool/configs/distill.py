@@ -86,6 +86,13 @@ class DistillConfig:
                             "gets right, where any are left: DATM's rule, as --learn-labels starts) or noise.",
                             flags=("--init",), check=one_of("real", "correct", "noise",
                                                             words="one of real, correct, noise"))
+    init_draws: int = setting(1, "Starting draws to choose from (with real or correct images): draw N sets of "
+                              "images per class, train --eval-runs networks × --eval-epochs on each, score them on "
+                              "the training images outside every draw and the validation split, and start from "
+                              "the best. At ipc 10 on small datasets the draw decides most of the result "
+                              "(bench/README.md, \"Choosing the starting draw\"). 1 (default) = one draw, MCT as "
+                              "published.", preset=True, legacy=1, metavar="N",
+                              check=between(1, 64, "in 1 … 64"))
     soft_labels: bool = setting(False, "Labels from the expert's predictions.",
                                 flags=("--soft-labels/--hard-labels",))
     learn_labels: bool = setting(False, "Learned soft labels (DATM): label logits initialised from the buffer's first "
@@ -178,6 +185,8 @@ class DistillConfig:
              f"--max-start-epoch ({self.max_start_epoch:g}), or 0 (off)"),
             ("start_upper_iterations", (self.start_upper_iterations >= 1) == (self.start_upper_init > 0),
              ">= 1 with --start-upper-init, and 0 without it"),
+            ("init_draws", self.init_draws == 1 or self.pix_init != "noise",
+             "1 with --init noise (there is no draw to choose)"),
             ("learn_labels", not (self.learn_labels and self.soft_labels),
              "off when --soft-labels is on (MCT's per-iteration expert labels would replace the learned ones)"),
         ]

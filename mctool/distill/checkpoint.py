@@ -66,7 +66,7 @@ def _state_from(syn: store.Synset, cfg: DistillConfig, where: Path) -> State:
     if cfg.learn_labels and (syn.labels.dim() != 2 or (syn.best is not None and syn.best.labels.dim() != 2)):
         raise ArtifactError(f"{store.shown(where)}: /synsets/{store.clean_text(syn.name)}/labels: hard labels, but "
                             "its run learns them (--learn-labels keeps soft labels)")
-    problem = run_problem(c.run, syn.iterations)
+    problem = run_problem(c.run, syn.iterations, cfg.init_draws)
     if problem is not None:
         raise ArtifactError(f"{store.shown(where)}: /synsets/{store.clean_text(syn.name)}/checkpoint.run {problem}")
     return State(values=values, velocities=velocities, labels=syn.labels, iteration=syn.iterations,
@@ -75,10 +75,11 @@ def _state_from(syn: store.Synset, cfg: DistillConfig, where: Path) -> State:
                  complete=syn.complete)
 
 
-def run_problem(run: dict[str, Any], iterations: int | None = None) -> str | None:
+def run_problem(run: dict[str, Any], iterations: int | None = None, draws: int | None = None) -> str | None:
     """What is wrong with a checkpoint's `run` record (docs/format.md), or None: a resume repeats
     these choices, so a damaged one must not pass silently (a long cut list would zero lr_img).
-    `iterations`: the synset's, which no cut may lie beyond (each cut goes back to images before it)."""
+    `iterations`: the synset's, which no cut may lie beyond (each cut goes back to images before it);
+    `draws`: the run's --init-draws, which the chosen draw must be one of."""
     def whole(v: Any, low: int, high: float = math.inf) -> bool:
         return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
 
@@ -88,6 +89,12 @@ def run_problem(run: dict[str, Any], iterations: int | None = None) -> str | Non
         if key in run and not whole(run[key], low, high):
             most = "" if high == math.inf else f" and at most the synset's iterations ({high})"
             return f"'{key}' must be a whole number >= {low}{most}, got {store.clean_text(repr(run[key]))[:40]}"
+    if "init_draws" in run:
+        record = run["init_draws"]
+        chosen = record.get("chosen") if isinstance(record, dict) else None
+        if not whole(chosen, 0, math.inf if draws is None else draws - 1):
+            among = "" if draws is None else f" below the run's --init-draws ({draws})"
+            return f"'init_draws' must record the chosen draw, a whole number >= 0{among}"
     cuts = run.get("backoffs", [])
     if not isinstance(cuts, list) or len(cuts) > MAX_BACKOFFS:
         return f"'backoffs' must be a list of at most {MAX_BACKOFFS} cuts"

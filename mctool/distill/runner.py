@@ -37,6 +37,7 @@ from mctool.distill.learnables import (ALPHA_BOUND, IMAGE_BOUND, LEARNABLES, Val
                                        learned_in, learning_rate, zero_like)
 from mctool.distill import sizes
 from mctool.distill.loop import MAX_BAD_FRACTION, MAX_BAD_IN_A_ROW, Distiller, ExpertSource, choose_micro_batch
+from mctool.distill.draws import draw_chooser
 from mctool.distill.state import State, _rank_seed, initial_state
 from mctool.core.errors import Interrupted, TrainingDiverged, UsageError
 from mctool.training.labels import expert_predictor
@@ -81,6 +82,7 @@ class DistillResult:
     png_best: str | None = None
     notes: list[str] = field(default_factory=list)
     selection: dict[str, Any] | None = None  # the best-images selection: evaluations and their measured cost
+    start: dict[str, Any] | None = None  # --init-draws: the draw the run started from, each draw's score
 
 
 # Settings that do not change a run's trajectory — how long it runs, when it saves, how and where its
@@ -103,7 +105,9 @@ def continuation_problem(candidate: DistillConfig, final: DistillConfig, what: s
     evaluations a continuation never made. No schedule depends on the total number of iterations
     (the sampling window grows over --start-upper-iterations, the EMA and the momenta are in the
     state), so continuing equals restarting bit for bit on the CPU (tests/test_tune.py)."""
-    differ = [f.name for f in dataclasses.fields(DistillConfig) if f.name not in TRAJECTORY_FREE
+    # With --init-draws N > 1 the evaluations' networks score the starting draws: they choose the start.
+    free = [k for k in TRAJECTORY_FREE if final.init_draws == 1 or k not in ("eval_runs", "eval_epochs")]
+    differ = [f.name for f in dataclasses.fields(DistillConfig) if f.name not in free
               and getattr(final, f.name) != getattr(candidate, f.name)]
     if differ:
         return f"its settings differ from those of {what}: " + ", ".join(differ)
@@ -726,12 +730,24 @@ def run_prepared(cfg: DistillConfig, buffer: store.Buffer, out: Path, prepared: 
     world, me = dist.world_size(), dist.rank()
     expert = None
 
-    def starting() -> State:
-        """The run's iteration-0 state, drawn again from the seed (deterministic: as the run drew it)."""
+    def starting(chosen: int | None = None) -> State:
+        """The run's iteration-0 state, drawn again from the seed (deterministic: as the run drew it;
+        `chosen`: the starting draw the run chose, when it made several — not scored again)."""
         nonlocal expert  # learned labels and --init correct: the expert's, made once
         if (cfg.learn_labels or cfg.pix_init == "correct") and expert is None:
             expert = expert_predictor(buffer, cfg.method, device)
-        return initial_state(cfg, prepared, torch.Generator().manual_seed(cfg.seed), pool, expert)
+        choose = None
+        if cfg.init_draws > 1 and chosen is None:
+            labels = store.class_major_labels(prepared.meta.num_classes, cfg.ipc)
+            choose = draw_chooser(prepared, buffer.spec, selection_protocol(cfg), cfg.lr_init, labels, pool, reporter)
+        begun = initial_state(cfg, prepared, torch.Generator().manual_seed(cfg.seed), pool, expert, choose, chosen)
+        scored = begun.run.get("init_draws", {})
+        if "scores" in scored:
+            shown = ", ".join(f"{100 * v:.1f}" for v in scored["scores"])
+            reporter.log(f"starting draw {scored['chosen'] + 1} of {cfg.init_draws} (--init-draws): accuracy {shown} % "
+                         f"on {scored['scored_on']} training images outside the draws and the validation split "
+                         f"({cfg.eval_runs} network(s) × {cfg.eval_epochs} epochs each, {duration(scored['seconds'])})")
+        return begun
 
     start: State | None = None  # a continued run's iteration-0 state (its starting images, for the selection)
     if resume:
@@ -779,7 +795,9 @@ def run_prepared(cfg: DistillConfig, buffer: store.Buffer, out: Path, prepared: 
     # The starting images, for a state past iteration 0 that has not scored them: a continued run's
     # (drawn above), or drawn again for a resume of one. Other runs score them at iteration 0, before
     # any checkpoint (a resume of a run made before they were scored leaves it so).
-    rebuild = (lambda: start) if start is not None else starting if "continued_from" in state.run else None
+    chosen = state.run.get("init_draws", {}).get("chosen")
+    rebuild = ((lambda: start) if start is not None else (lambda: starting(chosen)) if "continued_from" in state.run
+               else None)
     run = _Run(distiller, cfg, buffer, out, name, reporter, selection, continuation, rebuild, resume_hint)
     seconds = run.loop()
     if run.summary is not None:
@@ -795,7 +813,8 @@ def run_prepared(cfg: DistillConfig, buffer: store.Buffer, out: Path, prepared: 
                          loss_first=state.losses[0] if state.losses else None,
                          loss_last_mean=sum(recent) / len(recent) if recent else None,
                          skipped_iterations=state.skipped, evaluations=state.evaluations, seconds=seconds,
-                         config=dataclasses.asdict(cfg), best=best, notes=notes, selection=run.summary)
+                         config=dataclasses.asdict(cfg), best=best, notes=notes, selection=run.summary,
+                         start=state.run.get("init_draws"))
 
 
 def run(preset: str | None, overrides: dict[str, Any], buffer: Path, out: Path, name: str | None = None,

@@ -11,6 +11,7 @@ import torch
 
 from mctool import store
 from mctool.distill.config import DistillConfig
+from mctool.distill.draws import Choose
 from mctool.distill.learnables import Value, averaged, learned_in, zero_like
 from mctool.training.labels import Predict, expert_logits, replace_misclassified
 from mctool.data.prepared import Prepared, sample_per_class
@@ -89,24 +90,44 @@ def _rank_seed(seed: int, rank: int) -> int:
 
 
 def initial_state(cfg: DistillConfig, prepared: Prepared, generator: torch.Generator,
-                  pool: torch.Tensor | None = None, expert: Predict | None = None) -> State:
+                  pool: torch.Tensor | None = None, expert: Predict | None = None,
+                  choose: Choose | None = None, chosen: int | None = None) -> State:
     """Images from random real images of each class drawn from the training indices `pool`
     (default: all) or noise, hard class-major labels, α = lr_init. With `expert` (learned labels,
     `--init correct`: mctool.training.labels), DATM's rule: drawn images the expert misclassifies are
-    replaced by ones of the same class it gets right; learned label logits start as its logits."""
+    replaced by ones of the same class it gets right; learned label logits start as its logits.
+    With --init-draws N > 1, N such draws are made one after another from `generator` and
+    `choose` (mctool.distill.draws) picks the start — or `chosen`, the draw a run already chose
+    (a resume draws its start again): the state's `run["init_draws"]` records the choice."""
     m = prepared.meta
     n = cfg.ipc * m.num_classes
     labels = store.class_major_labels(m.num_classes, cfg.ipc)
     device = prepared.train_x.device
+    record: dict[str, Any] = {}
     if cfg.pix_init == "noise":
         images = torch.randn(n, m.channels, m.height, m.width, generator=generator)
     else:
         y = prepared.train_y if pool is None else prepared.train_y[pool.to(device)]
-        picks = sample_per_class(y, m.num_classes, cfg.ipc, generator)
-        if pool is not None:
-            picks = pool.cpu()[picks]
-        if expert is not None:
-            picks, _ = replace_misclassified(expert, prepared.train_x, prepared.train_y, picks, generator, pool)
+
+        def draw() -> torch.Tensor:
+            picks = sample_per_class(y, m.num_classes, cfg.ipc, generator)
+            if pool is not None:
+                picks = pool.cpu()[picks]
+            if expert is not None:
+                picks, _ = replace_misclassified(expert, prepared.train_x, prepared.train_y, picks, generator, pool)
+            return picks
+
+        draws = [draw() for _ in range(cfg.init_draws)]  # one draw (the default) consumes what it always did
+        picks = draws[0]
+        if len(draws) > 1:
+            if chosen is None:
+                if choose is None:
+                    raise ValueError("--init-draws > 1 scores its draws: pass `choose` (mctool.distill.draws)")
+                choice = choose(draws)
+                chosen, record = choice.chosen, {"init_draws": choice.to_dict()}
+            else:
+                record = {"init_draws": {"chosen": chosen}}
+            picks = draws[chosen]
         images = prepared.train_x[picks.to(device)]
     # Every learnable's initial value (mctool.distill.learnables): drawn here, or its own rule;
     # momentum starts at zero.
@@ -119,7 +140,7 @@ def initial_state(cfg: DistillConfig, prepared: Prepared, generator: torch.Gener
     # `--ema`: each average starts at the initial value (no bias correction needed: learnables.ema_update).
     averages = {e.name: _clone(values[e.name]) for e in learned_in(cfg) if averaged(e, cfg)}
     state = State(values=values, velocities={k: zero_like(v) for k, v in values.items()}, labels=labels.to(device),
-                  iteration=0, generators=[], queues=[], averages=averages)
+                  iteration=0, generators=[], queues=[], averages=averages, run=record)
     state.sync_labels()
     return state
 

@@ -1,0 +1,163 @@
+"""`distill --init-draws N`: N starting draws, each scored by the selection's protocol on the
+training images outside every draw and the validation split; the run starts from the best."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import h5py
+import pytest
+import torch
+
+from mctool import store
+from mctool.core.progress import SILENT
+from mctool.data.prepared import Prepared, prepare_like
+from mctool.distill import DistillConfig, resolve_config
+from mctool.distill import draws as draws_module
+from mctool.distill.draws import DrawChoice, draw_chooser, scoring_indices
+from mctool.distill.runner import _selection, continuation_problem, selection_protocol
+from mctool.distill.state import initial_state
+from mctool.evaluate.evaluation import evaluate_set
+from tests.helpers import assert_one_line_error, cli
+from tests.test_levers import distill, same, synset
+
+TINY_RUN = ["--ipc", "3", "--syn-steps", "2", "--expert-epochs", "1", "--max-start-epoch", "1", "--eval-runs", "1",
+            "--eval-epochs", "3", "--seed", "2", "--quiet"]
+
+
+def _setup(buffer: Path, data_dir: Path, draws: int) -> tuple[DistillConfig, Prepared, torch.Tensor, store.Buffer]:
+    """(the settings, the data, the run's training pool, the buffer) of `distill --ipc 3 --init-draws`."""
+    with store.open_buffer(buffer) as buf:
+        prepared = prepare_like(buf.data, data_dir, torch.device("cpu"))
+        cfg = resolve_config(None, {"ipc": 3, "seed": 2, "init_draws": draws, "eval_runs": 1, "eval_epochs": 3}, buf)
+    _, pool = _selection(cfg, prepared)
+    assert pool is not None
+    return cfg, prepared, pool, buf
+
+
+def test_scoring_images_are_outside_every_draw_and_the_validation_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = torch.arange(0, 40, 2)  # the validation split: the odd indices
+    drawn = [torch.tensor([0, 4, 8]), torch.tensor([8, 12])]
+    rest = scoring_indices(40, drawn, pool)
+    assert set(rest.tolist()) == set(range(0, 40, 2)) - {0, 4, 8, 12}
+    assert set(scoring_indices(10, [torch.tensor([1])], None).tolist()) == set(range(10)) - {1}
+    monkeypatch.setattr(draws_module, "MAX_SCORING_IMAGES", 5)
+    capped = scoring_indices(40, drawn, pool)
+    assert capped.numel() == 5 and set(capped.tolist()) <= set(rest.tolist())
+    assert capped[0] == rest[0] and capped[-1] == rest[-1]  # spread over all of them, not the first five
+
+
+def test_one_draw_is_the_first_of_several(convex_buffer: Path, data_dir: Path) -> None:
+    """--init-draws 1 draws what a run always drew, and it is draw 1 of N (the same generator)."""
+    cfg, prepared, pool, _ = _setup(convex_buffer, data_dir, 3)
+    one = initial_state(dataclasses.replace(cfg, init_draws=1), prepared,
+                        torch.Generator().manual_seed(2), pool)
+    first = initial_state(cfg, prepared, torch.Generator().manual_seed(2), pool, chosen=0)
+    third = initial_state(cfg, prepared, torch.Generator().manual_seed(2), pool, chosen=2)
+    assert torch.equal(one.images, first.images) and not torch.equal(first.images, third.images)
+    assert "init_draws" not in one.run and first.run["init_draws"] == {"chosen": 0}
+    with pytest.raises(ValueError, match="choose"):
+        initial_state(cfg, prepared, torch.Generator().manual_seed(2), pool)
+
+
+def test_the_best_scored_draw_is_the_start(convex_buffer: Path, data_dir: Path) -> None:
+    """The chooser's scores are each draw's accuracy on the images outside them all (recomputed
+    here by evaluate_set on those images), and the run starts from the highest."""
+    cfg, prepared, pool, buf = _setup(convex_buffer, data_dir, 3)
+    labels = store.class_major_labels(prepared.meta.num_classes, cfg.ipc)
+    seen: list[list[torch.Tensor]] = []
+
+    def recording(candidates: list[torch.Tensor]) -> DrawChoice:
+        seen.append(candidates)
+        return chooser(candidates)
+
+    chooser = draw_chooser(prepared, buf.spec, selection_protocol(cfg), cfg.lr_init, labels, pool, SILENT)
+    state = initial_state(cfg, prepared, torch.Generator().manual_seed(2), pool, choose=recording)
+    record = state.run["init_draws"]
+    candidates = seen[0]
+    rest = scoring_indices(prepared.train_y.numel(), candidates, pool)
+    assert record["scored_on"] == rest.numel() > 0
+    again = [evaluate_set(prepared.train_x[c], labels, cfg.lr_init, prepared, buf.spec, selection_protocol(cfg),
+                          score_on=(prepared.train_x[rest], prepared.train_y[rest]))[0].mean for c in candidates]
+    assert record["scores"] == pytest.approx(again, abs=0)
+    assert record["chosen"] == max(range(3), key=lambda i: (again[i], -i))
+    assert torch.equal(state.images, prepared.train_x[candidates[record["chosen"]]])
+
+
+def test_distill_reports_the_choice_and_starts_from_it(tmp_path: Path, convex_buffer: Path, data_dir: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """End to end, with a chooser that prefers the last draw: the synset starts from draw 3, and
+    --json and the checkpoint's run record say so."""
+    from mctool.distill import runner
+
+    def last(*args: object, **kwargs: object):
+        return lambda candidates: DrawChoice(len(candidates) - 1, [0.1] * len(candidates), 7, 0.0)
+
+    monkeypatch.setattr(runner, "draw_chooser", last)
+    r = cli("distill", "--buffer", convex_buffer, "-o", tmp_path / "s.h5", "--data-dir", data_dir, *TINY_RUN,
+            "--iterations", "0", "--init-draws", "3", "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["config"]["init_draws"] == 3 and doc["start"]["chosen"] == 2 and doc["start"]["scored_on"] == 7
+    cfg, prepared, pool, _ = _setup(convex_buffer, data_dir, 3)
+    third = initial_state(cfg, prepared, torch.Generator().manual_seed(2), pool, chosen=2)
+    with store.open_synsets(tmp_path / "s.h5") as sf:
+        syn = sf.read(sf.pick(None), checkpoint=True)
+    assert torch.equal(syn.images, third.images)
+    assert syn.checkpoint.run["init_draws"]["chosen"] == 2
+
+
+def test_resume_equals_one_sitting(tmp_path: Path, convex_buffer: Path, data_dir: Path) -> None:
+    """Stopped after 2 iterations and resumed to 4, a run with --init-draws 3 (the real chooser,
+    periodic selection on) equals 4 uninterrupted iterations in every stored array."""
+    args = [*TINY_RUN, "--init-draws", "3", "--eval-every", "2"]
+    full, part = tmp_path / "full.h5", tmp_path / "part.h5"
+    assert (r := distill(convex_buffer, full, data_dir, *args, iterations=4)).exit_code == 0, r.output
+    assert distill(convex_buffer, part, data_dir, *args, iterations=2).exit_code == 0
+    assert (r := distill(convex_buffer, part, data_dir, *args, "--resume", iterations=4)).exit_code == 0, r.output
+    same(synset(full), synset(part))
+
+
+def test_a_damaged_choice_is_one_line(tmp_path: Path, convex_buffer: Path, data_dir: Path) -> None:
+    out = tmp_path / "s.h5"
+    assert distill(convex_buffer, out, data_dir, *TINY_RUN, "--init-draws", "2", iterations=1).exit_code == 0
+    with h5py.File(out, "a") as f:
+        ck = f[f"synsets/{sorted(f['synsets'])[0]}/checkpoint"]
+        ck.attrs["run"] = json.dumps({**json.loads(ck.attrs["run"]), "init_draws": {"chosen": 5}})
+    r = distill(convex_buffer, out, data_dir, *TINY_RUN, "--init-draws", "2", "--resume", iterations=2)
+    assert_one_line_error(r, 2, "'init_draws' must record the chosen draw")
+
+
+@pytest.mark.parametrize("extra, words", [(["--init-draws", "0"], "--init-draws must be in 1 … 64"),
+                                          (["--init-draws", "65"], "--init-draws must be in 1 … 64"),
+                                          (["--init-draws", "2", "--init", "noise"], "1 with --init noise")])
+def test_bad_values_are_one_line(tmp_path: Path, convex_buffer: Path, data_dir: Path, extra: list[str],
+                                 words: str) -> None:
+    out = tmp_path / "s.h5"
+    assert_one_line_error(distill(convex_buffer, out, data_dir, *extra, iterations=1), 2, words)
+    assert not out.exists()
+
+
+def test_its_networks_are_part_of_the_trajectory() -> None:
+    """With several draws, --eval-runs and --eval-epochs choose the start: a run differing in them
+    is not a continuation (with one draw they stay free)."""
+    base = DistillConfig(ipc=2, iterations=10, init_draws=3)
+    assert continuation_problem(base, DistillConfig(ipc=2, iterations=20, init_draws=3)) is None
+    why = continuation_problem(base, DistillConfig(ipc=2, iterations=20, init_draws=3, eval_runs=2))
+    assert why is not None and "eval_runs" in why
+    assert continuation_problem(DistillConfig(ipc=2, iterations=10),
+                                DistillConfig(ipc=2, iterations=20, eval_runs=2)) is None
+
+
+def test_no_image_left_to_score_on_is_a_usage_error(convex_buffer: Path, data_dir: Path) -> None:
+    """Draws that cover every training image the run may use leave nothing to score them on: one
+    line naming the option, not an internal error."""
+    from mctool.core.errors import UsageError
+
+    cfg, prepared, pool, buf = _setup(convex_buffer, data_dir, 2)
+    labels = store.class_major_labels(prepared.meta.num_classes, cfg.ipc)
+    choose = draw_chooser(prepared, buf.spec, selection_protocol(cfg), cfg.lr_init, labels, pool[:6], SILENT)
+    with pytest.raises(UsageError, match="--init-draws 2: no training image is left"):
+        choose([pool[:3], pool[3:6]])
