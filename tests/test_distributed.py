@@ -247,3 +247,23 @@ def test_torchrun_lr_backoff_cuts_on_every_rank_and_resumes_bit_for_bit(dist_buf
         for key in ("images", "checkpoint/images_velocity", "checkpoint/generators", "best/images"):
             assert np.array_equal(ga[key][()], gb[key][()]), key
         assert json.loads(gb["checkpoint"].attrs["run"])["backoffs"] == cuts
+
+
+def test_torchrun_init_draws_starts_as_one_process(dist_buffer: Path, data_dir: Path, tmp_path: Path) -> None:
+    """`--init-draws` under torchrun: the ranks score the draws and start from the draw one process
+    chooses (the same scores, the same images)."""
+    convexify_file(dist_buffer, ConvexifyConfig(interior=0), tmp_path / "c.h5")
+    args = ["distill", "--buffer", tmp_path / "c.h5", "--data-dir", data_dir, "--ipc", "2", "--syn-steps", "2",
+            "--expert-epochs", "1", "--max-start-epoch", "1", "--iterations", "0", "--init-draws", "3",
+            "--eval-runs", "1", "--eval-epochs", "3", "--quiet"]
+    r = torchrun(*args, "-o", tmp_path / "two.h5", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = single(*args, "-o", tmp_path / "one.h5", "--device", "cpu")
+    assert one.exit_code == 0, one.output[-3000:]
+    starts = []
+    for name in ("one.h5", "two.h5"):
+        with store.open_synsets(tmp_path / name) as sf:
+            syn = sf.read(sf.pick(None), checkpoint=True)
+        starts.append((syn.images, syn.checkpoint.run["init_draws"]))
+    assert torch.equal(starts[0][0], starts[1][0])
+    assert starts[0][1]["chosen"] == starts[1][1]["chosen"] and starts[0][1]["scores"] == starts[1][1]["scores"]
