@@ -47,6 +47,7 @@ def test_a_run_that_goes_wrong_returns_the_starting_images_and_says_so(tmp_path:
     assert scored[30] < scored[0]  # it did go wrong
     assert doc["best"]["iteration"] == 0 and doc["best"]["score"]["mean"] >= max(scored.values())
     assert any(n.startswith("the starting images scored best on validation: ") for n in doc["notes"])
+    assert any(n.endswith("--init-draws 4 starts from the best of four") for n in doc["notes"])  # one draw made
     assert "the starting images scored best on validation" in r.stderr
     with store.open_synsets(out) as sf:
         syn = sf.read(sf.pick(None))

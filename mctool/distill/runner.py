@@ -613,8 +613,16 @@ def selection_notes(summary: dict[str, Any], state: State, seconds: float, cfg: 
                      "returns them as its best images (the final ones are kept beside them); these settings did not "
                      f"improve on the start{' by more than the margin' if verdict == 'are kept' else ''}: try "
                      "`mctool distill --tune`, a smaller --lr-img, a larger --val-size or --eval-runs, or check the "
-                     "experts (`mctool inspect`)")
+                     f"experts (`mctool inspect`){_draw_hint(cfg)}")
     return notes
+
+
+def _draw_hint(cfg: DistillConfig) -> str:
+    """A run that returns its one starting draw may have drawn badly (bench/README.md, "Choosing the
+    starting draw"): say how to choose among several."""
+    if cfg.init_draws > 1 or cfg.pix_init == "noise":
+        return ""
+    return "; the starting draw itself may be a poor one: --init-draws 4 starts from the best of four"
 
 
 def shared_start(state: State, device: torch.device) -> State:
