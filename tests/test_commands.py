@@ -182,7 +182,8 @@ def test_distill_table_and_json(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "selected on test" not in r.stdout and "images: s-mct-ipc2.png" in r.stdout
     doc = json.loads(ok(cli("distill", "--json")).stdout)
     assert set(doc) == {"file", "synset", "iterations", "alpha", "loss_first", "loss_last_mean", "skipped_iterations",
-                        "evaluations", "seconds", "config", "png", "best", "png_best", "notes", "selection"}
+                        "evaluations", "seconds", "config", "png", "best", "png_best", "notes", "selection",
+                        "start"}
     assert doc["best"]["selected_on"] == "validation" and doc["iterations"] == 4
 
 

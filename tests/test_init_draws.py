@@ -161,3 +161,28 @@ def test_no_image_left_to_score_on_is_a_usage_error(convex_buffer: Path, data_di
     choose = draw_chooser(prepared, buf.spec, selection_protocol(cfg), cfg.lr_init, labels, pool[:6], SILENT)
     with pytest.raises(UsageError, match="--init-draws 2: no training image is left"):
         choose([pool[:3], pool[3:6]])
+
+
+@pytest.mark.parametrize("overrides, preset, draws", [
+    ({"ipc": 10}, False, 4),  # a run nobody tuned, at ipc 10: it chooses among four draws
+    ({"ipc": 12}, False, 4),
+    ({"ipc": 9}, False, 1),  # below ipc 10 distillation moves the images far from their draw
+    ({"ipc": 10, "init_draws": 2}, False, 2),  # asked
+    ({"ipc": 10, "init_draws": 1}, False, 1),
+    ({"ipc": 10, "pix_init": "noise"}, False, 1),  # no draw to choose
+    ({"ipc": 10, "eval_share": 0.0}, False, 1),  # no selection: its networks would score the draws
+    ({"ipc": 10}, True, 1),  # a preset means MCT as published
+])
+def test_runs_without_a_preset_choose_among_four_draws_at_ipc_10(convex_buffer: Path, tmp_path: Path,
+                                                                 overrides: dict, preset: bool, draws: int) -> None:
+    path = None
+    if preset:
+        path = tmp_path / "p.toml"
+        path.write_text('dataset = "mnist"\nipc = 10\nsyn_steps = 3\nexpert_epochs = 1.5\nmax_start_epoch = 2.0\n'
+                        'lr_img = 100\nlr_lr = 1e-5\nlr_init = 0.01\n')
+    with store.open_buffer(convex_buffer) as buf:
+        cfg = resolve_config(str(path) if path else None, overrides, buf)
+    assert cfg.init_draws == draws
+    with store.open_buffer(convex_buffer) as buf:  # a resume keeps what the run stored (absent: one draw)
+        stored = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "init_draws"}
+        assert resolve_config(None, {}, buf, stored=stored).init_draws == 1
