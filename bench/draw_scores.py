@@ -8,7 +8,7 @@ four ways by networks trained on it (300 epochs at --lr, hard labels): on the ru
 split with 1 and 3 networks, and on the training images outside the draw and the validation
 split (what `distill --init-draws` scores on) with 1 and 3 networks; and on the test split with
 5 other networks, the reference. Prints one JSON line per draw and each score's correlation with
-the test score; writes bench/results/draw-scores-<buffer folder>.json.
+the test score; writes bench/results/draw-scores-<buffer folder>-<buffer name>.json.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def main() -> None:
     for k, c in correlations.items():
         print(f"{k}: correlation with the test split {c:.3f}")
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    out = RESULTS_DIR / f"draw-scores-{a.buffer.resolve().parent.name}.json"
+    out = RESULTS_DIR / f"draw-scores-{a.buffer.resolve().parent.name}-{a.buffer.stem}.json"
     out.write_text(json.dumps({"machine": machine_info(), "args": {k: str(v) for k, v in vars(a).items()},
                                "rows": rows, "correlations": correlations}, indent=1))
 
