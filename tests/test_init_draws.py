@@ -13,7 +13,7 @@ import torch
 
 from mctool import store
 from mctool.core.progress import SILENT
-from mctool.data.prepared import Prepared, prepare_like
+from mctool.data.prepared import Prepared, prepare_like, sample_per_class
 from mctool.distill import DistillConfig, resolve_config
 from mctool.distill import draws as draws_module
 from mctool.distill.draws import DrawChoice, draw_chooser, scoring_indices
@@ -186,3 +186,31 @@ def test_runs_without_a_preset_choose_among_four_draws_at_ipc_10(convex_buffer: 
     with store.open_buffer(convex_buffer) as buf:  # a resume keeps what the run stored (absent: one draw)
         stored = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "init_draws"}
         assert resolve_config(None, {}, buf, stored=stored).init_draws == 1
+
+
+def test_the_same_draws_are_scored_once(convex_buffer: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--tune's candidates draw the same sets from the same seed: the second chooser in a process
+    returns the first one's choice without training a network (and says it took no time); other
+    networks score again."""
+    import mctool.evaluate.evaluation as evaluation
+
+    cfg, prepared, pool, buf = _setup(convex_buffer, data_dir, 2)
+    labels = store.class_major_labels(prepared.meta.num_classes, cfg.ipc)
+    monkeypatch.setattr(draws_module, "_CHOICES", {})
+    trained: list[int] = []
+    real = evaluation.evaluate_set
+
+    def counting(*args: object, **kwargs: object) -> object:
+        trained.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "evaluate_set", counting)
+    g = torch.Generator().manual_seed(0)
+    candidates = [pool[sample_per_class(prepared.train_y[pool], prepared.meta.num_classes, cfg.ipc, g)]
+                  for _ in range(2)]
+    first = draw_chooser(prepared, buf.spec, selection_protocol(cfg), cfg.lr_init, labels, pool, SILENT)(candidates)
+    again = draw_chooser(prepared, buf.spec, selection_protocol(cfg), cfg.lr_init, labels, pool, SILENT)(candidates)
+    assert len(trained) == 2 and again.seconds == 0.0 and (again.chosen, again.scores) == (first.chosen, first.scores)
+    other = dataclasses.replace(selection_protocol(cfg), epochs=4)
+    draw_chooser(prepared, buf.spec, other, cfg.lr_init, labels, pool, SILENT)(candidates)
+    assert len(trained) == 4

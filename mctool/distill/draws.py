@@ -10,6 +10,8 @@ for every draw: the comparison is paired), and the run starts from the best."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,6 +74,9 @@ def draw_chooser(prepared: Prepared, spec: ModelSpec, protocol: Any, lr: float, 
         if rest.numel() == 0:
             raise UsageError(f"--init-draws {len(draws)}: no training image is left outside the draws to score "
                              "them on; give fewer draws or a smaller --ipc")
+        key = _key(prepared, spec, protocol, lr, labels, draws, rest)
+        if key in _CHOICES:  # the same draws scored the same way (a --tune search's candidates): no work
+            return dataclasses.replace(_CHOICES[key], seconds=0.0)
         held = (prepared.train_x[rest], prepared.train_y[rest])
         scores = []
         for i, picks in enumerate(draws):
@@ -80,7 +85,29 @@ def draw_chooser(prepared: Prepared, spec: ModelSpec, protocol: Any, lr: float, 
                                   reporter, score_on=held, split="training images outside the draws")[0]
             scores.append(float(scored.mean))
         chosen = max(range(len(scores)), key=lambda i: (scores[i], -i))
-        return DrawChoice(chosen=chosen, scores=scores, scored_on=int(rest.numel()),
-                          seconds=time.perf_counter() - started)
+        choice = DrawChoice(chosen=chosen, scores=scores, scored_on=int(rest.numel()),
+                            seconds=time.perf_counter() - started)
+        if len(_CHOICES) >= _KEEP_CHOICES:
+            _CHOICES.pop(next(iter(_CHOICES)))
+        _CHOICES[key] = choice
+        return choice
 
     return choose
+
+
+# This process's choices by what they depend on: `--tune`'s candidates share the seed, so they draw
+# and score the same sets (deterministic on the CPU), and scoring them once per candidate would
+# spend the search's budget on the same answer.
+_CHOICES: dict[str, DrawChoice] = {}
+_KEEP_CHOICES = 16
+
+
+def _key(prepared: Prepared, spec: ModelSpec, protocol: Any, lr: float, labels: torch.Tensor,
+         draws: list[torch.Tensor], rest: torch.Tensor) -> str:
+    """A digest of everything a choice depends on: the data, the networks and how they train, the
+    draws and the images that score them."""
+    digest = hashlib.sha256(repr((prepared.meta, str(prepared.train_x.device), spec, protocol, float(lr))).encode())
+    for t in (labels, rest, *draws):
+        digest.update(t.detach().cpu().numpy().tobytes())
+        digest.update(b"|")
+    return digest.hexdigest()
