@@ -69,7 +69,7 @@ def main() -> None:
         print(f"{k}: correlation with the test split {c:.3f}")
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     out = RESULTS_DIR / f"draw-scores-{a.buffer.resolve().parent.name}-{a.buffer.stem}.json"
-    out.write_text(json.dumps({"machine": machine_info(), "args": {k: str(v) for k, v in vars(a).items()},
+    out.write_text(json.dumps({"machine": machine_info(torch.device("cpu")), "args": {k: str(v) for k, v in vars(a).items()},
                                "rows": rows, "correlations": correlations}, indent=1))
 
 
