@@ -109,13 +109,16 @@ def test_every_rank_takes_rank_zeros_start(tmp_path: Path) -> None:
     assert shared_start(alone, torch.device("cpu")) is alone  # type: ignore[arg-type]  # no torchrun: untouched
 
 
-def _rank_distill(rank: int, port: int, buffer: str, data_dir: str, out: str) -> None:
+def _rank_distill(rank: int, port: int, buffer: str, data_dir: str, out: str, mode: str = "expert") -> None:
     """One rank of `test_distill_ranks_start_from_rank_zeros_images_and_labels`: `distill --init
     correct --learn-labels` as torchrun starts it, with an expert of its own (rank 0's gets every
     third training image wrong, rank 1's all right: as float predictions may differ between GPUs at
-    a near-tie); the state each rank starts from goes to out/rank<r>.pt."""
+    a near-tie); the state each rank starts from goes to out/rank<r>.pt. `mode` "draws": `distill
+    --init-draws 3` with a chooser of its own instead (rank 0's takes the last draw, rank 1's the
+    first: as scores may differ between GPUs at a near-tie)."""
     from mctool.data.prepared import prepare_like
     from mctool.distill import runner
+    from mctool.distill.draws import DrawChoice
     from tests.test_init_correct import _wrong_on_every_third
 
     os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
@@ -132,18 +135,23 @@ def _rank_distill(rank: int, port: int, buffer: str, data_dir: str, out: str) ->
     class Recording(runner.Distiller):  # type: ignore[misc,valid-type]
         def __init__(self, *args: object, **kwargs: object) -> None:
             super().__init__(*args, **kwargs)
-            torch.save({"images": self.state.images, "logits": self.state.values["labels"],
+            torch.save({"images": self.state.images, "logits": self.state.values.get("labels", self.state.labels),
                         "labels": self.state.labels}, Path(out) / f"rank{rank}.pt")
 
-    runner.expert_predictor, runner.Distiller = expert, Recording
+    def chooser(*args: object, **kwargs: object) -> object:
+        return lambda draws: DrawChoice(len(draws) - 1 if rank == 0 else 0, [0.5] * len(draws), 9, 0.0)
+
+    runner.expert_predictor, runner.Distiller, runner.draw_chooser = expert, Recording, chooser
+    start = ["--init", "correct", "--learn-labels"] if mode == "expert" else ["--init-draws", "3"]
     r = cli("distill", "--buffer", buffer, "-o", Path(out) / "s.h5", "--data-dir", data_dir, "--ipc", "3",
             "--syn-steps", "2", "--expert-epochs", "1", "--max-start-epoch", "1", "--iterations", "0",
-            "--init", "correct", "--learn-labels", "--seed", "2", "--device", "cpu", "--quiet")
+            *start, "--seed", "2", "--device", "cpu", "--quiet")
     assert r.exit_code == 0, r.output
 
 
+@pytest.mark.parametrize("mode", ["expert", "draws"])
 def test_distill_ranks_start_from_rank_zeros_images_and_labels(tmp_path: Path, convex_buffer: Path,
-                                                                data_dir: Path) -> None:
+                                                                data_dir: Path, mode: str) -> None:
     """Under torchrun every rank starts from rank 0's starting state (`runner.shared_start`):
     `--init correct` and `--learn-labels` start from an expert's float predictions, which may differ
     in the last bits between GPUs, and ranks that started apart would average the gradients of
@@ -156,13 +164,15 @@ def test_distill_ranks_start_from_rank_zeros_images_and_labels(tmp_path: Path, c
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_rank_distill, args=(port, str(convex_buffer), str(data_dir), str(tmp_path)), nprocs=2)
+    mp.spawn(_rank_distill, args=(port, str(convex_buffer), str(data_dir), str(tmp_path), mode), nprocs=2)
     zero, one = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     for key in ("images", "logits", "labels"):
         assert torch.equal(one[key], zero[key]), key
     with store.open_synsets(tmp_path / "s.h5") as sf:
-        syn = sf.read(sf.pick(None))
+        syn = sf.read(sf.pick(None), checkpoint=True)
     assert torch.equal(syn.images, zero["images"])  # what rank 0 wrote: its own start
+    if mode == "draws":
+        assert syn.checkpoint.run["init_draws"]["chosen"] == 2  # rank 0's choice (rank 1 chose draw 1)
 
 
 @pytest.fixture(scope="module")
@@ -248,22 +258,3 @@ def test_torchrun_lr_backoff_cuts_on_every_rank_and_resumes_bit_for_bit(dist_buf
             assert np.array_equal(ga[key][()], gb[key][()]), key
         assert json.loads(gb["checkpoint"].attrs["run"])["backoffs"] == cuts
 
-
-def test_torchrun_init_draws_starts_as_one_process(dist_buffer: Path, data_dir: Path, tmp_path: Path) -> None:
-    """`--init-draws` under torchrun: the ranks score the draws and start from the draw one process
-    chooses (the same scores, the same images)."""
-    convexify_file(dist_buffer, ConvexifyConfig(interior=0), tmp_path / "c.h5")
-    args = ["distill", "--buffer", tmp_path / "c.h5", "--data-dir", data_dir, "--ipc", "2", "--syn-steps", "2",
-            "--expert-epochs", "1", "--max-start-epoch", "1", "--iterations", "0", "--init-draws", "3",
-            "--eval-runs", "1", "--eval-epochs", "3", "--quiet"]
-    r = torchrun(*args, "-o", tmp_path / "two.h5", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    one = single(*args, "-o", tmp_path / "one.h5", "--device", "cpu")
-    assert one.exit_code == 0, one.output[-3000:]
-    starts = []
-    for name in ("one.h5", "two.h5"):
-        with store.open_synsets(tmp_path / name) as sf:
-            syn = sf.read(sf.pick(None), checkpoint=True)
-        starts.append((syn.images, syn.checkpoint.run["init_draws"]))
-    assert torch.equal(starts[0][0], starts[1][0])
-    assert starts[0][1]["chosen"] == starts[1][1]["chosen"] and starts[0][1]["scores"] == starts[1][1]["scores"]

@@ -109,25 +109,94 @@ def test_distill_reports_the_choice_and_starts_from_it(tmp_path: Path, convex_bu
     assert syn.checkpoint.run["init_draws"]["chosen"] == 2
 
 
-def test_resume_equals_one_sitting(tmp_path: Path, convex_buffer: Path, data_dir: Path) -> None:
-    """Stopped after 2 iterations and resumed to 4, a run with --init-draws 3 (the real chooser,
-    periodic selection on) equals 4 uninterrupted iterations in every stored array."""
-    args = [*TINY_RUN, "--init-draws", "3", "--eval-every", "2"]
+def test_resume_equals_one_sitting(tmp_path: Path, convex_buffer: Path, data_dir: Path,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopped after 2 iterations and resumed to 4, a run with --init-draws 3 (periodic selection on)
+    equals 4 uninterrupted iterations in every stored array; each run scores its draws afresh (no
+    memo across runs here), and the choice is not draw 1 (the same draw as one draw would make)."""
+    # (seed 1 with 10 epochs scores draw 2 above draw 1 by five images of the fixture's split)
+    args = [*TINY_RUN, "--init-draws", "3", "--eval-every", "2", "--seed", "1", "--eval-epochs", "10"]
     full, part = tmp_path / "full.h5", tmp_path / "part.h5"
-    assert (r := distill(convex_buffer, full, data_dir, *args, iterations=4)).exit_code == 0, r.output
+    monkeypatch.setattr(draws_module, "_CHOICES", {})
+    assert (r := distill(convex_buffer, full, data_dir, *args, "--json", iterations=4)).exit_code == 0, r.output
+    assert json.loads(r.stdout)["start"]["chosen"] != 0
+    monkeypatch.setattr(draws_module, "_CHOICES", {})
     assert distill(convex_buffer, part, data_dir, *args, iterations=2).exit_code == 0
     assert (r := distill(convex_buffer, part, data_dir, *args, "--resume", iterations=4)).exit_code == 0, r.output
     same(synset(full), synset(part))
 
 
-def test_a_damaged_choice_is_one_line(tmp_path: Path, convex_buffer: Path, data_dir: Path) -> None:
+def _scorings(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The kinds of the evaluations made from now on ("starting draw i/N": a draw scored)."""
+    import mctool.evaluate.evaluation as evaluation
+
+    kinds: list[str] = []
+    real = evaluation.evaluate_set
+
+    def counting(*args: object, **kwargs: object) -> object:
+        kinds.append(str(args[6] if len(args) > 6 else kwargs.get("kind")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "evaluate_set", counting)
+    return kinds
+
+
+def test_a_continued_run_starts_from_its_candidate_s_draw_and_resumes(tmp_path: Path, convex_buffer: Path,
+                                                                     data_dir: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """--tune's final run continues the winner: it takes the draw the winner chose instead of scoring
+    the draws again (the candidate ran on other indices, so nothing is memoised), and a resume of it
+    that needs its starting images again takes the recorded choice; the result equals a restart's."""
+    from mctool.core.errors import Interrupted
+    from mctool.core.progress import Reporter
+    from mctool.distill import run_prepared
+    from tests.test_tune import _candidate_run, _same_selection
+
+    class StopAfterContinuing(Reporter):
+        def __init__(self) -> None:
+            self.armed = False
+
+        def log(self, message: str) -> None:
+            self.armed = self.armed or message.startswith("the run continues")
+
+        def should_stop(self) -> int:
+            return 2 if self.armed else 0
+
+    kinds = _scorings(monkeypatch)
+    with store.open_buffer(convex_buffer) as buf:
+        cfg = resolve_config(None, {"ipc": 3, "syn_steps": 2, "iterations": 6, "seed": 3, "lr_backoff": 0.0,
+                                    "eval_every": 6, "eval_epochs": 2, "eval_runs": 1, "val_size": 100,
+                                    "init_draws": 3}, buf)
+        prepared = prepare_like(buf.data, data_dir, torch.device("cpu"))
+        cont = _candidate_run(buf, prepared, cfg, 4, tmp_path / "c.h5")
+        assert sum(k.startswith("starting draw") for k in kinds) == 3
+        monkeypatch.setattr(draws_module, "_CHOICES", {})  # as if in a new process: only the record helps
+        kinds.clear()
+        out = tmp_path / "a.h5"
+        with pytest.raises(Interrupted):
+            run_prepared(cfg, buf, out, prepared, name="a", continuation=cont, reporter=StopAfterContinuing())
+        assert not any(k.startswith("starting draw") for k in kinds)
+        a = run_prepared(cfg, buf, out, prepared, name="a", resume=True)
+        assert not any(k.startswith("starting draw") for k in kinds)
+        b = run_prepared(cfg, buf, tmp_path / "b.h5", prepared, name="b")
+    assert a.start is not None and b.start is not None and a.start["chosen"] == b.start["chosen"]
+    _same_selection(a, b, out, tmp_path / "b.h5")
+
+
+@pytest.mark.parametrize("record, words", [
+    ({"chosen": 5}, "must record the chosen draw"), ({"chosen": True}, "must record the chosen draw"),
+    ({"chosen": 1, "scores": "x"}, "must record each draw's score"), ({"chosen": 1, "scores": [0.5]}, "must record each draw's score"),
+    ({"chosen": 1, "scores": [0.5, float("nan")]}, "must record each draw's score"),
+    ({"chosen": 1, "scores": [0.5, 0.6], "scored_on": -1}, "must record each draw's score")])
+def test_a_damaged_choice_is_one_line(tmp_path: Path, convex_buffer: Path, data_dir: Path, record: dict,
+                                      words: str) -> None:
     out = tmp_path / "s.h5"
     assert distill(convex_buffer, out, data_dir, *TINY_RUN, "--init-draws", "2", iterations=1).exit_code == 0
     with h5py.File(out, "a") as f:
         ck = f[f"synsets/{sorted(f['synsets'])[0]}/checkpoint"]
-        ck.attrs["run"] = json.dumps({**json.loads(ck.attrs["run"]), "init_draws": {"chosen": 5}})
+        ck.attrs["run"] = json.dumps({**json.loads(ck.attrs["run"]), "init_draws": record})
     r = distill(convex_buffer, out, data_dir, *TINY_RUN, "--init-draws", "2", "--resume", iterations=2)
-    assert_one_line_error(r, 2, "'init_draws' must record the chosen draw")
+    assert_one_line_error(r, 2, f"'init_draws' {words}")
 
 
 @pytest.mark.parametrize("extra, words", [(["--init-draws", "0"], "--init-draws must be in 1 … 64"),
@@ -171,6 +240,8 @@ def test_no_image_left_to_score_on_is_a_usage_error(convex_buffer: Path, data_di
     ({"ipc": 10, "init_draws": 1}, False, 1),
     ({"ipc": 10, "pix_init": "noise"}, False, 1),  # no draw to choose
     ({"ipc": 10, "eval_share": 0.0}, False, 1),  # no selection: its networks would score the draws
+    ({"ipc": 10, "iterations": 19}, False, 1),  # too short to select (it keeps its final images)
+    ({"ipc": 10, "iterations": 19, "eval_every": 5}, False, 4),  # selecting all the same
     ({"ipc": 10}, True, 1),  # a preset means MCT as published
 ])
 def test_runs_without_a_preset_choose_among_four_draws_at_ipc_10(convex_buffer: Path, tmp_path: Path,
@@ -214,3 +285,17 @@ def test_the_same_draws_are_scored_once(convex_buffer: Path, data_dir: Path, mon
     other = dataclasses.replace(selection_protocol(cfg), epochs=4)
     draw_chooser(prepared, buf.spec, other, cfg.lr_init, labels, pool, SILENT)(candidates)
     assert len(trained) == 4
+
+
+def test_tune_does_not_charge_the_draws_to_every_candidate(tmp_path: Path, convex_buffer: Path,
+                                                          data_dir: Path) -> None:
+    """--tune's probe candidate scores the draws once for all (the memo): the time it took is what
+    `_draw_seconds` reads back from its checkpoint, which the probe subtracts from its start-up."""
+    from mctool.distill import run_prepared
+    from mctool.distill.tune import _draw_seconds
+
+    cfg, prepared, _, buf = _setup(convex_buffer, data_dir, 3)
+    with store.open_buffer(convex_buffer) as buf:
+        done = run_prepared(dataclasses.replace(cfg, iterations=1), buf, tmp_path / "c.h5", prepared, name="tune")
+    assert done.start is not None and _draw_seconds(tmp_path / "c.h5") == done.start["seconds"]
+    assert _draw_seconds(tmp_path / "missing.h5") == 0.0

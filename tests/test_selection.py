@@ -242,3 +242,7 @@ def test_which_stored_evaluations_are_the_selection_s() -> None:
     assert not selection_scored({**legacy, "selection": False}, cfg)
     assert not selection_scored({**legacy, "split": "validation", "selection": True}, cfg)
     assert not selection_scored({**legacy, "kind": "random-real"}, cfg)
+    # On the validation split (which only the selection scores) an unmarked entry is the selection's,
+    # whatever its protocol: an earlier sitting's, before --eval-runs changed on --resume.
+    on_validation = resolve_config(None, {"seed": 3})
+    assert selection_scored({**legacy, "split": "validation", "runs": 2}, on_validation)

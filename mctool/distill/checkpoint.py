@@ -95,6 +95,11 @@ def run_problem(run: dict[str, Any], iterations: int | None = None, draws: int |
         if not whole(chosen, 0, math.inf if draws is None else draws - 1):
             among = "" if draws is None else f" below the run's --init-draws ({draws})"
             return f"'init_draws' must record the chosen draw, a whole number >= 0{among}"
+        scores = record.get("scores", [])
+        if not (isinstance(scores, list) and len(scores) in (0, draws or len(scores))
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in scores)
+                and whole(record.get("scored_on", 0), 0)):
+            return "'init_draws' must record each draw's score (accuracies) and how many images scored them"
     cuts = run.get("backoffs", [])
     if not isinstance(cuts, list) or len(cuts) > MAX_BACKOFFS:
         return f"'backoffs' must be a list of at most {MAX_BACKOFFS} cuts"

@@ -75,8 +75,8 @@ def resolve_config(preset: str | None, overrides: dict[str, Any], buffer: store.
                                                                            or values.get("eval_share")):
         values["lr_backoff"] = 0.0  # the default cut follows the default selection: off with it
     cfg = DistillConfig(**values)
-    if (p is None and stored is None and "init_draws" not in given and cfg.pix_init != "noise" and cfg.selecting
-            and cfg.ipc >= DRAWS_MIN_IPC):
+    if (p is None and stored is None and "init_draws" not in given and cfg.pix_init != "noise" and cfg.ipc >= DRAWS_MIN_IPC
+            and (cfg.eval_every > 0 or (cfg.eval_share > 0 and cfg.iterations >= AUTO_SELECT_MIN_ITERATIONS))):
         # A run nobody tuned chooses its starting draw too (its selection's networks score the draws).
         cfg = dataclasses.replace(cfg, init_draws=DEFAULT_INIT_DRAWS)
     found = cfg.problem()

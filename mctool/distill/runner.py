@@ -154,6 +154,8 @@ def selection_scored(e: dict[str, Any], cfg: DistillConfig) -> bool:
         return False
     if "selection" in e:
         return e["selection"] is True
+    if e.get("split") == "validation":
+        return True  # only the selection scores on the validation split (`mctool evaluate` never does)
     p = selection_protocol(cfg)
     config = e.get("config") if isinstance(e.get("config"), dict) else {}
     recorded = {"model": e.get("model", p.models[0]), "runs": e.get("runs", p.runs),
@@ -752,8 +754,9 @@ def run_prepared(cfg: DistillConfig, buffer: store.Buffer, out: Path, prepared: 
         scored = begun.run.get("init_draws", {})
         if "scores" in scored:
             shown = ", ".join(f"{100 * v:.1f}" for v in scored["scores"])
+            held = " and the validation split" if pool is not None else ""
             reporter.log(f"starting draw {scored['chosen'] + 1} of {cfg.init_draws} (--init-draws): accuracy {shown} % "
-                         f"on {scored['scored_on']} training images outside the draws and the validation split "
+                         f"on {scored['scored_on']} training images outside the draws{held} "
                          f"({cfg.eval_runs} network(s) × {cfg.eval_epochs} epochs each, {duration(scored['seconds'])})")
         return begun
 
@@ -777,8 +780,11 @@ def run_prepared(cfg: DistillConfig, buffer: store.Buffer, out: Path, prepared: 
                 if name in sf.names:
                     raise UsageError(f"{store.shown(out)}: already holds synset '{name}'; use --resume to continue "
                                      "it, --name for another, or another -o FILE")
-        # Every rank draws (a failing draw fails on each), then all take rank 0's (`shared_start`).
-        state = shared_start(starting(), device)
+        # Every rank draws (a failing draw fails on each), then all take rank 0's (`shared_start`). A run
+        # that continues another (--tune's winner) starts from the draw that run chose: scoring the
+        # draws again could choose another at a near-tie on a GPU, and would spend the time twice.
+        handed = continuation.state.run.get("init_draws", {}).get("chosen") if continuation is not None else None
+        state = shared_start(starting(handed), device)
         generator = torch.Generator().manual_seed(_rank_seed(cfg.seed, me))
         state.queues = [[] for _ in range(world)]
         if continuation is not None:
@@ -803,6 +809,7 @@ def run_prepared(cfg: DistillConfig, buffer: store.Buffer, out: Path, prepared: 
     # The starting images, for a state past iteration 0 that has not scored them: a continued run's
     # (drawn above), or drawn again for a resume of one. Other runs score them at iteration 0, before
     # any checkpoint (a resume of a run made before they were scored leaves it so).
+    # (Only rank 0 scores, so only rank 0 rebuilds: with the recorded choice, the start it drew before.)
     chosen = state.run.get("init_draws", {}).get("chosen")
     rebuild = ((lambda: start) if start is not None else (lambda: starting(chosen)) if "continued_from" in state.run
                else None)

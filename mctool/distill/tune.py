@@ -638,7 +638,9 @@ def _tune(base: DistillConfig, buffer: store.Buffer, prepared: Prepared, tcfg: T
         t0 = _now()
         if not search.distil(first, probe_iterations) and (watch.expired or first.note.startswith("not run")):
             _raise_probe(first, search, tcfg)
-        t_probe = _now() - t0
+        # The probe's candidate scored the starting draws (--init-draws), which later candidates take
+        # from mctool.distill.draws' memo: not a start-up cost every candidate pays.
+        t_probe = _now() - t0 - _draw_seconds(search.file(first))
         per_iteration, _ = clock.steady("distill")
         t_iteration = per_iteration if per_iteration is not None else t_probe / probe_iterations
         # The starting images (iteration 0): the bar every candidate must pass, and the
@@ -770,6 +772,18 @@ def _tune(base: DistillConfig, buffer: store.Buffer, prepared: Prepared, tcfg: T
                           keep=search.keep, val_size=size, scores=scores, ecfg=search.ecfg,
                           what=f"candidate {index} of the search ({winner.stage}: {_show(winner.values)})")
     return result, handoff
+
+
+def _draw_seconds(path: Path) -> float:
+    """How long the run in `path` took to score its starting draws (0: one draw, or no run)."""
+    if not path.exists():
+        return 0.0
+    with store.open_synsets(path) as sf:
+        if "tune" not in sf.names:
+            return 0.0
+        syn = sf.read("tune", checkpoint=True)
+    record = syn.checkpoint.run.get("init_draws", {}) if syn.checkpoint is not None else {}
+    return float(record.get("seconds", 0.0))
 
 
 def _raise_probe(first: Candidate, search: _Search, tcfg: TuneConfig) -> None:
