@@ -148,19 +148,8 @@ def test_a_continued_run_starts_from_its_candidate_s_draw_and_resumes(tmp_path: 
     the draws again (the candidate ran on other indices, so nothing is memoised), and a resume of it
     that needs its starting images again takes the recorded choice; the result equals a restart's."""
     from mctool.core.errors import Interrupted
-    from mctool.core.progress import Reporter
     from mctool.distill import run_prepared
-    from tests.test_tune import _candidate_run, _same_selection
-
-    class StopAfterContinuing(Reporter):
-        def __init__(self) -> None:
-            self.armed = False
-
-        def log(self, message: str) -> None:
-            self.armed = self.armed or message.startswith("the run continues")
-
-        def should_stop(self) -> int:
-            return 2 if self.armed else 0
+    from tests.test_tune import StopAfterContinuing, _candidate_run, _same_selection
 
     kinds = _scorings(monkeypatch)
     with store.open_buffer(convex_buffer) as buf:

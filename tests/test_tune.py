@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from mctool import store
+from mctool.core.progress import Reporter
 from mctool.distill import autoconfig
 from mctool.distill import DistillConfig, check_buffer_matches, resolve_config
 from mctool.core.errors import UsageError
@@ -436,24 +437,26 @@ def test_a_continued_run_selects_as_a_restart_does_with_eval_every(tmp_path: Pat
     assert [e["iteration"] for e in a.evaluations] == expected
 
 
+class StopAfterContinuing(Reporter):
+    """A reporter that stops a run (SIGINT) at its first safe point after it continued a candidate."""
+
+    def __init__(self) -> None:
+        self.armed = False
+
+    def log(self, message: str) -> None:
+        self.armed = self.armed or message.startswith("the run continues")
+
+    def should_stop(self) -> int:
+        return 2 if self.armed else 0
+
+
 def test_ctrl_c_while_a_continued_run_scores_its_starting_images_keeps_them_a_candidate(
         tmp_path: Path, convex_buffer: Path, data_dir: Path) -> None:
     """Interrupted while it scores the starting images (before its first iteration), a continued run
     saves its checkpoint at the candidate's iteration without them; --resume draws them again from
     the seed and scores them: the resumed run's selection is the restart's, bit for bit on the CPU."""
     from mctool.core.errors import Interrupted
-    from mctool.core.progress import Reporter
     from mctool.distill import run_prepared
-
-    class StopAfterContinuing(Reporter):
-        def __init__(self) -> None:
-            self.armed = False
-
-        def log(self, message: str) -> None:
-            self.armed = self.armed or message.startswith("the run continues")
-
-        def should_stop(self) -> int:
-            return 2 if self.armed else 0  # SIGINT at the first safe point after the run continued
 
     with store.open_buffer(convex_buffer) as buf:
         cfg = resolve_config(None, {"ipc": 2, "syn_steps": 2, "iterations": 6, "seed": 3, "lr_backoff": 0.0, "eval_every": 6,
