@@ -145,7 +145,8 @@ def selection_scored(e: dict[str, Any], cfg: DistillConfig) -> bool:
     """Whether stored evaluation `e` is a score of the selection of a run with `cfg` — not one that
     `mctool evaluate` stored beside it (the same list: a resume reads both back), possibly on the
     same split under another protocol. The selection marks its own (`selection`: true); an entry
-    without the mark (files of earlier releases) counts unless it records another protocol than
+    without the mark (files of earlier releases) counts on the validation split, which only the
+    selection scores, and on the test split unless it records another protocol than
     `selection_protocol(cfg)`'s: another model, runs, epochs, seed, augmentation or lr, or the best
     images (the selection scores each iteration's images as they are: target final). A marked entry
     counts whatever its runs and epochs: --eval-runs and --eval-epochs may change on --resume,
