@@ -223,7 +223,8 @@ def test_no_image_left_to_score_on_is_a_usage_error(convex_buffer: Path, data_di
 
 @pytest.mark.parametrize("overrides, preset, draws", [
     ({"ipc": 10}, False, 4),  # a run nobody tuned, at ipc 10: it chooses among four draws
-    ({"ipc": 12}, False, 4),
+    ({"ipc": 49}, False, 4),
+    ({"ipc": 50}, False, 1),  # from ipc 50 on: minutes of evaluations, unmeasured
     ({"ipc": 9}, False, 1),  # below ipc 10 distillation moves the images far from their draw
     ({"ipc": 10, "init_draws": 2}, False, 2),  # asked
     ({"ipc": 10, "init_draws": 1}, False, 1),
@@ -233,7 +234,7 @@ def test_no_image_left_to_score_on_is_a_usage_error(convex_buffer: Path, data_di
     ({"ipc": 10, "iterations": 19, "eval_every": 5}, False, 4),  # selecting all the same
     ({"ipc": 10}, True, 1),  # a preset means MCT as published
 ])
-def test_runs_without_a_preset_choose_among_four_draws_at_ipc_10(convex_buffer: Path, tmp_path: Path,
+def test_runs_without_a_preset_choose_among_four_draws_at_ipc_10_to_49(convex_buffer: Path, tmp_path: Path,
                                                                  overrides: dict, preset: bool, draws: int) -> None:
     path = None
     if preset:

@@ -17,12 +17,13 @@ DEFAULT_EVAL_SHARE = 0.1  # runs without a preset keep their best images; evalua
 AUTO_SELECT_MIN_ITERATIONS = 20  # shorter runs keep their final images unless --eval-every asks
 DEFAULT_LR_BACKOFF = 0.1  # runs without a preset cut lr_img tenfold when their images fall below the start
 MAX_BACKOFFS = 3  # a run cuts lr_img at most this often (1000× with the default factor)
-# Runs without a preset at ipc >= DRAWS_MIN_IPC choose their start among this many draws (--init-draws):
-# at ipc 10 the draw decided most of a run on two small datasets, and one bad draw put a run 5 points
-# below random real (bench/README.md, "Choosing the starting draw"); at ipc 1 distillation moves the
-# images far from their draw.
+# Runs without a preset at ipc DRAWS_IPC[0] … DRAWS_IPC[1] choose their start among this many draws
+# (--init-draws): at ipc 10 the draw decided most of a run on two small datasets, and one bad draw
+# put a run 5 points below random real (bench/README.md, "Choosing the starting draw"); at ipc 1
+# distillation moves the images far from their draw; from ipc 50 on the images average over more of
+# the data and the four evaluations cost minutes (12 minutes on Fashion-MNIST on a 2-core CPU), unmeasured.
 DEFAULT_INIT_DRAWS = 4
-DRAWS_MIN_IPC = 10
+DRAWS_IPC = (10, 49)
 
 # --micro-batch: "auto" or a whole number of images (0 = whole steps).
 # --augment: DSA ops joined by '_', checked before any data is loaded; the message is the one DSA
@@ -96,7 +97,7 @@ class DistillConfig:
                               "images per class, train --eval-runs networks × --eval-epochs on each, score them on "
                               "the training images outside every draw and the validation split, and start from "
                               "the best. At ipc 10 on small datasets the draw decides most of the result "
-                              "(bench/README.md, \"Choosing the starting draw\"). Default: 4 without a preset at ipc >= 10 when "
+                              "(bench/README.md, \"Choosing the starting draw\"). Default: 4 without a preset at ipc 10 … 49 when "
                               "the run selects its images (as it does by default), else 1 = one draw, MCT as "
                               "published.", preset=True, legacy=1, metavar="N",
                               check=between(1, 64, "in 1 … 64"))

@@ -17,7 +17,7 @@ import torch
 from mctool import presets, store
 from mctool.core.errors import UsageError
 from mctool.configs.distill import (AUTO_SELECT_MIN_ITERATIONS, DEFAULT_EVAL_SHARE, DEFAULT_INIT_DRAWS,  # noqa: F401
-                                     DEFAULT_LR_BACKOFF, DRAWS_MIN_IPC, MAX_BACKOFFS, DistillConfig, list_presets, load_preset,
+                                     DEFAULT_LR_BACKOFF, DRAWS_IPC, MAX_BACKOFFS, DistillConfig, list_presets, load_preset,
                                      preset_schema)  # (re-exported)
 from mctool.core.settings import legacy_values, resume_safe
 
@@ -45,7 +45,7 @@ def resolve_config(preset: str | None, overrides: dict[str, Any], buffer: store.
     A new run: built-in defaults <- what the buffer implies (dataset, preprocessing, waypoint
     count, when no preset says otherwise) <- the preset's values (none: eval_share
     DEFAULT_EVAL_SHARE, the best images kept; lr_backoff DEFAULT_LR_BACKOFF) <- `overrides` that are not None;
-    without a preset a selecting run at ipc >= DRAWS_MIN_IPC chooses among DEFAULT_INIT_DRAWS starting draws.
+    without a preset a selecting run at ipc in DRAWS_IPC chooses among DEFAULT_INIT_DRAWS starting draws.
     A resumed run (`stored`: the synset's config): the stored settings (with the values older
     releases implied for keys they did not store) <- `overrides`, which may differ only in the
     settings a resume may change."""
@@ -75,7 +75,8 @@ def resolve_config(preset: str | None, overrides: dict[str, Any], buffer: store.
                                                                            or values.get("eval_share")):
         values["lr_backoff"] = 0.0  # the default cut follows the default selection: off with it
     cfg = DistillConfig(**values)
-    if (p is None and stored is None and "init_draws" not in given and cfg.pix_init != "noise" and cfg.ipc >= DRAWS_MIN_IPC
+    if (p is None and stored is None and "init_draws" not in given and cfg.pix_init != "noise"
+            and DRAWS_IPC[0] <= cfg.ipc <= DRAWS_IPC[1]
             and (cfg.eval_every > 0 or (cfg.eval_share > 0 and cfg.iterations >= AUTO_SELECT_MIN_ITERATIONS))):
         # A run nobody tuned chooses its starting draw too (its selection's networks score the draws).
         cfg = dataclasses.replace(cfg, init_draws=DEFAULT_INIT_DRAWS)
